@@ -1,0 +1,603 @@
+"""Structured-config schemas (dataclasses) for every job, Hydra composition and validation.
+
+Configs are composed from the YAML files packaged in ``cadiff/conf`` with Hydra's compose API, then merged
+into the job's dataclass schema: an unknown key or a wrong type fails here, naming the key, before any Ray
+worker starts. ``validate_*`` functions add the rules a type system cannot express (shape rules, options).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cadiff.errors import ConfigError
+
+CONF_MODULE = "cadiff.conf"
+
+# ---------------------------------------------------------------------------------------------------------
+# data preparation
+
+
+@dataclass
+class SourceConfig:
+    """Where movies come from: the simulator, local TIFF/HDF5 files, or a public archive."""
+
+    name: str = "sim"  # sim | tiff | hdf5 | neurofinder | allen
+    path: Optional[str] = None  # tiff/hdf5: a file or a folder
+    key: str = "data"  # hdf5 dataset key
+    ids: list[str] = field(default_factory=list)  # neurofinder dataset ids / allen experiment ids
+    base_url: Optional[str] = None  # override of the public archive URL (tests point it at 127.0.0.1)
+    cache_dir: str = "outputs/downloads"
+    rate_hz: Optional[float] = None  # override when the file carries no frame rate
+    # calibration: estimated from the movie when not given
+    gain: Optional[float] = None
+    offset: Optional[float] = None
+    # simulator
+    preset: str = "default"  # default | two_photon
+    num_movies: int = 4
+    frames: int = 200
+    height: int = 64
+    width: int = 64
+    num_neurons: Optional[int] = None
+    seed: int = 0
+
+
+@dataclass
+class ClipConfig:
+    """Clip tiling: every clip is [frames, height, width] of the source movie."""
+
+    frames: int = 17
+    height: int = 64
+    width: int = 64
+    stride_frames: Optional[int] = None  # default: frames (no overlap)
+    stride_px: Optional[int] = None  # default: height/width (no overlap)
+
+
+@dataclass
+class NormalizationConfig:
+    """x = (f(photons) - center) / scale with f = identity ("photon") or generalized Anscombe."""
+
+    kind: str = "photon"  # photon | anscombe
+    scale: Optional[float] = None  # None: measured on the training clips at prepare time
+    center: Optional[float] = None
+
+
+@dataclass
+class PrepareDataConfig:
+    source: SourceConfig = field(default_factory=SourceConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    normalization: NormalizationConfig = field(default_factory=NormalizationConfig)
+    out: str = "outputs/data/sim"
+    val_fraction: float = 0.25  # fraction of recordings (never clips) held out
+    clips_per_shard: int = 64
+    seed: int = 0
+    verbose: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# training
+
+
+@dataclass
+class DataConfig:
+    """Clip shards read by Ray Data (or a DataLoader) into training workers."""
+
+    root: str = "outputs/data/sim"
+    batch_size: int = 2  # per worker
+    crop_frames: Optional[int] = None  # None: the stored clip size
+    crop_height: Optional[int] = None
+    crop_width: Optional[int] = None
+    flip: bool = True
+    deterministic: bool = False  # fixed per-rank shard assignment and seeded order (exact resume)
+    corrupt_shards: str = "fail"  # fail | skip
+    num_val_clips: int = 8
+    prepare_if_missing: bool = True  # run prepare_data with source=sim when data.root has no index.json
+
+
+@dataclass
+class LatentsConfig:
+    root: str = "outputs/latents/default"
+    batch_size: int = 4  # per worker
+    deterministic: bool = False
+    corrupt_shards: str = "fail"
+    num_val_clips: int = 8
+
+
+@dataclass
+class DiffusionConfig:
+    """Generative objective: flow matching (t=0 data, t=1 noise, velocity eps - x0) or continuous DDPM."""
+
+    objective: str = "flow"  # flow | ddpm
+    time_sampler: str = "logit_normal"  # uniform | logit_normal
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 1.0  # resolution shift of t (SD3): t' = s t / (1 + (s - 1) t)
+    loss_weighting: str = "none"  # none | min_snr
+    ddpm_schedule: str = "cosine"  # linear | cosine
+    ddpm_prediction: str = "v"  # eps | v
+    sampler: str = "euler"  # euler | heun | midpoint (flow); ddim | ancestral (ddpm)
+    num_steps: int = 20
+
+
+@dataclass
+class AutoencoderConfig:
+    """Stage 1: causal 3D conv encoder + causal 3D UNet flow decoder (diffae) or a regression decoder."""
+
+    kind: str = "diffae"  # diffae | regression
+    in_channels: int = 1
+    z_channels: int = 8
+    temporal_downsample: int = 4  # clip frames must be 1 + k * temporal_downsample
+    spatial_downsample: int = 8
+    # encoder
+    base_channels: int = 32
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
+    num_res_blocks: int = 1
+    latent_reg: str = "kl"  # kl | none
+    kl_weight: float = 1e-6
+    # decoder (flow UNet for diffae, mirrored conv decoder for regression)
+    dec_base_channels: int = 32
+    dec_channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4])
+    dec_num_res_blocks: int = 1
+    dec_attention: bool = False
+    regression_loss: str = "l2"  # l2 | l1
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+
+
+@dataclass
+class DiTConfig:
+    """Stage 2: DiT on latents. Width/depth/heads come from the size registry unless set here."""
+
+    kind: str = "dit"
+    size: str = "tiny"  # tiny | S | B | L | XL
+    hidden_size: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])  # (t, h, w)
+    mlp_ratio: float = 4.0
+    rope_theta: float = 10000.0
+    cond_dim: int = 0
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+
+
+@dataclass
+class StrategyConfig:
+    """How the model is distributed across workers."""
+
+    name: str = "ddp"  # single | ddp | deepspeed | fsdp2
+    zero_stage: int = 0  # deepspeed only: 1, 2 or 3
+    backend: Optional[str] = None  # None: nccl on CUDA, gloo on CPU
+    reshard_after_forward: bool = True  # fsdp2
+    find_unused_parameters: bool = False  # ddp
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.999
+    warmup_power: Optional[float] = None  # EDM-style: decay_n = min(decay, 1 - (1 + n)^-1 * ...) if set
+    update_every: int = 1
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    precision: str = "fp32"  # fp32 | bf16
+    log_every: int = 10
+    val_every: int = 100
+    ckpt_every: int = 100
+    media_every: int = 0  # 0: only at the end
+    num_to_keep: int = 2
+    max_failures: int = 0
+    threads_per_worker: Optional[int] = None  # torch threads; None: cpus_per_worker rounded up
+    peak_flops: Optional[float] = None  # FLOP/s for MFU; None: measured matmul FLOP/s (CPU) or table (GPU)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # none | wandb
+    project: str = "cadiff"
+    mode: str = "offline"  # offline | online | disabled
+    video_fps: int = 10
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # None: $RAY_ADDRESS, else a local cluster
+    num_cpus: Optional[int] = None
+    dashboard_host: str = "127.0.0.1"
+    include_dashboard: bool = False
+
+
+@dataclass
+class TrainAEConfig:
+    run_name: Optional[str] = None
+    out_root: str = "outputs"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    verbose: bool = False
+
+
+@dataclass
+class TrainLatentConfig:
+    run_name: Optional[str] = None
+    out_root: str = "outputs"
+    seed: int = 0
+    latents: LatentsConfig = field(default_factory=LatentsConfig)
+    model: DiTConfig = field(default_factory=DiTConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    decode_every: int = 0  # decoded sample videos through the stage-1 decoder; 0: only at the end
+    verbose: bool = False
+
+
+@dataclass
+class EncodeLatentsConfig:
+    stage1: str = "outputs/train_ae/default"  # a train_ae run folder or an export file
+    data: DataConfig = field(default_factory=DataConfig)
+    out: str = "outputs/latents/default"
+    batch_size: int = 8
+    concurrency: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    clips_per_shard: int = 64
+    ray: RayConfig = field(default_factory=RayConfig)
+    verbose: bool = False
+
+
+@dataclass
+class SampleConfig:
+    mode: str = "generate"  # generate | reconstruct
+    stage1: Optional[str] = None  # default (generate): the stage-1 export recorded by the stage-2 run
+    stage2: Optional[str] = None
+    data: DataConfig = field(default_factory=DataConfig)
+    out: str = "outputs/samples/default"
+    num_samples: int = 4
+    batch_size: int = 4
+    seed: int = 0
+    latent_sampler: str = "euler"
+    latent_steps: int = 20
+    decoder_sampler: str = "euler"
+    decoder_steps: int = 20
+    num_ray_tasks: int = 0  # > 0: fan sampling out over this many Ray tasks
+    fps: int = 10
+    ray: RayConfig = field(default_factory=RayConfig)
+    verbose: bool = False
+
+
+@dataclass
+class EvaluateConfig:
+    gen: str = "outputs/samples/default"
+    ref: str = "outputs/data/sim"
+    out: str = "outputs/eval/default"
+    ref_split: str = "val"
+    max_clips: int = 64
+    acf_lags: int = 10
+    seed: int = 0
+    verbose: bool = False
+
+
+@dataclass
+class SweepConfig:
+    space: str = "noise_schedule"  # search_spaces/<space>.yaml
+    stage: str = "ae"  # ae | latent
+    experiment: Optional[str] = None  # base experiment for every trial (default: ae_tiny / dit_tiny)
+    num_samples: int = 4
+    search: str = "random"  # random | grid | optuna
+    scheduler: str = "asha"  # asha | none
+    metric: str = "val_loss"
+    mode: str = "min"
+    grace_period: int = 1
+    max_concurrent_trials: int = 2
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 0.5
+    name: Optional[str] = None
+    resume: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    latents: LatentsConfig = field(default_factory=LatentsConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    out_root: str = "outputs"
+    ray: RayConfig = field(default_factory=RayConfig)
+    verbose: bool = False
+
+
+JOB_SCHEMAS: dict[str, type] = {
+    "prepare_data": PrepareDataConfig,
+    "train_ae": TrainAEConfig,
+    "train_latent": TrainLatentConfig,
+    "encode_latents": EncodeLatentsConfig,
+    "sample": SampleConfig,
+    "evaluate": EvaluateConfig,
+    "sweep": SweepConfig,
+}
+
+# ---------------------------------------------------------------------------------------------------------
+# composition
+
+_KEY_RE = re.compile(r"full_key: ([\w.\[\]]+)")
+
+
+def to_structured(cfg: DictConfig | dict, schema: type) -> DictConfig:
+    """Merge ``cfg`` into ``schema``; unknown keys and wrong types raise ConfigError naming the key."""
+    base = OmegaConf.structured(schema)
+    try:
+        merged = OmegaConf.merge(base, cfg)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or _first_match(_KEY_RE, str(exc)) or "?"
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"config key '{key}': {msg} (schema {schema.__name__})") from None
+    OmegaConf.set_struct(merged, True)
+    return merged
+
+
+def _first_match(pattern: re.Pattern, text: str) -> Optional[str]:
+    m = pattern.search(text)
+    return m.group(1) if m else None
+
+
+def register_schemas() -> None:
+    """Store each job schema as ``<job>_schema`` so the packaged YAML files are typed by it."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for job, schema in JOB_SCHEMAS.items():
+        store.store(name=f"{job}_schema", node=schema)
+
+
+def compose(job: str, overrides: list[str] | None = None) -> DictConfig:
+    """Compose ``cadiff/conf/<job>.yaml`` with Hydra overrides and validate it against the job schema."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    if job not in JOB_SCHEMAS:
+        raise ConfigError(f"unknown job '{job}', expected one of {sorted(JOB_SCHEMAS)}")
+    overrides = list(overrides or [])
+    register_schemas()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
+            raw = hydra_compose(config_name=job, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        if exc.__cause__ is not None:
+            detail += " (" + " ".join(str(exc.__cause__).split()) + ")"
+        raise ConfigError(f"{job}: bad config or override: {detail}") from None
+    finally:
+        GlobalHydra.instance().clear()
+    raw = OmegaConf.to_container(raw, resolve=True)
+    raw.pop("hydra", None)
+    cfg = to_structured(raw, JOB_SCHEMAS[job])
+    VALIDATORS.get(job, lambda c: None)(cfg)
+    return cfg
+
+
+def to_dict(cfg: DictConfig) -> dict[str, Any]:
+    """Plain, resolved dict of a config (for JSON/YAML records and Ray payloads)."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def from_dict(data: dict, schema: type) -> DictConfig:
+    return to_structured(data, schema)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# validation
+
+
+def _require(cond: bool, key: str, value: Any, expected: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}' = {value!r}: expected {expected}")
+
+
+def _choice(key: str, value: Any, options: tuple) -> None:
+    _require(value in options, key, value, f"one of {list(options)}")
+
+
+def _is_pow2(n: int) -> bool:
+    return n >= 1 and (n & (n - 1)) == 0
+
+
+def validate_diffusion(d: Any, prefix: str) -> None:
+    _choice(f"{prefix}.objective", d.objective, ("flow", "ddpm"))
+    _choice(f"{prefix}.time_sampler", d.time_sampler, ("uniform", "logit_normal"))
+    _require(d.logit_std > 0, f"{prefix}.logit_std", d.logit_std, "> 0")
+    _require(d.shift > 0, f"{prefix}.shift", d.shift, "> 0")
+    _choice(f"{prefix}.loss_weighting", d.loss_weighting, ("none", "min_snr"))
+    _choice(f"{prefix}.ddpm_schedule", d.ddpm_schedule, ("linear", "cosine"))
+    _choice(f"{prefix}.ddpm_prediction", d.ddpm_prediction, ("eps", "v"))
+    samplers = ("euler", "heun", "midpoint") if d.objective == "flow" else ("ddim", "ancestral", "euler", "heun")
+    _choice(f"{prefix}.sampler", d.sampler, samplers)
+    _require(d.num_steps >= 1, f"{prefix}.num_steps", d.num_steps, "an integer >= 1 (NFE > 0)")
+
+
+def validate_autoencoder(m: Any, prefix: str = "model") -> None:
+    _choice(f"{prefix}.kind", m.kind, ("diffae", "regression"))
+    _require(_is_pow2(m.temporal_downsample), f"{prefix}.temporal_downsample", m.temporal_downsample, "a power of 2")
+    _require(_is_pow2(m.spatial_downsample), f"{prefix}.spatial_downsample", m.spatial_downsample, "a power of 2")
+    levels = len(m.channel_mult) - 1
+    _require(
+        m.spatial_downsample <= 2**levels and m.temporal_downsample <= m.spatial_downsample,
+        f"{prefix}.spatial_downsample",
+        m.spatial_downsample,
+        f"<= 2**(len(channel_mult)-1) = {2**levels} and >= temporal_downsample ({m.temporal_downsample})",
+    )
+    _require(m.z_channels >= 1, f"{prefix}.z_channels", m.z_channels, ">= 1")
+    _choice(f"{prefix}.latent_reg", m.latent_reg, ("kl", "none"))
+    _choice(f"{prefix}.regression_loss", m.regression_loss, ("l2", "l1"))
+    validate_diffusion(m.diffusion, f"{prefix}.diffusion")
+
+
+def validate_clip_for_model(frames: int, height: int, width: int, m: Any, key: str) -> None:
+    """Causal stage-1 clips have T = 1 + k * temporal_downsample and H, W divisible by the spatial factor."""
+    s_t, s_hw = m.temporal_downsample, m.spatial_downsample
+    _require(
+        frames >= 1 and (frames - 1) % s_t == 0,
+        f"{key}.frames",
+        frames,
+        f"1 + k*{s_t} (causal model with temporal_downsample={s_t}), e.g. {1 + 2 * s_t} or {1 + 4 * s_t}",
+    )
+    _require(height % s_hw == 0 and width % s_hw == 0, f"{key}.height/width", (height, width), f"multiples of {s_hw}")
+
+
+def validate_trainer(t: Any, prefix: str = "trainer") -> None:
+    _require(t.max_steps >= 1, f"{prefix}.max_steps", t.max_steps, ">= 1")
+    _require(t.num_workers >= 1, f"{prefix}.num_workers", t.num_workers, ">= 1")
+    _require(t.cpus_per_worker > 0, f"{prefix}.cpus_per_worker", t.cpus_per_worker, "> 0")
+    _require(t.lr > 0, f"{prefix}.lr", t.lr, "a positive learning rate")
+    _require(t.grad_accum >= 1, f"{prefix}.grad_accum", t.grad_accum, ">= 1")
+    _require(t.grad_clip >= 0, f"{prefix}.grad_clip", t.grad_clip, ">= 0 (0 disables)")
+    _require(0 < t.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", t.min_lr_ratio, "in (0, 1]")
+    _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), f"{prefix}.betas", list(t.betas), "[b1, b2] in [0, 1)")
+    _choice(f"{prefix}.precision", t.precision, ("fp32", "bf16"))
+    for k in ("log_every", "val_every", "ckpt_every", "num_to_keep"):
+        _require(getattr(t, k) >= 1, f"{prefix}.{k}", getattr(t, k), ">= 1")
+
+
+def validate_strategy(s: Any, num_workers: int) -> None:
+    _choice("strategy.name", s.name, ("single", "ddp", "deepspeed", "fsdp2"))
+    if s.name == "deepspeed":
+        _require(s.zero_stage in (1, 2, 3), "strategy.zero_stage", s.zero_stage, "1, 2 or 3 for DeepSpeed ZeRO")
+    else:
+        _require(s.zero_stage == 0, "strategy.zero_stage", s.zero_stage, f"0 for strategy '{s.name}'")
+    if s.backend is not None:
+        _choice("strategy.backend", s.backend, ("gloo", "nccl"))
+    if s.name == "single":
+        _require(num_workers == 1, "trainer.num_workers", num_workers, "1 with strategy=single")
+
+
+def validate_ema(e: Any) -> None:
+    _require(0 <= e.decay < 1, "ema.decay", e.decay, "in [0, 1)")
+    _require(e.update_every >= 1, "ema.update_every", e.update_every, ">= 1")
+
+
+def validate_logger(lg: Any) -> None:
+    _choice("logger.name", lg.name, ("none", "wandb"))
+    _choice("logger.mode", lg.mode, ("offline", "online", "disabled"))
+
+
+def validate_prepare_data(cfg: Any) -> None:
+    _choice("source.name", cfg.source.name, ("sim", "tiff", "hdf5", "neurofinder", "allen"))
+    if cfg.source.name in ("tiff", "hdf5"):
+        _require(bool(cfg.source.path), "source.path", cfg.source.path, f"a file or folder for source={cfg.source.name}")
+    _choice("source.preset", cfg.source.preset, ("default", "two_photon"))
+    c = cfg.clip
+    for k in ("frames", "height", "width"):
+        _require(getattr(c, k) >= 1, f"clip.{k}", getattr(c, k), ">= 1")
+    _require(0 <= cfg.val_fraction < 1, "val_fraction", cfg.val_fraction, "in [0, 1)")
+    _require(cfg.clips_per_shard >= 1, "clips_per_shard", cfg.clips_per_shard, ">= 1")
+    _choice("normalization.kind", cfg.normalization.kind, ("photon", "anscombe"))
+    if cfg.normalization.scale is not None:
+        _require(cfg.normalization.scale > 0, "normalization.scale", cfg.normalization.scale, "> 0")
+
+
+def _validate_data(d: Any, prefix: str) -> None:
+    _require(d.batch_size >= 1, f"{prefix}.batch_size", d.batch_size, ">= 1")
+    _choice(f"{prefix}.corrupt_shards", d.corrupt_shards, ("fail", "skip"))
+
+
+def validate_train_ae(cfg: Any) -> None:
+    validate_autoencoder(cfg.model)
+    validate_trainer(cfg.trainer)
+    validate_strategy(cfg.strategy, cfg.trainer.num_workers)
+    validate_ema(cfg.ema)
+    validate_logger(cfg.logger)
+    _validate_data(cfg.data, "data")
+    d = cfg.data
+    for k in ("crop_frames", "crop_height", "crop_width"):
+        v = getattr(d, k)
+        _require(v is None or v >= 1, f"data.{k}", v, ">= 1 or null")
+    if d.crop_frames is not None:
+        _require(
+            (d.crop_frames - 1) % cfg.model.temporal_downsample == 0,
+            "data.crop_frames",
+            d.crop_frames,
+            f"1 + k*{cfg.model.temporal_downsample} (causal model with temporal_downsample={cfg.model.temporal_downsample})",
+        )
+
+
+def validate_dit(m: Any, prefix: str = "model") -> None:
+    _choice(f"{prefix}.size", m.size, ("tiny", "S", "B", "L", "XL"))
+    _require(len(m.patch_size) == 3 and all(p >= 1 for p in m.patch_size), f"{prefix}.patch_size", list(m.patch_size), "[pt, ph, pw] >= 1")
+    if m.hidden_size is not None and m.num_heads is not None:
+        _require(m.hidden_size % m.num_heads == 0, f"{prefix}.hidden_size", m.hidden_size, f"divisible by num_heads={m.num_heads}")
+    validate_diffusion(m.diffusion, f"{prefix}.diffusion")
+
+
+def validate_train_latent(cfg: Any) -> None:
+    validate_dit(cfg.model)
+    validate_trainer(cfg.trainer)
+    validate_strategy(cfg.strategy, cfg.trainer.num_workers)
+    validate_ema(cfg.ema)
+    validate_logger(cfg.logger)
+    _validate_data(cfg.latents, "latents")
+
+
+def validate_sample(cfg: Any) -> None:
+    _choice("mode", cfg.mode, ("generate", "reconstruct"))
+    if cfg.mode == "generate":
+        _require(bool(cfg.stage2), "stage2", cfg.stage2, "a train_latent run folder or export for mode=generate")
+    else:
+        _require(bool(cfg.stage1), "stage1", cfg.stage1, "a train_ae run folder or export for mode=reconstruct")
+    _require(cfg.num_samples >= 1, "num_samples", cfg.num_samples, "a positive sample count")
+    _require(cfg.batch_size >= 1, "batch_size", cfg.batch_size, ">= 1")
+    _require(cfg.latent_steps >= 1, "latent_steps", cfg.latent_steps, ">= 1 (NFE > 0)")
+    _require(cfg.decoder_steps >= 1, "decoder_steps", cfg.decoder_steps, ">= 1 (NFE > 0)")
+
+
+def validate_encode_latents(cfg: Any) -> None:
+    _require(cfg.batch_size >= 1, "batch_size", cfg.batch_size, ">= 1")
+    _require(cfg.concurrency >= 1, "concurrency", cfg.concurrency, ">= 1")
+
+
+def validate_sweep(cfg: Any) -> None:
+    _choice("stage", cfg.stage, ("ae", "latent"))
+    _choice("search", cfg.search, ("random", "grid", "optuna"))
+    _choice("scheduler", cfg.scheduler, ("asha", "none"))
+    _choice("mode", cfg.mode, ("min", "max"))
+    _require(cfg.num_samples >= 1, "num_samples", cfg.num_samples, ">= 1")
+
+
+VALIDATORS = {
+    "prepare_data": validate_prepare_data,
+    "train_ae": validate_train_ae,
+    "train_latent": validate_train_latent,
+    "sample": validate_sample,
+    "encode_latents": validate_encode_latents,
+    "sweep": validate_sweep,
+}
+
+
+def schema_fields(schema: type) -> list[str]:
+    """Dotted names of every leaf key of a schema (used to check sweep spaces)."""
+    out: list[str] = []
+    for f in dataclasses.fields(schema):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+        if dataclasses.is_dataclass(default):
+            out += [f"{f.name}.{k}" for k in schema_fields(type(default))]
+        else:
+            out.append(f.name)
+    return out
