@@ -153,6 +153,7 @@ class DiTConfig:
     """Stage 2: DiT on latents. Width/depth/heads come from the size registry unless set here."""
 
     kind: str = "dit"
+    in_channels: Optional[int] = None  # None: the latent channels recorded in the latent index
     size: str = "tiny"  # tiny | S | B | L | XL
     hidden_size: Optional[int] = None
     depth: Optional[int] = None

@@ -1,0 +1,24 @@
+"""Shared fixtures: one local Ray cluster per session (num_cpus=4), tiny data fixtures from fixtures_data."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+pytest_plugins = ["tests.fixtures_data"]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster shared by every integration test (4 logical CPUs on a 2-core box)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,1 @@
+"""Data fixtures (tiny simulated movies and shards) used across the suite."""
