@@ -1,0 +1,265 @@
+"""Driver side of training: validate config against data and cluster, build the TorchTrainer, run, summarize.
+
+The run folder is ``<out_root>/<job>/<run_name>/`` holding config.yaml, run.json, metrics.jsonl, media/,
+export/model.pt and checkpoints/ (Ray Train's storage for this run). Re-running with the same run name
+resumes from the latest checkpoint: Ray Train V2 restores its checkpoint manager from that storage.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cadiff.config import to_dict, validate_clip_for_model
+from cadiff.errors import CadiffError, ConfigError, DataError
+from cadiff.runinfo import record_run
+
+log = logging.getLogger(__name__)
+
+JOB_NAMES = {"ae": "train_ae", "latent": "train_latent"}
+RUNTIME_ENV_EXCLUDES = [".venv/", "outputs/", "data/", ".git/", "*.tar", "*.h5", "*.tif", "*.tiff", "wandb/"]
+
+
+@dataclass
+class RunPlan:
+    """Everything the driver resolved before any worker starts."""
+
+    stage: str
+    cfg: Any
+    run_dir: Path
+    data_info: dict[str, Any]
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+def init_ray(ray_cfg: Any) -> None:
+    """Connect to ``ray.address`` / ``$RAY_ADDRESS``, else start a local Ray whose dashboard binds to 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    ray.init(
+        num_cpus=ray_cfg.num_cpus,
+        include_dashboard=ray_cfg.include_dashboard,
+        dashboard_host=ray_cfg.dashboard_host,
+        log_to_driver=True,
+        runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}},
+    )
+
+
+def default_run_name() -> str:
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def _clip_data_info(cfg: Any) -> dict[str, Any]:
+    from cadiff.data.shards import read_index
+
+    root = Path(cfg.data.root)
+    if not (root / "index.json").exists():
+        if not cfg.data.prepare_if_missing:
+            raise DataError(f"data.root '{root}': no index.json; run jobs/prepare_data.py out={root} first")
+        _prepare_default_sim(root)
+    index = read_index(root)
+    if index.get("kind", "clips") != "clips":
+        raise DataError(f"data.root '{root}': index.json kind is '{index.get('kind')}', expected 'clips'")
+    t, h, w = index["clip_shape"]
+    d = cfg.data
+    frames, height, width = d.crop_frames or t, d.crop_height or h, d.crop_width or w
+    if frames > t or height > h or width > w:
+        raise ConfigError(f"data.crop_* = {(frames, height, width)} exceeds the stored clip shape {(t, h, w)} in {root}/index.json")
+    validate_clip_for_model(frames, height, width, cfg.model, "data.crop" if d.crop_frames else f"{root}/index.json clip")
+    for split in ("train", "val"):
+        if not index["splits"].get(split, {}).get("num_clips"):
+            raise DataError(f"data.root '{root}': split '{split}' has no clips; prepare more data or lower val_fraction")
+    return {
+        "root": str(root.resolve()),
+        "sample_shape": [1, frames, height, width],
+        "normalization": index["normalization"],
+        "sources": index["sources"],
+        "num_train_clips": index["splits"]["train"]["num_clips"],
+    }
+
+
+def _prepare_default_sim(root: Path) -> None:
+    from cadiff.config import compose
+    from cadiff.data.prepare import prepare_data
+
+    log.info("data.root %s has no index.json: preparing simulated data there (source=sim)", root)
+    prepare_data(compose("prepare_data", [f"out={root}"]))
+
+
+def _latent_data_info(cfg: Any) -> dict[str, Any]:
+    from cadiff.data.shards import read_index
+    from cadiff.train.checkpoint import load_export
+
+    root = Path(cfg.latents.root)
+    if not (root / "index.json").exists():
+        raise DataError(f"latents.root '{root}': no index.json; run jobs/encode_latents.py out={root} first")
+    index = read_index(root)
+    if index.get("kind") != "latents":
+        raise DataError(f"latents.root '{root}': index.json kind is '{index.get('kind')}', expected 'latents'")
+    stage1 = index.get("stage1")
+    if not stage1 or not Path(stage1).exists():
+        raise CadiffError(f"latents.root '{root}': stage-1 export '{stage1}' recorded in index.json does not exist")
+    _state, stage1_cfg, _meta = load_export(stage1)
+    channels = int(index["latent_shape"][0])
+    if int(stage1_cfg.get("z_channels", channels)) != channels:
+        raise DataError(
+            f"latents.root '{root}': latent_shape has {channels} channels but stage-1 export {stage1} has "
+            f"z_channels={stage1_cfg.get('z_channels')} (latents from another encoder?)"
+        )
+    if cfg.model.in_channels not in (None, channels):
+        raise ConfigError(f"model.in_channels = {cfg.model.in_channels}: expected {channels} (the latent channels in {root})")
+    cfg.model.in_channels = channels
+    return {
+        "root": str(root.resolve()),
+        "sample_shape": list(index["latent_shape"]),
+        "channel_mean": index["channel_mean"],
+        "channel_std": index["channel_std"],
+        "stage1": str(Path(stage1).resolve()),
+        "normalization": index.get("normalization"),
+        "num_train_clips": index["splits"]["train"]["num_clips"],
+    }
+
+
+def plan_run(cfg: Any, stage: str) -> RunPlan:
+    """Resolve run folder and data; check shapes; record the run. Raises before any worker starts."""
+    cfg.run_name = cfg.run_name or default_run_name()
+    run_dir = (Path(cfg.out_root) / JOB_NAMES[stage] / cfg.run_name).resolve()
+    data_info = _clip_data_info(cfg) if stage == "ae" else _latent_data_info(cfg)
+    per_worker = cfg.data.batch_size if stage == "ae" else cfg.latents.batch_size
+    needed = per_worker * cfg.trainer.num_workers
+    if data_info["num_train_clips"] < needed:
+        raise ConfigError(
+            f"{data_info['root']}: {data_info['num_train_clips']} training clips < batch_size*num_workers = {needed}"
+        )
+    record_run(run_dir, cfg, JOB_NAMES[stage])
+    payload = {"stage": stage, "cfg": to_dict(cfg), "run_dir": str(run_dir), "data_info": data_info}
+    return RunPlan(stage=stage, cfg=cfg, run_dir=run_dir, data_info=data_info, payload=payload)
+
+
+def check_cluster_fits(cfg: Any) -> None:
+    """Fail before any worker starts when the requested workers cannot fit the cluster."""
+    import ray
+
+    resources = ray.cluster_resources()
+    t = cfg.trainer
+    need_cpu = t.num_workers * t.cpus_per_worker
+    if need_cpu > resources.get("CPU", 0):
+        raise ConfigError(
+            f"trainer.num_workers={t.num_workers} x cpus_per_worker={t.cpus_per_worker} needs {need_cpu} CPUs; "
+            f"the Ray cluster has {resources.get('CPU', 0)}"
+        )
+    need_gpu = t.num_workers * t.gpus_per_worker
+    if need_gpu > resources.get("GPU", 0):
+        raise ConfigError(
+            f"trainer.num_workers={t.num_workers} x gpus_per_worker={t.gpus_per_worker} needs {need_gpu} GPUs; "
+            f"the Ray cluster has {resources.get('GPU', 0)}"
+        )
+
+
+def build_trainer(plan: RunPlan, callbacks: list | None = None, storage_path: str | None = None, name: str | None = None):
+    """A Ray Train V2 ``TorchTrainer`` for the plan (used by train jobs and by Tune trials)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cadiff.train.loop import train_loop_per_worker
+
+    cfg, t = plan.cfg, plan.cfg.trainer
+    datasets = None
+    data_cfg = cfg.data if plan.stage == "ae" else cfg.latents
+    if not data_cfg.deterministic:
+        from cadiff.data import pipeline
+
+        if plan.stage == "ae":
+            datasets = {"train": pipeline.clip_dataset(data_cfg.root, "train", data_cfg, seed=cfg.seed)}
+        else:
+            datasets = {"train": pipeline.latent_dataset(data_cfg.root, "train", data_cfg, seed=cfg.seed)}
+    resources = {"CPU": t.cpus_per_worker}
+    if t.gpus_per_worker:
+        resources["GPU"] = t.gpus_per_worker
+    payload = dict(plan.payload, use_ray=True)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=payload,
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=bool(t.gpus_per_worker), resources_per_worker=resources),
+        torch_config=TorchConfig(backend=cfg.strategy.backend) if cfg.strategy.backend else None,
+        run_config=RunConfig(
+            name=name or "checkpoints",
+            storage_path=storage_path or str(plan.run_dir),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            callbacks=callbacks or [],
+        ),
+        datasets=datasets,
+    )
+
+
+def progress_callback(max_steps: int):
+    """A Ray Train UserCallback logging step/loss/ETA on the driver."""
+    from ray.train import UserCallback
+
+    from cadiff.train.logging import ProgressLine
+
+    class _Progress(UserCallback):
+        def __init__(self) -> None:
+            self.line = ProgressLine(max_steps)
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            if metrics and "loss" in metrics[0]:
+                log.info(self.line.format(metrics[0]))
+
+    return _Progress()
+
+
+def run_training(cfg: Any, stage: str) -> tuple[str, str]:
+    """Plan, run (Ray or in-process for strategy=single) and summarize one training job."""
+    plan = plan_run(cfg, stage)
+    if cfg.strategy.name == "single":
+        from cadiff.train.loop import train_loop_per_worker
+
+        train_loop_per_worker(dict(plan.payload, use_ray=False))
+    else:
+        import ray.train
+
+        init_ray(cfg.ray)
+        check_cluster_fits(cfg)
+        trainer = build_trainer(plan, callbacks=[progress_callback(cfg.trainer.max_steps)])
+        try:
+            trainer.fit()
+        except ray.train.TrainingFailedError as exc:
+            raise CadiffError(f"training failed in {plan.run_dir}: {_root_cause(exc)}") from exc
+    return summarize(plan.run_dir)
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = " ".join(str(exc).split())
+    return text[-600:]
+
+
+def summarize(run_dir: Path) -> tuple[str, str]:
+    """Key results of a finished run from metrics.jsonl and the export."""
+    export = run_dir / "export" / "model.pt"
+    if not export.exists():
+        raise CadiffError(f"run {run_dir} finished without writing {export}")
+    last: dict[str, Any] = {}
+    metrics_path = run_dir / "metrics.jsonl"
+    if metrics_path.exists():
+        for line in metrics_path.read_text().splitlines():
+            if line.strip():
+                last.update(json.loads(line))
+    parts = [f"step={last.get('step', '?')}"]
+    for key in ("loss", "val_loss", "samples_per_s", "mfu"):
+        if key in last:
+            parts.append(f"{key}={last[key]:.4g}")
+    return " ".join(parts), str(run_dir)

@@ -1,0 +1,158 @@
+"""Training telemetry: metrics.jsonl, wandb (rank 0, offline by default), FLOP/s + MFU, video grids, progress line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cadiff.io import atomic_path
+from cadiff.runinfo import scrub_secrets
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak FLOP/s of common accelerators (vendor data sheets), used when trainer.peak_flops is unset.
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "V100": 125e12, "T4": 65e12}
+
+
+def measure_matmul_flops(size: int = 1024, repeats: int = 5, device: str | torch.device = "cpu") -> float:
+    """Achieved fp32 FLOP/s of a square matmul on this device/thread count: the CPU's practical peak for MFU."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    torch.matmul(a, b)  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        if torch.cuda.is_available() and str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        if torch.cuda.is_available() and str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * size**3 / best
+
+
+def peak_flops_for(device: torch.device, configured: float | None) -> float:
+    """Peak FLOP/s used for MFU: configured value, the GPU table, or the measured CPU matmul rate."""
+    if configured:
+        return float(configured)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return value
+        return measure_matmul_flops(4096, device=device)
+    return measure_matmul_flops()
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to ``metrics.jsonl`` (rank 0 only) and mirrors to wandb."""
+
+    def __init__(self, path: str | Path, wandb_run: Any = None) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.wandb_run = wandb_run
+
+    def write(self, record: dict[str, Any]) -> None:
+        clean = {k: (float(v) if isinstance(v, (np.floating, torch.Tensor)) else v) for k, v in record.items()}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(clean) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in clean.items() if isinstance(v, (int, float))}, step=clean.get("step"))
+
+
+def start_wandb(logger_cfg: Any, run_dir: Path, run_name: str, config: dict) -> Any:
+    """Start a wandb run on rank 0 (offline by default: never blocks on a network); None when disabled."""
+    if logger_cfg.name != "wandb" or logger_cfg.mode == "disabled":
+        return None
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    settings = wandb.Settings(init_timeout=30, _disable_stats=True, start_method="thread")
+    return wandb.init(
+        project=logger_cfg.project,
+        name=run_name,
+        id=run_name,
+        resume="allow",
+        dir=str(run_dir),
+        mode=logger_cfg.mode,
+        config=scrub_secrets(config),
+        settings=settings,
+    )
+
+
+def _to_uint8(frames: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    scaled = (frames - lo) / max(hi - lo, 1e-8)
+    return (np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def video_grid(rows: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
+    """Tile ``rows`` of panels (each [T,H,W] float, or [H,W] broadcast over T) into a uint8 video [T,H',W']."""
+    num_frames = max(p.shape[0] for row in rows for p in row if p.ndim == 3)
+    tiles = []
+    for row in rows:
+        panels = []
+        for p in row:
+            p = np.broadcast_to(p, (num_frames, *p.shape)) if p.ndim == 2 else p
+            lo, hi = np.percentile(p, 0.5), np.percentile(p, 99.5)
+            panels.append(np.pad(_to_uint8(p, lo, hi), ((0, 0), (pad, pad), (pad, pad))))
+        tiles.append(np.concatenate(panels, axis=2))
+    return np.concatenate(tiles, axis=1)
+
+
+def write_video(frames_u8: np.ndarray, path: str | Path, fps: int = 10) -> Path:
+    """Write a [T,H,W] uint8 video as GIF or MP4 (by suffix), atomically."""
+    import imageio.v3 as iio
+
+    path = Path(path)
+    with atomic_path(path, suffix=path.suffix) as tmp:
+        if path.suffix == ".gif":
+            iio.imwrite(tmp, frames_u8, extension=".gif", duration=1000 / fps, loop=0)
+        else:
+            h, w = frames_u8.shape[1:]
+            padded = np.pad(frames_u8, ((0, 0), (0, (-h) % 16), (0, (-w) % 16)))  # codec macroblock size
+            rgb = np.repeat(padded[..., None], 3, axis=-1)
+            iio.imwrite(tmp, rgb, extension=".mp4", fps=fps, codec="libx264", plugin="pyav")
+    return path
+
+
+def log_reconstruction_videos(
+    ground_truth: np.ndarray, reconstruction: np.ndarray, media_dir: Path, step: int, fps: int, wandb_run: Any = None
+) -> list[Path]:
+    """Grid of GT / reconstruction / GT temporal mean / reconstruction mean per clip -> GIF + MP4 (+ wandb.Video)."""
+    rows = []
+    for gt, rec in zip(ground_truth, reconstruction):
+        rows.append([gt, rec, gt.mean(axis=0), rec.mean(axis=0)])
+    grid = video_grid(rows)
+    paths = [write_video(grid, media_dir / f"recon_step{step:07d}{ext}", fps) for ext in (".gif", ".mp4")]
+    if wandb_run is not None:
+        import wandb
+
+        wandb_run.log({"media/reconstruction": wandb.Video(str(paths[1]), format="mp4")}, step=step)
+    return paths
+
+
+class ProgressLine:
+    """Driver-side progress: step, loss and ETA from reported metrics."""
+
+    def __init__(self, max_steps: int) -> None:
+        self.max_steps = max_steps
+        self.t0 = time.monotonic()
+        self.first_step: int | None = None
+
+    def format(self, metrics: dict[str, Any]) -> str:
+        step = int(metrics.get("step", 0))
+        if self.first_step is None:
+            self.first_step, self.t0 = step, time.monotonic()
+        done = step - self.first_step
+        rate = done / max(time.monotonic() - self.t0, 1e-6)
+        eta = (self.max_steps - step) / rate if rate > 0 else float("nan")
+        loss = metrics.get("loss", float("nan"))
+        return f"step {step}/{self.max_steps} loss {loss:.4f} ETA {eta:.0f}s"

@@ -1,0 +1,369 @@
+"""``train_loop_per_worker``: one training loop for both stages, under any Strategy, with or without Ray.
+
+Stage 1 (``stage="ae"``) trains a DiffusionAutoencoder / RegressionAutoencoder on normalized clips; stage 2
+(``stage="latent"``) trains the DiT objective on per-channel-normalized latents. Only the model and the batch
+source differ. Checkpoints hold model, optimizer, LR step, EMA, RNG states and the data position; with
+``data.deterministic=true`` a resumed run is bit-identical to an uninterrupted one (DDP, fp32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cadiff.config import TrainAEConfig, TrainLatentConfig, from_dict
+from cadiff.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SCHEMAS = {"ae": TrainAEConfig, "latent": TrainLatentConfig}
+
+
+class TrainingModule(nn.Module):
+    """Routes ``forward`` to ``model.training_loss`` so DDP/FSDP2/DeepSpeed hooks see the loss computation."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.model.training_loss(x)
+
+    def shard_units(self) -> list[nn.Module]:
+        return self.model.shard_units()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# process context and reporting
+
+
+class Reporter:
+    """Checkpoint/metric sink: Ray Train (``ray.train.report``) or a local CheckpointManager (strategy=single)."""
+
+    def __init__(self, use_ray: bool, run_dir: Path, num_to_keep: int) -> None:
+        self.use_ray = use_ray
+        self.run_dir = run_dir
+        if not use_ray:
+            from cadiff.train.checkpoint import CheckpointManager
+
+            self.manager = CheckpointManager(run_dir, num_to_keep)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        if self.use_ray:
+            import ray.train
+
+            ckpt = ray.train.get_checkpoint()
+            if ckpt is None:
+                yield None
+                return
+            with ckpt.as_directory() as path:
+                yield Path(path)
+        else:
+            yield self.manager.latest()
+
+    def report(self, metrics: dict[str, Any], write_checkpoint: Any = None, step: int = 0, has_files: bool = True) -> None:
+        """Report metrics; when ``write_checkpoint(dir)`` is given, persist a checkpoint written by it."""
+        if write_checkpoint is None:
+            if self.use_ray:
+                import ray.train
+
+                ray.train.report(metrics)
+            return
+        if self.use_ray:
+            import ray.train
+
+            with tempfile.TemporaryDirectory(prefix="cadiff-ckpt-") as tmp:
+                write_checkpoint(Path(tmp))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp) if has_files else None
+                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:08d}")
+        else:
+            tmp = self.manager.tmp_dir(step)
+            write_checkpoint(tmp)
+            self.manager.commit(tmp, step)
+
+
+def _rank_world() -> tuple[int, int, int]:
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        return rank, world, local
+    return 0, 1, 0
+
+
+def dist_mean(value: float, device: torch.device) -> float:
+    """Mean of a float over all ranks (identity without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_as_python_state(state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state(tuple(np_state) if isinstance(np_state, list) else np_state)
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_python_state(state: Any) -> tuple:
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# stage specifics
+
+
+def data_cfg_for(cfg: Any, stage: str) -> Any:
+    return cfg.data if stage == "ae" else cfg.latents
+
+
+def build_stage_model(cfg: Any, stage: str) -> nn.Module:
+    """The plain model of a stage; stage 2 takes its input channels from the latent index."""
+    from cadiff.models.registry import build_model
+
+    model_cfg = dict(from_dict(cfg, SCHEMAS[stage]).model) if not isinstance(cfg, dict) else dict(cfg["model"])
+    return build_model(model_cfg)
+
+
+def batch_iterator(cfg: Any, stage: str, use_ray: bool, rank: int, world: int, start_batch: int) -> Iterator[torch.Tensor]:
+    """Infinite iterator of training batches ``[B, C, T, H, W]`` float32 for this rank."""
+    from cadiff.data import pipeline
+
+    data_cfg = data_cfg_for(cfg, stage)
+    kind = "clips" if stage == "ae" else "latents"
+    if data_cfg.deterministic or not use_ray:
+        yield from pipeline.deterministic_batches(
+            data_cfg.root, "train", data_cfg, rank=rank, world_size=world, seed=cfg.seed, start_batch=start_batch, kind=kind
+        )
+        return
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train")
+    while True:
+        empty = True
+        for batch in shard.iter_torch_batches(batch_size=data_cfg.batch_size, drop_last=True, dtypes=torch.float32):
+            empty = False
+            yield batch["x"]
+        if empty:
+            raise ConfigError(
+                f"data root '{data_cfg.root}': a worker received no full batch of {data_cfg.batch_size}; "
+                "use fewer workers, a smaller batch_size or more clips"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Train one stage; ``config`` = {"stage", "cfg" (plain dict), "run_dir", "use_ray", "data_info"}."""
+    from cadiff.train.ema import EMA
+    from cadiff.train.logging import MetricsWriter, peak_flops_for, start_wandb
+    from cadiff.train.strategies import build_strategy
+
+    stage, use_ray = config["stage"], bool(config.get("use_ray", True))
+    cfg = from_dict(config["cfg"], SCHEMAS[stage])
+    run_dir = Path(config["run_dir"])
+    rank, world, local_rank = _rank_world()
+    tcfg = cfg.trainer
+    threads = tcfg.threads_per_worker or max(1, int(np.ceil(tcfg.cpus_per_worker)))
+    torch.set_num_threads(threads)
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() and tcfg.gpus_per_worker > 0 else torch.device("cpu")
+    _seed_everything(cfg.seed + 1000 * rank)
+
+    model = build_stage_model(config["cfg"], stage)
+    model_config = dict(model.model_config)
+    wrapped = TrainingModule(model)
+    strategy = build_strategy(cfg.strategy, tcfg)
+    strategy.setup(wrapped, device)
+    ema = EMA(strategy.ema_tensors(), decay=cfg.ema.decay, warmup_power=cfg.ema.warmup_power)
+    reporter = Reporter(use_ray, run_dir, tcfg.num_to_keep)
+
+    step = 0
+    with reporter.latest_checkpoint() as ckpt_dir:
+        if ckpt_dir is not None:
+            extra = strategy.load(ckpt_dir)
+            step = int(extra["step"])
+            ema.load_state_dict(extra["ema"])
+            set_rng_state(extra["rng"])
+            if rank == 0:
+                log.info("resumed from %s at step %d", ckpt_dir, step)
+
+    data_cfg = data_cfg_for(cfg, stage)
+    batches = batch_iterator(cfg, stage, use_ray, rank, world, start_batch=step * tcfg.grad_accum)
+    val_x = _val_batch(data_cfg, stage, device)
+    sample_shape = tuple(config["data_info"]["sample_shape"])
+    flops_fwd = float(model.flops_per_sample(sample_shape))
+    peak = peak_flops_for(device, tcfg.peak_flops)
+
+    wandb_run = start_wandb(cfg.logger, run_dir, run_dir.name, config["cfg"]) if rank == 0 else None
+    writer = MetricsWriter(run_dir / "metrics.jsonl", wandb_run) if rank == 0 else None
+    window = {"loss": 0.0, "n": 0, "samples": 0, "wait": 0.0, "time": 0.0, "grad_norm": 0.0}
+    last_metrics: dict[str, Any] = {}
+
+    while step < tcfg.max_steps:
+        t_start = time.perf_counter()
+        wait = 0.0
+        loss_sum = 0.0
+        for micro in range(tcfg.grad_accum):
+            t0 = time.perf_counter()
+            x = next(batches).to(device, non_blocking=True)
+            wait += time.perf_counter() - t0
+            last = micro == tcfg.grad_accum - 1
+            with strategy.accumulation_context(last), strategy.autocast():
+                loss, _parts = strategy.model(x)
+            strategy.backward(loss)
+            loss_sum += float(loss.detach())
+            window["samples"] += x.shape[0]
+        grad_norm = strategy.clip_and_step(step)
+        step += 1
+        if step % cfg.ema.update_every == 0:
+            ema.update(strategy.ema_tensors(), step)
+        window["loss"] += loss_sum / tcfg.grad_accum
+        window["grad_norm"] += float(grad_norm)
+        window["n"] += 1
+        window["wait"] += wait
+        window["time"] += time.perf_counter() - t_start
+
+        is_last = step == tcfg.max_steps
+        metrics: dict[str, Any] = {}
+        if step % tcfg.log_every == 0 or is_last:
+            metrics = _window_metrics(window, step, device, flops_fwd, peak, world, strategy.lr_at(step - 1))
+            window = dict.fromkeys(window, 0.0)
+            window["n"] = 0
+        if step % tcfg.val_every == 0 or is_last:
+            metrics = metrics or {"step": step}
+            metrics["val_loss"] = _val_loss(strategy, ema, val_x, cfg.seed, device)
+        media_due = (tcfg.media_every and step % tcfg.media_every == 0) or is_last
+        if media_due:
+            _log_media(cfg, stage, strategy, ema, model_config, val_x, run_dir, step, rank, wandb_run, config)
+        if metrics:
+            last_metrics = {**last_metrics, **metrics}
+            if writer is not None:
+                writer.write(metrics)
+        ckpt_due = step % tcfg.ckpt_every == 0 or is_last
+        if ckpt_due:
+            extra = {"step": step, "ema": ema.state_dict(), "rng": rng_state(), "data_position": step * tcfg.grad_accum}
+            reporter.report(
+                metrics or {"step": step},
+                write_checkpoint=lambda d, extra=extra: strategy.save(d, extra),
+                step=step,
+                has_files=strategy.rank_writes_checkpoint(),
+            )
+        elif metrics:
+            reporter.report(metrics)
+
+    _export(cfg, stage, strategy, ema, model_config, run_dir, step, rank, config, last_metrics)
+    if wandb_run is not None:
+        wandb_run.finish()
+
+
+def _window_metrics(window: dict, step: int, device: torch.device, flops_fwd: float, peak: float, world: int, lr: float) -> dict:
+    n = max(window["n"], 1)
+    elapsed = max(window["time"], 1e-9)
+    samples_per_s = window["samples"] / elapsed
+    achieved = 3.0 * flops_fwd * samples_per_s  # forward + backward ~ 3x forward (Kaplan et al. 2020)
+    return {
+        "step": step,
+        "loss": dist_mean(window["loss"] / n, device),
+        "grad_norm": dist_mean(window["grad_norm"] / n, device),
+        "lr": lr,
+        "samples_per_s": dist_mean(samples_per_s, device) * world,
+        "flops_per_s": dist_mean(achieved, device) * world,
+        "mfu": dist_mean(achieved / peak, device),
+        "data_wait_frac": dist_mean(window["wait"] / elapsed, device),
+    }
+
+
+def _val_batch(data_cfg: Any, stage: str, device: torch.device) -> torch.Tensor:
+    from cadiff.data import pipeline
+
+    kind = "clips" if stage == "ae" else "latents"
+    return pipeline.val_batch(data_cfg.root, data_cfg.num_val_clips, data_cfg, kind=kind).to(device)
+
+
+@torch.no_grad()
+def _val_loss(strategy: Any, ema: Any, val_x: torch.Tensor, seed: int, device: torch.device) -> float:
+    """Loss of the EMA weights on the fixed val clips with fixed noise (training RNG untouched)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), ema.swap(strategy.ema_tensors()):
+        torch.manual_seed(seed + 12345)
+        with strategy.autocast():
+            loss, _ = strategy.model(val_x)
+    return dist_mean(float(loss), device)
+
+
+def _plain_ema_model(strategy: Any, ema: Any, model_config: dict) -> nn.Module | None:
+    """Rank 0: a plain copy of the model holding the gathered EMA weights (collective: all ranks call)."""
+    from cadiff.models.registry import build_model
+
+    state = strategy.gather_ema_state(ema)
+    if state is None:
+        return None
+    plain = build_model(model_config)
+    plain.load_state_dict(strip_prefix(state, "model."))
+    return plain.eval()
+
+
+def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v.detach().cpu() for k, v in state.items()}
+
+
+@torch.no_grad()
+def _log_media(cfg, stage, strategy, ema, model_config, val_x, run_dir, step, rank, wandb_run, config) -> None:
+    from cadiff.train import media
+
+    plain = _plain_ema_model(strategy, ema, model_config)
+    if rank != 0 or plain is None:
+        return
+    plain = plain.to(val_x.device)
+    try:
+        if stage == "ae":
+            media.log_stage1(plain, val_x[:2], config["data_info"], run_dir / "media", step, cfg.logger, wandb_run)
+        else:
+            media.log_stage2(plain, val_x.shape[1:], config["data_info"], run_dir / "media", step, cfg.logger, wandb_run)
+    except Exception as exc:  # noqa: BLE001 - a failed preview must not kill a training run
+        log.warning("media logging failed at step %d: %s", step, exc)
+
+
+def _export(cfg, stage, strategy, ema, model_config, run_dir, step, rank, config, last_metrics) -> None:
+    from cadiff.train.checkpoint import export_model
+
+    state = strategy.gather_ema_state(ema)
+    if rank != 0 or state is None:
+        return
+    meta = {"stage": stage, "step": step, "data": config["data_info"], "metrics": last_metrics}
+    export_model(run_dir / "export" / "model.pt", strip_prefix(state, "model."), model_config, meta)

@@ -1,0 +1,53 @@
+"""Preview videos written during training: stage-1 reconstructions and stage-2 decoded samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cadiff.train.logging import log_reconstruction_videos, video_grid, write_video
+
+
+def to_photons(x: torch.Tensor, norm: dict[str, Any]) -> np.ndarray:
+    """Normalized clips [B,1,T,H,W] -> photon units [B,T,H,W] (inverse of the shard normalization)."""
+    from cadiff.data.noise import inverse_anscombe
+
+    y = x[:, 0].float().cpu().numpy() * float(norm["scale"]) + float(norm["center"])
+    if norm.get("kind") == "anscombe":
+        y = inverse_anscombe(y, float(norm.get("read_noise_photons", 0.0)))
+    return y
+
+
+def log_stage1(model, x, data_info, media_dir: Path, step: int, logger_cfg, wandb_run=None) -> list[Path]:
+    """GT / reconstruction / GT mean / reconstruction mean grid for fixed val clips."""
+    recon = model.reconstruct(x) if hasattr(model, "reconstruct") else model.decode(model.encode(x))
+    norm = data_info["normalization"]
+    return log_reconstruction_videos(to_photons(x, norm), to_photons(recon, norm), media_dir, step, logger_cfg.video_fps, wandb_run)
+
+
+def log_stage2(model, latent_shape, data_info, media_dir: Path, step: int, logger_cfg, wandb_run=None) -> list[Path]:
+    """Sample two latents with the EMA DiT, decode them with the stage-1 export, write a grid video."""
+    from cadiff.models.registry import build_model
+    from cadiff.train.checkpoint import load_export
+
+    generator = torch.Generator(device="cpu").manual_seed(step)
+    device = next(model.parameters()).device
+    z = model.sample((2, *latent_shape), generator=generator).to(device)
+    mean = torch.tensor(data_info["channel_mean"], device=device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(data_info["channel_std"], device=device).view(1, -1, 1, 1, 1)
+    state, stage1_cfg, stage1_meta = load_export(data_info["stage1"])
+    decoder = build_model(stage1_cfg)
+    decoder.load_state_dict(state)
+    decoder = decoder.to(device).eval()
+    clips = decoder.decode(z * std + mean)
+    movies = to_photons(clips, stage1_meta["data"]["normalization"])
+    grid = video_grid([[m for m in movies]])
+    paths = [write_video(grid, media_dir / f"samples_step{step:07d}{ext}", logger_cfg.video_fps) for ext in (".gif", ".mp4")]
+    if wandb_run is not None:
+        import wandb
+
+        wandb_run.log({"media/samples": wandb.Video(str(paths[1]), format="mp4")}, step=step)
+    return paths
