@@ -11,21 +11,25 @@ import torch
 from cadiff.train.logging import log_reconstruction_videos, video_grid, write_video
 
 
-def to_photons(x: torch.Tensor, norm: dict[str, Any]) -> np.ndarray:
-    """Normalized clips [B,1,T,H,W] -> photon units [B,T,H,W] (inverse of the shard normalization)."""
-    from cadiff.data.noise import inverse_anscombe
+def preview_calib(data_info: dict[str, Any]) -> dict[str, Any]:
+    """Calibration used to show previews in photon units: the first source of the training data."""
+    return next(iter(data_info["sources"].values()))
 
-    y = x[:, 0].float().cpu().numpy() * float(norm["scale"]) + float(norm["center"])
-    if norm.get("kind") == "anscombe":
-        y = inverse_anscombe(y, float(norm.get("read_noise_photons", 0.0)))
-    return y
+
+def to_photons(x: torch.Tensor, data_info: dict[str, Any]) -> np.ndarray:
+    """Normalized clips [B,1,T,H,W] -> photon units [B,T,H,W] (inverse of the shard normalization)."""
+    from cadiff.data.movie import denormalize
+    from cadiff.data.movie import to_photons as adu_to_photons
+
+    calib = preview_calib(data_info)
+    adu = denormalize(x[:, 0], calib, data_info["normalization"])
+    return adu_to_photons(adu, float(calib["gain"]), float(calib["offset"]))
 
 
 def log_stage1(model, x, data_info, media_dir: Path, step: int, logger_cfg, wandb_run=None) -> list[Path]:
     """GT / reconstruction / GT mean / reconstruction mean grid for fixed val clips."""
     recon = model.reconstruct(x) if hasattr(model, "reconstruct") else model.decode(model.encode(x))
-    norm = data_info["normalization"]
-    return log_reconstruction_videos(to_photons(x, norm), to_photons(recon, norm), media_dir, step, logger_cfg.video_fps, wandb_run)
+    return log_reconstruction_videos(to_photons(x, data_info), to_photons(recon, data_info), media_dir, step, logger_cfg.video_fps, wandb_run)
 
 
 def log_stage2(model, latent_shape, data_info, media_dir: Path, step: int, logger_cfg, wandb_run=None) -> list[Path]:
@@ -43,7 +47,7 @@ def log_stage2(model, latent_shape, data_info, media_dir: Path, step: int, logge
     decoder.load_state_dict(state)
     decoder = decoder.to(device).eval()
     clips = decoder.decode(z * std + mean)
-    movies = to_photons(clips, stage1_meta["data"]["normalization"])
+    movies = to_photons(clips, stage1_meta["data"])
     grid = video_grid([[m for m in movies]])
     paths = [write_video(grid, media_dir / f"samples_step{step:07d}{ext}", logger_cfg.video_fps) for ext in (".gif", ".mp4")]
     if wandb_run is not None:

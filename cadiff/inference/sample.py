@@ -1,0 +1,191 @@
+"""Sampling: DiT latents -> stage-1 decoder -> uint16 movies in the source's units (TIFF + GIF + MP4).
+
+Batches are fixed slices ``[i, i + batch_size)`` of the sample indices, each drawn with a generator seeded by
+``(seed, i)``: the same seed and batch size give bit-identical files whether the batches run here or fan out
+over Ray tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cadiff.errors import CheckpointError, DataError
+from cadiff.inference.exports import load_exported_model
+from cadiff.io import atomic_dir, atomic_path, write_json_atomic
+from cadiff.train.logging import video_grid, write_video
+
+log = logging.getLogger(__name__)
+
+
+def write_tiff(movie_u16: np.ndarray, path: Path, rate_hz: float) -> Path:
+    """Multi-page uint16 TIFF with ImageJ metadata (frame interval in seconds), written atomically."""
+    import tifffile
+
+    with atomic_path(path, suffix=".tif") as tmp:
+        tifffile.imwrite(tmp, movie_u16, imagej=True, metadata={"axes": "TYX", "finterval": 1.0 / float(rate_hz), "unit": "px"})
+    return path
+
+
+def write_movie(movie_u16: np.ndarray, stem: Path, rate_hz: float, fps: int) -> list[Path]:
+    """``stem.tif`` in source units plus ``stem.gif`` / ``stem.mp4`` previews (percentile-scaled)."""
+    preview = video_grid([[movie_u16.astype(np.float32)]], pad=0)
+    return [
+        write_tiff(movie_u16, stem.with_suffix(".tif"), rate_hz),
+        write_video(preview, stem.with_suffix(".gif"), fps),
+        write_video(preview, stem.with_suffix(".mp4"), fps),
+    ]
+
+
+def grid_rows(movies: list[np.ndarray], per_row: int = 4) -> list[list[np.ndarray]]:
+    """Rows of ``per_row`` float panels; the last row is padded with blank panels."""
+    panels = [m.astype(np.float32) for m in movies]
+    blank = np.zeros_like(panels[0])
+    rows = [panels[r : r + per_row] for r in range(0, len(panels), per_row)]
+    if len(rows) > 1:
+        rows[-1] += [blank] * (per_row - len(rows[-1]))
+    return rows
+
+
+def batch_slices(num_samples: int, batch_size: int) -> list[tuple[int, int]]:
+    return [(i, min(i + batch_size, num_samples)) for i in range(0, num_samples, batch_size)]
+
+
+def _calibration(data_info: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    sources = data_info.get("sources") or {}
+    if not sources:
+        raise CheckpointError("stage-1 export records no data sources: cannot convert samples to source units")
+    source_id = sorted(sources)[0]
+    return source_id, sources[source_id]
+
+
+@torch.no_grad()
+def generate_batch(stage2: str, stage1: str | None, start: int, stop: int, cfg: dict[str, Any]) -> list[np.ndarray]:
+    """Samples ``start..stop-1`` as uint16 movies [T,H,W] (a pure function of its arguments, for Ray tasks too)."""
+    from cadiff.data.movie import denormalize
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    dit, dit_meta, _ = load_exported_model(stage2, "stage2", "latent")
+    data2 = dit_meta["data"]
+    stage1_path = stage1 or data2["stage1"]
+    decoder, ae_meta, _ = load_exported_model(stage1_path, "stage1", "ae")
+    check_pair(dit, decoder, stage1_path)
+    generator = torch.Generator().manual_seed(int(cfg["seed"]) * 1_000_003 + start)
+    shape = (stop - start, *data2["sample_shape"])
+    z = dit.sample(shape, sampler=cfg["latent_sampler"], num_steps=cfg["latent_steps"], generator=generator)
+    mean = torch.tensor(data2["channel_mean"], dtype=z.dtype).view(1, -1, 1, 1, 1)
+    std = torch.tensor(data2["channel_std"], dtype=z.dtype).view(1, -1, 1, 1, 1)
+    clips = decoder.decode(z * std + mean, sampler=cfg["decoder_sampler"], num_steps=cfg["decoder_steps"], generator=generator)
+    _source, calib = _calibration(ae_meta["data"])
+    return [denormalize(c[0], calib, ae_meta["data"]["normalization"]) for c in clips]
+
+
+def check_pair(dit: Any, decoder: Any, stage1_path: str) -> None:
+    """The DiT must have been trained on latents of this encoder (channel count)."""
+    dit_channels = int(dit.model_config.get("in_channels") or 0)
+    z_channels = int(decoder.model_config.get("z_channels") or 0)
+    if dit_channels != z_channels:
+        raise CheckpointError(
+            f"stage1='{stage1_path}' has z_channels={z_channels} but the stage-2 DiT expects {dit_channels} latent channels"
+        )
+
+
+def generate(cfg: Any) -> tuple[str, str]:
+    """jobs/sample.py mode=generate."""
+    out = Path(cfg.out)
+    # Load once up front so a bad stage1/stage2 fails before any work or output.
+    dit, dit_meta, stage2_export = load_exported_model(cfg.stage2, "stage2", "latent")
+    stage1 = cfg.stage1 or dit_meta["data"]["stage1"]
+    decoder, ae_meta, stage1_export = load_exported_model(stage1, "stage1", "ae")
+    check_pair(dit, decoder, stage1)
+    source_id, calib = _calibration(ae_meta["data"])
+    rate_hz = float(calib.get("rate_hz") or 10.0)
+    params = {k: cfg[k] for k in ("seed", "latent_sampler", "latent_steps", "decoder_sampler", "decoder_steps")}
+    slices = batch_slices(cfg.num_samples, cfg.batch_size)
+    movies: list[np.ndarray] = []
+    if cfg.num_ray_tasks > 0:
+        import ray
+
+        from cadiff.train.launch import init_ray
+
+        init_ray(cfg.ray)
+        task = ray.remote(num_cpus=1)(generate_batch)
+        refs = [task.remote(str(stage2_export), str(stage1_export), a, b, params) for a, b in slices]
+        for ref in tqdm(refs, desc="sampling (ray tasks)", unit="batch"):
+            movies += ray.get(ref)
+    else:
+        for a, b in tqdm(slices, desc="sampling", unit="batch"):
+            movies += generate_batch(str(stage2_export), str(stage1_export), a, b, params)
+    record = {
+        "mode": "generate",
+        "num_samples": len(movies),
+        "shape": list(movies[0].shape),
+        "dtype": "uint16",
+        "calibration": {"source": source_id, "gain": calib["gain"], "offset": calib["offset"],
+                        "read_noise": calib.get("read_noise"), "rate_hz": rate_hz},
+        "stage1": str(stage1_export),
+        "stage2": str(stage2_export),
+        **params,
+    }
+    with atomic_dir(out) as tmp:
+        for i, movie in enumerate(movies):
+            write_movie(movie, tmp / f"sample_{i:03d}", rate_hz, cfg.fps)
+        grid = video_grid(grid_rows(movies))
+        write_video(grid, tmp / "grid.gif", cfg.fps)
+        write_video(grid, tmp / "grid.mp4", cfg.fps)
+        write_json_atomic(tmp / "samples.json", record)
+    t, h, w = movies[0].shape
+    return f"{len(movies)} samples {t}x{h}x{w} uint16 (.tif .gif .mp4)", str(out)
+
+
+@torch.no_grad()
+def reconstruct(cfg: Any) -> tuple[str, str]:
+    """jobs/sample.py mode=reconstruct: encode real val clips and decode them with a fresh noise realization."""
+    from cadiff.data import pipeline
+    from cadiff.data.movie import denormalize
+    from cadiff.data.shards import read_index
+
+    model, meta, export = load_exported_model(cfg.stage1, "stage1", "ae")
+    root = Path(cfg.data.root)
+    index = read_index(root)
+    if index.get("kind", "clips") != "clips":
+        raise DataError(f"data.root '{root}': expected a clip shard folder, found kind '{index.get('kind')}'")
+    _, t, h, w = meta["data"]["sample_shape"]
+    data_cfg = dict(cfg.data)
+    data_cfg.update(crop_frames=t, crop_height=h, crop_width=w)
+    from cadiff.config import DataConfig, from_dict
+
+    clips = pipeline.val_batch(str(root), cfg.num_samples, from_dict(data_cfg, DataConfig), kind="clips")
+    source_id, calib = _calibration({"sources": index["sources"]})
+    norm = index["normalization"]
+    rate_hz = float(calib.get("rate_hz") or 10.0)
+    generator = torch.Generator().manual_seed(int(cfg.seed))
+    recons = []
+    for a, b in tqdm(batch_slices(len(clips), cfg.batch_size), desc="reconstructing", unit="batch"):
+        x = clips[a:b]
+        z = model.encode(x)
+        recons.append(model.decode(z, sampler=cfg.decoder_sampler, num_steps=cfg.decoder_steps, generator=generator))
+    recon = torch.cat(recons)
+    record = {
+        "mode": "reconstruct", "num_samples": len(clips), "shape": [t, h, w], "dtype": "uint16",
+        "calibration": {"source": source_id, "gain": calib["gain"], "offset": calib["offset"],
+                        "read_noise": calib.get("read_noise"), "rate_hz": rate_hz},
+        "stage1": str(export), "data_root": str(root.resolve()),
+    }
+    with atomic_dir(cfg.out) as tmp:
+        for i in range(len(clips)):
+            write_movie(denormalize(recon[i, 0], calib, norm), tmp / f"recon_{i:03d}", rate_hz, cfg.fps)
+            write_movie(denormalize(clips[i, 0], calib, norm), tmp / "reference" / f"clip_{i:03d}", rate_hz, cfg.fps)
+        write_json_atomic(tmp / "samples.json", record)
+    mse = float(((recon - clips) ** 2).mean())
+    return f"{len(clips)} reconstructions {t}x{h}x{w} mse={mse:.4g}", str(cfg.out)
+
+
+def run_sample(cfg: Any) -> tuple[str, str]:
+    return generate(cfg) if cfg.mode == "generate" else reconstruct(cfg)
+
