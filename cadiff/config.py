@@ -8,8 +8,10 @@ worker starts. ``validate_*`` functions add the rules a type system cannot expre
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -293,9 +295,14 @@ class EvaluateConfig:
     gen: str = "outputs/samples/default"
     ref: str = "outputs/data/sim"
     out: str = "outputs/eval/default"
-    ref_split: str = "val"
-    max_clips: int = 64
+    ref_split: str = "val"  # shard split of a reference shard folder (every split when absent)
+    max_clips: int = 64  # per set, a seeded uniform sample
     acf_lags: int = 10
+    # clip size movies are tiled to; None: generated movies are whole clips and the reference is tiled to them
+    clip_frames: Optional[int] = None
+    clip_height: Optional[int] = None
+    clip_width: Optional[int] = None
+    hdf5_key: str = "data"  # dataset key of HDF5 movies
     seed: int = 0
     verbose: bool = False
 
@@ -310,12 +317,14 @@ class SweepConfig:
     scheduler: str = "asha"  # asha | none
     metric: str = "val_loss"
     mode: str = "min"
-    grace_period: int = 1
+    grace_period: int = 1  # ASHA: reports before a trial may be stopped
+    report_every: int = 1  # trial steps between reports (validation runs at each report)
     max_concurrent_trials: int = 2
     workers_per_trial: int = 1
     cpus_per_worker: float = 0.5
     name: Optional[str] = None
     resume: bool = False
+    seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     latents: LatentsConfig = field(default_factory=LatentsConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -358,6 +367,19 @@ def _first_match(pattern: re.Pattern, text: str) -> Optional[str]:
     return m.group(1) if m else None
 
 
+def user_config_dirs() -> list[str]:
+    """Extra Hydra search paths: ``$CADIFF_CONFIG_PATH`` (os.pathsep-separated) and ``./outputs/experiments``.
+
+    Sweeps write their best config to ``<out_root>/experiments/experiment/<name>.yaml`` so that
+    ``experiment=<name>`` selects it like a packaged experiment.
+    """
+    dirs = [d for d in os.environ.get("CADIFF_CONFIG_PATH", "").split(os.pathsep) if d]
+    default = Path("outputs") / "experiments"
+    if default.is_dir():
+        dirs.append(str(default))
+    return [str(Path(d).resolve()) for d in dirs]
+
+
 def register_schemas() -> None:
     """Store each job schema as ``<job>_schema`` so the packaged YAML files are typed by it."""
     from hydra.core.config_store import ConfigStore
@@ -377,6 +399,9 @@ def compose(job: str, overrides: list[str] | None = None) -> DictConfig:
     if job not in JOB_SCHEMAS:
         raise ConfigError(f"unknown job '{job}', expected one of {sorted(JOB_SCHEMAS)}")
     overrides = list(overrides or [])
+    search = user_config_dirs()
+    if search and not any(o.startswith("hydra.searchpath") for o in overrides):
+        overrides.append("hydra.searchpath=[" + ",".join(f"file://{d}" for d in search) + "]")
     register_schemas()
     GlobalHydra.instance().clear()
     try:
@@ -538,6 +563,10 @@ def validate_train_ae(cfg: Any) -> None:
             d.crop_frames,
             f"1 + k*{cfg.model.temporal_downsample} (causal model with temporal_downsample={cfg.model.temporal_downsample})",
         )
+    for k in ("crop_height", "crop_width"):
+        v = getattr(d, k)
+        s_hw = cfg.model.spatial_downsample
+        _require(v is None or v % s_hw == 0, f"data.{k}", v, f"a multiple of model.spatial_downsample={s_hw}")
 
 
 def validate_dit(m: Any, prefix: str = "model") -> None:
@@ -580,9 +609,23 @@ def validate_sweep(cfg: Any) -> None:
     _choice("scheduler", cfg.scheduler, ("asha", "none"))
     _choice("mode", cfg.mode, ("min", "max"))
     _require(cfg.num_samples >= 1, "num_samples", cfg.num_samples, ">= 1")
+    _require(cfg.workers_per_trial >= 1, "workers_per_trial", cfg.workers_per_trial, ">= 1")
+    _require(cfg.cpus_per_worker > 0, "cpus_per_worker", cfg.cpus_per_worker, "> 0")
+    _require(cfg.report_every >= 1, "report_every", cfg.report_every, ">= 1")
+    _require(cfg.max_concurrent_trials >= 1, "max_concurrent_trials", cfg.max_concurrent_trials, ">= 1")
+
+
+def validate_evaluate(cfg: Any) -> None:
+    _require(cfg.max_clips >= 1, "max_clips", cfg.max_clips, ">= 1")
+    _require(cfg.acf_lags >= 1, "acf_lags", cfg.acf_lags, ">= 1")
+    for k, least in (("clip_frames", 4), ("clip_height", 3), ("clip_width", 3)):
+        v = getattr(cfg, k)
+        _require(v is None or v >= least, k, v, f">= {least} or null")
+    _require(bool(cfg.gen) and bool(cfg.ref) and bool(cfg.out), "gen/ref/out", (cfg.gen, cfg.ref, cfg.out), "three paths")
 
 
 VALIDATORS = {
+    "evaluate": validate_evaluate,
     "prepare_data": validate_prepare_data,
     "train_ae": validate_train_ae,
     "train_latent": validate_train_latent,

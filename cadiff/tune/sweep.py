@@ -1,0 +1,224 @@
+"""Ray Tune driver: every trial is a full Ray Train ``TorchTrainer`` run (Ray Train V2 pattern).
+
+The Tune trainable is a function that composes the trial's config (base experiment + the user's overrides +
+the sampled values), builds the same ``TorchTrainer`` as ``jobs/train_*.py`` with a ``TuneReportCallback``,
+and fits it. Outputs in ``<out_root>/sweep/<name>/``: results.csv, results.md, one PNG per swept parameter,
+best.yaml, and the best config as ``<out_root>/experiments/experiment/<name>_best.yaml`` which
+``jobs/train_*.py experiment=<name>_best`` picks up (see ``cadiff.config.user_config_dirs``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from cadiff.config import compose
+from cadiff.errors import CadiffError
+from cadiff.io import atomic_path, write_text_atomic
+from cadiff.tune.space import SearchSpace, load_space
+
+log = logging.getLogger(__name__)
+
+# CLI override prefixes forwarded from the sweep command line to every trial.
+FORWARDED_PREFIXES = ("trainer.", "data.", "latents.", "seed=")
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def forwarded_overrides(argv: list[str]) -> list[str]:
+    """The user's overrides that configure trials (``trainer.max_steps=3`` ...), in order."""
+    return [a for a in argv if a.startswith(FORWARDED_PREFIXES)]
+
+
+def trial_config(space: SearchSpace, sampled: dict[str, Any], trial_name: str, sweep: dict[str, Any]) -> Any:
+    """Composed + validated config of one trial; every report carries the metric (ASHA needs it)."""
+    overrides = space.trial_overrides(sampled) + [
+        f"run_name={trial_name}",
+        f"out_root={sweep['trials_root']}",
+        f"trainer.num_workers={sweep['workers_per_trial']}",
+        f"trainer.cpus_per_worker={sweep['cpus_per_worker']}",
+    ]
+    cfg = compose(space.job, overrides)
+    every = max(1, int(sweep["report_every"]))
+    cfg.trainer.log_every = every
+    cfg.trainer.val_every = every
+    cfg.trainer.ckpt_every = cfg.trainer.max_steps
+    return cfg
+
+
+def run_trial(config: dict[str, Any], space: SearchSpace, sweep: dict[str, Any]) -> None:
+    """Tune trainable: build and fit one TorchTrainer for the sampled ``config``."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from cadiff.train.launch import build_trainer, plan_run
+
+    sampled = {k: config[k] for k in space.params}
+    trial_name = f"trial_{tune.get_context().get_trial_id()}"
+    cfg = trial_config(space, sampled, trial_name, sweep)
+    plan = plan_run(cfg, space.stage)
+    build_trainer(plan, callbacks=[TuneReportCallback()]).fit()
+
+
+def _searcher(cfg: Any):
+    if cfg.search != "optuna":
+        return None
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(seed=cfg.seed)
+
+
+def _scheduler(cfg: Any, max_reports: int):
+    if cfg.scheduler != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=max(max_reports, cfg.grace_period + 1),
+        grace_period=cfg.grace_period,
+        reduction_factor=2,
+    )
+
+
+def run_sweep(cfg: Any, argv: list[str]) -> tuple[str, str]:
+    """jobs/sweep.py: validate the space, run the Tune experiment, write table, plots and the best config."""
+    from ray import tune
+
+    from cadiff.train.launch import init_ray
+
+    base = forwarded_overrides(argv)
+    space = load_space(cfg.space, cfg.stage, experiment=cfg.experiment, overrides=base)
+    probe = compose(space.job, space.trial_overrides({}))
+    name = cfg.name or f"{space.name}_{cfg.stage}"
+    sweep_dir = (Path(cfg.out_root) / "sweep" / name).resolve()
+    every = max(1, int(cfg.report_every))
+    sweep = {
+        "trials_root": str(sweep_dir / "trials"),
+        "workers_per_trial": cfg.workers_per_trial,
+        "cpus_per_worker": cfg.cpus_per_worker,
+        "report_every": every,
+    }
+    init_ray(cfg.ray)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, space=space, sweep=sweep), {"CPU": 0.01})
+    storage = sweep_dir / "tune"
+    experiment_path = storage / name
+    if cfg.resume and tune.Tuner.can_restore(str(experiment_path)):
+        tuner = tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_errored=True)
+    else:
+        from cadiff.tune.space import to_tune
+
+        tuner = tune.Tuner(
+            trainable,
+            param_space=to_tune(space, cfg.search),
+            tune_config=tune.TuneConfig(
+                metric=cfg.metric,
+                mode=cfg.mode,
+                num_samples=cfg.num_samples,
+                search_alg=_searcher(cfg),
+                scheduler=_scheduler(cfg, math.ceil(probe.trainer.max_steps / every)),
+                max_concurrent_trials=cfg.max_concurrent_trials,
+            ),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0),
+        )
+    results = tuner.fit()
+    return write_results(results, space, cfg, sweep_dir, probe.trainer.max_steps)
+
+
+def write_results(results: Any, space: SearchSpace, cfg: Any, sweep_dir: Path, max_steps: int) -> tuple[str, str]:
+    """results.csv/.md, a plot per parameter, best.yaml and the best experiment file."""
+    rows = []
+    for r in results:
+        metrics = r.metrics or {}
+        row = {"trial": Path(r.path).name if r.path else "?", "status": "error" if r.error else "ok"}
+        row.update({k: (r.config or {}).get(k) for k in space.params})
+        row[cfg.metric] = metrics.get(cfg.metric)
+        row["steps"] = metrics.get("step")
+        row["early_stopped"] = bool(metrics.get("step") is not None and metrics.get("step") < max_steps and not r.error)
+        rows.append(row)
+    scored = [r for r in rows if isinstance(r[cfg.metric], (int, float)) and math.isfinite(r[cfg.metric])]
+    if not scored:
+        errors = "; ".join(" ".join(str(r.error).split())[-300:] for r in results if r.error)
+        raise CadiffError(f"sweep {sweep_dir.name}: no trial reported '{cfg.metric}' ({errors or 'no results'})")
+    best = (min if cfg.mode == "min" else max)(scored, key=lambda r: r[cfg.metric])
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    _write_table(rows, sweep_dir)
+    _plot(scored, space, cfg.metric, sweep_dir)
+    best_params = {k: best[k] for k in space.params}
+    experiment_name = f"{sweep_dir.name}_best"
+    best_file = Path(cfg.out_root).resolve() / "experiments" / "experiment" / f"{experiment_name}.yaml"
+    text = best_experiment_yaml(space, best_params, best[cfg.metric], cfg.metric)
+    write_text_atomic(best_file, text)
+    write_text_atomic(sweep_dir / "best.yaml", text)
+    compose(space.job, [f"experiment={experiment_name}"])  # the written file must compose as an experiment
+    stopped = sum(r["early_stopped"] for r in rows)
+    summary = (
+        f"{len(rows)} trials ({stopped} stopped early) best {cfg.metric}={best[cfg.metric]:.4g} "
+        f"{best_params} experiment={experiment_name}"
+    )
+    return summary, str(sweep_dir)
+
+
+def best_experiment_yaml(space: SearchSpace, params: dict[str, Any], score: float, metric: str) -> str:
+    """The base experiment with the best values set, as a standalone ``# @package _global_`` file."""
+    base = OmegaConf.load(CONF_DIR / "experiment" / f"{space.experiment}.yaml")
+    for override in space.base_overrides:
+        key, _, value = override.partition("=")
+        OmegaConf.update(base, key, yaml_value(value), force_add=True)
+    for key, value in params.items():
+        OmegaConf.update(base, key, value.item() if hasattr(value, "item") else value, force_add=True)
+    header = (
+        "# @package _global_\n"
+        f"# Best trial of sweep space '{space.name}' (stage {space.stage}, base experiment {space.experiment}): "
+        f"{metric}={score:.6g}\n"
+    )
+    return header + OmegaConf.to_yaml(base)
+
+
+def yaml_value(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def _write_table(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
+    import csv
+
+    keys = list(rows[0])
+    with atomic_path(sweep_dir / "results.csv", suffix=".csv") as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r[k]) for k in keys) + " |")
+    write_text_atomic(sweep_dir / "results.md", "\n".join(lines) + "\n")
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _plot(rows: list[dict[str, Any]], space: SearchSpace, metric: str, sweep_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(space.params)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        xs = [str(r[key]) if isinstance(r[key], (str, list, bool)) else r[key] for r in rows]
+        ax.scatter(xs, [r[metric] for r in rows])
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        if space.params[key].dist == "loguniform":
+            ax.set_xscale("log")
+    fig.tight_layout()
+    with atomic_path(sweep_dir / "metric_vs_params.png", suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+

@@ -1,0 +1,15 @@
+"""Ray Tune sweep over a search space; every trial is a TorchTrainer run.
+
+python jobs/sweep.py space=noise_schedule stage=ae num_samples=4 trainer.max_steps=3
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cadiff.cli import main_for  # noqa: E402
+from cadiff.tune.sweep import run_sweep  # noqa: E402
+
+if __name__ == "__main__":
+    main_for("sweep", lambda cfg: run_sweep(cfg, sys.argv[1:]))
