@@ -39,6 +39,8 @@ class SourceConfig:
     # calibration: estimated from the movie when not given
     gain: Optional[float] = None
     offset: Optional[float] = None
+    read_noise: Optional[float] = None  # ADU; with gain/offset given (default 0: offset is the PT intercept)
+    calibration_frames: int = 1024  # frames (in 8-frame windows spread over the movie) used to estimate gain
     # simulator
     preset: str = "default"  # default | two_photon
     num_movies: int = 4
@@ -389,6 +391,25 @@ def register_schemas() -> None:
         store.store(name=f"{job}_schema", node=schema)
 
 
+_EXPERIMENT_JOBS = ("train_ae", "train_latent")  # jobs whose defaults hold `optional experiment`
+
+
+def _check_experiment_exists(overrides: list[str]) -> None:
+    """Hydra silently skips a missing ``optional experiment``; a misspelled ``experiment=`` must fail instead."""
+    dirs = [Path(__file__).resolve().parent / "conf" / "experiment"]
+    for o in overrides:
+        if o.startswith("hydra.searchpath="):
+            items = o.split("=", 1)[1].strip("[]").split(",")
+            dirs += [Path(i.strip().removeprefix("file://")) / "experiment" for i in items if i.strip().startswith("file://")]
+    for o in overrides:
+        key, sep, name = o.partition("=")
+        if key.lstrip("+") != "experiment" or not sep or name in ("", "null"):
+            continue
+        if not any((d / f"{name}.yaml").is_file() for d in dirs):
+            known = sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.yaml")})
+            raise ConfigError(f"experiment '{name}': no experiment/{name}.yaml in {[str(d) for d in dirs]}; expected one of {known}")
+
+
 def compose(job: str, overrides: list[str] | None = None) -> DictConfig:
     """Compose ``cadiff/conf/<job>.yaml`` with Hydra overrides and validate it against the job schema."""
     from hydra import compose as hydra_compose
@@ -402,6 +423,8 @@ def compose(job: str, overrides: list[str] | None = None) -> DictConfig:
     search = user_config_dirs()
     if search and not any(o.startswith("hydra.searchpath") for o in overrides):
         overrides.append("hydra.searchpath=[" + ",".join(f"file://{d}" for d in search) + "]")
+    if job in _EXPERIMENT_JOBS:
+        _check_experiment_exists(overrides)
     register_schemas()
     GlobalHydra.instance().clear()
     try:

@@ -222,16 +222,17 @@ def progress_callback(max_steps: int):
 
 def run_training(cfg: Any, stage: str) -> tuple[str, str]:
     """Plan, run (Ray or in-process for strategy=single) and summarize one training job."""
-    plan = plan_run(cfg, stage)
     if cfg.strategy.name == "single":
         from cadiff.train.loop import train_loop_per_worker
 
+        plan = plan_run(cfg, stage)
         train_loop_per_worker(dict(plan.payload, use_ray=False))
     else:
         import ray.train
 
         init_ray(cfg.ray)
         check_cluster_fits(cfg)
+        plan = plan_run(cfg, stage)
         trainer = build_trainer(plan, callbacks=[progress_callback(cfg.trainer.max_steps)])
         try:
             trainer.fit()

@@ -208,7 +208,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = build_stage_model(config["cfg"], stage)
     model_config = dict(model.model_config)
     wrapped = TrainingModule(model)
-    strategy = build_strategy(cfg.strategy, tcfg)
+    data_cfg = data_cfg_for(cfg, stage)
+    strategy = build_strategy(cfg.strategy, tcfg, micro_batch_size=data_cfg.batch_size)
     strategy.setup(wrapped, device)
     ema = EMA(strategy.ema_tensors(), decay=cfg.ema.decay, warmup_power=cfg.ema.warmup_power)
     reporter = Reporter(use_ray, run_dir, tcfg.num_to_keep)
@@ -223,7 +224,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 log.info("resumed from %s at step %d", ckpt_dir, step)
 
-    data_cfg = data_cfg_for(cfg, stage)
     batches = batch_iterator(cfg, stage, use_ray, rank, world, start_batch=step * tcfg.grad_accum)
     val_x = _val_batch(data_cfg, stage, device)
     sample_shape = tuple(config["data_info"]["sample_shape"])

@@ -153,11 +153,13 @@ def write_results(results: Any, space: SearchSpace, cfg: Any, sweep_dir: Path, m
     text = best_experiment_yaml(space, best_params, best[cfg.metric], cfg.metric)
     write_text_atomic(best_file, text)
     write_text_atomic(sweep_dir / "best.yaml", text)
-    compose(space.job, [f"experiment={experiment_name}"])  # the written file must compose as an experiment
+    experiments_dir = best_file.parent.parent
+    # the written file must compose as an experiment from its folder (found by default under ./outputs)
+    compose(space.job, [f"experiment={experiment_name}", f"hydra.searchpath=[file://{experiments_dir}]"])
     stopped = sum(r["early_stopped"] for r in rows)
     summary = (
         f"{len(rows)} trials ({stopped} stopped early) best {cfg.metric}={best[cfg.metric]:.4g} "
-        f"{best_params} experiment={experiment_name}"
+        f"{best_params} experiment={experiment_name} (CADIFF_CONFIG_PATH={experiments_dir} outside ./outputs)"
     )
     return summary, str(sweep_dir)
 
