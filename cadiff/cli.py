@@ -41,7 +41,10 @@ def run_job(job: str, main: Callable[[Any], JobResult], argv: list[str] | None =
     setup_logging(verbose)
     try:
         cfg = compose(job, args)
-        summary, path = main(cfg)
+        try:
+            summary, path = main(cfg)
+        finally:
+            _shutdown_ray()
     except CadiffError as exc:
         if verbose:
             traceback.print_exc()
@@ -57,6 +60,13 @@ def run_job(job: str, main: Callable[[Any], JobResult], argv: list[str] | None =
         return 1
     print(f"cadiff {job}: ok {summary} -> {path}", flush=True)
     return 0
+
+
+def _shutdown_ray() -> None:
+    """Stop a Ray session the job started, so worker log lines cannot follow the final summary line."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def _one_line(exc: BaseException) -> str:

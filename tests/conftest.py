@@ -10,7 +10,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
-pytest_plugins = ["tests.fixtures_data"]
+pytest_plugins = ["tests.fixtures_data", "tests.fixtures_pipeline"]
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +19,6 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()

@@ -42,11 +42,16 @@ def init_ray(ray_cfg: Any) -> None:
 
     if ray.is_initialized():
         return
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the driver logs its own progress line
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
         return
+    # address="local": always a fresh local cluster, never a stale one recorded in /tmp/ray/ray_current_cluster
     ray.init(
+        address="local",
         num_cpus=ray_cfg.num_cpus,
         include_dashboard=ray_cfg.include_dashboard,
         dashboard_host=ray_cfg.dashboard_host,

@@ -1,0 +1,313 @@
+"""Evaluate generated movies against a reference set: load, compute metrics, write figures + report.md + metrics.json.
+
+Every output is written atomically (temp file, then rename) and ``metrics.json`` last, so its presence means
+the evaluation finished. Figures use matplotlib's object API (``Figure``) and never touch pyplot state, so
+they render headless on any backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from cadiff.errors import DataError
+from cadiff.eval.inputs import common_shape, crop_sets, load_set, modal_shape, resolve_calibration
+from cadiff.eval.metrics import MIN_FRAMES, MIN_SIDE, SetSummary, compare_sets, summarize_set
+from cadiff.io import atomic_path, write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+FIGURES = {
+    "mean_image": "mean_image.png",
+    "corr_image": "corr_image.png",
+    "spectra": "spectra.png",
+    "histogram": "histogram.png",
+    "gain_fit": "gain_fit.png",
+}
+COLORS = {"gen": "tab:red", "ref": "tab:blue"}
+# Clips whose photon-transfer points are drawn in the gain-fit figure (more only overplots).
+GAIN_FIT_CLIPS = 8
+# Target band for the gain ratio; the project goal for a noise-faithful generator (issue 7, quality benchmark).
+GAIN_RATIO_BAND = (0.9, 1.1)
+
+
+def evaluate_folders(
+    gen: str | Path,
+    ref: str | Path,
+    out: str | Path,
+    ref_split: str = "val",
+    max_clips: int = 64,
+    acf_lags: int = 10,
+    seed: int = 0,
+    clip_shape: tuple[int, int, int] | None = None,
+    hdf5_key: str = "data",
+) -> dict[str, Any]:
+    """Compare the generated set ``gen`` with the reference ``ref``; write every output into ``out``."""
+    gen_set = load_set(gen, None, max_clips, seed, clip_shape, hdf5_key, estimate_missing=False)
+    ref_set = load_set(ref, ref_split, max_clips, seed, clip_shape or modal_shape(gen_set), hdf5_key)
+    # generated movies are meant to be in the reference's units: borrow its calibration when it has exactly one
+    gen_set = resolve_calibration(gen_set, ref_set.common_calibration())
+    shape = common_shape(gen_set, ref_set)
+    if shape[0] < MIN_FRAMES or min(shape[1:]) < MIN_SIDE:
+        raise DataError(
+            f"{gen} vs {ref}: common clip shape {shape}, expected at least [{MIN_FRAMES}, {MIN_SIDE}, {MIN_SIDE}] "
+            "frames/pixels shared by every clip"
+        )
+    gen_set, ref_set = crop_sets(shape, gen_set, ref_set)
+    rate_hz = ref_set.rate_hz(True) or gen_set.rate_hz(True) or ref_set.rate_hz() or gen_set.rate_hz()
+    gen_summary = summarize_set(gen_set.photons(), acf_lags, seed, name=str(gen))
+    ref_summary = summarize_set(ref_set.photons(), acf_lags, seed + 1, name=str(ref))
+    metrics = compare_sets(gen_summary, ref_summary, rate_hz=rate_hz, seed=seed)
+    metrics.update(
+        gen=gen_set.describe(),
+        ref=ref_set.describe(),
+        rate_hz=rate_hz,
+        settings={"ref_split": ref_split, "max_clips": max_clips, "acf_lags": acf_lags, "seed": seed},
+        figures=dict(FIGURES),
+    )
+    out = Path(out)
+    write_figures(out, gen_summary, ref_summary, metrics)
+    write_text_atomic(out / "report.md", render_report(metrics))
+    write_json_atomic(out / "metrics.json", metrics)
+    log.info("evaluation written to %s", out)
+    return metrics
+
+
+def evaluate_config(cfg: Any) -> dict[str, Any]:
+    """:func:`evaluate_folders` driven by an ``EvaluateConfig`` (the ``jobs/evaluate.py`` entry point)."""
+    dims = (cfg.clip_frames, cfg.clip_height, cfg.clip_width)
+    clip_shape = None
+    if any(d is not None for d in dims):
+        # an unset axis is never cut: tiling takes a movie axis whole when it is shorter than the clip
+        clip_shape = tuple(int(d) if d is not None else sys.maxsize for d in dims)
+    return evaluate_folders(
+        cfg.gen,
+        cfg.ref,
+        cfg.out,
+        ref_split=cfg.ref_split,
+        max_clips=cfg.max_clips,
+        acf_lags=cfg.acf_lags,
+        seed=cfg.seed,
+        clip_shape=clip_shape,
+        hdf5_key=cfg.hdf5_key,
+    )
+
+
+def summary_line(metrics: dict[str, Any]) -> str:
+    """The job's key results, e.g. ``gain_ratio=0.98 mmd=0.0100 mmd_baseline=0.0020 clips=4/16``."""
+    mmd = metrics["mmd"]
+    return (
+        f"gain_ratio={_fmt(metrics['noise']['gain_ratio'], 3)} mmd={_fmt(mmd['mmd2'], 4)} "
+        f"mmd_baseline={_fmt(mmd['baseline_mmd2'], 4)} clips={mmd['num_gen']}/{mmd['num_ref']}"
+    )
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if 1e-3 <= abs(value) < 1e4 or value == 0 else f"{value:.{digits}g}"
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# figures
+
+
+def _save(fig: Figure, path: Path) -> None:
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+
+
+def _image_pair(gen: np.ndarray, ref: np.ndarray, title: str, unit: str) -> Figure:
+    fig = Figure(figsize=(9, 4))
+    both = np.concatenate([gen.ravel(), ref.ravel()])
+    vmin, vmax = np.percentile(both, [0.5, 99.5])
+    axes = fig.subplots(1, 2)
+    for ax, image, label in zip(axes, (gen, ref), ("generated", "reference")):
+        im = ax.imshow(image, cmap="gray", vmin=vmin, vmax=vmax if vmax > vmin else vmin + 1e-6)
+        ax.set_title(f"{label}: {title}")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(im, ax=list(axes), shrink=0.8, label=unit)
+    return fig
+
+
+def _spectra(gen: SetSummary, ref: SetSummary, metrics: dict[str, Any]) -> Figure:
+    fig = Figure(figsize=(14, 4))
+    ax_t, ax_s, ax_a = fig.subplots(1, 3)
+    temporal = metrics["temporal"]
+    hz = temporal["freqs_hz"] is not None
+    freqs = np.asarray(temporal["freqs_hz"] if hz else temporal["freqs_cycles_per_frame"])
+    s_freqs = np.asarray(metrics["spatial"]["freqs_cycles_per_pixel"])
+    for key, summary in (("gen", gen), ("ref", ref)):
+        label = "generated" if key == "gen" else "reference"
+        ax_t.semilogy(freqs, summary.mean_curve("temporal_psd"), color=COLORS[key], label=label)
+        ax_s.semilogy(s_freqs, summary.mean_curve("spatial_psd"), color=COLORS[key], label=label)
+        ax_a.plot(temporal["acf_lags"], summary.mean_curve("acf"), "o-", color=COLORS[key], label=label)
+    ax_t.set(xlabel="frequency (Hz)" if hz else "frequency (cycles/frame)", ylabel="power (photons$^2$)",
+             title=f"temporal PSD ({_fmt(temporal['psd_distance_db'], 2)} dB rms)")
+    ax_s.set(xlabel="spatial frequency (cycles/pixel)", ylabel="power (photons$^2$)",
+             title=f"spatial PSD ({_fmt(metrics['spatial']['psd_distance_db'], 2)} dB rms)")
+    ax_a.set(xlabel="lag (frames)", ylabel="autocorrelation", title=f"temporal ACF (MAE {_fmt(temporal['acf_mae'])})")
+    for ax in (ax_t, ax_s, ax_a):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def _histogram(gen: SetSummary, ref: SetSummary, metrics: dict[str, Any]) -> Figure:
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    lo, hi = np.percentile(np.concatenate([gen.pixels, ref.pixels]), [0.01, 99.99])
+    bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 80)
+    ax.hist(ref.pixels, bins=bins, density=True, histtype="step", color=COLORS["ref"], label="reference")
+    ax.hist(gen.pixels, bins=bins, density=True, histtype="step", color=COLORS["gen"], label="generated")
+    ax.set_yscale("log")
+    ax.set(xlabel="intensity (photons)", ylabel="density", title=f"pixel intensities (W1 {_fmt(metrics['intensity']['w1'])} photons)")
+    ax.legend()
+    return fig
+
+
+def _gain_fit(gen: SetSummary, ref: SetSummary, metrics: dict[str, Any]) -> Figure:
+    fig = Figure(figsize=(6, 4.5))
+    ax = fig.subplots()
+    noise = metrics["noise"]
+    for key, summary in (("ref", ref), ("gen", gen)):
+        label = "generated" if key == "gen" else "reference"
+        means = np.concatenate([s.pt_means for s in summary.stats[:GAIN_FIT_CLIPS]])
+        variances = np.concatenate([s.pt_variances for s in summary.stats[:GAIN_FIT_CLIPS]])
+        ax.scatter(means, variances, s=8, alpha=0.5, color=COLORS[key])
+        gain, offset = noise[f"gain_{key}"], noise[f"offset_{key}"]
+        if gain is not None and offset is not None and means.size:
+            x = np.linspace(min(means.min(), offset), means.max(), 50)
+            ax.plot(x, gain * (x - offset), color=COLORS[key], label=f"{label}: gain {_fmt(gain)}, offset {_fmt(offset, 2)}")
+        else:
+            ax.scatter([], [], color=COLORS[key], label=f"{label}: no fit")
+    ax.set(xlabel="mean (photons)", ylabel="variance (photons$^2$)",
+           title=f"photon transfer (gain ratio {_fmt(noise['gain_ratio'])})")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def write_figures(out: Path, gen: SetSummary, ref: SetSummary, metrics: dict[str, Any]) -> None:
+    """Side-by-side PNGs: mean image, correlation image, spectra + ACF, histograms, photon-transfer fit."""
+    out.mkdir(parents=True, exist_ok=True)
+    g0, r0 = gen.stats[0], ref.stats[0]
+    figures = {
+        "mean_image": _image_pair(g0.mean_image, r0.mean_image, "mean image (clip 0)", "photons"),
+        "corr_image": _image_pair(g0.corr_image, r0.corr_image, "correlation image (clip 0)", "mean neighbour r"),
+        "spectra": _spectra(gen, ref, metrics),
+        "histogram": _histogram(gen, ref, metrics),
+        "gain_fit": _gain_fit(gen, ref, metrics),
+    }
+    for key, fig in figures.items():
+        _save(fig, out / FIGURES[key])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# report
+
+
+def _row(name: str, gen: Any, ref: Any, diff: Any = None, digits: int = 3) -> str:
+    return f"| {name} | {_fmt(gen, digits)} | {_fmt(ref, digits)} | {_fmt(diff, digits) if diff is not None else ''} |"
+
+
+def _set_row(name: str, value: Any, digits: int = 3) -> str:
+    """A row for a metric of the pair of sets (no per-set value)."""
+    return f"| {name} | | | {_fmt(value, digits)} |"
+
+
+def _diff(a: Any, b: Any) -> float | None:
+    return a - b if a is not None and b is not None else None
+
+
+def render_report(metrics: dict[str, Any]) -> str:
+    """Markdown report: inputs, headline verdicts, the metrics table and the figures."""
+    noise, inten, temp, spat, mmd = (metrics[k] for k in ("noise", "intensity", "temporal", "spatial", "mmd"))
+    ratio = noise["gain_ratio"]
+    lo, hi = GAIN_RATIO_BAND
+    gain_verdict = (
+        "n/a (no photon-transfer fit)" if ratio is None
+        else f"{'within' if lo <= ratio <= hi else 'OUTSIDE'} the {lo}-{hi} band"
+    )
+    if mmd["mmd2"] is None or mmd["baseline_mmd2"] is None:
+        mmd_verdict = "n/a (needs >= 2 generated and >= 4 reference clips)"
+    else:
+        noise_level = mmd["baseline_mmd2"] + 2 * (mmd["baseline_mmd2_std"] or 0.0)
+        mmd_verdict = (
+            "indistinguishable from a reference split" if mmd["mmd2"] <= noise_level
+            else "above the reference split-half level (mean + 2 std)"
+        )
+    lines = [
+        "# cadiff evaluation",
+        "",
+        f"- generated: `{metrics['gen']['path']}` ({metrics['gen']['kind']}, {metrics['gen']['num_clips']} clips)",
+        f"- reference: `{metrics['ref']['path']}` ({metrics['ref']['kind']}, {metrics['ref']['num_clips']} clips, "
+        f"split `{metrics['settings']['ref_split']}`)",
+        f"- clip shape [T, H, W]: {metrics['clip_shape']}; frame rate: {_fmt(metrics['rate_hz'], 2)} Hz",
+        f"- calibrations (generated): {_calibrations(metrics['gen'])}",
+        f"- calibrations (reference): {_calibrations(metrics['ref'])}",
+        "",
+        "## Headline",
+        "",
+        f"- **photon-transfer gain ratio** (generated / reference): **{_fmt(ratio)}** - {gain_verdict}. "
+        "A generator that smooths shot noise (e.g. a regression autoencoder) falls well below 1.",
+        f"- **MMD^2** of per-clip features: **{_fmt(mmd['mmd2'], 4)}** vs reference split-half "
+        f"{_fmt(mmd['baseline_mmd2'], 4)} +- {_fmt(mmd['baseline_mmd2_std'], 4)} - {mmd_verdict}.",
+        "",
+        "## Metrics (photon units; per-clip medians)",
+        "",
+        "| metric | generated | reference | difference |",
+        "|---|---|---|---|",
+        _row("photon-transfer gain", noise["gain_gen"], noise["gain_ref"], _diff(noise["gain_gen"], noise["gain_ref"])),
+        _row("photon-transfer offset (photons)", noise["offset_gen"], noise["offset_ref"], noise["offset_diff"]),
+        _row("photon-transfer fit R^2", noise["r2_gen"], noise["r2_ref"]),
+        _row("mean intensity (photons)", inten["mean_gen"], inten["mean_ref"], _diff(inten["mean_gen"], inten["mean_ref"])),
+        _set_row("intensity W1 (photons)", inten["w1"]),
+        _set_row("intensity W1 / reference std", inten["w1_rel"]),
+        _row("pixel skewness", inten["skewness_gen"], inten["skewness_ref"], _diff(inten["skewness_gen"], inten["skewness_ref"])),
+        _row("pixel excess kurtosis", inten["kurtosis_gen"], inten["kurtosis_ref"], _diff(inten["kurtosis_gen"], inten["kurtosis_ref"])),
+        _set_row("temporal log-PSD distance (dB rms)", temp["psd_distance_db"]),
+        _row("autocorrelation lag 1", temp["acf_gen"][0], temp["acf_ref"][0], _diff(temp["acf_gen"][0], temp["acf_ref"][0])),
+        _set_row(f"autocorrelation MAE (lags 1-{len(temp['acf_lags'])})", temp["acf_mae"]),
+        _row("correlation image median", spat["corr_median_gen"], spat["corr_median_ref"],
+             _diff(spat["corr_median_gen"], spat["corr_median_ref"])),
+        _row("correlation image p99", spat["corr_p99_gen"], spat["corr_p99_ref"], _diff(spat["corr_p99_gen"], spat["corr_p99_ref"])),
+        _set_row("spatial log-PSD distance (dB rms)", spat["psd_distance_db"]),
+        _set_row("MMD^2 (RBF, median bandwidth)", mmd["mmd2"], 4),
+        _set_row("MMD^2 reference split-half", mmd["baseline_mmd2"], 4),
+        "",
+        f"MMD features ({len(mmd['feature_names'])}, z-scored over both sets): {', '.join(mmd['feature_names'])}; "
+        f"kernel bandwidth {_fmt(mmd['bandwidth'])}.",
+        "",
+        "## Figures",
+        "",
+    ]
+    captions = {
+        "mean_image": "Mean image of the first clip of each set",
+        "corr_image": "Local correlation image (mean correlation with the 8 neighbours) of the first clip",
+        "spectra": "Temporal PSD, spatial PSD and temporal autocorrelation (set means)",
+        "histogram": "Pixel intensity histograms",
+        "gain_fit": "Photon transfer: per-pixel variance vs mean with the fitted lines",
+    }
+    for key, fname in metrics["figures"].items():
+        lines += [f"### {captions[key]}", "", f"![{key}]({fname})", ""]
+    return "\n".join(lines)
+
+
+def _calibrations(described: dict[str, Any]) -> str:
+    parts = []
+    for c in described["calibrations"]:
+        if c is None:
+            parts.append("unknown")
+        else:
+            parts.append(f"gain {_fmt(c['gain'])} ADU/photon, offset {_fmt(c['offset'], 1)} ADU ({c['origin']})")
+    return "; ".join(parts)
