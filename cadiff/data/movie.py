@@ -1,0 +1,214 @@
+"""Movie container (lazy array + metadata) and the photon-unit normalization shared by every stage.
+
+A ``Movie`` wraps a ``[T, H, W]`` array that may live on disk (``np.memmap``, ``h5py.Dataset`` or a lazy
+stack of per-frame files); code reads it in frame chunks with :func:`read_frames`, so a 2000x512x512 movie
+never becomes a float copy in memory.
+
+Normalization (DESIGN.md, "Normalization is per-source"): ADU -> photons ``p = (x - offset) / gain``, then
+``f(p)`` with ``f`` the identity (``kind="photon"``) or the generalized Anscombe transform (``kind="anscombe"``,
+read noise in photon units), then ``(f(p) - center) / scale``. :func:`denormalize` is its exact algebraic
+inverse up to rounding to integer ADU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cadiff.errors import DataError
+
+UINT16_MAX = 65535
+MOVIE_DTYPES = (np.dtype(np.uint16), np.dtype(np.int16), np.dtype(np.float32), np.dtype(np.float64),
+                np.dtype(np.uint8), np.dtype(np.int32), np.dtype(np.uint32))
+
+
+class LazyFrames:
+    """Array-like ``[T, H, W]`` stack whose frames are read on demand by ``read_frame(i) -> [H, W]``."""
+
+    def __init__(self, read_frame: Callable[[int], np.ndarray], num_frames: int, frame_shape: tuple[int, int],
+                 dtype: np.dtype, describe: str = "frames") -> None:
+        self._read_frame = read_frame
+        self.shape = (int(num_frames), int(frame_shape[0]), int(frame_shape[1]))
+        self.dtype = np.dtype(dtype)
+        self.ndim = 3
+        self.describe = describe
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _frame(self, i: int) -> np.ndarray:
+        frame = np.asarray(self._read_frame(i))
+        if frame.shape != self.shape[1:]:
+            raise DataError(f"{self.describe}: frame {i} has shape {frame.shape}, expected {self.shape[1:]} "
+                            "like the first frame")
+        return frame.astype(self.dtype, copy=False)
+
+    def __getitem__(self, item: Any) -> np.ndarray:
+        rest: tuple = ()
+        if isinstance(item, tuple):
+            item, rest = item[0], item[1:]
+        if isinstance(item, (int, np.integer)):
+            i = int(item) + (self.shape[0] if item < 0 else 0)
+            if not 0 <= i < self.shape[0]:
+                raise IndexError(f"frame {item} out of range for {self.shape[0]} frames")
+            out = self._frame(i)
+            return out[rest] if rest else out
+        indices = range(*item.indices(self.shape[0])) if isinstance(item, slice) else [int(i) for i in item]
+        out = np.empty((len(indices), *self.shape[1:]), dtype=self.dtype)
+        for k, i in enumerate(indices):
+            out[k] = self._frame(i)
+        return out[(slice(None), *rest)] if rest else out
+
+
+@dataclass
+class Movie:
+    """A calcium-imaging movie ``[T, H, W]`` (possibly lazy) with frame rate, calibration and ROIs."""
+
+    data: Any
+    rate_hz: float
+    source: str
+    gain: float | None = None  # ADU per photon
+    offset: float | None = None  # ADU at zero photons
+    read_noise: float | None = None  # ADU (std of the Gaussian detector noise)
+    rois: np.ndarray | None = None  # [N, H, W] bool
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        shape = tuple(getattr(self.data, "shape", ()))
+        if len(shape) != 3:
+            what = "a 2D image" if len(shape) == 2 else f"a {len(shape)}D array"
+            raise DataError(f"{self.source}: expected a movie [T, H, W], got {what} of shape {shape}")
+        if min(shape) < 1:
+            raise DataError(f"{self.source}: empty movie of shape {shape}")
+        if np.dtype(self.data.dtype).newbyteorder("=") not in MOVIE_DTYPES:
+            raise DataError(f"{self.source}: unsupported movie dtype {self.data.dtype}, expected uint16, int16 "
+                            "or float32")
+        if not self.rate_hz or self.rate_hz <= 0:
+            raise DataError(f"{self.source}: frame rate {self.rate_hz!r} Hz, expected > 0 (set source.rate_hz)")
+        if self.rois is not None and tuple(self.rois.shape[1:]) != shape[1:]:
+            raise DataError(f"{self.source}: ROI masks {self.rois.shape} do not match frames {shape[1:]}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.data.shape)  # type: ignore[return-value]
+
+    @property
+    def num_frames(self) -> int:
+        return self.shape[0]
+
+    @property
+    def dtype(self) -> np.dtype:
+        """Native-byte-order dtype of the frames as :func:`read_frames` returns them."""
+        return np.dtype(self.data.dtype).newbyteorder("=")
+
+    def calib(self) -> dict:
+        return {"gain": self.gain, "offset": self.offset, "read_noise": self.read_noise}
+
+    def frames(self, t0: int, t1: int) -> np.ndarray:
+        """Frames ``[t0, t1)`` as an in-memory native-endian array."""
+        return read_frames(self.data, t0, t1)
+
+
+def read_frames(data: Any, t0: int, t1: int) -> np.ndarray:
+    """Read frames ``[t0, t1)`` of a (lazy) ``[T, H, W]`` array into memory, native byte order.
+
+    A C-contiguous ``np.memmap`` is read with plain file reads instead of through the mapping, so touched pages
+    are not kept resident: streaming a 1 GB memmapped movie stays at the size of one chunk in RSS.
+    """
+    t0, t1 = max(0, int(t0)), min(int(data.shape[0]), int(t1))
+    if isinstance(data, np.memmap) and data.flags.c_contiguous and isinstance(data.filename, str):
+        frame_bytes = int(np.prod(data.shape[1:])) * data.dtype.itemsize
+        out = np.empty((t1 - t0, *data.shape[1:]), dtype=data.dtype)
+        buf = memoryview(out.reshape(-1).view(np.uint8))
+        with open(data.filename, "rb", buffering=0) as fh:
+            fh.seek(int(data.offset) + t0 * frame_bytes)
+            got = 0
+            while got < len(buf):
+                n = fh.readinto(buf[got:])
+                if not n:
+                    raise DataError(f"{data.filename}: file ends before frame {t1}, truncated movie")
+                got += n
+    else:
+        try:
+            out = np.asarray(data[t0:t1])
+        except DataError:
+            raise
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise DataError(f"cannot read frames {t0}:{t1} of {describe_source(data)}: {exc}") from exc
+    if out.dtype.byteorder not in ("=", "|"):
+        out = out.astype(out.dtype.newbyteorder("="))
+    return out
+
+
+def describe_source(data: Any) -> str:
+    for attr in ("filename", "describe", "name"):
+        value = getattr(data, attr, None)
+        if isinstance(value, str):
+            fname = getattr(getattr(data, "file", None), "filename", None)
+            return f"{fname}:{value}" if attr == "name" and fname else value
+    return type(data).__name__
+
+
+def iter_chunks(num_frames: int, chunk: int) -> Sequence[tuple[int, int]]:
+    return [(t, min(num_frames, t + chunk)) for t in range(0, num_frames, chunk)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# photon units and normalization
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def to_photons(x: Any, gain: float, offset: float) -> Any:
+    """ADU -> photons: ``(x - offset) / gain`` (float32 for integer numpy input; torch stays torch)."""
+    if _is_torch(x):
+        return (x.float() - offset) / gain
+    return (np.asarray(x, dtype=np.float32) - np.float32(offset)) / np.float32(gain)
+
+
+def _read_noise_photons(calib: dict) -> float:
+    rn, gain = calib.get("read_noise"), calib["gain"]
+    return float(rn) / float(gain) if rn else 0.0
+
+
+def normalize(x_adu: Any, calib: dict, norm: dict) -> Any:
+    """ADU -> normalized float32: ``(f((x - offset)/gain) - center) / scale`` (see module docstring)."""
+    from cadiff.data.noise import anscombe
+
+    _check_norm(calib, norm)
+    p = to_photons(x_adu, float(calib["gain"]), float(calib["offset"]))
+    if norm["kind"] == "anscombe":
+        p = anscombe(p, _read_noise_photons(calib))
+    out = (p - float(norm["center"])) / float(norm["scale"])
+    return out.float() if _is_torch(out) else np.asarray(out, dtype=np.float32)
+
+
+def denormalize(x: Any, calib: dict, norm: dict) -> np.ndarray:
+    """Normalized values -> uint16 ADU: exact inverse of :func:`normalize` up to rounding, clipped to uint16."""
+    from cadiff.data.noise import inverse_anscombe
+
+    _check_norm(calib, norm)
+    if _is_torch(x):
+        x = x.detach().float().cpu().numpy()
+    f = np.asarray(x, dtype=np.float64) * float(norm["scale"]) + float(norm["center"])
+    if norm["kind"] == "anscombe":
+        f = inverse_anscombe(f, _read_noise_photons(calib))
+    adu = f * float(calib["gain"]) + float(calib["offset"])
+    return np.clip(np.rint(adu), 0, UINT16_MAX).astype(np.uint16)
+
+
+def _check_norm(calib: dict, norm: dict) -> None:
+    for key in ("gain", "offset"):
+        if calib.get(key) is None:
+            raise DataError(f"calibration has no '{key}': expected {{'gain', 'offset', 'read_noise'}}, got {calib}")
+    if not float(calib["gain"]) > 0:
+        raise DataError(f"calibration gain {calib['gain']!r}: expected > 0 ADU per photon")
+    if norm.get("kind") not in ("photon", "anscombe"):
+        raise DataError(f"normalization kind {norm.get('kind')!r}: expected 'photon' or 'anscombe'")
+    if norm.get("center") is None or not norm.get("scale"):
+        raise DataError(f"normalization {norm}: expected numeric 'center' and a non-zero 'scale'")

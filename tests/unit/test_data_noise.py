@@ -1,0 +1,67 @@
+"""Photon-transfer calibration and the generalized Anscombe transform."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cadiff.data.noise import anscombe, estimate_photon_transfer, inverse_anscombe
+from cadiff.data.simulate import simulate_movie
+
+
+def _naive_gain(movie: np.ndarray) -> float:
+    x = movie.astype(np.float64)
+    diff = np.diff(x, axis=0)
+    return float(np.polyfit(((x[1:] + x[:-1]) / 2).ravel(), (diff**2 / 2).ravel(), 1)[0])
+
+
+@pytest.mark.parametrize("gain", [1.0, 2.0, 4.5, 8.0])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_recovers_gain_and_intercept_on_default_sim(gain, seed):
+    movie, truth = simulate_movie(frames=200, height=64, width=64, seed=seed, gain=gain)
+    pt = estimate_photon_transfer(movie.data)
+    assert pt.method == "binned"
+    assert pt.gain == pytest.approx(gain, rel=0.05)
+    assert pt.offset == pytest.approx(truth.intercept, abs=3.0)
+    assert pt.r2 > 0.95 and len(pt.means) == len(pt.variances) > 10
+
+
+def test_robust_where_plain_differences_fail():
+    movie, truth = simulate_movie(frames=200, height=64, width=64, seed=5, dff_per_spike=3.0, neuron_photons=60.0)
+    assert _naive_gain(movie.data) > 2.0 * truth.gain  # calcium transients inflate frame differences
+    assert estimate_photon_transfer(movie.data).gain == pytest.approx(truth.gain, rel=0.05)
+
+
+def test_photon_starved_two_photon_sim_uses_dark_level():
+    movie, truth = simulate_movie(preset="two_photon", frames=200, height=64, width=64, seed=0)
+    pt = estimate_photon_transfer(movie.data)
+    assert pt.method == "dark"
+    assert pt.gain == pytest.approx(truth.gain, rel=0.1)
+    assert pt.offset == pytest.approx(truth.intercept, abs=5.0)
+    assert pt.read_noise == pytest.approx(truth.read_noise, rel=0.15)
+
+
+def test_real_allen_sample_gain_in_expected_range(real_data_dir):
+    from cadiff.data.sources.allen import read_allen
+
+    movie = read_allen(real_data_dir / "792757260_test_data.h5", key="input_frames")
+    pt = estimate_photon_transfer(movie.data)
+    # README: "a very rough fit ... about 600 units per unit of mean above a level of about 200"
+    assert 350 < pt.gain < 700 and 170 < pt.offset < 200
+
+
+def test_anscombe_inverse_and_variance_stabilization():
+    y = np.linspace(0.0, 500.0, 101)
+    for sigma in (0.0, 1.7):
+        np.testing.assert_allclose(inverse_anscombe(anscombe(y, sigma), sigma), y, rtol=1e-10, atol=1e-9)
+    rng = np.random.default_rng(0)
+    for lam in (5.0, 30.0, 200.0):
+        sample = rng.poisson(lam, 200_000) + rng.normal(0, 1.5, 200_000)
+        assert np.var(anscombe(sample, 1.5)) == pytest.approx(1.0, abs=0.06)
+
+
+def test_too_short_movie_is_a_data_error():
+    from cadiff.errors import DataError
+
+    with pytest.raises(DataError, match="frames"):
+        estimate_photon_transfer(np.zeros((3, 16, 16), np.uint16))
