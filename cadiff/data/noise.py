@@ -124,6 +124,9 @@ def photon_transfer_samples(movie_adu: Any, window: int = 8, box: int = 3, max_f
 
 def _binned(m: np.ndarray, v: np.ndarray, num_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     edges = np.unique(np.quantile(m, np.linspace(0, 1, num_bins + 1)))
+    if edges.size < 2:  # constant intensity: no spread of means to fit a line through
+        empty = np.empty(0)
+        return empty, empty, empty, empty
     which = np.clip(np.searchsorted(edges, m, side="right") - 1, 0, len(edges) - 2)
     count = np.bincount(which, minlength=len(edges) - 1).astype(np.float64)
     ok = count >= 2

@@ -65,3 +65,10 @@ def test_too_short_movie_is_a_data_error():
 
     with pytest.raises(DataError, match="frames"):
         estimate_photon_transfer(np.zeros((3, 16, 16), np.uint16))
+
+
+def test_constant_movie_raises_data_error_not_value_error():
+    from cadiff.errors import DataError
+
+    with pytest.raises(DataError, match="not positive"):
+        estimate_photon_transfer(np.full((40, 32, 32), 100, np.uint16))
