@@ -1,0 +1,192 @@
+"""Samplers as plain loops over a time grid from t = 1 (noise) to t = 0 (data), each returning its NFE.
+
+Flow ODE ``dx/dt = v(x, t)``: Euler (1st order), Heun and explicit midpoint (2nd order; Karras et al. 2022,
+EDM, arXiv:2206.00364, Alg. 1). Variance-preserving diffusion ``x_t = alpha_t x0 + sigma_t eps``: DDIM
+(Song et al. 2021, arXiv:2010.02502, eq. 12) with ``eta = 0`` (deterministic) and ancestral sampling, which is
+DDIM with ``eta = 1`` (the DDPM posterior ``q(x_s | x_t, x0_hat)``, Ho et al. 2020). Also the shared
+:class:`Objective` interface that flow matching and DDPM implement.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from cadiff.errors import ConfigError
+
+VelocityFn = Callable[[Tensor, Tensor], Tensor]
+PredictFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (x, t) -> (x0_hat, eps_hat)
+
+
+def broadcast_time(t: Tensor, x: Tensor) -> Tensor:
+    """``t [B]`` as ``[B, 1, ..., 1]`` matching ``x``'s rank."""
+    return t.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def shift_time(t: Tensor, shift: float) -> Tensor:
+    """Resolution shift (Esser et al. 2024, SD3, eq. 23): ``s t / (1 + (s - 1) t)``; ``s > 1`` favours noise."""
+    if shift == 1.0:
+        return t
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def time_grid(num_steps: int, shift: float = 1.0) -> list[float]:
+    """``num_steps + 1`` decreasing times from 1 to 0, uniform before the shift."""
+    if num_steps < 1:
+        raise ConfigError(f"sampler num_steps = {num_steps}: expected >= 1")
+    base = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    return [float(v) for v in shift_time(base, shift)]
+
+
+def _t(x: Tensor, value: float) -> Tensor:
+    return torch.full((x.shape[0],), value, device=x.device, dtype=x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# flow ODE solvers
+
+
+def euler(velocity_fn: VelocityFn, x: Tensor, ts: list[float]) -> tuple[Tensor, int]:
+    """Explicit Euler: ``x <- x + (t_next - t) v(x, t)``; NFE = steps."""
+    nfe = 0
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        x = x + (t_next - t) * velocity_fn(x, _t(x, t))
+        nfe += 1
+    return x, nfe
+
+
+def heun(velocity_fn: VelocityFn, x: Tensor, ts: list[float], euler_last: bool = False) -> tuple[Tensor, int]:
+    """Heun's trapezoidal predictor-corrector; NFE = 2 steps (minus 1 with ``euler_last``, EDM's final step)."""
+    nfe = 0
+    last = len(ts) - 2
+    for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+        h = t_next - t
+        v = velocity_fn(x, _t(x, t))
+        nfe += 1
+        x_euler = x + h * v
+        if euler_last and i == last:
+            x = x_euler
+            continue
+        v_next = velocity_fn(x_euler, _t(x, t_next))
+        nfe += 1
+        x = x + 0.5 * h * (v + v_next)
+    return x, nfe
+
+
+def midpoint(velocity_fn: VelocityFn, x: Tensor, ts: list[float]) -> tuple[Tensor, int]:
+    """Explicit midpoint: the slope at ``t + h/2`` after a half Euler step; NFE = 2 steps."""
+    nfe = 0
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        h = t_next - t
+        x_half = x + 0.5 * h * velocity_fn(x, _t(x, t))
+        x = x + h * velocity_fn(x_half, _t(x, t + 0.5 * h))
+        nfe += 2
+    return x, nfe
+
+
+FLOW_SAMPLERS = {"euler": euler, "heun": heun, "midpoint": midpoint}
+
+
+def sample_flow(velocity_fn: VelocityFn, x1: Tensor, sampler: str = "euler", num_steps: int = 20,
+                shift: float = 1.0) -> tuple[Tensor, int]:
+    """Integrate ``dx/dt = v`` from ``x1`` (t = 1, noise) to t = 0; returns ``(x0, nfe)``."""
+    if sampler not in FLOW_SAMPLERS:
+        raise ConfigError(f"flow sampler {sampler!r}: expected one of {sorted(FLOW_SAMPLERS)}")
+    with torch.no_grad():
+        return FLOW_SAMPLERS[sampler](velocity_fn, x1, time_grid(num_steps, shift))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# VP diffusion samplers
+
+
+class VPSchedule(Protocol):
+    """What the VP samplers need from a schedule (implemented in :mod:`cadiff.diffusion.ddpm`)."""
+
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(alpha_t, sigma_t)`` for times ``t``."""
+        ...
+
+
+def _alpha_sigma(schedule: VPSchedule, t: float) -> tuple[float, float]:
+    a, s = schedule.alpha_sigma(torch.tensor([t], dtype=torch.float64))
+    return float(a), float(s)
+
+
+def ddim(predict_fn: PredictFn, x: Tensor, schedule: VPSchedule, ts: list[float], eta: float = 0.0,
+         generator: torch.Generator | None = None) -> tuple[Tensor, int]:
+    """DDIM update ``x_s = a_s x0_hat + sqrt(s_s^2 - c^2) eps_hat + c z`` with
+    ``c = eta (s_s / s_t) sqrt(1 - (a_t / a_s)^2)``; the step to t = 0 returns ``x0_hat``. NFE = steps."""
+    nfe = 0
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        x0_hat, eps_hat = predict_fn(x, _t(x, t))
+        nfe += 1
+        a_n, s_n = _alpha_sigma(schedule, t_next)
+        if t_next <= 0.0 or s_n == 0.0:
+            x = x0_hat
+            continue
+        a_t, s_t = _alpha_sigma(schedule, t)
+        c = eta * (s_n / s_t) * math.sqrt(max(0.0, 1.0 - (a_t / a_n) ** 2)) if eta > 0 else 0.0
+        x = a_n * x0_hat + math.sqrt(max(0.0, s_n**2 - c**2)) * eps_hat
+        if c > 0:
+            x = x + c * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return x, nfe
+
+
+def ancestral(predict_fn: PredictFn, x: Tensor, schedule: VPSchedule, ts: list[float],
+              generator: torch.Generator | None = None) -> tuple[Tensor, int]:
+    """Ancestral (DDPM) sampling: draw ``x_s ~ q(x_s | x_t, x0_hat)``, i.e. DDIM with ``eta = 1``."""
+    return ddim(predict_fn, x, schedule, ts, eta=1.0, generator=generator)
+
+
+def sample_vp(predict_fn: PredictFn, noise: Tensor, schedule: VPSchedule, sampler: str = "ddim",
+              num_steps: int = 20, generator: torch.Generator | None = None) -> tuple[Tensor, int]:
+    """DDIM or ancestral sampling from ``noise`` at t = 1 down to t = 0; returns ``(x0, nfe)``."""
+    ts = time_grid(num_steps)
+    with torch.no_grad():
+        if sampler == "ddim":
+            return ddim(predict_fn, noise, schedule, ts)
+        if sampler == "ancestral":
+            return ancestral(predict_fn, noise, schedule, ts, generator)
+    raise ConfigError(f"diffusion sampler {sampler!r}: expected 'ddim' or 'ancestral'")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the objective interface
+
+
+class Objective(ABC):
+    """A generative objective: a training loss for ``model_fn(x_t, t)`` and a sampler over the same model."""
+
+    samplers: tuple[str, ...] = ()
+
+    def __init__(self, sampler: str, num_steps: int) -> None:
+        if sampler not in self.samplers:
+            raise ConfigError(f"diffusion.sampler = {sampler!r}: expected one of {list(self.samplers)} for "
+                              f"{type(self).__name__}")
+        self.default_sampler = sampler
+        self.default_steps = num_steps
+
+    def resolve(self, sampler: str | None, num_steps: int | None) -> tuple[str, int]:
+        """Defaults from the config for unset arguments; unknown sampler names raise ConfigError."""
+        sampler = sampler or self.default_sampler
+        num_steps = num_steps or self.default_steps
+        if sampler not in self.samplers:
+            raise ConfigError(f"sampler {sampler!r}: expected one of {list(self.samplers)} for {type(self).__name__}")
+        if num_steps < 1:
+            raise ConfigError(f"num_steps = {num_steps}: expected >= 1")
+        return sampler, num_steps
+
+    @abstractmethod
+    def loss(self, model_fn: VelocityFn, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Scalar training loss of ``model_fn`` on clean data ``x0`` (noise and time drawn with ``generator``)."""
+
+    @abstractmethod
+    def sample(self, model_fn: VelocityFn, noise: Tensor, sampler: str | None = None, num_steps: int | None = None,
+               generator: torch.Generator | None = None) -> tuple[Tensor, int]:
+        """Generate from ``noise`` (the t = 1 state); returns ``(x0, nfe)``."""

@@ -1,0 +1,159 @@
+"""Causality of the stage-1 models, bitwise in fp32 (DESIGN.md contract), and the T = 1 + k*s_t shape rules.
+
+Perturb one input frame and compare outputs frame by frame with ``torch.equal``: everything that may not see
+the perturbed frame must be bit-identical, everything that may see it must change.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cadiff.config import compose
+from cadiff.errors import ModelError
+from cadiff.models.registry import build_model
+
+torch.set_num_threads(1)
+
+S_T = 4  # ae_tiny: temporal_downsample 4, spatial_downsample 8
+FRAMES = 17
+
+
+def _model(kind: str = "diffae", attention: bool = False):
+    overrides = ["experiment=ae_tiny", f"model.dec_attention={attention}"]
+    if kind == "regression":
+        overrides.append("model=regression_ae")
+    torch.manual_seed(0)
+    model = build_model(compose("train_ae", overrides).model).eval()
+    # the output conv is zero-initialized; give it weights so every dependency shows in the output
+    torch.nn.init.normal_(model.decoder.conv_out.conv.weight, std=0.1)
+    return model
+
+
+def _perturbed(x: torch.Tensor, frame: int) -> torch.Tensor:
+    y = x.clone()
+    y[:, :, frame] += torch.randn(y[:, :, frame].shape, generator=torch.Generator().manual_seed(frame + 100))
+    return y
+
+
+def _changed(a: torch.Tensor, b: torch.Tensor) -> list[bool]:
+    return [not torch.equal(a[:, :, i], b[:, :, i]) for i in range(a.shape[2])]
+
+
+@pytest.fixture(scope="module")
+def diffae():
+    return _model()
+
+
+@pytest.fixture(scope="module")
+def clip() -> torch.Tensor:
+    return torch.randn(1, 1, FRAMES, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def test_encoder_latent_frame_i_sees_only_frames_up_to_s_t_times_i(diffae, clip) -> None:
+    z = diffae.encode(clip)
+    assert z.shape == (1, 4, 5, 4, 4)
+    for j in (0, 1, 3, 4, 5, 9, 16):
+        changed = _changed(z, diffae.encode(_perturbed(clip, j)))
+        expected = [S_T * i >= j for i in range(z.shape[2])]
+        assert changed == expected, f"perturbing frame {j}: latent frames changed {changed}, expected {expected}"
+
+
+@pytest.mark.parametrize("attention", [False, True])
+@torch.no_grad()
+def test_decoder_velocity_is_causal_in_x_t_and_chunk_causal_in_z(attention: bool) -> None:
+    model = _model(attention=attention)
+    g = torch.Generator().manual_seed(1)
+    x_t, z, t = torch.randn(1, 1, FRAMES, 32, 32, generator=g), torch.randn(1, 4, 5, 4, 4, generator=g), torch.tensor([0.3])
+    v = model.velocity(x_t, t, z)
+    for j in (0, 2, 8, 13, 16):
+        changed = _changed(v, model.velocity(_perturbed(x_t, j), t, z))
+        assert changed == [m >= j for m in range(FRAMES)], f"x_t frame {j}: changed {changed}"
+    for i in range(5):
+        changed = _changed(v, model.velocity(x_t, t, _perturbed(z, i)))
+        # output frame m reads latent frame ceil(m / s_t)
+        expected = [math.ceil(m / S_T) >= i for m in range(FRAMES)]
+        assert changed == expected, f"z frame {i}: changed {changed}, expected {expected}"
+
+
+@pytest.mark.parametrize("kind", ["diffae", "regression"])
+@torch.no_grad()
+def test_full_autoencoder_is_causal_at_chunk_granularity(kind: str, clip) -> None:
+    model = _model(kind)
+
+    def recon(x: torch.Tensor) -> torch.Tensor:
+        return model.reconstruct(x, sampler="euler", num_steps=2, generator=torch.Generator().manual_seed(5))
+
+    base = recon(clip)
+    assert torch.equal(base, recon(clip)), "reconstruction with a fixed generator must be reproducible"
+    for j in (1, 5, 9, 13):  # chunk starts: every earlier frame must be bit-identical, every later one changes
+        changed = _changed(base, recon(_perturbed(clip, j)))
+        assert changed == [m >= j for m in range(FRAMES)], f"frame {j}: changed {changed}"
+    for j in (3, 16):  # inside a chunk: frames of earlier chunks are untouched
+        changed = _changed(base, recon(_perturbed(clip, j)))
+        chunk_start = S_T * (math.ceil(j / S_T) - 1) + 1
+        assert changed == [m >= chunk_start for m in range(FRAMES)], f"frame {j}: changed {changed}"
+
+
+def test_clip_and_latent_shape_contracts(diffae) -> None:
+    for k in (0, 1, 2, 4, 16):
+        clip_shape = (1, 1 + k * S_T, 32, 64)
+        latent = diffae.latent_shape(clip_shape)
+        assert latent == (4, 1 + k, 4, 8)
+        assert diffae.clip_shape_for(latent) == clip_shape
+    with torch.no_grad():
+        assert diffae.encode(torch.zeros(1, 1, 9, 16, 24)).shape == (1, 4, 3, 2, 3)
+        assert diffae.decode(torch.zeros(1, 4, 3, 2, 3), num_steps=1).shape == (1, 1, 9, 16, 24)
+
+
+@pytest.mark.parametrize("frames", [16, 18, 20])
+def test_wrong_frame_count_raises_clear_model_error(diffae, frames: int) -> None:
+    with pytest.raises(ModelError, match=r"T = \d+ frames.*1 \+ k\*4.*temporal_downsample=4"):
+        diffae.encode(torch.zeros(1, 1, frames, 32, 32))
+    with pytest.raises(ModelError, match="1 \\+ k\\*4"):
+        diffae.training_loss(torch.zeros(1, 1, frames, 32, 32))
+    with pytest.raises(ModelError, match="1 \\+ k\\*4"):
+        diffae.latent_shape((1, frames, 32, 32))
+
+
+def test_other_bad_shapes_raise_model_error(diffae) -> None:
+    with pytest.raises(ModelError, match="multiples of spatial_downsample=8"):
+        diffae.encode(torch.zeros(1, 1, 17, 30, 32))
+    with pytest.raises(ModelError, match="channel"):
+        diffae.encode(torch.zeros(1, 2, 17, 32, 32))
+    with pytest.raises(ModelError, match="z_channels=4"):
+        diffae.decode(torch.zeros(1, 3, 5, 4, 4))
+    with pytest.raises(ModelError, match=r"\[B, C, T, H, W\]"):
+        diffae.encode(torch.zeros(1, 17, 32, 32))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.latent_reg=none"],
+    ["model.diffusion.objective=ddpm", "model.diffusion.sampler=ddim"],
+    ["model=regression_ae", "model.regression_loss=l1"],
+    ["model.dec_attention=true", "model.recompute_elementwise=false"],
+])
+def test_model_variants_train_decode_and_rebuild(overrides: list[str]) -> None:
+    torch.manual_seed(0)
+    model = build_model(compose("train_ae", ["experiment=ae_tiny", *overrides]).model)
+    x = torch.randn(2, 1, 9, 16, 16)
+    loss, metrics = model.training_loss(x, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and metrics["loss"] == pytest.approx(float(loss.detach()))
+    assert all(isinstance(v, float) for v in metrics.values())
+    torch.optim.SGD(model.parameters(), lr=0.1).step()  # leave the zero-initialized output conv
+    model.zero_grad()
+    model.training_loss(x, torch.Generator().manual_seed(0))[0].backward()
+    assert model.encoder.conv_in.conv.weight.grad.abs().sum() > 0, "the encoder must receive gradient"
+    if "model.latent_reg=none" in overrides:
+        assert metrics["kl"] == 0.0
+    z = model.encode(x)
+    assert z.shape == (2, 4, 3, 2, 2)
+    assert model.decode(z, num_steps=2, generator=torch.Generator().manual_seed(1)).shape == x.shape
+    assert model.flops_per_sample((1, 9, 16, 16)) > 0 and len(model.shard_units()) > 0
+    twin = build_model(model.model_config)
+    assert type(twin) is type(model)
+    twin.load_state_dict(model.state_dict())  # same architecture from the stored plain config
