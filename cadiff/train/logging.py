@@ -75,7 +75,7 @@ def start_wandb(logger_cfg: Any, run_dir: Path, run_name: str, config: dict) -> 
     import wandb
 
     os.environ.setdefault("WANDB_SILENT", "true")
-    settings = wandb.Settings(init_timeout=30, _disable_stats=True, start_method="thread")
+    settings = wandb.Settings(init_timeout=30, x_disable_stats=True, silent=True)
     return wandb.init(
         project=logger_cfg.project,
         name=run_name,
