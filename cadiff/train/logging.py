@@ -24,8 +24,9 @@ GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, 
 
 def measure_matmul_flops(size: int = 1024, repeats: int = 5, device: str | torch.device = "cpu") -> float:
     """Achieved fp32 FLOP/s of a square matmul on this device/thread count: the CPU's practical peak for MFU."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
+    generator = torch.Generator(device=device).manual_seed(0)  # leave the global RNG streams untouched
+    a = torch.randn(size, size, device=device, generator=generator)
+    b = torch.randn(size, size, device=device, generator=generator)
     torch.matmul(a, b)  # warm-up
     best = math.inf
     for _ in range(repeats):

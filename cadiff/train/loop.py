@@ -215,12 +215,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     reporter = Reporter(use_ray, run_dir, tcfg.num_to_keep)
 
     step = 0
+    resumed_rng = None
     with reporter.latest_checkpoint() as ckpt_dir:
         if ckpt_dir is not None:
             extra = strategy.load(ckpt_dir)
             step = int(extra["step"])
             ema.load_state_dict(extra["ema"])
-            set_rng_state(extra["rng"])
+            resumed_rng = extra["rng"]
             if rank == 0:
                 log.info("resumed from %s at step %d", ckpt_dir, step)
 
@@ -235,7 +236,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     window = {"loss": 0.0, "n": 0, "samples": 0, "wait": 0.0, "time": 0.0, "grad_norm": 0.0}
     last_metrics: dict[str, Any] = {}
 
-    while step < tcfg.max_steps:
+    if resumed_rng is not None:
+        set_rng_state(resumed_rng)  # last, so nothing set up after loading draws from the restored streams
+    # stop_at_step ends this session early (checkpoint + export) without changing the LR schedule of max_steps
+    end_step = min(tcfg.max_steps, tcfg.stop_at_step or tcfg.max_steps)
+    while step < end_step:
         t_start = time.perf_counter()
         wait = 0.0
         loss_sum = 0.0
@@ -259,7 +264,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         window["wait"] += wait
         window["time"] += time.perf_counter() - t_start
 
-        is_last = step == tcfg.max_steps
+        is_last = step == end_step
         metrics: dict[str, Any] = {}
         if step % tcfg.log_every == 0 or is_last:
             metrics = _window_metrics(window, step, device, flops_fwd, peak, world, strategy.lr_at(step - 1))
@@ -344,6 +349,12 @@ def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch
 
 @torch.no_grad()
 def _log_media(cfg, stage, strategy, ema, model_config, val_x, run_dir, step, rank, wandb_run, config) -> None:
+    # building and sampling the preview model draws random numbers: keep them out of the training RNG stream
+    with torch.random.fork_rng(devices=[val_x.device] if val_x.device.type == "cuda" else []):
+        _write_media(cfg, stage, strategy, ema, model_config, val_x, run_dir, step, rank, wandb_run, config)
+
+
+def _write_media(cfg, stage, strategy, ema, model_config, val_x, run_dir, step, rank, wandb_run, config) -> None:
     from cadiff.train import media
 
     plain = _plain_ema_model(strategy, ema, model_config)

@@ -77,7 +77,7 @@ def _export_state(path: str) -> dict[str, torch.Tensor]:
 def test_exact_resume_ddp_deterministic(ray_cluster, sim_data_root, tmp_path):
     common = ("strategy=ddp", "data.deterministic=true")
     _, full = run_training(_cfg(sim_data_root, tmp_path, "full", *common, "trainer.max_steps=4"), "ae")
-    run_training(_cfg(sim_data_root, tmp_path, "split", *common, "trainer.max_steps=2"), "ae")
+    run_training(_cfg(sim_data_root, tmp_path, "split", *common, "trainer.max_steps=4", "trainer.stop_at_step=2"), "ae")
     _, split = run_training(_cfg(sim_data_root, tmp_path, "split", *common, "trainer.max_steps=4"), "ae")
     a, b = _export_state(full), _export_state(split)
     assert a.keys() == b.keys()
@@ -130,3 +130,13 @@ def test_bad_training_config_fails_before_workers(ray_cluster, sim_data_root, tm
         cfg = _cfg(sim_data_root, tmp_path, "bad", *overrides, "trainer.max_steps=1")
         run_training(cfg, "ae")
     assert not (tmp_path / "train_ae" / "bad" / "export").exists()
+
+
+def test_exact_resume_single_process(sim_data_root, tmp_path):
+    common = ("strategy=single", "trainer.num_workers=1", "data.deterministic=true")
+    _, full = run_training(_cfg(sim_data_root, tmp_path, "full1", *common, "trainer.max_steps=4"), "ae")
+    run_training(_cfg(sim_data_root, tmp_path, "split1", *common, "trainer.max_steps=4", "trainer.stop_at_step=2"), "ae")
+    _, split = run_training(_cfg(sim_data_root, tmp_path, "split1", *common, "trainer.max_steps=4"), "ae")
+    a, b = _export_state(full), _export_state(split)
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert worst <= 1e-6, f"2N steps != N + resume + N (max abs diff {worst})"
