@@ -50,7 +50,8 @@ def run_job(job: str, main: Callable[[Any], JobResult], argv: list[str] | None =
             traceback.print_exc()
         print(f"cadiff {job}: error: {_one_line(exc)}", flush=True)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
+        # SystemExit: Ray Train's SIGINT/SIGTERM handler ends a graceful abort with sys.exit
         print(f"cadiff {job}: error: interrupted; re-run the same command to resume", flush=True)
         return 130
     except Exception as exc:  # noqa: BLE001 - the one place that turns any failure into one line

@@ -11,18 +11,22 @@ import datetime as _dt
 import json
 import logging
 import os
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cadiff.config import to_dict, validate_clip_for_model
-from cadiff.errors import CadiffError, ConfigError, DataError
+from cadiff.errors import CadiffError, CheckpointError, ConfigError, DataError
 from cadiff.runinfo import record_run
 
 log = logging.getLogger(__name__)
 
 JOB_NAMES = {"ae": "train_ae", "latent": "train_latent"}
-RUNTIME_ENV_EXCLUDES = [".venv/", "outputs/", "data/", ".git/", "*.tar", "*.h5", "*.tif", "*.tiff", "wandb/"]
+# `ray job submit --runtime-env-json '{"excludes": [...]}'`: gitignore patterns, so top-level folders are anchored
+# with "/" - a bare "data" would also drop the cadiff/data package from the uploaded working directory.
+RUNTIME_ENV_EXCLUDES = ["/.venv", "/outputs", "/data", "/.git", "/wandb", "*.tar", "*.h5", "*.tif", "*.tiff"]
 
 
 @dataclass
@@ -36,8 +40,14 @@ class RunPlan:
     payload: dict[str, Any] = field(default_factory=dict)
 
 
-def init_ray(ray_cfg: Any) -> None:
-    """Connect to ``ray.address`` / ``$RAY_ADDRESS``, else start a local Ray whose dashboard binds to 127.0.0.1."""
+def init_ray(ray_cfg: Any, state_api: bool = False) -> None:
+    """Connect to ``ray.address`` / ``$RAY_ADDRESS``, else start a local Ray whose dashboard binds to 127.0.0.1.
+
+    ``state_api=True`` (sweeps) starts the local dashboard and names it in ``RAY_API_SERVER_ADDRESS`` for every
+    process: Tune kills the Train controller of a stopped trial, and Ray Train's placement-group cleaner asks the
+    State API whether the controller is alive. Without a dashboard, or with several local Ray instances on one
+    host (it picks the latest one), the cleaner fails, the trial's worker CPUs leak and later trials wait forever.
+    """
     import ray
 
     if ray.is_initialized():
@@ -48,16 +58,51 @@ def init_ray(ray_cfg: Any) -> None:
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
+        _sigterm_as_sigint()
         return
     # address="local": always a fresh local cluster, never a stale one recorded in /tmp/ray/ray_current_cluster
+    env_vars = {"RAY_TRAIN_V2_ENABLED": "1"}
+    dashboard_port = None
+    if state_api:
+        dashboard_port = _free_port(ray_cfg.dashboard_host)
+        env_vars["RAY_API_SERVER_ADDRESS"] = f"http://{ray_cfg.dashboard_host}:{dashboard_port}"
     ray.init(
         address="local",
         num_cpus=ray_cfg.num_cpus,
-        include_dashboard=ray_cfg.include_dashboard,
+        include_dashboard=ray_cfg.include_dashboard or state_api,
         dashboard_host=ray_cfg.dashboard_host,
+        dashboard_port=dashboard_port,
         log_to_driver=True,
-        runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}},
+        runtime_env={"env_vars": env_vars},
     )
+    _sigterm_as_sigint()
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _sigterm_as_sigint() -> None:
+    """Handle SIGTERM like Ctrl-C: Ray's core worker would otherwise abort the driver (SIGABRT, no cleanup).
+
+    Whatever SIGINT handler is current when the signal arrives runs: Ray Train's graceful abort inside
+    ``fit()``, else Python's KeyboardInterrupt; the job CLI then prints one line and exits non-zero.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def forward(signum: int, frame: Any) -> None:
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, forward)
 
 
 def default_run_name() -> str:
@@ -113,7 +158,10 @@ def _latent_data_info(cfg: Any) -> dict[str, Any]:
         raise DataError(f"latents.root '{root}': index.json kind is '{index.get('kind')}', expected 'latents'")
     stage1 = index.get("stage1")
     if not stage1 or not Path(stage1).exists():
-        raise CadiffError(f"latents.root '{root}': stage-1 export '{stage1}' recorded in index.json does not exist")
+        raise CheckpointError(
+            f"latents.root '{root}': stage-1 export '{stage1}' recorded in index.json does not exist; expected the "
+            "train_ae export these latents were encoded with (re-run jobs/encode_latents.py with an existing stage1)"
+        )
     _state, stage1_cfg, _meta = load_export(stage1)
     channels = int(index["latent_shape"][0])
     if int(stage1_cfg.get("z_channels", channels)) != channels:
@@ -135,20 +183,54 @@ def _latent_data_info(cfg: Any) -> dict[str, Any]:
     }
 
 
+def data_info_for(cfg: Any, stage: str) -> dict[str, Any]:
+    """Check the stage's data against the config (stage 1 prepares the default sim data when missing)."""
+    return _clip_data_info(cfg) if stage == "ae" else _latent_data_info(cfg)
+
+
 def plan_run(cfg: Any, stage: str) -> RunPlan:
     """Resolve run folder and data; check shapes; record the run. Raises before any worker starts."""
     cfg.run_name = cfg.run_name or default_run_name()
     run_dir = (Path(cfg.out_root) / JOB_NAMES[stage] / cfg.run_name).resolve()
-    data_info = _clip_data_info(cfg) if stage == "ae" else _latent_data_info(cfg)
+    data_info = data_info_for(cfg, stage)
     per_worker = cfg.data.batch_size if stage == "ae" else cfg.latents.batch_size
     needed = per_worker * cfg.trainer.num_workers
     if data_info["num_train_clips"] < needed:
         raise ConfigError(
             f"{data_info['root']}: {data_info['num_train_clips']} training clips < batch_size*num_workers = {needed}"
         )
+    check_resume_compatible(run_dir, cfg)
     record_run(run_dir, cfg, JOB_NAMES[stage])
     payload = {"stage": stage, "cfg": to_dict(cfg), "run_dir": str(run_dir), "data_info": data_info}
     return RunPlan(stage=stage, cfg=cfg, run_dir=run_dir, data_info=data_info, payload=payload)
+
+
+def _leaves(tree: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _leaves(sub, f"{prefix}.{key}").items()}
+    return {prefix: tree}
+
+
+def check_resume_compatible(run_dir: Path, cfg: Any) -> None:
+    """A run with checkpoints resumes them: its recorded model config must match, else CheckpointError.
+
+    Checked on the driver, before ``config.yaml`` is rewritten and before any worker starts.
+    """
+    recorded = run_dir / "config.yaml"
+    if not recorded.is_file() or not any((run_dir / "checkpoints").glob("step_*")):
+        return
+    from omegaconf import OmegaConf
+
+    old = _leaves(OmegaConf.to_container(OmegaConf.load(recorded), resolve=True).get("model", {}), "model")
+    new = _leaves(to_dict(cfg)["model"], "model")
+    # keys absent from the record (added to the schema later) or redacted in it are not compared
+    shared = sorted(k for k in old.keys() & new.keys() if old[k] != "<redacted>")
+    diffs = [f"{k}: run has {old[k]!r}, now {new[k]!r}" for k in shared if old[k] != new[k]]
+    if diffs:
+        raise CheckpointError(
+            f"run '{run_dir}' holds checkpoints of another model config ({'; '.join(diffs[:4])}); resuming needs the "
+            "model config recorded in its config.yaml, or start a new run_name"
+        )
 
 
 def check_cluster_fits(cfg: Any) -> None:

@@ -11,21 +11,26 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
 from cadiff.config import compose
-from cadiff.errors import CadiffError
+from cadiff.errors import CadiffError, ConfigError
 from cadiff.io import atomic_path, write_text_atomic
-from cadiff.tune.space import SearchSpace, load_space
+from cadiff.tune.space import SearchSpace, apply_params, load_space
 
 log = logging.getLogger(__name__)
 
 # CLI override prefixes forwarded from the sweep command line to every trial.
 FORWARDED_PREFIXES = ("trainer.", "data.", "latents.", "seed=")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# CPUs one trial holds besides its Train workers: the trial function, and a Ray Data map task (Ray's default
+# num_cpus=1 per task). Without that CPU free, concurrent trials wait on each other's data tasks forever.
+TRIAL_CPUS = 0.01
+DATA_CPUS_PER_TRIAL = 1.0
 
 
 def forwarded_overrides(argv: list[str]) -> list[str]:
@@ -35,7 +40,8 @@ def forwarded_overrides(argv: list[str]) -> list[str]:
 
 def trial_config(space: SearchSpace, sampled: dict[str, Any], trial_name: str, sweep: dict[str, Any]) -> Any:
     """Composed + validated config of one trial; every report carries the metric (ASHA needs it)."""
-    overrides = space.trial_overrides(sampled) + [
+    # Tune runs each trial in its own working folder: data paths were made absolute on the driver
+    overrides = apply_params(space.trial_overrides(sampled), sweep.get("data_roots", {})) + [
         f"run_name={trial_name}",
         f"out_root={sweep['trials_root']}",
         f"trainer.num_workers={sweep['workers_per_trial']}",
@@ -76,9 +82,11 @@ def _scheduler(cfg: Any, max_reports: int):
         return None
     from ray.tune.schedulers import ASHAScheduler
 
+    # max_t past the last report: a trial that runs to the end finishes on its own (export written, workers
+    # released) instead of being stopped - killed - by the scheduler on its final report
     return ASHAScheduler(
         time_attr="training_iteration",
-        max_t=max(max_reports, cfg.grace_period + 1),
+        max_t=max(max_reports, cfg.grace_period) + 1,
         grace_period=cfg.grace_period,
         reduction_factor=2,
     )
@@ -88,11 +96,15 @@ def run_sweep(cfg: Any, argv: list[str]) -> tuple[str, str]:
     """jobs/sweep.py: validate the space, run the Tune experiment, write table, plots and the best config."""
     from ray import tune
 
-    from cadiff.train.launch import init_ray
+    from cadiff.train.launch import data_info_for, init_ray
 
     base = forwarded_overrides(argv)
     space = load_space(cfg.space, cfg.stage, experiment=cfg.experiment, overrides=base)
     probe = compose(space.job, space.trial_overrides({}))
+    data_roots = absolute_data_roots(probe, space.stage)
+    probe = compose(space.job, apply_params(space.trial_overrides({}), data_roots))
+    # Check (and prepare, for the default sim data) once here: before any trial, and not once per trial
+    data_info_for(probe, space.stage)
     name = cfg.name or f"{space.name}_{cfg.stage}"
     sweep_dir = (Path(cfg.out_root) / "sweep" / name).resolve()
     every = max(1, int(cfg.report_every))
@@ -101,9 +113,10 @@ def run_sweep(cfg: Any, argv: list[str]) -> tuple[str, str]:
         "workers_per_trial": cfg.workers_per_trial,
         "cpus_per_worker": cfg.cpus_per_worker,
         "report_every": every,
+        "data_roots": data_roots,
     }
-    init_ray(cfg.ray)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, space=space, sweep=sweep), {"CPU": 0.01})
+    init_ray(cfg.ray, state_api=True)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, space=space, sweep=sweep), {"CPU": TRIAL_CPUS})
     storage = sweep_dir / "tune"
     experiment_path = storage / name
     if cfg.resume and tune.Tuner.can_restore(str(experiment_path)):
@@ -120,12 +133,44 @@ def run_sweep(cfg: Any, argv: list[str]) -> tuple[str, str]:
                 num_samples=cfg.num_samples,
                 search_alg=_searcher(cfg),
                 scheduler=_scheduler(cfg, math.ceil(probe.trainer.max_steps / every)),
-                max_concurrent_trials=cfg.max_concurrent_trials,
+                max_concurrent_trials=fit_concurrency(cfg),
             ),
             run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0),
         )
     results = tuner.fit()
     return write_results(results, space, cfg, sweep_dir, probe.trainer.max_steps)
+
+
+def fit_concurrency(cfg: Any) -> int:
+    """``max_concurrent_trials`` lowered to what a local Ray cluster holds (workers + a data CPU per trial).
+
+    A cluster reached through an address may autoscale, so its current size limits nothing there.
+    """
+    import ray
+
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return cfg.max_concurrent_trials
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    per_trial = TRIAL_CPUS + cfg.workers_per_trial * cfg.cpus_per_worker + DATA_CPUS_PER_TRIAL
+    fits = int(cpus // per_trial)
+    if fits < 1:
+        raise ConfigError(
+            f"workers_per_trial={cfg.workers_per_trial} x cpus_per_worker={cfg.cpus_per_worker} plus "
+            f"{DATA_CPUS_PER_TRIAL} CPU for data loading needs {per_trial:g} CPUs per trial; the local Ray "
+            f"cluster has {cpus:g} (lower cpus_per_worker / workers_per_trial or raise ray.num_cpus)"
+        )
+    if fits < cfg.max_concurrent_trials:
+        log.warning(
+            "max_concurrent_trials=%d lowered to %d: %g local CPUs hold %d trials of %g CPUs (workers + data)",
+            cfg.max_concurrent_trials, fits, cpus, fits, per_trial,
+        )
+    return min(fits, cfg.max_concurrent_trials)
+
+
+def absolute_data_roots(probe: Any, stage: str) -> dict[str, str]:
+    """The trial data root as an absolute path (``data.root`` for stage ae, ``latents.root`` for latent)."""
+    key = "data.root" if stage == "ae" else "latents.root"
+    return {key: str(Path(OmegaConf.select(probe, key)).expanduser().resolve())}
 
 
 def write_results(results: Any, space: SearchSpace, cfg: Any, sweep_dir: Path, max_steps: int) -> tuple[str, str]:

@@ -1,0 +1,215 @@
+"""Ray Tune sweeps (`jobs/sweep.py`): space validation before any trial, concurrency fitting, ASHA early stops,
+results table / plot / best experiment, training the best experiment, and resuming a finished sweep.
+
+The end-to-end test sweeps ``model.kl_weight`` over a grid: the KL term of a freshly initialised encoder is
+about 0.05, so each grid step multiplies the validation loss gap (EMA weights barely move in 3 steps) and
+the ranking is fixed. With 2 concurrent trials the 4th trial can only start after one of the first two has
+finished, i.e. after a better loss is recorded at ASHA's first rung, so it is stopped there; that makes
+"at least one trial stops early" deterministic rather than likely.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cadiff.config import compose
+from cadiff.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+SWEEP = str(REPO / "jobs" / "sweep.py")
+TRAIN_AE = str(REPO / "jobs" / "train_ae.py")
+KL_GRID = [0.0, 30.0, 300.0, 3000.0]
+MAX_STEPS = 3
+
+
+def _write_space(path: Path, params: dict, stage: str = "ae") -> Path:
+    path.write_text(yaml.safe_dump({"stage": stage, "params": params}))
+    return path
+
+
+def _run(cmd: list[str], cwd: Path, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, **(env or {}))
+    full_env.pop("RAY_ADDRESS", None)  # each job starts its own local Ray
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def _final_line(proc: subprocess.CompletedProcess, job: str) -> str:
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(f"cadiff {job}:")]
+    assert lines, f"no final line; rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return lines[-1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# malformed spaces fail before any trial (no Ray)
+
+
+BAD_SPACES = {
+    "unknown_distribution": ({"trainer.lr": {"normal": [0.0, 1.0]}}, r"unknown distribution 'normal'"),
+    "unknown_key": ({"model.not_a_key": {"choice": [1, 2]}}, r"'model.not_a_key' is not a config key of train_ae"),
+    "low_above_high": ({"trainer.lr": {"loguniform": [1.0e-2, 1.0e-4]}}, r"low 0.01 >= high 0.0001"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SPACES))
+def test_malformed_space_fails_before_any_trial(case, tmp_path):
+    from cadiff.tune.sweep import run_sweep
+
+    params, message = BAD_SPACES[case]
+    space = _write_space(tmp_path / f"{case}.yaml", params)
+    out_root = tmp_path / "out"
+    cfg = compose("sweep", [f"space={space}", "stage=ae", f"out_root={out_root}", "trainer.max_steps=2"])
+    with pytest.raises(ConfigError, match=message) as info:
+        run_sweep(cfg, ["trainer.max_steps=2"])
+    assert str(space) in str(info.value)
+    assert not out_root.exists(), "a malformed space must fail before the sweep writes anything"
+
+
+def test_malformed_space_cli_prints_one_line_error(tmp_path):
+    space = _write_space(tmp_path / "bad.yaml", {"model.diffusion.shift": {"uniform": [4.0, 1.0]}})
+    proc = _run([sys.executable, SWEEP, f"space={space}", "stage=ae", f"out_root={tmp_path / 'out'}"], tmp_path, 120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    errors = [line for line in proc.stdout.splitlines() if line.startswith("cadiff sweep: error:")]
+    assert len(errors) == 1 and "low 4.0 >= high 1.0" in errors[0] and str(space) in errors[0], proc.stdout
+    assert proc.stdout.strip().splitlines()[-1] == errors[0]
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr, "Ray started for a malformed space"
+    assert not (tmp_path / "out").exists()
+
+
+def test_space_for_another_stage_is_rejected(tmp_path):
+    from cadiff.tune.sweep import run_sweep
+
+    space = _write_space(tmp_path / "dit.yaml", {"model.depth": {"int": [2, 4]}}, stage="latent")
+    cfg = compose("sweep", [f"space={space}", "stage=ae", f"out_root={tmp_path / 'out'}"])
+    with pytest.raises(ConfigError, match="not stage 'ae'"):
+        run_sweep(cfg, [])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# driver-side planning (no trials)
+
+
+@pytest.mark.parametrize(
+    ("cpus", "workers", "cpus_per_worker", "wanted", "expected"),
+    [(2.0, 1, 0.5, 2, 1), (4.0, 1, 0.5, 2, 2), (16.0, 1, 0.5, 3, 3), (4.0, 2, 1.0, 4, 1)],
+)
+def test_fit_concurrency_lowers_to_local_cpus(monkeypatch, cpus, workers, cpus_per_worker, wanted, expected):
+    import ray
+
+    from cadiff.tune.sweep import fit_concurrency
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": cpus})
+    cfg = compose(
+        "sweep", [f"workers_per_trial={workers}", f"cpus_per_worker={cpus_per_worker}", f"max_concurrent_trials={wanted}"]
+    )
+    assert fit_concurrency(cfg) == expected
+
+
+def test_fit_concurrency_rejects_trials_larger_than_the_local_cluster(monkeypatch):
+    import ray
+
+    from cadiff.tune.sweep import fit_concurrency
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    with pytest.raises(ConfigError, match="workers_per_trial=2 x cpus_per_worker=1.0"):
+        fit_concurrency(compose("sweep", ["workers_per_trial=2", "cpus_per_worker=1.0"]))
+    # an addressed cluster may autoscale: its current size is no limit
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert fit_concurrency(compose("sweep", ["workers_per_trial=2", "max_concurrent_trials=3"])) == 3
+
+
+def test_trial_config_uses_absolute_data_root_and_sweep_resources(tmp_path, monkeypatch):
+    from cadiff.tune.space import load_space
+    from cadiff.tune.sweep import absolute_data_roots, trial_config
+
+    monkeypatch.chdir(tmp_path)  # Tune runs trials in other working folders: a relative root must not leak
+    space_file = _write_space(tmp_path / "kl.yaml", {"model.kl_weight": {"grid": KL_GRID}})
+    space = load_space(space_file, "ae", overrides=["data.root=rel/sim", "trainer.max_steps=3"])
+    probe = compose(space.job, space.trial_overrides({}))
+    roots = absolute_data_roots(probe, "ae")
+    assert roots == {"data.root": str(tmp_path / "rel" / "sim")}
+    sweep = {"trials_root": str(tmp_path / "t"), "workers_per_trial": 1, "cpus_per_worker": 0.25,
+             "report_every": 1, "data_roots": roots}  # fmt: skip
+    cfg = trial_config(space, {"model.kl_weight": 300.0}, "trial_x", sweep)
+    assert cfg.data.root == str(tmp_path / "rel" / "sim") and cfg.model.kl_weight == 300.0
+    assert (cfg.run_name, cfg.out_root, cfg.trainer.num_workers, cfg.trainer.cpus_per_worker) == (
+        "trial_x", str(tmp_path / "t"), 1, 0.25
+    )
+    assert cfg.trainer.max_steps == 3 and cfg.trainer.val_every == 1 and cfg.trainer.log_every == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# end to end: a real sweep on a local Ray cluster
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_sweep_asha_table_plot_best_experiment_trains_and_resumes(tmp_path):
+    space = _write_space(tmp_path / "kl.yaml", {"model.kl_weight": {"grid": KL_GRID}})
+    out_root = tmp_path / "sweeps"
+    # no data.root: the default outputs/data/sim (relative to the working folder) is prepared on the fly
+    cmd = [
+        sys.executable, SWEEP, f"space={space}", "stage=ae", "search=grid", "num_samples=1", "name=kl",
+        "max_concurrent_trials=2", "workers_per_trial=1", "cpus_per_worker=0.5", "grace_period=1",
+        "report_every=1", f"trainer.max_steps={MAX_STEPS}", f"out_root={out_root}", "ray.num_cpus=4",
+    ]  # fmt: skip
+    proc = _run(cmd, tmp_path, 900)
+    final = _final_line(proc, "sweep")
+    assert proc.returncode == 0, final
+    sweep_dir = out_root / "sweep" / "kl"
+    assert final.endswith(f"-> {sweep_dir}"), final
+    assert (tmp_path / "outputs" / "data" / "sim" / "index.json").is_file()
+
+    with open(sweep_dir / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4 and {float(r["model.kl_weight"]) for r in rows} == set(KL_GRID)
+    assert all(r["status"] == "ok" for r in rows), rows
+    by_kl = {float(r["model.kl_weight"]): r for r in rows}
+    worst, best = by_kl[KL_GRID[-1]], by_kl[KL_GRID[0]]
+    assert worst["early_stopped"] == "True" and int(worst["steps"]) < MAX_STEPS, worst
+    assert best["early_stopped"] == "False" and int(best["steps"]) == MAX_STEPS, best
+    stopped = sum(r["early_stopped"] == "True" for r in rows)
+    assert f"4 trials ({stopped} stopped early)" in final and stopped >= 1
+    assert float(best["val_loss"]) == min(float(r["val_loss"]) for r in rows)
+
+    table = (sweep_dir / "results.md").read_text().strip().splitlines()
+    assert table[0].startswith("| trial | status | model.kl_weight | val_loss") and len(table) == 2 + 4
+    png = sweep_dir / "metric_vs_params.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    assert matplotlib.image.imread(png).shape[0] > 100
+
+    best_file = out_root / "experiments" / "experiment" / "kl_best.yaml"
+    text = best_file.read_text()
+    assert text == (sweep_dir / "best.yaml").read_text() and text.startswith("# @package _global_")
+    assert yaml.safe_load(text)["model"]["kl_weight"] == 0.0
+
+    # the best experiment trains, found through the search path the sweep printed
+    config_path = re.search(r"CADIFF_CONFIG_PATH=(\S+)", final).group(1)
+    assert Path(config_path) == out_root / "experiments"
+    train = [sys.executable, TRAIN_AE, "experiment=kl_best", "run_name=best", f"out_root={tmp_path / 'train'}",
+             "trainer.max_steps=1", "strategy=single", "trainer.num_workers=1"]  # fmt: skip
+    trained = _run(train, tmp_path, 300, env={"CADIFF_CONFIG_PATH": config_path})
+    line = _final_line(trained, "train_ae")
+    assert trained.returncode == 0 and line.startswith("cadiff train_ae: ok step=1"), line
+    run_dir = tmp_path / "train" / "train_ae" / "best"
+    recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert recorded["model"]["kl_weight"] == 0.0 and recorded["model"]["z_channels"] == 4
+    assert (run_dir / "export" / "model.pt").is_file()
+
+    # resume=true restores the finished experiment: the same 4 trials, none re-run
+    trial_dirs = sorted(p.name for p in (sweep_dir / "trials" / "train_ae").iterdir())
+    resumed = _run([*cmd, "resume=true"], tmp_path, 600)
+    again = _final_line(resumed, "sweep")
+    assert resumed.returncode == 0 and "4 trials" in again and "'model.kl_weight': 0.0" in again, again
+    assert sorted(p.name for p in (sweep_dir / "trials" / "train_ae").iterdir()) == trial_dirs
