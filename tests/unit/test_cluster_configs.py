@@ -266,6 +266,9 @@ def test_slurm_script_starts_head_and_workers_and_returns_job_status(tmp_path):
         CADIFF_VENV=str(Path(sys.executable).parent.parent),
         RAY_PORT=str(_free_port()),
         RAY_WAIT_S="90",
+        # loopback-only fake nodes: a token left in ~/.ray by other Ray sessions would make `ray start` demand
+        # auth that the in-script `ray.init` client does not send
+        RAY_AUTH_MODE="disabled",
     )
     job = "import os, ray; ray.init(address=os.environ['RAY_ADDRESS']); print('NODES', len(ray.nodes())); raise SystemExit(3)"
     proc = subprocess.Popen(
