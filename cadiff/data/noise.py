@@ -197,7 +197,8 @@ def estimate_photon_transfer(movie_adu: Any, window: int = 8, box: int = 3, num_
         intercept = -slope * x_intercept
         used = "dark"
     resid = bv - (slope * bm + intercept)
-    ss_tot = float(((bv - bv.mean()) ** 2).sum())
+    # every bin can be rejected on noise-free input (sigma-clipping against a ~0 line): no R^2, and no warning
+    ss_tot = float(((bv - bv.mean()) ** 2).sum()) if bv.size else 0.0
     r2 = 1.0 - float((resid**2).sum()) / ss_tot if ss_tot > 0 else 0.0
     return PhotonTransfer(gain=float(slope), offset=float(x_intercept), means=bm, variances=bv, r2=r2, method=used,
                           read_noise=read_noise, num_samples=int(keep.sum()), rejected_fraction=float(1 - keep.mean()),

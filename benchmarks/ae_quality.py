@@ -1,0 +1,814 @@
+"""AE quality benchmark: does the diffusion autoencoder keep shot noise where the regression AE averages it away?
+
+Protocol (issue 7, "Quality benchmark"). Two stage-1 models share everything but the decoder objective: the
+same composed config (``experiment=ae_tiny`` plus overrides; ``model=diffae`` vs ``model=regression_ae``, L2),
+the same initialization seed, the same optimizer (the project's AdamW + warmup-cosine LR + EMA) and the exact
+same sequence of training batches (random crops with flips of simulated movies, photon units normalized by the
+training set's mean/std). A plain single-process torch loop trains them: it is the project's training step
+without Ray, so the comparison isolates the objective. Evaluation uses the EMA weights on held-out simulated
+movies (other seeds), cut into non-overlapping clips; every reconstruction is mapped back to photon units.
+
+Metrics per model (input = the held-out clip the model reconstructs):
+- gain ratio: photon-transfer gain (:func:`cadiff.data.noise.estimate_photon_transfer`) of the reconstructions
+  over that of the inputs. ``pooled`` fits one line through every clip's pixel-windows (clips stacked in time,
+  windows never straddle two clips); ``per-clip`` is the median of per-clip ratios (``eval.metrics``), which
+  is noisier on small clips and NaN where a clip shows no shot-noise signature (counted as failed fits);
+- noise variance ratio: mean frame-to-frame noise variance (local mean removed, the photon-transfer samples)
+  of the reconstructions over that of the inputs - the slope alone misses a constant excess of noise;
+- correlation-image error: mean |C_recon - C_input| of the local correlation images (``eval.metrics``);
+- trace correlation: per simulated neuron, Pearson r between the ROI-mean trace of the stitched reconstruction
+  and the ground-truth calcium trace, averaged over neurons that spike in the held-out movie;
+- MMD^2 of per-clip feature vectors to the inputs, with the inputs' split-half baseline (``eval.metrics``);
+- RMSE to the simulator's clean flux (photons): the denoising view, which the regression AE is built to win.
+Reference rows calibrate the metrics at this clip size: ``oracle denoiser`` (the clean flux itself, a perfect
+conditional mean), ``oracle resample`` (clean flux + a fresh Poisson-Gaussian draw, a perfect generative
+decoder) and ``ignores latent`` (each clip replaced by a real clip from another movie: perfect noise, no
+information about the input - the gain ratio alone cannot tell it from a good decoder; trace r and RMSE can).
+A sampler table reruns the DiffAE decoder with Euler / Heun / midpoint at NFE 5..50 on a subset.
+
+Goal (the seed's thesis, measured here): DiffAE gain ratio within 0.9-1.1, regression AE's below 0.7.
+
+    python benchmarks/ae_quality.py            # default: <= 15 min on 2 shared CPU cores
+    python benchmarks/ae_quality.py --quick    # < 2 min smoke run, written to outputs/benchmarks/ae_quality_quick/
+
+Results: ``benchmarks/results/ae_quality.json``, ``ae_quality.md`` and ``ae_quality_*.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import platform
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cadiff.config import compose  # noqa: E402
+from cadiff.data.movie import to_photons  # noqa: E402
+from cadiff.data.noise import PhotonTransfer, estimate_photon_transfer  # noqa: E402
+from cadiff.data.simulate import GroundTruth, simulate_movie  # noqa: E402
+from cadiff.errors import ConfigError, DataError  # noqa: E402
+from cadiff.eval.metrics import evaluate_sets, local_correlation_image, photon_transfer, to_jsonable  # noqa: E402
+from cadiff.io import atomic_path, write_json_atomic, write_text_atomic  # noqa: E402
+from cadiff.models.registry import build_model  # noqa: E402
+from cadiff.train.ema import EMA  # noqa: E402
+from cadiff.train.strategies import build_adamw, warmup_cosine_lr  # noqa: E402
+
+log = logging.getLogger("ae_quality")
+
+RESULTS = Path(__file__).resolve().parent / "results"
+QUICK_OUT = Path(__file__).resolve().parents[1] / "outputs" / "benchmarks" / "ae_quality_quick"
+# The seed's thesis as stated in issue 7: a noise-faithful decoder keeps the gain, a regression decoder loses it.
+DIFFAE_GAIN_BAND = (0.9, 1.1)
+REGRESSION_GAIN_MAX = 0.7
+# EDM2 power-function EMA (Karras et al. 2024, arXiv:2312.02696): gamma = 6.94 <=> sigma_rel = 0.10, i.e. the
+# average covers the last ~10% of training whatever the run length - a short run keeps a useful average.
+EMA_GAMMA = 6.94
+# Photon-transfer window (frames): the estimator's default; pooled fits stack clips in multiples of it.
+PT_WINDOW = 8
+MODELS = {"diffae": "diffae", "regression": "regression_ae"}  # benchmark name -> Hydra `model=` group option
+FLOW_EVALS_PER_STEP = {"euler": 1, "heun": 2, "midpoint": 2}  # NFE per step as cadiff.diffusion.samplers counts
+
+
+@dataclass
+class BenchConfig:
+    """Sizes and knobs of one benchmark run (the defaults are the <= 15 min run on 2 shared cores)."""
+
+    preset: str = "default"  # simulator preset (cadiff.data.simulate.PRESETS)
+    clip_frames: int = 17
+    # 16x16 crops: the nets are fully convolutional, and on 2 shared cores 16x16 buys ~3x the optimizer steps of
+    # 32x32 in the same time - steps, not pixels, are what the DiffAE's latent pathway is short of here
+    clip_side: int = 16
+    movie_side: int = 64
+    train_movies: int = 4
+    train_frames: int = 200
+    test_movies: int = 2
+    test_clips_per_tile: int = 3  # consecutive clips per spatial tile: held-out movies have 3 * 17 frames
+    experiment: str = "ae_tiny"
+    model_overrides: list[str] = field(default_factory=lambda: ["model.recompute_elementwise=false"])
+    steps: int = 800
+    batch_size: int = 4
+    warmup_steps: int = 10
+    lr: float | None = None  # None: the experiment's trainer.lr
+    ema_decay: float = 0.99
+    recon_sampler: str = "euler"  # the main comparison uses the project's default sampler (DiffusionConfig)
+    recon_steps: int = 20
+    table_samplers: list[str] = field(default_factory=lambda: ["euler", "heun", "midpoint"])
+    table_nfe: list[int] = field(default_factory=lambda: [5, 10, 20, 50])
+    table_clips: int = 16
+    eval_batch: int = 16
+    seed: int = 0
+    threads: int = 1
+
+
+QUICK = {"train_movies": 2, "train_frames": 120, "test_movies": 1, "test_clips_per_tile": 2, "steps": 40,
+         "recon_steps": 10, "table_nfe": [5, 10], "table_clips": 8}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class HeldOut:
+    """One held-out simulated movie in photon units with its ground truth."""
+
+    photons: np.ndarray  # [T, H, W] float32, (ADU - offset) / gain
+    truth: GroundTruth
+
+
+@dataclass
+class BenchData:
+    """Training movies, held-out movies and the normalization ``x = (photons - center) / scale``."""
+
+    train: list[np.ndarray]
+    held_out: list[HeldOut]
+    center: float
+    scale: float
+    rate_hz: float
+
+
+def simulate_data(cfg: BenchConfig) -> BenchData:
+    """Simulate training and held-out movies (disjoint seeds) and measure the normalization on training data."""
+    if cfg.movie_side % cfg.clip_side:
+        raise ConfigError(f"movie_side {cfg.movie_side}: expected a multiple of clip_side {cfg.clip_side}")
+    if cfg.train_frames < cfg.clip_frames:
+        raise ConfigError(f"train_frames {cfg.train_frames}: expected >= clip_frames {cfg.clip_frames}")
+    train, rate_hz = [], 0.0
+    for i in range(cfg.train_movies):
+        movie, _ = simulate_movie(cfg.preset, cfg.train_frames, cfg.movie_side, cfg.movie_side,
+                                  seed=cfg.seed * 1000 + i, return_clean=False)
+        train.append(to_photons(movie.data, movie.gain, movie.offset))
+        rate_hz = movie.rate_hz
+    held_out = []
+    for i in range(cfg.test_movies):
+        movie, truth = simulate_movie(cfg.preset, cfg.clip_frames * cfg.test_clips_per_tile, cfg.movie_side,
+                                      cfg.movie_side, seed=cfg.seed * 1000 + 500 + i)
+        held_out.append(HeldOut(to_photons(movie.data, movie.gain, movie.offset), truth))
+    pixels = np.concatenate([m.ravel() for m in train]).astype(np.float64)
+    return BenchData(train, held_out, float(pixels.mean()), float(max(pixels.std(), 1e-6)), rate_hz)
+
+
+def train_batches(data: BenchData, cfg: BenchConfig) -> Iterator[torch.Tensor]:
+    """``cfg.steps`` normalized batches ``[B, 1, T, H, W]`` of random crops and flips, fixed by ``cfg.seed``."""
+    rng = np.random.default_rng(cfg.seed)
+    f, s = cfg.clip_frames, cfg.clip_side
+    for _ in range(cfg.steps):
+        clips = []
+        for _ in range(cfg.batch_size):
+            movie = data.train[rng.integers(len(data.train))]
+            t0 = rng.integers(movie.shape[0] - f + 1)
+            y0, x0 = rng.integers(movie.shape[1] - s + 1), rng.integers(movie.shape[2] - s + 1)
+            clip = movie[t0:t0 + f, y0:y0 + s, x0:x0 + s]
+            if rng.random() < 0.5:
+                clip = clip[:, ::-1]
+            if rng.random() < 0.5:
+                clip = clip[:, :, ::-1]
+            clips.append(clip)
+        batch = (np.stack(clips).astype(np.float32) - data.center) / data.scale
+        yield torch.from_numpy(np.ascontiguousarray(batch[:, None]))
+
+
+def tile_origins(shape: Sequence[int], frames: int, side: int) -> list[tuple[int, int, int]]:
+    """Origins ``(t0, y0, x0)`` of the non-overlapping ``[frames, side, side]`` tiles covering a movie."""
+    t, h, w = shape
+    return [(t0, y0, x0) for t0 in range(0, t - frames + 1, frames) for y0 in range(0, h - side + 1, side)
+            for x0 in range(0, w - side + 1, side)]
+
+
+def cut_clips(movie: np.ndarray, origins: Sequence[tuple[int, int, int]], frames: int, side: int) -> np.ndarray:
+    """Stack the tiles at ``origins`` into ``[N, frames, side, side]``."""
+    return np.stack([movie[t0:t0 + frames, y0:y0 + side, x0:x0 + side] for t0, y0, x0 in origins])
+
+
+def stitch(clips: np.ndarray, origins: Sequence[tuple[int, int, int]], shape: Sequence[int]) -> np.ndarray:
+    """Inverse of :func:`cut_clips` for a full tiling: clips back into a ``shape`` movie."""
+    out = np.zeros(shape, dtype=np.float32)
+    _, f, s, _ = clips.shape
+    for clip, (t0, y0, x0) in zip(clips, origins):
+        out[t0:t0 + f, y0:y0 + s, x0:x0 + s] = clip
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# models
+
+
+def model_config(kind: str, cfg: BenchConfig) -> Any:
+    """The composed ``train_ae`` job config for ``kind`` (``diffae`` or ``regression``) with the run's overrides."""
+    overrides = [f"experiment={cfg.experiment}", f"model={MODELS[kind]}", *cfg.model_overrides,
+                 f"trainer.max_steps={cfg.steps}", f"trainer.warmup_steps={cfg.warmup_steps}",
+                 f"data.batch_size={cfg.batch_size}", f"ema.decay={cfg.ema_decay}", f"ema.warmup_power={EMA_GAMMA}"]
+    if cfg.lr is not None:
+        overrides.append(f"trainer.lr={cfg.lr}")
+    return compose("train_ae", overrides)
+
+
+def check_same_architecture(diffae: nn.Module, regression: nn.Module) -> None:
+    """Raise ConfigError unless both models resolve to the same config apart from ``kind``."""
+    a = {k: v for k, v in diffae.model_config.items() if k != "kind"}
+    b = {k: v for k, v in regression.model_config.items() if k != "kind"}
+    if a != b:
+        diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+        raise ConfigError(f"model configs differ in {diff}: the benchmark compares decoder objectives, expected "
+                          "identical encoder/UNet settings for diffae and regression")
+
+
+def train_autoencoder(kind: str, data: BenchData, cfg: BenchConfig, log_every: int = 20) -> tuple[nn.Module, dict]:
+    """Train one stage-1 model on the shared batch sequence; returns it with EMA weights (eval mode) and a log."""
+    job = model_config(kind, cfg)
+    torch.manual_seed(cfg.seed)  # same architecture + same seed -> identical initial weights for both models
+    model = build_model(job.model)
+    model.train()
+    optimizer = build_adamw(model.parameters(), job.trainer)
+    params = dict(model.named_parameters())
+    ema = EMA(params, decay=float(job.ema.decay), warmup_power=job.ema.warmup_power)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    losses: list[float] = []
+    start = time.perf_counter()
+    for step, batch in enumerate(train_batches(data, cfg)):
+        lr = warmup_cosine_lr(step, float(job.trainer.lr), int(job.trainer.warmup_steps), cfg.steps,
+                              float(job.trainer.min_lr_ratio))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, _ = model.training_loss(batch, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if job.trainer.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), float(job.trainer.grad_clip))
+        optimizer.step()
+        ema.update(params, step + 1)
+        losses.append(float(loss.detach()))
+        if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
+            log.info("%s step %d/%d loss %.4f (%.1f s)", kind, step + 1, cfg.steps, np.mean(losses[-log_every:]),
+                     time.perf_counter() - start)
+    ema.copy_to(params)
+    model.eval()
+    seconds = time.perf_counter() - start
+    info = {"kind": kind, "steps": cfg.steps, "seconds": seconds, "s_per_step": seconds / max(1, cfg.steps),
+            "params": sum(p.numel() for p in model.parameters()), "loss": losses,
+            "final_loss": float(np.mean(losses[-max(1, cfg.steps // 10):])), "lr": float(job.trainer.lr)}
+    return model, info
+
+
+def reconstruct_clips(model: nn.Module, clips: np.ndarray, data: BenchData, sampler: str | None = None,
+                      num_steps: int | None = None, seed: int = 0, batch_size: int = 8) -> tuple[np.ndarray, int]:
+    """Reconstruct photon clips ``[N, T, H, W]`` through the model; returns photon clips and the decoder NFE."""
+    generator = torch.Generator().manual_seed(seed)
+    out, nfe = [], 1
+    for i in range(0, len(clips), batch_size):
+        x = torch.from_numpy(((clips[i:i + batch_size] - data.center) / data.scale).astype(np.float32))[:, None]
+        y = model.reconstruct(x, sampler=sampler, num_steps=num_steps, generator=generator)
+        out.append(y[:, 0].double().numpy() * data.scale + data.center)
+        nfe = int(getattr(model, "last_nfe", 1) or 1)  # the regression decoder is one evaluation
+    return np.concatenate(out).astype(np.float32), nfe
+
+
+# ---------------------------------------------------------------------------------------------------------
+# metrics
+
+
+def pooled_photon_transfer(clips: np.ndarray | Sequence[np.ndarray]) -> PhotonTransfer | None:
+    """One photon-transfer fit over all clips, stacked in time in whole windows; None if no line fits."""
+    frames = (np.shape(clips[0])[0] // PT_WINDOW) * PT_WINDOW
+    if frames == 0:
+        raise DataError(f"clips of {np.shape(clips[0])[0]} frames: expected >= {PT_WINDOW} for photon transfer")
+    try:
+        return estimate_photon_transfer(np.concatenate([np.asarray(c)[:frames] for c in clips]), window=PT_WINDOW,
+                                        method="binned")
+    except DataError as exc:
+        log.warning("pooled photon transfer failed: %s", exc)
+        return None
+
+
+def clip_gains(clips: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+    """Per-clip photon-transfer gains (NaN where the clip has no shot-noise signature)."""
+    return np.array([photon_transfer(np.asarray(c, dtype=np.float64))["gain"] for c in clips])
+
+
+def gain_metrics(recon: np.ndarray, inputs: np.ndarray, input_pt: PhotonTransfer | None = None,
+                 input_gains: np.ndarray | None = None) -> dict[str, Any]:
+    """Pooled and per-clip photon-transfer gain ratios of reconstructions over their inputs."""
+    input_pt = input_pt or pooled_photon_transfer(inputs)
+    input_gains = clip_gains(inputs) if input_gains is None else input_gains
+    pt = pooled_photon_transfer(recon)
+    gains = clip_gains(recon)
+    ratios = gains / input_gains
+    finite = np.isfinite(ratios)
+    return {
+        "gain_ratio": pt.gain / input_pt.gain if pt is not None and input_pt is not None else None,
+        # the slope alone misses a constant excess (or lack) of noise: compare the noise level itself too
+        "noise_var_ratio": float(np.mean(pt.variances) / np.mean(input_pt.variances))
+        if pt is not None and input_pt is not None and pt.variances.size and input_pt.variances.size else None,
+        "gain_recon": pt.gain if pt is not None else None,
+        "gain_input": input_pt.gain if input_pt is not None else None,
+        "gain_r2": pt.r2 if pt is not None else None,
+        "gain_ratio_clip_median": float(np.median(ratios[finite])) if finite.any() else None,
+        "gain_ratio_clip_iqr": [float(v) for v in np.percentile(ratios[finite], [25, 75])] if finite.any() else None,
+        "gain_fit_failures": int((~finite).sum()),
+    }
+
+
+def corr_image_error(recon: np.ndarray, inputs: np.ndarray) -> dict[str, float]:
+    """Mean absolute difference of local correlation images (recon vs input), and both images' medians."""
+    errors, med_recon, med_input = [], [], []
+    for r, x in zip(recon, inputs):
+        cr, cx = local_correlation_image(r), local_correlation_image(x)
+        errors.append(float(np.mean(np.abs(cr - cx))))
+        med_recon.append(float(np.median(cr)))
+        med_input.append(float(np.median(cx)))
+    return {"corr_image_error": float(np.mean(errors)), "corr_median_recon": float(np.median(med_recon)),
+            "corr_median_input": float(np.median(med_input))}
+
+
+def trace_correlations(movie: np.ndarray, truth: GroundTruth) -> np.ndarray:
+    """Pearson r of each neuron's ROI-mean trace in ``movie`` with its ground-truth trace (NaN: silent/no ROI)."""
+    frames = movie.shape[0]
+    out = np.full(len(truth.traces), np.nan)
+    for n, (roi, trace) in enumerate(zip(truth.rois, truth.traces)):
+        gt = trace[:frames].astype(np.float64)
+        if not roi.any() or gt.std() == 0:
+            continue
+        signal = movie[:, roi].mean(axis=1).astype(np.float64)
+        if signal.std() == 0:
+            out[n] = 0.0  # a flat reconstruction carries no trace at all
+            continue
+        out[n] = float(np.corrcoef(signal, gt)[0, 1])
+    return out
+
+
+@dataclass
+class EvalSet:
+    """Held-out clips with their origins, clean flux and the inputs' cached photon-transfer fits."""
+
+    inputs: np.ndarray  # [N, T, H, W] photons
+    clean: np.ndarray  # [N, T, H, W] expected photon flux
+    movie_index: list[int]
+    origins: list[tuple[int, int, int]]
+    input_pt: PhotonTransfer | None = None
+    input_gains: np.ndarray | None = None
+
+    def subset(self, indices: Sequence[int]) -> EvalSet:
+        """The clips at ``indices`` (photon-transfer fits recomputed for the subset)."""
+        idx = list(indices)
+        sub = EvalSet(self.inputs[idx], self.clean[idx], [self.movie_index[i] for i in idx],
+                      [self.origins[i] for i in idx])
+        return sub.fitted()
+
+    def fitted(self) -> EvalSet:
+        """Self with the inputs' pooled and per-clip photon-transfer fits computed once."""
+        self.input_pt = pooled_photon_transfer(self.inputs)
+        self.input_gains = clip_gains(self.inputs)
+        return self
+
+
+def held_out_clips(data: BenchData, cfg: BenchConfig) -> EvalSet:
+    """All non-overlapping held-out clips (inputs and clean flux) with their movie index and origin."""
+    inputs, clean, index, origins = [], [], [], []
+    for i, movie in enumerate(data.held_out):
+        tiles = tile_origins(movie.photons.shape, cfg.clip_frames, cfg.clip_side)
+        inputs.append(cut_clips(movie.photons, tiles, cfg.clip_frames, cfg.clip_side))
+        clean.append(cut_clips(movie.truth.clean, tiles, cfg.clip_frames, cfg.clip_side))
+        index += [i] * len(tiles)
+        origins += tiles
+    return EvalSet(np.concatenate(inputs), np.concatenate(clean), index, origins).fitted()
+
+
+def evaluate_reconstruction(recon: np.ndarray, evalset: EvalSet, data: BenchData, seed: int = 0,
+                            traces: bool = True, mmd: bool = True) -> dict[str, Any]:
+    """Every benchmark metric of reconstructed photon clips against their inputs (see module docstring)."""
+    out: dict[str, Any] = gain_metrics(recon, evalset.inputs, evalset.input_pt, evalset.input_gains)
+    out.update(corr_image_error(recon, evalset.inputs))
+    out["rmse_to_clean"] = rmse(recon, evalset.clean)
+    if traces:
+        rs = []
+        for i, movie in enumerate(data.held_out):
+            mine = [k for k, m in enumerate(evalset.movie_index) if m == i]
+            stitched = stitch(recon[mine], [evalset.origins[k] for k in mine], movie.photons.shape)
+            rs.append(trace_correlations(stitched, movie.truth))
+        r = np.concatenate(rs)
+        out["trace_corr"] = float(np.nanmean(r)) if np.isfinite(r).any() else None
+        out["trace_corr_neurons"] = int(np.isfinite(r).sum())
+    if mmd:
+        full = evaluate_sets(list(recon), list(evalset.inputs), rate_hz=data.rate_hz, seed=seed)
+        out["mmd2"] = full["mmd"]["mmd2"]
+        out["mmd2_baseline"] = full["mmd"]["baseline_mmd2"]
+        out["mmd2_baseline_std"] = full["mmd"]["baseline_mmd2_std"]
+        out["temporal_psd_distance_db"] = full["temporal"]["psd_distance_db"]
+        out["spatial_psd_distance_db"] = full["spatial"]["psd_distance_db"]
+    return out
+
+
+def oracle_resample(clean: np.ndarray, data: BenchData, seed: int) -> np.ndarray:
+    """A perfect generative decoder: a fresh Poisson-Gaussian draw of the clean flux, in photon units."""
+    truth = data.held_out[0].truth
+    rng = np.random.default_rng(seed)
+    read_noise_photons = truth.read_noise / truth.gain
+    return (rng.poisson(clean) + rng.normal(0.0, read_noise_photons, size=clean.shape)).astype(np.float32)
+
+
+def unconditional_sample(evalset: EvalSet) -> np.ndarray:
+    """A decoder that ignores the latent: each clip replaced by a real clip from another place (another movie if any).
+
+    The clips are rolled by the first shift (half the set first: with equal movies that is another movie) that
+    moves every clip to a different (movie, tile) - the same tile at another time would share the mean image.
+    """
+    n = len(evalset.inputs)
+    places = [(m, y0, x0) for m, (_, y0, x0) in zip(evalset.movie_index, evalset.origins)]
+    for shift in [*range(n // 2, n), *range(1, n // 2)]:
+        if all(places[i] != places[(i - shift) % n] for i in range(n)):
+            return np.roll(evalset.inputs, shift, axis=0)
+    raise DataError(f"{n} held-out clips all from one place: expected clips from at least two tiles or movies")
+
+
+def steps_for_nfe(sampler: str, nfe: int) -> int:
+    """Solver steps whose NFE is closest to ``nfe`` (Heun and midpoint cost 2 evaluations per step)."""
+    if sampler not in FLOW_EVALS_PER_STEP:
+        raise ConfigError(f"sampler {sampler!r}: expected one of {sorted(FLOW_EVALS_PER_STEP)}")
+    return max(1, int(math.ceil(nfe / FLOW_EVALS_PER_STEP[sampler])))
+
+
+def rmse(a: np.ndarray, b: np.ndarray) -> float:
+    """Root-mean-square difference in float64."""
+    return float(np.sqrt(np.mean((np.asarray(a, dtype=np.float64) - b) ** 2)))
+
+
+def table_row(sampler: str, steps: int, nfe: int, s_per_clip: float | None, recon: np.ndarray,
+              evalset: EvalSet) -> dict[str, Any]:
+    """One sampler-table row: noise, correlation-image and clean-flux metrics of ``recon`` on ``evalset``."""
+    gains = gain_metrics(recon, evalset.inputs, evalset.input_pt, evalset.input_gains)
+    return {"sampler": sampler, "steps": steps, "nfe": nfe, "s_per_clip": s_per_clip,
+            "gain_ratio": gains["gain_ratio"], "gain_ratio_clip_median": gains["gain_ratio_clip_median"],
+            "noise_var_ratio": gains["noise_var_ratio"], **corr_image_error(recon, evalset.inputs),
+            "rmse_to_clean": rmse(recon, evalset.clean)}
+
+
+def sampler_table(model: nn.Module, evalset: EvalSet, data: BenchData, cfg: BenchConfig) -> list[dict[str, Any]]:
+    """Gain ratio and correlation-image error of the DiffAE decoder per sampler and NFE on ``evalset``."""
+    rows = []
+    for sampler in cfg.table_samplers:
+        for target in cfg.table_nfe:
+            steps = steps_for_nfe(sampler, target)
+            start = time.perf_counter()
+            recon, nfe = reconstruct_clips(model, evalset.inputs, data, sampler, steps, cfg.seed + 1, cfg.eval_batch)
+            row = table_row(sampler, steps, nfe, (time.perf_counter() - start) / len(recon), recon, evalset)
+            log.info("sampler %s NFE %d: gain ratio %s, corr-image error %.4f", sampler, nfe,
+                     _fmt(row["gain_ratio"]), row["corr_image_error"])
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the run
+
+
+def verdict(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Whether the measured gain ratios meet the thesis (DiffAE in band, regression AE below the cap)."""
+    diffae = results["diffae"]["gain_ratio"]
+    regression = results["regression"]["gain_ratio"]
+    diffae_ok = diffae is not None and DIFFAE_GAIN_BAND[0] <= diffae <= DIFFAE_GAIN_BAND[1]
+    # a regression output without any shot-noise signature (no line fits) has lost the gain entirely
+    regression_ok = regression is None or regression < REGRESSION_GAIN_MAX
+    return {"diffae_gain_in_band": bool(diffae_ok), "regression_gain_below_cap": bool(regression_ok),
+            "goal_met": bool(diffae_ok and regression_ok), "diffae_band": list(DIFFAE_GAIN_BAND),
+            "regression_cap": REGRESSION_GAIN_MAX}
+
+
+def run(cfg: BenchConfig) -> dict[str, Any]:
+    """Simulate, train both models, evaluate them and the sampler table; returns the JSON-ready results."""
+    torch.set_num_threads(cfg.threads)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    data = simulate_data(cfg)
+    evalset = held_out_clips(data, cfg)
+    timings["simulate_s"] = time.perf_counter() - start
+    log.info("data: %d training movies %s, %d held-out clips, center %.2f scale %.2f photons", len(data.train),
+             data.train[0].shape, len(evalset.inputs), data.center, data.scale)
+
+    models, training = {}, {}
+    for kind in MODELS:
+        models[kind], training[kind] = train_autoencoder(kind, data, cfg)
+    check_same_architecture(models["diffae"], models["regression"])
+
+    t0 = time.perf_counter()
+    results: dict[str, dict[str, Any]] = {}
+    recons: dict[str, np.ndarray] = {}
+    for kind, model in models.items():
+        recons[kind], nfe = reconstruct_clips(model, evalset.inputs, data, cfg.recon_sampler, cfg.recon_steps,
+                                              cfg.seed + 1, cfg.eval_batch)
+        results[kind] = {"nfe": nfe, **evaluate_reconstruction(recons[kind], evalset, data, cfg.seed)}
+        log.info("%s: %s", kind, {k: _fmt(v) for k, v in results[kind].items()})
+    recons["oracle_denoiser"] = evalset.clean.astype(np.float32)
+    recons["oracle_resample"] = oracle_resample(evalset.clean, data, cfg.seed + 2)
+    recons["unconditional"] = unconditional_sample(evalset)
+    recons["input"] = evalset.inputs
+    for name in ("oracle_denoiser", "oracle_resample", "unconditional", "input"):
+        results[name] = {"nfe": None, **evaluate_reconstruction(recons[name], evalset, data, cfg.seed)}
+    timings["evaluate_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    # evenly spread over both movies and all tiles, so the table sees the same kind of content as the main rows
+    table_idx = np.unique(np.linspace(0, len(evalset.inputs) - 1, min(cfg.table_clips, len(evalset.inputs))).round())
+    table_set = evalset.subset([int(i) for i in table_idx])
+    table = sampler_table(models["diffae"], table_set, data, cfg)
+    reg_recon, _ = reconstruct_clips(models["regression"], table_set.inputs, data, batch_size=cfg.eval_batch)
+    table.append(table_row("regression (L2)", 1, 1, None, reg_recon, table_set))
+    timings["sampler_table_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - start
+
+    out = {
+        "benchmark": "ae_quality",
+        "config": dataclasses.asdict(cfg),
+        "model_config": models["diffae"].model_config,
+        "host": {"node": platform.node(), "cpus": _cpu_count(), "torch": torch.__version__,
+                 "threads": torch.get_num_threads()},
+        "data": {"center_photons": data.center, "scale_photons": data.scale, "rate_hz": data.rate_hz,
+                 "held_out_clips": len(evalset.inputs), "table_clips": len(table_set.inputs),
+                 "clip_shape": [cfg.clip_frames, cfg.clip_side, cfg.clip_side],
+                 "neurons_held_out": int(sum(len(m.truth.traces) for m in data.held_out))},
+        "training": training,
+        "results": results,
+        "sampler_table": table,
+        "verdict": verdict(results),
+        "timings": timings,
+    }
+    out["_figures"] = {"recons": recons, "evalset": evalset, "data": data}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reporting
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.{digits}f}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_fmt(v, digits) for v in value) + "]"
+    return str(value)
+
+
+ROW_NAMES = {"diffae": "DiffAE (flow decoder)", "regression": "regression AE (L2)",
+             "oracle_denoiser": "oracle denoiser (clean flux)", "oracle_resample": "oracle resample (clean + fresh noise)",
+             "unconditional": "ignores latent (another real clip)", "input": "input itself"}
+
+
+def _gain(r: dict[str, Any]) -> str:
+    # no positive photon-transfer slope at all: the output carries no shot-noise signature
+    return "none (slope<=0)" if r["gain_ratio"] is None and r.get("gain_input") else _fmt(r["gain_ratio"])
+
+
+def render_markdown(res: dict[str, Any]) -> str:
+    """The results as a markdown report: setup, main table, sampler table, verdict."""
+    cfg, data, v = res["config"], res["data"], res["verdict"]
+    tr = res["training"]
+    lines = [
+        "# AE quality benchmark: DiffAE vs regression AE",
+        "",
+        f"Simulator preset `{cfg['preset']}`; {cfg['train_movies']} training movies of "
+        f"{cfg['train_frames']}x{cfg['movie_side']}x{cfg['movie_side']}, {data['held_out_clips']} held-out clips "
+        f"{data['clip_shape']} from {cfg['test_movies']} other movies ({data['neurons_held_out']} neurons). "
+        f"Both models: `experiment={cfg['experiment']}` {' '.join(cfg['model_overrides'])}, "
+        f"{tr['diffae']['params']:,} parameters, {cfg['steps']} steps x batch {cfg['batch_size']}, "
+        f"lr {tr['diffae']['lr']:g} warmup-cosine, EMA (EDM2 gamma {EMA_GAMMA}), seed {cfg['seed']}, same batches. "
+        f"Training {tr['diffae']['s_per_step']:.2f} s/step (DiffAE), {tr['regression']['s_per_step']:.2f} s/step "
+        f"(regression); total {res['timings']['total_s'] / 60:.1f} min on {res['host']['cpus']} shared CPUs, "
+        f"{res['host']['threads']} torch thread(s).",
+        "",
+        f"Main rows decode with `{cfg['recon_sampler']}` x {cfg['recon_steps']} steps. Gain ratio = photon-transfer "
+        "gain of the reconstructions / of their inputs (pooled fit over all clips; per-clip median in brackets, "
+        "failed per-clip fits counted). Corr-image error = mean |C_recon - C_input|. Trace r = ROI-mean trace vs "
+        "ground truth, mean over spiking neurons. Noise var ratio = mean frame-to-frame noise variance (local mean "
+        "removed) of the reconstructions / of the inputs: 1 for a faithful decoder, whatever the slope. MMD^2 over per-clip features vs the inputs (split-half baseline of "
+        "the inputs in brackets). RMSE to the clean flux in photons.",
+        "",
+        "| model | NFE | gain ratio | per-clip (failed) | noise var ratio | corr-image err | corr median | trace r "
+        "| MMD^2 (baseline) | RMSE clean |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in res["results"].items():
+        lines.append(
+            f"| {ROW_NAMES.get(name, name)} | {_fmt(r['nfe'])} | {_gain(r)} | "
+            f"{_fmt(r['gain_ratio_clip_median'])} ({r['gain_fit_failures']}) | {_fmt(r['noise_var_ratio'])} | "
+            f"{_fmt(r['corr_image_error'], 4)} | "
+            f"{_fmt(r['corr_median_recon'])} (in {_fmt(r['corr_median_input'])}) | {_fmt(r.get('trace_corr'))} | "
+            f"{_fmt(r.get('mmd2'))} ({_fmt(r.get('mmd2_baseline'))}) | {_fmt(r['rmse_to_clean'])} |")
+    d, g = _gain(res["results"]["diffae"]), _gain(res["results"]["regression"])
+    lines += [
+        "",
+        f"**Goal** (DiffAE gain ratio in {DIFFAE_GAIN_BAND[0]}-{DIFFAE_GAIN_BAND[1]}, regression AE below "
+        f"{REGRESSION_GAIN_MAX}): DiffAE {d} -> {'met' if v['diffae_gain_in_band'] else 'NOT met'}; "
+        f"regression AE {g} -> {'met' if v['regression_gain_below_cap'] else 'NOT met'}; overall "
+        f"**{'met' if v['goal_met'] else 'not met'}** at this budget.",
+        "",
+        latent_use_line(res["results"]),
+        "",
+        f"## Sampler vs NFE (DiffAE decoder, {data['table_clips']} held-out clips)",
+        "",
+        "| sampler | steps | NFE | gain ratio | per-clip | noise var ratio | corr-image err | corr median | RMSE clean "
+        "| s/clip |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in res["sampler_table"]:
+        lines.append(f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {_fmt(r['gain_ratio'])} | "
+                     f"{_fmt(r['gain_ratio_clip_median'])} | {_fmt(r['noise_var_ratio'])} | "
+                     f"{_fmt(r['corr_image_error'], 4)} | "
+                     f"{_fmt(r['corr_median_recon'])} | {_fmt(r['rmse_to_clean'])} | {_fmt(r['s_per_clip'])} |")
+    lines += ["", "Figures: `ae_quality_photon_transfer.png`, `ae_quality_examples.png`, `ae_quality_samplers.png`, "
+              "`ae_quality_training.png`.", ""]
+    return "\n".join(lines)
+
+
+def latent_use_line(results: dict[str, dict[str, Any]]) -> str:
+    """How much each model's reconstruction knows about its input: RMSE to the clean flux, 0 = oracle resample
+    (everything but the noise draw), 1 = a decoder that ignores the latent (another real clip)."""
+    floor, ceiling = results["oracle_resample"]["rmse_to_clean"], results["unconditional"]["rmse_to_clean"]
+
+    def score(name: str) -> str:
+        if ceiling <= floor:
+            return "n/a"
+        return _fmt((results[name]["rmse_to_clean"] - floor) / (ceiling - floor))
+
+    return (f"Latent use (RMSE to the clean flux rescaled so 0 = oracle resample, 1 = ignores the latent; the "
+            f"regression AE may go below 0 because it also removes the noise): DiffAE {score('diffae')}, "
+            f"regression AE {score('regression')}. A gain ratio near 1 with a latent-use score near 1 means the "
+            "decoder makes plausible noise but not a reconstruction of its input.")
+
+
+def _save(fig: Any, path: Path) -> None:
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+
+
+COLORS = {"input": "black", "diffae": "tab:red", "regression": "tab:blue", "oracle_denoiser": "tab:gray",
+          "oracle_resample": "tab:green"}
+
+
+def write_figures(res: dict[str, Any], prefix: Path) -> list[str]:
+    """Photon-transfer curves, example frames/correlation images/traces, sampler curves, loss curves."""
+    from matplotlib.figure import Figure
+
+    recons, evalset, data = (res["_figures"][k] for k in ("recons", "evalset", "data"))
+    paths = []
+
+    fig = Figure(figsize=(6, 4.5))
+    ax = fig.add_subplot()
+    for name in ("input", "diffae", "regression", "oracle_denoiser"):
+        pt = pooled_photon_transfer(recons[name])
+        if pt is None:
+            continue
+        ax.plot(pt.means, pt.variances, "o", ms=3, color=COLORS[name], label=f"{ROW_NAMES[name]}: gain {pt.gain:.3f}")
+        xs = np.array([pt.means.min(), pt.means.max()])
+        ax.plot(xs, pt.gain * (xs - pt.offset), "-", color=COLORS[name], lw=1)
+    ax.set_yscale("symlog", linthresh=1.0)  # a noisy decoder and a smooth one differ by orders of magnitude
+    ax.set_xlabel("local mean (photons)")
+    ax.set_ylabel("noise variance (photons^2)")
+    ax.set_title("Photon transfer of held-out reconstructions")
+    ax.legend(fontsize=7)
+    paths.append(prefix.with_name(prefix.name + "_photon_transfer.png"))
+    _save(fig, paths[-1])
+
+    clip = int(np.argmax(evalset.clean.reshape(len(evalset.clean), -1).std(axis=1)))  # the liveliest clip
+    frame = evalset.inputs.shape[1] // 2
+    names = ["input", "diffae", "regression", "oracle_denoiser"]
+    fig = Figure(figsize=(11, 8))
+    vmin, vmax = np.percentile(evalset.inputs[clip], [1, 99.5])
+    for j, name in enumerate(names):
+        ax = fig.add_subplot(3, 4, j + 1)
+        ax.imshow(recons[name][clip, frame], cmap="gray", vmin=vmin, vmax=vmax)
+        ax.set_title(f"{ROW_NAMES[name].split(' (')[0]}\nframe {frame}", fontsize=8)
+        ax.axis("off")
+        ax = fig.add_subplot(3, 4, 5 + j)
+        ax.imshow(local_correlation_image(recons[name][clip]), cmap="magma", vmin=0, vmax=1)
+        ax.set_title("correlation image", fontsize=8)
+        ax.axis("off")
+    ax = fig.add_subplot(3, 1, 3)
+    movie = data.held_out[0]
+    mine = [k for k, m in enumerate(evalset.movie_index) if m == 0]
+    active = np.argmax(np.where(movie.truth.rois.any(axis=(1, 2)), movie.truth.traces.std(axis=1), -1))
+    roi = movie.truth.rois[active]
+    gt = movie.truth.traces[active]
+    for name in ("input", "diffae", "regression"):
+        stitched = stitch(recons[name][mine], [evalset.origins[k] for k in mine], movie.photons.shape)
+        ax.plot(stitched[:, roi].mean(axis=1), color=COLORS[name], lw=1, label=ROW_NAMES[name])
+    ax2 = ax.twinx()
+    ax2.plot(gt, color="tab:orange", lw=1, ls="--", label="ground-truth calcium")
+    ax2.set_ylabel("GT trace")
+    ax.set_xlabel(f"frame (clip boundaries every {evalset.inputs.shape[1]})")
+    ax.set_ylabel("ROI mean (photons)")
+    ax.legend(fontsize=7, loc="upper left")
+    ax2.legend(fontsize=7, loc="upper right")
+    paths.append(prefix.with_name(prefix.name + "_examples.png"))
+    _save(fig, paths[-1])
+
+    fig = Figure(figsize=(10, 4))
+    ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for sampler in res["config"]["table_samplers"]:
+        rows = [r for r in res["sampler_table"] if r["sampler"] == sampler]
+        nfe = [r["nfe"] for r in rows]
+        ax1.plot(nfe, [np.nan if r["gain_ratio"] is None else r["gain_ratio"] for r in rows], "o-", label=sampler)
+        ax2.plot(nfe, [r["corr_image_error"] for r in rows], "o-", label=sampler)
+    reg = [r for r in res["sampler_table"] if r["sampler"].startswith("regression")]
+    if reg:
+        if reg[0]["gain_ratio"] is not None:
+            ax1.axhline(reg[0]["gain_ratio"], color=COLORS["regression"], ls=":", label="regression AE")
+        ax2.axhline(reg[0]["corr_image_error"], color=COLORS["regression"], ls=":", label="regression AE")
+    ax1.axhspan(*DIFFAE_GAIN_BAND, color="tab:green", alpha=0.15, label="goal band")
+    nfes = [r["nfe"] for r in res["sampler_table"] if r["sampler"] in res["config"]["table_samplers"]]
+    for ax, label in ((ax1, "gain ratio (recon / input)"), (ax2, "correlation-image error")):
+        ax.set_xscale("log")
+        ax.set_xlim(0.8 * min(nfes), 1.25 * max(nfes))  # explicit: an all-NaN column would leave no data limits
+        ax.set_xlabel("NFE")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    paths.append(prefix.with_name(prefix.name + "_samplers.png"))
+    _save(fig, paths[-1])
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for kind, info in res["training"].items():
+        loss = np.asarray(info["loss"])
+        window = max(1, len(loss) // 20)
+        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+        ax.plot(np.arange(len(smooth)) + window, smooth, color=COLORS[kind], label=f"{ROW_NAMES[kind]}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (running mean)")
+    ax.legend(fontsize=7)
+    paths.append(prefix.with_name(prefix.name + "_training.png"))
+    _save(fig, paths[-1])
+    return [str(p) for p in paths]
+
+
+def write_results(res: dict[str, Any], prefix: Path) -> dict[str, str]:
+    """Write ``<prefix>.json``, ``<prefix>.md`` and the figures; returns the paths."""
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    figures = write_figures(res, prefix)
+    public = {k: v for k, v in res.items() if not k.startswith("_")}
+    public["figures"] = [Path(p).name for p in figures]
+    write_text_atomic(prefix.with_suffix(".md"), render_markdown(public))
+    write_json_atomic(prefix.with_suffix(".json"), to_jsonable(public))
+    return {"json": str(prefix.with_suffix(".json")), "md": str(prefix.with_suffix(".md")), "figures": figures}
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, Path]:
+    """Command line -> (config, output prefix)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="~2 min smoke run (outputs/benchmarks/ae_quality_quick/)")
+    p.add_argument("--steps", type=int, help="training steps per model")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--recon-steps", type=int)
+    p.add_argument("--table-nfe", type=int, nargs="+")
+    p.add_argument("--table-clips", type=int)
+    p.add_argument("--override", action="append", default=None, help="extra Hydra override for both models")
+    p.add_argument("--out", type=Path, help="output prefix (default benchmarks/results/ae_quality)")
+    a = p.parse_args(argv)
+    cfg = BenchConfig(**(QUICK if a.quick else {}))
+    for name in ("steps", "batch_size", "lr", "seed", "threads", "recon_steps", "table_nfe", "table_clips"):
+        if getattr(a, name) is not None:
+            setattr(cfg, name, getattr(a, name))
+    if a.override:
+        cfg.model_overrides = [*cfg.model_overrides, *a.override]
+    out = a.out or ((QUICK_OUT / "ae_quality") if a.quick else (RESULTS / "ae_quality"))
+    return cfg, out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark and write its results; prints one summary line."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # failed per-clip fits are expected for smooth reconstructions and counted in the results (gain_fit_failures)
+    logging.getLogger("cadiff.eval.metrics").setLevel(logging.ERROR)
+    cfg, prefix = parse_args(argv)
+    res = run(cfg)
+    paths = write_results(res, prefix)
+    r, v = res["results"], res["verdict"]
+    print(f"ae_quality: gain ratio DiffAE {_fmt(r['diffae']['gain_ratio'])} regression "
+          f"{_fmt(r['regression']['gain_ratio'])} goal {'met' if v['goal_met'] else 'not met'} "
+          f"({res['timings']['total_s'] / 60:.1f} min) -> {paths['md']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

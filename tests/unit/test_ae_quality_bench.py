@@ -1,0 +1,135 @@
+"""Smoke and known-answer tests of ``benchmarks/ae_quality.py`` at a microscopic size (< 60 s on 2 cores)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cadiff.errors import ConfigError
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "ae_quality.py"
+TINY_MODEL = ["model.base_channels=4", "model.dec_base_channels=4", "model.z_channels=2",
+              "model.recompute_elementwise=false"]
+
+
+@pytest.fixture(scope="module")
+def aq():
+    spec = importlib.util.spec_from_file_location("ae_quality_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ae_quality_bench"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def small(aq):
+    """Two 34x32x32 held-out movies (16 clips of 17x16x16) and a tiny training movie."""
+    cfg = aq.BenchConfig(clip_side=16, movie_side=32, train_movies=1, train_frames=34, test_movies=2,
+                         test_clips_per_tile=2, seed=3)
+    data = aq.simulate_data(cfg)
+    return cfg, data, aq.held_out_clips(data, cfg)
+
+
+def test_tiling_round_trip(aq):
+    movie = np.random.default_rng(0).random((34, 32, 48)).astype(np.float32)
+    origins = aq.tile_origins(movie.shape, 17, 16)
+    assert len(origins) == 2 * 2 * 3
+    clips = aq.cut_clips(movie, origins, 17, 16)
+    assert clips.shape == (12, 17, 16, 16)
+    np.testing.assert_array_equal(aq.stitch(clips, origins, movie.shape), movie)
+
+
+def test_steps_for_nfe(aq):
+    assert aq.steps_for_nfe("euler", 5) == 5
+    assert aq.steps_for_nfe("heun", 5) == 3  # NFE 6: Heun costs two evaluations per step here
+    assert aq.steps_for_nfe("midpoint", 50) == 25
+    with pytest.raises(ConfigError, match="sampler 'ddim'"):
+        aq.steps_for_nfe("ddim", 10)
+
+
+def test_metrics_separate_generative_from_denoising_oracles(aq, small):
+    """Known answers: the input scores gain 1 / error 0, a fresh noise draw ~1, the clean flux ~0."""
+    cfg, data, ev = small
+    same = aq.evaluate_reconstruction(ev.inputs, ev, data, mmd=False)
+    assert same["gain_ratio"] == pytest.approx(1.0)
+    assert same["corr_image_error"] == pytest.approx(0.0, abs=1e-12)
+    resample = aq.evaluate_reconstruction(aq.oracle_resample(ev.clean, data, seed=1), ev, data, mmd=False)
+    assert 0.85 < resample["gain_ratio"] < 1.15
+    denoised = aq.evaluate_reconstruction(ev.clean.astype(np.float32), ev, data, mmd=False)
+    assert denoised["gain_ratio"] is None or denoised["gain_ratio"] < 0.1
+    assert denoised["corr_image_error"] > 5 * resample["corr_image_error"]
+    assert denoised["rmse_to_clean"] == pytest.approx(0.0, abs=1e-4)
+    # a decoder that ignores the latent can have the right noise; trace r and RMSE expose it
+    elsewhere = aq.evaluate_reconstruction(aq.unconditional_sample(ev), ev, data, mmd=False)
+    assert 0.7 < elsewhere["gain_ratio"] < 1.4
+    assert elsewhere["rmse_to_clean"] > 2 * resample["rmse_to_clean"]
+    assert elsewhere["trace_corr"] < same["trace_corr"] - 0.3
+    # half the noise amplitude keeps a quarter of the variance: the pooled photon-transfer ratio tracks it
+    quarter = ev.clean + 0.5 * (ev.inputs - ev.clean)
+    assert aq.gain_metrics(quarter, ev.inputs)["gain_ratio"] == pytest.approx(0.25, abs=0.05)
+
+
+def test_trace_correlation_known_cases(aq, small):
+    cfg, data, ev = small
+    truth = data.held_out[0].truth
+    clean_r = aq.trace_correlations(truth.clean, truth)
+    spiking = np.isfinite(clean_r)
+    assert spiking.any()
+    assert np.all(clean_r[spiking] > 0.9)  # the clean flux inside an ROI follows its own calcium trace
+    flat = aq.trace_correlations(np.ones_like(truth.clean), truth)
+    assert np.all(flat[spiking] == 0.0)
+
+
+def test_verdict(aq):
+    both = {"diffae": {"gain_ratio": 0.97}, "regression": {"gain_ratio": 0.3}}
+    assert aq.verdict(both)["goal_met"]
+    assert not aq.verdict({"diffae": {"gain_ratio": 0.8}, "regression": {"gain_ratio": 0.3}})["goal_met"]
+    assert not aq.verdict({"diffae": {"gain_ratio": 1.0}, "regression": {"gain_ratio": 0.75}})["goal_met"]
+    assert not aq.verdict({"diffae": {"gain_ratio": None}, "regression": {"gain_ratio": 0.1}})["goal_met"]
+    # a regression output with no shot-noise line at all has lost the gain entirely
+    assert aq.verdict({"diffae": {"gain_ratio": 1.05}, "regression": {"gain_ratio": None}})["goal_met"]
+
+
+def test_architectures_must_match(aq):
+    cfg = aq.BenchConfig(model_overrides=TINY_MODEL)
+    from cadiff.models.registry import build_model
+
+    diffae = build_model(aq.model_config("diffae", cfg).model)
+    regression = build_model(aq.model_config("regression", cfg).model)
+    aq.check_same_architecture(diffae, regression)
+    wider = build_model(aq.model_config("regression", aq.BenchConfig(model_overrides=[*TINY_MODEL,
+                                                                                      "model.base_channels=8"])).model)
+    with pytest.raises(ConfigError, match="base_channels"):
+        aq.check_same_architecture(diffae, wider)
+
+
+def test_run_microscopic_end_to_end(aq, tmp_path):
+    torch.manual_seed(0)
+    cfg = aq.BenchConfig(clip_frames=9, clip_side=16, movie_side=16, train_movies=1, train_frames=20, test_movies=2,
+                         test_clips_per_tile=2, model_overrides=TINY_MODEL, steps=2, batch_size=1, warmup_steps=1,
+                         recon_steps=2, table_samplers=["euler", "heun"], table_nfe=[1, 2], table_clips=2)
+    res = aq.run(cfg)
+    paths = aq.write_results(res, tmp_path / "ae_quality")
+    saved = json.loads(Path(paths["json"]).read_text())
+    assert set(saved["results"]) == {"diffae", "regression", "oracle_denoiser", "oracle_resample", "unconditional",
+                                      "input"}
+    assert saved["results"]["diffae"]["nfe"] == 2 and saved["results"]["regression"]["nfe"] == 1
+    for kind in ("diffae", "regression"):
+        assert len(saved["training"][kind]["loss"]) == 2
+        assert all(math.isfinite(v) for v in saved["training"][kind]["loss"])
+        assert saved["results"][kind]["corr_image_error"] >= 0
+    # Euler steps == NFE; Heun's single step costs 2 evaluations; the regression row closes the table
+    assert [(r["sampler"], r["nfe"]) for r in saved["sampler_table"]] == [
+        ("euler", 1), ("euler", 2), ("heun", 2), ("heun", 2), ("regression (L2)", 1)]
+    assert saved["verdict"]["goal_met"] in (True, False)
+    md = Path(paths["md"]).read_text()
+    assert "| DiffAE (flow decoder) |" in md and "## Sampler vs NFE" in md
+    for figure in paths["figures"]:
+        assert Path(figure).stat().st_size > 1000
