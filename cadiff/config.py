@@ -459,6 +459,7 @@ def compose(job: str, overrides: list[str] | None = None) -> DictConfig:
         detail = " ".join(str(exc).split()) or type(exc).__name__
         if exc.__cause__ is not None:
             detail += " (" + " ".join(str(exc.__cause__).split()) + ")"
+        detail = re.sub(r"\s*(reference_type|object_type)=[^\s)]+", "", detail)  # OmegaConf internals, not user keys
         detail = _redact_secrets(detail + _suggest_key(detail, JOB_SCHEMAS[job]), overrides)
         raise ConfigError(f"{job}: bad config or override: {detail}") from None
     finally:

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -330,6 +331,7 @@ def prepare_data(cfg: Any) -> dict[str, Any]:
     if state.get("fingerprint") not in (None, fingerprint):
         log.info("%s was prepared with a different config or input: removing its shards", out)
         _reset_outputs(out)
+    created_out = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(state_path, {"fingerprint": fingerprint, "complete": False})
     record_run(out, cfg, "prepare_data")
@@ -361,6 +363,8 @@ def prepare_data(cfg: Any) -> dict[str, Any]:
     except DataError:
         _reset_outputs(out)  # bad input found mid-way (e.g. NaN in a late frame): remove what this run wrote
         state_path.unlink(missing_ok=True)
+        if created_out:
+            shutil.rmtree(out, ignore_errors=True)  # the run record and split folders too: no partial output
         raise
     mean, std = moments.mean_std()
     center = float(cfg.normalization.center) if cfg.normalization.center is not None else mean

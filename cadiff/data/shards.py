@@ -258,6 +258,11 @@ def _decode(path: Path, key: str, members: dict[str, bytes], kind: str | None,
     if expected_shape is not None and tuple(array.shape) != tuple(expected_shape):
         raise DataError(f"{path}: sample {key!r} has shape {tuple(array.shape)}, expected {tuple(expected_shape)} "
                         "from index.json")
+    stored_kind = kind or ("clips" if array_name == MEMBERS["clips"] else "latents")
+    if str(array.dtype) not in DTYPES[stored_kind]:
+        # a float array in a clip shard would be normalized as if it were ADU: refuse it instead
+        raise DataError(f"{path}: sample {key!r} has dtype {array.dtype}, expected one of {DTYPES[stored_kind]} "
+                        f"({stored_kind} shards)")
     return key, array, meta
 
 

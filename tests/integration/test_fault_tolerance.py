@@ -1,0 +1,325 @@
+"""Fault tolerance on a real local Ray cluster: a Ray Train worker SIGKILLed mid-run, the driver interrupted
+(SIGTERM, SIGINT) and re-run, a crash mid-checkpoint, and a shard corrupted in the middle of a stream.
+
+Faults are injected from outside, like a real failure: a watcher thread reads the run folder (metrics.jsonl,
+Ray Train's checkpoint snapshot) and signals processes that descend from this test (never anyone else's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from cadiff.config import compose
+from cadiff.data import pipeline
+from cadiff.errors import DataError
+from cadiff.train.checkpoint import CheckpointManager, load_export
+from cadiff.train.launch import run_training
+
+REPO = Path(__file__).resolve().parents[2]
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of registered checkpoints
+RUN_ARGS = ["experiment=ae_tiny", "trainer.num_workers=2", "trainer.cpus_per_worker=0.5", "trainer.log_every=1",
+            "ema.decay=0.9"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading a live run folder
+
+
+def metric_steps(run_dir: Path) -> list[int]:
+    """Steps in metrics.jsonl, in file order (a line being written is skipped)."""
+    path = run_dir / "metrics.jsonl"
+    steps = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                steps.append(int(json.loads(line)["step"]))
+            except (ValueError, KeyError):
+                continue
+    return steps
+
+
+def registered_step(run_dir: Path) -> int:
+    """Step of the latest checkpoint Ray Train has registered (0 when none): the one a restart restores."""
+    try:
+        snap = json.loads((run_dir / "checkpoints" / SNAPSHOT).read_text())
+        return int(snap["latest_checkpoint_result"]["checkpoint_dir_name"].split("_")[-1])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 0
+
+
+def local_complete_step(run_dir: Path) -> int:
+    """Step of the latest COMPLETE checkpoint written by strategy=single (0 when none)."""
+    latest = CheckpointManager(run_dir).latest()
+    return int(latest.name.split("_")[-1]) if latest is not None else 0
+
+
+def resumed_from(steps: list[int]) -> list[int]:
+    """Checkpoint steps the run restarted from: where the step sequence goes back, the step before the new one."""
+    return [steps[i] - 1 for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
+
+
+def train_workers(root_pid: int) -> list[psutil.Process]:
+    """Ray Train worker processes started under ``root_pid`` (this test's cluster or job), oldest first."""
+    found = []
+    for proc in psutil.Process(root_pid).children(recursive=True):
+        try:
+            if proc.cmdline() and proc.cmdline()[0].startswith("ray::RayTrainWorker"):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return sorted(found, key=lambda p: p.create_time())
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, alive: Callable[[], bool] = lambda: True) -> bool:
+    """Poll ``condition`` every 0.1 s until it holds (True), time runs out or ``alive()`` turns false (False)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and alive():
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def mid_interval(run_dir: Path, step_of_checkpoint: Callable[[Path], int]) -> Callable[[], bool]:
+    """True once a checkpoint exists and training has gone past it (a kill now loses uncheckpointed steps)."""
+
+    def check() -> bool:
+        ckpt, steps = step_of_checkpoint(run_dir), metric_steps(run_dir)
+        return ckpt > 0 and bool(steps) and steps[-1] > ckpt
+
+    return check
+
+
+class WorkerKiller(threading.Thread):
+    """SIGKILLs one Ray Train worker under ``root_pid`` once ``run_dir`` is between two checkpoints."""
+
+    def __init__(self, root_pid: int, run_dir: Path, timeout_s: float = 400) -> None:
+        super().__init__(daemon=True)
+        self.root_pid, self.run_dir, self.timeout_s = root_pid, run_dir, timeout_s
+        self.stop = threading.Event()
+        self.killed: dict | None = None
+
+    def run(self) -> None:
+        ready = mid_interval(self.run_dir, registered_step)
+        if not wait_until(lambda: ready() and len(train_workers(self.root_pid)) == 2, self.timeout_s,
+                          alive=lambda: not self.stop.is_set()):
+            return
+        victim = train_workers(self.root_pid)[-1]
+        self.killed = {"pid": victim.pid, "checkpoint": registered_step(self.run_dir),
+                       "step": metric_steps(self.run_dir)[-1]}
+        os.kill(victim.pid, signal.SIGKILL)
+
+
+def job_command(job: str, *args: str) -> list[str]:
+    return [sys.executable, str(REPO / "jobs" / f"{job}.py"), *args]
+
+
+def job_env(ray_address: str | None = None) -> dict[str, str]:
+    """Environment of a job subprocess: its own local Ray, or the cluster at ``ray_address``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "HYDRA_FULL_ERROR")}
+    env.update(WANDB_MODE="offline", RAY_DEDUP_LOGS="0")
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    return env
+
+
+def _default_sigint() -> None:
+    # a shell starts background commands with SIGINT ignored, and children inherit that: undo it for the job
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def interrupt_job(cmd: list[str], cwd: Path, run_dir: Path, sig: int, step_of_checkpoint: Callable[[Path], int],
+                  timeout_s: float = 400, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, dict]:
+    """Start a job, send ``sig`` to the driver alone between two checkpoints, wait for it to exit.
+
+    Returns the finished process and what was seen when the signal went out. Processes of the job that
+    outlive it (a Ray cluster the driver failed to stop) are reported in ``seen["survivors"]`` and killed.
+    """
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env or job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=_default_sigint)
+    seen: dict = {}
+    descendants: list[psutil.Process] = []
+    try:
+        if wait_until(mid_interval(run_dir, step_of_checkpoint), timeout_s, alive=lambda: proc.poll() is None):
+            descendants = psutil.Process(proc.pid).children(recursive=True)
+            seen = {"checkpoint": step_of_checkpoint(run_dir), "step": metric_steps(run_dir)[-1]}
+            proc.send_signal(sig)
+        out, err = proc.communicate(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    gone, survivors = psutil.wait_procs(descendants, timeout=30)
+    seen["survivors"] = [p.pid for p in survivors]
+    for p in survivors:
+        p.kill()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), seen
+
+
+def assert_finished(run_dir: Path, max_steps: int) -> None:
+    steps = metric_steps(run_dir)
+    assert steps[-1] == max_steps and steps.count(1) == 1, f"run did not finish or restarted from scratch: {steps}"
+    state, _model_cfg, meta = load_export(run_dir / "export" / "model.pt")
+    assert meta["step"] == max_steps
+    assert state and all(torch.isfinite(v).all() for v in state.values())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# worker failure
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_zero2"])
+def test_worker_killed_mid_run_restores_latest_checkpoint(ray_cluster, sim_data_root, tmp_path, strategy):
+    max_steps = 12
+    run_dir = tmp_path / "train_ae" / strategy
+    cfg = compose("train_ae", [*RUN_ARGS, f"strategy={strategy}", f"data.root={sim_data_root}", f"out_root={tmp_path}",
+                               f"run_name={strategy}", f"trainer.max_steps={max_steps}", "trainer.val_every=12",
+                               "trainer.ckpt_every=3", "trainer.max_failures=1"])
+    killer = WorkerKiller(os.getpid(), run_dir)
+    killer.start()
+    try:
+        run_training(cfg, "ae")
+    finally:
+        killer.stop.set()
+        killer.join()
+    assert killer.killed is not None, f"no worker was killed mid-run (steps {metric_steps(run_dir)})"
+    assert not psutil.pid_exists(killer.killed["pid"]) or psutil.Process(killer.killed["pid"]).status() == "zombie"
+    steps = metric_steps(run_dir)
+    restarts = resumed_from(steps)
+    # exactly one restart, from a registered checkpoint at or after the one seen at the kill (never step 0)
+    assert len(restarts) == 1, f"expected one restart, steps {steps}, kill {killer.killed}"
+    assert restarts[0] >= killer.killed["checkpoint"] > 0 and restarts[0] % 3 == 0, (steps, killer.killed)
+    assert_finished(run_dir, max_steps)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# driver interrupted, then the same command again
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_driver_sigterm_then_rerun_resumes(ray_cluster, sim_data_root, tmp_path):
+    """The job connects to the session cluster ($RAY_ADDRESS, as under `ray job submit`): no cluster start-up."""
+    max_steps = 6
+    run_dir = tmp_path / "train_ae" / "term"
+    env = job_env(ray_cluster.get_runtime_context().gcs_address)
+    cmd = job_command("train_ae", *RUN_ARGS, "strategy=ddp", f"data.root={sim_data_root}", f"out_root={tmp_path}",
+                      "run_name=term", f"trainer.max_steps={max_steps}", "trainer.val_every=6", "trainer.ckpt_every=2")
+    first, seen = interrupt_job(cmd, tmp_path, run_dir, signal.SIGTERM, registered_step, env=env)
+    assert seen.get("checkpoint", 0) > 0, f"never reached a registered checkpoint: {first.stdout}{first.stderr[-3000:]}"
+    lines = [line for line in first.stdout.splitlines() if line.startswith("cadiff train_ae:")]
+    assert first.returncode == 130 and lines == ["cadiff train_ae: error: interrupted; re-run the same command to resume"], (
+        first.returncode, first.stdout, first.stderr[-3000:])
+    assert not seen["survivors"], f"processes outlived the interrupted driver: {seen['survivors']}"
+    assert wait_until(lambda: not train_workers(os.getpid()), 60), "the run's Ray Train workers outlived its driver"
+    assert not (run_dir / "export").exists()
+    good = registered_step(run_dir)  # a checkpoint may still have registered during the graceful abort
+    assert good >= seen["checkpoint"]
+
+    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stdout + second.stderr[-3000:]
+    assert second.stdout.splitlines()[-1].startswith(f"cadiff train_ae: ok step={max_steps} ")
+    steps = metric_steps(run_dir)
+    assert resumed_from(steps) in ([good], []), f"re-run did not resume from step {good}: {steps}"
+    assert_finished(run_dir, max_steps)
+
+
+def test_driver_sigint_single_strategy_then_crash_mid_checkpoint_then_rerun(sim_data_root, tmp_path):
+    """strategy=single (no Ray): Ctrl-C between checkpoints, a half-written newer checkpoint, then resume."""
+    max_steps = 16
+    run_dir = tmp_path / "train_ae" / "single"
+    cmd = job_command("train_ae", "experiment=ae_tiny", "strategy=single", "trainer.num_workers=1", "trainer.log_every=1",
+                      "trainer.ckpt_every=4", "trainer.val_every=16", f"trainer.max_steps={max_steps}",
+                      "trainer.threads_per_worker=1", f"data.root={sim_data_root}", f"out_root={tmp_path}", "run_name=single")
+    first, seen = interrupt_job(cmd, tmp_path, run_dir, signal.SIGINT, local_complete_step, timeout_s=200)
+    assert seen.get("checkpoint", 0) > 0, first.stdout + first.stderr[-3000:]
+    assert first.returncode == 130, (first.returncode, first.stdout, first.stderr[-3000:])
+    assert first.stdout.splitlines() == ["cadiff train_ae: error: interrupted; re-run the same command to resume"]
+    good = local_complete_step(run_dir)
+    assert good >= seen["checkpoint"] and not (run_dir / "export").exists()
+
+    # a crash while writing the next checkpoint: a temp folder with a truncated model file and no COMPLETE marker
+    partial = run_dir / "checkpoints" / f".tmp_step_{good + 4:08d}"
+    partial.mkdir()
+    full = (run_dir / "checkpoints" / f"step_{good:08d}" / "model.pt").read_bytes()
+    (partial / "model.pt").write_bytes(full[: len(full) // 3])
+    assert local_complete_step(run_dir) == good
+
+    second = subprocess.run(cmd, cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr[-3000:]
+    steps = metric_steps(run_dir)
+    # resumed at good + 1 (no step goes back when the interrupt came right after checkpoint `good`)
+    assert resumed_from(steps) in ([good], []), f"did not resume from step {good}: {steps}"
+    assert not partial.exists(), "the half-written checkpoint was not cleaned up"
+    assert_finished(run_dir, max_steps)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# corrupt shard found mid-stream
+
+
+def corrupt_payload(shard: Path) -> str:
+    """Overwrite the npy magic of the shard's first clip in place: tar headers stay valid, decoding fails."""
+    with tarfile.open(shard, "r:") as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".clip.npy"))
+    with open(shard, "r+b") as fh:
+        fh.seek(member.offset_data)
+        fh.write(b"garbage!")
+    return member.name
+
+
+def _data_cfg(mode: str):
+    from omegaconf import OmegaConf
+
+    from cadiff.config import DataConfig
+
+    return OmegaConf.structured(DataConfig(batch_size=2, corrupt_shards=mode, flip=False))
+
+
+@pytest.mark.ray
+def test_corrupt_shard_mid_stream_fail_names_it_and_skip_drops_only_it(ray_cluster, sim_data_root, tmp_path, caplog):
+    root = tmp_path / "data"
+    shutil.copytree(sim_data_root, root)
+    bad = root / "train" / "clips-000001.tar"
+    member = corrupt_payload(bad)
+
+    # the up-front header scan passes: the corruption is only found while streaming
+    dataset = pipeline.clip_dataset(root, "train", _data_cfg("fail"))
+    with pytest.raises(Exception) as info:
+        dataset.take_all()
+    text = f"{info.value}"
+    assert "clips-000001.tar" in text and member.split(".")[0] in text and "corrupt" in text, text
+
+    rows = pipeline.clip_dataset(root, "train", _data_cfg("skip")).take_all()
+    assert len(rows) == 15 - 4, "skip must drop exactly the 4 clips of the corrupt shard"
+    assert all(np.isfinite(r["x"]).all() and r["x"].shape == (1, 17, 32, 32) for r in rows)
+
+
+def test_corrupt_shard_mid_stream_deterministic_path_never_drops_silently(sim_data_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(sim_data_root, root)
+    bad = root / "train" / "clips-000000.tar"
+    corrupt_payload(bad)
+    for mode in ("fail", "skip"):
+        batches = pipeline.deterministic_batches(root, "train", _data_cfg(mode), rank=0, world_size=1, seed=0)
+        # exact-resume mode cannot drop a sample mid-epoch without changing every later batch: it fails loudly
+        with pytest.raises(DataError, match=r"clips-000000\.tar.*cannot be decoded"):
+            for _ in range(8):  # one epoch of 15 clips in batches of 2 reads every shard
+                next(batches)
