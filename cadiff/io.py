@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or folder by path (a folder: so a rename inside it is durable); best effort."""
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -41,7 +42,7 @@ def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, final)
-        _fsync_dir(final.parent)
+        fsync_path(final.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -68,7 +69,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old)
         else:
             os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_path(final.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -12,15 +12,16 @@ from cadiff.errors import CheckpointError
 
 def resolve_export(path: str | Path, key: str) -> Path:
     """A run folder or an export file -> the export file; CheckpointError naming ``key`` when absent."""
-    p = Path(path)
-    candidates = [p] if p.suffix == ".pt" else [p / "export" / "model.pt", p / "model.pt"]
-    for c in candidates:
-        if c.is_file():
-            return c.resolve()
-    raise CheckpointError(
-        f"{key}='{path}': no model export found (looked for {', '.join(str(c) for c in candidates)}); "
-        "expected a finished training run folder or its export/model.pt"
-    )
+    from cadiff.train.checkpoint import resolve_export as find_export
+
+    try:
+        return find_export(path).resolve()
+    except CheckpointError:
+        looked = [Path(path)] if Path(path).suffix == ".pt" else [Path(path) / "export" / "model.pt", Path(path) / "model.pt"]
+        raise CheckpointError(
+            f"{key}='{path}': no model export found (looked for {', '.join(str(c) for c in looked)}); "
+            "expected a finished training run folder or its export/model.pt"
+        ) from None
 
 
 def load_exported_model(path: str | Path, key: str, expected_stage: str) -> tuple[nn.Module, dict[str, Any], Path]:

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from cadiff.errors import CheckpointError, ConfigError
-from cadiff.io import atomic_path
+from cadiff.io import atomic_path, fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +66,6 @@ def _dist_rank_world() -> tuple[int, int]:
 def _barrier() -> None:
     if _dist_rank_world()[1] > 1:
         dist.barrier()
-
-
-def _fsync_path(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _list_files(folder: Path) -> dict[str, int]:
@@ -140,12 +131,12 @@ class CheckpointManager:
                 raise CheckpointError(f"checkpoint temp folder '{tmp}' does not exist; expected one from tmp_dir({step})")
             files = _list_files(tmp)
             for rel in files:
-                _fsync_path(tmp / rel)
+                fsync_path(tmp / rel)
             manifest = {"step": int(step), "files": files}
             with atomic_path(tmp / MARKER) as marker:
                 marker.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
             for sub in {(tmp / rel).parent for rel in files} | {tmp}:
-                _fsync_path(sub)
+                fsync_path(sub)
             if final.exists():
                 # keep the old copy of this step recoverable until the new one is in place
                 replaced = self.root / f".replaced_{final.name}"
@@ -155,7 +146,7 @@ class CheckpointManager:
                 shutil.rmtree(replaced, ignore_errors=True)
             else:
                 os.replace(tmp, final)
-            _fsync_path(self.root)
+            fsync_path(self.root)
             self._prune(keep=final)
             log.info("checkpoint committed: %s", final)
         _barrier()
