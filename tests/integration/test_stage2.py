@@ -53,10 +53,13 @@ def test_encode_latents_shapes_stats_determinism_resume(latents_root, stage1_run
     assert "up to date" in summary
 
 
-def test_train_latent_ddp_two_workers_and_resume(latents_root, tmp_path):
+@pytest.mark.parametrize(
+    "strategy", ["ddp", pytest.param("deepspeed_zero2", marks=pytest.mark.slow), pytest.param("fsdp2", marks=pytest.mark.slow)]
+)
+def test_train_latent_two_workers_and_resume(latents_root, tmp_path, strategy):
     def cfg(steps):
         return compose("train_latent", ["experiment=dit_tiny", f"latents.root={latents_root}", f"out_root={tmp_path}",
-                                        "run_name=d2", "strategy=ddp", "trainer.num_workers=2", "trainer.cpus_per_worker=0.5",
+                                        "run_name=d2", f"strategy={strategy}", "trainer.num_workers=2", "trainer.cpus_per_worker=0.5",
                                         f"trainer.max_steps={steps}", "trainer.log_every=1", "trainer.ckpt_every=2",
                                         "trainer.val_every=2", "latents.batch_size=2"])
 
