@@ -151,14 +151,6 @@ def data_cfg_for(cfg: Any, stage: str) -> Any:
     return cfg.data if stage == "ae" else cfg.latents
 
 
-def build_stage_model(cfg: Any, stage: str) -> nn.Module:
-    """The plain model of a stage; stage 2 takes its input channels from the latent index."""
-    from cadiff.models.registry import build_model
-
-    model_cfg = dict(from_dict(cfg, SCHEMAS[stage]).model) if not isinstance(cfg, dict) else dict(cfg["model"])
-    return build_model(model_cfg)
-
-
 def batch_iterator(cfg: Any, stage: str, use_ray: bool, rank: int, world: int, start_batch: int) -> Iterator[torch.Tensor]:
     """Infinite iterator of training batches ``[B, C, T, H, W]`` float32 for this rank."""
     from cadiff.data import pipeline
@@ -205,7 +197,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() and tcfg.gpus_per_worker > 0 else torch.device("cpu")
     _seed_everything(cfg.seed + 1000 * rank)
 
-    model = build_stage_model(config["cfg"], stage)
+    from cadiff.models.registry import build_model
+
+    model = build_model(config["cfg"]["model"])  # stage 2's in_channels were filled in by the driver
     model_config = dict(model.model_config)
     wrapped = TrainingModule(model)
     data_cfg = data_cfg_for(cfg, stage)
