@@ -321,10 +321,16 @@ def run_training(cfg: Any, stage: str) -> tuple[str, str]:
         check_cluster_fits(cfg)
         plan = plan_run(cfg, stage)
         trainer = build_trainer(plan, callbacks=[progress_callback(cfg.trainer.max_steps)])
+        # Ray Train installs its own SIGINT handler for the duration of fit() and leaves it behind; restore
+        # ours so a later Ctrl-C (or a forwarded SIGTERM) in this process raises KeyboardInterrupt again.
+        sigint = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
         try:
             trainer.fit()
         except ray.train.TrainingFailedError as exc:
             raise CadiffError(f"training failed in {plan.run_dir}: {_root_cause(exc)}") from exc
+        finally:
+            if sigint is not None:
+                signal.signal(signal.SIGINT, sigint)
     return summarize(plan.run_dir)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,9 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 def test_ddp_trains_writes_export_media_and_resumes(ray_cluster, sim_data_root, tmp_path):
     cfg = _cfg(sim_data_root, tmp_path, "r1", "strategy=ddp", "trainer.max_steps=4", "logger=wandb")
+    sigint = signal.getsignal(signal.SIGINT)
     summary, path = run_training(cfg, "ae")
+    assert signal.getsignal(signal.SIGINT) is sigint, "Ray Train's SIGINT handler must not outlive fit()"
     run_dir = Path(path)
     rows = _metrics(run_dir)
     losses = [r["loss"] for r in rows if "loss" in r]

@@ -213,6 +213,8 @@ def test_init_ray_passes_the_dashboard_host(monkeypatch, overrides, host):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
     previous = signal.getsignal(signal.SIGTERM)
+    # the test is about forwarding, whatever SIGINT handler an earlier test in this process left behind
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         launch.init_ray(compose("train_ae", overrides).ray)
         # SIGTERM now runs the SIGINT handler (Ray's core worker would abort the driver without cleanup)
@@ -220,6 +222,7 @@ def test_init_ray_passes_the_dashboard_host(monkeypatch, overrides, host):
             signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     assert len(calls) == 1 and calls[0]["address"] == "local"
     assert calls[0]["dashboard_host"] == host and calls[0]["include_dashboard"] is (host != "127.0.0.1")
 
