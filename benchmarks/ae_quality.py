@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cadiff.config import compose  # noqa: E402
 from cadiff.data.movie import to_photons  # noqa: E402
-from cadiff.data.noise import PhotonTransfer, estimate_photon_transfer  # noqa: E402
+from cadiff.data.noise import PhotonTransfer, anscombe, estimate_photon_transfer, inverse_anscombe  # noqa: E402
 from cadiff.data.simulate import GroundTruth, simulate_movie  # noqa: E402
 from cadiff.errors import ConfigError, DataError  # noqa: E402
 from cadiff.eval.metrics import evaluate_sets, local_correlation_image, photon_transfer, to_jsonable  # noqa: E402
@@ -110,6 +110,7 @@ class BenchConfig:
     eval_batch: int = 16
     seed: int = 0
     threads: int = 1
+    normalization: str = "photon"  # photon | anscombe (variance-stabilized: the noise the decoder draws is ~N(0, 1))
 
 
 QUICK = {"train_movies": 2, "train_frames": 120, "test_movies": 1, "test_clips_per_tile": 2, "steps": 40,
@@ -130,13 +131,33 @@ class HeldOut:
 
 @dataclass
 class BenchData:
-    """Training movies, held-out movies and the normalization ``x = (photons - center) / scale``."""
+    """Training movies, held-out movies and the normalization ``x = (f(photons) - center) / scale``.
+
+    ``f`` is the identity (``normalization="photon"``) or the generalized Anscombe transform (``"anscombe"``,
+    the pipeline's ``normalization.kind=anscombe``), with ``center``/``scale`` measured in ``f``'s units.
+    """
 
     train: list[np.ndarray]
     held_out: list[HeldOut]
     center: float
     scale: float
     rate_hz: float
+    normalization: str = "photon"
+    read_noise_photons: float = 0.0
+
+    def _f(self, photons: np.ndarray) -> np.ndarray:
+        if self.normalization == "anscombe":
+            return anscombe(np.asarray(photons, dtype=np.float64), self.read_noise_photons)
+        return np.asarray(photons)
+
+    def to_model(self, photons: np.ndarray) -> np.ndarray:
+        """Photon clips -> the models' normalized float32 input."""
+        return ((self._f(photons) - self.center) / self.scale).astype(np.float32)
+
+    def to_photons(self, x: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`to_model` (float64 photons)."""
+        f = np.asarray(x, dtype=np.float64) * self.scale + self.center
+        return inverse_anscombe(f, self.read_noise_photons) if self.normalization == "anscombe" else f
 
 
 def simulate_data(cfg: BenchConfig) -> BenchData:
@@ -145,19 +166,23 @@ def simulate_data(cfg: BenchConfig) -> BenchData:
         raise ConfigError(f"movie_side {cfg.movie_side}: expected a multiple of clip_side {cfg.clip_side}")
     if cfg.train_frames < cfg.clip_frames:
         raise ConfigError(f"train_frames {cfg.train_frames}: expected >= clip_frames {cfg.clip_frames}")
-    train, rate_hz = [], 0.0
+    if cfg.normalization not in ("photon", "anscombe"):
+        raise ConfigError(f"normalization {cfg.normalization!r}: expected 'photon' or 'anscombe'")
+    train, rate_hz, read_noise = [], 0.0, 0.0
     for i in range(cfg.train_movies):
         movie, _ = simulate_movie(cfg.preset, cfg.train_frames, cfg.movie_side, cfg.movie_side,
                                   seed=cfg.seed * 1000 + i, return_clean=False)
         train.append(to_photons(movie.data, movie.gain, movie.offset))
-        rate_hz = movie.rate_hz
+        rate_hz, read_noise = movie.rate_hz, float(movie.read_noise or 0.0) / float(movie.gain)
     held_out = []
     for i in range(cfg.test_movies):
         movie, truth = simulate_movie(cfg.preset, cfg.clip_frames * cfg.test_clips_per_tile, cfg.movie_side,
                                       cfg.movie_side, seed=cfg.seed * 1000 + 500 + i)
         held_out.append(HeldOut(to_photons(movie.data, movie.gain, movie.offset), truth))
-    pixels = np.concatenate([m.ravel() for m in train]).astype(np.float64)
-    return BenchData(train, held_out, float(pixels.mean()), float(max(pixels.std(), 1e-6)), rate_hz)
+    data = BenchData(train, held_out, 0.0, 1.0, rate_hz, cfg.normalization, read_noise)
+    pixels = data._f(np.concatenate([m.ravel() for m in train]).astype(np.float64))
+    data.center, data.scale = float(pixels.mean()), float(max(pixels.std(), 1e-6))
+    return data
 
 
 def train_batches(data: BenchData, cfg: BenchConfig) -> Iterator[torch.Tensor]:
@@ -176,7 +201,7 @@ def train_batches(data: BenchData, cfg: BenchConfig) -> Iterator[torch.Tensor]:
             if rng.random() < 0.5:
                 clip = clip[:, :, ::-1]
             clips.append(clip)
-        batch = (np.stack(clips).astype(np.float32) - data.center) / data.scale
+        batch = data.to_model(np.stack(clips))
         yield torch.from_numpy(np.ascontiguousarray(batch[:, None]))
 
 
@@ -268,9 +293,9 @@ def reconstruct_clips(model: nn.Module, clips: np.ndarray, data: BenchData, samp
     generator = torch.Generator().manual_seed(seed)
     out, nfe = [], 1
     for i in range(0, len(clips), batch_size):
-        x = torch.from_numpy(((clips[i:i + batch_size] - data.center) / data.scale).astype(np.float32))[:, None]
+        x = torch.from_numpy(data.to_model(clips[i:i + batch_size]))[:, None]
         y = model.reconstruct(x, sampler=sampler, num_steps=num_steps, generator=generator)
-        out.append(y[:, 0].double().numpy() * data.scale + data.center)
+        out.append(data.to_photons(y[:, 0].double().numpy()))
         nfe = int(getattr(model, "last_nfe", 1) or 1)  # the regression decoder is one evaluation
     return np.concatenate(out).astype(np.float32), nfe
 
@@ -580,7 +605,9 @@ def render_markdown(res: dict[str, Any]) -> str:
         "",
         f"Simulator preset `{cfg['preset']}`; {cfg['train_movies']} training movies of "
         f"{cfg['train_frames']}x{cfg['movie_side']}x{cfg['movie_side']}, {data['held_out_clips']} held-out clips "
-        f"{data['clip_shape']} from {cfg['test_movies']} other movies ({data['neurons_held_out']} neurons). "
+        f"{data['clip_shape']} from {cfg['test_movies']} other movies ({data['neurons_held_out']} neurons); "
+        f"model input normalized as `{cfg.get('normalization', 'photon')}` (photons, or their generalized Anscombe "
+        "transform), metrics in photons. "
         f"Both models: `experiment={cfg['experiment']}` {' '.join(cfg['model_overrides'])}, "
         f"{tr['diffae']['params']:,} parameters, {cfg['steps']} steps x batch {cfg['batch_size']}, "
         f"lr {tr['diffae']['lr']:g} warmup-cosine, EMA (EDM2 gamma {EMA_GAMMA}), seed {cfg['seed']}, same batches. "
@@ -782,11 +809,15 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, Path]:
     p.add_argument("--recon-steps", type=int)
     p.add_argument("--table-nfe", type=int, nargs="+")
     p.add_argument("--table-clips", type=int)
+    p.add_argument("--normalization", choices=["photon", "anscombe"])
+    p.add_argument("--clip-side", type=int)
+    p.add_argument("--experiment")
     p.add_argument("--override", action="append", default=None, help="extra Hydra override for both models")
     p.add_argument("--out", type=Path, help="output prefix (default benchmarks/results/ae_quality)")
     a = p.parse_args(argv)
     cfg = BenchConfig(**(QUICK if a.quick else {}))
-    for name in ("steps", "batch_size", "lr", "seed", "threads", "recon_steps", "table_nfe", "table_clips"):
+    for name in ("steps", "batch_size", "lr", "seed", "threads", "recon_steps", "table_nfe", "table_clips",
+                 "normalization", "clip_side", "experiment"):
         if getattr(a, name) is not None:
             setattr(cfg, name, getattr(a, name))
     if a.override:

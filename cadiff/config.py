@@ -202,7 +202,10 @@ class TrainerConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
-    precision: str = "fp32"  # fp32 | bf16
+    precision: str = "fp32"  # fp32 | bf16 | auto (bf16 autocast where the device multiplies bf16 in hardware)
+    # torch.compile placement: none | blocks (each residual/transformer block, the shard units) | model (each
+    # network whole); benchmarks/model_step.md measures both (blocks + bf16: 2.8x the eager fp32 DiffAE step)
+    compile: str = "none"
     log_every: int = 10
     val_every: int = 100
     ckpt_every: int = 100
@@ -549,9 +552,17 @@ def validate_trainer(t: Any, prefix: str = "trainer") -> None:
     _require(t.grad_clip >= 0, f"{prefix}.grad_clip", t.grad_clip, ">= 0 (0 disables)")
     _require(0 < t.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", t.min_lr_ratio, "in (0, 1]")
     _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), f"{prefix}.betas", list(t.betas), "[b1, b2] in [0, 1)")
-    _choice(f"{prefix}.precision", t.precision, ("fp32", "bf16"))
+    _choice(f"{prefix}.precision", t.precision, ("fp32", "bf16", "auto"))
+    _choice(f"{prefix}.compile", t.compile, ("none", "blocks", "model"))
     for k in ("log_every", "val_every", "ckpt_every", "num_to_keep"):
         _require(getattr(t, k) >= 1, f"{prefix}.{k}", getattr(t, k), ">= 1")
+
+
+def _check_compile_strategy(cfg: Any) -> None:
+    # DeepSpeed's ZeRO hooks gather/partition parameters around every submodule call, which dynamo would trace
+    if cfg.trainer.compile != "none" and cfg.strategy.name == "deepspeed":
+        raise ConfigError(f"trainer.compile={cfg.trainer.compile!r} with strategy.name=deepspeed: not supported "
+                          "(ZeRO's parameter hooks break graph capture); use trainer.compile=none, or ddp/fsdp2")
 
 
 def validate_strategy(s: Any, num_workers: int) -> None:
@@ -600,6 +611,7 @@ def validate_train_ae(cfg: Any) -> None:
     validate_autoencoder(cfg.model)
     validate_trainer(cfg.trainer)
     validate_strategy(cfg.strategy, cfg.trainer.num_workers)
+    _check_compile_strategy(cfg)
     validate_ema(cfg.ema)
     validate_logger(cfg.logger)
     _validate_data(cfg.data, "data")
@@ -632,6 +644,7 @@ def validate_train_latent(cfg: Any) -> None:
     validate_dit(cfg.model)
     validate_trainer(cfg.trainer)
     validate_strategy(cfg.strategy, cfg.trainer.num_workers)
+    _check_compile_strategy(cfg)
     validate_ema(cfg.ema)
     validate_logger(cfg.logger)
     _validate_data(cfg.latents, "latents")

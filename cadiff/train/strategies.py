@@ -152,7 +152,42 @@ def apply_fsdp2(module: nn.Module, device: torch.device, bf16: bool, reshard_aft
     return module
 
 
-def deepspeed_config(strategy_cfg: Any, trainer_cfg: Any, micro_batch_size: int) -> dict[str, Any]:
+def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
+    """True when this CPU multiplies bf16 in hardware (Intel AMX-BF16 or AVX512-BF16), read from /proc/cpuinfo.
+
+    Elsewhere (no flags, or not Linux) oneDNN emulates bf16 and autocast is slower than fp32.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+            break
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``trainer.precision`` as run on ``device``: ``auto`` is bf16 autocast where bf16 pays, else fp32.
+
+    bf16 pays on CUDA devices that support it and on CPUs with AMX/AVX512-BF16 (benchmarks/model_step.py:
+    1.75x the fp32 step of the default DiffAE on one such CPU).
+    """
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    return "fp32"
+
+
+def deepspeed_config(strategy_cfg: Any, trainer_cfg: Any, micro_batch_size: int,
+                     precision: str | None = None) -> dict[str, Any]:
     """DeepSpeed config dict for ZeRO stage ``strategy_cfg.zero_stage`` (https://www.deepspeed.ai/docs/config-json/)."""
     zero: dict[str, Any] = {"stage": int(strategy_cfg.zero_stage)}
     if strategy_cfg.zero_stage == 3:
@@ -167,7 +202,7 @@ def deepspeed_config(strategy_cfg: Any, trainer_cfg: Any, micro_batch_size: int)
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    if trainer_cfg.precision == "bf16":
+    if (precision or trainer_cfg.precision) == "bf16":
         # torch autocast keeps fp32 weights in the module (EMA and exports stay fp32); DeepSpeed's "bf16" mode
         # would turn the module itself to bf16
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
@@ -191,6 +226,7 @@ class Strategy:
         self.grad_accum = int(trainer_cfg.grad_accum)
         self.rank, self.world_size = _rank_world()
         self.device = torch.device("cpu")
+        self.precision = resolve_precision(trainer_cfg.precision, self.device)
         self.model: nn.Module | None = None
         self.module: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -201,6 +237,7 @@ class Strategy:
     def setup(self, model: nn.Module, device: torch.device) -> None:
         """Move ``model`` to ``device``, wrap it for this strategy and build AdamW; sets ``.model``/``.module``."""
         self.device = torch.device(device)
+        self.precision = resolve_precision(self.trainer_cfg.precision, self.device)
         self.rank, self.world_size = _rank_world()
         self.module = model
         self._wrap(model)
@@ -225,8 +262,8 @@ class Strategy:
         return warmup_cosine_lr(step, float(t.lr), int(t.warmup_steps), int(t.max_steps), float(t.min_lr_ratio))
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast when ``trainer.precision=bf16``, else a no-op context."""
-        if self.trainer_cfg.precision == "bf16":
+        """bf16 autocast when the resolved ``trainer.precision`` is bf16, else a no-op context."""
+        if self.precision == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -379,7 +416,7 @@ class FSDP2Strategy(Strategy):
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         model = model.to(self.device)
-        bf16 = self.trainer_cfg.precision == "bf16"
+        bf16 = self.precision == "bf16"
         self.module = apply_fsdp2(model, self.device, bf16, bool(self.strategy_cfg.reshard_after_forward))
         self.model = self.module
         self.optimizer = build_adamw(self.module.parameters(), self.trainer_cfg)
@@ -469,7 +506,7 @@ class DeepSpeedStrategy(Strategy):
         os.environ.setdefault("LOCAL_RANK", str(self.device.index or 0) if self.device.type == "cuda" else "0")
         model = model.to(self.device)
         self.optimizer = build_adamw(model.parameters(), self.trainer_cfg)
-        config = deepspeed_config(self.strategy_cfg, self.trainer_cfg, self.micro_batch_size)
+        config = deepspeed_config(self.strategy_cfg, self.trainer_cfg, self.micro_batch_size, self.precision)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=config)
         self.model = self.engine
         self.module = self.engine.module

@@ -126,6 +126,8 @@ def test_loss_falls_over_training(ray_cluster, sim_data_root, tmp_path):
         (["strategy=zero4"], "strategy"),
         (["strategy=deepspeed_zero2", "strategy.zero_stage=4"], "zero_stage"),
         (["trainer.num_workers=64"], "num_workers"),
+        (["trainer.compile=everything"], "trainer.compile"),
+        (["strategy=deepspeed_zero1", "trainer.compile=blocks"], "deepspeed"),
     ],
 )
 def test_bad_training_config_fails_before_workers(ray_cluster, sim_data_root, tmp_path, overrides, match):
@@ -143,3 +145,18 @@ def test_exact_resume_single_process(sim_data_root, tmp_path):
     a, b = _export_state(full), _export_state(split)
     worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     assert worst <= 1e-6, f"2N steps != N + resume + N (max abs diff {worst})"
+
+
+@pytest.mark.slow
+def test_compiled_blocks_in_bf16_train_and_export_plain_weights(sim_data_root, tmp_path):
+    """trainer.compile=blocks + bf16: compiled in place, so checkpoints and exports keep the eager key names."""
+    from cadiff.models.registry import build_model
+
+    cfg = _cfg(sim_data_root, tmp_path, "compiled", "strategy=single", "trainer.num_workers=1", "trainer.max_steps=2",
+               "trainer.compile=blocks", "trainer.precision=bf16")
+    _, path = run_training(cfg, "ae")
+    rows = _metrics(Path(path))
+    assert rows[-1]["step"] == 2 and all(torch.isfinite(torch.tensor([r["loss"] for r in rows if "loss" in r])))
+    state, model_cfg, _ = load_export(Path(path) / "export" / "model.pt")
+    assert not any("_orig_mod" in k for k in state)
+    build_model(model_cfg).load_state_dict(state)  # strict: the eager model takes the compiled run's weights

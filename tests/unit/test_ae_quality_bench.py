@@ -133,3 +133,23 @@ def test_run_microscopic_end_to_end(aq, tmp_path):
     assert "| DiffAE (flow decoder) |" in md and "## Sampler vs NFE" in md
     for figure in paths["figures"]:
         assert Path(figure).stat().st_size > 1000
+
+
+def test_anscombe_normalization_round_trips_and_stabilizes_noise(aq):
+    cfg = aq.BenchConfig(clip_side=16, movie_side=32, train_movies=1, train_frames=34, test_movies=1,
+                         test_clips_per_tile=2, seed=3, normalization="anscombe")
+    data = aq.simulate_data(cfg)
+    photons = data.train[0]
+    assert data.normalization == "anscombe" and data.read_noise_photons > 0
+    x = data.to_model(photons)
+    assert x.dtype == np.float32 and abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1) < 1e-3
+    np.testing.assert_allclose(data.to_photons(x), np.maximum(photons, -0.375 - data.read_noise_photons ** 2),
+                               atol=2e-3 * float(np.abs(photons).max()))
+    # variance-stabilized: frame-to-frame noise in Anscombe units is ~1 at any brightness (photons: ~the mean)
+    f = aq.anscombe(photons.astype(np.float64), data.read_noise_photons)
+    diff_var = np.var(np.diff(f, axis=0), axis=0) / 2
+    bright = photons.mean(0) > np.percentile(photons.mean(0), 80)
+    dim = photons.mean(0) < np.percentile(photons.mean(0), 20)
+    assert 0.6 < diff_var[bright].mean() / diff_var[dim].mean() < 1.6
+    with pytest.raises(ConfigError, match="normalization"):
+        aq.simulate_data(aq.BenchConfig(normalization="log"))

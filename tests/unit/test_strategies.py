@@ -505,3 +505,27 @@ def test_deepspeed_config_follows_trainer():
     assert (cfg["gradient_accumulation_steps"], cfg["gradient_clipping"], cfg["train_micro_batch_size_per_gpu"]) == (4, 0.5, 2)
     assert cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     assert "torch_autocast" not in deepspeed_config(StrategyConfig(name="deepspeed", zero_stage=1), TrainerConfig(), 1)
+
+
+def test_auto_precision_resolves_from_the_hardware(monkeypatch):
+    from cadiff.train import strategies
+
+    amx = "processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n"
+    plain = "processor\t: 0\nflags\t\t: fpu avx2 avx512f\n"
+    assert strategies.cpu_has_fast_bf16(amx) and not strategies.cpu_has_fast_bf16(plain)
+    assert strategies.cpu_has_fast_bf16("flags : sse avx512_bf16\n") and not strategies.cpu_has_fast_bf16("")
+    for fast, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(strategies, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        assert strategies.resolve_precision("auto", torch.device("cpu")) == expected
+        strategy = build_strategy(StrategyConfig(name="single"), TrainerConfig(precision="auto"))
+        strategy.setup(make_model(0), torch.device("cpu"))
+        assert strategy.precision == expected
+        assert torch.is_autocast_enabled("cpu") is False
+        with strategy.autocast():
+            assert torch.is_autocast_enabled("cpu") is (expected == "bf16")
+        ds = deepspeed_config(StrategyConfig(name="deepspeed", zero_stage=1), TrainerConfig(precision="auto"), 1,
+                              strategy.precision)
+        assert ("torch_autocast" in ds) is (expected == "bf16")
+    # explicit settings are never second-guessed
+    assert strategies.resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    assert strategies.resolve_precision("bf16", torch.device("cpu")) == "bf16"
