@@ -111,6 +111,7 @@ class BenchConfig:
     seed: int = 0
     threads: int = 1
     normalization: str = "photon"  # photon | anscombe (variance-stabilized: the noise the decoder draws is ~N(0, 1))
+    precision: str = "fp32"  # fp32 | bf16: training compute (evaluation always decodes in fp32)
 
 
 QUICK = {"train_movies": 2, "train_frames": 120, "test_movies": 1, "test_clips_per_tile": 2, "steps": 40,
@@ -267,7 +268,9 @@ def train_autoencoder(kind: str, data: BenchData, cfg: BenchConfig, log_every: i
                               float(job.trainer.min_lr_ratio))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, _ = model.training_loss(batch, generator)
+        # the trainer's mixed precision (trainer.precision=bf16): fp32 weights, bf16 autocast compute
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            loss, _ = model.training_loss(batch, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if job.trainer.grad_clip > 0:
@@ -607,7 +610,7 @@ def render_markdown(res: dict[str, Any]) -> str:
         f"{cfg['train_frames']}x{cfg['movie_side']}x{cfg['movie_side']}, {data['held_out_clips']} held-out clips "
         f"{data['clip_shape']} from {cfg['test_movies']} other movies ({data['neurons_held_out']} neurons); "
         f"model input normalized as `{cfg.get('normalization', 'photon')}` (photons, or their generalized Anscombe "
-        "transform), metrics in photons. "
+        f"transform), metrics in photons; training precision {cfg.get('precision', 'fp32')}. "
         f"Both models: `experiment={cfg['experiment']}` {' '.join(cfg['model_overrides'])}, "
         f"{tr['diffae']['params']:,} parameters, {cfg['steps']} steps x batch {cfg['batch_size']}, "
         f"lr {tr['diffae']['lr']:g} warmup-cosine, EMA (EDM2 gamma {EMA_GAMMA}), seed {cfg['seed']}, same batches. "
@@ -810,6 +813,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, Path]:
     p.add_argument("--table-nfe", type=int, nargs="+")
     p.add_argument("--table-clips", type=int)
     p.add_argument("--normalization", choices=["photon", "anscombe"])
+    p.add_argument("--precision", choices=["fp32", "bf16"])
     p.add_argument("--clip-side", type=int)
     p.add_argument("--experiment")
     p.add_argument("--override", action="append", default=None, help="extra Hydra override for both models")
@@ -817,7 +821,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, Path]:
     a = p.parse_args(argv)
     cfg = BenchConfig(**(QUICK if a.quick else {}))
     for name in ("steps", "batch_size", "lr", "seed", "threads", "recon_steps", "table_nfe", "table_clips",
-                 "normalization", "clip_side", "experiment"):
+                 "normalization", "clip_side", "experiment", "precision"):
         if getattr(a, name) is not None:
             setattr(cfg, name, getattr(a, name))
     if a.override:

@@ -61,10 +61,6 @@ def _build(case: str, mode: str = "eager"):
     return build_model(cfg)
 
 
-def _networks(model, case: str):
-    return [model.encoder, model.decoder] if case == "diffae" else [model.dit]
-
-
 def _net_forward(model, x):
     import torch
 
@@ -92,20 +88,15 @@ def run_case(case: str, shape: tuple[int, ...], mode: str, threads: int, repeats
 
     import torch
 
+    from cadiff.train.loop import compile_model
+
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    # one static graph per block shape: blocks share code objects, so allow many cached variants
-    torch._dynamo.config.cache_size_limit = 256
-    torch._dynamo.config.accumulated_cache_size_limit = 1024
     bf16 = mode.endswith("_bf16")
     mode = mode.removesuffix("_bf16")
     model = _build(case, mode)
-    if mode == "compile_model":
-        for net in _networks(model, case):
-            net.compile(dynamic=False)
-    elif mode == "compile_blocks":
-        for unit in model.shard_units():
-            unit.compile(dynamic=False)
+    # the trainer's trainer.compile placements: each network whole, or each shard unit (block)
+    compile_model(model, {"compile_model": "model", "compile_blocks": "blocks"}.get(mode, "none"))
     x = torch.randn(shape)
     gen = torch.Generator().manual_seed(0)
 
