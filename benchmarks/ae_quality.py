@@ -97,25 +97,28 @@ class BenchConfig:
     test_clips_per_tile: int = 3  # consecutive clips per spatial tile: held-out movies have 3 * 17 frames
     experiment: str = "ae_tiny"
     model_overrides: list[str] = field(default_factory=lambda: ["model.recompute_elementwise=false"])
-    steps: int = 800
+    steps: int = 2000
     batch_size: int = 4
     warmup_steps: int = 10
     lr: float | None = None  # None: the experiment's trainer.lr
     ema_decay: float = 0.99
-    recon_sampler: str = "euler"  # the main comparison uses the project's default sampler (DiffusionConfig)
-    recon_steps: int = 20
+    recon_sampler: str = "heun"  # the stage-1 default sampler (AutoencoderConfig.diffusion); 10 steps = 20 NFE
+    recon_steps: int = 10
     table_samplers: list[str] = field(default_factory=lambda: ["euler", "heun", "midpoint"])
     table_nfe: list[int] = field(default_factory=lambda: [5, 10, 20, 50])
     table_clips: int = 16
     eval_batch: int = 16
     seed: int = 0
     threads: int = 1
-    normalization: str = "photon"  # photon | anscombe (variance-stabilized: the noise the decoder draws is ~N(0, 1))
+    # the pipeline's defaults: Anscombe-normalized input (the noise the decoder draws is ~N(0, 1) at every
+    # brightness) and the DiffAE's analytic noise term (model.noise_skip, high-pass form)
+    normalization: str = "anscombe"  # anscombe | photon
     precision: str = "fp32"  # fp32 | bf16: training compute (evaluation always decodes in fp32)
+    noise_skip: bool = True  # DiffAE velocity = analytic Gaussian term for the pixel noise + UNet (needs anscombe)
 
 
 QUICK = {"train_movies": 2, "train_frames": 120, "test_movies": 1, "test_clips_per_tile": 2, "steps": 40,
-         "recon_steps": 10, "table_nfe": [5, 10], "table_clips": 8}
+         "recon_steps": 5, "table_nfe": [5, 10], "table_clips": 8}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -523,6 +526,11 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     timings["simulate_s"] = time.perf_counter() - start
     log.info("data: %d training movies %s, %d held-out clips, center %.2f scale %.2f photons", len(data.train),
              data.train[0].shape, len(evalset.inputs), data.center, data.scale)
+    if cfg.noise_skip:
+        # the trainer's model.noise_skip: Anscombe-normalized pixel noise has std 1 / scale (train.launch)
+        if cfg.normalization != "anscombe":
+            raise ConfigError("noise_skip needs normalization='anscombe' (homoscedastic pixel noise)")
+        cfg.model_overrides = [*cfg.model_overrides, f"model.noise_std={1.0 / data.scale:.8g}"]
 
     models, training = {}, {}
     for kind in MODELS:
@@ -814,6 +822,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, Path]:
     p.add_argument("--table-clips", type=int)
     p.add_argument("--normalization", choices=["photon", "anscombe"])
     p.add_argument("--precision", choices=["fp32", "bf16"])
+    p.add_argument("--noise-skip", action=argparse.BooleanOptionalAction, default=None,
+                   help="analytic noise term in the DiffAE velocity (model.noise_skip; needs --normalization anscombe)")
     p.add_argument("--clip-side", type=int)
     p.add_argument("--experiment")
     p.add_argument("--override", action="append", default=None, help="extra Hydra override for both models")
@@ -821,7 +831,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, Path]:
     a = p.parse_args(argv)
     cfg = BenchConfig(**(QUICK if a.quick else {}))
     for name in ("steps", "batch_size", "lr", "seed", "threads", "recon_steps", "table_nfe", "table_clips",
-                 "normalization", "clip_side", "experiment", "precision"):
+                 "normalization", "clip_side", "experiment", "precision", "noise_skip"):
         if getattr(a, name) is not None:
             setattr(cfg, name, getattr(a, name))
     if a.override:

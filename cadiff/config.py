@@ -66,7 +66,9 @@ class ClipConfig:
 class NormalizationConfig:
     """x = (f(photons) - center) / scale with f = identity ("photon") or generalized Anscombe."""
 
-    kind: str = "photon"  # photon | anscombe
+    # anscombe (default): shot noise becomes ~N(0, 1) at every brightness, which the DiffAE's analytic noise term
+    # (model.noise_skip) relies on; photon: plain photon counts
+    kind: str = "anscombe"  # anscombe | photon
     scale: Optional[float] = None  # None: measured on the training clips at prepare time
     center: Optional[float] = None
 
@@ -100,6 +102,7 @@ class DataConfig:
     deterministic: bool = False  # fixed per-rank shard assignment and seeded order (exact resume)
     corrupt_shards: str = "fail"  # fail | skip
     num_val_clips: int = 8
+    prefetch_batches: int = 4  # Ray Data batches each worker keeps ready ahead of its training step
     prepare_if_missing: bool = True  # run prepare_data with source=sim when data.root has no index.json
 
 
@@ -110,6 +113,7 @@ class LatentsConfig:
     deterministic: bool = False
     corrupt_shards: str = "fail"
     num_val_clips: int = 8
+    prefetch_batches: int = 4
 
 
 @dataclass
@@ -151,7 +155,15 @@ class AutoencoderConfig:
     # recompute norm/FiLM/SiLU in backward instead of storing them (no conv FLOPs redone; ~-25% activation memory)
     recompute_elementwise: bool = True
     regression_loss: str = "l2"  # l2 | l1
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    # diffae + flow: std of homoscedastic pixel noise in normalized units, transported by an analytic Gaussian
+    # velocity term (autoencoder.DiffusionAutoencoder.velocity); None: off. The trainer fills it in from the
+    # data index (1 / normalization.scale of Anscombe-normalized data) per noise_skip: null = when the data is
+    # Anscombe-normalized, true = required (photon data is an error), false = never
+    noise_std: Optional[float] = None
+    noise_skip: Optional[bool] = None
+    noise_highpass: bool = True  # the noise term acts on x_t minus its 3x3 spatial mean; the mean gets unit std
+    # Heun: the first-order Euler error shrinks the sampled noise (benchmarks/results/ae_quality.md sampler table)
+    diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(sampler="heun"))
 
 
 @dataclass
@@ -528,6 +540,10 @@ def validate_autoencoder(m: Any, prefix: str = "model") -> None:
     _choice(f"{prefix}.latent_reg", m.latent_reg, ("kl", "none"))
     _choice(f"{prefix}.regression_loss", m.regression_loss, ("l2", "l1"))
     validate_diffusion(m.diffusion, f"{prefix}.diffusion")
+    _require(m.noise_std is None or m.noise_std > 0, f"{prefix}.noise_std", m.noise_std, "> 0 or null")
+    if m.kind == "diffae" and (m.noise_skip or m.noise_std) and m.diffusion.objective != "flow":
+        raise ConfigError(f"{prefix}.noise_skip/noise_std: the analytic noise term needs diffusion.objective=flow, "
+                          f"got {m.diffusion.objective!r}")
 
 
 def validate_clip_for_model(frames: int, height: int, width: int, m: Any, key: str) -> None:
@@ -604,6 +620,7 @@ def validate_prepare_data(cfg: Any) -> None:
 
 def _validate_data(d: Any, prefix: str) -> None:
     _require(d.batch_size >= 1, f"{prefix}.batch_size", d.batch_size, ">= 1")
+    _require(d.prefetch_batches >= 1, f"{prefix}.prefetch_batches", d.prefetch_batches, ">= 1")
     _choice(f"{prefix}.corrupt_shards", d.corrupt_shards, ("fail", "skip"))
 
 

@@ -180,6 +180,18 @@ def case_stored_clip_not_causal(tmp: Path, env: Env) -> Case:
                 [re.escape(f"{root}/index.json clip.frames"), "= 16", r"expected 1 \+ k\*4"], [tmp / "runs"])
 
 
+def case_noise_skip_on_photon_data(tmp: Path, env: Env) -> Case:
+    """model.noise_skip=true on photon-normalized shards (pixel noise is not homoscedastic there)."""
+    from cadiff.config import compose
+    from cadiff.data.prepare import prepare_data
+    from tests.fixtures_data import SIM_DATA_OVERRIDES
+
+    root = tmp / "photon"
+    prepare_data(compose("prepare_data", [*SIM_DATA_OVERRIDES, "normalization.kind=photon", f"out={root}"]))
+    return Case("train_ae", _train_args(tmp, env, "model.noise_skip=true", data_root=root), ConfigError,
+                [r"model\.noise_skip=true", "normalization.kind='photon'", "anscombe"], [tmp / "runs"])
+
+
 def _rewrite_val_shard(tmp: Path, env: Env, convert: Callable[[np.ndarray], np.ndarray]) -> tuple[Path, Path]:
     """Copy the data root and rewrite its first val shard with converted arrays (read before the first step)."""
     from cadiff.data.shards import iter_shard
@@ -312,6 +324,7 @@ CASES: dict[str, Callable[[Path, Env], Case]] = {
     "movie_shorter_than_clip": case_movie_shorter_than_clip,
     "crop_not_causal": case_crop_not_causal,
     "stored_clip_not_causal": case_stored_clip_not_causal,
+    "noise_skip_on_photon_data": case_noise_skip_on_photon_data,
     "shard_wrong_dtype": case_shard_wrong_dtype,
     "shard_wrong_shape": case_shard_wrong_shape,
     "typo_config_key": case_typo_config_key,

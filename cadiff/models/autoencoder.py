@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cadiff.diffusion.flow import gaussian_velocity_coeff
 from cadiff.diffusion.samplers import Objective
 from cadiff.errors import ModelError
 from cadiff.models.encoder import Encoder
@@ -162,6 +163,14 @@ class CausalAutoencoder(nn.Module, ABC):
         """Latent ``[B, z, T_z, H_z, W_z]`` -> clip ``[B, C, 1 + (T_z - 1) s_t, H_z s, W_z s]``."""
 
 
+def _box_blur_hw(x: Tensor) -> Tensor:
+    """3x3 mean over H and W of each frame (zero-padded borders, count-normalized); never mixes frames."""
+    b, c, t, h, w = x.shape
+    frames = x.transpose(1, 2).reshape(b * t, c, h, w)
+    pooled = torch.nn.functional.avg_pool2d(frames, 3, stride=1, padding=1, count_include_pad=False)
+    return pooled.reshape(b, t, c, h, w).transpose(1, 2)
+
+
 class DiffusionAutoencoder(CausalAutoencoder):
     """Causal encoder + causal UNet flow decoder ``v(x_t, t, z)``; decoding samples a fresh realization."""
 
@@ -170,10 +179,35 @@ class DiffusionAutoencoder(CausalAutoencoder):
 
         super().__init__(model_config, build_objective(model_config["diffusion"]))
         self.last_nfe = 0
+        self.noise_std = float(model_config.get("noise_std") or 0.0)
+        self.noise_highpass = bool(model_config.get("noise_highpass", False))
+        if self.noise_std and model_config["diffusion"]["objective"] != "flow":
+            raise ModelError(f"model.noise_std={self.noise_std}: the analytic noise skip needs the flow objective, "
+                             f"got diffusion.objective={model_config['diffusion']['objective']!r}")
 
     def velocity(self, x_t: Tensor, t: Tensor, z: Tensor) -> Tensor:
-        """Decoder network output at ``(x_t, t)`` given the latent ``z`` (velocity for flow, eps/v for DDPM)."""
-        return self.decoder(x_t, t, z)
+        """Decoder output at ``(x_t, t)`` given the latent ``z`` (velocity for flow, eps/v for DDPM).
+
+        With ``noise_std`` (homoscedastic pixel noise, e.g. Anscombe-normalized data) the velocity is
+        ``k(t) x_t + UNet(x_t, t, z)``: the linear term is the exact velocity of i.i.d. Gaussian pixel noise of that
+        std (:func:`cadiff.diffusion.flow.gaussian_velocity_coeff`), so the shot noise is transported
+        analytically and the network learns only the structure - which a per-frame-normalized UNet renders far
+        more easily than an exact per-pixel identity of the right amplitude.
+        """
+        v = self.decoder(x_t, t, z)
+        if self.noise_std:
+            t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
+            shape = (-1, *([1] * (x_t.dim() - 1)))
+            k_noise = gaussian_velocity_coeff(t, self.noise_std).to(v.dtype).view(shape)
+            if self.noise_highpass:
+                # white noise lives mostly above the cut, structure below: the low band gets the velocity of
+                # unit-variance data (the normalized movie), the high band that of the pixel noise
+                low = _box_blur_hw(x_t)
+                k_data = gaussian_velocity_coeff(t, 1.0).to(v.dtype).view(shape)
+                v = v + k_noise * (x_t - low) + k_data * low
+            else:
+                v = v + k_noise * x_t
+        return v
 
     def flop_forward(self, x: Tensor) -> Tensor:
         mean, _ = self.encoder(x)
@@ -182,7 +216,7 @@ class DiffusionAutoencoder(CausalAutoencoder):
     def training_loss(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
         """Flow (or DDPM) loss of the decoder given ``z ~ q(z|x)``, plus ``kl_weight * KL``."""
         z, kl = self._latent_and_kl(x, generator)
-        diffusion_loss = self.objective.loss(lambda x_t, t: self.decoder(x_t, t, z), x, generator)
+        diffusion_loss = self.objective.loss(lambda x_t, t: self.velocity(x_t, t, z), x, generator)
         loss = diffusion_loss + self.kl_weight * kl
         metrics = {"loss": float(loss.detach()), "loss_diffusion": float(diffusion_loss.detach()),
                    "kl": float(kl.detach()), "z_std": float(z.detach().float().std())}
@@ -199,7 +233,7 @@ class DiffusionAutoencoder(CausalAutoencoder):
         shape = (z.shape[0], *self.clip_shape_for(tuple(z.shape[1:])))
         noise = torch.randn(shape, generator=generator, device=z.device, dtype=z.dtype)
         with torch.no_grad():
-            x, self.last_nfe = self.objective.sample(lambda x_t, t: self.decoder(x_t, t, z), noise, sampler,
+            x, self.last_nfe = self.objective.sample(lambda x_t, t: self.velocity(x_t, t, z), noise, sampler,
                                                      num_steps, generator)
         return x.contiguous()
 

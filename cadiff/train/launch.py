@@ -129,6 +129,7 @@ def _clip_data_info(cfg: Any) -> dict[str, Any]:
     for split in ("train", "val"):
         if not index["splits"].get(split, {}).get("num_clips"):
             raise DataError(f"data.root '{root}': split '{split}' has no clips; prepare more data or lower val_fraction")
+    _fill_noise_std(cfg.model, index["normalization"], root)
     return {
         "root": str(root.resolve()),
         "sample_shape": [1, frames, height, width],
@@ -136,6 +137,28 @@ def _clip_data_info(cfg: Any) -> dict[str, Any]:
         "sources": index["sources"],
         "num_train_clips": index["splits"]["train"]["num_clips"],
     }
+
+
+def _fill_noise_std(model_cfg: Any, norm: dict[str, Any], root: Path) -> None:
+    """``model.noise_skip``: the pixel noise std of Anscombe-normalized data is ``1 / normalization.scale``.
+
+    ``noise_skip`` null turns the analytic noise term on exactly when the data is Anscombe-normalized.
+    """
+    if model_cfg.kind != "diffae" or model_cfg.noise_skip is False:
+        return
+    if model_cfg.noise_skip is None and model_cfg.diffusion.objective != "flow":
+        return  # the analytic term is a flow velocity; explicit noise_skip=true with DDPM fails at compose time
+    if norm.get("kind") != "anscombe":
+        if model_cfg.noise_skip is None:
+            return
+        raise ConfigError(f"model.noise_skip=true needs homoscedastic (Anscombe-normalized) data, but {root}/index.json "
+                          f"has normalization.kind={norm.get('kind')!r}; prepare it with normalization.kind=anscombe "
+                          "or set model.noise_std explicitly")
+    std = 1.0 / float(norm["scale"])
+    if model_cfg.noise_std is not None and abs(model_cfg.noise_std - std) > 1e-6 * std:
+        raise ConfigError(f"model.noise_std={model_cfg.noise_std} contradicts model.noise_skip=true with "
+                          f"{root}/index.json normalization.scale={norm['scale']} (noise std {std:.6g})")
+    model_cfg.noise_std = std
 
 
 def _prepare_default_sim(root: Path) -> None:

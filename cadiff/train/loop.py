@@ -167,7 +167,8 @@ def batch_iterator(cfg: Any, stage: str, use_ray: bool, rank: int, world: int, s
     shard = ray.train.get_dataset_shard("train")
     while True:
         empty = True
-        for batch in shard.iter_torch_batches(batch_size=data_cfg.batch_size, drop_last=True, dtypes=torch.float32):
+        for batch in shard.iter_torch_batches(batch_size=data_cfg.batch_size, drop_last=True, dtypes=torch.float32,
+                                              prefetch_batches=data_cfg.prefetch_batches):
             empty = False
             yield batch["x"]
         if empty:

@@ -120,7 +120,7 @@ def test_run_microscopic_end_to_end(aq, tmp_path):
     saved = json.loads(Path(paths["json"]).read_text())
     assert set(saved["results"]) == {"diffae", "regression", "oracle_denoiser", "oracle_resample", "unconditional",
                                       "input"}
-    assert saved["results"]["diffae"]["nfe"] == 2 and saved["results"]["regression"]["nfe"] == 1
+    assert saved["results"]["diffae"]["nfe"] == 4 and saved["results"]["regression"]["nfe"] == 1
     for kind in ("diffae", "regression"):
         assert len(saved["training"][kind]["loss"]) == 2
         assert all(math.isfinite(v) for v in saved["training"][kind]["loss"])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cadiff.config import compose
-from cadiff.errors import ModelError
+from cadiff.errors import ConfigError, ModelError
 from cadiff.models.registry import build_model
 
 torch.set_num_threads(1)
@@ -21,8 +21,8 @@ S_T = 4  # ae_tiny: temporal_downsample 4, spatial_downsample 8
 FRAMES = 17
 
 
-def _model(kind: str = "diffae", attention: bool = False):
-    overrides = ["experiment=ae_tiny", f"model.dec_attention={attention}"]
+def _model(kind: str = "diffae", attention: bool = False, extra: tuple[str, ...] = ()):
+    overrides = ["experiment=ae_tiny", f"model.dec_attention={attention}", *extra]
     if kind == "regression":
         overrides.append("model=regression_ae")
     torch.manual_seed(0)
@@ -62,10 +62,14 @@ def test_encoder_latent_frame_i_sees_only_frames_up_to_s_t_times_i(diffae, clip)
         assert changed == expected, f"perturbing frame {j}: latent frames changed {changed}, expected {expected}"
 
 
-@pytest.mark.parametrize("attention", [False, True])
+NOISE_SKIP = ("model.noise_std=0.25", "model.noise_highpass=false")
+NOISE_SKIP_HP = ("model.noise_std=0.25", "model.noise_highpass=true")
+
+
+@pytest.mark.parametrize("attention, extra", [(False, ()), (True, ()), (False, NOISE_SKIP), (False, NOISE_SKIP_HP)])
 @torch.no_grad()
-def test_decoder_velocity_is_causal_in_x_t_and_chunk_causal_in_z(attention: bool) -> None:
-    model = _model(attention=attention)
+def test_decoder_velocity_is_causal_in_x_t_and_chunk_causal_in_z(attention: bool, extra: tuple[str, ...]) -> None:
+    model = _model(attention=attention, extra=extra)
     g = torch.Generator().manual_seed(1)
     x_t, z, t = torch.randn(1, 1, FRAMES, 32, 32, generator=g), torch.randn(1, 4, 5, 4, 4, generator=g), torch.tensor([0.3])
     v = model.velocity(x_t, t, z)
@@ -79,10 +83,10 @@ def test_decoder_velocity_is_causal_in_x_t_and_chunk_causal_in_z(attention: bool
         assert changed == expected, f"z frame {i}: changed {changed}, expected {expected}"
 
 
-@pytest.mark.parametrize("kind", ["diffae", "regression"])
+@pytest.mark.parametrize("kind, extra", [("diffae", ()), ("regression", ()), ("diffae", NOISE_SKIP_HP)])
 @torch.no_grad()
-def test_full_autoencoder_is_causal_at_chunk_granularity(kind: str, clip) -> None:
-    model = _model(kind)
+def test_full_autoencoder_is_causal_at_chunk_granularity(kind: str, extra: tuple[str, ...], clip) -> None:
+    model = _model(kind, extra=extra)
 
     def recon(x: torch.Tensor) -> torch.Tensor:
         return model.reconstruct(x, sampler="euler", num_steps=2, generator=torch.Generator().manual_seed(5))
@@ -135,6 +139,7 @@ def test_other_bad_shapes_raise_model_error(diffae) -> None:
     ["model.diffusion.objective=ddpm", "model.diffusion.sampler=ddim"],
     ["model=regression_ae", "model.regression_loss=l1"],
     ["model.dec_attention=true", "model.recompute_elementwise=false"],
+    ["model.noise_std=0.3", "model.noise_highpass=true"],
 ])
 def test_model_variants_train_decode_and_rebuild(overrides: list[str]) -> None:
     torch.manual_seed(0)
@@ -157,3 +162,38 @@ def test_model_variants_train_decode_and_rebuild(overrides: list[str]) -> None:
     twin = build_model(model.model_config)
     assert type(twin) is type(model)
     twin.load_state_dict(model.state_dict())  # same architecture from the stored plain config
+
+
+@pytest.mark.parametrize("highpass", [False, True])
+@torch.no_grad()
+def test_noise_skip_adds_the_gaussian_velocity_to_the_network(highpass: bool) -> None:
+    """At init (zero output conv) the velocity is exactly the analytic term; later the UNet adds to it."""
+    from cadiff.diffusion.flow import gaussian_velocity_coeff
+
+    std = 0.25
+    torch.manual_seed(0)
+    model = build_model(compose("train_ae", ["experiment=ae_tiny", f"model.noise_std={std}",
+                                             f"model.noise_highpass={highpass}"]).model).eval()
+    g = torch.Generator().manual_seed(2)
+    x_t, z = torch.randn(2, 1, 9, 16, 16, generator=g), torch.randn(2, 4, 3, 2, 2, generator=g)
+    t = torch.tensor([0.1, 0.7])
+    k_noise = gaussian_velocity_coeff(t, std).view(2, 1, 1, 1, 1)
+    if highpass:
+        low = torch.nn.functional.avg_pool2d(x_t[:, 0].reshape(18, 1, 16, 16), 3, 1, 1, count_include_pad=False)
+        low = low.reshape(2, 1, 9, 16, 16)
+        expected = k_noise * (x_t - low) + gaussian_velocity_coeff(t, 1.0).view(2, 1, 1, 1, 1) * low
+    else:
+        expected = k_noise * x_t
+    assert torch.allclose(model.velocity(x_t, t, z), expected, atol=1e-6)
+    torch.nn.init.normal_(model.decoder.conv_out.conv.weight, std=0.1)
+    assert torch.allclose(model.velocity(x_t, t, z), model.decoder(x_t, t, z) + expected, atol=1e-5)
+    # scalar time broadcasts like a batch of equal times
+    assert torch.allclose(model.velocity(x_t, torch.tensor(0.7), z), model.velocity(x_t, torch.full((2,), 0.7), z))
+
+
+def test_noise_skip_needs_the_flow_objective() -> None:
+    with pytest.raises(ConfigError, match="noise"):
+        compose("train_ae", ["experiment=ae_tiny", "model.noise_std=0.2", "model.diffusion.objective=ddpm",
+                             "model.diffusion.sampler=ddim"])
+    with pytest.raises(ConfigError, match="noise_std"):
+        compose("train_ae", ["experiment=ae_tiny", "model.noise_std=-1"])

@@ -70,7 +70,7 @@ def test_val_batch_is_fixed_and_centre_cropped(sim_data_root):
 
 def test_normalized_values_match_index(sim_data_root):
     index = read_index(sim_data_root)
-    assert index["normalization"]["kind"] == "photon"
+    assert index["normalization"]["kind"] == "anscombe"  # the prepare_data default
     x = torch.cat(list(pipeline.torch_dataloader(sim_data_root, "train", _cfg(crop_frames=None, crop_height=None,
                                                                                crop_width=None), mode="indexed")))
     assert abs(float(x.mean())) < 0.1 and 0.9 < float(x.std()) < 1.1

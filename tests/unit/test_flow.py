@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -107,3 +109,23 @@ def test_objective_sample_reproduces_the_data_law_and_reports_nfe() -> None:
     assert nfe == 5
     with pytest.raises(ConfigError, match="ddim"):
         objective.sample(_exact_velocity, noise[:4], sampler="ddim")
+
+
+@pytest.mark.parametrize("std", [0.1, 0.5, 2.0])
+def test_gaussian_velocity_coeff_is_the_exact_velocity_of_gaussian_data(std: float) -> None:
+    t = torch.tensor([0.0, 0.2, 0.5, 0.9, 1.0])
+    k = flow.gaussian_velocity_coeff(t, std)
+    assert torch.allclose(k[[0, -1]], torch.tensor([-1.0, 1.0]))
+    # Monte Carlo: k(t) = Cov(eps - x0, x_t) / Var(x_t) for x0 ~ N(0, std^2)
+    gen = torch.Generator().manual_seed(0)
+    x0 = std * torch.randn(400_000, generator=gen, dtype=torch.float64)
+    eps = torch.randn(400_000, generator=gen, dtype=torch.float64)
+    for ti, ki in zip(t.tolist()[1:-1], k.tolist()[1:-1]):
+        xt = (1 - ti) * x0 + ti * eps
+        assert abs(float(((eps - x0) * xt).mean() / (xt * xt).mean()) - ki) < 0.01 * max(1.0, abs(ki))
+    # integrating dx/dt = k(t) x from t = 1 to 0 scales N(0, 1) to exactly N(0, std^2)
+    steps = 20_000
+    grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    mid = (grid[:-1] + grid[1:]) / 2
+    log_scale = float((flow.gaussian_velocity_coeff(mid, std).double() * (grid[1:] - grid[:-1])).sum())
+    assert abs(math.exp(log_scale) - std) < 1e-3 * std
