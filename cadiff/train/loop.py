@@ -196,7 +196,7 @@ def compile_model(model: nn.Module, placement: str) -> None:
     if placement == "blocks":
         units = list(model.shard_units())
     else:
-        units = [m for m in model.children() if any(True for _ in m.parameters())]
+        units = [m for m in model.children() if next(m.parameters(), None) is not None]
     for unit in units:
         unit.compile(dynamic=False)
     log.info("torch.compile: %d %s", len(units), "blocks" if placement == "blocks" else "networks")
