@@ -2,12 +2,16 @@
 
 Each step is the same command a user would type (jobs/*.py in a subprocess), and each reuses its previous
 outputs when re-run: prepare_data skips finished shards, training resumes from its run folder (a finished run
-only re-exports), encode_latents skips an up-to-date latent set.
+only re-exports), encode_latents skips an up-to-date latent set. Training runs are named ``demo-<tag>``, the tag
+a digest of the composed data and training configs: after an upgrade that changes a default, the demo trains
+fresh runs instead of refusing to resume a run recorded with the old config.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import subprocess
 import sys
 import time
@@ -16,20 +20,37 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def demo_steps(out: Path, ae_steps: int, dit_steps: int, num_samples: int, workers: int) -> list[tuple[str, list[str]]]:
-    """The pipeline as (job, overrides) pairs."""
-    data, latents = out / "data", out / "latents"
-    ae_run, dit_run = out / "runs", out / "runs"
-    return [
+def demo_steps(out: Path, ae_steps: int, dit_steps: int, num_samples: int, workers: int,
+               run_name: str | None = None) -> list[tuple[str, list[str]]]:
+    """The pipeline as (job, overrides) pairs; ``run_name`` None: ``demo-<config tag>``."""
+    data, latents, runs = out / "data", out / "latents", out / "runs"
+    name = run_name or "demo"
+    steps = [
         ("prepare_data", ["source=sim", f"out={data}"]),
-        ("train_ae", ["experiment=ae_tiny", f"data.root={data}", "run_name=demo", f"out_root={ae_run}",
+        ("train_ae", ["experiment=ae_tiny", f"data.root={data}", f"run_name={name}", f"out_root={runs}",
                       f"trainer.max_steps={ae_steps}", f"trainer.num_workers={workers}", "strategy=ddp"]),
-        ("encode_latents", [f"stage1={ae_run}/train_ae/demo", f"data.root={data}", f"out={latents}"]),
-        ("train_latent", ["experiment=dit_tiny", f"latents.root={latents}", "run_name=demo", f"out_root={dit_run}",
+        ("encode_latents", [f"stage1={runs}/train_ae/{name}", f"data.root={data}", f"out={latents}"]),
+        ("train_latent", ["experiment=dit_tiny", f"latents.root={latents}", f"run_name={name}", f"out_root={runs}",
                           f"trainer.max_steps={dit_steps}", f"trainer.num_workers={workers}", "strategy=ddp"]),
-        ("sample", [f"stage2={dit_run}/train_latent/demo", f"num_samples={num_samples}", "seed=0", f"out={out / 'samples'}"]),
+        ("sample", [f"stage2={runs}/train_latent/{name}", f"num_samples={num_samples}", "seed=0", f"out={out / 'samples'}"]),
         ("evaluate", [f"gen={out / 'samples'}", f"ref={data}", f"out={out / 'eval'}"]),
     ]
+    if run_name is None:
+        return demo_steps(out, ae_steps, dit_steps, num_samples, workers, f"demo-{config_tag(steps)}")
+    return steps
+
+
+def config_tag(steps: list[tuple[str, list[str]]]) -> str:
+    """Digest of the composed configs of the data and training steps (run names left out)."""
+    from cadiff.config import compose, to_dict
+
+    digest = hashlib.sha256()
+    for job, overrides in steps:
+        if job in ("prepare_data", "train_ae", "train_latent"):
+            cfg = to_dict(compose(job, [o for o in overrides if not o.startswith("run_name=")]))
+            cfg.pop("run_name", None)
+            digest.update(json.dumps([job, cfg], sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:8]
 
 
 def run_demo(out: Path, ae_steps: int, dit_steps: int, num_samples: int, workers: int) -> int:

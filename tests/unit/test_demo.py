@@ -1,0 +1,24 @@
+"""``make demo`` plumbing: run names follow the composed configs, so a changed default never blocks a re-run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cadiff import demo
+
+
+def _names(steps):
+    return {job: next(o.split("=", 1)[1] for o in ov if o.startswith("run_name="))
+            for job, ov in steps if job in ("train_ae", "train_latent")}
+
+
+def test_run_names_are_stable_and_follow_the_configs(tmp_path: Path):
+    steps = demo.demo_steps(tmp_path, 3, 3, 1, 2)
+    names = _names(steps)
+    assert names["train_ae"] == names["train_latent"] and names["train_ae"].startswith("demo-")
+    assert _names(demo.demo_steps(tmp_path, 3, 3, 1, 2)) == names  # a re-run resumes the same runs
+    assert _names(demo.demo_steps(tmp_path, 4, 3, 1, 2)) != names  # another config trains new runs
+    by_job = dict(steps)
+    assert by_job["encode_latents"][0] == f"stage1={tmp_path / 'runs'}/train_ae/{names['train_ae']}"
+    assert by_job["sample"][0] == f"stage2={tmp_path / 'runs'}/train_latent/{names['train_latent']}"
+    assert _names(demo.demo_steps(tmp_path, 3, 3, 1, 2, run_name="mine")) == {"train_ae": "mine", "train_latent": "mine"}
