@@ -28,7 +28,7 @@ from cadiff.diffusion.flow import gaussian_velocity_coeff
 from cadiff.diffusion.samplers import Objective
 from cadiff.errors import ModelError
 from cadiff.models.encoder import Encoder
-from cadiff.models.layers import count_forward_flops
+from cadiff.models.layers import count_forward_flops, map_frames
 from cadiff.models.unet3d import UNet3D
 
 LOGVAR_RANGE = (-30.0, 20.0)  # clamp of the posterior log-variance, as in the LDM autoencoder
@@ -164,11 +164,8 @@ class CausalAutoencoder(nn.Module, ABC):
 
 
 def _box_blur_hw(x: Tensor) -> Tensor:
-    """3x3 mean over H and W of each frame (zero-padded borders, count-normalized); never mixes frames."""
-    b, c, t, h, w = x.shape
-    frames = x.transpose(1, 2).reshape(b * t, c, h, w)
-    pooled = torch.nn.functional.avg_pool2d(frames, 3, stride=1, padding=1, count_include_pad=False)
-    return pooled.reshape(b, t, c, h, w).transpose(1, 2)
+    """3x3 mean over H and W of each frame (borders averaged over the pixels inside); never mixes frames."""
+    return map_frames(lambda f: torch.nn.functional.avg_pool2d(f, 3, stride=1, padding=1, count_include_pad=False), x)
 
 
 class DiffusionAutoencoder(CausalAutoencoder):

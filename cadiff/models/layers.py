@@ -158,11 +158,17 @@ class FrameGroupNorm(nn.Module):
             raise ModelError(f"FrameGroupNorm: {channels} channels are not divisible into {self.num_groups} groups")
 
     def forward(self, x: Tensor) -> Tensor:
-        b, c, t, h, w = x.shape
-        # frames as batch entries: [B, C, T, H, W] -> [B*T, C, H, W]; a view (no copy) for channels-last-3d input
-        frames = x.transpose(1, 2).reshape(b * t, c, h, w)
-        y = F.group_norm(frames, self.num_groups, self.weight, self.bias, self.eps)
-        return y.reshape(b, t, c, h, w).transpose(1, 2)
+        return map_frames(lambda frames: F.group_norm(frames, self.num_groups, self.weight, self.bias, self.eps), x)
+
+
+def map_frames(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """Apply a 2D op ``fn`` to every frame of ``[B, C, T, H, W]`` alone (frames as batch entries: never mixes time).
+
+    ``[B, C, T, H, W] -> [B*T, C, H, W]`` is a view (no copy) for channels-last-3d input; ``fn`` keeps C, H, W.
+    """
+    b, c, t, h, w = x.shape
+    y = fn(x.transpose(1, 2).reshape(b * t, c, h, w))
+    return y.reshape(b, t, c, h, w).transpose(1, 2)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
