@@ -133,6 +133,16 @@ class DiffusionConfig:
 
 
 @dataclass
+class NoiseModelConfig:
+    """Pixel noise of the normalized data, for the stage-1 decoder's analytic noise term (from the data index)."""
+
+    kind: str = "none"  # none (not set) | anscombe | photon: the shards' normalization.kind
+    center: float = 0.0  # normalization.center
+    scale: float = 1.0  # normalization.scale
+    read_noise_photons: float = 0.0  # detector read noise of the (first) source, in photons
+
+
+@dataclass
 class AutoencoderConfig:
     """Stage 1: causal 3D conv encoder + causal 3D UNet flow decoder (diffae) or a regression decoder."""
 
@@ -155,6 +165,16 @@ class AutoencoderConfig:
     # recompute norm/FiLM/SiLU in backward instead of storing them (no conv FLOPs redone; ~-25% activation memory)
     recompute_elementwise: bool = True
     regression_loss: str = "l2"  # l2 | l1
+    # diffae: mean_flow = a mean head mu(z) trained with L2 plus a flow around it whose Gaussian noise part is
+    # analytic (the latent must carry the signal); flow = the UNet velocity alone (+ the noise_std term below)
+    # null: mean_flow for the flow objective, flow for DDPM (the analytic terms are flow velocities)
+    decoder_form: Optional[str] = None  # mean_flow | flow
+    # mean_flow: a UNet for what is neither the mean nor Gaussian noise; off by default: at CPU budgets it only
+    # added variance and cost structure (benchmarks/results/ae_quality_ablation.md)
+    residual_unet: bool = False
+    mean_loss_weight: float = 1.0  # mean_flow: weight of the mean head's L2 loss
+    # mean_flow: per-pixel noise level sigma(mu); the trainer fills it in from the data index (noise_skip rules)
+    noise_model: NoiseModelConfig = field(default_factory=NoiseModelConfig)
     # diffae + flow: std of homoscedastic pixel noise in normalized units, transported by an analytic Gaussian
     # velocity term (autoencoder.DiffusionAutoencoder.velocity); None: off. The trainer fills it in from the
     # data index (1 / normalization.scale of Anscombe-normalized data) per noise_skip: null = when the data is
@@ -302,8 +322,9 @@ class SampleConfig:
     seed: int = 0
     latent_sampler: str = "euler"
     latent_steps: int = 20
-    decoder_sampler: str = "euler"
-    decoder_steps: int = 20
+    # None: the sampler and steps the stage-1 run recorded (model.diffusion.sampler / num_steps)
+    decoder_sampler: Optional[str] = None
+    decoder_steps: Optional[int] = None
     num_ray_tasks: int = 0  # > 0: fan sampling out over this many Ray tasks
     fps: int = 10
     ray: RayConfig = field(default_factory=RayConfig)
@@ -541,9 +562,19 @@ def validate_autoencoder(m: Any, prefix: str = "model") -> None:
     _choice(f"{prefix}.regression_loss", m.regression_loss, ("l2", "l1"))
     validate_diffusion(m.diffusion, f"{prefix}.diffusion")
     _require(m.noise_std is None or m.noise_std > 0, f"{prefix}.noise_std", m.noise_std, "> 0 or null")
-    if m.kind == "diffae" and (m.noise_skip or m.noise_std) and m.diffusion.objective != "flow":
-        raise ConfigError(f"{prefix}.noise_skip/noise_std: the analytic noise term needs diffusion.objective=flow, "
-                          f"got {m.diffusion.objective!r}")
+    if m.decoder_form is not None:
+        _choice(f"{prefix}.decoder_form", m.decoder_form, ("mean_flow", "flow"))
+    _require(m.mean_loss_weight > 0, f"{prefix}.mean_loss_weight", m.mean_loss_weight, "> 0")
+    _choice(f"{prefix}.noise_model.kind", m.noise_model.kind, ("none", "anscombe", "photon"))
+    if m.noise_model.kind != "none":
+        _require(m.noise_model.scale > 0, f"{prefix}.noise_model.scale", m.noise_model.scale, "> 0")
+        _require(m.noise_model.read_noise_photons >= 0, f"{prefix}.noise_model.read_noise_photons",
+                 m.noise_model.read_noise_photons, ">= 0")
+    if m.kind == "diffae" and (m.noise_skip or m.noise_std or m.decoder_form == "mean_flow") \
+            and m.diffusion.objective != "flow":
+        raise ConfigError(f"{prefix}.decoder_form={m.decoder_form!r} / noise_skip / noise_std: the analytic noise term "
+                          f"needs diffusion.objective=flow, got {m.diffusion.objective!r} (use decoder_form=flow "
+                          "with noise_skip=false for a DDPM decoder)")
 
 
 def validate_clip_for_model(frames: int, height: int, width: int, m: Any, key: str) -> None:
@@ -676,7 +707,10 @@ def validate_sample(cfg: Any) -> None:
     _require(cfg.num_samples >= 1, "num_samples", cfg.num_samples, "a positive sample count")
     _require(cfg.batch_size >= 1, "batch_size", cfg.batch_size, ">= 1")
     _require(cfg.latent_steps >= 1, "latent_steps", cfg.latent_steps, ">= 1 (NFE > 0)")
-    _require(cfg.decoder_steps >= 1, "decoder_steps", cfg.decoder_steps, ">= 1 (NFE > 0)")
+    _require(cfg.decoder_steps is None or cfg.decoder_steps >= 1, "decoder_steps", cfg.decoder_steps,
+             ">= 1 (NFE > 0), or null for the stage-1 run's own")
+    if cfg.decoder_sampler is not None:
+        _choice("decoder_sampler", cfg.decoder_sampler, ("euler", "heun", "midpoint", "ddim", "ancestral"))
 
 
 def validate_encode_latents(cfg: Any) -> None:

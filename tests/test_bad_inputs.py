@@ -181,14 +181,15 @@ def case_stored_clip_not_causal(tmp: Path, env: Env) -> Case:
 
 
 def case_noise_skip_on_photon_data(tmp: Path, env: Env) -> Case:
-    """model.noise_skip=true on photon-normalized shards (pixel noise is not homoscedastic there)."""
+    """model.noise_skip=true for the flow-form decoder on photon-normalized shards (noise not homoscedastic)."""
     from cadiff.config import compose
     from cadiff.data.prepare import prepare_data
     from tests.fixtures_data import SIM_DATA_OVERRIDES
 
     root = tmp / "photon"
     prepare_data(compose("prepare_data", [*SIM_DATA_OVERRIDES, "normalization.kind=photon", f"out={root}"]))
-    return Case("train_ae", _train_args(tmp, env, "model.noise_skip=true", data_root=root), ConfigError,
+    return Case("train_ae", _train_args(tmp, env, "model.decoder_form=flow", "model.noise_skip=true", data_root=root),
+                ConfigError,
                 [r"model\.noise_skip=true", "normalization.kind='photon'", "anscombe"], [tmp / "runs"])
 
 

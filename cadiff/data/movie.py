@@ -188,16 +188,21 @@ def normalize(x_adu: Any, calib: dict, norm: dict) -> Any:
     return out.float() if _is_torch(out) else np.asarray(out, dtype=np.float32)
 
 
-def denormalize(x: Any, calib: dict, norm: dict) -> np.ndarray:
-    """Normalized values -> uint16 ADU: exact inverse of :func:`normalize` up to rounding, clipped to uint16."""
-    from cadiff.data.noise import inverse_anscombe
+def denormalize(x: Any, calib: dict, norm: dict, estimate: bool = False) -> np.ndarray:
+    """Normalized values -> uint16 ADU: exact inverse of :func:`normalize` up to rounding, clipped to uint16.
+
+    ``estimate``: ``x`` is a signal estimate ``E[f(x)]`` (a denoiser's output), inverted with the unbiased
+    inverse of the Anscombe transform so that it is an estimate of the photon flux itself.
+    """
+    from cadiff.data.noise import inverse_anscombe, inverse_anscombe_unbiased
 
     _check_norm(calib, norm)
     if _is_torch(x):
         x = x.detach().float().cpu().numpy()
     f = np.asarray(x, dtype=np.float64) * float(norm["scale"]) + float(norm["center"])
     if norm["kind"] == "anscombe":
-        f = inverse_anscombe(f, _read_noise_photons(calib))
+        invert = inverse_anscombe_unbiased if estimate else inverse_anscombe
+        f = invert(f, _read_noise_photons(calib))
     adu = f * float(calib["gain"]) + float(calib["offset"])
     return np.clip(np.rint(adu), 0, UINT16_MAX).astype(np.uint16)
 

@@ -18,7 +18,7 @@ from cadiff.diffusion import samplers
 from cadiff.diffusion.samplers import Objective, broadcast_time, shift_time
 
 __all__ = ["FlowMatching", "path", "velocity_target", "sample_time", "shift_time", "min_snr_weight",
-           "gaussian_velocity_coeff"]
+           "gaussian_velocity_coeff", "gaussian_path_std"]
 
 MIN_SNR_GAMMA = 5.0  # Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting", arXiv:2303.09556
 
@@ -34,17 +34,29 @@ def velocity_target(x0: Tensor, eps: Tensor) -> Tensor:
     return eps - x0
 
 
-def gaussian_velocity_coeff(t: Tensor, std: float) -> Tensor:
+def gaussian_velocity_coeff(t: Tensor, std: float | Tensor) -> Tensor:
     """``k(t)`` with ``E[eps - x0 | x_t] = k(t) x_t`` for zero-mean data ``x0 ~ N(0, std^2)`` per element.
 
     ``x_t = (1 - t) x0 + t eps`` gives ``k(t) = Cov(eps - x0, x_t) / Var(x_t)
     = (t - (1 - t) std^2) / ((1 - t)^2 std^2 + t^2)``: ``-1`` at ``t = 0``, ``+1`` at ``t = 1``. The linear
     velocity ``k(t) x_t`` transports ``N(0, 1)`` exactly onto ``N(0, std^2)`` (the flow analogue of EDM's
     ``c_skip`` preconditioning for a Gaussian of known variance, Karras et al. 2022, arXiv:2206.00364).
+    ``std`` may be a tensor broadcastable against ``t`` (a per-pixel noise level).
     """
     t = t.float()
-    var = float(std) ** 2
+    var = std.float() ** 2 if isinstance(std, Tensor) else float(std) ** 2
     return (t - (1 - t) * var) / ((1 - t) ** 2 * var + t**2)
+
+
+def gaussian_path_std(t: Tensor, std: float | Tensor) -> Tensor:
+    """``s(t) = sqrt((1 - t)^2 std^2 + t^2)``, the std of ``x_t`` for ``x0 ~ N(0, std^2)``; ``s'/s = k(t)``.
+
+    Along the exact Gaussian flow ``x_t / s(t)`` is constant, which is what lets the stage-1 decoder integrate
+    its analytic noise term exactly (:meth:`cadiff.models.autoencoder.DiffusionAutoencoder.decode`).
+    """
+    t = t.float()
+    var = std.float() ** 2 if isinstance(std, Tensor) else float(std) ** 2
+    return ((1 - t) ** 2 * var + t**2).sqrt()
 
 
 def sample_time(batch: int, kind: str = "logit_normal", logit_mean: float = 0.0, logit_std: float = 1.0,

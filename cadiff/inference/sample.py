@@ -85,6 +85,15 @@ def generate_batch(stage2: str, stage1: str | None, start: int, stop: int, cfg: 
     return [denormalize(c[0], calib, ae_meta["data"]["normalization"]) for c in clips]
 
 
+def decoder_settings(decoder: Any, cfg: Any) -> dict[str, Any]:
+    """The stage-1 sampler and steps: ``decoder_sampler``/``decoder_steps`` when set, else what the run recorded."""
+    objective = getattr(decoder, "objective", None)
+    if objective is None:  # the regression decoder is one deterministic evaluation
+        return {"decoder_sampler": None, "decoder_steps": None}
+    sampler, steps = objective.resolve(cfg["decoder_sampler"], cfg["decoder_steps"])
+    return {"decoder_sampler": sampler, "decoder_steps": steps}
+
+
 def check_pair(dit: Any, decoder: Any, stage1_path: str) -> None:
     """The DiT must have been trained on latents of this encoder (channel count)."""
     dit_channels = int(dit.model_config.get("in_channels") or 0)
@@ -105,7 +114,8 @@ def generate(cfg: Any) -> tuple[str, str]:
     check_pair(dit, decoder, stage1)
     source_id, calib = _calibration(ae_meta["data"])
     rate_hz = float(calib.get("rate_hz") or 10.0)
-    params = {k: cfg[k] for k in ("seed", "latent_sampler", "latent_steps", "decoder_sampler", "decoder_steps")}
+    params = {k: cfg[k] for k in ("seed", "latent_sampler", "latent_steps")}
+    params.update(decoder_settings(decoder, cfg))
     slices = batch_slices(cfg.num_samples, cfg.batch_size)
     movies: list[np.ndarray] = []
     if cfg.num_ray_tasks > 0:
@@ -165,25 +175,37 @@ def reconstruct(cfg: Any) -> tuple[str, str]:
     norm = index["normalization"]
     rate_hz = float(calib.get("rate_hz") or 10.0)
     generator = torch.Generator().manual_seed(int(cfg.seed))
-    recons = []
+    settings = decoder_settings(model, cfg)
+    recons, denoised = [], []
+    has_estimate = getattr(model, "decoder_form", "mean_flow") == "mean_flow"
     for a, b in tqdm(batch_slices(len(clips), cfg.batch_size), desc="reconstructing", unit="batch"):
         x = clips[a:b]
         z = model.encode(x)
-        recons.append(model.decode(z, sampler=cfg.decoder_sampler, num_steps=cfg.decoder_steps, generator=generator))
+        recons.append(model.decode(z, sampler=settings["decoder_sampler"], num_steps=settings["decoder_steps"],
+                                   generator=generator))
+        if has_estimate:
+            denoised.append(model.denoise(z))
     recon = torch.cat(recons)
+    estimate = torch.cat(denoised) if denoised else None
     record = {
         "mode": "reconstruct", "num_samples": len(clips), "shape": [t, h, w], "dtype": "uint16",
         "calibration": {"source": source_id, "gain": calib["gain"], "offset": calib["offset"],
                         "read_noise": calib.get("read_noise"), "rate_hz": rate_hz},
-        "stage1": str(export), "data_root": str(root.resolve()),
+        "stage1": str(export), "data_root": str(root.resolve()), **settings,
+        # denoised_*.tif: the decoder's signal estimate E[x | z] (no shot noise), same units as recon_*.tif
+        "denoised": estimate is not None,
     }
     with atomic_dir(cfg.out) as tmp:
         for i in range(len(clips)):
             write_movie(denormalize(recon[i, 0], calib, norm), tmp / f"recon_{i:03d}", rate_hz, cfg.fps)
+            if estimate is not None:
+                write_movie(denormalize(estimate[i, 0], calib, norm, estimate=True), tmp / f"denoised_{i:03d}",
+                            rate_hz, cfg.fps)
             write_movie(denormalize(clips[i, 0], calib, norm), tmp / "reference" / f"clip_{i:03d}", rate_hz, cfg.fps)
         write_json_atomic(tmp / "samples.json", record)
     mse = float(((recon - clips) ** 2).mean())
-    return f"{len(clips)} reconstructions {t}x{h}x{w} mse={mse:.4g}", str(cfg.out)
+    extra = f" denoised_mse={float(((estimate - clips) ** 2).mean()):.4g}" if estimate is not None else ""
+    return f"{len(clips)} reconstructions {t}x{h}x{w} mse={mse:.4g}{extra}", str(cfg.out)
 
 
 def run_sample(cfg: Any) -> tuple[str, str]:

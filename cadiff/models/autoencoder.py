@@ -19,12 +19,15 @@ the end of its own latent chunk, ``s_t ceil(m / s_t)`` (chunk-causal, as in caus
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cadiff.diffusion.flow import gaussian_velocity_coeff
+from cadiff.data.noise import anscombe_moments
+from cadiff.diffusion.flow import gaussian_path_std, gaussian_velocity_coeff, path, velocity_target
 from cadiff.diffusion.samplers import Objective
 from cadiff.errors import ModelError
 from cadiff.models.encoder import Encoder
@@ -37,7 +40,8 @@ LOGVAR_RANGE = (-30.0, 20.0)  # clamp of the posterior log-variance, as in the L
 class CausalAutoencoder(nn.Module, ABC):
     """Shared parts of both stage-1 models: causal encoder, UNet decoder, shape rules, FLOPs, shard units."""
 
-    def __init__(self, model_config: dict[str, Any], objective: Objective | None = None) -> None:
+    def __init__(self, model_config: dict[str, Any], objective: Objective | None = None,
+                 decoder_inputs: int | None = 1) -> None:
         super().__init__()
         cfg = model_config
         self.model_config = cfg
@@ -51,11 +55,24 @@ class CausalAutoencoder(nn.Module, ABC):
         self.encoder = Encoder(self.in_channels, self.z_channels, cfg["base_channels"], list(cfg["channel_mult"]),
                                cfg["num_res_blocks"], self.temporal_downsample, self.spatial_downsample,
                                double_z=self.variational, recompute=bool(cfg["recompute_elementwise"]))
-        self.decoder = UNet3D(self.in_channels, self.z_channels, cfg["dec_base_channels"],
-                              list(cfg["dec_channel_mult"]), cfg["dec_num_res_blocks"], self.temporal_downsample,
-                              self.spatial_downsample, attention=bool(cfg["dec_attention"]),
-                              recompute=bool(cfg["recompute_elementwise"]))
+        # the decoder UNet (inputs: x_t, or x_t and the mean-head estimate); None: no such network
+        self.decoder = self._build_unet(decoder_inputs) if decoder_inputs else None
         self._flops: dict[tuple[int, ...], float] = {}
+
+    def _build_unet(self, inputs: int) -> UNet3D:
+        """A decoder UNet of the configured size reading ``inputs`` channels and writing ``in_channels``."""
+        cfg = self.model_config
+        return UNet3D(inputs, self.z_channels, cfg["dec_base_channels"], list(cfg["dec_channel_mult"]),
+                      cfg["dec_num_res_blocks"], self.temporal_downsample, self.spatial_downsample,
+                      attention=bool(cfg["dec_attention"]), recompute=bool(cfg["recompute_elementwise"]),
+                      out_channels=self.in_channels)
+
+    def _blank_decode(self, net: UNet3D, z: Tensor) -> Tensor:
+        """``net`` run on the latent alone: input ``x_t = 0`` at ``t = 0`` (a deterministic z -> clip map)."""
+        b, _, t, h, w = z.shape
+        s_t, s = self.temporal_downsample, self.spatial_downsample
+        blank = z.new_zeros((b, net.conv_in.conv.in_channels, 1 + (t - 1) * s_t, h * s, w * s))
+        return net(blank, z.new_zeros(b), z)
 
     # shapes -------------------------------------------------------------------------------------------
 
@@ -128,7 +145,8 @@ class CausalAutoencoder(nn.Module, ABC):
 
     def shard_units(self) -> list[nn.Module]:
         """Residual/attention blocks of encoder and decoder, the units FSDP2 shards one by one."""
-        return self.encoder.res_blocks() + self.decoder.res_blocks()
+        nets = [self.encoder, getattr(self, "mean_decoder", None), self.decoder]
+        return [b for net in nets if net is not None for b in net.res_blocks()]
 
     @abstractmethod
     def flop_forward(self, x: Tensor) -> Tensor:
@@ -150,6 +168,29 @@ class CausalAutoencoder(nn.Module, ABC):
     def training_loss(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
         """Scalar loss on a clip batch ``x`` and float metrics (random draws honour ``generator``)."""
 
+    @abstractmethod
+    def probe_losses(self, x: Tensor, z: Tensor, eps: Tensor) -> dict[float, Tensor]:
+        """Decoder losses of clips ``x`` given latent ``z`` on fixed noise ``eps``, keyed by flow time."""
+
+    def validation_losses(self, x: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Latent-use telemetry: decoder loss with each clip's own latent and with another clip's (batch rolled).
+
+        ``latent_use = loss(z) / loss(shuffled z)``: 1 for a decoder that ignores its latent, -> 0 as the latent
+        explains more of the clip. Per-time keys ``*_t10`` .. ``*_t90`` hold the loss at flow time 0.1 .. 0.9.
+        """
+        z = self.encode(x)
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        out: dict[str, Tensor] = {}
+        own = self.probe_losses(x, z, eps)
+        out["loss_z"] = torch.stack(list(own.values())).mean()
+        out.update({_t_key("loss_z", t): v for t, v in own.items()})
+        if x.shape[0] >= 2:
+            other = self.probe_losses(x, z.roll(1, dims=0), eps)
+            out["loss_shuffled_z"] = torch.stack(list(other.values())).mean()
+            out.update({_t_key("loss_shuffled_z", t): v for t, v in other.items()})
+            out["latent_use"] = out["loss_z"] / out["loss_shuffled_z"].clamp_min(1e-12)
+        return out
+
     def reconstruct(self, x: Tensor, sampler: str | None = None, num_steps: int | None = None,
                     generator: torch.Generator | None = None, sample_latent: bool = False) -> Tensor:
         """``decode(encode(x))`` (posterior mean unless ``sample_latent``)."""
@@ -163,34 +204,167 @@ class CausalAutoencoder(nn.Module, ABC):
         """Latent ``[B, z, T_z, H_z, W_z]`` -> clip ``[B, C, 1 + (T_z - 1) s_t, H_z s, W_z s]``."""
 
 
+def _t_key(name: str, t: float | None) -> str:
+    return name if t is None else f"{name}_t{round(100 * t):02d}"
+
+
 def _box_blur_hw(x: Tensor) -> Tensor:
     """3x3 mean over H and W of each frame (borders averaged over the pixels inside); never mixes frames."""
     return map_frames(lambda f: torch.nn.functional.avg_pool2d(f, 3, stride=1, padding=1, count_include_pad=False), x)
 
 
+# photon levels of the Anscombe noise table: 0, then log-spaced up to 1e4 photons (std 1 beyond, to 1e-8)
+NOISE_TABLE_PHOTONS = np.concatenate([[0.0], np.geomspace(1e-3, 1e4, 191)])
+MIN_NOISE_STD = 1e-2  # normalized units: keeps k(t) finite as t -> 0 on noiseless (read-noise-free, dark) pixels
+
+
+class PixelNoise(nn.Module):
+    """Gaussian pixel noise around the clean signal: ``(center, std)`` (normalized units) given the mean ``mu``.
+
+    The decoder draws ``x0 = center + std * n``. ``anscombe``: the mean head estimates ``E[f(x)]`` with ``f`` the
+    generalized Anscombe transform; the photon level ``lambda`` with that expected value is found (the unbiased
+    inverse, :func:`cadiff.data.noise.anscombe_moments`), and ``(center, std)`` are chosen so that the algebraic
+    inverse ``f^-1(center + std n)`` has exactly the photon mean ``lambda`` and variance ``lambda + r^2`` of
+    Poisson + read noise: with ``c = 3/8 + r^2``, ``P = 4 (lambda + c)``, ``Q = 4 (lambda + r^2)``,
+    ``std^2 = P - sqrt(P^2 - 2Q)`` and ``center^2 = P - std^2`` (from ``E[(y/2)^2] = (m^2 + s^2) / 4`` and
+    ``Var[(y/2)^2] = (m^2 s^2 + s^4 / 2) / 4`` for ``y ~ N(m, s^2)``). Bright pixels get ``std -> 1``; photon-starved
+    ones the smaller spread they really have. ``photon``: ``(mu, sqrt(photons + r^2) / scale)``; ``constant``:
+    ``(mu, noise_std)``.
+    """
+
+    def __init__(self, kind: str, center: float = 0.0, scale: float = 1.0, read_noise_photons: float = 0.0,
+                 constant_std: float = 0.0) -> None:
+        super().__init__()
+        if kind not in ("anscombe", "photon", "constant"):
+            raise ModelError(f"pixel noise model {kind!r}: expected 'anscombe', 'photon' or 'constant'")
+        if kind != "constant" and not scale > 0:
+            raise ModelError(f"pixel noise model: normalization scale {scale!r}, expected > 0")
+        self.kind, self.center, self.scale = kind, float(center), float(scale)
+        self.read_noise_photons, self.constant_std = float(read_noise_photons), float(constant_std)
+        if kind == "anscombe":
+            expected, _ = anscombe_moments(NOISE_TABLE_PHOTONS, self.read_noise_photons)
+            r2 = self.read_noise_photons**2
+            p = 4.0 * (NOISE_TABLE_PHOTONS + 0.375 + r2)
+            q = 4.0 * (NOISE_TABLE_PHOTONS + r2)
+            var = p - np.sqrt(p**2 - 2.0 * q)
+            for name, values in (("table_expected", expected), ("table_center", np.sqrt(p - var)),
+                                 ("table_std", np.sqrt(var))):
+                normalized = values / scale if name == "table_std" else (values - center) / scale
+                self.register_buffer(name, torch.tensor(normalized, dtype=torch.float32), persistent=False)
+
+    def forward(self, mu: Tensor) -> tuple[Tensor, Tensor]:
+        mu = mu.detach().float()
+        if self.kind == "constant":
+            return mu, torch.full_like(mu, self.constant_std).clamp_min(MIN_NOISE_STD)
+        if self.kind == "photon":
+            photons = (mu * self.scale + self.center).clamp_min(0.0)
+            return mu, ((photons + self.read_noise_photons**2).sqrt() / self.scale).clamp_min(MIN_NOISE_STD)
+        m = self.table_expected
+        x = mu.clamp(float(m[0]), float(m[-1])).contiguous()
+        hi = torch.searchsorted(m, x).clamp(1, len(m) - 1)
+        lo = hi - 1
+        frac = (x - m[lo]) / (m[hi] - m[lo]).clamp_min(1e-12)
+        center = self.table_center[lo] + frac * (self.table_center[hi] - self.table_center[lo])
+        std = self.table_std[lo] + frac * (self.table_std[hi] - self.table_std[lo])
+        # beyond the table (>1e4 photons) the Gaussian limit holds: center = mu, std = 1 / scale
+        bright = mu > m[-1]
+        center = torch.where(bright, mu, center)
+        std = torch.where(bright, torch.full_like(std, 1.0 / self.scale), std)
+        return center, std.clamp_min(MIN_NOISE_STD)
+
+
+def pixel_noise_from_config(cfg: dict[str, Any]) -> PixelNoise | None:
+    """The model's :class:`PixelNoise` from ``noise_model`` (preferred) or a constant ``noise_std``; else None."""
+    nm = cfg.get("noise_model") or {}
+    if nm.get("kind", "none") != "none":
+        return PixelNoise(nm["kind"], nm["center"], nm["scale"], nm["read_noise_photons"])
+    if cfg.get("noise_std"):
+        return PixelNoise("constant", constant_std=float(cfg["noise_std"]))
+    return None
+
+
+def resolved_decoder_form(cfg: dict[str, Any]) -> str:
+    """``decoder_form``, or its default: ``mean_flow`` for the flow objective, ``flow`` for DDPM."""
+    if cfg.get("decoder_form"):
+        return str(cfg["decoder_form"])
+    return "mean_flow" if cfg["diffusion"]["objective"] == "flow" else "flow"
+
+
+VAL_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)  # fixed flow times of the latent-use probe (validation telemetry)
+
+
 class DiffusionAutoencoder(CausalAutoencoder):
-    """Causal encoder + causal UNet flow decoder ``v(x_t, t, z)``; decoding samples a fresh realization."""
+    """Causal encoder + causal flow decoder ``p(x | z)``; decoding samples a fresh noise realization.
+
+    ``decoder_form=mean_flow`` (default): a mean head ``mu(z)`` (a UNet that sees only ``z``) is trained with L2
+    against the clip, so the latent must carry the signal, and the velocity is written around it,
+    ``v = k_sigma(t) (x_t - (1 - t) c) - c + UNet(x_t - (1 - t) c, mu, t, z)``: the exact conditional velocity
+    when ``x0 = c + N(0, sigma^2)``, with ``(c, sigma)`` the calibrated pixel noise around ``mu``
+    (:class:`PixelNoise`; ``c = mu`` except for the photon-moment match of Anscombe data), plus an optional
+    residual UNet (zero at init, ``residual_unet``) for what is neither the mean nor Gaussian noise. Decoding
+    integrates the analytic part exactly (``x_t = (1 - t) c + s(t) w`` with ``dw/dt = UNet / s``), so the noise
+    level does not depend on the sampler or its step count; without the residual UNet a decode is
+    ``c + sigma * noise`` exactly.
+    ``decoder_form=flow``: the earlier form, ``v = UNet(x_t, t, z)`` plus the homoscedastic noise term.
+    """
 
     def __init__(self, model_config: dict[str, Any]) -> None:
         from cadiff.models.registry import build_objective
 
-        super().__init__(model_config, build_objective(model_config["diffusion"]))
+        form = resolved_decoder_form(model_config)
+        residual = bool(model_config.get("residual_unet", True))
+        in_ch = int(model_config["in_channels"])
+        decoder_inputs = (2 * in_ch if residual else None) if form == "mean_flow" else in_ch
+        super().__init__(model_config, build_objective(model_config["diffusion"]), decoder_inputs=decoder_inputs)
+        self.decoder_form = form
         self.last_nfe = 0
         self.noise_std = float(model_config.get("noise_std") or 0.0)
         self.noise_highpass = bool(model_config.get("noise_highpass", False))
-        if self.noise_std and model_config["diffusion"]["objective"] != "flow":
-            raise ModelError(f"model.noise_std={self.noise_std}: the analytic noise skip needs the flow objective, "
-                             f"got diffusion.objective={model_config['diffusion']['objective']!r}")
+        self.mean_loss_weight = float(model_config.get("mean_loss_weight", 1.0))
+        self.pixel_noise = pixel_noise_from_config(model_config)
+        objective = model_config["diffusion"]["objective"]
+        if (self.noise_std or form == "mean_flow") and objective != "flow":
+            raise ModelError(f"model.decoder_form={form!r} / noise_std={self.noise_std}: the analytic noise term "
+                             f"needs the flow objective, got diffusion.objective={objective!r}")
+        if form == "mean_flow":
+            if self.pixel_noise is None:
+                raise ModelError("model.decoder_form='mean_flow' needs the pixel noise level: model.noise_model "
+                                 "(filled in from the data index by the trainer) or model.noise_std")
+            self.mean_decoder = self._build_unet(in_ch)
+        elif form != "flow":
+            raise ModelError(f"model.decoder_form={form!r}: expected 'mean_flow' or 'flow'")
+
+    # the mean head ------------------------------------------------------------------------------------
+
+    def mean(self, z: Tensor) -> Tensor:
+        """Signal estimate ``mu(z) = E[x | z]`` from the latent alone (mean_flow only)."""
+        return self._blank_decode(self.mean_decoder, z)
+
+    def denoise(self, z: Tensor) -> Tensor:
+        """The decoder's noise-free signal estimate of latent ``z`` (same units as the clip)."""
+        if self.decoder_form != "mean_flow":
+            raise ModelError("decoder_form='flow' has no signal estimate: retrain with model.decoder_form=mean_flow")
+        self._check_latent(z)
+        with torch.no_grad():
+            return self.mean(z).contiguous()
+
+    def _mean_velocity(self, x_t: Tensor, t: Tensor, z: Tensor, mu: Tensor, noise: tuple[Tensor, Tensor]) -> Tensor:
+        center, sigma = noise
+        tb = t.expand(x_t.shape[0]) if t.dim() == 0 else t
+        tb = tb.view(-1, *([1] * (x_t.dim() - 1))).to(x_t.dtype)
+        y = x_t - (1 - tb) * center.to(x_t.dtype)
+        v = gaussian_velocity_coeff(tb, sigma).to(x_t.dtype) * y - center.to(x_t.dtype)
+        if self.decoder is not None:
+            v = v + self.decoder(torch.cat([y, mu], dim=1), tb.flatten(), z)
+        return v
+
+    # velocity -----------------------------------------------------------------------------------------
 
     def velocity(self, x_t: Tensor, t: Tensor, z: Tensor) -> Tensor:
-        """Decoder output at ``(x_t, t)`` given the latent ``z`` (velocity for flow, eps/v for DDPM).
-
-        With ``noise_std`` (homoscedastic pixel noise, e.g. Anscombe-normalized data) the velocity is
-        ``k(t) x_t + UNet(x_t, t, z)``: the linear term is the exact velocity of i.i.d. Gaussian pixel noise of that
-        std (:func:`cadiff.diffusion.flow.gaussian_velocity_coeff`), so the shot noise is transported
-        analytically and the network learns only the structure - which a per-frame-normalized UNet renders far
-        more easily than an exact per-pixel identity of the right amplitude.
-        """
+        """Decoder output at ``(x_t, t)`` given the latent ``z`` (velocity for flow, eps/v for DDPM)."""
+        if self.decoder_form == "mean_flow":
+            mu = self.mean(z)
+            return self._mean_velocity(x_t, t, z, mu, self.pixel_noise(mu))
         v = self.decoder(x_t, t, z)
         if self.noise_std:
             t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
@@ -206,22 +380,54 @@ class DiffusionAutoencoder(CausalAutoencoder):
                 v = v + k_noise * x_t
         return v
 
+    def _velocity_fn(self, z: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+        """``(x_t, t) -> v`` for a fixed latent (the mean head runs once, not per evaluation)."""
+        if self.decoder_form != "mean_flow":
+            return lambda x_t, t: self.velocity(x_t, t, z)
+        mu = self.mean(z)
+        noise = self.pixel_noise(mu)
+        return lambda x_t, t: self._mean_velocity(x_t, t, z, mu, noise)
+
     def flop_forward(self, x: Tensor) -> Tensor:
         mean, _ = self.encoder(x)
+        if self.decoder_form == "mean_flow":
+            mu = self.mean(mean)
+            if self.decoder is None:
+                return mu
+            return self.decoder(torch.cat([x, mu], dim=1), torch.zeros(x.shape[0], device=x.device), mean)
         return self.decoder(x, torch.zeros(x.shape[0], device=x.device), mean)
 
-    def training_loss(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
-        """Flow (or DDPM) loss of the decoder given ``z ~ q(z|x)``, plus ``kl_weight * KL``."""
-        z, kl = self._latent_and_kl(x, generator)
-        diffusion_loss = self.objective.loss(lambda x_t, t: self.velocity(x_t, t, z), x, generator)
-        loss = diffusion_loss + self.kl_weight * kl
-        metrics = {"loss": float(loss.detach()), "loss_diffusion": float(diffusion_loss.detach()),
-                   "kl": float(kl.detach()), "z_std": float(z.detach().float().std())}
-        return loss, metrics
+    # training and validation ----------------------------------------------------------------------------
 
-    def loss(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Scalar training loss (the first element of :meth:`training_loss`)."""
-        return self.training_loss(x, generator)[0]
+    def training_loss(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
+        """Flow loss of the decoder given ``z ~ q(z|x)`` (+ ``mean_loss_weight`` * L2 of the mean head) + KL."""
+        z, kl = self._latent_and_kl(x, generator)
+        metrics: dict[str, Tensor] = {}
+        if self.decoder_form == "mean_flow":
+            mu = self.mean(z)
+            noise = self.pixel_noise(mu)
+            mean_loss = (mu.float() - x.float()).pow(2).mean()
+            diffusion_loss = self.objective.loss(lambda x_t, t: self._mean_velocity(x_t, t, z, mu, noise), x, generator)
+            loss = diffusion_loss + self.mean_loss_weight * mean_loss + self.kl_weight * kl
+            metrics["loss_mean"] = mean_loss.detach()
+        else:
+            diffusion_loss = self.objective.loss(lambda x_t, t: self.velocity(x_t, t, z), x, generator)
+            loss = diffusion_loss + self.kl_weight * kl
+        metrics.update(loss=loss.detach(), loss_diffusion=diffusion_loss.detach(), kl=kl.detach(),
+                       z_std=z.detach().float().std())
+        return loss, {k: float(v) for k, v in metrics.items()}
+
+    def probe_losses(self, x: Tensor, z: Tensor, eps: Tensor) -> dict[float, Tensor]:
+        """Velocity MSE at each of :data:`VAL_TIMES` for latent ``z`` with fixed noise ``eps`` (latent-use probe)."""
+        fn = self._velocity_fn(z)
+        out = {}
+        for t_value in VAL_TIMES:
+            t = torch.full((x.shape[0],), t_value, device=x.device, dtype=x.dtype)
+            pred = fn(path(x, eps, t), t)
+            out[t_value] = (pred.float() - velocity_target(x, eps).float()).pow(2).mean()
+        return out
+
+    # sampling -------------------------------------------------------------------------------------------
 
     def decode(self, z: Tensor, sampler: str | None = None, num_steps: int | None = None,
                generator: torch.Generator | None = None) -> Tensor:
@@ -230,9 +436,21 @@ class DiffusionAutoencoder(CausalAutoencoder):
         shape = (z.shape[0], *self.clip_shape_for(tuple(z.shape[1:])))
         noise = torch.randn(shape, generator=generator, device=z.device, dtype=z.dtype)
         with torch.no_grad():
-            x, self.last_nfe = self.objective.sample(lambda x_t, t: self.velocity(x_t, t, z), noise, sampler,
-                                                     num_steps, generator)
-        return x.contiguous()
+            if self.decoder_form != "mean_flow":
+                x, self.last_nfe = self.objective.sample(self._velocity_fn(z), noise, sampler, num_steps, generator)
+                return x.contiguous()
+            mu = self.mean(z)
+            center, sigma = (v.to(z.dtype) for v in self.pixel_noise(mu))
+            w = noise  # x_1 = w_1: s(1) = 1 and (1 - t) center = 0 at t = 1
+            self.last_nfe = 0
+            if self.decoder is not None:
+                def w_velocity(w_t: Tensor, t: Tensor) -> Tensor:
+                    tb = t.view(-1, *([1] * (w_t.dim() - 1)))
+                    s = gaussian_path_std(tb, sigma).to(w_t.dtype)
+                    return self.decoder(torch.cat([s * w_t, mu], dim=1), t, z) / s
+
+                w, self.last_nfe = self.objective.sample(w_velocity, noise, sampler, num_steps, generator)
+            return (center + sigma * w).contiguous()
 
 
 class RegressionAutoencoder(CausalAutoencoder):
@@ -243,10 +461,16 @@ class RegressionAutoencoder(CausalAutoencoder):
         self.regression_loss = model_config["regression_loss"]
 
     def _decode(self, z: Tensor) -> Tensor:
-        b, _, t, h, w = z.shape
-        s_t, s = self.temporal_downsample, self.spatial_downsample
-        blank = z.new_zeros((b, self.in_channels, 1 + (t - 1) * s_t, h * s, w * s))
-        return self.decoder(blank, z.new_zeros(b), z)
+        return self._blank_decode(self.decoder, z)
+
+    def probe_losses(self, x: Tensor, z: Tensor, eps: Tensor) -> dict[float, Tensor]:
+        """The regression loss (one entry: the decoder has no flow time)."""
+        err = self._decode(z).float() - x.float()
+        return {None: err.pow(2).mean() if self.regression_loss == "l2" else err.abs().mean()}
+
+    def denoise(self, z: Tensor) -> Tensor:
+        """The deterministic reconstruction is the regression AE's signal estimate."""
+        return self.decode(z)
 
     def flop_forward(self, x: Tensor) -> Tensor:
         mean, _ = self.encoder(x)

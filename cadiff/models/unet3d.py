@@ -33,7 +33,7 @@ class UNet3D(nn.Module):
 
     def __init__(self, in_channels: int, z_channels: int, base_channels: int, channel_mult: list[int],
                  num_res_blocks: int, temporal_downsample: int, spatial_downsample: int, attention: bool = False,
-                 head_channels: int = 32, recompute: bool = True) -> None:
+                 head_channels: int = 32, recompute: bool = True, out_channels: int | None = None) -> None:
         super().__init__()
         channels = [base_channels * m for m in channel_mult]
         self.temporal_downsample = temporal_downsample
@@ -82,7 +82,7 @@ class UNet3D(nn.Module):
             else:
                 self.upsamples.append(nn.Identity())
         self.norm_out = FrameGroupNorm(prev)
-        self.conv_out = CausalConv3d(prev, in_channels, 3)
+        self.conv_out = CausalConv3d(prev, out_channels or in_channels, 3)
         nn.init.zeros_(self.conv_out.conv.weight)  # velocity 0 at init (ADM/DiT practice)
         nn.init.zeros_(self.conv_out.conv.bias)
 

@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 EXPORT_FORMAT = "cadiff-export"
-EXPORT_VERSION = 1
+# 2: stage-1 DiffAE with a mean head and a per-pixel noise model (decoder_form=mean_flow); version-1 stage-1
+# exports were decoders whose reconstructions ignored the latent, so they are refused rather than converted
+EXPORT_VERSION = 2
 _STEP_RE = re.compile(r"^(?:\.replaced_)?step_(\d+)$")
 
 
@@ -278,7 +280,10 @@ def load_export(path: str | os.PathLike, expected_config: Mapping | None = None)
     if not isinstance(obj, dict) or obj.get("format") != EXPORT_FORMAT:
         raise CheckpointError(f"'{file}' is not a cadiff export (no format='{EXPORT_FORMAT}' record); expected a file written by export_model")
     if obj.get("version") != EXPORT_VERSION:
-        raise CheckpointError(f"export '{file}' has version {obj.get('version')!r}; this cadiff reads version {EXPORT_VERSION}")
+        hint = (" (written before the stage-1 decoder gained its mean head: retrain the train_ae run, then "
+                "encode_latents and train_latent on top of it)" if obj.get("version") == 1 else "")
+        raise CheckpointError(f"export '{file}' has version {obj.get('version')!r}; this cadiff reads version "
+                              f"{EXPORT_VERSION}{hint}")
     model_config = obj["model_config"]
     if expected_config is not None:
         diffs = _config_diff(model_config, _plain(dict(expected_config), "expected_config"))

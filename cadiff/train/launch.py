@@ -129,7 +129,7 @@ def _clip_data_info(cfg: Any) -> dict[str, Any]:
     for split in ("train", "val"):
         if not index["splits"].get(split, {}).get("num_clips"):
             raise DataError(f"data.root '{root}': split '{split}' has no clips; prepare more data or lower val_fraction")
-    _fill_noise_std(cfg.model, index["normalization"], root)
+    fill_noise_model(cfg.model, index["normalization"], root, index["sources"])
     return {
         "root": str(root.resolve()),
         "sample_shape": [1, frames, height, width],
@@ -139,15 +139,31 @@ def _clip_data_info(cfg: Any) -> dict[str, Any]:
     }
 
 
-def _fill_noise_std(model_cfg: Any, norm: dict[str, Any], root: Path) -> None:
-    """``model.noise_skip``: the pixel noise std of Anscombe-normalized data is ``1 / normalization.scale``.
+def fill_noise_model(model_cfg: Any, norm: dict[str, Any], root: Path, sources: dict[str, Any] | None = None) -> None:
+    """The DiffAE's analytic noise term from the data index, per ``model.noise_skip`` (null = auto).
 
-    ``noise_skip`` null turns the analytic noise term on exactly when the data is Anscombe-normalized.
+    ``mean_flow`` decoders get ``model.noise_model`` (normalization kind, center, scale and the read noise of the
+    first source): a per-pixel noise level for Anscombe- or photon-normalized data. The ``flow`` form gets the
+    homoscedastic ``noise_std = 1 / normalization.scale`` of Anscombe-normalized data.
     """
-    if model_cfg.kind != "diffae" or model_cfg.noise_skip is False:
+    from cadiff.models.autoencoder import resolved_decoder_form
+
+    if model_cfg.kind != "diffae" or model_cfg.diffusion.objective != "flow":
+        return  # explicit noise_skip/decoder_form with DDPM fails at compose time
+    mean_flow = resolved_decoder_form(model_cfg) == "mean_flow"
+    if model_cfg.noise_skip is False:
+        if mean_flow and model_cfg.noise_std is None and model_cfg.noise_model.kind == "none":
+            raise ConfigError("model.noise_skip=false leaves the mean_flow decoder without a pixel noise level; "
+                              "set model.noise_std=<std in normalized units> or model.decoder_form=flow")
         return
-    if model_cfg.noise_skip is None and model_cfg.diffusion.objective != "flow":
-        return  # the analytic term is a flow velocity; explicit noise_skip=true with DDPM fails at compose time
+    if mean_flow:
+        if norm.get("kind") not in ("anscombe", "photon"):
+            raise ConfigError(f"{root}/index.json normalization.kind={norm.get('kind')!r}: the mean_flow decoder "
+                              "needs 'anscombe' or 'photon'")
+        nm = model_cfg.noise_model
+        nm.kind, nm.center, nm.scale = str(norm["kind"]), float(norm["center"]), float(norm["scale"])
+        nm.read_noise_photons = _read_noise_photons(sources or {})
+        return
     if norm.get("kind") != "anscombe":
         if model_cfg.noise_skip is None:
             return
@@ -159,6 +175,17 @@ def _fill_noise_std(model_cfg: Any, norm: dict[str, Any], root: Path) -> None:
         raise ConfigError(f"model.noise_std={model_cfg.noise_std} contradicts model.noise_skip=true with "
                           f"{root}/index.json normalization.scale={norm['scale']} (noise std {std:.6g})")
     model_cfg.noise_std = std
+
+
+def _read_noise_photons(sources: dict[str, Any]) -> float:
+    """Read noise in photons of the first source (sorted id), the calibration sampling also converts with."""
+    if not sources:
+        return 0.0
+    values = {sid: float(c.get("read_noise") or 0.0) / float(c["gain"]) for sid, c in sources.items()}
+    if len(set(round(v, 6) for v in values.values())) > 1:
+        log.warning("sources differ in read noise (%s photons): the decoder's noise model uses %s's",
+                    values, sorted(values)[0])
+    return values[sorted(values)[0]]
 
 
 def _prepare_default_sim(root: Path) -> None:
@@ -376,7 +403,8 @@ def summarize(run_dir: Path) -> tuple[str, str]:
             if line.strip():
                 last.update(json.loads(line))
     parts = [f"step={last.get('step', '?')}"]
-    for key in ("loss", "val_loss", "samples_per_s", "mfu"):
+    # latent_use: stage-1 val loss with the own latent / with another clip's (1 = the decoder ignores z)
+    for key in ("loss", "val_loss", "val_latent_use", "samples_per_s", "mfu"):
         if key in last:
             parts.append(f"{key}={last[key]:.4g}")
     return " ".join(parts), str(run_dir)

@@ -38,7 +38,10 @@ class TrainingModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, x: torch.Tensor, probe: bool = False) -> Any:
+        """Training loss and metrics; with ``probe``, the stage-1 latent-use losses (validation telemetry)."""
+        if probe:
+            return self.model.validation_losses(x)
         return self.model.training_loss(x)
 
     def shard_units(self) -> list[nn.Module]:
@@ -292,6 +295,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if step % tcfg.val_every == 0 or is_last:
             metrics = metrics or {"step": step}
             metrics["val_loss"] = _val_loss(strategy, ema, val_x, cfg.seed, device)
+            if stage == "ae":
+                metrics.update(_latent_use(strategy, ema, val_x, cfg.seed, device))
         media_due = (tcfg.media_every and step % tcfg.media_every == 0) or is_last
         if media_due:
             _log_media(cfg, stage, strategy, ema, model_config, val_x, run_dir, step, rank, wandb_run, config)
@@ -348,6 +353,17 @@ def _val_loss(strategy: Any, ema: Any, val_x: torch.Tensor, seed: int, device: t
         with strategy.autocast():
             loss, _ = strategy.model(val_x)
     return dist_mean(float(loss), device)
+
+
+@torch.no_grad()
+def _latent_use(strategy: Any, ema: Any, val_x: torch.Tensor, seed: int, device: torch.device) -> dict[str, float]:
+    """Stage-1 latent-use telemetry of the EMA weights: val losses with the clips' own and a shuffled latent."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), ema.swap(strategy.ema_tensors()):
+        torch.manual_seed(seed + 54321)  # fixed noise: the probe is comparable across steps
+        with strategy.autocast():
+            losses = strategy.model(val_x, probe=True)
+    # every rank holds the same keys (same model, same val batch size), so the reductions line up
+    return {f"val_{k}": dist_mean(float(v), device) for k, v in sorted(losses.items())}
 
 
 def _plain_ema_model(strategy: Any, ema: Any, model_config: dict) -> nn.Module | None:

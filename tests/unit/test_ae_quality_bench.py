@@ -87,52 +87,91 @@ def test_trace_correlation_known_cases(aq, small):
     assert np.all(flat[spiking] == 0.0)
 
 
-def test_verdict(aq):
-    both = {"diffae": {"gain_ratio": 0.97}, "regression": {"gain_ratio": 0.3}}
-    assert aq.verdict(both)["goal_met"]
-    assert not aq.verdict({"diffae": {"gain_ratio": 0.8}, "regression": {"gain_ratio": 0.3}})["goal_met"]
-    assert not aq.verdict({"diffae": {"gain_ratio": 1.0}, "regression": {"gain_ratio": 0.75}})["goal_met"]
-    assert not aq.verdict({"diffae": {"gain_ratio": None}, "regression": {"gain_ratio": 0.1}})["goal_met"]
-    # a regression output with no shot-noise line at all has lost the gain entirely
-    assert aq.verdict({"diffae": {"gain_ratio": 1.05}, "regression": {"gain_ratio": None}})["goal_met"]
+def _summary(**changes):
+    good = {"gain_ratio": 1.0, "noise_var_ratio": 1.0, "trace_r": 0.8, "trace_r_regression": 0.8, "latent_use": 0.1,
+            "corr_err": 0.1, "corr_err_regression": 0.5, "corr_err_other_clip": 0.3, "psnr_denoised_db": 30.0,
+            "psnr_regression_db": 29.0}
+    return {"default": {**good, **changes}, "real": {"m": {"gain_ratio": 1.0, "corr_err": 0.1,
+                                                          "corr_err_regression": 0.2, "noise_var_ratio": 1.0}}}
 
 
-def test_architectures_must_match(aq):
+def test_verdict_checks_every_goal(aq):
+    assert aq.verdict(_summary())["all_met"]
+    for change, goal in [({"gain_ratio": 1.08}, "gain_ratio"), ({"noise_var_ratio": 1.2}, "noise_var_ratio"),
+                         ({"trace_r": 0.7}, "trace_r"), ({"latent_use": 0.3}, "latent_use"),
+                         ({"corr_err": 0.6}, "corr_err_vs_regression"), ({"corr_err": 0.2}, "corr_err_vs_other_clip"),
+                         ({"psnr_denoised_db": 28.0}, "psnr_denoised"), ({"gain_ratio": None}, "gain_ratio")]:
+        v = aq.verdict(_summary(**change))
+        assert not v["all_met"] and not v["goals"]["default"][goal], (change, v["goals"])
+    bad_real = _summary()
+    bad_real["real"]["m"]["gain_ratio"] = 0.8
+    assert not aq.verdict(bad_real)["goals"]["real:m"]["gain_ratio"]
+
+
+def test_aggregate_means_and_spreads(aq):
+    rows = [{"a": 1.0, "b": None}, {"a": 3.0, "b": 2.0}]
+    out = aq.aggregate(rows, ["a", "b"])
+    assert out == {"a": 2.0, "a_spread": 2.0, "b": None, "b_spread": None}
+
+
+def test_architectures_must_match(aq, small):
+    _, data, _ = small
     cfg = aq.BenchConfig(model_overrides=TINY_MODEL)
     from cadiff.models.registry import build_model
 
-    diffae = build_model(aq.model_config("diffae", cfg).model)
-    regression = build_model(aq.model_config("regression", cfg).model)
+    diffae = build_model(aq.model_config("diffae", cfg, data).model)
+    regression = build_model(aq.model_config("regression", cfg, data).model)
+    assert diffae.model_config["noise_model"]["kind"] == "anscombe"  # filled in as the trainer does
     aq.check_same_architecture(diffae, regression)
     wider = build_model(aq.model_config("regression", aq.BenchConfig(model_overrides=[*TINY_MODEL,
-                                                                                      "model.base_channels=8"])).model)
+                                                                                      "model.base_channels=8"]),
+                                        data).model)
     with pytest.raises(ConfigError, match="base_channels"):
         aq.check_same_architecture(diffae, wider)
 
 
-def test_run_microscopic_end_to_end(aq, tmp_path):
+MICRO = dict(clip_frames=9, clip_side=16, movie_side=16, train_movies=1, train_frames=20, test_movies=2,
+             test_clips_per_tile=2, model_overrides=TINY_MODEL, steps=2, batch_size=1, warmup_steps=1,
+             recon_steps=2, table_samplers=["euler", "heun"], table_nfe=[1, 2], table_clips=2)
+
+
+def test_run_microscopic_suite_end_to_end(aq, tmp_path):
     torch.manual_seed(0)
-    cfg = aq.BenchConfig(clip_frames=9, clip_side=16, movie_side=16, train_movies=1, train_frames=20, test_movies=2,
-                         test_clips_per_tile=2, model_overrides=TINY_MODEL, steps=2, batch_size=1, warmup_steps=1,
-                         recon_steps=2, table_samplers=["euler", "heun"], table_nfe=[1, 2], table_clips=2)
-    res = aq.run(cfg)
-    paths = aq.write_results(res, tmp_path / "ae_quality")
+    suite = aq.run_suite(aq.BenchConfig(**MICRO), ["default"], [0, 1], real=False, workers=1)
+    paths = aq.write_suite_results(suite, tmp_path / "ae_quality")
     saved = json.loads(Path(paths["json"]).read_text())
-    assert set(saved["results"]) == {"diffae", "regression", "oracle_denoiser", "oracle_resample", "unconditional",
-                                      "input"}
-    assert saved["results"]["diffae"]["nfe"] == 4 and saved["results"]["regression"]["nfe"] == 1
+    assert set(saved["summary"]) == {"default", "real"} and saved["summary"]["real"] == {}
+    expected = set(aq.HEADLINE_KEYS) | {f"{k}_spread" for k in aq.HEADLINE_KEYS}
+    assert set(saved["summary"]["default"]) == expected
+    first, second = saved["runs"]["default"]
+    assert set(first["results"]) == {"diffae", "regression", "oracle_denoiser", "oracle_resample", "unconditional",
+                                     "input"}
+    assert first["results"]["diffae"]["nfe"] == 4 and first["results"]["regression"]["nfe"] == 1
+    assert math.isfinite(first["results"]["diffae"]["psnr_denoised_db"])
     for kind in ("diffae", "regression"):
-        assert len(saved["training"][kind]["loss"]) == 2
-        assert all(math.isfinite(v) for v in saved["training"][kind]["loss"])
-        assert saved["results"][kind]["corr_image_error"] >= 0
+        assert len(first["training"][kind]["loss"]) == 2
+        assert all(math.isfinite(v) for v in first["training"][kind]["loss"])
     # Euler steps == NFE; Heun's single step costs 2 evaluations; the regression row closes the table
-    assert [(r["sampler"], r["nfe"]) for r in saved["sampler_table"]] == [
+    assert [(r["sampler"], r["nfe"]) for r in first["sampler_table"]] == [
         ("euler", 1), ("euler", 2), ("heun", 2), ("heun", 2), ("regression (L2)", 1)]
-    assert saved["verdict"]["goal_met"] in (True, False)
+    assert second["sampler_table"] == []  # the table runs with the first seed only
+    assert saved["verdict"]["all_met"] in (True, False) and "default" in saved["verdict"]["goals"]
     md = Path(paths["md"]).read_text()
-    assert "| DiffAE (flow decoder) |" in md and "## Sampler vs NFE" in md
+    assert "## Summary" in md and "| DiffAE (flow decoder) |" in md and "## Sampler vs NFE" in md
+    assert "skipped" in Path(paths["real_md"]).read_text()
     for figure in paths["figures"]:
         assert Path(figure).stat().st_size > 1000
+
+
+def test_real_movie_run(aq):
+    if not aq.REAL_DIR.exists():
+        pytest.skip("shared/data/real not present")
+    cfg = aq.BenchConfig(**{**MICRO, "clip_frames": 17, "table_clips": 0})
+    data, info = aq.real_data(cfg, "allen_792757260")
+    assert info["shape"] == [100, 100, 100] and info["train_frames"] == 70 and data.held_out[0].truth is None
+    res = aq.run_real(cfg, "allen_792757260")
+    assert set(res["headline"]) >= set(aq.REAL_KEYS) and res["headline"]["rmse_other_clip"] > 0
+    assert "trace_corr" not in res["results"]["diffae"]  # no ground truth: no trace metric
 
 
 def test_anscombe_normalization_round_trips_and_stabilizes_noise(aq):

@@ -21,14 +21,20 @@ S_T = 4  # ae_tiny: temporal_downsample 4, spatial_downsample 8
 FRAMES = 17
 
 
-def _model(kind: str = "diffae", attention: bool = False, extra: tuple[str, ...] = ()):
+MEAN_FLOW = ("model.noise_model.kind=anscombe", "model.noise_model.center=4.0", "model.noise_model.scale=0.5",
+             "model.noise_model.read_noise_photons=0.2")  # the default decoder form, as the trainer fills it in
+
+
+def _model(kind: str = "diffae", attention: bool = False, extra: tuple[str, ...] = MEAN_FLOW):
     overrides = ["experiment=ae_tiny", f"model.dec_attention={attention}", *extra]
     if kind == "regression":
         overrides.append("model=regression_ae")
     torch.manual_seed(0)
     model = build_model(compose("train_ae", overrides).model).eval()
-    # the output conv is zero-initialized; give it weights so every dependency shows in the output
-    torch.nn.init.normal_(model.decoder.conv_out.conv.weight, std=0.1)
+    # output convs are zero-initialized; give them weights so every dependency shows in the output
+    for net in (model.decoder, getattr(model, "mean_decoder", None)):
+        if net is not None:
+            torch.nn.init.normal_(net.conv_out.conv.weight, std=0.1)
     return model
 
 
@@ -62,11 +68,14 @@ def test_encoder_latent_frame_i_sees_only_frames_up_to_s_t_times_i(diffae, clip)
         assert changed == expected, f"perturbing frame {j}: latent frames changed {changed}, expected {expected}"
 
 
-NOISE_SKIP = ("model.noise_std=0.25", "model.noise_highpass=false")
-NOISE_SKIP_HP = ("model.noise_std=0.25", "model.noise_highpass=true")
+NOISE_SKIP = ("model.decoder_form=flow", "model.noise_std=0.25", "model.noise_highpass=false")
+NOISE_SKIP_HP = ("model.decoder_form=flow", "model.noise_std=0.25", "model.noise_highpass=true")
+RESIDUAL = (*MEAN_FLOW, "model.residual_unet=true")
+PLAIN_FLOW = ("model.decoder_form=flow",)
 
 
-@pytest.mark.parametrize("attention, extra", [(False, ()), (True, ()), (False, NOISE_SKIP), (False, NOISE_SKIP_HP)])
+@pytest.mark.parametrize("attention, extra", [(False, MEAN_FLOW), (True, RESIDUAL), (False, RESIDUAL),
+                                              (False, PLAIN_FLOW), (False, NOISE_SKIP), (False, NOISE_SKIP_HP)])
 @torch.no_grad()
 def test_decoder_velocity_is_causal_in_x_t_and_chunk_causal_in_z(attention: bool, extra: tuple[str, ...]) -> None:
     model = _model(attention=attention, extra=extra)
@@ -75,7 +84,9 @@ def test_decoder_velocity_is_causal_in_x_t_and_chunk_causal_in_z(attention: bool
     v = model.velocity(x_t, t, z)
     for j in (0, 2, 8, 13, 16):
         changed = _changed(v, model.velocity(_perturbed(x_t, j), t, z))
-        assert changed == [m >= j for m in range(FRAMES)], f"x_t frame {j}: changed {changed}"
+        # without a residual UNet the velocity is analytic and per pixel: x_t frame j moves output frame j only
+        expected = [m == j if model.decoder is None else m >= j for m in range(FRAMES)]
+        assert changed == expected, f"x_t frame {j}: changed {changed}"
     for i in range(5):
         changed = _changed(v, model.velocity(x_t, t, _perturbed(z, i)))
         # output frame m reads latent frame ceil(m / s_t)
@@ -83,7 +94,8 @@ def test_decoder_velocity_is_causal_in_x_t_and_chunk_causal_in_z(attention: bool
         assert changed == expected, f"z frame {i}: changed {changed}, expected {expected}"
 
 
-@pytest.mark.parametrize("kind, extra", [("diffae", ()), ("regression", ()), ("diffae", NOISE_SKIP_HP)])
+@pytest.mark.parametrize("kind, extra", [("diffae", MEAN_FLOW), ("diffae", RESIDUAL), ("regression", ()),
+                                         ("diffae", NOISE_SKIP_HP)])
 @torch.no_grad()
 def test_full_autoencoder_is_causal_at_chunk_granularity(kind: str, extra: tuple[str, ...], clip) -> None:
     model = _model(kind, extra=extra)
@@ -135,11 +147,13 @@ def test_other_bad_shapes_raise_model_error(diffae) -> None:
 
 
 @pytest.mark.parametrize("overrides", [
-    ["model.latent_reg=none"],
+    ["model.latent_reg=none", *MEAN_FLOW],
     ["model.diffusion.objective=ddpm", "model.diffusion.sampler=ddim"],
     ["model=regression_ae", "model.regression_loss=l1"],
-    ["model.dec_attention=true", "model.recompute_elementwise=false"],
-    ["model.noise_std=0.3", "model.noise_highpass=true"],
+    ["model.dec_attention=true", "model.recompute_elementwise=false", *MEAN_FLOW],
+    ["model.decoder_form=flow", "model.noise_std=0.3", "model.noise_highpass=true"],
+    ["model.residual_unet=true", "model.noise_std=0.3"],
+    ["model.noise_model.kind=photon", "model.noise_model.center=20", "model.noise_model.scale=5"],
 ])
 def test_model_variants_train_decode_and_rebuild(overrides: list[str]) -> None:
     torch.manual_seed(0)
@@ -172,7 +186,7 @@ def test_noise_skip_adds_the_gaussian_velocity_to_the_network(highpass: bool) ->
 
     std = 0.25
     torch.manual_seed(0)
-    model = build_model(compose("train_ae", ["experiment=ae_tiny", f"model.noise_std={std}",
+    model = build_model(compose("train_ae", ["experiment=ae_tiny", "model.decoder_form=flow", f"model.noise_std={std}",
                                              f"model.noise_highpass={highpass}"]).model).eval()
     g = torch.Generator().manual_seed(2)
     x_t, z = torch.randn(2, 1, 9, 16, 16, generator=g), torch.randn(2, 4, 3, 2, 2, generator=g)
@@ -195,5 +209,12 @@ def test_noise_skip_needs_the_flow_objective() -> None:
     with pytest.raises(ConfigError, match="noise"):
         compose("train_ae", ["experiment=ae_tiny", "model.noise_std=0.2", "model.diffusion.objective=ddpm",
                              "model.diffusion.sampler=ddim"])
+    with pytest.raises(ConfigError, match="decoder_form='mean_flow'.*objective=flow"):
+        compose("train_ae", ["experiment=ae_tiny", "model.decoder_form=mean_flow", "model.diffusion.objective=ddpm",
+                             "model.diffusion.sampler=ddim"])
+    with pytest.raises(ConfigError, match="decoder_form"):
+        compose("train_ae", ["experiment=ae_tiny", "model.decoder_form=mean"])
+    with pytest.raises(ModelError, match="needs the pixel noise level"):
+        build_model(compose("train_ae", ["experiment=ae_tiny"]).model)
     with pytest.raises(ConfigError, match="noise_std"):
         compose("train_ae", ["experiment=ae_tiny", "model.noise_std=-1"])

@@ -1,0 +1,116 @@
+"""The mean-flow stage-1 decoder: exact analytic noise around the mean head, exact integration, telemetry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cadiff.config import compose
+from cadiff.data.noise import anscombe, anscombe_moments, inverse_anscombe
+from cadiff.diffusion import flow
+from cadiff.models.autoencoder import PixelNoise
+from cadiff.models.registry import build_model
+
+torch.set_num_threads(1)
+
+NOISE = ["model.noise_model.kind=anscombe", "model.noise_model.center=6.0", "model.noise_model.scale=2.0",
+         "model.noise_model.read_noise_photons=0.5"]
+
+
+def _model(*extra: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(compose("train_ae", ["experiment=ae_tiny", *NOISE, *extra]).model).eval()
+
+
+def _randomize(net: torch.nn.Module, std: float = 0.05) -> None:
+    torch.nn.init.normal_(net.conv_out.conv.weight, std=std)
+
+
+def test_anscombe_moments_match_monte_carlo() -> None:
+    rng = np.random.default_rng(0)
+    for level, read_noise in ((0.1, 0.05), (2.0, 0.5), (40.0, 1.0)):
+        draws = anscombe(rng.poisson(level, 400_000) + rng.normal(0, read_noise, 400_000), read_noise)
+        mean, std = anscombe_moments(np.array([level]), read_noise)
+        assert mean[0] == pytest.approx(draws.mean(), abs=4e-3)
+        assert std[0] == pytest.approx(draws.std(), rel=1e-2)
+    _, std = anscombe_moments(np.array([0.1, 1.0, 100.0]), 0.02)
+    assert std[0] < 0.5 < std[1] < 1.0 and std[2] == pytest.approx(1.0, abs=1e-3)  # dark pixels are quieter
+
+
+@pytest.mark.parametrize("read_noise", [0.02, 0.5])
+def test_anscombe_pixel_noise_matches_the_photon_mean_and_variance(read_noise: float) -> None:
+    """center + std * n, mapped back to photons, has the Poisson-Gaussian mean lambda and variance lambda + r^2."""
+    noise = PixelNoise("anscombe", center=6.0, scale=2.0, read_noise_photons=read_noise)
+    levels = np.array([0.1, 0.5, 3.0, 40.0, 500.0])
+    expected, _ = anscombe_moments(levels, read_noise)  # what a mean head trained in Anscombe units predicts
+    center, std = noise(torch.tensor((expected - 6.0) / 2.0, dtype=torch.float32))
+    draws = (center.double()[:, None] * 2.0 + 6.0) + std.double()[:, None] * 2.0 * torch.randn(
+        len(levels), 400_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    photons = inverse_anscombe(draws.numpy(), read_noise)
+    np.testing.assert_allclose(photons.mean(1), levels, rtol=2e-2, atol=3e-3)
+    np.testing.assert_allclose(photons.var(1), levels + read_noise**2, rtol=3e-2, atol=3e-3)
+    assert float(std[-1]) == pytest.approx(0.5, rel=1e-2)  # bright: unit std in Anscombe units (/ scale 2)
+
+
+def test_photon_and_constant_pixel_noise() -> None:
+    photon = PixelNoise("photon", center=10.0, scale=5.0, read_noise_photons=2.0)
+    center, std = photon(torch.tensor([2.0]))
+    assert float(center) == 2.0 and float(std) == pytest.approx(np.sqrt(20.0 + 4.0) / 5.0)
+    center, std = PixelNoise("constant", constant_std=0.3)(torch.zeros(1))
+    assert float(center) == 0.0 and float(std) == pytest.approx(0.3)
+
+
+@torch.no_grad()
+def test_without_residual_decoding_is_the_mean_plus_exact_gaussian_noise() -> None:
+    model = _model("model.residual_unet=false")
+    assert model.decoder is None  # the default: no residual network
+    _randomize(model.mean_decoder)
+    z = torch.randn(2, 4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    mu = model.mean(z)
+    center, sigma = model.pixel_noise(mu)
+    noise = torch.randn(mu.shape, generator=torch.Generator().manual_seed(1))
+    for steps in (1, 3, 10):  # the analytic part is integrated exactly: no dependence on the step count
+        x = model.decode(z, num_steps=steps, generator=torch.Generator().manual_seed(1))
+        assert torch.allclose(x, center + sigma * noise, atol=1e-5)
+    assert model.last_nfe == 0
+    assert torch.equal(model.denoise(z), mu)
+
+
+@torch.no_grad()
+def test_decoding_in_w_coordinates_solves_the_velocity_ode() -> None:
+    """decode() integrates dw/dt = UNet / s(t); a fine x-space solve of the full velocity must agree."""
+    model = _model("model.residual_unet=true")
+    _randomize(model.mean_decoder)
+    _randomize(model.decoder, std=0.02)
+    z = torch.randn(1, 4, 3, 2, 2, generator=torch.Generator().manual_seed(3))
+    fast = model.decode(z, sampler="heun", num_steps=40, generator=torch.Generator().manual_seed(4))
+    noise = torch.randn(fast.shape, generator=torch.Generator().manual_seed(4))
+    # x-space solve on a grid that avoids t = 0 exactly (k(t) is stiff there for small sigma), then the exact tail
+    fine, _ = flow.samplers.sample_flow(model._velocity_fn(z), noise, "heun", 400)
+    assert float((fast - fine).abs().max()) < 2e-2 * float(fine.abs().max())
+    assert model.last_nfe == 80
+
+
+@torch.no_grad()
+def test_velocity_at_init_is_the_exact_conditional_velocity() -> None:
+    model = _model("model.residual_unet=true")
+    _randomize(model.mean_decoder)
+    g = torch.Generator().manual_seed(2)
+    x_t, z, t = torch.randn(2, 1, 9, 16, 16, generator=g), torch.randn(2, 4, 3, 2, 2, generator=g), torch.tensor([0.2, 0.8])
+    center, sigma = model.pixel_noise(model.mean(z))
+    tb = t.view(2, 1, 1, 1, 1)
+    expected = flow.gaussian_velocity_coeff(tb, sigma) * (x_t - (1 - tb) * center) - center
+    assert torch.allclose(model.velocity(x_t, t, z), expected, atol=1e-5)
+
+
+def test_validation_losses_report_latent_use() -> None:
+    model = _model()
+    x = torch.randn(3, 1, 9, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model.validation_losses(x, torch.Generator().manual_seed(1))
+    assert {"loss_z", "loss_shuffled_z", "latent_use", "loss_z_t10", "loss_shuffled_z_t90"} <= set(out)
+    assert float(out["latent_use"]) == pytest.approx(1.0)  # at init the mean head is zero: z cannot matter
+    with torch.no_grad():
+        single = model.validation_losses(x[:1])
+    assert "latent_use" not in single  # one clip has no other clip to swap latents with
