@@ -51,8 +51,15 @@ def test_ddp_trains_writes_export_media_and_resumes(ray_cluster, sim_data_root, 
     assert rows[-1]["step"] == 4 and all(torch.isfinite(torch.tensor(losses)))
     assert "val_loss" in rows[-1] and rows[-1]["samples_per_s"] > 0 and 0 < rows[-1]["mfu"]
     assert 0 <= rows[-1]["data_wait_frac"] < 1
+    # latent-use telemetry: the val loss with the clips' own latents and with shuffled ones, per flow time
+    assert {"val_loss_z", "val_loss_shuffled_z", "val_latent_use", "val_loss_z_t10", "val_loss_shuffled_z_t90"} <= set(rows[-1])
+    assert rows[-1]["val_latent_use"] == pytest.approx(rows[-1]["val_loss_z"] / rows[-1]["val_loss_shuffled_z"])
+    assert "val_latent_use=" in summary
     state, model_cfg, meta = load_export(run_dir / "export" / "model.pt")
     assert meta["step"] == 4 and model_cfg["kind"] == "diffae"
+    # the trainer filled in the pixel noise model from the data index (Anscombe shards by default)
+    assert model_cfg["decoder_form"] is None and model_cfg["noise_model"]["kind"] == "anscombe"
+    assert any(k.startswith("mean_decoder.") for k in state)
     assert (run_dir / "config.yaml").exists() and json.loads((run_dir / "run.json").read_text())["git_revision"]
     assert list((run_dir / "checkpoints").glob("step_*")), "no Ray Train checkpoint was persisted"
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run folder missing"

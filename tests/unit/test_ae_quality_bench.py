@@ -131,7 +131,8 @@ def test_architectures_must_match(aq, small):
 
 
 MICRO = dict(clip_frames=9, clip_side=16, movie_side=16, train_movies=1, train_frames=20, test_movies=2,
-             test_clips_per_tile=2, model_overrides=TINY_MODEL, steps=2, batch_size=1, warmup_steps=1,
+             test_clips_per_tile=2, model_overrides=[*TINY_MODEL, "model.residual_unet=true"], steps=2, batch_size=1,
+             warmup_steps=1,
              recon_steps=2, table_samplers=["euler", "heun"], table_nfe=[1, 2], table_clips=2)
 
 
@@ -144,7 +145,7 @@ def test_run_microscopic_suite_end_to_end(aq, tmp_path):
     expected = set(aq.HEADLINE_KEYS) | {f"{k}_spread" for k in aq.HEADLINE_KEYS}
     assert set(saved["summary"]["default"]) == expected
     first, second = saved["runs"]["default"]
-    assert set(first["results"]) == {"diffae", "regression", "oracle_denoiser", "oracle_resample", "unconditional",
+    assert set(first["results"]) == {"diffae", "regression", "oracle_denoiser", "oracle_resample", "oracle_gaussian", "unconditional",
                                      "input"}
     assert first["results"]["diffae"]["nfe"] == 4 and first["results"]["regression"]["nfe"] == 1
     assert math.isfinite(first["results"]["diffae"]["psnr_denoised_db"])
