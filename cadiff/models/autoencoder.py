@@ -169,8 +169,8 @@ class CausalAutoencoder(nn.Module, ABC):
         """Scalar loss on a clip batch ``x`` and float metrics (random draws honour ``generator``)."""
 
     @abstractmethod
-    def probe_losses(self, x: Tensor, z: Tensor, eps: Tensor) -> dict[float, Tensor]:
-        """Decoder losses of clips ``x`` given latent ``z`` on fixed noise ``eps``, keyed by flow time."""
+    def probe_losses(self, x: Tensor, z: Tensor, eps: Tensor) -> dict[float | None, Tensor]:
+        """Decoder losses of clips ``x`` given latent ``z`` on fixed noise ``eps``, keyed by flow time (or None)."""
 
     def validation_losses(self, x: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Latent-use telemetry: decoder loss with each clip's own latent and with another clip's (batch rolled).
@@ -312,7 +312,7 @@ class DiffusionAutoencoder(CausalAutoencoder):
         from cadiff.models.registry import build_objective
 
         form = resolved_decoder_form(model_config)
-        residual = bool(model_config.get("residual_unet", True))
+        residual = bool(model_config.get("residual_unet", False))
         in_ch = int(model_config["in_channels"])
         decoder_inputs = (2 * in_ch if residual else None) if form == "mean_flow" else in_ch
         super().__init__(model_config, build_objective(model_config["diffusion"]), decoder_inputs=decoder_inputs)
@@ -417,7 +417,7 @@ class DiffusionAutoencoder(CausalAutoencoder):
                        z_std=z.detach().float().std())
         return loss, {k: float(v) for k, v in metrics.items()}
 
-    def probe_losses(self, x: Tensor, z: Tensor, eps: Tensor) -> dict[float, Tensor]:
+    def probe_losses(self, x: Tensor, z: Tensor, eps: Tensor) -> dict[float | None, Tensor]:
         """Velocity MSE at each of :data:`VAL_TIMES` for latent ``z`` with fixed noise ``eps`` (latent-use probe)."""
         fn = self._velocity_fn(z)
         out = {}
@@ -463,7 +463,7 @@ class RegressionAutoencoder(CausalAutoencoder):
     def _decode(self, z: Tensor) -> Tensor:
         return self._blank_decode(self.decoder, z)
 
-    def probe_losses(self, x: Tensor, z: Tensor, eps: Tensor) -> dict[float, Tensor]:
+    def probe_losses(self, x: Tensor, z: Tensor, eps: Tensor) -> dict[float | None, Tensor]:
         """The regression loss (one entry: the decoder has no flow time)."""
         err = self._decode(z).float() - x.float()
         return {None: err.pow(2).mean() if self.regression_loss == "l2" else err.abs().mean()}
