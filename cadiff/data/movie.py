@@ -12,7 +12,7 @@ inverse up to rounding to integer ADU.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,10 +150,6 @@ def describe_source(data: Any) -> str:
             fname = getattr(getattr(data, "file", None), "filename", None)
             return f"{fname}:{value}" if attr == "name" and fname else value
     return type(data).__name__
-
-
-def iter_chunks(num_frames: int, chunk: int) -> Sequence[tuple[int, int]]:
-    return [(t, min(num_frames, t + chunk)) for t in range(0, num_frames, chunk)]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -355,16 +355,4 @@ class IndexedShards:
         self._handles = {}
 
 
-def load_clips(root: str | Path, split: str = "val", max_clips: int | None = None) -> np.ndarray:
-    """The first ``max_clips`` stored arrays of a split, in index order, as ``[N, ...]`` (raw stored dtype)."""
-    index = read_index(root)
-    shape = index_shape(index)
-    out: list[np.ndarray] = []
-    for path, _count in split_shards(root, index, split):
-        for _key, array, _meta in iter_shard(path, index["kind"], shape):
-            out.append(array)
-            if max_clips is not None and len(out) >= max_clips:
-                return np.stack(out)
-    if not out:
-        return np.zeros((0, *shape), dtype=index["dtype"])
-    return np.stack(out)
+

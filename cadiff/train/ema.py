@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from cadiff.errors import CheckpointError, ModelError
 
@@ -32,11 +32,6 @@ class EMA:
         self.num_updates = 0
         with torch.no_grad():
             self.shadow: dict[str, Tensor] = {k: v.detach().clone() for k, v in named_tensors.items()}
-
-    @classmethod
-    def from_module(cls, module: nn.Module, decay: float = 0.999, warmup_power: float | None = None) -> EMA:
-        """EMA over all parameters of a plain (unsharded) module."""
-        return cls(dict(module.named_parameters()), decay, warmup_power)
 
     def decay_at(self, step: int) -> float:
         """Decay used after optimizer step ``step`` (1-based): constant, or ``min(decay, (1 - 1/step)^(gamma+1))``."""

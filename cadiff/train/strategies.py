@@ -267,10 +267,6 @@ class Strategy:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def is_accumulating(self) -> bool:
-        """True while the next backward is not the last micro-batch of an optimizer step."""
-        return self._micro < self.grad_accum - 1
-
     def accumulation_context(self, last: bool) -> contextlib.AbstractContextManager:
         """Wrap forward+backward of a micro-batch; gradient sync is skipped unless ``last``."""
         return contextlib.nullcontext()

@@ -308,17 +308,6 @@ def to_tune(space: SearchSpace, search: str = "random") -> dict[str, Any]:
     return out
 
 
-def to_optuna_compatible(space: SearchSpace) -> dict[str, Any]:
-    """Tune ``param_space`` that ``OptunaSearch`` accepts (no ``grid_search`` entries)."""
-    return to_tune(space, search="optuna")
-
-
-def num_grid_points(space: SearchSpace, search: str = "random") -> int:
-    """How many configurations one Tune sample expands to (the product of grid axes)."""
-    expanded = [p for p in space.params.values() if p.dist == "grid" or (search == "grid" and p.dist == "choice")]
-    return 1 if search == "optuna" else math.prod(len(p.args) for p in expanded)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Hydra overrides
 

@@ -11,7 +11,6 @@ import pytest
 from cadiff.data.shards import (
     IndexedShards,
     iter_shard,
-    load_clips,
     read_index,
     write_index,
     write_shards,
@@ -50,9 +49,6 @@ def test_clip_round_trip_is_bit_exact(tmp_path, dtype):
         np.testing.assert_array_equal(a, b)
         assert m == n
     write_index(tmp_path, _clip_index(tmp_path, infos, dtype=np.dtype(dtype).name))
-    clips = load_clips(tmp_path, "train", max_clips=7)
-    assert clips.shape == (7, 5, 6, 7)
-    np.testing.assert_array_equal(clips[6], expected[6][1])
     indexed = IndexedShards(tmp_path, "train")
     assert len(indexed) == 10
     np.testing.assert_array_equal(indexed[9][1], expected[9][1])

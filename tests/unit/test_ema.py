@@ -59,7 +59,7 @@ def test_power_warmup_profile_and_cap() -> None:
 
 def test_swap_uses_ema_inside_and_restores_training_weights_bit_exactly() -> None:
     model = torch.nn.Linear(5, 3)
-    ema = EMA.from_module(model, decay=0.5)
+    ema = EMA(dict(model.named_parameters()), decay=0.5)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 1e-3 + 1 / 3)  # values with many significant bits
