@@ -42,7 +42,7 @@ TRAIN = ["experiment=ae_tiny", "trainer.num_workers=2", "trainer.cpus_per_worker
 
 def _export_step(run_dir: Path) -> int | None:
     from cadiff.errors import CheckpointError
-    from cadiff.train.checkpoint import load_export
+    from cadiff.runtime.exports import load_export
 
     try:
         return int(load_export(run_dir / "export" / "model.pt")[2]["step"])
@@ -159,7 +159,8 @@ def fault_checkpoint_write_crash(ctx: dict) -> dict:
     """Crash between writing a checkpoint and committing it; then truncate the newest committed file."""
     import torch
 
-    from cadiff.train.checkpoint import CheckpointManager, safe_load
+    from cadiff.runtime.exports import safe_load
+    from cadiff.train.checkpoint import CheckpointManager
 
     manager = CheckpointManager(ctx["tmp"] / "ckpt_crash", num_to_keep=2)
     for step in (1, 2):

@@ -301,7 +301,7 @@ def case_stage2_training_missing_stage1(tmp: Path, env: Env) -> Case:
 def case_sample_missing_stage1(tmp: Path, env: Env) -> Case:
     """sample with a stage-2 export whose recorded stage-1 run was deleted."""
     from cadiff.models.registry import build_model
-    from cadiff.train.checkpoint import export_model
+    from cadiff.runtime.exports import export_model
 
     gone = tmp / "deleted_run"
     dit = build_model({"kind": "dit", "size": "tiny", "in_channels": 4})

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from cadiff.errors import DataError
-from cadiff.inference.exports import load_exported_model, resolve_export
+from cadiff.runtime.exports import load_exported_model, resolve_job_export
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,9 @@ def encode_latents(cfg: Any) -> tuple[str, str]:
 
     from cadiff.data.shards import read_index, write_index, write_shards
     from cadiff.io import atomic_dir
-    from cadiff.train.launch import init_ray
+    from cadiff.runtime.ray import init_ray
 
-    export = resolve_export(cfg.stage1, "stage1")
+    export = resolve_job_export(cfg.stage1, "stage1")
     model, meta, _ = load_exported_model(export, "stage1", "ae")  # fail fast on a bad export
     data_root = Path(cfg.data.root).resolve()
     index = read_index(data_root)

@@ -16,9 +16,9 @@ import torch
 from tqdm import tqdm
 
 from cadiff.errors import CheckpointError, DataError
-from cadiff.inference.exports import load_exported_model
 from cadiff.io import atomic_dir, atomic_path, write_json_atomic
-from cadiff.train.logging import video_grid, write_video
+from cadiff.runtime.exports import load_exported_model
+from cadiff.runtime.video import video_grid, write_video
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def generate(cfg: Any) -> tuple[str, str]:
     if cfg.num_ray_tasks > 0:
         import ray
 
-        from cadiff.train.launch import init_ray
+        from cadiff.runtime.ray import init_ray
 
         init_ray(cfg.ray)
         task = ray.remote(num_cpus=1)(generate_batch)

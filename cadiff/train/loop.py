@@ -406,7 +406,7 @@ def _write_media(cfg, stage, strategy, ema, model_config, val_x, run_dir, step, 
 
 
 def _export(cfg, stage, strategy, ema, model_config, run_dir, step, rank, config, last_metrics) -> None:
-    from cadiff.train.checkpoint import export_model
+    from cadiff.runtime.exports import export_model
 
     state = strategy.gather_ema_state(ema)
     if rank != 0 or state is None:

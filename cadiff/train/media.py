@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cadiff.train.logging import log_reconstruction_videos, video_grid, write_video
+from cadiff.runtime.video import video_grid, write_video
+from cadiff.train.logging import log_reconstruction_videos
 
 
 def preview_calib(data_info: dict[str, Any]) -> dict[str, Any]:
@@ -34,19 +35,15 @@ def log_stage1(model, x, data_info, media_dir: Path, step: int, logger_cfg, wand
 
 def log_stage2(model, latent_shape, data_info, media_dir: Path, step: int, logger_cfg, wandb_run=None) -> list[Path]:
     """Sample two latents with the EMA DiT, decode them with the stage-1 export, write a grid video."""
-    from cadiff.models.registry import build_model
-    from cadiff.train.checkpoint import load_export
+    from cadiff.runtime.exports import load_exported_model
 
     generator = torch.Generator(device="cpu").manual_seed(step)
     device = next(model.parameters()).device
     z = model.sample((2, *latent_shape), generator=generator).to(device)
     mean = torch.tensor(data_info["channel_mean"], device=device).view(1, -1, 1, 1, 1)
     std = torch.tensor(data_info["channel_std"], device=device).view(1, -1, 1, 1, 1)
-    state, stage1_cfg, stage1_meta = load_export(data_info["stage1"])
-    decoder = build_model(stage1_cfg)
-    decoder.load_state_dict(state)
-    decoder = decoder.to(device).eval()
-    clips = decoder.decode(z * std + mean)
+    decoder, stage1_meta, _ = load_exported_model(data_info["stage1"], "stage1", "ae")  # cached across steps
+    clips = decoder.to(device).decode(z * std + mean)
     movies = to_photons(clips, stage1_meta["data"])
     grid = video_grid([[m for m in movies]])
     paths = [write_video(grid, media_dir / f"samples_step{step:07d}{ext}", logger_cfg.video_fps) for ext in (".gif", ".mp4")]

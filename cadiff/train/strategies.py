@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cadiff.errors import CheckpointError, ConfigError
-from cadiff.train.checkpoint import safe_load
+from cadiff.runtime.exports import safe_load
 
 log = logging.getLogger(__name__)
 

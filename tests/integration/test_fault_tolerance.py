@@ -26,7 +26,8 @@ import torch
 
 from cadiff.data import pipeline
 from cadiff.errors import DataError
-from cadiff.train.checkpoint import CheckpointManager, load_export
+from cadiff.runtime.exports import load_export
+from cadiff.train.checkpoint import CheckpointManager
 
 REPO = Path(__file__).resolve().parents[2]
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of registered checkpoints

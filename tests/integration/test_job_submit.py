@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from cadiff.train.checkpoint import load_export
+from cadiff.runtime.exports import load_export
 from cadiff.train.launch import RUNTIME_ENV_EXCLUDES
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]

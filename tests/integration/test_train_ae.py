@@ -11,7 +11,7 @@ import torch
 
 from cadiff.config import compose
 from cadiff.errors import ConfigError
-from cadiff.train.checkpoint import load_export
+from cadiff.runtime.exports import load_export
 from cadiff.train.launch import run_training
 
 pytestmark = pytest.mark.ray

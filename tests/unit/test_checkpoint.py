@@ -12,8 +12,9 @@ import torch
 from omegaconf import OmegaConf
 
 from cadiff.errors import CheckpointError, ConfigError
+from cadiff.runtime.exports import export_model, load_export, safe_load
 from cadiff.train import checkpoint as ckpt
-from cadiff.train.checkpoint import CheckpointManager, export_model, load_export, read_manifest, safe_load
+from cadiff.train.checkpoint import CheckpointManager, read_manifest
 
 
 def write_state(folder, step: int) -> None:

@@ -127,7 +127,7 @@ def test_checkpoint_loader_refuses_pickled_objects(tmp_path):
     import torch
 
     from cadiff.errors import CheckpointError
-    from cadiff.train.checkpoint import safe_load
+    from cadiff.runtime.exports import safe_load
 
     class Payload:
         def __reduce__(self):

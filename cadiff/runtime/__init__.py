@@ -1,0 +1,1 @@
+"""Runtime shared by training, inference and sweeps: Ray start-up, model exports, preview videos."""
