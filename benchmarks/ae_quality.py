@@ -65,14 +65,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cadiff.config import compose  # noqa: E402
+from cadiff.data.anscombe import anscombe, inverse_anscombe, inverse_anscombe_unbiased  # noqa: E402
 from cadiff.data.movie import to_photons  # noqa: E402
-from cadiff.data.noise import (  # noqa: E402
-    PhotonTransfer,
-    anscombe,
-    estimate_photon_transfer,
-    inverse_anscombe,
-    inverse_anscombe_unbiased,
-)
+from cadiff.data.noise import PhotonTransfer, estimate_photon_transfer  # noqa: E402
 from cadiff.data.simulate import GroundTruth, simulate_movie  # noqa: E402
 from cadiff.errors import ConfigError, DataError  # noqa: E402
 from cadiff.eval.metrics import evaluate_sets, local_correlation_image, photon_transfer, to_jsonable  # noqa: E402
@@ -504,7 +499,7 @@ def oracle_gaussian(clean: np.ndarray, data: BenchData, seed: int) -> np.ndarray
     level = torch.from_numpy(np.maximum(clean, 0.0).astype(np.float64))
     rng = np.random.default_rng(seed)
     if data.normalization == "anscombe":
-        from cadiff.data.noise import anscombe_moments
+        from cadiff.data.anscombe import anscombe_moments
 
         levels = np.concatenate([[0.0], np.geomspace(1e-3, 1e4, 400)])
         expected = np.interp(level.numpy(), levels, anscombe_moments(levels, data.read_noise_photons)[0])

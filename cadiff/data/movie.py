@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from cadiff.data.anscombe import anscombe, inverse_anscombe, inverse_anscombe_unbiased
 from cadiff.errors import DataError
 
 UINT16_MAX = 65535
@@ -174,8 +175,6 @@ def _read_noise_photons(calib: dict) -> float:
 
 def normalize(x_adu: Any, calib: dict, norm: dict) -> Any:
     """ADU -> normalized float32: ``(f((x - offset)/gain) - center) / scale`` (see module docstring)."""
-    from cadiff.data.noise import anscombe
-
     _check_norm(calib, norm)
     p = to_photons(x_adu, float(calib["gain"]), float(calib["offset"]))
     if norm["kind"] == "anscombe":
@@ -190,8 +189,6 @@ def denormalize(x: Any, calib: dict, norm: dict, estimate: bool = False) -> np.n
     ``estimate``: ``x`` is a signal estimate ``E[f(x)]`` (a denoiser's output), inverted with the unbiased
     inverse of the Anscombe transform so that it is an estimate of the photon flux itself.
     """
-    from cadiff.data.noise import inverse_anscombe, inverse_anscombe_unbiased
-
     _check_norm(calib, norm)
     if _is_torch(x):
         x = x.detach().float().cpu().numpy()

@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from cadiff.data.anscombe import anscombe
 from cadiff.data.movie import UINT16_MAX, Movie, read_frames
-from cadiff.data.noise import anscombe, estimate_photon_transfer
+from cadiff.data.noise import estimate_photon_transfer
 from cadiff.data.shards import INDEX_NAME, read_index, write_index, write_shards
 from cadiff.errors import DataError
 from cadiff.io import write_json_atomic

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cadiff.data.noise import anscombe_moments
+from cadiff.data.anscombe import anscombe_moments
 from cadiff.diffusion.flow import gaussian_path_std, gaussian_velocity_coeff, path, velocity_target
 from cadiff.diffusion.samplers import Objective
 from cadiff.errors import ModelError
@@ -148,6 +148,10 @@ class CausalAutoencoder(nn.Module, ABC):
         nets = [self.encoder, getattr(self, "mean_decoder", None), self.decoder]
         return [b for net in nets if net is not None for b in net.res_blocks()]
 
+    def _twin(self, model_config: dict[str, Any]) -> CausalAutoencoder:
+        """A new model of this class from ``model_config`` sharing this one's objective (for FLOP counting)."""
+        return type(self)(model_config) if self.objective is None else type(self)(model_config, self.objective)
+
     @abstractmethod
     def flop_forward(self, x: Tensor) -> Tensor:
         """The forward pass whose FLOPs define the per-sample cost: encoder + one decoder evaluation."""
@@ -157,7 +161,7 @@ class CausalAutoencoder(nn.Module, ABC):
         key = tuple(int(v) for v in input_shape)
         if key not in self._flops:
             self._check_clip_shape(key)
-            self._flops[key] = count_forward_flops(self.model_config, type(self), type(self).flop_forward, key)
+            self._flops[key] = count_forward_flops(self.model_config, self._twin, type(self).flop_forward, key)
         return self._flops[key]
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
@@ -308,14 +312,12 @@ class DiffusionAutoencoder(CausalAutoencoder):
     ``decoder_form=flow``: the earlier form, ``v = UNet(x_t, t, z)`` plus the homoscedastic noise term.
     """
 
-    def __init__(self, model_config: dict[str, Any]) -> None:
-        from cadiff.models.registry import build_objective
-
+    def __init__(self, model_config: dict[str, Any], objective: Objective) -> None:
         form = resolved_decoder_form(model_config)
         residual = bool(model_config.get("residual_unet", False))
         in_ch = int(model_config["in_channels"])
         decoder_inputs = (2 * in_ch if residual else None) if form == "mean_flow" else in_ch
-        super().__init__(model_config, build_objective(model_config["diffusion"]), decoder_inputs=decoder_inputs)
+        super().__init__(model_config, objective, decoder_inputs=decoder_inputs)
         self.decoder_form = form
         self.last_nfe = 0
         self.noise_std = float(model_config.get("noise_std") or 0.0)

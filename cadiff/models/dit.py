@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cadiff.diffusion.samplers import Objective
 from cadiff.errors import ConfigError, ModelError
 from cadiff.models.layers import (
     Attention,
@@ -188,9 +189,7 @@ def resolve_size(model_config: dict[str, Any]) -> tuple[int, int, int]:
 class LatentDiffusion(nn.Module):
     """Stage-2 model: a DiT trained with the configured objective on (normalized) latents."""
 
-    def __init__(self, model_config: dict[str, Any]) -> None:
-        from cadiff.models.registry import build_objective
-
+    def __init__(self, model_config: dict[str, Any], objective: Objective) -> None:
         super().__init__()
         if not model_config.get("in_channels"):
             raise ConfigError("config key 'model.in_channels' is unset: the DiT needs the latent channel count "
@@ -200,7 +199,7 @@ class LatentDiffusion(nn.Module):
         self.dit = DiT(int(model_config["in_channels"]), hidden, depth, heads, tuple(model_config["patch_size"]),
                        float(model_config["mlp_ratio"]), float(model_config["rope_theta"]),
                        int(model_config["cond_dim"]))
-        self.objective = build_objective(model_config["diffusion"])
+        self.objective = objective
         self.last_nfe = 0
         self._flops: dict[tuple[int, ...], float] = {}
 
@@ -242,5 +241,6 @@ class LatentDiffusion(nn.Module):
             self.dit.token_grid(key)
             # on meta tensors SDPA runs its math path, so attention's QK^T and AV matmuls are counted too
             self._flops[key] = count_forward_flops(
-                self.model_config, LatentDiffusion, lambda m, x: m.dit(x, torch.zeros(1, device=x.device)), key)
+                self.model_config, lambda cfg: LatentDiffusion(cfg, self.objective),
+                lambda m, x: m.dit(x, torch.zeros(1, device=x.device)), key)
         return self._flops[key]

@@ -27,6 +27,8 @@ from cadiff.diffusion.ddpm import DDPM
 from cadiff.diffusion.flow import FlowMatching
 from cadiff.diffusion.samplers import Objective
 from cadiff.errors import ConfigError
+from cadiff.models.autoencoder import DiffusionAutoencoder, RegressionAutoencoder
+from cadiff.models.dit import LatentDiffusion
 
 AUTOENCODER_KINDS = ("diffae", "regression")
 
@@ -65,13 +67,10 @@ def build_objective(diffusion_cfg: DictConfig | dict[str, Any]) -> Objective:
 
 def build_model(model_cfg: DictConfig | dict[str, Any]) -> nn.Module:
     """``diffae`` -> DiffusionAutoencoder, ``regression`` -> RegressionAutoencoder, ``dit`` -> LatentDiffusion."""
-    from cadiff.models.autoencoder import DiffusionAutoencoder, RegressionAutoencoder
-    from cadiff.models.dit import LatentDiffusion
-
     cfg = resolve_model_config(model_cfg)
     kind = cfg["kind"]
     if kind == "diffae":
-        return DiffusionAutoencoder(cfg)
+        return DiffusionAutoencoder(cfg, build_objective(cfg["diffusion"]))
     if kind == "regression":
         return RegressionAutoencoder(cfg)
-    return LatentDiffusion(cfg)
+    return LatentDiffusion(cfg, build_objective(cfg["diffusion"]))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cadiff.data.noise import anscombe, estimate_photon_transfer, inverse_anscombe
+from cadiff.data.anscombe import anscombe, inverse_anscombe
+from cadiff.data.noise import estimate_photon_transfer
 from cadiff.data.simulate import simulate_movie
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cadiff.config import compose
-from cadiff.data.noise import anscombe
+from cadiff.data.anscombe import anscombe
 from cadiff.data.simulate import simulate_movie
 from cadiff.models.registry import build_model
 

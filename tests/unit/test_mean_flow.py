@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cadiff.config import compose
-from cadiff.data.noise import anscombe, anscombe_moments, inverse_anscombe
+from cadiff.data.anscombe import anscombe, anscombe_moments, inverse_anscombe
 from cadiff.diffusion import flow
 from cadiff.models.autoencoder import PixelNoise
 from cadiff.models.registry import build_model
