@@ -17,6 +17,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cadiff.diffusion.ddpm import DDPM
+from cadiff.diffusion.flow import FlowMatching
 from cadiff.errors import ConfigError
 
 CONF_MODULE = "cadiff.conf"
@@ -541,7 +543,7 @@ def validate_diffusion(d: Any, prefix: str) -> None:
     _choice(f"{prefix}.loss_weighting", d.loss_weighting, ("none", "min_snr"))
     _choice(f"{prefix}.ddpm_schedule", d.ddpm_schedule, ("linear", "cosine"))
     _choice(f"{prefix}.ddpm_prediction", d.ddpm_prediction, ("eps", "v"))
-    samplers = ("euler", "heun", "midpoint") if d.objective == "flow" else ("ddim", "ancestral", "euler", "heun")
+    samplers = FlowMatching.samplers if d.objective == "flow" else DDPM.samplers
     _choice(f"{prefix}.sampler", d.sampler, samplers)
     _require(d.num_steps >= 1, f"{prefix}.num_steps", d.num_steps, "an integer >= 1 (NFE > 0)")
 
@@ -710,7 +712,7 @@ def validate_sample(cfg: Any) -> None:
     _require(cfg.decoder_steps is None or cfg.decoder_steps >= 1, "decoder_steps", cfg.decoder_steps,
              ">= 1 (NFE > 0), or null for the stage-1 run's own")
     if cfg.decoder_sampler is not None:
-        _choice("decoder_sampler", cfg.decoder_sampler, ("euler", "heun", "midpoint", "ddim", "ancestral"))
+        _choice("decoder_sampler", cfg.decoder_sampler, tuple(dict.fromkeys(FlowMatching.samplers + DDPM.samplers)))
 
 
 def validate_encode_latents(cfg: Any) -> None:

@@ -166,11 +166,8 @@ class Objective(ABC):
     samplers: tuple[str, ...] = ()
 
     def __init__(self, sampler: str, num_steps: int) -> None:
-        if sampler not in self.samplers:
-            raise ConfigError(f"diffusion.sampler = {sampler!r}: expected one of {list(self.samplers)} for "
-                              f"{type(self).__name__}")
-        self.default_sampler = sampler
-        self.default_steps = num_steps
+        self.default_sampler, self.default_steps = sampler, num_steps
+        self.resolve(None, None)  # the defaults obey the same rules as every later choice
 
     def resolve(self, sampler: str | None, num_steps: int | None) -> tuple[str, int]:
         """Defaults from the config for unset arguments; unknown sampler names raise ConfigError."""

@@ -103,9 +103,19 @@ def test_reconstruct_mode(stage1_run, sim_data_root, tmp_path):
     out = tmp_path / "recon"
     summary, _ = run_sample(compose("sample", ["mode=reconstruct", f"stage1={stage1_run}", f"data.root={sim_data_root}",
                                                f"out={out}", "num_samples=2", "decoder_steps=2"]))
-    assert "2 reconstructions" in summary
+    assert "2 reconstructions" in summary and "denoised_mse=" in summary
     assert tifffile.imread(out / "recon_000.tif").shape == (17, 32, 32)
     assert tifffile.imread(out / "reference" / "clip_000.tif").dtype == np.uint16
+    # beside each noisy reconstruction, the decoder's signal estimate in the same units
+    noisy, denoised = tifffile.imread(out / "recon_000.tif"), tifffile.imread(out / "denoised_000.tif")
+    assert denoised.shape == noisy.shape and denoised.dtype == np.uint16 and not np.array_equal(noisy, denoised)
+    record = json.loads((out / "samples.json").read_text())
+    assert record["denoised"] is True and (record["decoder_sampler"], record["decoder_steps"]) == ("heun", 2)
+    # without decoder_sampler/decoder_steps the decode follows what the stage-1 run recorded (ae_tiny: Heun x 8)
+    run_sample(compose("sample", ["mode=reconstruct", f"stage1={stage1_run}", f"data.root={sim_data_root}",
+                                  f"out={tmp_path / 'recon_default'}", "num_samples=1"]))
+    record = json.loads((tmp_path / "recon_default" / "samples.json").read_text())
+    assert (record["decoder_sampler"], record["decoder_steps"]) == ("heun", 8)
 
 
 def test_stage2_bad_inputs(stage1_run, stage2_run, latents_root, tmp_path):
