@@ -786,7 +786,8 @@ def run_real(cfg: BenchConfig, name: str) -> dict[str, Any]:
 def _job(args: tuple[str, str, BenchConfig]) -> tuple[str, str, dict[str, Any]]:
     """One suite job in a worker process: ``("sim", preset, cfg)`` or ``("real", movie, cfg)``."""
     kind, name, cfg = args
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name}/{cfg.seed}: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name}/{cfg.seed}: %(message)s", datefmt="%H:%M:%S",
+                        force=True)  # a pool worker runs several jobs: name each one
     logging.getLogger("cadiff.eval.metrics").setLevel(logging.ERROR)
     return kind, name, (run(cfg) if kind == "sim" else run_real(cfg, name))
 
