@@ -174,6 +174,11 @@ class AutoencoderConfig:
     # mean_flow: a UNet for what is neither the mean nor Gaussian noise; off by default: at CPU budgets it only
     # added variance and cost structure (benchmarks/results/ae_quality_ablation.md)
     residual_unet: bool = False
+    # mean_flow: how decoding draws the shot noise around mu. gaussian: the analytic Gaussian flow (photon mean and
+    # variance exact); poisson: photon counts drawn from the calibrated Poisson-Gaussian model (exact at any level);
+    # auto: poisson for photon-starved data (typical level < 1 photon/pixel/frame, where no Gaussian has the
+    # counts' statistics), else gaussian
+    noise_draw: str = "auto"
     mean_loss_weight: float = 1.0  # mean_flow: weight of the mean head's L2 loss
     # mean_flow: per-pixel noise level sigma(mu); the trainer fills it in from the data index (noise_skip rules)
     noise_model: NoiseModelConfig = field(default_factory=NoiseModelConfig)
@@ -567,6 +572,10 @@ def validate_autoencoder(m: Any, prefix: str = "model") -> None:
     if m.decoder_form is not None:
         _choice(f"{prefix}.decoder_form", m.decoder_form, ("mean_flow", "flow"))
     _require(m.mean_loss_weight > 0, f"{prefix}.mean_loss_weight", m.mean_loss_weight, "> 0")
+    _choice(f"{prefix}.noise_draw", m.noise_draw, ("auto", "gaussian", "poisson"))
+    if m.noise_draw == "poisson" and m.residual_unet:
+        raise ConfigError(f"{prefix}.noise_draw='poisson' draws counts directly, without the flow: it needs "
+                          f"{prefix}.residual_unet=false")
     _choice(f"{prefix}.noise_model.kind", m.noise_model.kind, ("none", "anscombe", "photon"))
     if m.noise_model.kind != "none":
         _require(m.noise_model.scale > 0, f"{prefix}.noise_model.scale", m.noise_model.scale, "> 0")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cadiff.data.anscombe import anscombe_moments
+from cadiff.data.anscombe import anscombe, anscombe_moments
 from cadiff.diffusion.flow import gaussian_path_std, gaussian_velocity_coeff, path, velocity_target
 from cadiff.diffusion.samplers import Objective
 from cadiff.errors import ModelError
@@ -220,6 +220,18 @@ def _box_blur_hw(x: Tensor) -> Tensor:
 # photon levels of the Anscombe noise table: 0, then log-spaced up to 1e4 photons (std 1 beyond, to 1e-8)
 NOISE_TABLE_PHOTONS = np.concatenate([[0.0], np.geomspace(1e-3, 1e4, 191)])
 MIN_NOISE_STD = 1e-2  # normalized units: keeps k(t) finite as t -> 0 on noiseless (read-noise-free, dark) pixels
+# below this typical level (photons per pixel per frame) noise_draw=auto draws photon counts: the Gaussian model's
+# photon-transfer gain ratio falls to ~0.5 at 0.1-0.3 photons (benchmarks/results/ae_quality.md, Gaussian oracle)
+STARVED_PHOTONS = 1.0
+
+
+def _interp(x: Tensor, xs: Tensor, ys: Tensor) -> Tensor:
+    """Piecewise-linear ``ys(x)`` on the increasing grid ``xs`` (clamped to its ends)."""
+    x = x.clamp(float(xs[0]), float(xs[-1])).contiguous()
+    hi = torch.searchsorted(xs, x).clamp(1, len(xs) - 1)
+    lo = hi - 1
+    frac = (x - xs[lo]) / (xs[hi] - xs[lo]).clamp_min(1e-12)
+    return ys[lo] + frac * (ys[hi] - ys[lo])
 
 
 class PixelNoise(nn.Module):
@@ -255,6 +267,35 @@ class PixelNoise(nn.Module):
                                  ("table_std", np.sqrt(var))):
                 normalized = values / scale if name == "table_std" else (values - center) / scale
                 self.register_buffer(name, torch.tensor(normalized, dtype=torch.float32), persistent=False)
+            self.register_buffer("table_photons", torch.tensor(NOISE_TABLE_PHOTONS, dtype=torch.float32), False)
+
+    @property
+    def typical_photons(self) -> float:
+        """The photon level of the normalization center (the data's typical level); inf for ``constant``."""
+        if self.kind == "constant":
+            return float("inf")
+        return float(self.photons(torch.zeros(1)))
+
+    def photons(self, mu: Tensor) -> Tensor:
+        """The photon level ``lambda`` each (normalized) signal estimate stands for (the unbiased inverse)."""
+        mu = mu.detach().float()
+        if self.kind == "photon":
+            return (mu * self.scale + self.center).clamp_min(0.0)
+        if self.kind == "anscombe":
+            level = _interp(mu, self.table_expected.to(mu.device), self.table_photons.to(mu.device))
+            bright = mu > self.table_expected[-1]
+            return torch.where(bright, ((mu * self.scale + self.center) / 2) ** 2 - 0.125 - self.read_noise_photons**2,
+                               level)
+        raise ModelError("a constant noise_std has no photon level: noise_draw='poisson' needs model.noise_model")
+
+    def draw_counts(self, mu: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Normalized clip with Poisson photon counts + Gaussian read noise around the level of ``mu``."""
+        level = self.photons(mu)
+        counts = torch.poisson(level, generator=generator)
+        x = counts + self.read_noise_photons * torch.randn(level.shape, generator=generator, device=level.device)
+        if self.kind == "anscombe":
+            x = anscombe(x, self.read_noise_photons)
+        return ((x - self.center) / self.scale).to(mu.dtype)
 
     def forward(self, mu: Tensor) -> tuple[Tensor, Tensor]:
         mu = mu.detach().float()
@@ -263,13 +304,9 @@ class PixelNoise(nn.Module):
         if self.kind == "photon":
             photons = (mu * self.scale + self.center).clamp_min(0.0)
             return mu, ((photons + self.read_noise_photons**2).sqrt() / self.scale).clamp_min(MIN_NOISE_STD)
-        m = self.table_expected
-        x = mu.clamp(float(m[0]), float(m[-1])).contiguous()
-        hi = torch.searchsorted(m, x).clamp(1, len(m) - 1)
-        lo = hi - 1
-        frac = (x - m[lo]) / (m[hi] - m[lo]).clamp_min(1e-12)
-        center = self.table_center[lo] + frac * (self.table_center[hi] - self.table_center[lo])
-        std = self.table_std[lo] + frac * (self.table_std[hi] - self.table_std[lo])
+        m = self.table_expected.to(mu.device)
+        center = _interp(mu, m, self.table_center.to(mu.device))
+        std = _interp(mu, m, self.table_std.to(mu.device))
         # beyond the table (>1e4 photons) the Gaussian limit holds: center = mu, std = 1 / scale
         bright = mu > m[-1]
         center = torch.where(bright, mu, center)
@@ -294,6 +331,19 @@ def resolved_decoder_form(cfg: dict[str, Any]) -> str:
     return "mean_flow" if cfg["diffusion"]["objective"] == "flow" else "flow"
 
 
+def resolved_noise_draw(cfg: dict[str, Any], pixel_noise: PixelNoise) -> str:
+    """``noise_draw``, with ``auto`` resolved: ``poisson`` for photon-starved data, ``gaussian`` otherwise."""
+    draw = str(cfg.get("noise_draw") or "auto")
+    if draw == "auto":
+        starved = pixel_noise.kind != "constant" and pixel_noise.typical_photons < STARVED_PHOTONS
+        draw = "poisson" if starved and not cfg.get("residual_unet") else "gaussian"
+    if draw == "poisson" and cfg.get("residual_unet"):
+        raise ModelError("model.noise_draw='poisson' draws counts directly: it needs model.residual_unet=false")
+    if draw == "poisson":
+        pixel_noise.photons(torch.zeros(1))  # a constant noise_std has no photon level: fail at build time
+    return draw
+
+
 VAL_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)  # fixed flow times of the latent-use probe (validation telemetry)
 
 
@@ -308,7 +358,9 @@ class DiffusionAutoencoder(CausalAutoencoder):
     residual UNet (zero at init, ``residual_unet``) for what is neither the mean nor Gaussian noise. Decoding
     integrates the analytic part exactly (``x_t = (1 - t) c + s(t) w`` with ``dw/dt = UNet / s``), so the noise
     level does not depend on the sampler or its step count; without the residual UNet a decode is
-    ``c + sigma * noise`` exactly.
+    ``c + sigma * noise`` exactly. For photon-starved data (``noise_draw`` auto/poisson) decoding instead draws
+    photon counts from the calibrated Poisson-Gaussian model around the level ``mu`` stands for: no Gaussian
+    has the statistics of counts at a fraction of a photon per pixel.
     ``decoder_form=flow``: the earlier form, ``v = UNet(x_t, t, z)`` plus the homoscedastic noise term.
     """
 
@@ -333,6 +385,7 @@ class DiffusionAutoencoder(CausalAutoencoder):
                 raise ModelError("model.decoder_form='mean_flow' needs the pixel noise level: model.noise_model "
                                  "(filled in from the data index by the trainer) or model.noise_std")
             self.mean_decoder = self._build_unet(in_ch)
+            self.noise_draw = resolved_noise_draw(model_config, self.pixel_noise)
         elif form != "flow":
             raise ModelError(f"model.decoder_form={form!r}: expected 'mean_flow' or 'flow'")
 
@@ -442,6 +495,9 @@ class DiffusionAutoencoder(CausalAutoencoder):
                 x, self.last_nfe = self.objective.sample(self._velocity_fn(z), noise, sampler, num_steps, generator)
                 return x.contiguous()
             mu = self.mean(z)
+            if self.noise_draw == "poisson":
+                self.last_nfe = 0
+                return self.pixel_noise.draw_counts(mu, generator).contiguous()
             center, sigma = (v.to(z.dtype) for v in self.pixel_noise(mu))
             w = noise  # x_1 = w_1: s(1) = 1 and (1 - t) center = 0 at t = 1
             self.last_nfe = 0

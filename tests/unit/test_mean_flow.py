@@ -9,6 +9,7 @@ import torch
 from cadiff.config import compose
 from cadiff.data.anscombe import anscombe, anscombe_moments, inverse_anscombe
 from cadiff.diffusion import flow
+from cadiff.errors import ConfigError, ModelError
 from cadiff.models.autoencoder import PixelNoise
 from cadiff.models.registry import build_model
 
@@ -114,3 +115,40 @@ def test_validation_losses_report_latent_use() -> None:
     with torch.no_grad():
         single = model.validation_losses(x[:1])
     assert "latent_use" not in single  # one clip has no other clip to swap latents with
+
+
+STARVED = ["model.noise_model.kind=anscombe", "model.noise_model.center=1.4", "model.noise_model.scale=0.4",
+           "model.noise_model.read_noise_photons=0.02"]  # a typical level of ~0.2 photons, as raw two-photon data
+
+
+def _starved(*extra: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(compose("train_ae", ["experiment=ae_tiny", *STARVED, *extra]).model).eval()
+
+
+def test_noise_draw_auto_picks_counts_for_photon_starved_data() -> None:
+    assert _model().noise_draw == "gaussian"  # typical level ~8 photons
+    assert _starved().noise_draw == "poisson"
+    assert _starved("model.noise_draw=gaussian").noise_draw == "gaussian"
+    with pytest.raises(ConfigError, match="noise_draw='poisson'.*residual_unet=false"):
+        compose("train_ae", ["experiment=ae_tiny", *STARVED, "model.noise_draw=poisson", "model.residual_unet=true"])
+    with pytest.raises(ModelError, match="no photon level"):
+        build_model(compose("train_ae", ["experiment=ae_tiny", "model.noise_std=0.3", "model.noise_draw=poisson"]).model)
+
+
+@torch.no_grad()
+def test_poisson_draw_has_the_counts_statistics() -> None:
+    model = _starved()
+    noise = model.pixel_noise
+    levels = torch.tensor([0.05, 0.3, 2.0])
+    expected, _ = anscombe_moments(levels.numpy().astype(np.float64), 0.02)
+    mu = torch.tensor((expected - 1.4) / 0.4, dtype=torch.float32)
+    assert torch.allclose(noise.photons(mu), levels, rtol=1e-2)  # the unbiased inverse of the mean head's estimate
+    x = noise.draw_counts(mu[:, None].expand(3, 200_000).contiguous(), torch.Generator().manual_seed(0))
+    photons = inverse_anscombe(x.double().numpy() * 0.4 + 1.4, 0.02)
+    np.testing.assert_allclose(photons.mean(1), levels.numpy(), rtol=2e-2)
+    np.testing.assert_allclose(photons.var(1), levels.numpy() + 0.02**2, rtol=3e-2)
+    assert np.mean(np.abs(photons - np.round(photons)) < 0.1) > 0.99  # counts: integers up to the read noise
+    z = torch.randn(1, 4, 3, 2, 2, generator=torch.Generator().manual_seed(1))
+    a = model.decode(z, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, model.decode(z, generator=torch.Generator().manual_seed(2))) and model.last_nfe == 0
