@@ -18,6 +18,7 @@ from typing import Any
 
 from cadiff.config import to_dict, validate_clip_for_model
 from cadiff.errors import CadiffError, CheckpointError, ConfigError, DataError
+from cadiff.models.autoencoder import resolved_decoder_form
 from cadiff.runinfo import record_run
 from cadiff.runtime.ray import init_ray
 
@@ -81,8 +82,6 @@ def fill_noise_model(model_cfg: Any, norm: dict[str, Any], root: Path, sources: 
     first source): a per-pixel noise level for Anscombe- or photon-normalized data. The ``flow`` form gets the
     homoscedastic ``noise_std = 1 / normalization.scale`` of Anscombe-normalized data.
     """
-    from cadiff.models.autoencoder import resolved_decoder_form
-
     if model_cfg.kind != "diffae" or model_cfg.diffusion.objective != "flow":
         return  # explicit noise_skip/decoder_form with DDPM fails at compose time
     mean_flow = resolved_decoder_form(model_cfg) == "mean_flow"
