@@ -268,13 +268,12 @@ class PixelNoise(nn.Module):
                 normalized = values / scale if name == "table_std" else (values - center) / scale
                 self.register_buffer(name, torch.tensor(normalized, dtype=torch.float32), persistent=False)
             self.register_buffer("table_photons", torch.tensor(NOISE_TABLE_PHOTONS, dtype=torch.float32), False)
-
-    @property
-    def typical_photons(self) -> float:
-        """The photon level of the normalization center (the data's typical level); inf for ``constant``."""
-        if self.kind == "constant":
-            return float("inf")
-        return float(self.photons(torch.zeros(1)))
+        # the photon level of the normalization center, the data's typical level (numpy: the model may be built
+        # on the meta device, e.g. to count FLOPs)
+        if kind == "anscombe":
+            self.typical_photons = float(np.interp(self.center, expected, NOISE_TABLE_PHOTONS))
+        else:
+            self.typical_photons = max(self.center, 0.0) if kind == "photon" else float("inf")
 
     def photons(self, mu: Tensor) -> Tensor:
         """The photon level ``lambda`` each (normalized) signal estimate stands for (the unbiased inverse)."""
@@ -335,12 +334,12 @@ def resolved_noise_draw(cfg: dict[str, Any], pixel_noise: PixelNoise) -> str:
     """``noise_draw``, with ``auto`` resolved: ``poisson`` for photon-starved data, ``gaussian`` otherwise."""
     draw = str(cfg.get("noise_draw") or "auto")
     if draw == "auto":
-        starved = pixel_noise.kind != "constant" and pixel_noise.typical_photons < STARVED_PHOTONS
+        starved = pixel_noise.typical_photons < STARVED_PHOTONS
         draw = "poisson" if starved and not cfg.get("residual_unet") else "gaussian"
     if draw == "poisson" and cfg.get("residual_unet"):
         raise ModelError("model.noise_draw='poisson' draws counts directly: it needs model.residual_unet=false")
-    if draw == "poisson":
-        pixel_noise.photons(torch.zeros(1))  # a constant noise_std has no photon level: fail at build time
+    if draw == "poisson" and pixel_noise.kind == "constant":
+        raise ModelError("a constant noise_std has no photon level: noise_draw='poisson' needs model.noise_model")
     return draw
 
 

@@ -130,6 +130,8 @@ def test_noise_draw_auto_picks_counts_for_photon_starved_data() -> None:
     assert _model().noise_draw == "gaussian"  # typical level ~8 photons
     assert _starved().noise_draw == "poisson"
     assert _starved("model.noise_draw=gaussian").noise_draw == "gaussian"
+    # the FLOP count rebuilds the model on the meta device: the noise model must not need real tensors there
+    assert _starved().flops_per_sample((1, 9, 16, 16)) == _model().flops_per_sample((1, 9, 16, 16)) > 0
     with pytest.raises(ConfigError, match="noise_draw='poisson'.*residual_unet=false"):
         compose("train_ae", ["experiment=ae_tiny", *STARVED, "model.noise_draw=poisson", "model.residual_unet=true"])
     with pytest.raises(ModelError, match="no photon level"):
