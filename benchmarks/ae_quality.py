@@ -330,14 +330,13 @@ def reconstruct_clips(model: nn.Module, clips: np.ndarray, data: BenchData, samp
     """
     generator = torch.Generator().manual_seed(seed)
     out, estimates, nfe = [], [], 1
-    has_estimate = getattr(model, "decoder_form", "mean_flow") == "mean_flow"
     with torch.no_grad():
         for i in range(0, len(clips), batch_size):
             x = torch.from_numpy(data.to_model(clips[i:i + batch_size]))[:, None]
             z = model.encode(x)
             y = model.decode(z, sampler=sampler, num_steps=num_steps, generator=generator)
             out.append(data.to_photons(y[:, 0].double().numpy()))
-            if has_estimate:
+            if model.has_signal_estimate:
                 estimates.append(data.to_photons(model.denoise(z)[:, 0].double().numpy(), estimate=True))
             nfe = int(getattr(model, "last_nfe", 1))  # the regression decoder is one evaluation
     denoised = np.concatenate(estimates).astype(np.float32) if estimates else None

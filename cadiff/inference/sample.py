@@ -177,13 +177,12 @@ def reconstruct(cfg: Any) -> tuple[str, str]:
     generator = torch.Generator().manual_seed(int(cfg.seed))
     settings = decoder_settings(model, cfg)
     recons, denoised = [], []
-    has_estimate = getattr(model, "decoder_form", "mean_flow") == "mean_flow"
     for a, b in tqdm(batch_slices(len(clips), cfg.batch_size), desc="reconstructing", unit="batch"):
         x = clips[a:b]
         z = model.encode(x)
         recons.append(model.decode(z, sampler=settings["decoder_sampler"], num_steps=settings["decoder_steps"],
                                    generator=generator))
-        if has_estimate:
+        if model.has_signal_estimate:
             denoised.append(model.denoise(z))
     recon = torch.cat(recons)
     estimate = torch.cat(denoised) if denoised else None

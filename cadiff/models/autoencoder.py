@@ -152,6 +152,11 @@ class CausalAutoencoder(nn.Module, ABC):
         """A new model of this class from ``model_config`` sharing this one's objective (for FLOP counting)."""
         return type(self)(model_config) if self.objective is None else type(self)(model_config, self.objective)
 
+    @property
+    def has_signal_estimate(self) -> bool:
+        """Whether :meth:`denoise` gives a noise-free estimate (every model but the ``flow``-form DiffAE)."""
+        return getattr(self, "decoder_form", "mean_flow") == "mean_flow"
+
     @abstractmethod
     def flop_forward(self, x: Tensor) -> Tensor:
         """The forward pass whose FLOPs define the per-sample cost: encoder + one decoder evaluation."""
@@ -336,8 +341,6 @@ def resolved_noise_draw(cfg: dict[str, Any], pixel_noise: PixelNoise) -> str:
     if draw == "auto":
         starved = pixel_noise.typical_photons < STARVED_PHOTONS
         draw = "poisson" if starved and not cfg.get("residual_unet") else "gaussian"
-    if draw == "poisson" and cfg.get("residual_unet"):
-        raise ModelError("model.noise_draw='poisson' draws counts directly: it needs model.residual_unet=false")
     if draw == "poisson" and pixel_noise.kind == "constant":
         raise ModelError("a constant noise_std has no photon level: noise_draw='poisson' needs model.noise_model")
     return draw
