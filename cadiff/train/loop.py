@@ -1,8 +1,9 @@
 """``train_loop_per_worker``: one training loop for both stages, under any Strategy, with or without Ray.
 
-Stage 1 (``stage="ae"``) trains a DiffusionAutoencoder / RegressionAutoencoder on normalized clips; stage 2
-(``stage="latent"``) trains the DiT objective on per-channel-normalized latents. Only the model and the batch
-source differ. Checkpoints hold model, optimizer, LR step, EMA, RNG states and the data position; with
+Stage 1 trains a DiffusionAutoencoder / RegressionAutoencoder on normalized clips; stage 2 trains the DiT
+objective on per-channel-normalized latents. Only the model, the batch source and the previews differ, and
+a :class:`cadiff.train.stage.Stage` holds those. Checkpoints hold model, optimizer, LR step, EMA, RNG states and
+the data position; with
 ``data.deterministic=true`` a resumed run is bit-identical to an uninterrupted one (DDP, fp32).
 """
 
@@ -15,6 +16,7 @@ import random
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +25,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cadiff.config import TrainAEConfig, TrainLatentConfig, from_dict
+from cadiff.config import from_dict
+from cadiff.data import pipeline
 from cadiff.errors import ConfigError
+from cadiff.models.registry import build_model
+from cadiff.runtime.exports import export_model
+from cadiff.train.checkpoint import CheckpointManager
+from cadiff.train.ema import EMA
+from cadiff.train.logging import MetricsWriter, peak_flops_for, start_wandb
+from cadiff.train.stage import DataInfo, Stage, get_stage
+from cadiff.train.step import train_step
+from cadiff.train.strategies import build_strategy
 
 log = logging.getLogger(__name__)
-
-SCHEMAS = {"ae": TrainAEConfig, "latent": TrainLatentConfig}
 
 
 class TrainingModule(nn.Module):
@@ -38,11 +47,11 @@ class TrainingModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, probe: bool = False) -> Any:
+    def forward(self, x: torch.Tensor, probe: bool = False, generator: torch.Generator | None = None) -> Any:
         """Training loss and metrics; with ``probe``, the stage-1 latent-use losses (validation telemetry)."""
         if probe:
             return self.model.validation_losses(x)
-        return self.model.training_loss(x)
+        return self.model.training_loss(x, generator)
 
     def shard_units(self) -> list[nn.Module]:
         return self.model.shard_units()
@@ -59,8 +68,6 @@ class Reporter:
         self.use_ray = use_ray
         self.run_dir = run_dir
         if not use_ray:
-            from cadiff.train.checkpoint import CheckpointManager
-
             self.manager = CheckpointManager(run_dir, num_to_keep)
 
     @contextlib.contextmanager
@@ -147,22 +154,15 @@ def _as_python_state(state: Any) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# stage specifics
+# batches
 
 
-def data_cfg_for(cfg: Any, stage: str) -> Any:
-    return cfg.data if stage == "ae" else cfg.latents
-
-
-def batch_iterator(cfg: Any, stage: str, use_ray: bool, rank: int, world: int, start_batch: int) -> Iterator[torch.Tensor]:
+def batch_iterator(data_cfg: Any, kind: str, seed: int, use_ray: bool, rank: int, world: int,
+                   start_batch: int) -> Iterator[torch.Tensor]:
     """Infinite iterator of training batches ``[B, C, T, H, W]`` float32 for this rank."""
-    from cadiff.data import pipeline
-
-    data_cfg = data_cfg_for(cfg, stage)
-    kind = "clips" if stage == "ae" else "latents"
     if data_cfg.deterministic or not use_ray:
         yield from pipeline.deterministic_batches(
-            data_cfg.root, "train", data_cfg, rank=rank, world_size=world, seed=cfg.seed, start_batch=start_batch, kind=kind
+            data_cfg.root, "train", data_cfg, rank=rank, world_size=world, seed=seed, start_batch=start_batch, kind=kind
         )
         return
     import ray.train
@@ -205,36 +205,47 @@ def compile_model(model: nn.Module, placement: str) -> None:
     log.info("torch.compile: %d %s", len(units), "blocks" if placement == "blocks" else "networks")
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Train one stage; ``config`` = {"stage", "cfg" (plain dict), "run_dir", "use_ray", "data_info"}."""
-    from cadiff.train.ema import EMA
-    from cadiff.train.logging import MetricsWriter, peak_flops_for, start_wandb
-    from cadiff.train.strategies import build_strategy
+@dataclass(frozen=True)
+class WorkerRun:
+    """What a worker knows about its run: the driver's plan (see ``launch.RunPlan.payload``) and its rank."""
 
-    stage, use_ray = config["stage"], bool(config.get("use_ray", True))
-    cfg = from_dict(config["cfg"], SCHEMAS[stage])
-    run_dir = Path(config["run_dir"])
+    stage: Stage
+    cfg: Any
+    run_dir: Path
+    data: DataInfo
+    model_config: dict[str, Any]
+    use_ray: bool
+    rank: int
+    world: int
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any], rank: int, world: int) -> WorkerRun:
+        stage = get_stage(payload["stage"])
+        return cls(stage=stage, cfg=from_dict(payload["cfg"], stage.schema), run_dir=Path(payload["run_dir"]),
+                   data=DataInfo.from_dict(payload["data_info"]), model_config=dict(payload["model_config"]),
+                   use_ray=bool(payload.get("use_ray", True)), rank=rank, world=world)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Train one stage; ``config`` is the driver's ``RunPlan.payload``."""
     rank, world, local_rank = _rank_world()
-    tcfg = cfg.trainer
+    run = WorkerRun.from_payload(config, rank, world)
+    cfg, tcfg, run_dir = run.cfg, run.cfg.trainer, run.run_dir
     threads = tcfg.threads_per_worker or max(1, int(np.ceil(tcfg.cpus_per_worker)))
     torch.set_num_threads(threads)
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() and tcfg.gpus_per_worker > 0 else torch.device("cpu")
     _seed_everything(cfg.seed + 1000 * rank)
 
-    from cadiff.models.registry import build_model
-
-    model = build_model(config["cfg"]["model"])  # stage 2's in_channels were filled in by the driver
-    model_config = dict(model.model_config)
+    model = build_model(run.model_config)
     compile_model(model, tcfg.compile)
-    wrapped = TrainingModule(model)
-    data_cfg = data_cfg_for(cfg, stage)
+    data_cfg = run.stage.data_cfg(cfg)
     strategy = build_strategy(cfg.strategy, tcfg, micro_batch_size=data_cfg.batch_size)
-    strategy.setup(wrapped, device)
+    strategy.setup(TrainingModule(model), device)
     if rank == 0:
         log.info("strategy %s on %s, precision %s (trainer.precision=%s)", strategy.name, device, strategy.precision,
                  tcfg.precision)
     ema = EMA(strategy.ema_tensors(), decay=cfg.ema.decay, warmup_power=cfg.ema.warmup_power)
-    reporter = Reporter(use_ray, run_dir, tcfg.num_to_keep)
+    reporter = Reporter(run.use_ray, run_dir, tcfg.num_to_keep)
 
     step = 0
     resumed_rng = None
@@ -247,10 +258,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 log.info("resumed from %s at step %d", ckpt_dir, step)
 
-    batches = batch_iterator(cfg, stage, use_ray, rank, world, start_batch=step * tcfg.grad_accum)
-    val_x = _val_batch(data_cfg, stage, device)
-    sample_shape = tuple(config["data_info"]["sample_shape"])
-    flops_fwd = float(model.flops_per_sample(sample_shape))
+    batches = batch_iterator(data_cfg, run.stage.kind, cfg.seed, run.use_ray, rank, world,
+                             start_batch=step * tcfg.grad_accum)
+    val_x = pipeline.val_batch(data_cfg.root, data_cfg.num_val_clips, data_cfg, kind=run.stage.kind).to(device)
+    flops_fwd = float(model.flops_per_sample(run.data.sample_shape))
     peak = peak_flops_for(device, tcfg.peak_flops)
 
     wandb_run = start_wandb(cfg.logger, run_dir, run_dir.name, config["cfg"]) if rank == 0 else None
@@ -264,26 +275,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     end_step = min(tcfg.max_steps, tcfg.stop_at_step or tcfg.max_steps)
     while step < end_step:
         t_start = time.perf_counter()
-        wait = 0.0
-        loss_sum = 0.0
-        for micro in range(tcfg.grad_accum):
-            t0 = time.perf_counter()
-            x = next(batches).to(device, non_blocking=True)
-            wait += time.perf_counter() - t0
-            last = micro == tcfg.grad_accum - 1
-            with strategy.accumulation_context(last), strategy.autocast():
-                loss, _parts = strategy.model(x)
-            strategy.backward(loss)
-            loss_sum += float(loss.detach())
-            window["samples"] += x.shape[0]
-        grad_norm = strategy.clip_and_step(step)
+        done = train_step(strategy, batches, step, ema=ema, ema_every=cfg.ema.update_every)
         step += 1
-        if step % cfg.ema.update_every == 0:
-            ema.update(strategy.ema_tensors(), step)
-        window["loss"] += loss_sum / tcfg.grad_accum
-        window["grad_norm"] += float(grad_norm)
+        window["loss"] += done.loss
+        window["grad_norm"] += done.grad_norm
+        window["samples"] += done.samples
         window["n"] += 1
-        window["wait"] += wait
+        window["wait"] += done.data_wait_s
         window["time"] += time.perf_counter() - t_start
 
         is_last = step == end_step
@@ -295,11 +293,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if step % tcfg.val_every == 0 or is_last:
             metrics = metrics or {"step": step}
             metrics["val_loss"] = _val_loss(strategy, ema, val_x, cfg.seed, device)
-            if stage == "ae":
+            if run.stage.probes_latent_use:
                 metrics.update(_latent_use(strategy, ema, val_x, cfg.seed, device))
         media_due = (tcfg.media_every and step % tcfg.media_every == 0) or is_last
         if media_due:
-            _log_media(cfg, stage, strategy, ema, model_config, val_x, run_dir, step, rank, wandb_run, config)
+            _log_media(run, strategy, ema, val_x, step, wandb_run)
         if metrics:
             last_metrics = {**last_metrics, **metrics}
             if writer is not None:
@@ -316,7 +314,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         elif metrics:
             reporter.report(metrics)
 
-    _export(cfg, stage, strategy, ema, model_config, run_dir, step, rank, config, last_metrics)
+    _export(run, strategy, ema, step, last_metrics)
     if wandb_run is not None:
         wandb_run.finish()
 
@@ -336,13 +334,6 @@ def _window_metrics(window: dict, step: int, device: torch.device, flops_fwd: fl
         "mfu": dist_mean(achieved / peak, device),
         "data_wait_frac": dist_mean(window["wait"] / elapsed, device),
     }
-
-
-def _val_batch(data_cfg: Any, stage: str, device: torch.device) -> torch.Tensor:
-    from cadiff.data import pipeline
-
-    kind = "clips" if stage == "ae" else "latents"
-    return pipeline.val_batch(data_cfg.root, data_cfg.num_val_clips, data_cfg, kind=kind).to(device)
 
 
 @torch.no_grad()
@@ -368,8 +359,6 @@ def _latent_use(strategy: Any, ema: Any, val_x: torch.Tensor, seed: int, device:
 
 def _plain_ema_model(strategy: Any, ema: Any, model_config: dict) -> nn.Module | None:
     """Rank 0: a plain copy of the model holding the gathered EMA weights (collective: all ranks call)."""
-    from cadiff.models.registry import build_model
-
     state = strategy.gather_ema_state(ema)
     if state is None:
         return None
@@ -383,33 +372,24 @@ def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch
 
 
 @torch.no_grad()
-def _log_media(cfg, stage, strategy, ema, model_config, val_x, run_dir, step, rank, wandb_run, config) -> None:
+def _log_media(run: WorkerRun, strategy: Any, ema: Any, val_x: torch.Tensor, step: int, wandb_run: Any) -> None:
+    """Rank 0 writes the stage's preview videos from the EMA weights (collective: all ranks call)."""
     # building and sampling the preview model draws random numbers: keep them out of the training RNG stream
     with torch.random.fork_rng(devices=[val_x.device] if val_x.device.type == "cuda" else []):
-        _write_media(cfg, stage, strategy, ema, model_config, val_x, run_dir, step, rank, wandb_run, config)
+        plain = _plain_ema_model(strategy, ema, run.model_config)
+        if run.rank != 0 or plain is None:
+            return
+        try:
+            run.stage.log_media(plain.to(val_x.device), val_x, run.data, run.run_dir / "media", step, run.cfg.logger,
+                                wandb_run)
+        except Exception as exc:  # noqa: BLE001 - a failed preview must not kill a training run
+            log.warning("media logging failed at step %d: %s", step, exc)
 
 
-def _write_media(cfg, stage, strategy, ema, model_config, val_x, run_dir, step, rank, wandb_run, config) -> None:
-    from cadiff.train import media
-
-    plain = _plain_ema_model(strategy, ema, model_config)
-    if rank != 0 or plain is None:
-        return
-    plain = plain.to(val_x.device)
-    try:
-        if stage == "ae":
-            media.log_stage1(plain, val_x[:2], config["data_info"], run_dir / "media", step, cfg.logger, wandb_run)
-        else:
-            media.log_stage2(plain, val_x.shape[1:], config["data_info"], run_dir / "media", step, cfg.logger, wandb_run)
-    except Exception as exc:  # noqa: BLE001 - a failed preview must not kill a training run
-        log.warning("media logging failed at step %d: %s", step, exc)
-
-
-def _export(cfg, stage, strategy, ema, model_config, run_dir, step, rank, config, last_metrics) -> None:
-    from cadiff.runtime.exports import export_model
-
+def _export(run: WorkerRun, strategy: Any, ema: Any, step: int, last_metrics: dict[str, Any]) -> None:
+    """Rank 0 writes ``export/model.pt``: the gathered EMA weights, model config and run facts (collective)."""
     state = strategy.gather_ema_state(ema)
-    if rank != 0 or state is None:
+    if run.rank != 0 or state is None:
         return
-    meta = {"stage": stage, "step": step, "data": config["data_info"], "metrics": last_metrics}
-    export_model(run_dir / "export" / "model.pt", strip_prefix(state, "model."), model_config, meta)
+    meta = {"stage": run.stage.name, "step": step, "data": run.data.to_dict(), "metrics": last_metrics}
+    export_model(run.run_dir / "export" / "model.pt", strip_prefix(state, "model."), run.model_config, meta)

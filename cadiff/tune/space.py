@@ -36,10 +36,11 @@ from omegaconf.errors import OmegaConfBaseException
 import cadiff
 from cadiff.config import JOB_SCHEMAS, VALIDATORS, compose, schema_fields
 from cadiff.errors import ConfigError
+from cadiff.train.stage import STAGES
 
 log = logging.getLogger(__name__)
 
-STAGE_JOBS = {"ae": "train_ae", "latent": "train_latent"}
+STAGE_JOBS = {name: stage.job for name, stage in STAGES.items()}
 DEFAULT_EXPERIMENTS = {"ae": "ae_tiny", "latent": "dit_tiny"}
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "int")
 SEARCH_MODES = ("random", "grid", "optuna")

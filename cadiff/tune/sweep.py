@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from cadiff.config import compose
 from cadiff.errors import CadiffError, ConfigError
 from cadiff.io import atomic_path, write_text_atomic
+from cadiff.train.stage import get_stage
 from cadiff.tune.space import SearchSpace, apply_params, load_space
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def run_sweep(cfg: Any, argv: list[str]) -> tuple[str, str]:
     """jobs/sweep.py: validate the space, run the Tune experiment, write table, plots and the best config."""
     from ray import tune
 
-    from cadiff.train.launch import data_info_for, init_ray
+    from cadiff.runtime.ray import init_ray
 
     base = forwarded_overrides(argv)
     space = load_space(cfg.space, cfg.stage, experiment=cfg.experiment, overrides=base)
@@ -104,7 +105,7 @@ def run_sweep(cfg: Any, argv: list[str]) -> tuple[str, str]:
     data_roots = absolute_data_roots(probe, space.stage)
     probe = compose(space.job, apply_params(space.trial_overrides({}), data_roots))
     # Check (and prepare, for the default sim data) once here: before any trial, and not once per trial
-    data_info_for(probe, space.stage)
+    get_stage(space.stage).resolve(probe)
     name = cfg.name or f"{space.name}_{cfg.stage}"
     sweep_dir = (Path(cfg.out_root) / "sweep" / name).resolve()
     every = max(1, int(cfg.report_every))
@@ -169,7 +170,7 @@ def fit_concurrency(cfg: Any) -> int:
 
 def absolute_data_roots(probe: Any, stage: str) -> dict[str, str]:
     """The trial data root as an absolute path (``data.root`` for stage ae, ``latents.root`` for latent)."""
-    key = "data.root" if stage == "ae" else "latents.root"
+    key = f"{get_stage(stage).data_key}.root"
     return {key: str(Path(OmegaConf.select(probe, key)).expanduser().resolve())}
 
 

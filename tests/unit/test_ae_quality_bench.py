@@ -1,11 +1,9 @@
-"""Smoke and known-answer tests of ``benchmarks/ae_quality.py`` at a microscopic size (< 60 s on 2 cores)."""
+"""Smoke and known-answer tests of the AE-quality benchmark (``cadiff.bench.ae_quality``) at a microscopic size."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,18 +12,15 @@ import torch
 
 from cadiff.errors import ConfigError
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "ae_quality.py"
 TINY_MODEL = ["model.base_channels=4", "model.dec_base_channels=4", "model.z_channels=2",
               "model.recompute_elementwise=false"]
 
 
 @pytest.fixture(scope="module")
 def aq():
-    spec = importlib.util.spec_from_file_location("ae_quality_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ae_quality_bench"] = module
-    spec.loader.exec_module(module)
-    return module
+    from cadiff.bench import ae_quality
+
+    return ae_quality
 
 
 @pytest.fixture(scope="module")
@@ -119,13 +114,13 @@ def test_architectures_must_match(aq, small):
     cfg = aq.BenchConfig(model_overrides=TINY_MODEL)
     from cadiff.models.registry import build_model
 
-    diffae = build_model(aq.model_config("diffae", cfg, data).model)
-    regression = build_model(aq.model_config("regression", cfg, data).model)
+    diffae = build_model(aq.model_config("diffae", cfg, data)[1])
+    regression = build_model(aq.model_config("regression", cfg, data)[1])
     assert diffae.model_config["noise_model"]["kind"] == "anscombe"  # filled in as the trainer does
     aq.check_same_architecture(diffae, regression)
     wider = build_model(aq.model_config("regression", aq.BenchConfig(model_overrides=[*TINY_MODEL,
                                                                                       "model.base_channels=8"]),
-                                        data).model)
+                                        data)[1])
     with pytest.raises(ConfigError, match="base_channels"):
         aq.check_same_architecture(diffae, wider)
 

@@ -6,25 +6,24 @@ import numpy as np
 import pytest
 import torch
 
-from cadiff.config import compose
+from cadiff.config import StrategyConfig, TrainerConfig, compose
 from cadiff.data.anscombe import anscombe
 from cadiff.data.simulate import simulate_movie
 from cadiff.models.registry import build_model
+from cadiff.train.loop import TrainingModule
+from cadiff.train.step import train_step
+from cadiff.train.strategies import build_strategy
 
 torch.set_num_threads(1)
 
 
 def _fit(model: torch.nn.Module, batch: torch.Tensor, steps: int, lr: float) -> list[float]:
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    """The loop's step (strategy=single) as plain Adam: constant LR, no clipping, no weight decay."""
+    trainer = TrainerConfig(max_steps=steps, lr=lr, betas=[0.9, 0.999], warmup_steps=0, min_lr_ratio=1.0, grad_clip=0.0)
+    strategy = build_strategy(StrategyConfig(name="single"), trainer)
+    strategy.setup(TrainingModule(model), torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(steps):
-        loss, _ = model.training_loss(batch, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    return losses
+    return [train_step(strategy, lambda micro: batch, step, generator=g).loss for step in range(steps)]
 
 
 def _anscombe_clips(seeds: list[int]) -> tuple[torch.Tensor, dict]:

@@ -28,6 +28,7 @@ from cadiff.config import StrategyConfig, TrainerConfig
 from cadiff.errors import CheckpointError, ConfigError
 from cadiff.train.checkpoint import CheckpointManager
 from cadiff.train.ema import EMA
+from cadiff.train.step import train_step
 from cadiff.train.strategies import build_strategy, deepspeed_config, warmup_cosine_lr
 
 WORLD = 2
@@ -104,21 +105,15 @@ def batch(rank: int, step: int, micro: int = 0, n: int = 4) -> torch.Tensor:
 
 
 def train(strategy, rank: int, start: int, stop: int, ema=None, data=batch, on_step=None, norms=None) -> list[float]:
-    """The loop's step protocol: accumulation_context + autocast forward, backward, clip_and_step, EMA update."""
+    """The loop's own step (``cadiff.train.step.train_step``) over ``data(rank, step, micro)`` batches."""
     losses = []
     for step in range(start, stop):
-        for micro in range(strategy.grad_accum):
-            with strategy.accumulation_context(micro == strategy.grad_accum - 1), strategy.autocast():
-                loss, _ = strategy.model(data(rank, step, micro))
-            strategy.backward(loss)
-        norm = strategy.clip_and_step(step)
+        done = train_step(strategy, lambda micro, step=step: data(rank, step, micro), step, ema=ema)
         if norms is not None:
-            norms.append(norm)
-        if ema is not None:
-            ema.update(strategy.ema_tensors(), step + 1)
+            norms.append(done.grad_norm)
         if on_step is not None:
             on_step(step + 1)
-        losses.append(float(loss.detach()))
+        losses.append(done.loss)
     return losses
 
 

@@ -1,0 +1,1 @@
+"""Benchmark libraries (the scripts in benchmarks/ are their command lines); importable by tests."""

@@ -1,0 +1,253 @@
+"""The two training stages as objects: what differs between stage 1 (clips) and stage 2 (latents).
+
+A :class:`Stage` knows its job name, config schema and data section, checks its data against the config
+(:meth:`Stage.resolve`, on the driver, before any worker starts), derives the model values that come from
+the data (the stage-1 pixel noise model, the stage-2 input channels) and returns them as a frozen
+:class:`DataInfo` plus a resolved model config - the job config itself is never written to. It also builds
+the Ray Data training set and writes the training previews. The loop and the launcher hold a Stage and
+call it; no ``stage == "ae"`` switch elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from cadiff.config import TrainAEConfig, TrainLatentConfig, to_dict, validate_clip_for_model
+from cadiff.errors import CheckpointError, ConfigError, DataError
+from cadiff.models.autoencoder import resolved_decoder_form
+from cadiff.models.registry import resolve_model_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a training run knows about its data, resolved once on the driver (JSON-safe via ``to_dict``)."""
+
+    root: str
+    sample_shape: tuple[int, ...]
+    num_train_clips: int
+    normalization: dict[str, Any] | None = None  # clips: the shards' normalization; latents: the stage-1 data's
+    sources: dict[str, Any] | None = None  # clips: per-source calibration (gain, offset, read_noise)
+    channel_mean: tuple[float, ...] | None = None  # latents: per-channel normalization
+    channel_std: tuple[float, ...] | None = None
+    stage1: str | None = None  # latents: the stage-1 export they were encoded with
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("sample_shape", "channel_mean", "channel_std"):
+            if out[key] is not None:
+                out[key] = list(out[key])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DataInfo:
+        data = dict(data)
+        for key in ("sample_shape", "channel_mean", "channel_std"):
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+    def preview_calibration(self) -> dict[str, Any]:
+        """Calibration used to show previews in photon units: the first source of the training data."""
+        if not self.sources:
+            raise DataError(f"data root '{self.root}': no source calibration recorded in index.json")
+        return next(iter(self.sources.values()))
+
+
+class Stage:
+    """Stage-specific parts of a training run; see :data:`STAGES`."""
+
+    name: ClassVar[str]
+    job: ClassVar[str]
+    data_key: ClassVar[str]  # the config section of the stage's data: data | latents
+    kind: ClassVar[str]  # shard kind: clips | latents
+    schema: ClassVar[type]
+    probes_latent_use: ClassVar[bool] = False  # validation also logs the stage-1 latent-use telemetry
+
+    def data_cfg(self, cfg: Any) -> Any:
+        return getattr(cfg, self.data_key)
+
+    def resolve(self, cfg: Any) -> tuple[DataInfo, dict[str, Any]]:
+        """Check the data against ``cfg``; return the DataInfo and the resolved model config (cfg untouched)."""
+        raise NotImplementedError
+
+    def train_dataset(self, cfg: Any) -> Any:
+        """The Ray Data training set of this stage."""
+        raise NotImplementedError
+
+    def log_media(self, model: torch.nn.Module, val_x: torch.Tensor, info: DataInfo, media_dir: Path, step: int,
+                  logger_cfg: Any, wandb_run: Any = None) -> list[Path]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"Stage({self.name!r})"
+
+
+def _read_index(root: Path, key: str, kind: str, hint: str) -> dict[str, Any]:
+    from cadiff.data.shards import read_index
+
+    if not (root / "index.json").exists():
+        raise DataError(f"{key} '{root}': no index.json; {hint}")
+    index = read_index(root)
+    if index.get("kind", "clips") != kind:
+        raise DataError(f"{key} '{root}': index.json kind is '{index.get('kind')}', expected '{kind}'")
+    return index
+
+
+class ClipStage(Stage):
+    """Stage 1: a diffusion (or regression) autoencoder on normalized clip shards."""
+
+    name, job, data_key, kind, schema = "ae", "train_ae", "data", "clips", TrainAEConfig
+    probes_latent_use = True
+
+    def resolve(self, cfg: Any) -> tuple[DataInfo, dict[str, Any]]:
+        root = Path(cfg.data.root)
+        if not (root / "index.json").exists() and cfg.data.prepare_if_missing:
+            _prepare_default_sim(root)
+        index = _read_index(root, "data.root", "clips", f"run jobs/prepare_data.py out={root} first")
+        t, h, w = index["clip_shape"]
+        d = cfg.data
+        frames, height, width = d.crop_frames or t, d.crop_height or h, d.crop_width or w
+        if frames > t or height > h or width > w:
+            raise ConfigError(f"data.crop_* = {(frames, height, width)} exceeds the stored clip shape {(t, h, w)} in "
+                              f"{root}/index.json")
+        validate_clip_for_model(frames, height, width, cfg.model, "data.crop" if d.crop_frames else f"{root}/index.json clip")
+        for split in ("train", "val"):
+            if not index["splits"].get(split, {}).get("num_clips"):
+                raise DataError(f"data.root '{root}': split '{split}' has no clips; prepare more data or lower val_fraction")
+        model = to_dict(cfg.model)
+        model.update(derived_noise(model, index["normalization"], root, index["sources"]))
+        info = DataInfo(root=str(root.resolve()), sample_shape=(1, frames, height, width),
+                        num_train_clips=int(index["splits"]["train"]["num_clips"]),
+                        normalization=dict(index["normalization"]), sources=dict(index["sources"]))
+        return info, resolve_model_config(model)
+
+    def train_dataset(self, cfg: Any) -> Any:
+        from cadiff.data import pipeline
+
+        return pipeline.clip_dataset(cfg.data.root, "train", cfg.data, seed=cfg.seed)
+
+    def log_media(self, model, val_x, info, media_dir, step, logger_cfg, wandb_run=None) -> list[Path]:
+        from cadiff.train.media import log_stage1
+
+        return log_stage1(model, val_x[:2], info.normalization, info.preview_calibration(), media_dir, step, logger_cfg,
+                          wandb_run)
+
+
+class LatentStage(Stage):
+    """Stage 2: the DiT objective on per-channel-normalized latents of a stage-1 encoder."""
+
+    name, job, data_key, kind, schema = "latent", "train_latent", "latents", "latents", TrainLatentConfig
+
+    def resolve(self, cfg: Any) -> tuple[DataInfo, dict[str, Any]]:
+        from cadiff.runtime.exports import load_export
+
+        root = Path(cfg.latents.root)
+        index = _read_index(root, "latents.root", "latents", f"run jobs/encode_latents.py out={root} first")
+        stage1 = index.get("stage1")
+        if not stage1 or not Path(stage1).exists():
+            raise CheckpointError(
+                f"latents.root '{root}': stage-1 export '{stage1}' recorded in index.json does not exist; expected the "
+                "train_ae export these latents were encoded with (re-run jobs/encode_latents.py with an existing stage1)"
+            )
+        _state, stage1_cfg, _meta = load_export(stage1)
+        channels = int(index["latent_shape"][0])
+        if int(stage1_cfg.get("z_channels", channels)) != channels:
+            raise DataError(
+                f"latents.root '{root}': latent_shape has {channels} channels but stage-1 export {stage1} has "
+                f"z_channels={stage1_cfg.get('z_channels')} (latents from another encoder?)"
+            )
+        if cfg.model.in_channels not in (None, channels):
+            raise ConfigError(f"model.in_channels = {cfg.model.in_channels}: expected {channels} (the latent channels in {root})")
+        info = DataInfo(root=str(root.resolve()), sample_shape=tuple(index["latent_shape"]),
+                        num_train_clips=int(index["splits"]["train"]["num_clips"]),
+                        normalization=index.get("normalization"), channel_mean=tuple(index["channel_mean"]),
+                        channel_std=tuple(index["channel_std"]), stage1=str(Path(stage1).resolve()))
+        return info, resolve_model_config({**to_dict(cfg.model), "in_channels": channels})
+
+    def train_dataset(self, cfg: Any) -> Any:
+        from cadiff.data import pipeline
+
+        return pipeline.latent_dataset(cfg.latents.root, "train", cfg.latents, seed=cfg.seed)
+
+    def log_media(self, model, val_x, info, media_dir, step, logger_cfg, wandb_run=None) -> list[Path]:
+        from cadiff.train.media import log_stage2
+
+        return log_stage2(model, tuple(val_x.shape[1:]), info.channel_mean, info.channel_std, info.stage1, media_dir,
+                          step, logger_cfg, wandb_run)
+
+
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (ClipStage(), LatentStage())}
+
+
+def get_stage(name: str) -> Stage:
+    if name not in STAGES:
+        raise ConfigError(f"stage '{name}': expected one of {sorted(STAGES)}")
+    return STAGES[name]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# values derived from the data
+
+
+def derived_noise(model: dict[str, Any], norm: dict[str, Any], root: Path,
+                  sources: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The DiffAE's analytic noise term from the data index, per ``model.noise_skip`` (null = auto).
+
+    Returns model-config entries to set (``{}`` when nothing is derived). ``mean_flow`` decoders get
+    ``noise_model`` (normalization kind, center, scale and the read noise of the first source): a per-pixel
+    noise level for Anscombe- or photon-normalized data. The ``flow`` form gets the homoscedastic
+    ``noise_std = 1 / normalization.scale`` of Anscombe-normalized data.
+    """
+    if model.get("kind", "diffae") != "diffae" or model["diffusion"]["objective"] != "flow":
+        return {}  # explicit noise_skip/decoder_form with DDPM fails at compose time
+    mean_flow = resolved_decoder_form(model) == "mean_flow"
+    noise_skip, noise_std = model.get("noise_skip"), model.get("noise_std")
+    if noise_skip is False:
+        if mean_flow and noise_std is None and model["noise_model"]["kind"] == "none":
+            raise ConfigError("model.noise_skip=false leaves the mean_flow decoder without a pixel noise level; "
+                              "set model.noise_std=<std in normalized units> or model.decoder_form=flow")
+        return {}
+    if mean_flow:
+        if norm.get("kind") not in ("anscombe", "photon"):
+            raise ConfigError(f"{root}/index.json normalization.kind={norm.get('kind')!r}: the mean_flow decoder "
+                              "needs 'anscombe' or 'photon'")
+        return {"noise_model": {"kind": str(norm["kind"]), "center": float(norm["center"]), "scale": float(norm["scale"]),
+                                "read_noise_photons": read_noise_photons(sources or {})}}
+    if norm.get("kind") != "anscombe":
+        if noise_skip is None:
+            return {}
+        raise ConfigError(f"model.noise_skip=true needs homoscedastic (Anscombe-normalized) data, but {root}/index.json "
+                          f"has normalization.kind={norm.get('kind')!r}; prepare it with normalization.kind=anscombe "
+                          "or set model.noise_std explicitly")
+    std = 1.0 / float(norm["scale"])
+    if noise_std is not None and abs(noise_std - std) > 1e-6 * std:
+        raise ConfigError(f"model.noise_std={noise_std} contradicts model.noise_skip=true with "
+                          f"{root}/index.json normalization.scale={norm['scale']} (noise std {std:.6g})")
+    return {"noise_std": std}
+
+
+def read_noise_photons(sources: dict[str, Any]) -> float:
+    """Read noise in photons of the first source (sorted id), the calibration sampling also converts with."""
+    if not sources:
+        return 0.0
+    values = {sid: float(c.get("read_noise") or 0.0) / float(c["gain"]) for sid, c in sources.items()}
+    if len(set(round(v, 6) for v in values.values())) > 1:
+        log.warning("sources differ in read noise (%s photons): the decoder's noise model uses %s's",
+                    values, sorted(values)[0])
+    return float(values[sorted(values)[0]])
+
+
+def _prepare_default_sim(root: Path) -> None:
+    from cadiff.config import compose
+    from cadiff.data.prepare import prepare_data
+
+    log.info("data.root %s has no index.json: preparing simulated data there (source=sim)", root)
+    prepare_data(compose("prepare_data", [f"out={root}"]))
+
