@@ -9,7 +9,7 @@ Faults (on a local Ray cluster this script starts; jobs run as subprocesses conn
 - a crash inside a checkpoint write, and a committed checkpoint truncated afterwards (CheckpointManager);
 - a shard corrupted mid-stream (tar headers intact) under ``corrupt_shards=fail|skip``, Ray Data and the
   deterministic path.
-Bad inputs: every case of ``tests/test_bad_inputs.py`` in-process (exception class, message) and through its
+Bad inputs: every case of ``cadiff.testing.bad_inputs`` in-process (exception class, message) and through its
 job CLI (exit code, one line, no traceback, no partial output).
 
     python benchmarks/reliability.py                 # ~10-20 min on 2 shared cores
@@ -61,7 +61,7 @@ def _last_line(text: str) -> str:
 
 def fault_worker_kill(ctx: dict, strategy: str, max_failures: int) -> dict:
     """SIGKILL one Ray Train worker between two checkpoints; with no retries left, re-run the command."""
-    from tests.integration.test_fault_tolerance import (
+    from cadiff.testing.faults import (
         WorkerKiller,
         job_command,
         job_env,
@@ -107,7 +107,7 @@ def fault_worker_kill(ctx: dict, strategy: str, max_failures: int) -> dict:
 
 def fault_driver_signal(ctx: dict, sig: int) -> dict:
     """Interrupt the driver between checkpoints (SIGTERM: Ray DDP; SIGINT: strategy=single), then re-run."""
-    from tests.integration.test_fault_tolerance import (
+    from cadiff.testing.faults import (
         interrupt_job,
         job_command,
         job_env,
@@ -189,7 +189,7 @@ def fault_corrupt_shard(ctx: dict, path: str) -> dict:
 
     from cadiff.config import DataConfig
     from cadiff.data import pipeline
-    from tests.integration.test_fault_tolerance import corrupt_payload
+    from cadiff.testing.faults import corrupt_payload
 
     root = ctx["tmp"] / f"corrupt_{path}"
     shutil.copytree(ctx["data_root"], root)
@@ -229,7 +229,15 @@ def _fresh(path: Path) -> Path:
 
 
 def bad_input_rows(ctx: dict) -> list[dict]:
-    from tests.test_bad_inputs import CASES, Env, check_cli, check_message, run_cli, run_in_process, snapshot
+    from cadiff.testing.bad_inputs import (
+        CASES,
+        Env,
+        check_cli,
+        check_message,
+        run_cli,
+        run_in_process,
+        snapshot,
+    )
 
     env = Env(data_root=ctx["data_root"], stage1_run=ctx["stage1_run"])
     rows = []
@@ -314,8 +322,8 @@ def to_markdown(result: dict) -> str:
 
 def _setup(tmp: Path) -> dict:
     from cadiff.config import compose
+    from cadiff.testing.data import prepare_sim
     from cadiff.train.launch import run_training
-    from tests.fixtures_data import prepare_sim
 
     data_root = tmp / "sim"
     prepare_sim(data_root)

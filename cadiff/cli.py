@@ -11,15 +11,13 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable
-from typing import Any
 
 from cadiff.config import compose
 from cadiff.errors import CadiffError
+from cadiff.jobs import JOBS, JobMain
 
 log = logging.getLogger("cadiff")
 
-JobResult = tuple[str, str]  # (key results, output path)
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -31,20 +29,24 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
-def run_job(job: str, main: Callable[[Any], JobResult], argv: list[str] | None = None) -> int:
-    """Run ``main(cfg)`` for ``job`` with Hydra overrides from ``argv``; return the process exit code."""
+def run_job(job: str, argv: list[str] | None = None, main: JobMain | None = None) -> int:
+    """Run ``job`` (its main from :data:`cadiff.jobs.JOBS` unless given) with Hydra overrides from ``argv``;
+    print the one final line and return the process exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
+    main = main or JOBS[job]
     verbose = "--verbose" in args or os.environ.get("HYDRA_FULL_ERROR") == "1"
     args = [a for a in args if a != "--verbose"]
     if "verbose=true" in args:
         verbose = True
     setup_logging(verbose)
+    ray_before = _ray_running()
     try:
         cfg = compose(job, args)
         try:
-            summary, path = main(cfg)
+            summary, path = main(cfg, args)
         finally:
-            _shutdown_ray()
+            if not ray_before:
+                _shutdown_ray()
     except CadiffError as exc:
         if verbose:
             traceback.print_exc()
@@ -63,17 +65,21 @@ def run_job(job: str, main: Callable[[Any], JobResult], argv: list[str] | None =
     return 0
 
 
-def _shutdown_ray() -> None:
-    """Stop a Ray session the job started, so worker log lines cannot follow the final summary line."""
+def _ray_running() -> bool:
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    return ray is not None and ray.is_initialized()
+
+
+def _shutdown_ray() -> None:
+    """Stop the Ray session the job started, so worker log lines cannot follow the final summary line."""
+    if _ray_running():
+        sys.modules["ray"].shutdown()
 
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def main_for(job: str, main: Callable[[Any], JobResult]) -> None:
-    """``if __name__ == "__main__": main_for("train_ae", run)`` in a job script."""
-    sys.exit(run_job(job, main))
+def main_for(job: str) -> None:
+    """``if __name__ == "__main__": main_for("train_ae")`` in a job script."""
+    sys.exit(run_job(job))

@@ -9,7 +9,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cadiff.cli import main_for  # noqa: E402
-from cadiff.inference.encode import encode_latents  # noqa: E402
 
 if __name__ == "__main__":
-    main_for("encode_latents", encode_latents)
+    main_for("encode_latents")

@@ -10,15 +10,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cadiff.cli import main_for  # noqa: E402
-from cadiff.eval.report import evaluate_config, summary_line  # noqa: E402
-from cadiff.runinfo import record_run  # noqa: E402
-
-
-def run(cfg):
-    metrics = evaluate_config(cfg)
-    record_run(cfg.out, cfg, "evaluate")
-    return summary_line(metrics), cfg.out
-
 
 if __name__ == "__main__":
-    main_for("evaluate", run)
+    main_for("evaluate")

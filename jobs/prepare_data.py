@@ -10,14 +10,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cadiff.cli import main_for  # noqa: E402
-from cadiff.data.prepare import prepare_data  # noqa: E402
-
-
-def run(cfg):
-    summary = prepare_data(cfg)
-    t, h, w = summary["clip_shape"]
-    return f"{summary['num_train']} train / {summary['num_val']} val clips {t}x{h}x{w}", summary["out"]
-
 
 if __name__ == "__main__":
-    main_for("prepare_data", run)
+    main_for("prepare_data")

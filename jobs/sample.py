@@ -10,7 +10,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cadiff.cli import main_for  # noqa: E402
-from cadiff.inference.sample import run_sample  # noqa: E402
 
 if __name__ == "__main__":
-    main_for("sample", run_sample)
+    main_for("sample")

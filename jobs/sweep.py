@@ -9,7 +9,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cadiff.cli import main_for  # noqa: E402
-from cadiff.tune.sweep import run_sweep  # noqa: E402
 
 if __name__ == "__main__":
-    main_for("sweep", lambda cfg: run_sweep(cfg, sys.argv[1:]))
+    main_for("sweep")

@@ -9,12 +9,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cadiff.cli import main_for  # noqa: E402
-from cadiff.train.launch import run_training  # noqa: E402
-
-
-def run(cfg):
-    return run_training(cfg, "latent")
-
 
 if __name__ == "__main__":
-    main_for("train_latent", run)
+    main_for("train_latent")

@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-# ../shared/data/real next to the checkout (override with CADIFF_REAL_DATA)
-REAL_DATA = Path(os.environ.get("CADIFF_REAL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "real"))
-SIM_DATA_OVERRIDES = [
-    "source=sim",
-    "source.num_movies=4",
-    "source.frames=85",
-    "source.height=32",
-    "source.width=32",
-    "clip.frames=17",
-    "clip.height=32",
-    "clip.width=32",
-    "clips_per_shard=4",
-]
+from cadiff.testing.data import REAL_DATA, prepare_sim
 
 
 @pytest.fixture(scope="session")
@@ -28,14 +15,6 @@ def sim_movie():
     from cadiff.data.simulate import simulate_movie
 
     return simulate_movie(preset="default", frames=60, height=32, width=32, seed=0)
-
-
-def prepare_sim(out: Path, *extra: str) -> dict:
-    """Run prepare_data on tiny simulated movies into ``out`` (4 recordings x 5 clips of 17x32x32)."""
-    from cadiff.config import compose
-    from cadiff.data.prepare import prepare_data
-
-    return prepare_data(compose("prepare_data", [*SIM_DATA_OVERRIDES, f"out={out}", *extra]))
 
 
 @pytest.fixture(scope="session")

@@ -1,22 +1,15 @@
 """Fault tolerance on a real local Ray cluster: a Ray Train worker SIGKILLed mid-run, the driver interrupted
 (SIGTERM, SIGINT) and re-run, a crash mid-checkpoint, and a shard corrupted in the middle of a stream.
 
-Faults are injected from outside, like a real failure: a watcher thread reads the run folder (metrics.jsonl,
-Ray Train's checkpoint snapshot) and signals processes that descend from this test (never anyone else's).
+Faults are injected from outside, like a real failure (:mod:`cadiff.testing.faults`): a watcher thread reads
+the run folder and signals processes that descend from this test (never anyone else's).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
-import tarfile
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,147 +20,20 @@ import torch
 from cadiff.data import pipeline
 from cadiff.errors import DataError
 from cadiff.runtime.exports import load_export
-from cadiff.train.checkpoint import CheckpointManager
+from cadiff.testing.faults import (
+    WorkerKiller,
+    corrupt_payload,
+    interrupt_job,
+    job_command,
+    job_env,
+    local_complete_step,
+    metric_steps,
+    registered_step,
+    resumed_from,
+)
 
-REPO = Path(__file__).resolve().parents[2]
-SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of registered checkpoints
 RUN_ARGS = ["experiment=ae_tiny", "trainer.num_workers=2", "trainer.cpus_per_worker=0.5", "trainer.log_every=1",
             "ema.decay=0.9"]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# reading a live run folder
-
-
-def metric_steps(run_dir: Path) -> list[int]:
-    """Steps in metrics.jsonl, in file order (a line being written is skipped)."""
-    path = run_dir / "metrics.jsonl"
-    steps = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                steps.append(int(json.loads(line)["step"]))
-            except (ValueError, KeyError):
-                continue
-    return steps
-
-
-def registered_step(run_dir: Path) -> int:
-    """Step of the latest checkpoint Ray Train has registered (0 when none): the one a restart restores."""
-    try:
-        snap = json.loads((run_dir / "checkpoints" / SNAPSHOT).read_text())
-        return int(snap["latest_checkpoint_result"]["checkpoint_dir_name"].split("_")[-1])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return 0
-
-
-def local_complete_step(run_dir: Path) -> int:
-    """Step of the latest COMPLETE checkpoint written by strategy=single (0 when none)."""
-    latest = CheckpointManager(run_dir).latest()
-    return int(latest.name.split("_")[-1]) if latest is not None else 0
-
-
-def resumed_from(steps: list[int]) -> list[int]:
-    """Checkpoint steps the run restarted from: where the step sequence goes back, the step before the new one."""
-    return [steps[i] - 1 for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
-
-
-def train_workers(root_pid: int) -> list[psutil.Process]:
-    """Ray Train worker processes started under ``root_pid`` (this test's cluster or job), oldest first."""
-    found = []
-    for proc in psutil.Process(root_pid).children(recursive=True):
-        try:
-            if proc.cmdline() and proc.cmdline()[0].startswith("ray::RayTrainWorker"):
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return sorted(found, key=lambda p: p.create_time())
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, alive: Callable[[], bool] = lambda: True) -> bool:
-    """Poll ``condition`` every 0.1 s until it holds (True), time runs out or ``alive()`` turns false (False)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and alive():
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def mid_interval(run_dir: Path, step_of_checkpoint: Callable[[Path], int]) -> Callable[[], bool]:
-    """True once a checkpoint exists and training has gone past it (a kill now loses uncheckpointed steps)."""
-
-    def check() -> bool:
-        ckpt, steps = step_of_checkpoint(run_dir), metric_steps(run_dir)
-        return ckpt > 0 and bool(steps) and steps[-1] > ckpt
-
-    return check
-
-
-class WorkerKiller(threading.Thread):
-    """SIGKILLs one Ray Train worker under ``root_pid`` once ``run_dir`` is between two checkpoints."""
-
-    def __init__(self, root_pid: int, run_dir: Path, timeout_s: float = 400) -> None:
-        super().__init__(daemon=True)
-        self.root_pid, self.run_dir, self.timeout_s = root_pid, run_dir, timeout_s
-        self.stop = threading.Event()
-        self.killed: dict | None = None
-
-    def run(self) -> None:
-        ready = mid_interval(self.run_dir, registered_step)
-        if not wait_until(lambda: ready() and len(train_workers(self.root_pid)) == 2, self.timeout_s,
-                          alive=lambda: not self.stop.is_set()):
-            return
-        victim = train_workers(self.root_pid)[-1]
-        self.killed = {"pid": victim.pid, "checkpoint": registered_step(self.run_dir),
-                       "step": metric_steps(self.run_dir)[-1]}
-        os.kill(victim.pid, signal.SIGKILL)
-
-
-def job_command(job: str, *args: str) -> list[str]:
-    return [sys.executable, str(REPO / "jobs" / f"{job}.py"), *args]
-
-
-def job_env(ray_address: str | None = None) -> dict[str, str]:
-    """Environment of a job subprocess: its own local Ray, or the cluster at ``ray_address``."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "HYDRA_FULL_ERROR")}
-    env.update(WANDB_MODE="offline", RAY_DEDUP_LOGS="0")
-    if ray_address:
-        env["RAY_ADDRESS"] = ray_address
-    return env
-
-
-def _default_sigint() -> None:
-    # a shell starts background commands with SIGINT ignored, and children inherit that: undo it for the job
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def interrupt_job(cmd: list[str], cwd: Path, run_dir: Path, sig: int, step_of_checkpoint: Callable[[Path], int],
-                  timeout_s: float = 400, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, dict]:
-    """Start a job, send ``sig`` to the driver alone between two checkpoints, wait for it to exit.
-
-    Returns the finished process and what was seen when the signal went out. Processes of the job that
-    outlive it (a Ray cluster the driver failed to stop) are reported in ``seen["survivors"]`` and killed.
-    """
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env or job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, preexec_fn=_default_sigint)
-    seen: dict = {}
-    descendants: list[psutil.Process] = []
-    try:
-        if wait_until(mid_interval(run_dir, step_of_checkpoint), timeout_s, alive=lambda: proc.poll() is None):
-            descendants = psutil.Process(proc.pid).children(recursive=True)
-            seen = {"checkpoint": step_of_checkpoint(run_dir), "step": metric_steps(run_dir)[-1]}
-            proc.send_signal(sig)
-        out, err = proc.communicate(timeout=timeout_s)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    gone, survivors = psutil.wait_procs(descendants, timeout=30)
-    seen["survivors"] = [p.pid for p in survivors]
-    for p in survivors:
-        p.kill()
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), seen
 
 
 def assert_finished(run_dir: Path, max_steps: int) -> None:
@@ -283,16 +149,6 @@ def test_driver_sigint_single_strategy_then_crash_mid_checkpoint_then_rerun(sim_
 
 # ---------------------------------------------------------------------------------------------------------
 # corrupt shard found mid-stream
-
-
-def corrupt_payload(shard: Path) -> str:
-    """Overwrite the npy magic of the shard's first clip in place: tar headers stay valid, decoding fails."""
-    with tarfile.open(shard, "r:") as tar:
-        member = next(m for m in tar.getmembers() if m.name.endswith(".clip.npy"))
-    with open(shard, "r+b") as fh:
-        fh.seek(member.offset_data)
-        fh.write(b"garbage!")
-    return member.name
 
 
 def _data_cfg(mode: str):

@@ -17,7 +17,7 @@ from cadiff.data.prepare import prepare_data
 from cadiff.data.shards import iter_shard, read_index
 from cadiff.data.simulate import simulate_movie
 from cadiff.errors import ConfigError, DataError
-from tests.fixtures_data import prepare_sim
+from cadiff.testing.data import prepare_sim
 
 REPO = Path(__file__).resolve().parents[2]
 
