@@ -193,13 +193,23 @@ class AutoencoderConfig:
     diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(sampler="heun"))
 
 
+# DiT widths (Peebles & Xie 2023, arXiv:2212.09748): (hidden size, depth, heads): S/B/L/XL from DiT Table 1; tiny for tests and smoke runs
+DIT_SIZES: dict[str, tuple[int, int, int]] = {
+    "tiny": (64, 2, 4),
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "XL": (1152, 28, 16),
+}
+
+
 @dataclass
 class DiTConfig:
     """Stage 2: DiT on latents. Width/depth/heads come from the size registry unless set here."""
 
     kind: str = "dit"
     in_channels: Optional[int] = None  # None: the latent channels recorded in the latent index
-    size: str = "tiny"  # tiny | S | B | L | XL
+    size: str = "tiny"  # a key of DIT_SIZES: tiny | S | B | L | XL
     hidden_size: Optional[int] = None
     depth: Optional[int] = None
     num_heads: Optional[int] = None
@@ -214,7 +224,7 @@ class DiTConfig:
 class StrategyConfig:
     """How the model is distributed across workers."""
 
-    name: str = "ddp"  # single | ddp | deepspeed | fsdp2
+    name: str = "ddp"  # one of STRATEGY_NAMES: single | ddp | deepspeed | fsdp2
     zero_stage: int = 0  # deepspeed only: 1, 2 or 3
     backend: Optional[str] = None  # None: nccl on CUDA, gloo on CPU
     reshard_after_forward: bool = True  # fsdp2
@@ -245,6 +255,9 @@ class TrainerConfig:
     # torch.compile placement: none | blocks (each residual/transformer block, the shard units) | model (each
     # network whole); benchmarks/model_step.md measures both (blocks + bf16: 2.8x the eager fp32 DiffAE step)
     compile: str = "none"
+    # torch.compile backend: inductor (generated kernels) | aot_eager (graph capture and autograd tracing without
+    # code generation: debugging, and the test suite, where inductor's C++ builds cost minutes on 2 cores)
+    compile_backend: str = "inductor"
     log_every: int = 10
     val_every: int = 100
     ckpt_every: int = 100
@@ -612,6 +625,7 @@ def validate_trainer(t: Any, prefix: str = "trainer") -> None:
     _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), f"{prefix}.betas", list(t.betas), "[b1, b2] in [0, 1)")
     _choice(f"{prefix}.precision", t.precision, ("fp32", "bf16", "auto"))
     _choice(f"{prefix}.compile", t.compile, ("none", "blocks", "model"))
+    _choice(f"{prefix}.compile_backend", t.compile_backend, ("inductor", "aot_eager"))
     for k in ("log_every", "val_every", "ckpt_every", "num_to_keep"):
         _require(getattr(t, k) >= 1, f"{prefix}.{k}", getattr(t, k), ">= 1")
 
@@ -623,15 +637,19 @@ def _check_compile_strategy(cfg: Any) -> None:
                           "(ZeRO's parameter hooks break graph capture); use trainer.compile=none, or ddp/fsdp2")
 
 
-def validate_strategy(s: Any, num_workers: int) -> None:
-    _choice("strategy.name", s.name, ("single", "ddp", "deepspeed", "fsdp2"))
+STRATEGY_NAMES = ("single", "ddp", "deepspeed", "fsdp2")
+
+
+def validate_strategy(s: Any, num_workers: int | None = None) -> None:
+    """Strategy rules; ``num_workers`` (the trainer's) is checked against ``single`` when given."""
+    _choice("strategy.name", s.name, STRATEGY_NAMES)
     if s.name == "deepspeed":
         _require(s.zero_stage in (1, 2, 3), "strategy.zero_stage", s.zero_stage, "1, 2 or 3 for DeepSpeed ZeRO")
     else:
         _require(s.zero_stage == 0, "strategy.zero_stage", s.zero_stage, f"0 for strategy '{s.name}'")
     if s.backend is not None:
         _choice("strategy.backend", s.backend, ("gloo", "nccl"))
-    if s.name == "single":
+    if s.name == "single" and num_workers is not None:
         _require(num_workers == 1, "trainer.num_workers", num_workers, "1 with strategy=single")
 
 
@@ -691,11 +709,18 @@ def validate_train_ae(cfg: Any) -> None:
         _require(v is None or v % s_hw == 0, f"data.{k}", v, f"a multiple of model.spatial_downsample={s_hw}")
 
 
+def dit_size(m: Any) -> tuple[int, int, int]:
+    """(hidden, depth, heads) of a DiT config: ``size`` from :data:`DIT_SIZES`, each overridable by its own key."""
+    hidden, depth, heads = DIT_SIZES[m["size"]]
+    return int(m["hidden_size"] or hidden), int(m["depth"] or depth), int(m["num_heads"] or heads)
+
+
 def validate_dit(m: Any, prefix: str = "model") -> None:
-    _choice(f"{prefix}.size", m.size, ("tiny", "S", "B", "L", "XL"))
+    _choice(f"{prefix}.size", m.size, tuple(DIT_SIZES))
     _require(len(m.patch_size) == 3 and all(p >= 1 for p in m.patch_size), f"{prefix}.patch_size", list(m.patch_size), "[pt, ph, pw] >= 1")
-    if m.hidden_size is not None and m.num_heads is not None:
-        _require(m.hidden_size % m.num_heads == 0, f"{prefix}.hidden_size", m.hidden_size, f"divisible by num_heads={m.num_heads}")
+    hidden, depth, heads = dit_size(m)
+    _require(hidden >= 1 and depth >= 1 and heads >= 1, f"{prefix}.hidden_size/depth/num_heads", (hidden, depth, heads), ">= 1")
+    _require(hidden % heads == 0, f"{prefix}.hidden_size", hidden, f"divisible by num_heads={heads}")
     validate_diffusion(m.diffusion, f"{prefix}.diffusion")
 
 

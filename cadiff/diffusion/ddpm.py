@@ -98,7 +98,7 @@ SCHEDULES = {"linear": LinearVP, "cosine": CosineVP}
 class DDPM(Objective):
     """Continuous-time VP diffusion with eps- or v-prediction, sharing the flow objective's API."""
 
-    samplers = ("ddim", "ancestral", "euler", "heun")
+    samplers = (*samplers.VP_SAMPLERS, "euler", "heun")  # VP samplers + Euler/Heun on the probability-flow ODE
 
     def __init__(self, schedule: str = "cosine", prediction: str = "v", time_sampler: str = "uniform",
                  logit_mean: float = 0.0, logit_std: float = 1.0, shift: float = 1.0, loss_weighting: str = "none",
@@ -158,7 +158,7 @@ class DDPM(Objective):
                num_steps: int | None = None, generator: torch.Generator | None = None) -> tuple[Tensor, int]:
         """DDIM/ancestral on the uniform t-grid, or Euler/Heun on the probability-flow ODE; returns (x0, nfe)."""
         sampler, num_steps = self.resolve(sampler, num_steps)
-        if sampler in ("ddim", "ancestral"):
+        if sampler in samplers.VP_SAMPLERS:
             return samplers.sample_vp(lambda x, t: self.predict_x0_eps(model_fn(x, t), x, t), noise, self.schedule,
                                       sampler, num_steps, generator)
         ts = samplers.time_grid(num_steps)

@@ -84,7 +84,7 @@ def min_snr_weight(t: Tensor, gamma: float = MIN_SNR_GAMMA) -> Tensor:
 class FlowMatching(Objective):
     """Flow-matching objective and ODE sampling (Euler, Heun, midpoint)."""
 
-    samplers = ("euler", "heun", "midpoint")
+    samplers = tuple(samplers.FLOW_SAMPLERS)
 
     def __init__(self, time_sampler: str = "logit_normal", logit_mean: float = 0.0, logit_std: float = 1.0,
                  shift: float = 1.0, loss_weighting: str = "none", sampler: str = "euler", num_steps: int = 20) -> None:

@@ -147,13 +147,14 @@ def ancestral(predict_fn: PredictFn, x: Tensor, schedule: VPSchedule, ts: list[f
 def sample_vp(predict_fn: PredictFn, noise: Tensor, schedule: VPSchedule, sampler: str = "ddim",
               num_steps: int = 20, generator: torch.Generator | None = None) -> tuple[Tensor, int]:
     """DDIM or ancestral sampling from ``noise`` at t = 1 down to t = 0; returns ``(x0, nfe)``."""
-    ts = time_grid(num_steps)
+    if sampler not in VP_SAMPLERS:
+        raise ConfigError(f"diffusion sampler {sampler!r}: expected one of {list(VP_SAMPLERS)}")
     with torch.no_grad():
-        if sampler == "ddim":
-            return ddim(predict_fn, noise, schedule, ts)
-        if sampler == "ancestral":
-            return ancestral(predict_fn, noise, schedule, ts, generator)
-    raise ConfigError(f"diffusion sampler {sampler!r}: expected 'ddim' or 'ancestral'")
+        return VP_SAMPLERS[sampler](predict_fn, noise, schedule, time_grid(num_steps), generator=generator)
+
+
+# the sampler names each objective accepts derive from these tables (FlowMatching.samplers, DDPM.samplers)
+VP_SAMPLERS = {"ddim": ddim, "ancestral": ancestral}  # ddim: eta = 0, deterministic
 
 
 # ---------------------------------------------------------------------------------------------------------

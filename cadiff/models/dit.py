@@ -28,15 +28,6 @@ from cadiff.models.layers import (
     rope_angles,
 )
 
-# (hidden size, depth, heads): S/B/L/XL from DiT Table 1; tiny for tests and smoke runs
-DIT_SIZES: dict[str, tuple[int, int, int]] = {
-    "tiny": (64, 2, 4),
-    "S": (384, 12, 6),
-    "B": (768, 12, 12),
-    "L": (1024, 24, 16),
-    "XL": (1152, 28, 16),
-}
-
 
 class PatchEmbed3d(nn.Module):
     """Non-overlapping ``(p_t, p_h, p_w)`` patches -> tokens ``[B, N, D]`` (raster order, t slowest)."""
@@ -99,8 +90,6 @@ class DiT(nn.Module):
                  patch_size: tuple[int, int, int] = (1, 2, 2), mlp_ratio: float = 4.0, rope_theta: float = 10000.0,
                  cond_dim: int = 0) -> None:
         super().__init__()
-        if hidden_size % num_heads:
-            raise ModelError(f"DiT hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
         self.in_channels = in_channels
         self.hidden_size = hidden_size
         self.num_heads = num_heads
@@ -172,30 +161,18 @@ class DiT(nn.Module):
         return self.unpatchify(self.final_layer(tokens, c), grid)
 
 
-def resolve_size(model_config: dict[str, Any]) -> tuple[int, int, int]:
-    """(hidden, depth, heads) from ``size`` in :data:`DIT_SIZES`, each overridable by the explicit keys."""
-    size = model_config.get("size", "tiny")
-    if size not in DIT_SIZES:
-        raise ConfigError(f"config key 'model.size' = {size!r}: expected one of {list(DIT_SIZES)}")
-    hidden, depth, heads = DIT_SIZES[size]
-    hidden = model_config.get("hidden_size") or hidden
-    depth = model_config.get("depth") or depth
-    heads = model_config.get("num_heads") or heads
-    if hidden % heads:
-        raise ConfigError(f"config key 'model.hidden_size' = {hidden}: expected a multiple of num_heads={heads}")
-    return int(hidden), int(depth), int(heads)
-
-
 class LatentDiffusion(nn.Module):
     """Stage-2 model: a DiT trained with the configured objective on (normalized) latents."""
 
-    def __init__(self, model_config: dict[str, Any], objective: Objective) -> None:
+    def __init__(self, model_config: dict[str, Any], objective: Objective, size: tuple[int, int, int]) -> None:
+        """``size``: (hidden, depth, heads) resolved from the config's size registry (``cadiff.config.dit_size``)."""
         super().__init__()
         if not model_config.get("in_channels"):
             raise ConfigError("config key 'model.in_channels' is unset: the DiT needs the latent channel count "
                               "(recorded in the latent index)")
         self.model_config = model_config
-        hidden, depth, heads = resolve_size(model_config)
+        self.size = tuple(size)
+        hidden, depth, heads = self.size
         self.dit = DiT(int(model_config["in_channels"]), hidden, depth, heads, tuple(model_config["patch_size"]),
                        float(model_config["mlp_ratio"]), float(model_config["rope_theta"]),
                        int(model_config["cond_dim"]))
@@ -241,6 +218,6 @@ class LatentDiffusion(nn.Module):
             self.dit.token_grid(key)
             # on meta tensors SDPA runs its math path, so attention's QK^T and AV matmuls are counted too
             self._flops[key] = count_forward_flops(
-                self.model_config, lambda cfg: LatentDiffusion(cfg, self.objective),
+                self.model_config, lambda cfg: LatentDiffusion(cfg, self.objective, self.size),
                 lambda m, x: m.dit(x, torch.zeros(1, device=x.device)), key)
         return self._flops[key]

@@ -17,6 +17,7 @@ from cadiff.config import (
     AutoencoderConfig,
     DiffusionConfig,
     DiTConfig,
+    dit_size,
     to_dict,
     to_structured,
     validate_autoencoder,
@@ -73,4 +74,4 @@ def build_model(model_cfg: DictConfig | dict[str, Any]) -> nn.Module:
         return DiffusionAutoencoder(cfg, build_objective(cfg["diffusion"]))
     if kind == "regression":
         return RegressionAutoencoder(cfg)
-    return LatentDiffusion(cfg, build_objective(cfg["diffusion"]))
+    return LatentDiffusion(cfg, build_objective(cfg["diffusion"]), dit_size(cfg))

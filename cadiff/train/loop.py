@@ -185,7 +185,7 @@ def batch_iterator(data_cfg: Any, kind: str, seed: int, use_ray: bool, rank: int
 # the loop
 
 
-def compile_model(model: nn.Module, placement: str) -> None:
+def compile_model(model: nn.Module, placement: str, backend: str = "inductor") -> None:
     """``torch.compile`` the model in place (state_dict keys unchanged) at ``placement``: blocks | model | none.
 
     ``blocks`` compiles each shard unit (residual/transformer block; before any FSDP2 wrapping, as torchtitan
@@ -201,8 +201,8 @@ def compile_model(model: nn.Module, placement: str) -> None:
     else:
         units = [m for m in model.children() if next(m.parameters(), None) is not None]
     for unit in units:
-        unit.compile(dynamic=False)
-    log.info("torch.compile: %d %s", len(units), "blocks" if placement == "blocks" else "networks")
+        unit.compile(dynamic=False, backend=backend)
+    log.info("torch.compile (%s): %d %s", backend, len(units), "blocks" if placement == "blocks" else "networks")
 
 
 @dataclass(frozen=True)
@@ -237,7 +237,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _seed_everything(cfg.seed + 1000 * rank)
 
     model = build_model(run.model_config)
-    compile_model(model, tcfg.compile)
+    compile_model(model, tcfg.compile, tcfg.compile_backend)
     data_cfg = run.stage.data_cfg(cfg)
     strategy = build_strategy(cfg.strategy, tcfg, micro_batch_size=data_cfg.batch_size)
     strategy.setup(TrainingModule(model), device)

@@ -36,12 +36,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cadiff.config import validate_strategy
 from cadiff.errors import CheckpointError, ConfigError
 from cadiff.runtime.exports import safe_load
 
 log = logging.getLogger(__name__)
 
-STRATEGY_NAMES = ("single", "ddp", "deepspeed", "fsdp2")
 MANIFEST = "strategy.json"
 DEEPSPEED_TAG = "deepspeed"
 DCP_DIR = "dcp"
@@ -593,17 +593,11 @@ def _zero3_full_state_dict(module: nn.Module, rank: int) -> dict[str, torch.Tens
     return state
 
 
+STRATEGIES: dict[str, type[Strategy]] = {"single": Strategy, "ddp": DDPStrategy, "deepspeed": DeepSpeedStrategy,
+                                          "fsdp2": FSDP2Strategy}
+
+
 def build_strategy(strategy_cfg: Any, trainer_cfg: Any, micro_batch_size: int = 1) -> Strategy:
-    """The Strategy named by ``strategy_cfg.name`` (single | ddp | deepspeed | fsdp2)."""
-    name = strategy_cfg.name
-    if name == "single":
-        return Strategy(strategy_cfg, trainer_cfg, micro_batch_size)
-    if name == "ddp":
-        return DDPStrategy(strategy_cfg, trainer_cfg, micro_batch_size)
-    if name == "fsdp2":
-        return FSDP2Strategy(strategy_cfg, trainer_cfg, micro_batch_size)
-    if name == "deepspeed":
-        if strategy_cfg.zero_stage not in (1, 2, 3):
-            raise ConfigError(f"config key 'strategy.zero_stage' = {strategy_cfg.zero_stage!r}: expected 1, 2 or 3 for DeepSpeed ZeRO")
-        return DeepSpeedStrategy(strategy_cfg, trainer_cfg, micro_batch_size)
-    raise ConfigError(f"config key 'strategy.name' = {name!r}: expected one of {list(STRATEGY_NAMES)}")
+    """The Strategy named by ``strategy_cfg.name`` (the config schema's rules, ``validate_strategy``, apply)."""
+    validate_strategy(strategy_cfg)
+    return STRATEGIES[strategy_cfg.name](strategy_cfg, trainer_cfg, micro_batch_size)

@@ -50,9 +50,13 @@ def assert_finished(run_dir: Path, max_steps: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_zero2"])
+@pytest.mark.parametrize("strategy", ["deepspeed_zero2"])
 def test_worker_killed_mid_run_restores_latest_checkpoint(sim_data_root, tmp_path, strategy):
     """The job CLI with its own local Ray; one of its Ray Train workers is SIGKILLed mid-run.
+
+    ZeRO-2 (per-rank optimizer shards): the restore path of every strategy is Ray Train handing the latest
+    registered checkpoint to a new worker group; DDP's restore of the same kind of checkpoint is what the
+    driver-SIGTERM test below resumes from.
 
     Neither in this process nor on the suite's shared cluster: after such kills a later Ray call of the
     pytest driver hung in ``internal_kv_put`` (Ray 2.60, cause not isolated), so the fault stays in the job.

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from cadiff.config import compose
 from cadiff.errors import ConfigError
@@ -40,12 +41,19 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def test_ddp_trains_writes_export_media_and_resumes(ray_cluster, sim_data_root, tmp_path):
-    cfg = _cfg(sim_data_root, tmp_path, "r1", "strategy=ddp", "trainer.max_steps=4", "logger=wandb")
+def _export_state(path: str) -> dict[str, torch.Tensor]:
+    state, _, _ = load_export(Path(path) / "export" / "model.pt")
+    return state
+
+
+def test_ddp_trains_exports_media_and_resumes_exactly(ray_cluster, sim_data_root, tmp_path):
+    """DDP on 2 workers: metrics, telemetry, export, media, wandb; and N + resume + N == 2N steps, bitwise."""
+    common = ("strategy=ddp", "data.deterministic=true", "trainer.max_steps=4")
+    cfg = _cfg(sim_data_root, tmp_path, "full", *common, "logger=wandb")
     sigint = signal.getsignal(signal.SIGINT)
-    summary, path = run_training(cfg, "ae")
+    summary, full = run_training(cfg, "ae")
     assert signal.getsignal(signal.SIGINT) is sigint, "Ray Train's SIGINT handler must not outlive fit()"
-    run_dir = Path(path)
+    run_dir = Path(full)
     rows = _metrics(run_dir)
     losses = [r["loss"] for r in rows if "loss" in r]
     assert rows[-1]["step"] == 4 and all(torch.isfinite(torch.tensor(losses)))
@@ -57,10 +65,14 @@ def test_ddp_trains_writes_export_media_and_resumes(ray_cluster, sim_data_root, 
     assert "val_latent_use=" in summary
     state, model_cfg, meta = load_export(run_dir / "export" / "model.pt")
     assert meta["step"] == 4 and model_cfg["kind"] == "diffae"
-    # the trainer filled in the pixel noise model from the data index (Anscombe shards by default)
+    # the trainer derived the pixel noise model from the data index (Anscombe shards by default) and recorded
+    # it in the export and in config.yaml - without writing it into the job config
     assert model_cfg["decoder_form"] is None and model_cfg["noise_model"]["kind"] == "anscombe"
+    assert cfg.model.noise_model.kind == "none"
+    recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert recorded["model"]["noise_model"] == model_cfg["noise_model"]
     assert any(k.startswith("mean_decoder.") for k in state)
-    assert (run_dir / "config.yaml").exists() and json.loads((run_dir / "run.json").read_text())["git_revision"]
+    assert json.loads((run_dir / "run.json").read_text())["git_revision"]
     assert list((run_dir / "checkpoints").glob("step_*")), "no Ray Train checkpoint was persisted"
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run folder missing"
 
@@ -71,32 +83,21 @@ def test_ddp_trains_writes_export_media_and_resumes(ray_cluster, sim_data_root, 
     assert iio.imread(gif).shape[0] == 17
     assert iio.imread(mp4, plugin="pyav").shape[0] == 17
 
-    # re-running with the same run name resumes from step 4 instead of starting over
-    cfg2 = _cfg(sim_data_root, tmp_path, "r1", "strategy=ddp", "trainer.max_steps=6")
-    run_training(cfg2, "ae")
-    steps = [r["step"] for r in _metrics(run_dir)]
-    assert steps[-1] == 6 and 1 not in steps[steps.index(4) + 1 :], f"resume restarted from scratch: {steps}"
-
-
-def _export_state(path: str) -> dict[str, torch.Tensor]:
-    state, _, _ = load_export(Path(path) / "export" / "model.pt")
-    return state
-
-
-@pytest.mark.slow
-def test_exact_resume_ddp_deterministic(ray_cluster, sim_data_root, tmp_path):
-    common = ("strategy=ddp", "data.deterministic=true")
-    _, full = run_training(_cfg(sim_data_root, tmp_path, "full", *common, "trainer.max_steps=4"), "ae")
-    run_training(_cfg(sim_data_root, tmp_path, "split", *common, "trainer.max_steps=4", "trainer.stop_at_step=2"), "ae")
-    _, split = run_training(_cfg(sim_data_root, tmp_path, "split", *common, "trainer.max_steps=4"), "ae")
+    # stopped at step 2, then re-running the same command resumes (never restarts) and ends where 4 steps end
+    run_training(_cfg(sim_data_root, tmp_path, "split", *common, "trainer.stop_at_step=2"), "ae")
+    _, split = run_training(_cfg(sim_data_root, tmp_path, "split", *common), "ae")
+    steps = [r["step"] for r in _metrics(Path(split))]
+    assert steps[-1] == 4 and 1 not in steps[steps.index(2) + 1 :], f"resume restarted from scratch: {steps}"
     a, b = _export_state(full), _export_state(split)
     assert a.keys() == b.keys()
     worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     assert worst <= 1e-6, f"2N steps != N + resume + N (max abs diff {worst})"
 
 
+# ZeRO-1/2 share ZeRO's replicated-parameter path with each other (ZeRO-2 is also killed and restored through
+# Ray in test_fault_tolerance); every strategy's save/load/EMA maths runs on 2 gloo ranks in test_strategies
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["deepspeed_zero3", "fsdp2"])
 def test_sharded_strategies_train_and_resume(ray_cluster, sim_data_root, tmp_path, strategy):
     cfg = _cfg(sim_data_root, tmp_path, strategy, f"strategy={strategy}", "trainer.max_steps=2")
     run_training(cfg, "ae")
@@ -108,23 +109,18 @@ def test_sharded_strategies_train_and_resume(ray_cluster, sim_data_root, tmp_pat
     assert all(torch.isfinite(v).all() for v in state.values())
 
 
-@pytest.mark.slow
-def test_regression_ae_and_single_strategy(ray_cluster, sim_data_root, tmp_path):
-    _, path = run_training(_cfg(sim_data_root, tmp_path, "reg", "model=regression_ae", "trainer.max_steps=2"), "ae")
+@pytest.mark.parametrize("model, kind", [("diffae", "diffae"), ("regression_ae", "regression")])
+def test_loss_falls_and_export_has_the_model_kind(sim_data_root, tmp_path, model, kind):
+    """Both stage-1 decoders: the loss falls over 30 in-process steps (strategy=single); the export names the kind."""
+    cfg = _cfg(sim_data_root, tmp_path, model, f"model={model}", "strategy=single", "trainer.num_workers=1",
+               "trainer.max_steps=30", "trainer.log_every=5", "trainer.val_every=30", "trainer.ckpt_every=30",
+               "trainer.lr=3e-3")
+    _, path = run_training(cfg, "ae")
     _, model_cfg, _ = load_export(Path(path) / "export" / "model.pt")
-    assert model_cfg["kind"] == "regression"
-    cfg = _cfg(sim_data_root, tmp_path, "single", "strategy=single", "trainer.num_workers=1", "trainer.max_steps=3")
-    _, path = run_training(cfg, "ae")
-    assert _metrics(Path(path))[-1]["step"] == 3
-    assert (Path(path) / "checkpoints").is_dir()
-
-
-def test_loss_falls_over_training(ray_cluster, sim_data_root, tmp_path):
-    cfg = _cfg(sim_data_root, tmp_path, "fall", "strategy=ddp", "trainer.max_steps=30", "trainer.log_every=5",
-               "trainer.val_every=30", "trainer.ckpt_every=30", "trainer.lr=3e-3")
-    _, path = run_training(cfg, "ae")
+    assert model_cfg["kind"] == kind
     losses = [r["loss"] for r in _metrics(Path(path)) if "loss" in r]
     assert losses[-1] < losses[0], f"loss did not fall: {losses}"
+    assert (Path(path) / "checkpoints").is_dir()
 
 
 @pytest.mark.parametrize(
@@ -154,13 +150,16 @@ def test_exact_resume_single_process(sim_data_root, tmp_path):
     assert worst <= 1e-6, f"2N steps != N + resume + N (max abs diff {worst})"
 
 
-@pytest.mark.slow
 def test_compiled_blocks_in_bf16_train_and_export_plain_weights(sim_data_root, tmp_path):
-    """trainer.compile=blocks + bf16: compiled in place, so checkpoints and exports keep the eager key names."""
+    """trainer.compile=blocks + bf16: compiled in place, so checkpoints and exports keep the eager key names.
+
+    The aot_eager backend captures the same graphs (forward and autograd) without generating code; inductor's
+    code generation for a block in bf16 is checked in tests/unit/test_layers.py on one block.
+    """
     from cadiff.models.registry import build_model
 
     cfg = _cfg(sim_data_root, tmp_path, "compiled", "strategy=single", "trainer.num_workers=1", "trainer.max_steps=2",
-               "trainer.compile=blocks", "trainer.precision=bf16")
+               "trainer.compile=blocks", "trainer.compile_backend=aot_eager", "trainer.precision=bf16")
     _, path = run_training(cfg, "ae")
     rows = _metrics(Path(path))
     assert rows[-1]["step"] == 2 and all(torch.isfinite(torch.tensor([r["loss"] for r in rows if "loss" in r])))

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from cadiff.config import compose
+from cadiff.config import DIT_SIZES, compose
 from cadiff.errors import ConfigError, ModelError
-from cadiff.models.dit import DIT_SIZES, DiT, LatentDiffusion
+from cadiff.models.dit import DiT, LatentDiffusion
 from cadiff.models.layers import Attention, grid_coords, rope_angles
 from cadiff.models.registry import build_model
 

@@ -197,8 +197,8 @@ def test_jointly_impossible_combination_fails(tmp_path):
 
 
 def test_hidden_not_divisible_by_heads_fails(tmp_path):
-    path = _write(tmp_path, "stage: latent\nparams:\n  model.hidden_size: {choice: [48, 96]}\n  model.num_heads: {choice: [5]}\n")
-    with pytest.raises(ConfigError, match=r"combination .*divisible by num_heads=5"):
+    path = _write(tmp_path, "stage: latent\nparams:\n  model.hidden_size: {choice: [36, 96]}\n  model.num_heads: {choice: [8]}\n")
+    with pytest.raises(ConfigError, match=r"combination .*divisible by num_heads=8"):
         load_space(path, "latent")
 
 
