@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from cadiff.diffusion.ddpm import DDPM
 from cadiff.diffusion.flow import FlowMatching
 from cadiff.errors import ConfigError
+from cadiff.runinfo import SECRET_MARKERS
 
 CONF_MODULE = "cadiff.conf"
 
@@ -436,8 +437,6 @@ def _suggest_key(detail: str, schema: type) -> str:
 
 def _redact_secrets(text: str, overrides: list[str]) -> str:
     """Hide values of overrides whose key looks like a credential: an error line must never echo a wandb key."""
-    from cadiff.runinfo import SECRET_MARKERS
-
     for override in overrides:
         key, sep, value = override.partition("=")
         if sep and value and any(m in key.lower() for m in SECRET_MARKERS):

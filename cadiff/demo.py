@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from cadiff.config import compose, to_dict
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -42,8 +44,6 @@ def demo_steps(out: Path, ae_steps: int, dit_steps: int, num_samples: int, worke
 
 def config_tag(steps: list[tuple[str, list[str]]]) -> str:
     """Digest of the composed configs of the data and training steps (run names left out)."""
-    from cadiff.config import compose, to_dict
-
     digest = hashlib.sha256()
     for job, overrides in steps:
         if job in ("prepare_data", "train_ae", "train_latent"):

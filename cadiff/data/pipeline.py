@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from cadiff.data.movie import normalize
-from cadiff.data.shards import IndexedShards, index_shape, iter_shard, read_index, split_shards
+from cadiff.data.shards import IndexedShards, _decode, index_shape, iter_shard, read_index, split_shards
 from cadiff.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -292,8 +292,6 @@ def _wds_pipeline(paths: list[Path], index: dict, cfg: Any, train: bool, mode: s
         raw = {member: sample[member], "meta.json": sample["meta.json"]} if member in sample else {}
         if not raw or "meta.json" not in sample:
             raise DataError(f"{url}: sample {sample.get('__key__')!r} lacks {member}/meta.json")
-        from cadiff.data.shards import _decode
-
         _k, array, meta = _decode(Path(url), sample["__key__"], raw, index["kind"], shape)
         rng = np.random.default_rng([seed, zlib.crc32(sample["__key__"].encode())]) if train else None
         return torch.from_numpy(transform(array, _source_of(meta), rng))

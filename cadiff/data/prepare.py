@@ -33,8 +33,12 @@ from cadiff.data.anscombe import anscombe
 from cadiff.data.movie import UINT16_MAX, Movie, read_frames
 from cadiff.data.noise import estimate_photon_transfer
 from cadiff.data.shards import INDEX_NAME, read_index, write_index, write_shards
+from cadiff.data.simulate import simulate_movie
+from cadiff.data.sources.hdf5 import HDF5_SUFFIXES, read_hdf5
+from cadiff.data.sources.tiff import read_tiff
 from cadiff.errors import DataError
 from cadiff.io import write_json_atomic
+from cadiff.runinfo import record_run
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +76,6 @@ def list_recordings(src: Any) -> list[Recording]:
     """Recordings named by the ``source`` config (files are opened lazily, archives are downloaded here)."""
     name = src.name
     if name == "sim":
-        from cadiff.data.simulate import simulate_movie
-
         def sim(i: int) -> Callable[[], Movie]:
             return lambda: simulate_movie(preset=src.preset, frames=src.frames, height=src.height, width=src.width,
                                           num_neurons=src.num_neurons, seed=src.seed + i, rate_hz=src.rate_hz,
@@ -82,13 +84,9 @@ def list_recordings(src: Any) -> list[Recording]:
         return [Recording(f"sim-{i:03d}", f"simulator preset={src.preset} seed={src.seed + i}", sim(i))
                 for i in range(src.num_movies)]
     if name == "tiff":
-        from cadiff.data.sources.tiff import read_tiff
-
         paths = _expand(src.path, "TIFF file or folder")
         return [Recording(_safe_id(p.stem), str(p), (lambda p=p: read_tiff(p, rate_hz=src.rate_hz))) for p in paths]
     if name == "hdf5":
-        from cadiff.data.sources.hdf5 import HDF5_SUFFIXES, read_hdf5
-
         paths = []
         for p in _expand(src.path, "HDF5 file or folder"):
             found = sorted(q for q in p.iterdir() if q.suffix.lower() in HDF5_SUFFIXES) if p.is_dir() else [p]
@@ -270,8 +268,6 @@ def _summary(index: dict, out: Path) -> dict[str, Any]:
 
 def prepare_data(cfg: Any) -> dict[str, Any]:
     """Run the whole preparation for a ``PrepareDataConfig``; returns a summary dict (counts, shapes, paths)."""
-    from cadiff.runinfo import record_run
-
     out = Path(cfg.out)
     clip = cfg.clip
     recordings = list_recordings(cfg.source)

@@ -18,6 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from cadiff.data.noise import estimate_photon_transfer
+from cadiff.data.shards import iter_shard, read_index, split_shards
+from cadiff.data.sources.hdf5 import read_hdf5
+from cadiff.data.sources.tiff import read_tiff
 from cadiff.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -149,8 +153,6 @@ def load_set(
 
 
 def _load_shards(root: Path, split: str | None, max_clips: int, rng: np.random.Generator) -> ClipSet:
-    from cadiff.data.shards import iter_shard, read_index, split_shards
-
     index = read_index(root)
     if index["kind"] != "clips":
         raise DataError(f"{root / INDEX_FILE}: kind '{index['kind']}' shards, expected clip shards or movies")
@@ -235,9 +237,6 @@ def read_calibration_file(root: Path) -> Calibration | None:
 
 def read_movie(path: Path, hdf5_key: str = "data", rate_hz: float | None = None) -> Any:
     """Read one TIFF/HDF5 movie with the data layer; any failure becomes a DataError naming the file."""
-    from cadiff.data.sources.hdf5 import read_hdf5
-    from cadiff.data.sources.tiff import read_tiff
-
     try:
         if path.suffix.lower() in (".h5", ".hdf5"):
             movie = read_hdf5(path, hdf5_key, rate_hz=rate_hz)
@@ -263,8 +262,6 @@ def _movie_calibration(movie: Any, path: Path, folder_cal: Calibration | None, e
 
 
 def _estimate(adu: np.ndarray, name: str, rate_hz: float | None) -> Calibration:
-    from cadiff.data.noise import estimate_photon_transfer
-
     try:
         pt = estimate_photon_transfer(np.asarray(adu))
     except (DataError, ValueError) as exc:

@@ -16,8 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from cadiff.data.movie import normalize
+from cadiff.data.shards import iter_shard, read_index, write_index, write_shards
 from cadiff.errors import DataError
+from cadiff.io import atomic_dir
 from cadiff.runtime.exports import load_exported_model, resolve_job_export
+from cadiff.runtime.ray import init_ray
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +57,6 @@ class EncoderActor:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from cadiff.data.movie import normalize
-
         xs = []
         for clip, source in zip(batch["clip"], batch["source"]):
             calib = self.sources[str(source)]
@@ -67,8 +69,6 @@ class EncoderActor:
 def _shard_rows(row: dict[str, Any]) -> list[dict[str, Any]]:
     import json
 
-    from cadiff.data.shards import iter_shard
-
     out = []
     for key, clip, meta in iter_shard(row["path"]):
         out.append({"key": key, "clip": clip, "source": str(meta["source"]), "meta": json.dumps(meta)})
@@ -80,10 +80,6 @@ def encode_latents(cfg: Any) -> tuple[str, str]:
     import json
 
     import ray
-
-    from cadiff.data.shards import read_index, write_index, write_shards
-    from cadiff.io import atomic_dir
-    from cadiff.runtime.ray import init_ray
 
     export = resolve_job_export(cfg.stage1, "stage1")
     model, meta, _ = load_exported_model(export, "stage1", "ae")  # fail fast on a bad export

@@ -15,9 +15,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cadiff.config import DataConfig, from_dict
+from cadiff.data import pipeline
+from cadiff.data.movie import denormalize
+from cadiff.data.shards import read_index
 from cadiff.errors import CheckpointError, DataError
 from cadiff.io import atomic_dir, atomic_path, write_json_atomic
 from cadiff.runtime.exports import load_exported_model
+from cadiff.runtime.ray import init_ray
 from cadiff.runtime.video import video_grid, write_video
 
 log = logging.getLogger(__name__)
@@ -67,8 +72,6 @@ def _calibration(data_info: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 @torch.no_grad()
 def generate_batch(stage2: str, stage1: str | None, start: int, stop: int, cfg: dict[str, Any]) -> list[np.ndarray]:
     """Samples ``start..stop-1`` as uint16 movies [T,H,W] (a pure function of its arguments, for Ray tasks too)."""
-    from cadiff.data.movie import denormalize
-
     torch.set_num_threads(max(1, torch.get_num_threads()))
     dit, dit_meta, _ = load_exported_model(stage2, "stage2", "latent")
     data2 = dit_meta["data"]
@@ -121,8 +124,6 @@ def generate(cfg: Any) -> tuple[str, str]:
     if cfg.num_ray_tasks > 0:
         import ray
 
-        from cadiff.runtime.ray import init_ray
-
         init_ray(cfg.ray)
         task = ray.remote(num_cpus=1)(generate_batch)
         refs = [task.remote(str(stage2_export), str(stage1_export), a, b, params) for a, b in slices]
@@ -156,10 +157,6 @@ def generate(cfg: Any) -> tuple[str, str]:
 @torch.no_grad()
 def reconstruct(cfg: Any) -> tuple[str, str]:
     """jobs/sample.py mode=reconstruct: encode real val clips and decode them with a fresh noise realization."""
-    from cadiff.data import pipeline
-    from cadiff.data.movie import denormalize
-    from cadiff.data.shards import read_index
-
     model, meta, export = load_exported_model(cfg.stage1, "stage1", "ae")
     root = Path(cfg.data.root)
     index = read_index(root)
@@ -168,8 +165,6 @@ def reconstruct(cfg: Any) -> tuple[str, str]:
     _, t, h, w = meta["data"]["sample_shape"]
     data_cfg = dict(cfg.data)
     data_cfg.update(crop_frames=t, crop_height=h, crop_width=w)
-    from cadiff.config import DataConfig, from_dict
-
     clips = pipeline.val_batch(str(root), cfg.num_samples, from_dict(data_cfg, DataConfig), kind="clips")
     source_id, calib = _calibration({"sources": index["sources"]})
     norm = index["normalization"]

@@ -20,6 +20,7 @@ from cadiff.config import to_dict
 from cadiff.errors import CadiffError, CheckpointError, ConfigError
 from cadiff.runinfo import record_run
 from cadiff.runtime.ray import init_ray
+from cadiff.train.logging import ProgressLine
 from cadiff.train.loop import train_loop_per_worker
 from cadiff.train.stage import DataInfo, Stage, get_stage
 
@@ -146,8 +147,6 @@ def build_trainer(plan: RunPlan, callbacks: list | None = None, storage_path: st
 def progress_callback(max_steps: int):
     """A Ray Train UserCallback logging step/loss/ETA on the driver."""
     from ray.train import UserCallback
-
-    from cadiff.train.logging import ProgressLine
 
     class _Progress(UserCallback):
         def __init__(self) -> None:

@@ -17,10 +17,15 @@ from typing import Any, ClassVar
 
 import torch
 
-from cadiff.config import TrainAEConfig, TrainLatentConfig, to_dict, validate_clip_for_model
+from cadiff.config import TrainAEConfig, TrainLatentConfig, compose, to_dict, validate_clip_for_model
+from cadiff.data import pipeline
+from cadiff.data.prepare import prepare_data
+from cadiff.data.shards import read_index
 from cadiff.errors import CheckpointError, ConfigError, DataError
 from cadiff.models.autoencoder import resolved_decoder_form
 from cadiff.models.registry import resolve_model_config
+from cadiff.runtime.exports import load_export
+from cadiff.train.media import log_stage1, log_stage2
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +95,6 @@ class Stage:
 
 
 def _read_index(root: Path, key: str, kind: str, hint: str) -> dict[str, Any]:
-    from cadiff.data.shards import read_index
-
     if not (root / "index.json").exists():
         raise DataError(f"{key} '{root}': no index.json; {hint}")
     index = read_index(root)
@@ -129,13 +132,9 @@ class ClipStage(Stage):
         return info, resolve_model_config(model)
 
     def train_dataset(self, cfg: Any) -> Any:
-        from cadiff.data import pipeline
-
         return pipeline.clip_dataset(cfg.data.root, "train", cfg.data, seed=cfg.seed)
 
     def log_media(self, model, val_x, info, media_dir, step, logger_cfg, wandb_run=None) -> list[Path]:
-        from cadiff.train.media import log_stage1
-
         return log_stage1(model, val_x[:2], info.normalization, info.preview_calibration(), media_dir, step, logger_cfg,
                           wandb_run)
 
@@ -146,8 +145,6 @@ class LatentStage(Stage):
     name, job, data_key, kind, schema = "latent", "train_latent", "latents", "latents", TrainLatentConfig
 
     def resolve(self, cfg: Any) -> tuple[DataInfo, dict[str, Any]]:
-        from cadiff.runtime.exports import load_export
-
         root = Path(cfg.latents.root)
         index = _read_index(root, "latents.root", "latents", f"run jobs/encode_latents.py out={root} first")
         stage1 = index.get("stage1")
@@ -172,13 +169,9 @@ class LatentStage(Stage):
         return info, resolve_model_config({**to_dict(cfg.model), "in_channels": channels})
 
     def train_dataset(self, cfg: Any) -> Any:
-        from cadiff.data import pipeline
-
         return pipeline.latent_dataset(cfg.latents.root, "train", cfg.latents, seed=cfg.seed)
 
     def log_media(self, model, val_x, info, media_dir, step, logger_cfg, wandb_run=None) -> list[Path]:
-        from cadiff.train.media import log_stage2
-
         return log_stage2(model, tuple(val_x.shape[1:]), info.channel_mean, info.channel_std, info.stage1, media_dir,
                           step, logger_cfg, wandb_run)
 
@@ -245,9 +238,6 @@ def read_noise_photons(sources: dict[str, Any]) -> float:
 
 
 def _prepare_default_sim(root: Path) -> None:
-    from cadiff.config import compose
-    from cadiff.data.prepare import prepare_data
-
     log.info("data.root %s has no index.json: preparing simulated data there (source=sim)", root)
     prepare_data(compose("prepare_data", [f"out={root}"]))
 

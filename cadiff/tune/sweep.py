@@ -20,8 +20,10 @@ from omegaconf import OmegaConf
 from cadiff.config import compose
 from cadiff.errors import CadiffError, ConfigError
 from cadiff.io import atomic_path, write_text_atomic
+from cadiff.runtime.ray import init_ray
+from cadiff.train.launch import build_trainer, plan_run
 from cadiff.train.stage import get_stage
-from cadiff.tune.space import SearchSpace, apply_params, load_space
+from cadiff.tune.space import SearchSpace, apply_params, load_space, to_tune
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +63,6 @@ def run_trial(config: dict[str, Any], space: SearchSpace, sweep: dict[str, Any])
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cadiff.train.launch import build_trainer, plan_run
-
     sampled = {k: config[k] for k in space.params}
     trial_name = f"trial_{tune.get_context().get_trial_id()}"
     cfg = trial_config(space, sampled, trial_name, sweep)
@@ -97,8 +97,6 @@ def run_sweep(cfg: Any, argv: list[str]) -> tuple[str, str]:
     """jobs/sweep.py: validate the space, run the Tune experiment, write table, plots and the best config."""
     from ray import tune
 
-    from cadiff.runtime.ray import init_ray
-
     base = forwarded_overrides(argv)
     space = load_space(cfg.space, cfg.stage, experiment=cfg.experiment, overrides=base)
     probe = compose(space.job, space.trial_overrides({}))
@@ -123,8 +121,6 @@ def run_sweep(cfg: Any, argv: list[str]) -> tuple[str, str]:
     if cfg.resume and tune.Tuner.can_restore(str(experiment_path)):
         tuner = tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_errored=True)
     else:
-        from cadiff.tune.space import to_tune
-
         tuner = tune.Tuner(
             trainable,
             param_space=to_tune(space, cfg.search),

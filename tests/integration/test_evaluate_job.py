@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from cadiff.cli import run_job as run_entry_point
 from cadiff.data.simulate import simulate_movie
 from cadiff.errors import DataError
 from cadiff.eval.inputs import Calibration, load_set, resolve_calibration, tile_slices
@@ -35,14 +38,16 @@ def write_movies(folder: Path, seeds, frames: int, size: int, calibration: bool,
     return paths
 
 
-def run_job(*overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "evaluate.py"), *overrides],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def run_job(*overrides: str, script: bool = False) -> subprocess.CompletedProcess:
+    """The evaluate job: its script in a subprocess, or (default, no interpreter start-up) the same entry point
+    in process (``cadiff.cli.run_job``: exit code and final line)."""
+    if script:
+        return subprocess.run([sys.executable, str(REPO / "jobs" / "evaluate.py"), *overrides], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = run_entry_point("evaluate", list(overrides))
+    return subprocess.CompletedProcess(["evaluate", *overrides], code, out.getvalue(), err.getvalue())
 
 
 def last_line(proc: subprocess.CompletedProcess) -> str:
@@ -65,7 +70,7 @@ def test_evaluate_job_on_tiff_folders(tmp_path):
     gen, ref, out = tmp_path / "gen", tmp_path / "ref", tmp_path / "eval"
     write_movies(gen, [10, 11, 12, 13], frames=17, size=32, calibration=True)
     write_movies(ref, [0, 1], frames=68, size=32, calibration=False)  # calibration estimated from the movies
-    proc = run_job(f"gen={gen}", f"ref={ref}", f"out={out}", "acf_lags=5")
+    proc = run_job(f"gen={gen}", f"ref={ref}", f"out={out}", "acf_lags=5", script=True)
     line = last_line(proc)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert line.startswith("cadiff evaluate: ok gain_ratio=") and line.endswith(f"-> {out}")
