@@ -12,8 +12,11 @@ import os
 import sys
 import traceback
 
+from omegaconf import OmegaConf
+
 from cadiff.config import compose
 from cadiff.errors import CadiffError
+from cadiff.help import job_help, jobs_help
 from cadiff.jobs import JOBS, JobMain
 
 log = logging.getLogger("cadiff")
@@ -34,6 +37,10 @@ def run_job(job: str, argv: list[str] | None = None, main: JobMain | None = None
     print the one final line and return the process exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     main = main or JOBS[job]
+    if "--help" in args or "-h" in args:
+        print(job_help(job))
+        return 0
+    show_cfg = _pop_cfg_flag(args)
     verbose = "--verbose" in args or os.environ.get("HYDRA_FULL_ERROR") == "1"
     args = [a for a in args if a != "--verbose"]
     if "verbose=true" in args:
@@ -41,6 +48,9 @@ def run_job(job: str, argv: list[str] | None = None, main: JobMain | None = None
     setup_logging(verbose)
     ray_before = _ray_running()
     try:
+        if show_cfg:  # the composed, typed config as the job would see it; its rules are checked when it runs
+            print(OmegaConf.to_yaml(compose(job, args, validate=False)), end="")
+            return 0
         cfg = compose(job, args)
         try:
             summary, path = main(cfg, args)
@@ -65,6 +75,31 @@ def run_job(job: str, argv: list[str] | None = None, main: JobMain | None = None
     return 0
 
 
+def _pop_cfg_flag(args: list[str]) -> bool:
+    """Remove Hydra's ``--cfg job`` (also ``--cfg=job``, ``-c job``) from ``args``; True when it was there."""
+    for i, arg in enumerate(args):
+        if arg in ("--cfg", "-c") and i + 1 < len(args) and args[i + 1] in ("job", "all"):
+            del args[i : i + 2]
+            return True
+        if arg in ("--cfg=job", "--cfg=all"):
+            del args[i]
+            return True
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``cadiff`` console command: ``cadiff <job> key=value ...``; ``cadiff --help`` lists the jobs."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("--help", "-h", "help"):
+        print(jobs_help())
+        return 0 if args else 2
+    job, rest = args[0], args[1:]
+    if job not in JOBS:
+        print(f"cadiff: error: unknown job {job!r}; expected one of {list(JOBS)} (cadiff --help)", flush=True)
+        return 2
+    return run_job(job, rest)
+
+
 def _ray_running() -> bool:
     ray = sys.modules.get("ray")
     return ray is not None and ray.is_initialized()
@@ -78,6 +113,11 @@ def _shutdown_ray() -> None:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def console() -> None:
+    """Entry point of the ``cadiff`` command (pyproject ``[project.scripts]``)."""
+    sys.exit(main())
 
 
 def main_for(job: str) -> None:

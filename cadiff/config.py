@@ -287,12 +287,12 @@ class RayConfig:
 
 
 @dataclass
-class TrainAEConfig:
+class _TrainJobConfig:
+    """What both training stages share; each stage adds its data section and model."""
+
     run_name: Optional[str] = None
     out_root: str = "outputs"
     seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
@@ -302,19 +302,16 @@ class TrainAEConfig:
 
 
 @dataclass
-class TrainLatentConfig:
-    run_name: Optional[str] = None
-    out_root: str = "outputs"
-    seed: int = 0
+class TrainAEConfig(_TrainJobConfig):
+    data: DataConfig = field(default_factory=DataConfig)
+    model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+
+
+@dataclass
+class TrainLatentConfig(_TrainJobConfig):
     latents: LatentsConfig = field(default_factory=LatentsConfig)
     model: DiTConfig = field(default_factory=DiTConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
-    ema: EMAConfig = field(default_factory=EMAConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
     decode_every: int = 0  # decoded sample videos through the stage-1 decoder; 0: only at the end
-    verbose: bool = False
 
 
 @dataclass
@@ -490,8 +487,9 @@ def _check_experiment_exists(overrides: list[str]) -> None:
             raise ConfigError(f"experiment '{name}': no experiment/{name}.yaml in {[str(d) for d in dirs]}; expected one of {known}")
 
 
-def compose(job: str, overrides: list[str] | None = None) -> DictConfig:
-    """Compose ``cadiff/conf/<job>.yaml`` with Hydra overrides and validate it against the job schema."""
+def compose(job: str, overrides: list[str] | None = None, validate: bool = True) -> DictConfig:
+    """Compose ``cadiff/conf/<job>.yaml`` with Hydra overrides, type it by the job schema and (unless
+    ``validate=False``, for printing with ``--cfg job``) check the job's rules."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
@@ -522,7 +520,8 @@ def compose(job: str, overrides: list[str] | None = None) -> DictConfig:
     raw = OmegaConf.to_container(raw, resolve=True)
     raw.pop("hydra", None)
     cfg = to_structured(raw, JOB_SCHEMAS[job])
-    VALIDATORS.get(job, lambda c: None)(cfg)
+    if validate:
+        VALIDATORS[job](cfg)
     return cfg
 
 

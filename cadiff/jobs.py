@@ -14,6 +14,7 @@ JobMain = Callable[[Any, list[str]], tuple[str, str]]  # (config, command-line o
 
 
 def prepare_data(cfg: Any, overrides: list[str]) -> tuple[str, str]:
+    """Movies (simulator, TIFF, HDF5, Neurofinder, Allen) -> calibrated, normalized clip shards + index.json."""
     from cadiff.data.prepare import prepare_data as prepare
 
     summary = prepare(cfg)
@@ -22,30 +23,35 @@ def prepare_data(cfg: Any, overrides: list[str]) -> tuple[str, str]:
 
 
 def train_ae(cfg: Any, overrides: list[str]) -> tuple[str, str]:
+    """Stage 1: train the diffusion autoencoder (or model=regression_ae) on clip shards with Ray Train."""
     from cadiff.train.launch import run_training
 
     return run_training(cfg, "ae")
 
 
 def train_latent(cfg: Any, overrides: list[str]) -> tuple[str, str]:
+    """Stage 2: train the DiT with flow matching on the stage-1 latents with Ray Train."""
     from cadiff.train.launch import run_training
 
     return run_training(cfg, "latent")
 
 
 def encode_latents(cfg: Any, overrides: list[str]) -> tuple[str, str]:
+    """Encode clip shards with a stage-1 export into latent shards (Ray Data), with per-channel stats."""
     from cadiff.inference.encode import encode_latents as encode
 
     return encode(cfg)
 
 
 def sample(cfg: Any, overrides: list[str]) -> tuple[str, str]:
+    """Generate movies (stage 2 + stage-1 decoder) or reconstruct clips (mode=reconstruct): TIFF + GIF/MP4."""
     from cadiff.inference.sample import run_sample
 
     return run_sample(cfg)
 
 
 def evaluate(cfg: Any, overrides: list[str]) -> tuple[str, str]:
+    """Weights-free calcium-imaging metrics of generated movies against reference data: JSON, Markdown, plots."""
     from cadiff.eval.report import evaluate_config, summary_line
     from cadiff.runinfo import record_run
 
@@ -55,7 +61,10 @@ def evaluate(cfg: Any, overrides: list[str]) -> tuple[str, str]:
 
 
 def sweep(cfg: Any, overrides: list[str]) -> tuple[str, str]:
-    """The command-line overrides are forwarded to every trial."""
+    """Ray Tune sweep over a search space (search_spaces/*.yaml); every trial is a TorchTrainer run.
+
+    The command-line overrides are forwarded to every trial.
+    """
     from cadiff.tune.sweep import run_sweep
 
     return run_sweep(cfg, overrides)

@@ -20,7 +20,6 @@ from cadiff.config import to_dict
 from cadiff.errors import CadiffError, CheckpointError, ConfigError
 from cadiff.runinfo import record_run
 from cadiff.runtime.ray import init_ray
-from cadiff.train.logging import ProgressLine
 from cadiff.train.loop import train_loop_per_worker
 from cadiff.train.stage import DataInfo, Stage, get_stage
 
@@ -144,21 +143,6 @@ def build_trainer(plan: RunPlan, callbacks: list | None = None, storage_path: st
     )
 
 
-def progress_callback(max_steps: int):
-    """A Ray Train UserCallback logging step/loss/ETA on the driver."""
-    from ray.train import UserCallback
-
-    class _Progress(UserCallback):
-        def __init__(self) -> None:
-            self.line = ProgressLine(max_steps)
-
-        def after_report(self, run_context, metrics, checkpoint) -> None:
-            if metrics and "loss" in metrics[0]:
-                log.info(self.line.format(metrics[0]))
-
-    return _Progress()
-
-
 def run_training(cfg: Any, stage: Stage | str) -> tuple[str, str]:
     """Plan, run (Ray or in-process for strategy=single) and summarize one training job."""
     if cfg.strategy.name == "single":
@@ -170,7 +154,7 @@ def run_training(cfg: Any, stage: Stage | str) -> tuple[str, str]:
         init_ray(cfg.ray)
         check_cluster_fits(cfg)
         plan = plan_run(cfg, stage)
-        trainer = build_trainer(plan, callbacks=[progress_callback(cfg.trainer.max_steps)])
+        trainer = build_trainer(plan)  # rank 0 logs the progress line (Ray forwards it to this terminal)
         # Ray Train installs its own SIGINT handler for the duration of fit() and leaves it behind; restore
         # ours so a later Ctrl-C (or a forwarded SIGTERM) in this process raises KeyboardInterrupt again.
         sigint = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None

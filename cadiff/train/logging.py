@@ -106,7 +106,7 @@ def log_reconstruction_videos(
 
 
 class ProgressLine:
-    """Driver-side progress: step, loss and ETA from reported metrics."""
+    """The progress line rank 0 logs at ``trainer.log_every``: step/max, loss, throughput, elapsed and ETA."""
 
     def __init__(self, max_steps: int) -> None:
         self.max_steps = max_steps
@@ -115,10 +115,27 @@ class ProgressLine:
 
     def format(self, metrics: dict[str, Any]) -> str:
         step = int(metrics.get("step", 0))
-        if self.first_step is None:
-            self.first_step, self.t0 = step, time.monotonic()
-        done = step - self.first_step
-        rate = done / max(time.monotonic() - self.t0, 1e-6)
+        now = time.monotonic()
+        if self.first_step is None:  # the first line of a (resumed) session: its rate counts from here
+            self.first_step, self.t0 = step - 1, now - 1e-9
+        rate = (step - self.first_step) / max(now - self.t0, 1e-6)
         eta = (self.max_steps - step) / rate if rate > 0 else float("nan")
-        loss = metrics.get("loss", float("nan"))
-        return f"step {step}/{self.max_steps} loss {loss:.4f} ETA {eta:.0f}s"
+        parts = [f"step {step}/{self.max_steps}", f"loss {metrics.get('loss', float('nan')):.4f}"]
+        if "val_loss" in metrics:
+            parts.append(f"val {metrics['val_loss']:.4f}")
+        if "samples_per_s" in metrics:
+            parts.append(f"{metrics['samples_per_s']:.3g} samples/s")
+        parts.append(f"elapsed {now - self.t0:.0f}s ETA {eta:.0f}s")
+        return " | ".join(parts)
+
+
+def ensure_worker_logging(level: int = logging.INFO) -> None:
+    """Send ``cadiff`` log records to stderr in a process where nobody configured logging (a Ray worker):
+    Ray forwards a worker's stderr to the driver, so progress shows in the terminal and in job logs."""
+    root, pkg = logging.getLogger(), logging.getLogger("cadiff")
+    if root.handlers or pkg.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    pkg.addHandler(handler)
+    pkg.setLevel(level)

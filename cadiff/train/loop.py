@@ -32,7 +32,13 @@ from cadiff.models.registry import build_model
 from cadiff.runtime.exports import export_model
 from cadiff.train.checkpoint import CheckpointManager
 from cadiff.train.ema import EMA
-from cadiff.train.logging import MetricsWriter, peak_flops_for, start_wandb
+from cadiff.train.logging import (
+    MetricsWriter,
+    ProgressLine,
+    ensure_worker_logging,
+    peak_flops_for,
+    start_wandb,
+)
 from cadiff.train.stage import DataInfo, Stage, get_stage
 from cadiff.train.step import train_step
 from cadiff.train.strategies import build_strategy
@@ -230,6 +236,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Train one stage; ``config`` is the driver's ``RunPlan.payload``."""
     rank, world, local_rank = _rank_world()
     run = WorkerRun.from_payload(config, rank, world)
+    if run.use_ray:
+        ensure_worker_logging()
     cfg, tcfg, run_dir = run.cfg, run.cfg.trainer, run.run_dir
     threads = tcfg.threads_per_worker or max(1, int(np.ceil(tcfg.cpus_per_worker)))
     torch.set_num_threads(threads)
@@ -266,6 +274,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     wandb_run = start_wandb(cfg.logger, run_dir, run_dir.name, config["cfg"]) if rank == 0 else None
     writer = MetricsWriter(run_dir / "metrics.jsonl", wandb_run) if rank == 0 else None
+    progress = ProgressLine(tcfg.max_steps) if rank == 0 else None
     window = {"loss": 0.0, "n": 0, "samples": 0, "wait": 0.0, "time": 0.0, "grad_norm": 0.0}
     last_metrics: dict[str, Any] = {}
 
@@ -302,6 +311,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             last_metrics = {**last_metrics, **metrics}
             if writer is not None:
                 writer.write(metrics)
+            if progress is not None and "loss" in metrics:
+                log.info("%s", progress.format(metrics))
         ckpt_due = step % tcfg.ckpt_every == 0 or is_last
         if ckpt_due:
             extra = {"step": step, "ema": ema.state_dict(), "rng": rng_state(), "data_position": step * tcfg.grad_accum}
