@@ -106,7 +106,9 @@ class DataConfig:
     corrupt_shards: str = "fail"  # fail | skip
     num_val_clips: int = 8
     prefetch_batches: int = 4  # Ray Data batches each worker keeps ready ahead of its training step
-    prepare_if_missing: bool = True  # run prepare_data with source=sim when data.root has no index.json
+    # simulate data (prepare_data source=sim) into a data.root without index.json; null: only for the default
+    # root outputs/data/sim (the unconfigured demo), so a mistyped path is an error, never a silent simulation
+    prepare_if_missing: Optional[bool] = None
 
 
 @dataclass
@@ -324,6 +326,7 @@ class EncodeLatentsConfig:
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
     clips_per_shard: int = 64
+    overwrite: bool = False  # replace an earlier encode_latents output in `out` (any other non-empty folder is refused)
     ray: RayConfig = field(default_factory=RayConfig)
     verbose: bool = False
 
@@ -335,6 +338,7 @@ class SampleConfig:
     stage2: Optional[str] = None
     data: DataConfig = field(default_factory=DataConfig)
     out: str = "outputs/samples/default"
+    overwrite: bool = False  # replace an earlier sample output in `out` (any other non-empty folder is refused)
     num_samples: int = 4
     batch_size: int = 4
     seed: int = 0

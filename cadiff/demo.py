@@ -31,10 +31,12 @@ def demo_steps(out: Path, ae_steps: int, dit_steps: int, num_samples: int, worke
         ("prepare_data", ["source=sim", f"out={data}"]),
         ("train_ae", ["experiment=ae_tiny", f"data.root={data}", f"run_name={name}", f"out_root={runs}",
                       f"trainer.max_steps={ae_steps}", f"trainer.num_workers={workers}", "strategy=ddp"]),
-        ("encode_latents", [f"stage1={runs}/train_ae/{name}", f"data.root={data}", f"out={latents}"]),
+        ("encode_latents", [f"stage1={runs}/train_ae/{name}", f"data.root={data}", f"out={latents}",
+                            "overwrite=true"]),
         ("train_latent", ["experiment=dit_tiny", f"latents.root={latents}", f"run_name={name}", f"out_root={runs}",
                           f"trainer.max_steps={dit_steps}", f"trainer.num_workers={workers}", "strategy=ddp"]),
-        ("sample", [f"stage2={runs}/train_latent/{name}", f"num_samples={num_samples}", "seed=0", f"out={out / 'samples'}"]),
+        ("sample", [f"stage2={runs}/train_latent/{name}", f"num_samples={num_samples}", "seed=0", f"out={out / 'samples'}",
+                    "overwrite=true"]),
         ("evaluate", [f"gen={out / 'samples'}", f"ref={data}", f"out={out / 'eval'}"]),
     ]
     if run_name is None:

@@ -49,12 +49,13 @@ def scrub_secrets(obj: Any) -> Any:
     return obj
 
 
-def record_run(out_dir: str | Path, cfg: Any, job: str, seed: int | None = None) -> dict[str, Any]:
-    """Write ``config.yaml`` and ``run.json`` (seed, versions, git revision, host, time) into ``out_dir``."""
+def record_run(out_dir: str | Path, cfg: Any, job: str, seed: int | None = None, suffix: str = "") -> dict[str, Any]:
+    """Write ``config<suffix>.yaml`` and ``run<suffix>.json`` (seed, versions, git revision, host, time) into
+    ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plain = scrub_secrets(OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg)
-    write_text_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(plain)))
+    write_text_atomic(out_dir / f"config{suffix}.yaml", OmegaConf.to_yaml(OmegaConf.create(plain)))
     info = {
         "job": job,
         "seed": seed if seed is not None else plain.get("seed"),
@@ -63,5 +64,5 @@ def record_run(out_dir: str | Path, cfg: Any, job: str, seed: int | None = None)
         "host": platform.node(),
         "started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    write_json_atomic(out_dir / "run.json", info)
+    write_json_atomic(out_dir / f"run{suffix}.json", info)
     return info

@@ -19,7 +19,7 @@ import torch
 from cadiff.data.movie import normalize
 from cadiff.data.shards import iter_shard, read_index, write_index, write_shards
 from cadiff.errors import DataError
-from cadiff.io import atomic_dir
+from cadiff.io import atomic_dir, check_output_dir
 from cadiff.runtime.exports import load_exported_model, resolve_job_export
 from cadiff.runtime.ray import init_ray
 
@@ -98,13 +98,14 @@ def encode_latents(cfg: Any) -> tuple[str, str]:
             n = sum(s["num_clips"] for s in old["splits"].values())
             return f"{n} latents {old['latent_shape']} (up to date)", str(out)
 
+    check_output_dir(out, "encode_latents", cfg.overwrite)  # before any work: refuse a folder it may not replace
     init_ray(cfg.ray)
     latent_shape = list(model.latent_shape((1, *clip_shape)))
     splits: dict[str, Any] = {}
     total = np.zeros(latent_shape[0], np.float64)
     total_sq = np.zeros(latent_shape[0], np.float64)
     count = 0
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "encode_latents", cfg.overwrite) as tmp:
         for split, info in index["splits"].items():
             paths = [str(data_root / s["path"]) for s in info["shards"]]
             if not paths:

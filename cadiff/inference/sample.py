@@ -20,7 +20,7 @@ from cadiff.data import pipeline
 from cadiff.data.movie import denormalize
 from cadiff.data.shards import read_index
 from cadiff.errors import CheckpointError, DataError
-from cadiff.io import atomic_dir, atomic_path, write_json_atomic
+from cadiff.io import atomic_dir, atomic_path, check_output_dir, write_json_atomic
 from cadiff.runtime.exports import load_exported_model
 from cadiff.runtime.ray import init_ray
 from cadiff.runtime.video import video_grid, write_video
@@ -143,7 +143,7 @@ def generate(cfg: Any) -> tuple[str, str]:
         "stage2": str(stage2_export),
         **params,
     }
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "sample", cfg.overwrite) as tmp:
         for i, movie in enumerate(movies):
             write_movie(movie, tmp / f"sample_{i:03d}", rate_hz, cfg.fps)
         grid = video_grid(grid_rows(movies))
@@ -189,7 +189,7 @@ def reconstruct(cfg: Any) -> tuple[str, str]:
         # denoised_*.tif: the decoder's signal estimate E[x | z] (no shot noise), same units as recon_*.tif
         "denoised": estimate is not None,
     }
-    with atomic_dir(cfg.out) as tmp:
+    with atomic_dir(cfg.out, "sample", cfg.overwrite) as tmp:
         for i in range(len(clips)):
             write_movie(denormalize(recon[i, 0], calib, norm), tmp / f"recon_{i:03d}", rate_hz, cfg.fps)
             if estimate is not None:
@@ -203,5 +203,6 @@ def reconstruct(cfg: Any) -> tuple[str, str]:
 
 
 def run_sample(cfg: Any) -> tuple[str, str]:
+    check_output_dir(cfg.out, "sample", cfg.overwrite)  # before any work: refuse a folder it may not replace
     return generate(cfg) if cfg.mode == "generate" else reconstruct(cfg)
 

@@ -266,8 +266,27 @@ def case_checkpoint_other_model_config(tmp: Path, env: Env) -> Case:
     shutil.copytree(env.stage1_run, run)
     args = [*TRAIN_SINGLE, f"data.root={env.data_root}", f"out_root={out_root}", f"run_name={run.name}",
             "trainer.max_steps=6", "model.z_channels=8"]
-    return Case("train_ae", args, CheckpointError,
+    return Case("train_ae", args, ConfigError,
                 [re.escape(str(run)), "model.z_channels: run has 4, now 8", "new run_name"], [run])
+
+
+def case_resume_with_another_lr(tmp: Path, env: Env) -> Case:
+    """Resuming a run's checkpoints with trainer.lr=0.5 and another seed: the whole config is compared."""
+    out_root = tmp / "runs"
+    run = out_root / "train_ae" / env.stage1_run.name
+    shutil.copytree(env.stage1_run, run)
+    args = [*TRAIN_SINGLE, f"data.root={env.data_root}", f"out_root={out_root}", f"run_name={run.name}",
+            "trainer.max_steps=6", "trainer.lr=0.5", "seed=3"]
+    return Case("train_ae", args, ConfigError,
+                [re.escape(str(run)), r"trainer\.lr: run has 0\.001, now 0\.5", "seed: run has 0, now 3",
+                 "only trainer.max_steps, trainer.stop_at_step"], [run])
+
+
+def case_missing_data_root(tmp: Path, env: Env) -> Case:
+    """train_ae with a mistyped data.root: an error, never simulated data trained on."""
+    missing = tmp / "dta" / "sim"
+    return Case("train_ae", [*TRAIN_SINGLE, f"data.root={missing}", f"out_root={tmp / 'runs'}", "run_name=r"],
+                DataError, [re.escape(f"data.root '{missing}'"), "no index.json", "prepare_data"], [missing, tmp / "runs"])
 
 
 def _latent_root(tmp: Path, stage1: Path) -> Path:
@@ -311,6 +330,34 @@ def case_sample_missing_stage1(tmp: Path, env: Env) -> Case:
                 [out])
 
 
+def case_sample_out_is_a_foreign_folder(tmp: Path, env: Env) -> Case:
+    """sample out= a folder the user keeps other files in (here: a copy of prepared data with notes)."""
+    out = tmp / "mydata"
+    shutil.copytree(env.data_root, out)
+    (out / "NOTES.txt").write_text("my notes\n")
+    args = ["mode=reconstruct", f"stage1={env.stage1_run}", f"data.root={env.data_root}", "num_samples=1", f"out={out}"]
+    return Case("sample", args, ConfigError,
+                [re.escape(f"out '{out}'"), "non-empty folder that no cadiff sample run wrote", "nothing was changed"],
+                [out])
+
+
+def case_sample_out_is_a_file(tmp: Path, env: Env) -> Case:
+    """sample out= an existing file."""
+    out = tmp / "results.csv"
+    out.write_text("a,b\n1,2\n")
+    args = ["mode=reconstruct", f"stage1={env.stage1_run}", f"data.root={env.data_root}", "num_samples=1", f"out={out}"]
+    return Case("sample", args, ConfigError, [re.escape(f"out '{out}'"), "is a file", "nothing was changed"],
+                [out, tmp / f".{out.name}.old"])
+
+
+def case_encode_out_is_the_data_root(tmp: Path, env: Env) -> Case:
+    """encode_latents out= the clip shards it reads (would replace the clips with latents)."""
+    data = tmp / "data"
+    shutil.copytree(env.data_root, data)
+    return Case("encode_latents", [f"stage1={env.stage1_run}", f"data.root={data}", f"out={data}"], ConfigError,
+                [re.escape(f"out '{data}'"), "no cadiff encode_latents run wrote"], [data])
+
+
 CASES: dict[str, Callable[[Path, Env], Case]] = {
     "truncated_tiff": case_truncated_tiff,
     "tiff_2d_image": case_tiff_2d_image,
@@ -330,8 +377,13 @@ CASES: dict[str, Callable[[Path, Env], Case]] = {
     "negative_lr": case_negative_lr,
     "missing_checkpoint": case_missing_checkpoint,
     "checkpoint_other_model_config": case_checkpoint_other_model_config,
+    "resume_with_another_lr": case_resume_with_another_lr,
+    "missing_data_root": case_missing_data_root,
     "stage2_training_missing_stage1": case_stage2_training_missing_stage1,
     "sample_missing_stage1": case_sample_missing_stage1,
+    "sample_out_is_a_foreign_folder": case_sample_out_is_a_foreign_folder,
+    "sample_out_is_a_file": case_sample_out_is_a_file,
+    "encode_out_is_the_data_root": case_encode_out_is_the_data_root,
 }
 
 

@@ -7,17 +7,20 @@ resumes from the latest checkpoint: Ray Train V2 restores its checkpoint manager
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
 import signal
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cadiff.config import to_dict
-from cadiff.errors import CadiffError, CheckpointError, ConfigError
+from cadiff.errors import CadiffError, ConfigError
+from cadiff.io import folder_lock, read_jsonl, write_json_atomic
 from cadiff.runinfo import record_run
 from cadiff.runtime.ray import init_ray
 from cadiff.train.loop import train_loop_per_worker
@@ -54,19 +57,42 @@ def default_run_name() -> str:
     return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def plan_run(cfg: Any, stage: Stage | str) -> RunPlan:
-    """Resolve run folder and data; check shapes; record the run. Raises before any worker starts."""
+def run_dir_for(cfg: Any, stage: Stage | str) -> Path:
+    """``<out_root>/<job>/<run_name>`` (absolute); names the run ``cfg.run_name`` (a timestamp when unset)."""
     stage = get_stage(stage) if isinstance(stage, str) else stage
     cfg.run_name = cfg.run_name or default_run_name()
-    run_dir = (Path(cfg.out_root) / stage.job / cfg.run_name).resolve()
+    return (Path(cfg.out_root) / stage.job / cfg.run_name).resolve()
+
+
+def resolve_run(cfg: Any, stage: Stage | str) -> RunPlan:
+    """Resolve run folder and data and check shapes, writing nothing (but the default sim data, when asked)."""
+    stage = get_stage(stage) if isinstance(stage, str) else stage
+    run_dir = run_dir_for(cfg, stage)
     data, model_config = stage.resolve(cfg)
     needed = stage.data_cfg(cfg).batch_size * cfg.trainer.num_workers
     if data.num_train_clips < needed:
         raise ConfigError(f"{data.root}: {data.num_train_clips} training clips < batch_size*num_workers = {needed}")
-    plan = RunPlan(stage=stage, cfg=cfg, run_dir=run_dir, data=data, model_config=model_config)
-    check_resume_compatible(run_dir, plan.config_record()["model"])
-    record_run(run_dir, plan.config_record(), stage.job)
-    return plan
+    return RunPlan(stage=stage, cfg=cfg, run_dir=run_dir, data=data, model_config=model_config)
+
+
+@contextlib.contextmanager
+def planned_run(cfg: Any, stage: Stage | str) -> Iterator[RunPlan]:
+    """Resolve the run, then hold its lock (:func:`cadiff.io.folder_lock`) while it is checked against an
+    earlier session, recorded and trained. Raises before any worker starts."""
+    plan = resolve_run(cfg, stage)
+    with folder_lock(plan.run_dir, "training run"):
+        record_plan(plan)
+        yield plan
+
+
+def record_plan(plan: RunPlan) -> None:
+    """Check a resumed run against its earlier sessions, then record this session's config and data."""
+    run_dir, data = plan.run_dir, plan.data
+    session = check_resume_compatible(run_dir, plan.config_record(), data)
+    # a resumed session records its config beside the first one (config.<n>.yaml): none is overwritten
+    suffix = f".{session}" if session else ""
+    record_run(run_dir, plan.config_record(), plan.stage.job, suffix=suffix)
+    write_json_atomic(run_dir / f"data_info{suffix}.json", data.to_dict())
 
 
 def _leaves(tree: Any, prefix: str) -> dict[str, Any]:
@@ -75,26 +101,49 @@ def _leaves(tree: Any, prefix: str) -> dict[str, Any]:
     return {prefix: tree}
 
 
-def check_resume_compatible(run_dir: Path, model_config: dict[str, Any]) -> None:
-    """A run with checkpoints resumes them: its recorded model config must match, else CheckpointError.
+# What a resumed run may change: how long it runs and how it reports, where it runs and where its data lives
+# (the data itself is compared through data_info.json). Anything else changes the training it continues.
+RESUME_MAY_CHANGE = ("run_name", "out_root", "verbose", "trainer.max_steps", "trainer.stop_at_step",
+                     "trainer.log_every", "trainer.val_every", "trainer.ckpt_every", "trainer.media_every",
+                     "trainer.num_to_keep", "trainer.max_failures", "trainer.threads_per_worker", "trainer.peak_flops",
+                     "logger.", "ray.", "data.root", "latents.root", "data.prepare_if_missing", "data.prefetch_batches",
+                     "latents.prefetch_batches", "decode_every")
+# DataInfo keys that may differ for the same data (its location)
+_DATA_LOCATION = ("root", "stage1")
 
-    Checked on the driver, before ``config.yaml`` is rewritten and before any worker starts.
+
+def check_resume_compatible(run_dir: Path, record: dict[str, Any], data: DataInfo) -> int:
+    """A run with checkpoints resumes them only with the config and data it was started with.
+
+    Compares the whole recorded config (``config.yaml``, with the resolved model config) and the recorded data
+    (``data_info.json``, its location aside) with this session's; every difference outside
+    :data:`RESUME_MAY_CHANGE` is listed in one ConfigError. Returns this session's number: 0 for a new run,
+    n >= 1 for the n-th resumed session. Checked on the driver before anything is written.
     """
     recorded = run_dir / "config.yaml"
     if not recorded.is_file() or not any((run_dir / "checkpoints").glob("step_*")):
-        return
+        return 0
     from omegaconf import OmegaConf
 
-    old = _leaves(OmegaConf.to_container(OmegaConf.load(recorded), resolve=True).get("model", {}), "model")
-    new = _leaves(model_config, "model")
-    # keys absent from the record (added to the schema later) or redacted in it are not compared
-    shared = sorted(k for k in old.keys() & new.keys() if old[k] != "<redacted>")
-    diffs = [f"{k}: run has {old[k]!r}, now {new[k]!r}" for k in shared if old[k] != new[k]]
+    old = _leaves(OmegaConf.to_container(OmegaConf.load(recorded), resolve=True), "")
+    new = _leaves(record, "")
+    # keys absent from one side (added to the schema later) or redacted in the record are not compared
+    shared = sorted(k for k in old.keys() & new.keys() if old[k] != "<redacted>"
+                    and not any(k[1:] == p or (p.endswith(".") and k[1:].startswith(p)) for p in RESUME_MAY_CHANGE))
+    diffs = [f"{k[1:]}: run has {old[k]!r}, now {new[k]!r}" for k in shared if old[k] != new[k]]
+    info_path = run_dir / "data_info.json"
+    if info_path.is_file():
+        old_info = {k: v for k, v in json.loads(info_path.read_text()).items() if k not in _DATA_LOCATION}
+        new_info = {k: v for k, v in data.to_dict().items() if k not in _DATA_LOCATION}
+        diffs += [f"data {k}: run has {old_info.get(k)!r}, now {new_info.get(k)!r}"
+                  for k in sorted(old_info.keys() | new_info.keys()) if old_info.get(k) != new_info.get(k)]
     if diffs:
-        raise CheckpointError(
-            f"run '{run_dir}' holds checkpoints of another model config ({'; '.join(diffs[:4])}); resuming needs the "
-            "model config recorded in its config.yaml, or start a new run_name"
+        raise ConfigError(
+            f"run '{run_dir}' holds checkpoints of another config or data; resuming continues the same training, so "
+            f"only {', '.join(p.rstrip('.') for p in RESUME_MAY_CHANGE[3:])} may change. Differences: "
+            f"{'; '.join(diffs)}. Start a new run_name, or restore these values"
         )
+    return 1 + sum(1 for _ in run_dir.glob("config.*.yaml"))
 
 
 def check_cluster_fits(cfg: Any) -> None:
@@ -144,16 +193,16 @@ def build_trainer(plan: RunPlan, callbacks: list | None = None, storage_path: st
 
 
 def run_training(cfg: Any, stage: Stage | str) -> tuple[str, str]:
-    """Plan, run (Ray or in-process for strategy=single) and summarize one training job."""
+    """Plan, run (Ray or in-process for strategy=single) and summarize one training job, holding the run's lock."""
     if cfg.strategy.name == "single":
-        plan = plan_run(cfg, stage)
-        train_loop_per_worker(plan.payload(use_ray=False))
-    else:
-        import ray.train
+        with planned_run(cfg, stage) as plan:
+            train_loop_per_worker(plan.payload(use_ray=False))
+            return summarize(plan.run_dir)
+    import ray.train
 
-        init_ray(cfg.ray)
-        check_cluster_fits(cfg)
-        plan = plan_run(cfg, stage)
+    init_ray(cfg.ray)
+    check_cluster_fits(cfg)
+    with planned_run(cfg, stage) as plan:
         trainer = build_trainer(plan)  # rank 0 logs the progress line (Ray forwards it to this terminal)
         # Ray Train installs its own SIGINT handler for the duration of fit() and leaves it behind; restore
         # ours so a later Ctrl-C (or a forwarded SIGTERM) in this process raises KeyboardInterrupt again.
@@ -165,7 +214,7 @@ def run_training(cfg: Any, stage: Stage | str) -> tuple[str, str]:
         finally:
             if sigint is not None:
                 signal.signal(signal.SIGINT, sigint)
-    return summarize(plan.run_dir)
+        return summarize(plan.run_dir)
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -183,9 +232,8 @@ def summarize(run_dir: Path) -> tuple[str, str]:
     last: dict[str, Any] = {}
     metrics_path = run_dir / "metrics.jsonl"
     if metrics_path.exists():
-        for line in metrics_path.read_text().splitlines():
-            if line.strip():
-                last.update(json.loads(line))
+        for record in read_jsonl(metrics_path):
+            last.update(record)
     parts = [f"step={last.get('step', '?')}"]
     # latent_use: stage-1 val loss with the own latent / with another clip's (1 = the decoder ignores z)
     for key in ("loss", "val_loss", "val_latent_use", "samples_per_s", "mfu"):

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cadiff.io import drop_torn_tail
 from cadiff.runinfo import scrub_secrets
 from cadiff.runtime.video import video_grid, write_video
 
@@ -60,6 +61,8 @@ class MetricsWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.wandb_run = wandb_run
+        if drop_torn_tail(self.path):  # a crash mid-append: later lines start on a line of their own
+            log.warning("%s ended in a torn line (a crash mid-write); it was cut", self.path)
 
     def write(self, record: dict[str, Any]) -> None:
         clean = {k: (float(v) if isinstance(v, (np.floating, torch.Tensor)) else v) for k, v in record.items()}

@@ -17,7 +17,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from cadiff.config import TrainAEConfig, TrainLatentConfig, compose, to_dict, validate_clip_for_model
+from cadiff.config import (
+    DataConfig,
+    TrainAEConfig,
+    TrainLatentConfig,
+    compose,
+    to_dict,
+    validate_clip_for_model,
+)
 from cadiff.data import pipeline
 from cadiff.data.prepare import prepare_data
 from cadiff.data.shards import read_index
@@ -111,9 +118,13 @@ class ClipStage(Stage):
 
     def resolve(self, cfg: Any) -> tuple[DataInfo, dict[str, Any]]:
         root = Path(cfg.data.root)
-        if not (root / "index.json").exists() and cfg.data.prepare_if_missing:
+        auto = cfg.data.prepare_if_missing
+        if auto is None:
+            auto = root.resolve() == Path(DataConfig.root).resolve()
+        if not (root / "index.json").exists() and auto:
             _prepare_default_sim(root)
-        index = _read_index(root, "data.root", "clips", f"run jobs/prepare_data.py out={root} first")
+        index = _read_index(root, "data.root", "clips", f"run jobs/prepare_data.py out={root} first (or set "
+                            "data.prepare_if_missing=true to simulate data there)")
         t, h, w = index["clip_shape"]
         d = cfg.data
         frames, height, width = d.crop_frames or t, d.crop_height or h, d.crop_width or w

@@ -21,7 +21,7 @@ from cadiff.config import compose
 from cadiff.errors import CadiffError, ConfigError
 from cadiff.io import atomic_path, write_text_atomic
 from cadiff.runtime.ray import init_ray
-from cadiff.train.launch import build_trainer, plan_run
+from cadiff.train.launch import build_trainer, planned_run
 from cadiff.train.stage import get_stage
 from cadiff.tune.space import SearchSpace, apply_params, load_space, to_tune
 
@@ -66,8 +66,8 @@ def run_trial(config: dict[str, Any], space: SearchSpace, sweep: dict[str, Any])
     sampled = {k: config[k] for k in space.params}
     trial_name = f"trial_{tune.get_context().get_trial_id()}"
     cfg = trial_config(space, sampled, trial_name, sweep)
-    plan = plan_run(cfg, space.stage)
-    build_trainer(plan, callbacks=[TuneReportCallback()]).fit()
+    with planned_run(cfg, space.stage) as plan:
+        build_trainer(plan, callbacks=[TuneReportCallback()]).fit()
 
 
 def _searcher(cfg: Any):

@@ -148,6 +148,12 @@ def test_exact_resume_single_process(sim_data_root, tmp_path):
     a, b = _export_state(full), _export_state(split)
     worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     assert worst <= 1e-6, f"2N steps != N + resume + N (max abs diff {worst})"
+    # the resumed session recorded its config beside the first one's; none was overwritten
+    recorded = [p.name for p in sorted(Path(split).glob("config*.yaml"))]
+    assert recorded == ["config.1.yaml", "config.yaml"]
+    assert yaml.safe_load((Path(split) / "config.yaml").read_text())["trainer"]["stop_at_step"] == 2
+    assert yaml.safe_load((Path(split) / "config.1.yaml").read_text())["trainer"]["stop_at_step"] is None
+    assert (Path(split) / "data_info.1.json").is_file() and not (Path(split) / ".cadiff.lock").exists()
 
 
 def test_compiled_blocks_in_bf16_train_and_export_plain_weights(sim_data_root, tmp_path):
