@@ -15,10 +15,13 @@ pytest_plugins = ["tests.fixtures_data", "tests.fixtures_pipeline"]
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real local Ray cluster shared by every integration test (4 logical CPUs on a 2-core box)."""
+    """A real local Ray cluster shared by every integration test (4 logical CPUs on a 2-core box), started as
+    the jobs start theirs - with the State API sweeps need - so in-process jobs and sweeps run on it."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from cadiff.config import RayConfig
+    from cadiff.runtime.ray import init_ray
+
+    init_ray(RayConfig(num_cpus=4), state_api=True, log_to_driver=False)
     yield ray
     ray.shutdown()

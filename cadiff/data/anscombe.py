@@ -6,9 +6,11 @@ for Poisson + Gaussian read noise of std ``r`` photons, Starck, Murtagh & Bijaou
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
+from scipy.special import gammaln
 
 
 def _is_torch(x: Any) -> bool:
@@ -44,18 +46,31 @@ def anscombe_moments(levels_photons: np.ndarray, read_noise_photons: float = 0.0
     predicted signal with these moments, so dark pixels get the (smaller) spread they really have. Computed by
     summing the Poisson pmf over counts and Gauss-Hermite quadrature over the read noise: deterministic.
     """
-    from scipy.stats import poisson
-
     levels = np.asarray(levels_photons, dtype=np.float64)
     nodes, weights = np.polynomial.hermite_e.hermegauss(quadrature_points)  # E[g(e)], e ~ N(0, 1)
     weights = weights / weights.sum()
     max_count = int(np.ceil(levels.max() + 12.0 * np.sqrt(levels.max() + 1.0) + 12.0))
     counts = np.arange(max_count + 1, dtype=np.float64)
-    pmf = poisson.pmf(counts[None, :], levels[:, None])  # [L, K]
+    pmf = _poisson_pmf(counts[None, :], levels[:, None])  # [L, K]
     values = anscombe(counts[:, None] + float(read_noise_photons) * nodes[None, :], read_noise_photons)  # [K, Q]
     first = pmf @ (values @ weights)
     second = pmf @ ((values**2) @ weights)
     return first, np.sqrt(np.maximum(second - first**2, 0.0))
+
+
+def _poisson_pmf(k: np.ndarray, lam: np.ndarray) -> np.ndarray:
+    """Poisson pmf ``lam^k e^-lam / k!`` in log space (exact 1 at k = 0 for lam = 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_pmf = k * np.log(lam) - lam - gammaln(k + 1.0)
+    return np.where(lam > 0, np.exp(np.where(lam > 0, log_pmf, 0.0)), (k == 0).astype(np.float64))
+
+
+@functools.lru_cache(maxsize=32)
+def cached_anscombe_moments(levels: tuple[float, ...], read_noise_photons: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`anscombe_moments` of a fixed level grid, computed once per read noise (read-only arrays)."""
+    mean, std = anscombe_moments(np.asarray(levels), read_noise_photons)
+    mean.flags.writeable = std.flags.writeable = False
+    return mean, std
 
 
 _UNBIASED_LEVELS = np.concatenate([[0.0], np.geomspace(1e-3, 1e4, 255)])
@@ -69,7 +84,7 @@ def inverse_anscombe_unbiased(y: Any, read_noise_photons: float = 0.0) -> np.nda
     inversion of the Anscombe transformation in low-count Poisson image denoising"). Inverts
     :func:`anscombe_moments` by interpolation; above 1e4 photons ``lambda = (y/2)^2 - 1/8 - r^2``.
     """
-    mean, _ = anscombe_moments(_UNBIASED_LEVELS, read_noise_photons)
+    mean, _ = cached_anscombe_moments(tuple(_UNBIASED_LEVELS), float(read_noise_photons))
     y = np.asarray(y, dtype=np.float64)
     out = np.interp(y, mean, _UNBIASED_LEVELS, left=0.0)
     high = y > mean[-1]

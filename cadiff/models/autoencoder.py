@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cadiff.data.anscombe import anscombe, anscombe_moments
+from cadiff.data.anscombe import anscombe, cached_anscombe_moments
 from cadiff.diffusion.flow import gaussian_path_std, gaussian_velocity_coeff, path, velocity_target
 from cadiff.diffusion.samplers import Objective
 from cadiff.errors import ModelError
@@ -263,7 +263,7 @@ class PixelNoise(nn.Module):
         self.kind, self.center, self.scale = kind, float(center), float(scale)
         self.read_noise_photons, self.constant_std = float(read_noise_photons), float(constant_std)
         if kind == "anscombe":
-            expected, _ = anscombe_moments(NOISE_TABLE_PHOTONS, self.read_noise_photons)
+            expected, _ = cached_anscombe_moments(tuple(NOISE_TABLE_PHOTONS), self.read_noise_photons)
             r2 = self.read_noise_photons**2
             p = 4.0 * (NOISE_TABLE_PHOTONS + 0.375 + r2)
             q = 4.0 * (NOISE_TABLE_PHOTONS + r2)

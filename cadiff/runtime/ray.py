@@ -8,7 +8,7 @@ import threading
 from typing import Any
 
 
-def init_ray(ray_cfg: Any, state_api: bool = False) -> None:
+def init_ray(ray_cfg: Any, state_api: bool = False, log_to_driver: bool = True) -> None:
     """Connect to ``ray.address`` / ``$RAY_ADDRESS``, else start a local Ray whose dashboard binds to 127.0.0.1.
 
     ``state_api=True`` (sweeps) starts the local dashboard and names it in ``RAY_API_SERVER_ADDRESS`` for every
@@ -40,7 +40,7 @@ def init_ray(ray_cfg: Any, state_api: bool = False) -> None:
         include_dashboard=ray_cfg.include_dashboard or state_api,
         dashboard_host=ray_cfg.dashboard_host,
         dashboard_port=dashboard_port,
-        log_to_driver=True,
+        log_to_driver=log_to_driver,
         runtime_env={"env_vars": env_vars},
     )
     _sigterm_as_sigint()

@@ -10,7 +10,9 @@ finished, i.e. after a better loss is recorded at ASHA's first rung, so it is st
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import os
 import re
 import subprocess
@@ -20,12 +22,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cadiff.cli import run_job
 from cadiff.config import compose
 from cadiff.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 SWEEP = str(REPO / "jobs" / "sweep.py")
-TRAIN_AE = str(REPO / "jobs" / "train_ae.py")
 KL_GRID = [0.0, 30.0, 300.0, 3000.0]
 MAX_STEPS = 3
 
@@ -151,18 +153,27 @@ def test_trial_config_uses_absolute_data_root_and_sweep_resources(tmp_path, monk
 # end to end: a real sweep on a local Ray cluster
 
 
+def _in_process(job: str, args: list[str]) -> subprocess.CompletedProcess:
+    """A job through its entry point in this process (on the suite's Ray cluster): exit code and output."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = run_job(job, args)
+    return subprocess.CompletedProcess([job, *args], code, out.getvalue(), err.getvalue())
+
+
 @pytest.mark.slow
 @pytest.mark.ray
-def test_sweep_asha_table_plot_best_experiment_trains_and_resumes(tmp_path):
+def test_sweep_asha_table_plot_best_experiment_trains_and_resumes(ray_cluster, tmp_path, monkeypatch):
+    """The sweep job on the suite's shared Ray cluster (the job joins a running cluster as it would join
+    ``ray.address``; `jobs/sweep.py` itself, with its own local Ray, is run by test_malformed_space_cli_*)."""
+    monkeypatch.chdir(tmp_path)
     space = _write_space(tmp_path / "kl.yaml", {"model.kl_weight": {"grid": KL_GRID}})
     out_root = tmp_path / "sweeps"
     # no data.root: the default outputs/data/sim (relative to the working folder) is prepared on the fly
-    cmd = [
-        sys.executable, SWEEP, f"space={space}", "stage=ae", "search=grid", "num_samples=1", "name=kl",
-        "max_concurrent_trials=2", "workers_per_trial=1", "cpus_per_worker=0.5", "grace_period=1",
-        "report_every=1", f"trainer.max_steps={MAX_STEPS}", f"out_root={out_root}", "ray.num_cpus=4",
-    ]  # fmt: skip
-    proc = _run(cmd, tmp_path, 900)
+    args = [f"space={space}", "stage=ae", "search=grid", "num_samples=1", "name=kl", "max_concurrent_trials=2",
+            "workers_per_trial=1", "cpus_per_worker=0.5", "grace_period=1", "report_every=1",
+            f"trainer.max_steps={MAX_STEPS}", f"out_root={out_root}"]
+    proc = _in_process("sweep", args)
     final = _final_line(proc, "sweep")
     assert proc.returncode == 0, final
     sweep_dir = out_root / "sweep" / "kl"
@@ -197,9 +208,9 @@ def test_sweep_asha_table_plot_best_experiment_trains_and_resumes(tmp_path):
     # the best experiment trains, found through the search path the sweep printed
     config_path = re.search(r"CADIFF_CONFIG_PATH=(\S+)", final).group(1)
     assert Path(config_path) == out_root / "experiments"
-    train = [sys.executable, TRAIN_AE, "experiment=kl_best", "run_name=best", f"out_root={tmp_path / 'train'}",
-             "trainer.max_steps=1", "strategy=single", "trainer.num_workers=1"]  # fmt: skip
-    trained = _run(train, tmp_path, 300, env={"CADIFF_CONFIG_PATH": config_path})
+    monkeypatch.setenv("CADIFF_CONFIG_PATH", config_path)
+    trained = _in_process("train_ae", ["experiment=kl_best", "run_name=best", f"out_root={tmp_path / 'train'}",
+                                       "trainer.max_steps=1", "strategy=single", "trainer.num_workers=1"])
     line = _final_line(trained, "train_ae")
     assert trained.returncode == 0 and line.startswith("cadiff train_ae: ok step=1"), line
     run_dir = tmp_path / "train" / "train_ae" / "best"
@@ -209,7 +220,7 @@ def test_sweep_asha_table_plot_best_experiment_trains_and_resumes(tmp_path):
 
     # resume=true restores the finished experiment: the same 4 trials, none re-run
     trial_dirs = sorted(p.name for p in (sweep_dir / "trials" / "train_ae").iterdir())
-    resumed = _run([*cmd, "resume=true"], tmp_path, 600)
+    resumed = _in_process("sweep", [*args, "resume=true"])
     again = _final_line(resumed, "sweep")
     assert resumed.returncode == 0 and "4 trials" in again and "'model.kl_weight': 0.0" in again, again
     assert sorted(p.name for p in (sweep_dir / "trials" / "train_ae").iterdir()) == trial_dirs
