@@ -56,17 +56,18 @@ def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 OUTPUT_MARKER = ".cadiff-output.json"  # written into every folder a job builds with atomic_dir
 
 
-def check_output_dir(final: str | os.PathLike, job: str, overwrite: bool = False) -> None:
+def check_output_dir(final: str | os.PathLike, job: str | None, overwrite: bool = False) -> None:
     """Refuse an ``out`` that this job may not replace: a file, or a non-empty folder that is not an earlier
-    output of ``job`` (its marker), or an earlier output without ``overwrite``. Nothing is changed."""
+    output of ``job`` (its marker), or an earlier output without ``overwrite``. Nothing is changed.
+    ``job=None`` (an unmarked folder, such as an extracted download): only a new or empty folder."""
     final = Path(final)
     if final.is_symlink() or (final.exists() and not final.is_dir()):
         raise ConfigError(f"out '{final}' is a file or link; expected a new or empty folder (nothing was changed)")
     if not final.is_dir() or not any(final.iterdir()):
         return
-    owner = _marker_job(final)
+    owner = _marker_job(final) if job is not None else None
     if owner is None:
-        raise ConfigError(f"out '{final}' is a non-empty folder that no cadiff {job} run wrote; choose a new or empty "
+        raise ConfigError(f"out '{final}' is a non-empty folder that no cadiff {job or 'job'} run wrote; choose a new or empty "
                           "folder (nothing was changed)")
     if owner != job:
         raise ConfigError(f"out '{final}' holds the output of cadiff {owner}, not {job}; choose another folder "
@@ -84,7 +85,7 @@ def _marker_job(folder: Path) -> str | None:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike, job: str, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(final: str | os.PathLike, job: str | None, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp folder beside ``final``; on success mark it as ``job``'s output and swap it in.
 
     ``final`` is checked first (:func:`check_output_dir`): only an empty or missing folder, or an earlier output
@@ -97,7 +98,8 @@ def atomic_dir(final: str | os.PathLike, job: str, overwrite: bool = False) -> I
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; outputs get the usual permissions
     try:
         yield tmp
-        (tmp / OUTPUT_MARKER).write_text(json.dumps({"job": job}) + "\n")
+        if job is not None:
+            (tmp / OUTPUT_MARKER).write_text(json.dumps({"job": job}) + "\n")
         check_output_dir(final, job, overwrite)  # again: the folder may have changed while the job ran
         for root, _dirs, files in os.walk(tmp):
             for name in files:

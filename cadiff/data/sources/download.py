@@ -112,7 +112,7 @@ def safe_extract_zip(archive: str | os.PathLike, out_dir: str | os.PathLike) -> 
         bad = zf.testzip() if zf.infolist() else None
         if bad is not None:
             raise DataError(f"{archive}: member {bad!r} fails its CRC check (corrupt archive)")
-        with atomic_dir(out_dir, "download") as tmp:
+        with atomic_dir(out_dir, None) as tmp:  # a cache folder: no marker, never an existing one
             for info in zf.infolist():
                 target = tmp.joinpath(*PurePosixPath(info.filename.replace("\\", "/")).parts)
                 if info.is_dir():
