@@ -9,6 +9,10 @@ import pytest
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Ray Train's controller polls its workers every 2 s and starts a preemption watcher actor per run: on a local
+# test cluster (no preemption) that is ~4 s of waiting per fit; every Ray cluster the suite starts inherits this
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 pytest_plugins = ["tests.fixtures_data", "tests.fixtures_pipeline"]
 
