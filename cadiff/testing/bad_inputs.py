@@ -9,7 +9,6 @@ so the failure is reached without a cluster.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -28,6 +27,7 @@ import numpy as np
 
 from cadiff.errors import CadiffError, CheckpointError, ConfigError, DataError
 from cadiff.jobs import JOBS
+from cadiff.testing import run_job_in_process
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout: jobs/<job>.py are the command lines
 CLIP = ["clip.frames=17", "clip.height=32", "clip.width=32"]
@@ -415,13 +415,8 @@ def run_in_process(case: Case) -> CadiffError:
 
 
 def run_entry_point(case: Case) -> subprocess.CompletedProcess:
-    """The job's entry point (``cadiff.cli.run_job``, what ``jobs/<job>.py`` calls) in this process."""
-    from cadiff.cli import run_job
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = run_job(case.job, list(case.args))
-    return subprocess.CompletedProcess([case.job, *case.args], code, out.getvalue(), err.getvalue())
+    """The case's job through its entry point in this process (:func:`cadiff.testing.run_job_in_process`)."""
+    return run_job_in_process(case.job, list(case.args))
 
 
 def run_cli(case: Case, cwd: Path, verbose: bool = False, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import subprocess
 import sys
@@ -13,11 +11,11 @@ import numpy as np
 import pytest
 import tifffile
 
-from cadiff.cli import run_job as run_entry_point
 from cadiff.data.simulate import simulate_movie
 from cadiff.errors import DataError
 from cadiff.eval.inputs import Calibration, load_set, resolve_calibration, tile_slices
 from cadiff.eval.report import FIGURES, evaluate_folders
+from cadiff.testing import run_job_in_process
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -44,10 +42,7 @@ def run_job(*overrides: str, script: bool = False) -> subprocess.CompletedProces
     if script:
         return subprocess.run([sys.executable, str(REPO / "jobs" / "evaluate.py"), *overrides], cwd=REPO,
                               capture_output=True, text=True, timeout=300)
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = run_entry_point("evaluate", list(overrides))
-    return subprocess.CompletedProcess(["evaluate", *overrides], code, out.getvalue(), err.getvalue())
+    return run_job_in_process("evaluate", list(overrides))
 
 
 def last_line(proc: subprocess.CompletedProcess) -> str:

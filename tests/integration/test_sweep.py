@@ -10,9 +10,7 @@ finished, i.e. after a better loss is recorded at ASHA's first rung, so it is st
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import os
 import re
 import subprocess
@@ -22,9 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cadiff.cli import run_job
 from cadiff.config import compose
 from cadiff.errors import ConfigError
+from cadiff.testing import run_job_in_process
 
 REPO = Path(__file__).resolve().parents[2]
 SWEEP = str(REPO / "jobs" / "sweep.py")
@@ -153,14 +151,6 @@ def test_trial_config_uses_absolute_data_root_and_sweep_resources(tmp_path, monk
 # end to end: a real sweep on a local Ray cluster
 
 
-def _in_process(job: str, args: list[str]) -> subprocess.CompletedProcess:
-    """A job through its entry point in this process (on the suite's Ray cluster): exit code and output."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = run_job(job, args)
-    return subprocess.CompletedProcess([job, *args], code, out.getvalue(), err.getvalue())
-
-
 @pytest.mark.slow
 @pytest.mark.ray
 def test_sweep_asha_table_plot_best_experiment_trains_and_resumes(ray_cluster, tmp_path, monkeypatch):
@@ -173,7 +163,7 @@ def test_sweep_asha_table_plot_best_experiment_trains_and_resumes(ray_cluster, t
     args = [f"space={space}", "stage=ae", "search=grid", "num_samples=1", "name=kl", "max_concurrent_trials=2",
             "workers_per_trial=1", "cpus_per_worker=0.5", "grace_period=1", "report_every=1",
             f"trainer.max_steps={MAX_STEPS}", f"out_root={out_root}"]
-    proc = _in_process("sweep", args)
+    proc = run_job_in_process("sweep", args)
     final = _final_line(proc, "sweep")
     assert proc.returncode == 0, final
     sweep_dir = out_root / "sweep" / "kl"
@@ -209,7 +199,7 @@ def test_sweep_asha_table_plot_best_experiment_trains_and_resumes(ray_cluster, t
     config_path = re.search(r"CADIFF_CONFIG_PATH=(\S+)", final).group(1)
     assert Path(config_path) == out_root / "experiments"
     monkeypatch.setenv("CADIFF_CONFIG_PATH", config_path)
-    trained = _in_process("train_ae", ["experiment=kl_best", "run_name=best", f"out_root={tmp_path / 'train'}",
+    trained = run_job_in_process("train_ae", ["experiment=kl_best", "run_name=best", f"out_root={tmp_path / 'train'}",
                                        "trainer.max_steps=1", "strategy=single", "trainer.num_workers=1"])
     line = _final_line(trained, "train_ae")
     assert trained.returncode == 0 and line.startswith("cadiff train_ae: ok step=1"), line
@@ -220,7 +210,7 @@ def test_sweep_asha_table_plot_best_experiment_trains_and_resumes(ray_cluster, t
 
     # resume=true restores the finished experiment: the same 4 trials, none re-run
     trial_dirs = sorted(p.name for p in (sweep_dir / "trials" / "train_ae").iterdir())
-    resumed = _in_process("sweep", [*args, "resume=true"])
+    resumed = run_job_in_process("sweep", [*args, "resume=true"])
     again = _final_line(resumed, "sweep")
     assert resumed.returncode == 0 and "4 trials" in again and "'model.kl_weight': 0.0" in again, again
     assert sorted(p.name for p in (sweep_dir / "trials" / "train_ae").iterdir()) == trial_dirs
