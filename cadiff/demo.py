@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -55,6 +56,24 @@ def config_tag(steps: list[tuple[str, list[str]]]) -> str:
     return digest.hexdigest()[:8]
 
 
+PROGRESS = re.compile(r"step \d+/\d+ \|.*ETA")  # the training progress line (cadiff.train.logging.ProgressLine)
+
+
+def _run_streaming(cmd: list[str]) -> tuple[int, list[str]]:
+    """Run a job, echoing its progress lines as they come; returns (exit code, all output lines)."""
+    lines: list[str] = []
+    with subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.rstrip("\n")
+            lines.append(line)
+            match = PROGRESS.search(line)
+            if match:
+                print(f"[demo]     {match.group(0)}", flush=True)
+        code = proc.wait()
+    return code, [line for line in lines if line.strip()]
+
+
 def run_demo(out: Path, ae_steps: int, dit_steps: int, num_samples: int, workers: int) -> int:
     """Run every step; stop at the first failure. Returns a process exit code."""
     t_all = time.monotonic()
@@ -62,13 +81,12 @@ def run_demo(out: Path, ae_steps: int, dit_steps: int, num_samples: int, workers
         t0 = time.monotonic()
         cmd = [sys.executable, str(REPO / "jobs" / f"{job}.py"), *overrides]
         print(f"[demo] {job}: {' '.join(cmd[1:])}", flush=True)
-        proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        lines = proc.stdout.strip().splitlines()
+        code, lines = _run_streaming(cmd)
         print(f"[demo]   {lines[-1] if lines else '(no output)'}  ({time.monotonic() - t0:.0f}s)", flush=True)
-        if proc.returncode != 0:
-            print(proc.stdout[-4000:], flush=True)
-            print(f"[demo] {job} failed (exit {proc.returncode})", flush=True)
-            return proc.returncode
+        if code != 0:
+            print("\n".join(lines[-60:]), flush=True)
+            print(f"[demo] {job} failed (exit {code})", flush=True)
+            return code
     samples, report = out / "samples", out / "eval"
     print(f"[demo] done in {time.monotonic() - t_all:.0f}s", flush=True)
     print(f"[demo] samples (TIFF/GIF/MP4): {samples}", flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from cadiff import demo
@@ -22,3 +23,12 @@ def test_run_names_are_stable_and_follow_the_configs(tmp_path: Path):
     assert by_job["encode_latents"][0] == f"stage1={tmp_path / 'runs'}/train_ae/{names['train_ae']}"
     assert by_job["sample"][0] == f"stage2={tmp_path / 'runs'}/train_latent/{names['train_latent']}"
     assert _names(demo.demo_steps(tmp_path, 3, 3, 1, 2, run_name="mine")) == {"train_ae": "mine", "train_latent": "mine"}
+
+
+def test_each_stage_streams_its_progress_lines(capsys):
+    script = ("import sys; print('noise'); print('12:00:01 INFO x: step 5/10 | loss 0.5000 | elapsed 1s ETA 1s', "
+              "file=sys.stderr, flush=True); print('cadiff train_ae: ok step=10 -> out')")
+    code, lines = demo._run_streaming([sys.executable, "-c", script])
+    assert code == 0 and lines[-1] == "cadiff train_ae: ok step=10 -> out"
+    out = capsys.readouterr().out
+    assert "[demo]     step 5/10 | loss 0.5000 | elapsed 1s ETA 1s" in out and "noise" not in out
