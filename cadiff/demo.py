@@ -56,7 +56,7 @@ def config_tag(steps: list[tuple[str, list[str]]]) -> str:
     return digest.hexdigest()[:8]
 
 
-PROGRESS = re.compile(r"step \d+/\d+ \|.*ETA")  # the training progress line (cadiff.train.logging.ProgressLine)
+PROGRESS = re.compile(r"step \d+/\d+ \|.*ETA \S+")  # the training progress line (cadiff.train.logging.ProgressLine)
 
 
 def _run_streaming(cmd: list[str]) -> tuple[int, list[str]]:
