@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 
+from cadiff.io import read_jsonl
 from cadiff.train.checkpoint import CheckpointManager
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout: jobs/<job>.py are the command lines
@@ -32,14 +33,7 @@ SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of regist
 def metric_steps(run_dir: Path) -> list[int]:
     """Steps in metrics.jsonl, in file order (a line being written is skipped)."""
     path = run_dir / "metrics.jsonl"
-    steps = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                steps.append(int(json.loads(line)["step"]))
-            except (ValueError, KeyError):
-                continue
-    return steps
+    return [int(r["step"]) for r in read_jsonl(path) if "step" in r] if path.exists() else []
 
 
 def registered_step(run_dir: Path) -> int:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from cadiff.config import to_dict
 from cadiff.errors import CadiffError, ConfigError
 from cadiff.io import folder_lock, read_jsonl, write_json_atomic
@@ -123,8 +125,6 @@ def check_resume_compatible(run_dir: Path, record: dict[str, Any], data: DataInf
     recorded = run_dir / "config.yaml"
     if not recorded.is_file() or not any((run_dir / "checkpoints").glob("step_*")):
         return 0
-    from omegaconf import OmegaConf
-
     old = _leaves(OmegaConf.to_container(OmegaConf.load(recorded), resolve=True), "")
     new = _leaves(record, "")
     # keys absent from one side (added to the schema later) or redacted in the record are not compared
