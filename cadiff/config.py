@@ -36,8 +36,10 @@ class SourceConfig:
     path: Optional[str] = None  # tiff/hdf5: a file or a folder
     key: str = "data"  # hdf5 dataset key
     ids: list[str] = field(default_factory=list)  # neurofinder dataset ids / allen experiment ids
-    base_url: Optional[str] = None  # override of the public archive URL (tests point it at 127.0.0.1)
-    cache_dir: str = "outputs/downloads"
+    base_url: Optional[str] = None  # mirror of the public archive: https://, or http:// to 127.0.0.1 (tests)
+    cache_dir: str = "outputs/downloads"  # downloads, their extraction and downloads.lock.json (sizes + sha256)
+    zip_max_total_gib: float = 20.0  # refuse a zip archive that expands beyond this (Neurofinder: a few GiB)
+    zip_max_ratio: float = 200.0  # refuse a zip archive that expands beyond this many times its size (TIFF: ~1-3x)
     rate_hz: Optional[float] = None  # override when the file carries no frame rate
     # calibration: estimated from the movie when not given
     gain: Optional[float] = None
@@ -670,6 +672,8 @@ def validate_prepare_data(cfg: Any) -> None:
     if cfg.source.name in ("tiff", "hdf5"):
         _require(bool(cfg.source.path), "source.path", cfg.source.path, f"a file or folder for source={cfg.source.name}")
     _choice("source.preset", cfg.source.preset, ("default", "two_photon"))
+    if cfg.source.name in ("neurofinder", "allen"):
+        _validate_archive_source(cfg.source)
     c = cfg.clip
     for k in ("frames", "height", "width"):
         _require(getattr(c, k) >= 1, f"clip.{k}", getattr(c, k), ">= 1")
@@ -678,6 +682,17 @@ def validate_prepare_data(cfg: Any) -> None:
     _choice("normalization.kind", cfg.normalization.kind, ("photon", "anscombe"))
     if cfg.normalization.scale is not None:
         _require(cfg.normalization.scale > 0, "normalization.scale", cfg.normalization.scale, "> 0")
+
+
+def _validate_archive_source(src: Any) -> None:
+    """Public archives, at load time: the id and URL checks the download itself runs; positive zip-bomb caps."""
+    from cadiff.data.sources import allen, neurofinder
+    from cadiff.data.sources.download import check_base_url
+
+    (neurofinder if src.name == "neurofinder" else allen).check_ids(list(src.ids))
+    check_base_url(src.base_url)
+    _require(src.zip_max_total_gib > 0, "source.zip_max_total_gib", src.zip_max_total_gib, "> 0 (GiB)")
+    _require(src.zip_max_ratio >= 1, "source.zip_max_ratio", src.zip_max_ratio, ">= 1 (uncompressed / compressed)")
 
 
 def _validate_data(d: Any, prefix: str) -> None:

@@ -34,6 +34,7 @@ from cadiff.data.movie import UINT16_MAX, Movie, read_frames
 from cadiff.data.noise import estimate_photon_transfer
 from cadiff.data.shards import INDEX_NAME, read_index, write_index, write_shards
 from cadiff.data.simulate import simulate_movie
+from cadiff.data.sources.download import GIB
 from cadiff.data.sources.hdf5 import HDF5_SUFFIXES, read_hdf5
 from cadiff.data.sources.tiff import read_tiff
 from cadiff.errors import DataError
@@ -98,16 +99,19 @@ def list_recordings(src: Any) -> list[Recording]:
     if name == "neurofinder":
         from cadiff.data.sources import neurofinder
 
-        ids = [neurofinder.normalize_id(i) for i in src.ids]
-        folders = neurofinder.download(ids, src.cache_dir, src.base_url)
+        ids = neurofinder.check_ids(list(src.ids))
+        folders = neurofinder.download(ids, src.cache_dir, src.base_url,
+                                       zip_max_total_bytes=int(src.zip_max_total_gib * GIB),
+                                       zip_max_ratio=src.zip_max_ratio)
         return [Recording(_safe_id(f"neurofinder-{i}"), str(f), (lambda f=f: neurofinder.read_neurofinder(f, src.rate_hz)))
                 for i, f in zip(ids, folders)]
     if name == "allen":
         from cadiff.data.sources import allen
 
-        files = allen.download(list(src.ids), src.cache_dir, src.base_url)
+        ids = allen.check_ids(list(src.ids))
+        files = allen.download(ids, src.cache_dir, src.base_url)
         return [Recording(_safe_id(f"allen-{i}"), str(f), (lambda f=f: allen.read_allen(f, src.key, src.rate_hz)))
-                for i, f in zip(src.ids, files)]
+                for i, f in zip(ids, files)]
     raise DataError(f"source.name {name!r}: expected sim, tiff, hdf5, neurofinder or allen")
 
 

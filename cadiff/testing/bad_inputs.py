@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cadiff.data.sources.download import record_download
 from cadiff.errors import CadiffError, CheckpointError, ConfigError, DataError
 from cadiff.jobs import JOBS
 from cadiff.testing import run_job_in_process
@@ -124,13 +125,16 @@ def case_zip_path_traversal(tmp: Path, env: Env) -> Case:
     """A cached Neurofinder zip with a '../evil.txt' member."""
     cache = tmp / "cache"
     cache.mkdir()
-    archive = cache / "neurofinder.00.00.zip"  # already "downloaded": fetch() skips the network
+    archive = cache / "neurofinder.00.00.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("neurofinder.00.00/info.json", json.dumps({"rate-hz": 7.0}))
         zf.writestr("neurofinder.00.00/images/image00000.tiff", b"")
         zf.writestr("../evil.txt", "escaped")
-    source = ["source=neurofinder", "source.ids=[00.00]", f"source.cache_dir={cache}",
-              "source.base_url=http://127.0.0.1:9"]
+    base_url = "http://127.0.0.1:9"  # nothing listens: the archive must come from the cache
+    # already downloaded: its first download recorded size and sha256, so fetch() verifies it and skips the network
+    record_download(archive, archive.stat().st_size, hashlib.sha256(archive.read_bytes()).hexdigest(),
+                    f"{base_url}/{archive.name}")
+    source = ["source=neurofinder", "source.ids=[00.00]", f"source.cache_dir={cache}", f"source.base_url={base_url}"]
     return _prepare_case(tmp, source, [re.escape(str(archive)), r"unsafe member path '\.\./evil\.txt'", r"absolute or '\.\.'"],
                          extra_guard=[tmp / "evil.txt", cache / "neurofinder.00.00"])
 

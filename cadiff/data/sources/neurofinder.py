@@ -4,7 +4,8 @@ Archive ``neurofinder.<id>.zip`` holds ``neurofinder.<id>/images/image00000.tiff
 ``info.json`` (``"rate-hz"``, indicator, ...) and, for training sets, ``regions/regions.json``: a list of
 ``{"coordinates": [[row, col], ...]}`` that becomes ROI masks. Test sets (ids ending ``.test``) have no regions.
 Public archives: https://s3.amazonaws.com/neuro.datasets/challenges/neurofinder/neurofinder.<id>.zip
-(listed in https://github.com/codeneuro/neurofinder).
+(listed in https://github.com/codeneuro/neurofinder, which publishes no checksums: ``manifest.json`` says so, and
+each archive is pinned by its first download, see :mod:`cadiff.data.sources.download`).
 """
 
 from __future__ import annotations
@@ -17,17 +18,23 @@ from pathlib import Path
 import numpy as np
 
 from cadiff.data.movie import Movie
-from cadiff.data.sources.download import fetch, safe_extract_zip
+from cadiff.data.sources.download import (
+    GIB,
+    check_base_url,
+    check_id_list,
+    fetch,
+    load_manifest,
+    manifest_pin,
+    safe_extract_zip,
+)
 from cadiff.data.sources.tiff import read_tiff
 from cadiff.errors import DataError
+from cadiff.io import folder_lock
 
 log = logging.getLogger(__name__)
 
 BASE_URL = "https://s3.amazonaws.com/neuro.datasets/challenges/neurofinder"
-KNOWN_IDS = ("00.00", "00.01", "00.02", "00.03", "00.04", "00.05", "00.06", "00.07", "00.08", "00.09", "00.10",
-             "00.11", "01.00", "01.01", "02.00", "02.01", "03.00", "04.00", "04.01",
-             "00.00.test", "00.01.test", "01.00.test", "01.01.test", "02.00.test", "02.01.test", "03.00.test",
-             "04.00.test", "04.01.test")
+ID_PATTERN = re.compile(r"\d\d\.\d\d(\.test)?")  # 00.00 (training) or 00.00.test (held-out test set)
 
 
 def normalize_id(dataset_id: object) -> str:
@@ -38,20 +45,37 @@ def normalize_id(dataset_id: object) -> str:
     return text
 
 
+def check_ids(ids: list[object]) -> list[str]:
+    """Normalized ids, each like ``00.00`` or ``00.00.test`` (they become file names and URLs); else ConfigError."""
+    return check_id_list([normalize_id(i) for i in ids], ID_PATTERN, "00.00 or 00.00.test")
+
+
+def archive_name(dataset_id: str) -> str:
+    return f"neurofinder.{dataset_id}.zip"
+
+
 def archive_url(dataset_id: str, base_url: str | None = None) -> str:
-    return f"{(base_url or BASE_URL).rstrip('/')}/neurofinder.{dataset_id}.zip"
+    return f"{(base_url or BASE_URL).rstrip('/')}/{archive_name(dataset_id)}"
 
 
-def download(ids: list[str], cache_dir: str | Path, base_url: str | None = None, progress: bool = True) -> list[Path]:
-    """Download and extract Neurofinder archives into ``cache_dir``; returns one data folder per id."""
+def download(ids: list[object], cache_dir: str | Path, base_url: str | None = None, progress: bool = True,
+             zip_max_total_bytes: int = 20 * GIB, zip_max_ratio: float = 200.0) -> list[Path]:
+    """Download (verified, see :mod:`.download`) and extract Neurofinder archives; one data folder per id."""
+    check_base_url(base_url)
+    ids = check_ids(ids)
     cache_dir = Path(cache_dir)
+    known = load_manifest()["neurofinder"]
     folders = []
-    for dataset_id in ids:
-        dataset_id = normalize_id(dataset_id)
-        if base_url is None and dataset_id not in KNOWN_IDS:
-            log.warning("neurofinder id %r is not a known challenge id %s", dataset_id, KNOWN_IDS)
-        archive = fetch(archive_url(dataset_id, base_url), cache_dir / f"neurofinder.{dataset_id}.zip", progress=progress)
-        folders.append(find_dataset_folder(safe_extract_zip(archive, cache_dir / f"neurofinder.{dataset_id}")))
+    with folder_lock(cache_dir, "source.cache_dir"):
+        for dataset_id in ids:
+            name = archive_name(dataset_id)
+            if base_url is None and name not in known:
+                log.warning("neurofinder id %r is not a known challenge id %s", dataset_id, sorted(known))
+            archive = fetch(archive_url(dataset_id, base_url), cache_dir / name, manifest_pin("neurofinder", name),
+                            progress=progress)
+            folder = safe_extract_zip(archive, cache_dir / f"neurofinder.{dataset_id}", zip_max_total_bytes,
+                                      zip_max_ratio)
+            folders.append(find_dataset_folder(folder))
     return folders
 
 
