@@ -19,22 +19,14 @@ from cadiff.config import DataConfig, from_dict
 from cadiff.data import pipeline
 from cadiff.data.movie import denormalize
 from cadiff.data.shards import read_index
+from cadiff.data.sources.tiff import write_tiff
 from cadiff.errors import CheckpointError, DataError
-from cadiff.io import atomic_dir, atomic_path, check_output_dir, write_json_atomic
+from cadiff.io import atomic_dir, check_output_dir, write_json_atomic
 from cadiff.runtime.exports import load_exported_model
 from cadiff.runtime.ray import init_ray
 from cadiff.runtime.video import video_grid, write_video
 
 log = logging.getLogger(__name__)
-
-
-def write_tiff(movie_u16: np.ndarray, path: Path, rate_hz: float) -> Path:
-    """Multi-page uint16 TIFF with ImageJ metadata (frame interval in seconds), written atomically."""
-    import tifffile
-
-    with atomic_path(path, suffix=".tif") as tmp:
-        tifffile.imwrite(tmp, movie_u16, imagej=True, metadata={"axes": "TYX", "finterval": 1.0 / float(rate_hz), "unit": "px"})
-    return path
 
 
 def write_movie(movie_u16: np.ndarray, stem: Path, rate_hz: float, fps: int) -> list[Path]:
