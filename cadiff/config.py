@@ -30,11 +30,12 @@ CONF_MODULE = "cadiff.conf"
 
 @dataclass
 class SourceConfig:
-    """Where movies come from: the simulator, local TIFF/HDF5 files, or a public archive."""
+    """Where movies come from: the simulator, local TIFF/HDF5/NWB files, or a public archive."""
 
-    name: str = "sim"  # sim | tiff | hdf5 | neurofinder | allen
-    path: Optional[str] = None  # tiff/hdf5: a file or a folder
+    name: str = "sim"  # sim | tiff | hdf5 | nwb | neurofinder | allen
+    path: Optional[str] = None  # tiff/hdf5/nwb: a file or a folder (nwb: also an http(s) URL, e.g. a DANDI asset)
     key: str = "data"  # hdf5 dataset key
+    series: Optional[str] = None  # nwb: the TwoPhotonSeries/OnePhotonSeries to read when the file has several
     ids: list[str] = field(default_factory=list)  # neurofinder dataset ids / allen experiment ids
     base_url: Optional[str] = None  # override of the public archive URL (tests point it at 127.0.0.1)
     cache_dir: str = "outputs/downloads"
@@ -665,9 +666,12 @@ def validate_logger(lg: Any) -> None:
     _choice("logger.mode", lg.mode, ("offline", "online", "disabled"))
 
 
+SOURCE_NAMES = ("sim", "tiff", "hdf5", "nwb", "neurofinder", "allen")
+
+
 def validate_prepare_data(cfg: Any) -> None:
-    _choice("source.name", cfg.source.name, ("sim", "tiff", "hdf5", "neurofinder", "allen"))
-    if cfg.source.name in ("tiff", "hdf5"):
+    _choice("source.name", cfg.source.name, SOURCE_NAMES)
+    if cfg.source.name in ("tiff", "hdf5", "nwb"):
         _require(bool(cfg.source.path), "source.path", cfg.source.path, f"a file or folder for source={cfg.source.name}")
     _choice("source.preset", cfg.source.preset, ("default", "two_photon"))
     c = cfg.clip

@@ -14,7 +14,7 @@ JobMain = Callable[[Any, list[str]], tuple[str, str]]  # (config, command-line o
 
 
 def prepare_data(cfg: Any, overrides: list[str]) -> tuple[str, str]:
-    """Movies (simulator, TIFF, HDF5, Neurofinder, Allen) -> calibrated, normalized clip shards + index.json."""
+    """Movies (simulator, TIFF, HDF5, NWB, Neurofinder, Allen) -> calibrated, normalized clip shards + index.json."""
     from cadiff.data.prepare import prepare_data as prepare
 
     summary = prepare(cfg)
