@@ -349,6 +349,8 @@ class SampleConfig:
     decoder_sampler: Optional[str] = None
     decoder_steps: Optional[int] = None
     num_ray_tasks: int = 0  # > 0: fan sampling out over this many Ray tasks
+    # movie files: tiff (ImageJ TIFF) | nwb (NWB TwoPhotonSeries with the provenance) | both; GIF/MP4 previews always
+    out_format: str = "tiff"
     fps: int = 10
     ray: RayConfig = field(default_factory=RayConfig)
     verbose: bool = False
@@ -747,6 +749,7 @@ def validate_sample(cfg: Any) -> None:
     else:
         _require(bool(cfg.stage1), "stage1", cfg.stage1, "a train_ae run folder or export for mode=reconstruct")
     _require(cfg.num_samples >= 1, "num_samples", cfg.num_samples, "a positive sample count")
+    _choice("out_format", cfg.out_format, ("tiff", "nwb", "both"))
     _require(cfg.batch_size >= 1, "batch_size", cfg.batch_size, ">= 1")
     _require(cfg.latent_steps >= 1, "latent_steps", cfg.latent_steps, ">= 1 (NFE > 0)")
     _require(cfg.decoder_steps is None or cfg.decoder_steps >= 1, "decoder_steps", cfg.decoder_steps,

@@ -44,7 +44,7 @@ def encode_latents(cfg: Any, overrides: list[str]) -> tuple[str, str]:
 
 
 def sample(cfg: Any, overrides: list[str]) -> tuple[str, str]:
-    """Generate movies (stage 2 + stage-1 decoder) or reconstruct clips (mode=reconstruct): TIFF + GIF/MP4."""
+    """Generate movies (stage 2 + stage-1 decoder) or reconstruct clips (mode=reconstruct): TIFF and/or NWB + GIF/MP4."""
     from cadiff.inference.sample import run_sample
 
     return run_sample(cfg)

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import datetime
 import http.server
+import json
 import threading
 from pathlib import Path
 
 import numpy as np
 import pynwb
 import pytest
+import tifffile
 from pynwb.ophys import ImageSegmentation, OnePhotonSeries, OpticalChannel, TwoPhotonSeries
 
 from cadiff.config import compose
@@ -20,7 +22,7 @@ from cadiff.data.simulate import simulate_movie
 from cadiff.data.sources import open_movie
 from cadiff.data.sources.nwb import NWBMovie, location_name, read_nwb, write_nwb
 from cadiff.data.sources.tiff import write_tiff
-from cadiff.errors import DataError
+from cadiff.errors import ConfigError, DataError
 from cadiff.testing import run_job_in_process
 
 # [T, H, W] with H != W, so a reader that forgets NWB's [t, x, y] order fails on shape and on values
@@ -228,3 +230,31 @@ def test_remote_nwb_url_streams_through_http_range_requests(server):
     np.testing.assert_array_equal(recording.open().frames(0, 2), MOVIE[:2])
     with pytest.raises(DataError, match=r"127\.0\.0\.1.*/missing\.nwb: not a readable NWB file \(.*404"):
         read_nwb(f"{url}/missing.nwb")
+
+
+def test_sample_out_format_is_validated():
+    with pytest.raises(ConfigError, match=r"config key 'out_format' = 'hdf5': expected one of \['tiff', 'nwb', 'both'\]"):
+        compose("sample", ["stage2=outputs/train_latent/x", "out_format=hdf5"])
+
+
+def test_sample_out_format_both_writes_valid_nwb_with_provenance(stage1_run, sim_data_root, tmp_path):
+    from cadiff.inference.sample import run_sample
+
+    out = tmp_path / "recon"
+    summary, _ = run_sample(compose("sample", ["mode=reconstruct", f"stage1={stage1_run}", f"data.root={sim_data_root}",
+                                               f"out={out}", "num_samples=1", "decoder_steps=1", "seed=5",
+                                               "out_format=both"]))
+    record = json.loads((out / "samples.json").read_text())
+    assert record["out_format"] == "both" and record["seed"] == 5
+    _valid(out / "recon_000.nwb")
+    movie = read_nwb(out / "recon_000.nwb")
+    np.testing.assert_array_equal(movie.frames(0, movie.num_frames), tifffile.imread(out / "recon_000.tif"))
+    assert movie.gain == pytest.approx(record["calibration"]["gain"])
+    assert movie.rate_hz == pytest.approx(record["calibration"]["rate_hz"])
+    with pynwb.NWBHDF5IO(str(out / "reference" / "clip_000.nwb"), "r") as io:
+        description = io.read().acquisition["TwoPhotonSeries"].description
+    head, _, provenance = description.partition("; provenance (JSON): ")
+    provenance = json.loads(provenance)
+    assert head == "reference clip 0 of the prepared data (data.root)"
+    assert provenance["cadiff_version"] and provenance["stage1"] == record["stage1"] and provenance["seed"] == 5
+    assert (provenance["decoder_sampler"], provenance["decoder_steps"]) == (record["decoder_sampler"], 1)
