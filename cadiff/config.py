@@ -373,6 +373,21 @@ class EvaluateConfig:
     verbose: bool = False
 
 
+EXPORT_FORMATS = ("tiff", "nwb", "suite2p")
+
+
+@dataclass
+class ExportConfig:
+    """Simulated movies with their ground truth in the formats analysis tools read (cadiff/data/export.py)."""
+
+    source: SourceConfig = field(default_factory=SourceConfig)  # a simulator source: sim (any preset)
+    out: str = "outputs/export/sim"
+    # tiff: ImageJ TIFF + ground-truth .npz | nwb: NWB with ROIs and traces | suite2p: one folder per movie
+    formats: list[str] = field(default_factory=lambda: list(EXPORT_FORMATS))
+    overwrite: bool = False  # replace an earlier export output in `out` (any other non-empty folder is refused)
+    verbose: bool = False
+
+
 @dataclass
 class SweepConfig:
     space: str = "noise_schedule"  # search_spaces/<space>.yaml
@@ -407,6 +422,7 @@ JOB_SCHEMAS: dict[str, type] = {
     "sample": SampleConfig,
     "evaluate": EvaluateConfig,
     "sweep": SweepConfig,
+    "export": ExportConfig,
 }
 
 # ---------------------------------------------------------------------------------------------------------
@@ -784,6 +800,18 @@ def validate_evaluate(cfg: Any) -> None:
     _require(bool(cfg.gen) and bool(cfg.ref) and bool(cfg.out), "gen/ref/out", (cfg.gen, cfg.ref, cfg.out), "three paths")
 
 
+def validate_export(cfg: Any) -> None:
+    _require(cfg.source.name == "sim", "source.name", cfg.source.name,
+             "sim: export writes simulated movies with their ground truth (real recordings have none)")
+    _choice("source.preset", cfg.source.preset, ("default", "two_photon"))
+    _require(cfg.source.num_movies >= 1, "source.num_movies", cfg.source.num_movies, ">= 1")
+    _require(min(cfg.source.frames, cfg.source.height, cfg.source.width) >= 1, "source.frames/height/width",
+             (cfg.source.frames, cfg.source.height, cfg.source.width), ">= 1")
+    formats = list(cfg.formats)
+    _require(bool(formats) and len(set(formats)) == len(formats) and set(formats) <= set(EXPORT_FORMATS), "formats",
+             formats, f"a non-empty list of distinct formats from {list(EXPORT_FORMATS)}")
+
+
 VALIDATORS = {
     "evaluate": validate_evaluate,
     "prepare_data": validate_prepare_data,
@@ -792,6 +820,7 @@ VALIDATORS = {
     "sample": validate_sample,
     "encode_latents": validate_encode_latents,
     "sweep": validate_sweep,
+    "export": validate_export,
 }
 
 

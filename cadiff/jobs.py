@@ -70,6 +70,17 @@ def sweep(cfg: Any, overrides: list[str]) -> tuple[str, str]:
     return run_sweep(cfg, overrides)
 
 
+def export(cfg: Any, overrides: list[str]) -> tuple[str, str]:
+    """Simulated movies with their ground truth (footprints, spikes, clean traces, calibration) as ImageJ TIFF + NPZ,
+    NWB and a suite2p layout.
+
+    python jobs/export.py source=sim out=outputs/export/sim
+    """
+    from cadiff.data.export import export_simulated
+
+    return export_simulated(cfg)
+
+
 JOBS: dict[str, JobMain] = {
     "prepare_data": prepare_data,
     "train_ae": train_ae,
@@ -78,4 +89,5 @@ JOBS: dict[str, JobMain] = {
     "sample": sample,
     "evaluate": evaluate,
     "sweep": sweep,
+    "export": export,
 }
