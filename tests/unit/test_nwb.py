@@ -89,6 +89,24 @@ def _not_nwb(tmp_path: Path) -> Path:
     return tmp_path / "plain.nwb"
 
 
+def _pixel_outside(tmp_path: Path) -> Path:
+    nwbfile = _nwbfile(raw=(TwoPhotonSeries, MOVIE, 10.0))
+    segmentation = ImageSegmentation(name="ImageSegmentation")
+    nwbfile.create_processing_module(name="ophys", description="rois").add(segmentation)
+    plane = segmentation.create_plane_segmentation(name="cells", description="d",
+                                                   imaging_plane=nwbfile.imaging_planes["plane"])
+    plane.add_roi(pixel_mask=[(10, 0, 1.0)])  # x = 10 in a 10-pixel-wide frame
+    return _save(nwbfile, tmp_path / "px.nwb")
+
+
+def _external(tmp_path: Path) -> Path:
+    nwbfile = _nwbfile()
+    nwbfile.add_acquisition(TwoPhotonSeries(name="raw", external_file=["movie.tif"], starting_frame=[0],
+                                            format="external", imaging_plane=nwbfile.imaging_planes["plane"],
+                                            rate=10.0, num_samples=9, unit="n.a."))
+    return _save(nwbfile, tmp_path / "ext.nwb")
+
+
 BACKWARDS = np.where(np.arange(9) == 5, 0.3, np.arange(9) / 10.0)  # frame 5 at 0.3 s, after frame 4 at 0.4 s
 BAD_INPUTS = {  # name -> (writes the file, source.series, message regex)
     "missing": (lambda tmp: tmp / "missing.nwb", None, r"missing.nwb: no such NWB file"),
@@ -98,6 +116,9 @@ BAD_INPUTS = {  # name -> (writes the file, source.series, message regex)
     "unknown": (_several, "dff", r"two.nwb: source.series='dff' is not in the file; expected one of \['mc', 'raw'\]"),
     "backwards_time": (lambda tmp: _save(_nwbfile(raw=(TwoPhotonSeries, MOVIE, BACKWARDS)), tmp / "t.nwb"), None,
                        r"t.nwb:raw: timestamps do not increase at frame 5"),
+    "pixel_outside": (_pixel_outside, None, r"px.nwb:raw: PlaneSegmentation 'cells': pixel_mask has pixels outside "
+                                            r"the 10x12 frame"),
+    "external": (_external, None, r"ext.nwb:raw: frames are in external files \['movie.tif'\]; read those with source=tiff"),
     "volume": (lambda tmp: _save(_nwbfile(raw=(TwoPhotonSeries, np.zeros((4, 12, 10, 3), np.uint16), 10.0)),
                                  tmp / "vol.nwb"), None, r"vol.nwb:raw: data of shape \(4, 10, 12, 3\); expected a single-plane"),
 }
