@@ -30,11 +30,12 @@ CONF_MODULE = "cadiff.conf"
 
 @dataclass
 class SourceConfig:
-    """Where movies come from: the simulator, local TIFF/HDF5 files, or a public archive."""
+    """Where movies come from: the simulator, local TIFF/HDF5/NWB files, or a public archive."""
 
-    name: str = "sim"  # sim | tiff | hdf5 | neurofinder | allen
-    path: Optional[str] = None  # tiff/hdf5: a file or a folder
+    name: str = "sim"  # sim | tiff | hdf5 | nwb | neurofinder | allen
+    path: Optional[str] = None  # tiff/hdf5/nwb: a file or a folder (nwb: also an http(s) URL, e.g. a DANDI asset)
     key: str = "data"  # hdf5 dataset key
+    series: Optional[str] = None  # nwb: the TwoPhotonSeries/OnePhotonSeries to read when the file has several
     ids: list[str] = field(default_factory=list)  # neurofinder dataset ids / allen experiment ids
     base_url: Optional[str] = None  # mirror of the public archive: https://, or http:// to 127.0.0.1 (tests)
     cache_dir: str = "outputs/downloads"  # downloads, their extraction and downloads.lock.json (sizes + sha256)
@@ -350,6 +351,8 @@ class SampleConfig:
     decoder_sampler: Optional[str] = None
     decoder_steps: Optional[int] = None
     num_ray_tasks: int = 0  # > 0: fan sampling out over this many Ray tasks
+    # movie files: tiff (ImageJ TIFF) | nwb (NWB TwoPhotonSeries with the provenance) | both; GIF/MP4 previews always
+    out_format: str = "tiff"
     fps: int = 10
     ray: RayConfig = field(default_factory=RayConfig)
     verbose: bool = False
@@ -369,6 +372,21 @@ class EvaluateConfig:
     clip_width: Optional[int] = None
     hdf5_key: str = "data"  # dataset key of HDF5 movies
     seed: int = 0
+    verbose: bool = False
+
+
+EXPORT_FORMATS = ("tiff", "nwb", "suite2p")
+
+
+@dataclass
+class ExportConfig:
+    """Simulated movies with their ground truth in the formats analysis tools read (cadiff/data/export.py)."""
+
+    source: SourceConfig = field(default_factory=SourceConfig)  # a simulator source: sim (any preset)
+    out: str = "outputs/export/sim"
+    # tiff: ImageJ TIFF + ground-truth .npz | nwb: NWB with ROIs and traces | suite2p: one folder per movie
+    formats: list[str] = field(default_factory=lambda: list(EXPORT_FORMATS))
+    overwrite: bool = False  # replace an earlier export output in `out` (any other non-empty folder is refused)
     verbose: bool = False
 
 
@@ -406,6 +424,7 @@ JOB_SCHEMAS: dict[str, type] = {
     "sample": SampleConfig,
     "evaluate": EvaluateConfig,
     "sweep": SweepConfig,
+    "export": ExportConfig,
 }
 
 # ---------------------------------------------------------------------------------------------------------
@@ -667,9 +686,12 @@ def validate_logger(lg: Any) -> None:
     _choice("logger.mode", lg.mode, ("offline", "online", "disabled"))
 
 
+SOURCE_NAMES = ("sim", "tiff", "hdf5", "nwb", "neurofinder", "allen")
+
+
 def validate_prepare_data(cfg: Any) -> None:
-    _choice("source.name", cfg.source.name, ("sim", "tiff", "hdf5", "neurofinder", "allen"))
-    if cfg.source.name in ("tiff", "hdf5"):
+    _choice("source.name", cfg.source.name, SOURCE_NAMES)
+    if cfg.source.name in ("tiff", "hdf5", "nwb"):
         _require(bool(cfg.source.path), "source.path", cfg.source.path, f"a file or folder for source={cfg.source.name}")
     _choice("source.preset", cfg.source.preset, ("default", "two_photon"))
     if cfg.source.name in ("neurofinder", "allen"):
@@ -758,6 +780,7 @@ def validate_sample(cfg: Any) -> None:
     else:
         _require(bool(cfg.stage1), "stage1", cfg.stage1, "a train_ae run folder or export for mode=reconstruct")
     _require(cfg.num_samples >= 1, "num_samples", cfg.num_samples, "a positive sample count")
+    _choice("out_format", cfg.out_format, ("tiff", "nwb", "both"))
     _require(cfg.batch_size >= 1, "batch_size", cfg.batch_size, ">= 1")
     _require(cfg.latent_steps >= 1, "latent_steps", cfg.latent_steps, ">= 1 (NFE > 0)")
     _require(cfg.decoder_steps is None or cfg.decoder_steps >= 1, "decoder_steps", cfg.decoder_steps,
@@ -792,6 +815,18 @@ def validate_evaluate(cfg: Any) -> None:
     _require(bool(cfg.gen) and bool(cfg.ref) and bool(cfg.out), "gen/ref/out", (cfg.gen, cfg.ref, cfg.out), "three paths")
 
 
+def validate_export(cfg: Any) -> None:
+    _require(cfg.source.name == "sim", "source.name", cfg.source.name,
+             "sim: export writes simulated movies with their ground truth (real recordings have none)")
+    _choice("source.preset", cfg.source.preset, ("default", "two_photon"))
+    _require(cfg.source.num_movies >= 1, "source.num_movies", cfg.source.num_movies, ">= 1")
+    _require(min(cfg.source.frames, cfg.source.height, cfg.source.width) >= 1, "source.frames/height/width",
+             (cfg.source.frames, cfg.source.height, cfg.source.width), ">= 1")
+    formats = list(cfg.formats)
+    _require(bool(formats) and len(set(formats)) == len(formats) and set(formats) <= set(EXPORT_FORMATS), "formats",
+             formats, f"a non-empty list of distinct formats from {list(EXPORT_FORMATS)}")
+
+
 VALIDATORS = {
     "evaluate": validate_evaluate,
     "prepare_data": validate_prepare_data,
@@ -800,6 +835,7 @@ VALIDATORS = {
     "sample": validate_sample,
     "encode_latents": validate_encode_latents,
     "sweep": validate_sweep,
+    "export": validate_export,
 }
 
 

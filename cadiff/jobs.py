@@ -14,7 +14,7 @@ JobMain = Callable[[Any, list[str]], tuple[str, str]]  # (config, command-line o
 
 
 def prepare_data(cfg: Any, overrides: list[str]) -> tuple[str, str]:
-    """Movies (simulator, TIFF, HDF5, Neurofinder, Allen) -> calibrated, normalized clip shards + index.json."""
+    """Movies (simulator, TIFF, HDF5, NWB, Neurofinder, Allen) -> calibrated, normalized clip shards + index.json."""
     from cadiff.data.prepare import prepare_data as prepare
 
     summary = prepare(cfg)
@@ -44,7 +44,7 @@ def encode_latents(cfg: Any, overrides: list[str]) -> tuple[str, str]:
 
 
 def sample(cfg: Any, overrides: list[str]) -> tuple[str, str]:
-    """Generate movies (stage 2 + stage-1 decoder) or reconstruct clips (mode=reconstruct): TIFF + GIF/MP4."""
+    """Generate movies (stage 2 + stage-1 decoder) or reconstruct clips (mode=reconstruct): TIFF and/or NWB + GIF/MP4."""
     from cadiff.inference.sample import run_sample
 
     return run_sample(cfg)
@@ -70,6 +70,17 @@ def sweep(cfg: Any, overrides: list[str]) -> tuple[str, str]:
     return run_sweep(cfg, overrides)
 
 
+def export(cfg: Any, overrides: list[str]) -> tuple[str, str]:
+    """Simulated movies with their ground truth (footprints, spikes, clean traces, calibration) as ImageJ TIFF + NPZ,
+    NWB and a suite2p layout.
+
+    python jobs/export.py source=sim out=outputs/export/sim
+    """
+    from cadiff.data.export import export_simulated
+
+    return export_simulated(cfg)
+
+
 JOBS: dict[str, JobMain] = {
     "prepare_data": prepare_data,
     "train_ae": train_ae,
@@ -78,4 +89,5 @@ JOBS: dict[str, JobMain] = {
     "sample": sample,
     "evaluate": evaluate,
     "sweep": sweep,
+    "export": export,
 }

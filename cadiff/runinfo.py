@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from cadiff.io import write_json_atomic, write_text_atomic
 
-PACKAGES = ("torch", "ray", "deepspeed", "numpy", "webdataset", "hydra-core", "omegaconf", "tifffile", "h5py")
+PACKAGES = ("torch", "ray", "deepspeed", "numpy", "webdataset", "hydra-core", "omegaconf", "tifffile", "h5py", "pynwb")
 SECRET_MARKERS = ("api_key", "apikey", "token", "password", "secret")
 
 

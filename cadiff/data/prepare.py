@@ -73,6 +73,17 @@ def _expand(path_text: str, what: str) -> list[Path]:
     return [path]
 
 
+def _files(path_text: str, suffixes: tuple[str, ...], what: str) -> list[Path]:
+    """Files named by ``source.path``: a file, a glob, or the files with ``suffixes`` in a folder."""
+    paths = []
+    for p in _expand(path_text, f"{what} file or folder"):
+        found = sorted(q for q in p.iterdir() if q.suffix.lower() in suffixes) if p.is_dir() else [p]
+        if not found:
+            raise DataError(f"{p}: no {'/'.join(suffixes)} files in the folder")
+        paths += found
+    return paths
+
+
 def list_recordings(src: Any) -> list[Recording]:
     """Recordings named by the ``source`` config (files are opened lazily, archives are downloaded here)."""
     name = src.name
@@ -88,14 +99,15 @@ def list_recordings(src: Any) -> list[Recording]:
         paths = _expand(src.path, "TIFF file or folder")
         return [Recording(_safe_id(p.stem), str(p), (lambda p=p: read_tiff(p, rate_hz=src.rate_hz))) for p in paths]
     if name == "hdf5":
-        paths = []
-        for p in _expand(src.path, "HDF5 file or folder"):
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in HDF5_SUFFIXES) if p.is_dir() else [p]
-            if not found:
-                raise DataError(f"{p}: no .h5/.hdf5 files in the folder")
-            paths += found
+        paths = _files(src.path, HDF5_SUFFIXES, "HDF5")
         return [Recording(_safe_id(p.stem), f"{p}:{src.key}", (lambda p=p: read_hdf5(p, src.key, rate_hz=src.rate_hz)))
                 for p in paths]
+    if name == "nwb":
+        from cadiff.data.sources import nwb
+
+        where = [src.path] if nwb.is_url(src.path) else _files(src.path, nwb.NWB_SUFFIXES, "NWB")
+        return [Recording(_safe_id(nwb.location_name(p)), str(p),
+                          (lambda p=p: nwb.read_nwb(p, series=src.series, rate_hz=src.rate_hz))) for p in where]
     if name == "neurofinder":
         from cadiff.data.sources import neurofinder
 
@@ -112,7 +124,7 @@ def list_recordings(src: Any) -> list[Recording]:
         files = allen.download(ids, src.cache_dir, src.base_url)
         return [Recording(_safe_id(f"allen-{i}"), str(f), (lambda f=f: allen.read_allen(f, src.key, src.rate_hz)))
                 for i, f in zip(ids, files)]
-    raise DataError(f"source.name {name!r}: expected sim, tiff, hdf5, neurofinder or allen")
+    raise DataError(f"source.name {name!r}: expected sim, tiff, hdf5, nwb, neurofinder or allen")
 
 
 # ---------------------------------------------------------------------------------------------------------

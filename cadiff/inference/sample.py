@@ -1,12 +1,16 @@
-"""Sampling: DiT latents -> stage-1 decoder -> uint16 movies in the source's units (TIFF + GIF + MP4).
+"""Sampling: DiT latents -> stage-1 decoder -> uint16 movies in the source's units (TIFF and/or NWB, GIF + MP4).
+
+``out_format`` picks the movie files: ImageJ TIFF, NWB (a TwoPhotonSeries whose description holds the provenance:
+cadiff version, stage-1/stage-2 exports, seed, samplers; calibration as NWB conversion/offset) or both.
 
 Batches are fixed slices ``[i, i + batch_size)`` of the sample indices, each drawn with a generator seeded by
 ``(seed, i)``: the same seed and batch size give bit-identical files whether the batches run here or fan out
-over Ray tasks.
+over Ray tasks (NWB files: identical frames; each file has its own identifier and creation time, as NWB requires).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,12 +19,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cadiff import __version__
 from cadiff.config import DataConfig, from_dict
 from cadiff.data import pipeline
 from cadiff.data.movie import denormalize
 from cadiff.data.shards import read_index
+from cadiff.data.sources.tiff import write_tiff
 from cadiff.errors import CheckpointError, DataError
-from cadiff.io import atomic_dir, atomic_path, check_output_dir, write_json_atomic
+from cadiff.io import atomic_dir, check_output_dir, write_json_atomic
 from cadiff.runtime.exports import load_exported_model
 from cadiff.runtime.ray import init_ray
 from cadiff.runtime.video import video_grid, write_video
@@ -28,23 +34,36 @@ from cadiff.runtime.video import video_grid, write_video
 log = logging.getLogger(__name__)
 
 
-def write_tiff(movie_u16: np.ndarray, path: Path, rate_hz: float) -> Path:
-    """Multi-page uint16 TIFF with ImageJ metadata (frame interval in seconds), written atomically."""
-    import tifffile
-
-    with atomic_path(path, suffix=".tif") as tmp:
-        tifffile.imwrite(tmp, movie_u16, imagej=True, metadata={"axes": "TYX", "finterval": 1.0 / float(rate_hz), "unit": "px"})
-    return path
+MOVIE_SUFFIXES = {"tiff": (".tif",), "nwb": (".nwb",), "both": (".tif", ".nwb")}  # out_format -> movie files
 
 
-def write_movie(movie_u16: np.ndarray, stem: Path, rate_hz: float, fps: int) -> list[Path]:
-    """``stem.tif`` in source units plus ``stem.gif`` / ``stem.mp4`` previews (percentile-scaled)."""
+def write_nwb_movie(movie_u16: np.ndarray, path: Path, rate_hz: float, provenance: dict[str, Any]) -> Path:
+    """``path`` as NWB: the movie in source units, its calibration, and ``provenance`` (JSON) as the description."""
+    from cadiff.data.sources.nwb import NWBMovie, write_nwb
+
+    calib = provenance.get("calibration") or {}
+    record = json.dumps({"cadiff_version": __version__, **provenance}, sort_keys=True, default=str)
+    movie = NWBMovie(frames=movie_u16, rate_hz=rate_hz, description=f"{provenance.get('movie', path.stem)}; "
+                     f"provenance (JSON): {record}", origin="none: frames written by cadiff jobs/sample.py",
+                     gain=calib.get("gain"), offset=calib.get("offset"))
+    return write_nwb(path, movie, f"cadiff {__version__} jobs/sample.py mode={provenance.get('mode')}")
+
+
+def write_movie(movie_u16: np.ndarray, stem: Path, rate_hz: float, fps: int, out_format: str = "tiff",
+                provenance: dict[str, Any] | None = None) -> list[Path]:
+    """``stem.tif`` and/or ``stem.nwb`` (``out_format``) in source units plus ``stem.gif`` / ``stem.mp4`` previews
+    (percentile-scaled); ``provenance`` (what the movie is, how it was made) goes into the NWB file."""
     preview = video_grid([[movie_u16.astype(np.float32)]], pad=0)
-    return [
-        write_tiff(movie_u16, stem.with_suffix(".tif"), rate_hz),
-        write_video(preview, stem.with_suffix(".gif"), fps),
-        write_video(preview, stem.with_suffix(".mp4"), fps),
-    ]
+    paths = []
+    if ".tif" in MOVIE_SUFFIXES[out_format]:
+        paths.append(write_tiff(movie_u16, stem.with_suffix(".tif"), rate_hz))
+    if ".nwb" in MOVIE_SUFFIXES[out_format]:
+        paths.append(write_nwb_movie(movie_u16, stem.with_suffix(".nwb"), rate_hz, provenance or {}))
+    return paths + [write_video(preview, stem.with_suffix(".gif"), fps), write_video(preview, stem.with_suffix(".mp4"), fps)]
+
+
+def _files_note(out_format: str) -> str:
+    return " ".join([*MOVIE_SUFFIXES[out_format], ".gif", ".mp4"])
 
 
 def grid_rows(movies: list[np.ndarray], per_row: int = 4) -> list[list[np.ndarray]]:
@@ -141,17 +160,19 @@ def generate(cfg: Any) -> tuple[str, str]:
                         "read_noise": calib.get("read_noise"), "rate_hz": rate_hz},
         "stage1": str(stage1_export),
         "stage2": str(stage2_export),
+        "out_format": cfg.out_format,
         **params,
     }
     with atomic_dir(out, "sample", cfg.overwrite) as tmp:
         for i, movie in enumerate(movies):
-            write_movie(movie, tmp / f"sample_{i:03d}", rate_hz, cfg.fps)
+            write_movie(movie, tmp / f"sample_{i:03d}", rate_hz, cfg.fps, cfg.out_format,
+                        {**record, "movie": f"generated sample {i}"})
         grid = video_grid(grid_rows(movies))
         write_video(grid, tmp / "grid.gif", cfg.fps)
         write_video(grid, tmp / "grid.mp4", cfg.fps)
         write_json_atomic(tmp / "samples.json", record)
     t, h, w = movies[0].shape
-    return f"{len(movies)} samples {t}x{h}x{w} uint16 (.tif .gif .mp4)", str(out)
+    return f"{len(movies)} samples {t}x{h}x{w} uint16 ({_files_note(cfg.out_format)})", str(out)
 
 
 @torch.no_grad()
@@ -185,17 +206,20 @@ def reconstruct(cfg: Any) -> tuple[str, str]:
         "mode": "reconstruct", "num_samples": len(clips), "shape": [t, h, w], "dtype": "uint16",
         "calibration": {"source": source_id, "gain": calib["gain"], "offset": calib["offset"],
                         "read_noise": calib.get("read_noise"), "rate_hz": rate_hz},
-        "stage1": str(export), "data_root": str(root.resolve()), **settings,
+        "stage1": str(export), "data_root": str(root.resolve()), "seed": int(cfg.seed), "out_format": cfg.out_format,
+        **settings,
         # denoised_*.tif: the decoder's signal estimate E[x | z] (no shot noise), same units as recon_*.tif
         "denoised": estimate is not None,
     }
     with atomic_dir(cfg.out, "sample", cfg.overwrite) as tmp:
         for i in range(len(clips)):
-            write_movie(denormalize(recon[i, 0], calib, norm), tmp / f"recon_{i:03d}", rate_hz, cfg.fps)
+            write_movie(denormalize(recon[i, 0], calib, norm), tmp / f"recon_{i:03d}", rate_hz, cfg.fps,
+                        cfg.out_format, {**record, "movie": f"reconstruction of reference clip {i}"})
             if estimate is not None:
                 write_movie(denormalize(estimate[i, 0], calib, norm, estimate=True), tmp / f"denoised_{i:03d}",
-                            rate_hz, cfg.fps)
-            write_movie(denormalize(clips[i, 0], calib, norm), tmp / "reference" / f"clip_{i:03d}", rate_hz, cfg.fps)
+                            rate_hz, cfg.fps, cfg.out_format, {**record, "movie": f"signal estimate E[x | z] of reference clip {i}"})
+            write_movie(denormalize(clips[i, 0], calib, norm), tmp / "reference" / f"clip_{i:03d}", rate_hz, cfg.fps,
+                        cfg.out_format, {**record, "movie": f"reference clip {i} of the prepared data (data.root)"})
         write_json_atomic(tmp / "samples.json", record)
     mse = float(((recon - clips) ** 2).mean())
     extra = f" denoised_mse={float(((estimate - clips) ** 2).mean()):.4g}" if estimate is not None else ""

@@ -2,6 +2,7 @@
 
 Uncompressed contiguous files are memory-mapped (``tifffile.memmap``); anything else is read page by page on
 demand, so no reader loads a whole movie. Big-endian files are converted to native byte order per chunk.
+:func:`write_tiff` writes the ImageJ TIFFs cadiff outputs (samples, exports), with the frame interval.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import tifffile
 
 from cadiff.data.movie import LazyFrames, Movie, read_frames
 from cadiff.errors import DataError
+from cadiff.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -168,3 +170,10 @@ def read_tiff(path: str | Path, rate_hz: float | None = None, source: str | None
         log.warning("%s: no frame rate in the file; assuming %.1f Hz (set source.rate_hz)", path, DEFAULT_RATE_HZ)
         rate = DEFAULT_RATE_HZ
     return Movie(data=data, rate_hz=float(rate), source=source or path.stem, meta={"path": str(path), "format": "tiff"})
+
+
+def write_tiff(movie_u16: np.ndarray, path: Path, rate_hz: float) -> Path:
+    """Multi-page uint16 TIFF with ImageJ metadata (frame interval in seconds), written atomically."""
+    with atomic_path(path, suffix=".tif") as tmp:
+        tifffile.imwrite(tmp, movie_u16, imagej=True, metadata={"axes": "TYX", "finterval": 1.0 / float(rate_hz), "unit": "px"})
+    return path
