@@ -538,6 +538,13 @@ def from_dict(data: dict, schema: type) -> DictConfig:
     return to_structured(data, schema)
 
 
+def leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value of every leaf of a nested dict (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``)."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in leaves(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # validation
 
