@@ -85,6 +85,9 @@ class PrepareDataConfig:
     val_fraction: float = 0.25  # fraction of recordings (never clips) held out
     clips_per_shard: int = 64
     seed: int = 0
+    # replace an earlier prepare_data output in `out` made from other settings or input files: the new data is
+    # built beside it and swapped in only when complete (any other non-empty folder is refused)
+    overwrite: bool = False
     verbose: bool = False
 
 
