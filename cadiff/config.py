@@ -88,6 +88,9 @@ class PrepareDataConfig:
     val_fraction: float = 0.25  # fraction of recordings (never clips) held out
     clips_per_shard: int = 64
     seed: int = 0
+    # replace an earlier prepare_data output in `out` made from other settings or input files: the new data is
+    # built beside it and swapped in only when complete (any other non-empty folder is refused)
+    overwrite: bool = False
     verbose: bool = False
 
 
@@ -557,6 +560,13 @@ def to_dict(cfg: DictConfig) -> dict[str, Any]:
 
 def from_dict(data: dict, schema: type) -> DictConfig:
     return to_structured(data, schema)
+
+
+def leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value of every leaf of a nested dict (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``)."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in leaves(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
 
 
 # ---------------------------------------------------------------------------------------------------------

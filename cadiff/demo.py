@@ -1,8 +1,9 @@
 """``make demo``: simulated data through the whole pipeline on a local Ray cluster, one job after another.
 
 Each step is the same command a user would type (jobs/*.py in a subprocess), and each reuses its previous
-outputs when re-run: prepare_data skips finished shards, training resumes from its run folder (a finished run
-only re-exports), encode_latents skips an up-to-date latent set. Training runs are named ``demo-<tag>``, the tag
+outputs when re-run: prepare_data returns at once when its data is up to date (``overwrite=true``: rebuilt when a
+simulator default changed), training resumes from its run folder (a finished run only re-exports),
+encode_latents skips an up-to-date latent set. Training runs are named ``demo-<tag>``, the tag
 a digest of the composed data and training configs: after an upgrade that changes a default, the demo trains
 fresh runs instead of refusing to resume a run recorded with the old config.
 """
@@ -29,7 +30,7 @@ def demo_steps(out: Path, ae_steps: int, dit_steps: int, num_samples: int, worke
     data, latents, runs = out / "data", out / "latents", out / "runs"
     name = run_name or "demo"
     steps = [
-        ("prepare_data", ["source=sim", f"out={data}"]),
+        ("prepare_data", ["source=sim", f"out={data}", "overwrite=true"]),
         ("train_ae", ["experiment=ae_tiny", f"data.root={data}", f"run_name={name}", f"out_root={runs}",
                       f"trainer.max_steps={ae_steps}", f"trainer.num_workers={workers}", "strategy=ddp"]),
         ("encode_latents", [f"stage1={runs}/train_ae/{name}", f"data.root={data}", f"out={latents}",

@@ -98,24 +98,34 @@ def atomic_dir(final: str | os.PathLike, job: str | None, overwrite: bool = Fals
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; outputs get the usual permissions
     try:
         yield tmp
-        if job is not None:
-            (tmp / OUTPUT_MARKER).write_text(json.dumps({"job": job}) + "\n")
-        check_output_dir(final, job, overwrite)  # again: the folder may have changed while the job ran
-        for root, _dirs, files in os.walk(tmp):
-            for name in files:
-                with open(os.path.join(root, name), "rb") as fh:
-                    os.fsync(fh.fileno())
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-            os.replace(final, old)  # onto the new empty folder: only this job's earlier output moves
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        fsync_path(final.parent)
+        commit_dir(tmp, final, job, overwrite)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def commit_dir(tmp: str | os.PathLike, final: str | os.PathLike, job: str | None, overwrite: bool = False) -> None:
+    """Mark the finished folder ``tmp`` as ``job``'s output, fsync it and swap it in for ``final``.
+
+    ``final`` is checked again (:func:`check_output_dir`): it may have changed while the job ran. ``tmp`` must
+    be on the same file system as ``final`` (beside it), so the swap is two renames.
+    """
+    tmp, final = Path(tmp), Path(final)
+    if job is not None:
+        (tmp / OUTPUT_MARKER).write_text(json.dumps({"job": job}) + "\n")
+    check_output_dir(final, job, overwrite)
+    for root, _dirs, files in os.walk(tmp):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as fh:
+                os.fsync(fh.fileno())
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+        os.replace(final, old)  # onto the new empty folder: only this job's earlier output moves
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    fsync_path(final.parent)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

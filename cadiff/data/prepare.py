@@ -10,18 +10,31 @@ recording is split in time instead: its last ``val_fraction`` of frames (at leas
 validation block, the frames before it the training block, so no clip straddles the boundary. Calcium
 decays (~1 s) still correlate the few frames on either side of the boundary; that leakage is accepted.
 
-Re-running with the same config skips finished shards (or returns at once when ``index.json`` is complete);
-a changed config or changed input files removes the old shards first (``.prepare_state.json`` fingerprint).
+Never lose a user's data (issue 16). ``out`` only ever holds a complete preparation: the data is built in
+the sibling ``.<out>.building/<out>`` (held with :func:`cadiff.io.folder_lock`) and swapped in when complete
+(:func:`cadiff.io.commit_dir`), so the earlier data survives any failure. Re-running with the same settings and
+input files returns at once (``.prepare_state.json`` fingerprint); a build left by a killed run (SIGKILL, power
+loss) is resumed, its finished shards skipped. Other settings or changed input files over a complete
+preparation are refused (naming what changed) unless ``overwrite=true``; a non-empty ``out`` that prepare_data
+did not write is refused. Any failure - bad input, MemoryError, OSError such as a full disk, Ctrl-C - removes
+the partial build. Before any pixel is read, a pre-flight estimate from shapes and dtypes refuses a
+preparation that cannot fit the free disk space or whose single chunk cannot fit the available memory.
+While converting to the storage dtype, more than 0.1% clipped values in a recording, or a recording without
+any variance, is a DataError: such movies are not detector ADU.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import glob
 import hashlib
 import json
 import logging
 import math
+import os
 import shutil
+import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from cadiff.config import leaves
 from cadiff.data.anscombe import anscombe
 from cadiff.data.movie import UINT16_MAX, Movie, read_frames
 from cadiff.data.noise import estimate_photon_transfer
@@ -37,23 +51,42 @@ from cadiff.data.simulate import simulate_movie
 from cadiff.data.sources.download import GIB
 from cadiff.data.sources.hdf5 import HDF5_SUFFIXES, read_hdf5
 from cadiff.data.sources.tiff import read_tiff
-from cadiff.errors import DataError
-from cadiff.io import write_json_atomic
+from cadiff.errors import ConfigError, DataError
+from cadiff.io import OUTPUT_MARKER, check_output_dir, commit_dir, folder_lock, write_json_atomic
 from cadiff.runinfo import record_run
 
 log = logging.getLogger(__name__)
 
+JOB = "prepare_data"
 STATE_NAME = ".prepare_state.json"
 SHARD_PREFIX = "clips"
+# the settings that shape the prepared data (out, overwrite and verbose do not)
+FINGERPRINT_KEYS = ("source", "clip", "normalization", "val_fraction", "clips_per_shard", "seed")
+# raw detector ADU fit the storage dtype; more clipping than this means another unit (processed data, a wrong
+# sign or scale), and training on the clipped values would learn the clipping (issue 16)
+MAX_CLIPPED_FRACTION = 1e-3
+# pre-flight estimate (sizes in bytes)
+TAR_BLOCK = 512
+NPY_HEADER_BYTES = 128  # np.save's header for a plain [T, H, W] integer array
+# photon transfer (estimate_photon_transfer's defaults): 8-frame windows, at most 2M pixel-window samples; measured
+# with tracemalloc (32^2 to 1024^2 frames): up to ~40 B per window pixel (float64 copies, filters, sampling) and up to
+# ~96 B per kept sample (the fit's arrays)
+PT_WINDOW_FRAMES, PT_BYTES_PER_WINDOW_PIXEL, PT_MAX_SAMPLES, PT_BYTES_PER_SAMPLE = 8, 40, 2_000_000, 96
+# index.json, config.yaml, run.json and the state record: a fixed part, each source's calibration, each shard's entry
+METADATA_BYTES, METADATA_PER_RECORDING, METADATA_PER_SHARD = 16 * 1024, 4 * 1024, 64
 
 
 @dataclass
 class Recording:
-    """One recording: a stable id, a description (path) and a lazy opener."""
+    """One recording: a stable id, a description (path), a lazy opener and, where known without opening it
+    (the simulator), its shape and dtype."""
 
     rec_id: str
     where: str
     open: Callable[[], Movie]
+    shape: tuple[int, int, int] | None = None
+    dtype: str | None = None
+    in_memory: bool = False  # opening it builds the whole movie in memory (the simulator)
 
 
 def _safe_id(text: str) -> str:
@@ -93,7 +126,8 @@ def list_recordings(src: Any) -> list[Recording]:
                                           num_neurons=src.num_neurons, seed=src.seed + i, rate_hz=src.rate_hz,
                                           return_clean=False)[0]
 
-        return [Recording(f"sim-{i:03d}", f"simulator preset={src.preset} seed={src.seed + i}", sim(i))
+        return [Recording(f"sim-{i:03d}", f"simulator preset={src.preset} seed={src.seed + i}", sim(i),
+                          (src.frames, src.height, src.width), "uint16", in_memory=True)
                 for i in range(src.num_movies)]
     if name == "tiff":
         paths = _expand(src.path, "TIFF file or folder")
@@ -167,52 +201,81 @@ def storage_dtype(dtypes: list[np.dtype]) -> np.dtype:
     return np.dtype(np.int16) if all(d == np.int16 for d in dtypes) else np.dtype(np.uint16)
 
 
-def to_storage(chunk: np.ndarray, dtype: np.dtype, where: str, t0: int) -> np.ndarray:
-    """Convert frames to the integer storage dtype; NaN/Inf or out-of-range integers are DataErrors."""
+def to_storage(chunk: np.ndarray, dtype: np.dtype, where: str, t0: int) -> tuple[np.ndarray, int]:
+    """Convert frames to the integer storage dtype -> ``(frames, number of values clipped to its range)``;
+    NaN/Inf, or integers out of range that are not int16 (whose negative values clip to 0), are DataErrors."""
     if chunk.dtype == dtype:
-        return chunk
+        return chunk, 0
+    info = np.iinfo(dtype)
     if np.issubdtype(chunk.dtype, np.floating):
         if not np.isfinite(chunk).all():
             bad = int(np.argwhere(~np.isfinite(chunk))[0][0]) + t0
             raise DataError(f"{where}: frame {bad} contains NaN/Inf; expected finite intensities")
-        info = np.iinfo(dtype)
         rounded = np.rint(chunk)
         clipped = int(((rounded < info.min) | (rounded > info.max)).sum())
-        if clipped:
-            log.warning("%s: %d values outside the %s range were clipped (frames %d+)", where, clipped, dtype, t0)
-        return np.clip(rounded, info.min, info.max).astype(dtype)
-    info = np.iinfo(dtype)
+        return np.clip(rounded, info.min, info.max).astype(dtype), clipped
     lo, hi = chunk.min(), chunk.max()
     if lo < info.min or hi > info.max:
         if dtype == np.uint16 and chunk.dtype == np.int16:
-            log.warning("%s: negative int16 values clipped to 0 for uint16 storage (frames %d+)", where, t0)
-            return np.clip(chunk, 0, UINT16_MAX).astype(dtype)
+            return np.clip(chunk, 0, UINT16_MAX).astype(dtype), int((chunk < 0).sum())
         raise DataError(f"{where}: values {lo}..{hi} do not fit {dtype}; expected detector ADU")
-    return chunk.astype(dtype)
+    return chunk.astype(dtype), 0
 
 
-def clip_positions(num_frames: int, height: int, width: int, clip: Any, t_range: tuple[int, int]) -> list[tuple]:
-    """``(t0, y0, x0)`` of every clip inside frames ``t_range`` on the stride grid."""
+class StorageCheck:
+    """One recording's values as stored: more than :data:`MAX_CLIPPED_FRACTION` of them clipped, or no variance
+    at all, is a DataError (the movie is not detector ADU)."""
+
+    def __init__(self, where: str, dtype: np.dtype, total_values: int) -> None:
+        self.where, self.dtype, self.total_values = where, np.dtype(dtype), total_values
+        self.seen = self.clipped = 0
+        self.lo, self.hi = math.inf, -math.inf
+
+    def add(self, stored: np.ndarray, clipped: int) -> None:
+        self.seen += stored.size
+        self.clipped += clipped
+        self.lo, self.hi = min(self.lo, int(stored.min())), max(self.hi, int(stored.max()))
+        if self.clipped > MAX_CLIPPED_FRACTION * self.total_values:  # the rest of the movie cannot undo it
+            info = np.iinfo(self.dtype)
+            raise DataError(
+                f"{self.where}: {self.clipped / self.seen:.2%} of the values read so far ({self.clipped} of {self.seen})"
+                f" lie outside the {self.dtype} range {info.min}..{info.max} and would be clipped (at most "
+                f"{MAX_CLIPPED_FRACTION:.1%} of a recording may be); expected raw detector ADU: prepare the raw movie, "
+                "or convert processed data (dF/F, background-subtracted) to ADU first - source.gain/source.offset "
+                "describe ADU, they do not rescale the values")
+
+    def finish(self) -> None:
+        if self.seen and self.lo == self.hi:
+            raise DataError(f"{self.where}: every value is {self.lo} (zero variance); expected a movie with signal and "
+                            "noise (check source.path / source.key: an empty or blank dataset?)")
+        if self.clipped:
+            log.warning("%s: %d values (%.3f%%) outside the %s range were clipped", self.where, self.clipped,
+                        100 * self.clipped / self.seen, self.dtype)
+
+
+def clip_grid(height: int, width: int, clip: Any, t_range: tuple[int, int]) -> tuple[range, range, range]:
+    """Start frames, rows and columns of the clips inside frames ``t_range`` on the stride grid: every
+    combination is one clip."""
     st = clip.stride_frames or clip.frames
     sp_y = clip.stride_px or clip.height
     sp_x = clip.stride_px or clip.width
-    ts = range(t_range[0], t_range[1] - clip.frames + 1, st)
-    ys = range(0, height - clip.height + 1, sp_y)
-    xs = range(0, width - clip.width + 1, sp_x)
-    return [(t, y, x) for t in ts for y in ys for x in xs]
+    return (range(t_range[0], t_range[1] - clip.frames + 1, st), range(0, height - clip.height + 1, sp_y),
+            range(0, width - clip.width + 1, sp_x))
 
 
 def iter_clips(movie: Movie, rec_id: str, clip: Any, t_range: tuple[int, int], dtype: np.dtype,
-               split: str, where: str) -> Iterator[tuple[str, np.ndarray, dict]]:
+               split: str, check: StorageCheck) -> Iterator[tuple[str, np.ndarray, dict]]:
     """Stream clips of one recording: one clip-length chunk of frames in memory at a time."""
     _, height, width = movie.shape
-    positions = clip_positions(movie.num_frames, height, width, clip, t_range)
-    for t0 in sorted({p[0] for p in positions}):
-        chunk = to_storage(read_frames(movie.data, t0, t0 + clip.frames), dtype, where, t0)
-        for _, y0, x0 in (p for p in positions if p[0] == t0):
-            tile = np.ascontiguousarray(chunk[:, y0: y0 + clip.height, x0: x0 + clip.width])
-            meta = {"source": rec_id, "recording": rec_id, "t0": t0, "y0": y0, "x0": x0, "split": split}
-            yield f"{rec_id}_t{t0:06d}_y{y0:04d}_x{x0:04d}", tile, meta
+    starts, rows, cols = clip_grid(height, width, clip, t_range)
+    for t0 in starts:
+        chunk, clipped = to_storage(read_frames(movie.data, t0, t0 + clip.frames), dtype, check.where, t0)
+        check.add(chunk, clipped)
+        for y0 in rows:
+            for x0 in cols:
+                tile = np.ascontiguousarray(chunk[:, y0: y0 + clip.height, x0: x0 + clip.width])
+                meta = {"source": rec_id, "recording": rec_id, "t0": t0, "y0": y0, "x0": x0, "split": split}
+                yield f"{rec_id}_t{t0:06d}_y{y0:04d}_x{x0:04d}", tile, meta
 
 
 class RunningMoments:
@@ -233,29 +296,263 @@ class RunningMoments:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the job
+# what the data is made from, and what an earlier preparation in `out` was made from
 
 
-def _fingerprint(cfg: Any, recordings: list[Recording]) -> str:
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Provenance:
+    """What a preparation is made from: the settings that shape it and each recording's files."""
+
+    settings: dict[str, Any]
+    files: dict[str, list | None]  # where -> [(path, size, mtime_ns)]; None for a recording without files
+
+    @property
+    def fingerprint(self) -> str:
+        return _digest({"config": self.settings, "files": [f for f in self.files.values() if f is not None]})
+
+    def state(self, complete: bool) -> dict[str, Any]:
+        """The ``.prepare_state.json`` record: fingerprint, and what it is made of (to say what changed)."""
+        inputs = {where: None if f is None else _digest(f) for where, f in self.files.items()}
+        return {"fingerprint": self.fingerprint, "complete": complete, "settings": self.settings, "inputs": inputs}
+
+
+def provenance(cfg: Any, recordings: list[Recording]) -> Provenance:
     from omegaconf import OmegaConf
 
     plain = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else dict(cfg)
-    relevant = {k: plain.get(k) for k in ("source", "clip", "normalization", "val_fraction", "clips_per_shard", "seed")}
-    files = []
+    files: dict[str, list | None] = {}
     for rec in recordings:
         path = Path(rec.where.split(":")[0])
-        if path.exists():
-            members = sorted(path.rglob("*")) if path.is_dir() else [path]
-            files.append([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in members if p.is_file()])
-    text = json.dumps({"config": relevant, "files": files}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+        members = (sorted(path.rglob("*")) if path.is_dir() else [path]) if path.exists() else None
+        files[rec.where] = None if members is None else [(str(p), p.stat().st_size, p.stat().st_mtime_ns)
+                                                         for p in members if p.is_file()]
+    return Provenance({k: plain.get(k) for k in FINGERPRINT_KEYS}, files)
 
 
-def _reset_outputs(out: Path) -> None:
-    for split_dir in (out / "train", out / "val"):
-        for stale in split_dir.glob(f"{SHARD_PREFIX}-*.tar"):
-            stale.unlink()
-    (out / INDEX_NAME).unlink(missing_ok=True)
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def what_changed(state: dict[str, Any], now: Provenance) -> str:
+    """The differences between an earlier preparation's state record and ``now``, in words."""
+    if "settings" not in state:
+        return "its settings or input files differ (that run recorded no details)"
+    old, new = leaves(state["settings"]), leaves(now.settings)
+    parts = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    before, after = state.get("inputs", {}), now.state(complete=True)["inputs"]
+    for label, names in (("changed input files", [w for w in after if w in before and before[w] != after[w]]),
+                         ("new inputs", [w for w in after if w not in before]),
+                         ("inputs no longer given", [w for w in before if w not in after])):
+        if names:
+            parts.append(f"{label}: {_listed(names)}")
+    return "; ".join(parts) or "its fingerprint differs"
+
+
+def _read_state(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / STATE_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def earlier_output(out: Path) -> dict[str, Any]:
+    """The state record of an earlier prepare_data output in ``out`` (``{}`` for a missing or empty folder);
+    a file, a link or a non-empty folder that prepare_data did not write is refused untouched (ConfigError)."""
+    if out.is_symlink() or not (out / STATE_NAME).is_file():  # a state without a marker: written before markers
+        check_output_dir(out, JOB, overwrite=True)
+    return _read_state(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# layout and pre-flight estimate: from shapes and dtypes alone, before any pixel is read
+
+
+@dataclass
+class Layout:
+    """Which frames of which recording become clips of which split."""
+
+    shapes: dict[str, tuple[int, int, int]]
+    dtypes: dict[str, np.dtype]
+    ranges: dict[str, dict[str, tuple[int, int]]]  # split -> recording -> frames [t0, t1)
+    split_by: str
+    val_ids: set[str]
+
+    @property
+    def storage(self) -> np.dtype:
+        return storage_dtype(list(self.dtypes.values()))
+
+    def values_read(self, rec_id: str, clip: Any) -> int:
+        """Values of ``rec_id`` converted to the storage dtype: its clip-length chunks, whole frames."""
+        _, height, width = self.shapes[rec_id]
+        chunks = sum(len(clip_grid(height, width, clip, r[rec_id])[0]) for r in self.ranges.values() if rec_id in r)
+        return chunks * clip.frames * height * width
+
+
+def probe(rec: Recording) -> tuple[tuple[int, int, int], np.dtype]:
+    """Shape and dtype of a recording, from its header (file readers are lazy) or known beforehand."""
+    if rec.shape is not None and rec.dtype is not None:
+        return rec.shape, np.dtype(rec.dtype)
+    movie = rec.open()
+    return movie.shape, movie.dtype
+
+
+def plan(cfg: Any, recordings: list[Recording], step: Step) -> Layout:
+    """Check every recording's shape against the clip and split the recordings (or one recording's time)."""
+    clip = cfg.clip
+    shapes, dtypes = {}, {}
+    for rec in recordings:
+        step.now = f"opening {rec.where}"
+        shape, dtype = probe(rec)
+        t, h, w = shape
+        if t < clip.frames or h < clip.height or w < clip.width:
+            raise DataError(f"{rec.where}: movie {shape} is smaller than one clip "
+                            f"{clip.frames}x{clip.height}x{clip.width}; expected at least that many frames/pixels")
+        shapes[rec.rec_id], dtypes[rec.rec_id] = shape, dtype
+    val_ids = _split_recordings(recordings, cfg.val_fraction, cfg.seed)
+    ranges: dict[str, dict[str, tuple[int, int]]] = {"train": {}, "val": {}}
+    split_by = "recording"
+    for rec in recordings:
+        n = shapes[rec.rec_id][0]
+        if len(recordings) == 1 and cfg.val_fraction > 0:
+            split_by = "time"
+            val_frames = max(clip.frames, int(round(cfg.val_fraction * n)))
+            if n - val_frames >= clip.frames:
+                ranges["train"][rec.rec_id], ranges["val"][rec.rec_id] = (0, n - val_frames), (n - val_frames, n)
+            else:
+                log.warning("%s: %d frames are too few for a time split with %d-frame clips; no val split",
+                            rec.where, n, clip.frames)
+                ranges["train"][rec.rec_id] = (0, n)
+        else:
+            ranges["val" if rec.rec_id in val_ids else "train"][rec.rec_id] = (0, n)
+    return Layout(shapes, dtypes, ranges, split_by, val_ids)
+
+
+@dataclass
+class Estimate:
+    """Pre-flight size of a preparation, from shapes and dtypes alone."""
+
+    clips: dict[str, dict[str, int]]  # split -> recording -> clips
+    disk_bytes: int
+    memory_bytes: dict[str, int]  # peak working memory while reading each recording
+
+    def clips_of(self, rec_id: str) -> int:
+        return sum(per.get(rec_id, 0) for per in self.clips.values())
+
+    def as_dict(self) -> dict[str, int]:
+        total = sum(n for per in self.clips.values() for n in per.values())
+        return {"clips": total, "disk_bytes": self.disk_bytes, "peak_memory_bytes": max(self.memory_bytes.values())}
+
+
+def _tar_bytes(payload: int) -> int:
+    """A tar member: its header block and the payload padded to whole blocks."""
+    return TAR_BLOCK + -(-payload // TAR_BLOCK) * TAR_BLOCK
+
+
+def _shards_bytes(num_clips: int, clips_per_shard: int, sample_bytes: int) -> int:
+    """Shards of ``num_clips`` samples: each ends with two zero blocks and is padded to tarfile's record size."""
+    def shard(n: int) -> int:
+        return -(-(n * sample_bytes + 2 * TAR_BLOCK) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE if n else 0
+
+    full, rest = divmod(num_clips, clips_per_shard)
+    return full * shard(clips_per_shard) + shard(rest)
+
+
+def peak_memory(shape: tuple[int, int, int], dtype: np.dtype, storage: np.dtype, clip: Any, clips_per_shard: int,
+                in_memory: bool) -> int:
+    """Working memory while one recording is read: the larger of a photon-transfer window and a tiling chunk."""
+    t, h, w = shape
+    # a chunk as read, its rounded and clipped float copies and masks, the storage copy; one shard's clips twice
+    # (arrays and their npy bytes)
+    tiling = (clip.frames * h * w * (3 * dtype.itemsize + 4 + storage.itemsize)
+              + 2 * clips_per_shard * clip.frames * clip.height * clip.width * storage.itemsize)
+    calibration = (PT_WINDOW_FRAMES * h * w * PT_BYTES_PER_WINDOW_PIXEL
+                   + min(PT_MAX_SAMPLES, t // PT_WINDOW_FRAMES * h * w) * PT_BYTES_PER_SAMPLE)
+    return max(tiling, calibration) + (t * h * w * dtype.itemsize if in_memory else 0)
+
+
+def estimate_size(layout: Layout, recordings: list[Recording], clip: Any, clips_per_shard: int) -> Estimate:
+    """Clips per split and recording, bytes of the written folder, and working memory per recording."""
+    storage = layout.storage
+    # a sample: the clip's npy member and its meta.json member (one block)
+    sample = _tar_bytes(NPY_HEADER_BYTES + clip.frames * clip.height * clip.width * storage.itemsize) + _tar_bytes(1)
+    clips: dict[str, dict[str, int]] = {}
+    for split, per_rec in layout.ranges.items():
+        clips[split] = {rec_id: math.prod(len(r) for r in clip_grid(*layout.shapes[rec_id][1:], clip, t_range))
+                        for rec_id, t_range in per_rec.items()}
+    per_split = [sum(per.values()) for per in clips.values()]
+    disk = (sum(_shards_bytes(n, clips_per_shard, sample) for n in per_split) + METADATA_BYTES
+            + METADATA_PER_RECORDING * len(recordings) + METADATA_PER_SHARD * sum(-(-n // clips_per_shard) for n in per_split))
+    memory = {rec.rec_id: peak_memory(layout.shapes[rec.rec_id], layout.dtypes[rec.rec_id], storage, clip,
+                                      clips_per_shard, rec.in_memory) for rec in recordings}
+    return Estimate(clips, disk, memory)
+
+
+def available_memory_bytes() -> int | None:
+    """Memory this process may still allocate: MemAvailable, capped by its cgroup v2 limit; None when unknown."""
+    found = []
+    try:
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+        found += [int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        group = Path("/proc/self/cgroup").read_text().split("0::", 1)[1].splitlines()[0].strip("/")
+        folder = Path("/sys/fs/cgroup") / group
+        limit = (folder / "memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int((folder / "memory.current").read_text()))
+    except (OSError, ValueError, IndexError):
+        pass
+    return min(found) if found else None
+
+
+def format_bytes(num: float) -> str:
+    """``1536`` -> ``'1.5 KiB'``."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
+    k = 0
+    while num >= 1024 and k < len(units) - 1:
+        num, k = num / 1024, k + 1
+    return f"{num:.3g} {units[k]}" if k else f"{int(num)} B"
+
+
+def preflight(estimate: Estimate, layout: Layout, recordings: list[Recording], cfg: Any, tree: Path) -> None:
+    """Refuse, before any pixel is read, a recording whose working memory exceeds the available memory and a
+    preparation larger than the free space beside ``out``; also one that would give no training clips."""
+    clip, out = cfg.clip, cfg.out
+    available = available_memory_bytes()
+    for rec in recordings:
+        need = estimate.memory_bytes[rec.rec_id]
+        if available is not None and need > available:
+            t, h, w = layout.shapes[rec.rec_id]
+            raise DataError(f"{rec.where}: a {t}x{h}x{w} {layout.dtypes[rec.rec_id]} movie needs about "
+                            f"{format_bytes(need)} of memory to read ({clip.frames} frames of {h}x{w} at a time), but "
+                            f"only {format_bytes(available)} are available; expected frames that fit in memory: crop or "
+                            "bin the movie, or use a machine with more memory")
+    if not sum(estimate.clips["train"].values()):
+        raise DataError(f"{out}: no training clips (recordings {[r.where for r in recordings]} with clip "
+                        f"{clip.frames}x{clip.height}x{clip.width}); lower val_fraction or the clip size")
+    free = shutil.disk_usage(tree.parent).free
+    written = sum(p.stat().st_size for p in tree.rglob("*") if p.is_file()) if tree.exists() else 0  # a resumed build
+    need = estimate.disk_bytes - written
+    if need > free:
+        most = max(recordings, key=lambda r: estimate.clips_of(r.rec_id))
+        raise DataError(f"{out}: the prepared data needs about {format_bytes(need)} on disk "
+                        f"({estimate.as_dict()['clips']:,} clips of {clip.frames}x{clip.height}x{clip.width} "
+                        f"{layout.storage}, {estimate.clips_of(most.rec_id):,} of them from {most.where}), but only "
+                        f"{format_bytes(free)} are free there; expected an out with room for it: free space, choose "
+                        "another out, or take fewer clips (larger clip.stride_frames/clip.stride_px, fewer recordings)")
+    log.info("pre-flight: %s clips, about %s on disk (%s free), peak working memory about %s (%s available)",
+             f"{estimate.as_dict()['clips']:,}", format_bytes(need), format_bytes(free),
+             format_bytes(estimate.as_dict()["peak_memory_bytes"]),
+             "unknown" if available is None else format_bytes(available))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the job
 
 
 def _split_recordings(recordings: list[Recording], val_fraction: float, seed: int) -> set[str]:
@@ -282,81 +579,139 @@ def _summary(index: dict, out: Path) -> dict[str, Any]:
     }
 
 
+@dataclass
+class Step:
+    """What the build is doing: named in the message of a failure that does not say (MemoryError, OSError)."""
+
+    now: str = "checking the inputs"
+
+
 def prepare_data(cfg: Any) -> dict[str, Any]:
     """Run the whole preparation for a ``PrepareDataConfig``; returns a summary dict (counts, shapes, paths)."""
     out = Path(cfg.out)
-    clip = cfg.clip
     recordings = list_recordings(cfg.source)
     if not recordings:
         raise DataError(f"source {cfg.source.name}: no recordings found")
     if len({r.rec_id for r in recordings}) != len(recordings):
         raise DataError(f"source {cfg.source.name}: recording names collide: {[r.where for r in recordings]}")
-    fingerprint = _fingerprint(cfg, recordings)
-    state_path = out / STATE_NAME
+    made_from = provenance(cfg, recordings)
+    where = Path(os.path.abspath(out))
+    building = where.parent / f".{where.name}.building"  # stable: a killed build is found and resumed
+    with folder_lock(building, f"out '{out}': the build folder"):
+        state = earlier_output(out)
+        if (out / INDEX_NAME).is_file():
+            if state.get("fingerprint") == made_from.fingerprint:
+                try:
+                    index = read_index(out)
+                    log.info("%s is already prepared with these settings and inputs; nothing to do", out)
+                    return _summary(index, out)
+                except DataError as exc:
+                    log.warning("existing index unusable (%s): preparing again", exc)
+            elif not cfg.overwrite:
+                raise ConfigError(f"out '{out}' holds data prepared from other settings or inputs "
+                                  f"({what_changed(state, made_from)}); pass overwrite=true to rebuild it (the old data "
+                                  "stays until the new data is complete), or choose another out (nothing was changed)")
+        index = build(building / where.name, out, cfg, recordings, made_from)
+    with contextlib.suppress(OSError):
+        building.rmdir()  # left by an earlier killed build, now done with
+    return _summary(index, out)
+
+
+def build(tree: Path, out: Path, cfg: Any, recordings: list[Recording], made_from: Provenance) -> dict[str, Any]:
+    """Prepare into ``tree`` (resuming a killed build of the same settings and inputs) and swap it in for
+    ``out``; any failure removes ``tree`` and leaves ``out`` as it was."""
+    if tree.exists() and _read_state(tree).get("fingerprint") != made_from.fingerprint:
+        shutil.rmtree(tree)  # a killed build of other settings or inputs
+    elif tree.exists():
+        log.info("resuming the unfinished build %s: finished shards are kept", tree)
+    step = Step()
     try:
-        state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    except (OSError, ValueError):
-        state = {}
-    if state.get("fingerprint") == fingerprint and (out / INDEX_NAME).is_file():
-        try:
-            index = read_index(out)
-            log.info("%s is already prepared with this config; nothing to do", out)
-            return _summary(index, out)
-        except DataError as exc:
-            log.warning("existing index unusable (%s): preparing again", exc)
-    # movies are re-opened for tiling rather than kept: file movies are lazy anyway, and simulated ones are
-    # regenerated from their seed instead of all being held in memory at once
-    frames: dict[str, int] = {}
-    dtypes: list[np.dtype] = []
-    sources: dict[str, dict] = {}
-    for rec in recordings:
-        movie = rec.open()
-        t, h, w = movie.shape
-        if t < clip.frames or h < clip.height or w < clip.width:
-            raise DataError(f"{rec.where}: movie {movie.shape} is smaller than one clip "
-                            f"{clip.frames}x{clip.height}x{clip.width}; expected at least that many frames/pixels")
-        calib = calibrate(movie, cfg.source, rec.where)
-        calib.update(recording=rec.rec_id, path=rec.where, shape=[t, h, w], dtype=str(movie.dtype))
-        log.info("%s: %s, gain %.4g ADU/photon, offset %.2f ADU", rec.rec_id, movie.shape, calib["gain"], calib["offset"])
-        frames[rec.rec_id], sources[rec.rec_id] = t, calib
-        dtypes.append(movie.dtype)
-        del movie
-    dtype = storage_dtype(dtypes)
+        index = _prepare_into(tree, out, cfg, recordings, made_from, step)
+        step.now = f"swapping {tree} in for {out}"
+        if (out / STATE_NAME).is_file() and not (out / OUTPUT_MARKER).is_file():
+            write_json_atomic(out / OUTPUT_MARKER, {"job": JOB})  # written before output markers: ours to replace
+        commit_dir(tree, out, JOB, overwrite=True)
+        return index
+    except (OSError, MemoryError) as exc:
+        _discard(tree, out)
+        raise DataError(_failure_message(exc, out, step)) from exc
+    except BaseException:
+        _discard(tree, out)
+        raise
 
-    val_ids = _split_recordings(recordings, cfg.val_fraction, cfg.seed)
-    ranges: dict[str, dict[str, tuple[int, int]]] = {"train": {}, "val": {}}
-    split_by = "recording"
-    for rec in recordings:
-        n = frames[rec.rec_id]
-        if len(recordings) == 1 and cfg.val_fraction > 0:
-            split_by = "time"
-            val_frames = max(clip.frames, int(round(cfg.val_fraction * n)))
-            if n - val_frames >= clip.frames:
-                ranges["train"][rec.rec_id], ranges["val"][rec.rec_id] = (0, n - val_frames), (n - val_frames, n)
-            else:
-                log.warning("%s: %d frames are too few for a time split with %d-frame clips; no val split",
-                            rec.where, n, clip.frames)
-                ranges["train"][rec.rec_id] = (0, n)
-        else:
-            ranges["val" if rec.rec_id in val_ids else "train"][rec.rec_id] = (0, n)
 
-    # every input is opened and calibrated before anything is written: bad input leaves no output behind
-    if state.get("fingerprint") not in (None, fingerprint):
-        log.info("%s was prepared with a different config or input: removing its shards", out)
-        _reset_outputs(out)
-    created_out = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(state_path, {"fingerprint": fingerprint, "complete": False})
-    record_run(out, cfg, "prepare_data")
+def _discard(tree: Path, out: Path) -> None:
+    shutil.rmtree(tree, ignore_errors=True)
+    log.warning("removed the unfinished build %s; %s is as it was", tree, out)
+
+
+def _failure_message(exc: OSError | MemoryError, out: Path, step: Step) -> str:
+    if isinstance(exc, MemoryError):
+        cause, hint = "out of memory", "crop or bin the movie, or use a machine with more memory"
+    else:
+        cause = (exc.strerror or str(exc)) + (f" ({exc.filename})" if exc.filename else "")
+        hint = "free disk space or choose another out" if exc.errno == errno.ENOSPC else "check the path and its permissions"
+    kept = "the earlier data there is untouched" if out.exists() else "nothing was kept"
+    return f"{out}: {cause} while {step.now}; {hint} (the unfinished build was removed, {kept})"
+
+
+def _prepare_into(tree: Path, out: Path, cfg: Any, recordings: list[Recording], made_from: Provenance,
+                  step: Step) -> dict[str, Any]:
+    layout = plan(cfg, recordings, step)
+    estimate = estimate_size(layout, recordings, cfg.clip, cfg.clips_per_shard)
+    preflight(estimate, layout, recordings, cfg, tree)
+    # every input is opened and calibrated before any clip is written
+    sources = {rec.rec_id: _calibrated(rec, layout, cfg.source, step) for rec in recordings}
+    tree.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(tree / STATE_NAME, made_from.state(complete=False))
+    record_run(tree, cfg, JOB)
+    splits, moments = _write_splits(tree, cfg, recordings, layout, sources, step)
+    mean, std = moments.mean_std()
+    clip, norm = cfg.clip, cfg.normalization
+    index = {
+        "kind": "clips",
+        "clip_shape": [clip.frames, clip.height, clip.width],
+        "clip_stride": [clip.stride_frames or clip.frames, clip.stride_px or clip.height, clip.stride_px or clip.width],
+        "dtype": str(layout.storage),
+        "splits": splits,
+        "split_by": layout.split_by,
+        "val_recordings": sorted(layout.val_ids) if layout.split_by == "recording" else [],
+        "sources": sources,
+        "normalization": {"kind": norm.kind, "center": float(norm.center) if norm.center is not None else mean,
+                          "scale": float(norm.scale) if norm.scale is not None else max(std, 1e-6)},
+        "source_config": cfg.source.name,
+        "fingerprint": made_from.fingerprint,
+        "estimate": estimate.as_dict(),
+    }
+    step.now = f"writing {tree / INDEX_NAME}"
+    write_index(tree, index)
+    write_json_atomic(tree / STATE_NAME, made_from.state(complete=True))
+    return index
+
+
+def _calibrated(rec: Recording, layout: Layout, src: Any, step: Step) -> dict[str, Any]:
+    step.now = f"calibrating {rec.where}"
+    calib = calibrate(rec.open(), src, rec.where)
+    shape = layout.shapes[rec.rec_id]
+    calib.update(recording=rec.rec_id, path=rec.where, shape=list(shape), dtype=str(layout.dtypes[rec.rec_id]))
+    log.info("%s: %s, gain %.4g ADU/photon, offset %.2f ADU", rec.rec_id, shape, calib["gain"], calib["offset"])
+    return calib
+
+
+def _write_splits(tree: Path, cfg: Any, recordings: list[Recording], layout: Layout, sources: dict[str, dict],
+                  step: Step) -> tuple[dict[str, dict], RunningMoments]:
+    """Tile every recording into its split's shards; train clips feed the normalization moments."""
+    clip, dtype, norm_kind = cfg.clip, layout.storage, cfg.normalization.kind
     by_id = {r.rec_id: r for r in recordings}
+    checks = {r.rec_id: StorageCheck(r.where, dtype, layout.values_read(r.rec_id, clip)) for r in recordings}
     moments = RunningMoments()
-    norm_kind = cfg.normalization.kind
 
     def samples(split: str) -> Iterator[tuple[str, np.ndarray, dict]]:
-        for rec_id, t_range in ranges[split].items():
+        for rec_id, t_range in layout.ranges[split].items():
             calib = sources[rec_id]
+            step.now = f"tiling {by_id[rec_id].where}"
             movie = by_id[rec_id].open()
-            for key, tile, meta in iter_clips(movie, rec_id, clip, t_range, dtype, split, by_id[rec_id].where):
+            for key, tile, meta in iter_clips(movie, rec_id, clip, t_range, dtype, split, checks[rec_id]):
                 if split == "train":
                     photons = (tile.astype(np.float32) - calib["offset"]) / calib["gain"]
                     rn = calib["read_noise"] / calib["gain"]
@@ -364,37 +719,11 @@ def prepare_data(cfg: Any) -> dict[str, Any]:
                 yield key, tile, meta
 
     splits: dict[str, dict] = {}
-    try:
-        for split in ("train", "val"):
-            shards = write_shards(samples(split), out, split, SHARD_PREFIX, cfg.clips_per_shard, kind="clips")
-            splits[split] = {"shards": shards, "num_clips": sum(s["count"] for s in shards),
-                             "recordings": sorted(ranges[split]),
-                             "frame_ranges": {k: list(v) for k, v in ranges[split].items()}}
-        if splits["train"]["num_clips"] == 0:
-            raise DataError(f"{out}: no training clips (recordings {[r.where for r in recordings]} with clip "
-                            f"{clip.frames}x{clip.height}x{clip.width}); lower val_fraction or the clip size")
-    except DataError:
-        _reset_outputs(out)  # bad input found mid-way (e.g. NaN in a late frame): remove what this run wrote
-        state_path.unlink(missing_ok=True)
-        if created_out:
-            shutil.rmtree(out, ignore_errors=True)  # the run record and split folders too: no partial output
-        raise
-    mean, std = moments.mean_std()
-    center = float(cfg.normalization.center) if cfg.normalization.center is not None else mean
-    scale = float(cfg.normalization.scale) if cfg.normalization.scale is not None else max(std, 1e-6)
-    index = {
-        "kind": "clips",
-        "clip_shape": [clip.frames, clip.height, clip.width],
-        "clip_stride": [clip.stride_frames or clip.frames, clip.stride_px or clip.height, clip.stride_px or clip.width],
-        "dtype": str(dtype),
-        "splits": splits,
-        "split_by": split_by,
-        "val_recordings": sorted(val_ids) if split_by == "recording" else [],
-        "sources": sources,
-        "normalization": {"kind": norm_kind, "center": center, "scale": scale},
-        "source_config": cfg.source.name,
-        "fingerprint": fingerprint,
-    }
-    write_index(out, index)
-    write_json_atomic(state_path, {"fingerprint": fingerprint, "complete": True})
-    return _summary(index, out)
+    for split in ("train", "val"):
+        shards = write_shards(samples(split), tree, split, SHARD_PREFIX, cfg.clips_per_shard, kind="clips")
+        splits[split] = {"shards": shards, "num_clips": sum(s["count"] for s in shards),
+                         "recordings": sorted(layout.ranges[split]),
+                         "frame_ranges": {k: list(v) for k, v in layout.ranges[split].items()}}
+    for check in checks.values():
+        check.finish()
+    return splits, moments

@@ -341,7 +341,7 @@ def case_sample_out_is_a_foreign_folder(tmp: Path, env: Env) -> Case:
     (out / "NOTES.txt").write_text("my notes\n")
     args = ["mode=reconstruct", f"stage1={env.stage1_run}", f"data.root={env.data_root}", "num_samples=1", f"out={out}"]
     return Case("sample", args, ConfigError,
-                [re.escape(f"out '{out}'"), "non-empty folder that no cadiff sample run wrote", "nothing was changed"],
+                [re.escape(f"out '{out}'"), "holds the output of cadiff prepare_data, not sample", "nothing was changed"],
                 [out])
 
 
@@ -359,7 +359,82 @@ def case_encode_out_is_the_data_root(tmp: Path, env: Env) -> Case:
     data = tmp / "data"
     shutil.copytree(env.data_root, data)
     return Case("encode_latents", [f"stage1={env.stage1_run}", f"data.root={data}", f"out={data}"], ConfigError,
-                [re.escape(f"out '{data}'"), "no cadiff encode_latents run wrote"], [data])
+                [re.escape(f"out '{data}'"), "holds the output of cadiff prepare_data, not encode_latents"], [data])
+
+
+def case_prepare_out_is_a_foreign_folder(tmp: Path, env: Env) -> Case:
+    """prepare_data out= a folder of the user's own files, even with overwrite=true."""
+    out = tmp / "out"
+    out.mkdir()
+    (out / "NOTES.txt").write_text("my notes\n")
+    path = _tiff(tmp / "movie.tif", _movie())
+    return Case("prepare_data", ["source=tiff", f"source.path={path}", *PREPARE, f"out={out}", "overwrite=true"],
+                ConfigError, [re.escape(f"out '{out}'"), "non-empty folder that no cadiff prepare_data run wrote",
+                              "nothing was changed"], [out])
+
+
+def case_prepare_other_settings_without_overwrite(tmp: Path, env: Env) -> Case:
+    """prepare_data into a complete preparation with clips_per_shard=8 instead of its 4."""
+    from cadiff.testing.data import SIM_DATA_OVERRIDES
+
+    out = tmp / "data"
+    shutil.copytree(env.data_root, out)
+    return Case("prepare_data", [*SIM_DATA_OVERRIDES, "clips_per_shard=8", f"out={out}"], ConfigError,
+                [re.escape(f"out '{out}'"), r"prepared from other settings or inputs \(clips_per_shard: 4 -> 8\)",
+                 "pass overwrite=true", "nothing was changed"], [out])
+
+
+def case_prepare_overwrite_with_a_bad_input(tmp: Path, env: Env) -> Case:
+    """overwrite=true over a complete preparation while the changed movie has a NaN in frame 30 (found while
+    tiling, after shards were written): the earlier data must survive."""
+    from cadiff.config import compose
+    from cadiff.data.prepare import prepare_data
+
+    path, out = tmp / "float.tif", tmp / "out"
+    _tiff(path, _movie().astype(np.float32))
+    prepare_data(compose("prepare_data", ["source=tiff", f"source.path={path}", *PREPARE, f"out={out}"]))
+    case = _nonfinite_case(tmp, np.nan)
+    case.args.append("overwrite=true")
+    return case
+
+
+def case_prepare_all_negative_float_movie(tmp: Path, env: Env) -> Case:
+    """A float32 TIFF whose values are all negative (processed data): 100% would be clipped to 0."""
+    path = _tiff(tmp / "negative.tif", _movie().astype(np.float32) - 70000)
+    return _prepare_case(tmp, ["source=tiff", f"source.path={path}"],
+                         [re.escape(str(path)), r"100\.00% of the values .* would be clipped",
+                          r"at most 0\.1%", "expected raw detector ADU"])
+
+
+def case_prepare_constant_movie(tmp: Path, env: Env) -> Case:
+    """A uint16 movie whose every value is 100 (zero variance), with gain and offset given."""
+    path = _tiff(tmp / "flat.tif", np.full((60, 32, 32), 100, dtype=np.uint16))
+    return _prepare_case(tmp, ["source=tiff", f"source.path={path}", "source.gain=2", "source.offset=90"],
+                         [re.escape(str(path)), r"every value is 100 \(zero variance\)", "expected a movie with signal"])
+
+
+def _declared_hdf5(path: Path, shape: tuple[int, int, int]) -> Path:
+    import h5py
+
+    with h5py.File(path, "w") as fh:  # declared, never written: a few KB on disk
+        fh.create_dataset("data", shape=shape, dtype="uint16", chunks=(1, 256, 256))
+    return path
+
+
+def case_prepare_hdf5_larger_than_the_disk(tmp: Path, env: Env) -> Case:
+    """An HDF5 file declaring a (1e7, 4096, 4096) uint16 movie: hundreds of TiB of clips."""
+    path = _declared_hdf5(tmp / "huge.h5", (10_000_000, 4096, 4096))
+    return _prepare_case(tmp, ["source=hdf5", f"source.path={path}", "source.key=data"],
+                         [re.escape(str(tmp / "out")), r"needs about [\d.]+ TiB on disk", re.escape(f"from {path}:data"),
+                          "are free there", "expected an out with room for it"])
+
+
+def case_prepare_hdf5_frames_larger_than_memory(tmp: Path, env: Env) -> Case:
+    """An HDF5 file declaring 100000x100000 frames: one chunk of frames cannot fit in memory."""
+    path = _declared_hdf5(tmp / "wide.h5", (20, 100_000, 100_000))
+    return _prepare_case(tmp, ["source=hdf5", f"source.path={path}", "source.key=data"],
+                         [re.escape(f"{path}:data"), r"needs about [\d.]+ TiB of memory", "are available",
+                          "expected frames that fit in memory"])
 
 
 CASES: dict[str, Callable[[Path, Env], Case]] = {
@@ -388,6 +463,13 @@ CASES: dict[str, Callable[[Path, Env], Case]] = {
     "sample_out_is_a_foreign_folder": case_sample_out_is_a_foreign_folder,
     "sample_out_is_a_file": case_sample_out_is_a_file,
     "encode_out_is_the_data_root": case_encode_out_is_the_data_root,
+    "prepare_out_is_a_foreign_folder": case_prepare_out_is_a_foreign_folder,
+    "prepare_other_settings_without_overwrite": case_prepare_other_settings_without_overwrite,
+    "prepare_overwrite_with_a_bad_input": case_prepare_overwrite_with_a_bad_input,
+    "prepare_all_negative_float_movie": case_prepare_all_negative_float_movie,
+    "prepare_constant_movie": case_prepare_constant_movie,
+    "prepare_hdf5_larger_than_the_disk": case_prepare_hdf5_larger_than_the_disk,
+    "prepare_hdf5_frames_larger_than_memory": case_prepare_hdf5_frames_larger_than_memory,
 }
 
 

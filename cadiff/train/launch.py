@@ -20,7 +20,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from cadiff.config import to_dict
+from cadiff.config import leaves, to_dict
 from cadiff.errors import CadiffError, ConfigError
 from cadiff.io import folder_lock, read_jsonl, write_json_atomic
 from cadiff.runinfo import record_run
@@ -97,12 +97,6 @@ def record_plan(plan: RunPlan) -> None:
     write_json_atomic(run_dir / f"data_info{suffix}.json", data.to_dict())
 
 
-def _leaves(tree: Any, prefix: str) -> dict[str, Any]:
-    if isinstance(tree, dict):
-        return {k: v for key, sub in tree.items() for k, v in _leaves(sub, f"{prefix}.{key}").items()}
-    return {prefix: tree}
-
-
 # What a resumed run may change: how long it runs and how it reports, where it runs and where its data lives
 # (the data itself is compared through data_info.json). Anything else changes the training it continues.
 RESUME_MAY_CHANGE = ("run_name", "out_root", "verbose", "trainer.max_steps", "trainer.stop_at_step",
@@ -125,12 +119,12 @@ def check_resume_compatible(run_dir: Path, record: dict[str, Any], data: DataInf
     recorded = run_dir / "config.yaml"
     if not recorded.is_file() or not any((run_dir / "checkpoints").glob("step_*")):
         return 0
-    old = _leaves(OmegaConf.to_container(OmegaConf.load(recorded), resolve=True), "")
-    new = _leaves(record, "")
+    old = leaves(OmegaConf.to_container(OmegaConf.load(recorded), resolve=True))
+    new = leaves(record)
     # keys absent from one side (added to the schema later) or redacted in the record are not compared
     shared = sorted(k for k in old.keys() & new.keys() if old[k] != "<redacted>"
-                    and not any(k[1:] == p or (p.endswith(".") and k[1:].startswith(p)) for p in RESUME_MAY_CHANGE))
-    diffs = [f"{k[1:]}: run has {old[k]!r}, now {new[k]!r}" for k in shared if old[k] != new[k]]
+                    and not any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUME_MAY_CHANGE))
+    diffs = [f"{k}: run has {old[k]!r}, now {new[k]!r}" for k in shared if old[k] != new[k]]
     info_path = run_dir / "data_info.json"
     if info_path.is_file():
         old_info = {k: v for k, v in json.loads(info_path.read_text()).items() if k not in _DATA_LOCATION}

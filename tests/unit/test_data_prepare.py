@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import json
+import re
+import shutil
+import socket
 import subprocess
 import sys
+import time
+import tracemalloc
 from pathlib import Path
 
 import h5py
@@ -11,12 +18,14 @@ import numpy as np
 import pytest
 import tifffile
 
+import cadiff.data.prepare as prepare_module
 from cadiff.config import compose
 from cadiff.data.movie import normalize
 from cadiff.data.prepare import prepare_data
 from cadiff.data.shards import iter_shard, read_index
 from cadiff.data.simulate import simulate_movie
 from cadiff.errors import ConfigError, DataError
+from cadiff.io import OUTPUT_MARKER
 from cadiff.testing.data import prepare_sim
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,19 +51,193 @@ def test_sim_data_split_by_recording_and_calibrated(sim_data_root):
     assert abs(x.mean()) < 1e-3 and x.std() == pytest.approx(1.0, rel=1e-3)
 
 
-def test_rerun_is_a_no_op_and_changed_config_rewrites(tmp_path):
+def _killed_build(root: Path) -> Path:
+    """Turn a finished preparation into what a SIGKILLed one leaves: its tree in the build folder (no index),
+    a lock of a dead process, no ``out``."""
+    tree = root.parent / f".{root.name}.building" / root.name
+    tree.parent.mkdir()
+    root.rename(tree)
+    (tree / "index.json").unlink()
+    (tree / OUTPUT_MARKER).unlink()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tree.parent / ".cadiff.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
+    return tree
+
+
+def test_rerun_is_a_no_op_a_killed_build_resumes_and_other_settings_need_overwrite(tmp_path):
     root = tmp_path / "d"
     first = prepare_sim(root)
     shard = root / "train" / "clips-000000.tar"
     stamp = shard.stat().st_mtime_ns
     assert prepare_sim(root) == first
     assert shard.stat().st_mtime_ns == stamp
-    (root / "index.json").unlink()  # an interrupted run: shards there, no index
+    _killed_build(root)
     assert prepare_sim(root)["num_train"] == first["num_train"]
-    assert shard.stat().st_mtime_ns == stamp  # finished shards were skipped
-    changed = prepare_sim(root, "clips_per_shard=8")
+    assert shard.stat().st_mtime_ns == stamp  # finished shards were kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"] and (root / OUTPUT_MARKER).is_file()
+    with pytest.raises(ConfigError, match=rf"out '{root}' holds data prepared from other settings or inputs "
+                                          r"\(clips_per_shard: 4 -> 8\); pass overwrite=true"):
+        prepare_sim(root, "clips_per_shard=8")
+    assert shard.stat().st_mtime_ns == stamp
+    (root / OUTPUT_MARKER).unlink()  # prepared before output markers: still prepare_data's to replace
+    changed = prepare_sim(root, "clips_per_shard=8", "overwrite=true")
     assert changed["num_train"] == first["num_train"]
     assert sorted(p.name for p in (root / "train").iterdir()) == ["clips-000000.tar", "clips-000001.tar"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no build or old folder left beside it
+
+
+def _tiff_args(path: Path, out: Path, *extra: str) -> list[str]:
+    return ["source=tiff", f"source.path={path}", f"out={out}", "clip.frames=17", "clip.height=32", "clip.width=32",
+            "source.rate_hz=10", "val_fraction=0", "source.calibration_frames=16", "clips_per_shard=1", *extra]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_changed_input_is_refused_and_a_failed_overwrite_keeps_the_old_data(tmp_path):
+    path, out = tmp_path / "rec.tif", tmp_path / "out"
+    movie = simulate_movie(frames=60, height=32, width=32, seed=0)[0].data.astype(np.float32)
+    tifffile.imwrite(path, movie)
+    prepare_data(compose("prepare_data", _tiff_args(path, out)))
+    before = _files(out)
+    movie[30, 3, 3] = np.nan  # the new recording fails late, while tiling, after shards were written
+    tifffile.imwrite(path, movie)
+    with pytest.raises(ConfigError, match=rf"out '{out}' .*\(changed input files: {path}\); pass overwrite=true"):
+        prepare_data(compose("prepare_data", _tiff_args(path, out)))
+    with pytest.raises(DataError, match=r"rec.tif: frame 30 contains NaN"):
+        prepare_data(compose("prepare_data", _tiff_args(path, out, "overwrite=true")))
+    assert _files(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "rec.tif"]
+
+
+def test_a_folder_prepare_data_did_not_write_is_refused_untouched(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me\n")
+    with pytest.raises(ConfigError, match=rf"out '{out}' is a non-empty folder that no cadiff prepare_data run wrote"):
+        prepare_sim(out, "overwrite=true")
+    assert _files(out) == {"notes.txt": b"keep me\n"}
+
+
+def _fail_on_call(monkeypatch, name: str, call: int, exc: BaseException) -> None:
+    """Make ``cadiff.data.prepare.<name>`` raise ``exc`` on its ``call``-th use (earlier ones work)."""
+    real, calls = getattr(prepare_module, name), []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise exc
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, name, failing)
+
+
+def _enospc_mid_split(monkeypatch, out: Path) -> None:
+    """The shard writer gets ENOSPC after its first shard is on disk."""
+    real = prepare_module.write_shards
+
+    def writer(samples, tree, split, *args, **kwargs):
+        def until_full():
+            for i, sample in enumerate(samples):
+                if i == 5:
+                    raise OSError(errno.ENOSPC, "No space left on device", str(tree / split / "clips-000005.tar"))
+                yield sample
+        return real(until_full(), tree, split, *args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "write_shards", writer)
+
+
+FAULTS = {
+    "enospc": (_enospc_mid_split, DataError, r"{out}: No space left on device \(.*\.building/.*clips-000005\.tar\) while "
+               r"tiling .*; free disk space or choose another out \(the unfinished build was removed, {kept}\)"),
+    "memory": (lambda mp, out: _fail_on_call(mp, "read_frames", 3, MemoryError()), DataError,
+               r"{out}: out of memory while tiling simulator preset=default seed=\d; crop or bin the movie.*{kept}"),
+    "interrupt": (lambda mp, out: _fail_on_call(mp, "read_frames", 3, KeyboardInterrupt()), KeyboardInterrupt, None),
+}
+
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["new_out", "over_earlier_data"])
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_fault_mid_way_leaves_no_partial_output(tmp_path, monkeypatch, sim_data_root, fault, earlier):
+    out = tmp_path / "data"
+    if earlier:
+        shutil.copytree(sim_data_root, out)
+    before = _files(out) if earlier else None
+    inject, error, match = FAULTS[fault]
+    inject(monkeypatch, out)
+    kept = "the earlier data there is untouched" if earlier else "nothing was kept"
+    with pytest.raises(error, match=match and match.format(out=re.escape(str(out)), kept=kept)):
+        prepare_sim(out, "clips_per_shard=1", "overwrite=true")
+    assert (_files(out) if earlier else out.exists()) == (before if earlier else False)
+    assert [p.name for p in tmp_path.iterdir()] == (["data"] if earlier else [])
+
+
+def test_estimate_is_close_to_what_is_written_and_allocated(tmp_path):
+    path, out = tmp_path / "rec.tif", tmp_path / "out"
+    tifffile.imwrite(path, simulate_movie(frames=68, height=96, width=96, seed=0)[0].data)
+    cfg = compose("prepare_data", [*_tiff_args(path, out, "clips_per_shard=8"), "source.calibration_frames=1024"])
+    tracemalloc.start()
+    try:
+        prepare_data(cfg)
+        allocated = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    estimate = read_index(out)["estimate"]
+    written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    assert estimate["clips"] == 4 * 3 * 3 and written <= estimate["disk_bytes"] <= written + 32 * 1024
+    assert allocated <= estimate["peak_memory_bytes"] <= 3 * allocated
+
+
+@pytest.mark.parametrize("case", ["disk", "memory"])
+def test_preflight_refuses_a_huge_hdf5_before_reading_pixels(tmp_path, case):
+    shape = (10_000_000, 4096, 4096) if case == "disk" else (20, 100_000, 100_000)
+    path = tmp_path / "big.h5"
+    with h5py.File(path, "w") as f:  # declared, never written: a few KB on disk
+        f.create_dataset("data", shape=shape, dtype="uint16", chunks=(1, 256, 256))
+    out = tmp_path / "out"
+    cfg = compose("prepare_data", ["source=hdf5", f"source.path={path}", "source.rate_hz=10", f"out={out}",
+                                   "clip.frames=17", "clip.height=64", "clip.width=64"])
+    match = (rf"{out}: the prepared data needs about [\d.]+ TiB on disk \(2,4\d\d,\d{{3}},\d{{3}} clips of 17x64x64 uint16, .* "
+             rf"from {path}:data\), but only .* are free there" if case == "disk" else
+             rf"{path}:data: a 20x100000x100000 uint16 movie needs about [\d.]+ TiB of memory to read \(17 frames of "
+             r"100000x100000 at a time\), but only .* are available")
+    start = time.perf_counter()
+    with pytest.raises(DataError, match=match):
+        prepare_data(cfg)
+    assert time.perf_counter() - start < 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.h5"]
+
+
+def _float_tiff(tmp_path: Path, negative_values: int, shift: float = 0.0) -> Path:
+    movie = simulate_movie(frames=60, height=32, width=32, seed=0)[0].data.astype(np.float32) + shift
+    movie[20].flat[:negative_values] = -50.0  # frame 20: outside the calibration windows (frames 0-7, 48-55)
+    path = tmp_path / "float.tif"
+    tifffile.imwrite(path, movie)
+    return path
+
+
+def test_clipping_more_than_a_tenth_of_a_percent_is_refused(tmp_path, caplog):
+    # 3 chunks of 17 frames x 32 x 32 are converted: 52224 values, 0.1% of them is 52.2
+    ok = prepare_data(compose("prepare_data", _tiff_args(_float_tiff(tmp_path, 52), tmp_path / "ok")))
+    assert ok["num_train"] == 3 and "52 values (0.100%) outside the uint16 range were clipped" in caplog.text
+    with pytest.raises(DataError, match=r"float.tif: 0.15% of the values read so far \(53 of 34816\) lie outside the "
+                                        r"uint16 range 0..65535 and would be clipped \(at most 0.1% of a recording"):
+        prepare_data(compose("prepare_data", _tiff_args(_float_tiff(tmp_path, 53), tmp_path / "bad")))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_all_negative_or_constant_movies_are_refused(tmp_path):
+    with pytest.raises(DataError, match=r"float.tif: 100.00% of the values read so far .* would be clipped.*"
+                                        r"expected raw detector ADU"):
+        prepare_data(compose("prepare_data", _tiff_args(_float_tiff(tmp_path, 0, shift=-70000.0), tmp_path / "neg",
+                                                        "source.gain=2", "source.offset=100")))
+    path = tmp_path / "flat.tif"
+    tifffile.imwrite(path, np.full((60, 32, 32), 100, dtype=np.uint16))
+    with pytest.raises(DataError, match=r"flat.tif: every value is 100 \(zero variance\); expected a movie with signal"):
+        prepare_data(compose("prepare_data", _tiff_args(path, tmp_path / "flat", "source.gain=2", "source.offset=100")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flat.tif", "float.tif"]
 
 
 def test_single_recording_is_split_in_time_without_overlap(tmp_path):
