@@ -189,6 +189,8 @@ def test_sweep_asha_table_plot_best_experiment_trains_and_resumes(ray_cluster, t
     import matplotlib.image
 
     assert matplotlib.image.imread(png).shape[0] > 100
+    report = (sweep_dir / "report.html").read_text()
+    assert report.count("<img") == 2 and "kl_weight" in report  # the plot and the per-trial curves
 
     best_file = out_root / "experiments" / "experiment" / "kl_best.yaml"
     text = best_file.read_text()
