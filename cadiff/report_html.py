@@ -138,7 +138,7 @@ def _html_table(value: tuple[list[str], list[list[str]]]) -> str:
 
 def _html_figure(value: tuple[bytes, str, str | None, str | None]) -> str:
     png, alt, _filename, caption = value
-    img = f"<img src=\"{png_data_uri(png)}\" alt=\"{inline_html(alt)}\">"
+    img = f"<img src=\"{png_data_uri(png)}\" alt=\"{html.escape(alt, quote=True)}\">"
     cap = f"<figcaption>{inline_html(caption)}</figcaption>" if caption else ""
     return f"<figure>{img}{cap}</figure>"
 

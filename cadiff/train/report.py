@@ -78,9 +78,13 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     try:
-        return read_jsonl(path)
+        records = read_jsonl(path)
     except ValueError as exc:
         raise DataError(f"{path}: a line before the last is not JSON ({exc}); expected one JSON object per line") from None
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: record {number} is {type(record).__name__} {record!r:.60}; expected a JSON object")
+    return records
 
 
 def latest_config(run_dir: Path) -> tuple[str, str]:
@@ -101,7 +105,7 @@ def write_run_report(run_dir: str | Path, job: str) -> Path:
     records = read_metrics(run_dir)
     config_name, config_text = latest_config(run_dir)
     doc = Document(f"cadiff {job}: run {run_dir.name}")
-    doc.table(["", ""], _summary_rows(run_dir, records, config_text))
+    doc.table(["summary", "latest"], _summary_rows(run_dir, records, config_text))
     doc.heading("Training curves")
     _curve_section(doc, records, TRAINING_CURVES, "training curves")
     if any("val_latent_use" in r or "val_loss_z" in r for r in records):

@@ -12,9 +12,11 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -140,6 +142,15 @@ def build_sweep_report(tmp_path: Path) -> Path:
                               f"# @package _global_\nnote: {HOSTILE!r}\n", trials, [f"space: `{HOSTILE}`"])
 
 
+BUILDERS = {"run": build_train_report, "eval": build_eval_report, "sweep": build_sweep_report}
+
+
+@pytest.fixture(scope="module")
+def built_reports(tmp_path_factory) -> dict[str, Path]:
+    """Each kind of report built once for this module (the content tests and the browser test share them)."""
+    return {kind: build(tmp_path_factory.mktemp(kind)) for kind, build in BUILDERS.items()}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the document model
 
@@ -202,18 +213,64 @@ def test_preview_video_grid_shares_one_scale_and_enlarges_small_panels():
     assert upscale_factor((512, 512), grid_bytes=1) == 1
 
 
+class _StubAE(torch.nn.Module):
+    """Reconstructs 1.5x too bright: the one-scale still must show it."""
+
+    def reconstruct(self, x):
+        return 1.5 * x
+
+
+class _StubDiT(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def sample(self, shape, generator=None):
+        return torch.rand(shape, generator=generator)
+
+
+class _StubDecoder(torch.nn.Module):
+    def decode(self, z):
+        return z.mean(1, keepdim=True).repeat_interleave(4, dim=2).repeat_interleave(8, dim=3).repeat_interleave(8, dim=4)
+
+
+PHOTON_NORM = {"kind": "photon", "center": 0.0, "scale": 10.0}
+CALIB = {"gain": 2.0, "offset": 100.0, "read_noise": 0.0}
+
+
+def test_training_previews_write_videos_and_labelled_stills(tmp_path, monkeypatch):
+    from cadiff.train import media
+
+    logger_cfg = SimpleNamespace(video_fps=5)
+    x = torch.rand(2, 1, 5, 16, 16) + 1.0
+    paths = media.log_stage1(_StubAE(), x, PHOTON_NORM, CALIB, tmp_path, 7, logger_cfg)
+    assert [p.name for p in paths] == ["recon_step0000007.gif", "recon_step0000007.mp4", "recon_step0000007.png"]
+    width, height = _png_size(paths[2].read_bytes())
+    assert width >= 4 * 256 and height >= 2 * 256
+
+    import imageio.v3 as iio
+
+    assert iio.imread(paths[0]).shape[:3] == (5, 2 * (16 + 4) * 8, 4 * (16 + 4) * 8)  # 16 px panels (+ pad) x 8
+    monkeypatch.setattr(media, "load_exported_model", lambda *a: (_StubDecoder(), {"data": {
+        "normalization": PHOTON_NORM, "sources": {"sim": CALIB}}}, None))
+    paths = media.log_stage2(_StubDiT(), (4, 2, 2, 2), [0.0] * 4, [1.0] * 4, "stage1", tmp_path, 9, logger_cfg)
+    assert [p.name for p in paths] == ["samples_step0000009.gif", "samples_step0000009.mp4", "samples_step0000009.png"]
+    assert paths[2].read_bytes()[:8] == PNG_MAGIC
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the three reports
 
 
-def test_run_report_shows_curves_latent_use_noise_levels_preview_and_config(tmp_path):
-    page = build_train_report(tmp_path).read_text()
+def test_run_report_shows_curves_latent_use_noise_levels_preview_and_config(built_reports):
+    report = built_reports["run"]
+    page = report.read_text()
     pngs = _embedded_pngs(page)
     assert len(pngs) == 3 and all(p[:8] == PNG_MAGIC for p in pngs)  # curves, latent use + noise level, preview
     assert "step</td><td>40 of 50" in page and "val_latent_use" in page
     assert "Latent use and noise level" in page and "recon_step0000040.png" in page
     assert "&lt;script&gt;" in page and "<script" not in page
-    assert not list((tmp_path / "run").glob(".*tmp*"))
+    assert not list(report.parent.glob(".*tmp*"))
 
 
 def test_run_report_before_the_first_metrics_and_previews_says_what_is_missing(tmp_path):
@@ -232,6 +289,9 @@ def test_run_report_skips_a_torn_last_line_and_names_a_torn_earlier_one(tmp_path
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     (run_dir / "metrics.jsonl").write_text("\n".join([lines[0], "{torn", *lines[1:]]) + "\n")
     with pytest.raises(DataError, match=r"metrics.jsonl: a line before the last is not JSON"):
+        write_run_report(run_dir, "train_ae")
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n[1, 2]\n')
+    with pytest.raises(DataError, match=r"metrics.jsonl: record 2 is list \[1, 2\]; expected a JSON object"):
         write_run_report(run_dir, "train_ae")
 
 
@@ -261,9 +321,9 @@ def test_eval_report_markdown_links_the_figures_and_html_embeds_them(tmp_path):
     assert "| metric | generated | reference | difference |" in markdown and "<th>difference</th>" in page
 
 
-def test_sweep_report_and_plot_grid(tmp_path):
-    page = build_sweep_report(tmp_path).read_text()
-    sweep_dir = tmp_path / "sweep" / "kl"
+def test_sweep_report_and_plot_grid(built_reports):
+    page = built_reports["sweep"].read_text()
+    sweep_dir = built_reports["sweep"].parent
     plot = (sweep_dir / "metric_vs_params.png").read_bytes()
     pngs = _embedded_pngs(page)
     assert pngs[0] == plot and len(pngs) == 2  # the plot and the per-trial curves
@@ -334,12 +394,13 @@ def render_in_chromium(report: Path, out_dir: Path) -> tuple[str, np.ndarray]:
 
 @pytest.mark.skipif(_chromium() is None, reason="no headless Chromium on PATH (Debian: apt-get install -y chromium; "
                     "`make setup` installs it where apt-get can run)")
-@pytest.mark.parametrize("build", [build_train_report, build_eval_report, build_sweep_report], ids=["run", "eval", "sweep"])
-def test_report_renders_in_a_real_browser_with_every_image_loaded(build, tmp_path):
-    report = build(tmp_path)
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_report_renders_in_a_real_browser_with_every_image_loaded(kind, built_reports, tmp_path):
+    report = built_reports[kind]
     expected = len(_embedded_pngs(report.read_text()))
     assert expected >= 2 and "<script" not in report.read_text()
     loaded, screenshot = render_in_chromium(report, tmp_path)
     assert loaded == f"{expected}/{expected}", f"images on the page / decoded: {loaded}"
-    colours = np.unique((screenshot.reshape(-1, 3) * 255).astype(np.uint8), axis=0)
+    rgb = (screenshot * 255).astype(np.uint32)
+    colours = np.unique((rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2])
     assert len(colours) > 16, f"blank screenshot ({len(colours)} colours)"
