@@ -78,7 +78,8 @@ def _run_streaming(cmd: list[str]) -> tuple[int, list[str]]:
 def run_demo(out: Path, ae_steps: int, dit_steps: int, num_samples: int, workers: int) -> int:
     """Run every step; stop at the first failure. Returns a process exit code."""
     t_all = time.monotonic()
-    for job, overrides in demo_steps(out, ae_steps, dit_steps, num_samples, workers):
+    steps = demo_steps(out, ae_steps, dit_steps, num_samples, workers)
+    for job, overrides in steps:
         t0 = time.monotonic()
         cmd = [sys.executable, str(REPO / "jobs" / f"{job}.py"), *overrides]
         print(f"[demo] {job}: {' '.join(cmd[1:])}", flush=True)
@@ -88,11 +89,24 @@ def run_demo(out: Path, ae_steps: int, dit_steps: int, num_samples: int, workers
             print("\n".join(lines[-60:]), flush=True)
             print(f"[demo] {job} failed (exit {code})", flush=True)
             return code
-    samples, report = out / "samples", out / "eval"
     print(f"[demo] done in {time.monotonic() - t_all:.0f}s", flush=True)
-    print(f"[demo] samples (TIFF/GIF/MP4): {samples}", flush=True)
-    print(f"[demo] evaluation report:      {report / 'report.md'} (metrics.json, *.png beside it)", flush=True)
+    print(f"[demo] samples (TIFF/GIF/MP4): {out / 'samples'}", flush=True)
+    print("[demo] reports (self-contained HTML, open in a browser):", flush=True)
+    for label, path in report_paths(steps):
+        print(f"[demo]   {label:<15} {path}", flush=True)
     return 0
+
+
+def report_paths(steps: list[tuple[str, list[str]]]) -> list[tuple[str, Path]]:
+    """(job, report.html path) of each step that writes one: the training runs and the evaluation."""
+    paths = []
+    for job, overrides in steps:
+        values = dict(o.split("=", 1) for o in overrides)
+        if job in ("train_ae", "train_latent"):
+            paths.append((job, Path(values["out_root"]) / job / values["run_name"] / "report.html"))
+        elif job == "evaluate":
+            paths.append((job, Path(values["out"]) / "report.html"))
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:

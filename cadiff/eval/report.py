@@ -1,8 +1,10 @@
-"""Evaluate generated movies against a reference set: load, compute metrics, write figures + report.md + metrics.json.
+"""Evaluate generated movies against a reference set: load, compute metrics, write figures, report.md,
+report.html and metrics.json.
 
 Every output is written atomically (temp file, then rename) and ``metrics.json`` last, so its presence means
 the evaluation finished. Figures use matplotlib's object API (``Figure``) and never touch pyplot state, so
-they render headless on any backend.
+they render headless on any backend. One :class:`cadiff.report_html.Document` renders both reports; the HTML one
+embeds the figures, so it is a single file that can be mailed.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from matplotlib.figure import Figure
 from cadiff.errors import DataError
 from cadiff.eval.inputs import common_shape, crop_sets, load_set, modal_shape, resolve_calibration
 from cadiff.eval.metrics import MIN_FRAMES, MIN_SIDE, SetSummary, compare_sets, summarize_set
-from cadiff.io import atomic_path, write_json_atomic, write_text_atomic
+from cadiff.io import write_json_atomic, write_text_atomic
+from cadiff.report_html import Document, save_png
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +75,9 @@ def evaluate_folders(
         figures=dict(FIGURES),
     )
     out = Path(out)
-    write_figures(out, gen_summary, ref_summary, metrics)
-    write_text_atomic(out / "report.md", render_report(metrics))
+    document = report_document(metrics, write_figures(out, gen_summary, ref_summary, metrics))
+    write_text_atomic(out / "report.md", document.markdown())
+    document.write_html(out / "report.html")
     write_json_atomic(out / "metrics.json", metrics)
     log.info("evaluation written to %s", out)
     return metrics
@@ -118,11 +122,6 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 # ---------------------------------------------------------------------------------------------------------
 # figures
-
-
-def _save(fig: Figure, path: Path) -> None:
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
 def _image_pair(gen: np.ndarray, ref: np.ndarray, title: str, unit: str) -> Figure:
@@ -197,8 +196,10 @@ def _gain_fit(gen: SetSummary, ref: SetSummary, metrics: dict[str, Any]) -> Figu
     return fig
 
 
-def write_figures(out: Path, gen: SetSummary, ref: SetSummary, metrics: dict[str, Any]) -> None:
-    """Side-by-side PNGs: mean image, correlation image, spectra + ACF, histograms, photon-transfer fit."""
+def write_figures(out: Path, gen: SetSummary, ref: SetSummary, metrics: dict[str, Any]) -> dict[str, bytes]:
+    """Side-by-side PNGs: mean image, correlation image, spectra + ACF, histograms, photon-transfer fit.
+
+    Returns each figure's PNG bytes by key (for the HTML report)."""
     out.mkdir(parents=True, exist_ok=True)
     g0, r0 = gen.stats[0], ref.stats[0]
     figures = {
@@ -208,65 +209,85 @@ def write_figures(out: Path, gen: SetSummary, ref: SetSummary, metrics: dict[str
         "histogram": _histogram(gen, ref, metrics),
         "gain_fit": _gain_fit(gen, ref, metrics),
     }
-    for key, fig in figures.items():
-        _save(fig, out / FIGURES[key])
+    return {key: save_png(fig, out / FIGURES[key], dpi=110, tight=True) for key, fig in figures.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # report
 
 
-def _row(name: str, gen: Any, ref: Any, diff: Any = None, digits: int = 3) -> str:
-    return f"| {name} | {_fmt(gen, digits)} | {_fmt(ref, digits)} | {_fmt(diff, digits) if diff is not None else ''} |"
+def _row(name: str, gen: Any, ref: Any, diff: Any = None, digits: int = 3) -> list[str]:
+    return [name, _fmt(gen, digits), _fmt(ref, digits), _fmt(diff, digits) if diff is not None else ""]
 
 
-def _set_row(name: str, value: Any, digits: int = 3) -> str:
+def _set_row(name: str, value: Any, digits: int = 3) -> list[str]:
     """A row for a metric of the pair of sets (no per-set value)."""
-    return f"| {name} | | | {_fmt(value, digits)} |"
+    return [name, "", "", _fmt(value, digits)]
 
 
 def _diff(a: Any, b: Any) -> float | None:
     return a - b if a is not None and b is not None else None
 
 
-def render_report(metrics: dict[str, Any]) -> str:
-    """Markdown report: inputs, headline verdicts, the metrics table and the figures."""
-    noise, inten, temp, spat, mmd = (metrics[k] for k in ("noise", "intensity", "temporal", "spatial", "mmd"))
-    ratio = noise["gain_ratio"]
+FIGURE_CAPTIONS = {
+    "mean_image": "Mean image of the first clip of each set",
+    "corr_image": "Local correlation image (mean correlation with the 8 neighbours) of the first clip",
+    "spectra": "Temporal PSD, spatial PSD and temporal autocorrelation (set means)",
+    "histogram": "Pixel intensity histograms",
+    "gain_fit": "Photon transfer: per-pixel variance vs mean with the fitted lines",
+}
+
+
+def report_document(metrics: dict[str, Any], figures: dict[str, bytes]) -> Document:
+    """The report (Markdown: report.md, HTML: report.html): inputs, headline verdicts, metrics table, figures."""
+    mmd = metrics["mmd"]
+    gain_verdict, mmd_verdict = _verdicts(metrics)
+    doc = Document("cadiff evaluation")
+    doc.bullets([
+        f"generated: `{metrics['gen']['path']}` ({metrics['gen']['kind']}, {metrics['gen']['num_clips']} clips)",
+        f"reference: `{metrics['ref']['path']}` ({metrics['ref']['kind']}, {metrics['ref']['num_clips']} clips, "
+        f"split `{metrics['settings']['ref_split']}`)",
+        f"clip shape [T, H, W]: {metrics['clip_shape']}; frame rate: {_fmt(metrics['rate_hz'], 2)} Hz",
+        f"calibrations (generated): {_calibrations(metrics['gen'])}",
+        f"calibrations (reference): {_calibrations(metrics['ref'])}",
+    ])
+    doc.heading("Headline").bullets([
+        f"**photon-transfer gain ratio** (generated / reference): **{_fmt(metrics['noise']['gain_ratio'])}** - "
+        f"{gain_verdict}. A generator that smooths shot noise (e.g. a regression autoencoder) falls well below 1.",
+        f"**MMD^2** of per-clip features: **{_fmt(mmd['mmd2'], 4)}** vs reference split-half "
+        f"{_fmt(mmd['baseline_mmd2'], 4)} +- {_fmt(mmd['baseline_mmd2_std'], 4)} - {mmd_verdict}.",
+    ])
+    doc.heading("Metrics (photon units; per-clip medians)")
+    doc.table(["metric", "generated", "reference", "difference"], _metric_rows(metrics))
+    doc.paragraph(f"MMD features ({len(mmd['feature_names'])}, z-scored over both sets): "
+                  f"{', '.join(mmd['feature_names'])}; kernel bandwidth {_fmt(mmd['bandwidth'])}.")
+    doc.heading("Figures")
+    for key, fname in metrics["figures"].items():
+        doc.heading(FIGURE_CAPTIONS[key], 3).figure(figures[key], key, filename=fname)
+    return doc
+
+
+def _verdicts(metrics: dict[str, Any]) -> tuple[str, str]:
+    """(gain-ratio verdict, MMD verdict) in words."""
+    ratio, mmd = metrics["noise"]["gain_ratio"], metrics["mmd"]
     lo, hi = GAIN_RATIO_BAND
     gain_verdict = (
         "n/a (no photon-transfer fit)" if ratio is None
         else f"{'within' if lo <= ratio <= hi else 'OUTSIDE'} the {lo}-{hi} band"
     )
     if mmd["mmd2"] is None or mmd["baseline_mmd2"] is None:
-        mmd_verdict = "n/a (needs >= 2 generated and >= 4 reference clips)"
-    else:
-        noise_level = mmd["baseline_mmd2"] + 2 * (mmd["baseline_mmd2_std"] or 0.0)
-        mmd_verdict = (
-            "indistinguishable from a reference split" if mmd["mmd2"] <= noise_level
-            else "above the reference split-half level (mean + 2 std)"
-        )
-    lines = [
-        "# cadiff evaluation",
-        "",
-        f"- generated: `{metrics['gen']['path']}` ({metrics['gen']['kind']}, {metrics['gen']['num_clips']} clips)",
-        f"- reference: `{metrics['ref']['path']}` ({metrics['ref']['kind']}, {metrics['ref']['num_clips']} clips, "
-        f"split `{metrics['settings']['ref_split']}`)",
-        f"- clip shape [T, H, W]: {metrics['clip_shape']}; frame rate: {_fmt(metrics['rate_hz'], 2)} Hz",
-        f"- calibrations (generated): {_calibrations(metrics['gen'])}",
-        f"- calibrations (reference): {_calibrations(metrics['ref'])}",
-        "",
-        "## Headline",
-        "",
-        f"- **photon-transfer gain ratio** (generated / reference): **{_fmt(ratio)}** - {gain_verdict}. "
-        "A generator that smooths shot noise (e.g. a regression autoencoder) falls well below 1.",
-        f"- **MMD^2** of per-clip features: **{_fmt(mmd['mmd2'], 4)}** vs reference split-half "
-        f"{_fmt(mmd['baseline_mmd2'], 4)} +- {_fmt(mmd['baseline_mmd2_std'], 4)} - {mmd_verdict}.",
-        "",
-        "## Metrics (photon units; per-clip medians)",
-        "",
-        "| metric | generated | reference | difference |",
-        "|---|---|---|---|",
+        return gain_verdict, "n/a (needs >= 2 generated and >= 4 reference clips)"
+    noise_level = mmd["baseline_mmd2"] + 2 * (mmd["baseline_mmd2_std"] or 0.0)
+    mmd_verdict = (
+        "indistinguishable from a reference split" if mmd["mmd2"] <= noise_level
+        else "above the reference split-half level (mean + 2 std)"
+    )
+    return gain_verdict, mmd_verdict
+
+
+def _metric_rows(metrics: dict[str, Any]) -> list[list[str]]:
+    noise, inten, temp, spat, mmd = (metrics[k] for k in ("noise", "intensity", "temporal", "spatial", "mmd"))
+    return [
         _row("photon-transfer gain", noise["gain_gen"], noise["gain_ref"], _diff(noise["gain_gen"], noise["gain_ref"])),
         _row("photon-transfer offset (photons)", noise["offset_gen"], noise["offset_ref"], noise["offset_diff"]),
         _row("photon-transfer fit R^2", noise["r2_gen"], noise["r2_ref"]),
@@ -284,23 +305,7 @@ def render_report(metrics: dict[str, Any]) -> str:
         _set_row("spatial log-PSD distance (dB rms)", spat["psd_distance_db"]),
         _set_row("MMD^2 (RBF, median bandwidth)", mmd["mmd2"], 4),
         _set_row("MMD^2 reference split-half", mmd["baseline_mmd2"], 4),
-        "",
-        f"MMD features ({len(mmd['feature_names'])}, z-scored over both sets): {', '.join(mmd['feature_names'])}; "
-        f"kernel bandwidth {_fmt(mmd['bandwidth'])}.",
-        "",
-        "## Figures",
-        "",
     ]
-    captions = {
-        "mean_image": "Mean image of the first clip of each set",
-        "corr_image": "Local correlation image (mean correlation with the 8 neighbours) of the first clip",
-        "spectra": "Temporal PSD, spatial PSD and temporal autocorrelation (set means)",
-        "histogram": "Pixel intensity histograms",
-        "gain_fit": "Photon transfer: per-pixel variance vs mean with the fitted lines",
-    }
-    for key, fname in metrics["figures"].items():
-        lines += [f"### {captions[key]}", "", f"![{key}]({fname})", ""]
-    return "\n".join(lines)
 
 
 def _calibrations(described: dict[str, Any]) -> str:

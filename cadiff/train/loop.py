@@ -4,7 +4,8 @@ Stage 1 trains a DiffusionAutoencoder / RegressionAutoencoder on normalized clip
 objective on per-channel-normalized latents. Only the model, the batch source and the previews differ, and
 a :class:`cadiff.train.stage.Stage` holds those. Checkpoints hold model, optimizer, LR step, EMA, RNG states and
 the data position; with
-``data.deterministic=true`` a resumed run is bit-identical to an uninterrupted one (DDP, fp32).
+``data.deterministic=true`` a resumed run is bit-identical to an uninterrupted one (DDP, fp32). Rank 0 refreshes
+the run's ``report.html`` after checkpoints (:class:`cadiff.train.report.RunReport`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from cadiff.train.logging import (
     peak_flops_for,
     start_wandb,
 )
+from cadiff.train.report import RunReport
 from cadiff.train.stage import DataInfo, Stage, get_stage
 from cadiff.train.step import train_step
 from cadiff.train.strategies import build_strategy
@@ -275,6 +277,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     wandb_run = start_wandb(cfg.logger, run_dir, run_dir.name, config["cfg"]) if rank == 0 else None
     writer = MetricsWriter(run_dir / "metrics.jsonl", wandb_run) if rank == 0 else None
     progress = ProgressLine(tcfg.max_steps) if rank == 0 else None
+    run_report = RunReport(run_dir, run.stage.job) if rank == 0 else None
     window = {"loss": 0.0, "n": 0, "samples": 0, "wait": 0.0, "time": 0.0, "grad_norm": 0.0}
     last_metrics: dict[str, Any] = {}
 
@@ -322,6 +325,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 step=step,
                 has_files=strategy.rank_writes_checkpoint(),
             )
+            if run_report is not None:
+                run_report.refresh(step, last=is_last)
         elif metrics:
             reporter.report(metrics)
 

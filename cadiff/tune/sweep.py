@@ -2,8 +2,8 @@
 
 The Tune trainable is a function that composes the trial's config (base experiment + the user's overrides +
 the sampled values), builds the same ``TorchTrainer`` as ``jobs/train_*.py`` with a ``TuneReportCallback``,
-and fits it. Outputs in ``<out_root>/sweep/<name>/``: results.csv, results.md, one PNG per swept parameter,
-best.yaml, and the best config as ``<out_root>/experiments/experiment/<name>_best.yaml`` which
+and fits it. Outputs in ``<out_root>/sweep/<name>/``: results.csv, results.md, metric_vs_params.png (a panel per
+swept parameter), report.html (:mod:`cadiff.tune.report`: table, plots, per-trial curves), best.yaml, and the best config as ``<out_root>/experiments/experiment/<name>_best.yaml`` which
 ``jobs/train_*.py experiment=<name>_best`` picks up (see ``cadiff.config.user_config_dirs``).
 """
 
@@ -23,6 +23,7 @@ from cadiff.io import atomic_path, write_text_atomic
 from cadiff.runtime.ray import init_ray
 from cadiff.train.launch import build_trainer, planned_run
 from cadiff.train.stage import get_stage
+from cadiff.tune.report import fmt_value, write_sweep_report
 from cadiff.tune.space import SearchSpace, apply_params, load_space, to_tune
 
 log = logging.getLogger(__name__)
@@ -171,8 +172,9 @@ def absolute_data_roots(probe: Any, stage: str) -> dict[str, str]:
 
 
 def write_results(results: Any, space: SearchSpace, cfg: Any, sweep_dir: Path, max_steps: int) -> tuple[str, str]:
-    """results.csv/.md, a plot per parameter, best.yaml and the best experiment file."""
+    """results.csv/.md, the metric-vs-parameter plot, report.html, best.yaml and the best experiment file."""
     rows = []
+    trials: dict[str, Path] = {}  # trial name -> its training run folder (run_name trial_<id>, see run_trial)
     for r in results:
         metrics = r.metrics or {}
         row = {"trial": Path(r.path).name if r.path else "?", "status": "error" if r.error else "ok"}
@@ -181,6 +183,8 @@ def write_results(results: Any, space: SearchSpace, cfg: Any, sweep_dir: Path, m
         row["steps"] = metrics.get("step")
         row["early_stopped"] = bool(metrics.get("step") is not None and metrics.get("step") < max_steps and not r.error)
         rows.append(row)
+        if metrics.get("trial_id"):
+            trials[row["trial"]] = sweep_dir / "trials" / space.job / f"trial_{metrics['trial_id']}"
     scored = [r for r in rows if isinstance(r[cfg.metric], (int, float)) and math.isfinite(r[cfg.metric])]
     if not scored:
         errors = "; ".join(" ".join(str(r.error).split())[-300:] for r in results if r.error)
@@ -188,7 +192,6 @@ def write_results(results: Any, space: SearchSpace, cfg: Any, sweep_dir: Path, m
     best = (min if cfg.mode == "min" else max)(scored, key=lambda r: r[cfg.metric])
     sweep_dir.mkdir(parents=True, exist_ok=True)
     _write_table(rows, sweep_dir)
-    _plot(scored, space, cfg.metric, sweep_dir)
     best_params = {k: best[k] for k in space.params}
     experiment_name = f"{sweep_dir.name}_best"
     best_file = Path(cfg.out_root).resolve() / "experiments" / "experiment" / f"{experiment_name}.yaml"
@@ -198,6 +201,8 @@ def write_results(results: Any, space: SearchSpace, cfg: Any, sweep_dir: Path, m
     experiments_dir = best_file.parent.parent
     # the written file must compose as an experiment from its folder (found by default under ./outputs)
     compose(space.job, [f"experiment={experiment_name}", f"hydra.searchpath=[file://{experiments_dir}]"])
+    about = [f"space: `{space.name}` ({space.path}), stage {space.stage}, base experiment `{space.experiment}`"]
+    write_sweep_report(sweep_dir, rows, space.params, cfg.metric, cfg.mode, best, text, trials, about)
     stopped = sum(r["early_stopped"] for r in rows)
     summary = (
         f"{len(rows)} trials ({stopped} stopped early) best {cfg.metric}={best[cfg.metric]:.4g} "
@@ -238,31 +243,5 @@ def _write_table(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
         writer.writerows(rows)
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r[k]) for k in keys) + " |")
+        lines.append("| " + " | ".join(fmt_value(r[k]) for k in keys) + " |")
     write_text_atomic(sweep_dir / "results.md", "\n".join(lines) + "\n")
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def _plot(rows: list[dict[str, Any]], space: SearchSpace, metric: str, sweep_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = list(space.params)
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        xs = [str(r[key]) if isinstance(r[key], (str, list, bool)) else r[key] for r in rows]
-        ax.scatter(xs, [r[metric] for r in rows])
-        ax.set_xlabel(key)
-        ax.set_ylabel(metric)
-        if space.params[key].dist == "loguniform":
-            ax.set_xscale("log")
-    fig.tight_layout()
-    with atomic_path(sweep_dir / "metric_vs_params.png", suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-

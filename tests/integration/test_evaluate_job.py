@@ -56,6 +56,7 @@ def check_outputs(out: Path) -> dict:
     for name in FIGURES.values():
         assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
         assert f"]({name})" in report
+    assert (out / "report.html").read_text().count("<img src=\"data:image/png;base64,") == len(FIGURES)
     assert (out / "config.yaml").is_file() and (out / "run.json").is_file()
     assert not list(out.glob(".*tmp*")), "temp files left behind"
     return metrics

@@ -147,6 +147,31 @@ def test_trial_config_uses_absolute_data_root_and_sweep_resources(tmp_path, monk
     assert cfg.trainer.max_steps == 3 and cfg.trainer.val_every == 1 and cfg.trainer.log_every == 1
 
 
+def test_results_report_has_the_plot_and_each_trial_curves_from_its_run_folder(tmp_path):
+    """write_results without Ray: Tune's results stand in; each trial's run folder is found by its trial_id."""
+    from types import SimpleNamespace
+
+    from cadiff.tune.space import load_space
+    from cadiff.tune.sweep import write_results
+
+    space = load_space(_write_space(tmp_path / "kl.yaml", {"model.kl_weight": {"grid": KL_GRID}}), "ae")
+    sweep_dir = tmp_path / "out" / "sweep" / "kl"
+    results = []
+    for i, kl in enumerate(KL_GRID):
+        run_dir = sweep_dir / "trials" / "train_ae" / f"trial_t{i}"
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.jsonl").write_text("".join(
+            f'{{"step": {s}, "loss": {1 / s + kl}, "val_loss": {1 / s + kl}}}\n' for s in (1, 2, 3)))
+        results.append(SimpleNamespace(metrics={"val_loss": 1 / 3 + kl, "step": 3, "trial_id": f"t{i}"},
+                                       config={"model.kl_weight": kl}, path=str(tmp_path / f"run_trial_t{i}"), error=None))
+    cfg = SimpleNamespace(metric="val_loss", mode="min", out_root=str(tmp_path / "out"))
+    summary, path = write_results(results, space, cfg, sweep_dir, MAX_STEPS)
+    report = (sweep_dir / "report.html").read_text()
+    assert path == str(sweep_dir) and "best val_loss=0.3333" in summary
+    assert report.count("<img") == 2 and "<td>run_trial_t0</td>" in report and "<th>#</th>" in report  # plot + curves
+    assert "No trial left a metrics.jsonl" not in report
+
+
 # ---------------------------------------------------------------------------------------------------------
 # end to end: a real sweep on a local Ray cluster
 
@@ -189,6 +214,8 @@ def test_sweep_asha_table_plot_best_experiment_trains_and_resumes(ray_cluster, t
     import matplotlib.image
 
     assert matplotlib.image.imread(png).shape[0] > 100
+    report = (sweep_dir / "report.html").read_text()
+    assert report.count("<img") == 2 and "kl_weight" in report  # the plot and the per-trial curves
 
     best_file = out_root / "experiments" / "experiment" / "kl_best.yaml"
     text = best_file.read_text()

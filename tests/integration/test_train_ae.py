@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 from pathlib import Path
@@ -84,6 +85,11 @@ def test_ddp_trains_exports_media_and_resumes_exactly(ray_cluster, sim_data_root
     mp4 = sorted((run_dir / "media").glob("recon_step*.mp4"))[-1]
     assert iio.imread(gif).shape[0] == 17
     assert iio.imread(mp4, plugin="pyav").shape[0] == 17
+    # the run report: written at the last checkpoint, after the last preview (its labelled still embedded)
+    still = sorted((run_dir / "media").glob("recon_step*.png"))[-1]
+    report = (run_dir / "report.html").read_text()
+    assert "step</td><td>4 of 4" in report and "Latent use and noise level" in report
+    assert base64.b64encode(still.read_bytes()).decode() in report
 
     # stopped at step 2, then re-running the same command resumes (never restarts) and ends where 4 steps end
     run_training(_cfg(sim_data_root, tmp_path, "split", *common, "trainer.stop_at_step=2"), "ae")

@@ -32,3 +32,12 @@ def test_each_stage_streams_its_progress_lines(capsys):
     assert code == 0 and lines[-1] == "cadiff train_ae: ok step=10 -> out"
     out = capsys.readouterr().out
     assert "[demo]     step 5/10 | loss 0.5000 | elapsed 1s ETA 1s" in out and "noise" not in out
+
+
+def test_demo_names_the_report_of_each_training_run_and_of_the_evaluation(tmp_path: Path):
+    steps = demo.demo_steps(tmp_path, 3, 3, 1, 2, run_name="r")
+    assert demo.report_paths(steps) == [
+        ("train_ae", tmp_path / "runs" / "train_ae" / "r" / "report.html"),
+        ("train_latent", tmp_path / "runs" / "train_latent" / "r" / "report.html"),
+        ("evaluate", tmp_path / "eval" / "report.html"),
+    ]
