@@ -4,6 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# two pytest-xdist workers: the tests on the shared Ray cluster run one after another on one of them
+# (tests/conftest.py), everything else on either; TEST_WORKERS=0 runs the suite in one process
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadgroup)
 
 .PHONY: setup browser demo test test-fast bench lint clean
 
@@ -24,10 +28,10 @@ demo: setup
 	$(PY) -m cadiff.demo
 
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) benchmarks/model_step.py
