@@ -28,6 +28,9 @@ CONF_MODULE = "cadiff.conf"
 # data preparation
 
 
+CALIBRATIONS = ("auto", "photon_transfer", "dark", "none")  # source.calibration, cadiff.data.prepare.calibrate
+
+
 @dataclass
 class SourceConfig:
     """Where movies come from: the simulator, local TIFF/HDF5 files, or a public archive."""
@@ -39,9 +42,12 @@ class SourceConfig:
     base_url: Optional[str] = None  # override of the public archive URL (tests point it at 127.0.0.1)
     cache_dir: str = "outputs/downloads"
     rate_hz: Optional[float] = None  # override when the file carries no frame rate
-    # calibration: estimated from the movie when not given
-    gain: Optional[float] = None
-    offset: Optional[float] = None
+    # calibration: auto = photon_transfer, else dark, else none (each fallback a WARNING naming the reason);
+    # photon_transfer = the mean-variance line; dark = offset from the darkest pixels, gain from the slope through
+    # it; none = no photon scale: robust z-scores in the movie's own units, gain-based metrics not applicable
+    calibration: str = "auto"
+    gain: Optional[float] = None  # ADU per photon; given with offset, it wins over any estimate (not with none)
+    offset: Optional[float] = None  # ADU at zero photons
     read_noise: Optional[float] = None  # ADU; with gain/offset given (default 0: offset is the PT intercept)
     calibration_frames: int = 1024  # frames (in 8-frame windows spread over the movie) used to estimate gain
     # simulator
@@ -670,6 +676,11 @@ def validate_prepare_data(cfg: Any) -> None:
     if cfg.source.name in ("tiff", "hdf5"):
         _require(bool(cfg.source.path), "source.path", cfg.source.path, f"a file or folder for source={cfg.source.name}")
     _choice("source.preset", cfg.source.preset, ("default", "two_photon"))
+    _choice("source.calibration", cfg.source.calibration, CALIBRATIONS)
+    if cfg.source.calibration == "none":
+        given = {k: getattr(cfg.source, k) for k in ("gain", "offset", "read_noise") if getattr(cfg.source, k) is not None}
+        _require(not given, "source.calibration", "none", f"no source.gain/offset/read_noise with it (given {given}): "
+                 "drop them, or use source.calibration=auto to normalize in photons with them")
     c = cfg.clip
     for k in ("frames", "height", "width"):
         _require(getattr(c, k) >= 1, f"clip.{k}", getattr(c, k), ">= 1")

@@ -29,14 +29,20 @@ from typing import Any
 
 import numpy as np
 
-from cadiff.data.anscombe import anscombe
-from cadiff.data.movie import UINT16_MAX, Movie, read_frames
-from cadiff.data.noise import estimate_photon_transfer
+from cadiff.data.movie import UINT16_MAX, Movie, normalize, read_frames, to_stored_units
+from cadiff.data.noise import (
+    POOR_FIT_R2,
+    PhotonTransfer,
+    RawScale,
+    estimate_dark_calibration,
+    estimate_photon_transfer,
+    estimate_raw_scale,
+)
 from cadiff.data.shards import INDEX_NAME, read_index, write_index, write_shards
 from cadiff.data.simulate import simulate_movie
 from cadiff.data.sources.hdf5 import HDF5_SUFFIXES, read_hdf5
 from cadiff.data.sources.tiff import read_tiff
-from cadiff.errors import DataError
+from cadiff.errors import DataError, NoPhotonSignature
 from cadiff.io import write_json_atomic
 from cadiff.runinfo import record_run
 
@@ -115,35 +121,150 @@ def list_recordings(src: Any) -> list[Recording]:
 # calibration, tiling, dtype
 
 
+# the overrides that settle any calibration failure, named by every error that remains
+CALIBRATION_FIX = ("pass source.gain and source.offset (raw detector data), or source.calibration=none to "
+                   "normalize in the movie's own units")
+# float movies in raw units: storage levels per robust std (quantization error ~0.005 std)
+RAW_LEVELS_PER_STD = 64
+
+
 def calibrate(movie: Movie, src: Any, where: str) -> dict[str, Any]:
-    """Per-recording calibration: given ``source.gain/offset`` win, the rest is estimated by photon transfer."""
-    given_gain, given_offset = src.gain, src.offset
+    """Per-recording calibration by ``source.calibration``; given ``source.gain/offset`` win over estimates."""
     entry: dict[str, Any] = {"rate_hz": float(movie.rate_hz)}
-    if given_gain is not None and given_offset is not None:
-        entry.update(gain=float(given_gain), offset=float(given_offset), read_noise=float(src.read_noise or 0.0),
+    if src.calibration == "none":
+        entry.update(raw_calibration(movie, src, where))
+    elif src.gain is not None and src.offset is not None:
+        entry.update(gain=float(src.gain), offset=float(src.offset), read_noise=float(src.read_noise or 0.0),
                      calibration="given")
+    elif src.calibration == "auto":
+        entry.update(_auto_calibration(movie, src, where))
     else:
-        try:
-            pt = estimate_photon_transfer(movie.data, max_frames=src.calibration_frames)
-        except DataError as exc:
-            raise DataError(f"{where}: noise calibration failed: {exc}") from exc
-        if pt.r2 < 0.5:
-            log.warning("%s: photon-transfer fit is poor (r2 %.2f); consider source.gain/source.offset", where, pt.r2)
-        gain = float(given_gain if given_gain is not None else pt.gain)
-        if given_offset is not None:
-            # a true (dark) offset above the PT intercept carries read noise: var = g (offset - intercept)
-            entry.update(offset=float(given_offset), read_noise=math.sqrt(max(0.0, gain * (given_offset - pt.offset))))
-        else:
-            # the intercept as offset with zero read noise reproduces the fitted mean-variance line exactly
-            entry.update(offset=float(pt.offset), read_noise=0.0)
-        entry.update(gain=gain, calibration="photon_transfer", photon_transfer=pt.as_dict())
+        entry.update(ESTIMATORS[src.calibration](movie, src, where, None))
     for key in ("gain", "offset", "read_noise"):
         value = getattr(movie, key)
         if value is not None:
             entry[f"true_{key}"] = float(value)  # the simulator's ground truth, for comparison
-    if entry["gain"] <= 0:
+    if entry["gain"] is not None and entry["gain"] <= 0:
         raise DataError(f"{where}: gain {entry['gain']} ADU/photon, expected > 0")
     return entry
+
+
+def _with_given(pt: PhotonTransfer, src: Any, method: str) -> dict[str, Any]:
+    """An estimated line, with a given ``source.gain`` or ``source.offset`` taking its part."""
+    gain = float(src.gain if src.gain is not None else pt.gain)
+    if src.offset is not None:
+        # a true (dark) offset above the PT intercept carries read noise: var = g (offset - intercept)
+        offset, read_noise = float(src.offset), math.sqrt(max(0.0, gain * (src.offset - pt.offset)))
+    else:
+        # the intercept as offset with zero read noise reproduces the fitted mean-variance line exactly
+        offset, read_noise = float(pt.offset), 0.0
+    return {"gain": gain, "offset": offset, "read_noise": read_noise, "calibration": method,
+            "photon_transfer": pt.as_dict()}
+
+
+def _failed(where: str, what: str, exc: DataError) -> DataError:
+    """The error of a failed estimate, of the same class; a missing photon signature names the overrides."""
+    fix = f"; {CALIBRATION_FIX}" if isinstance(exc, NoPhotonSignature) else ""
+    return type(exc)(f"{where}: {what} failed: {exc}{fix}")
+
+
+def _photon_transfer(movie: Movie, src: Any, where: str, min_r2: float | None) -> dict[str, Any]:
+    """Photon transfer; a fit below ``min_r2`` is a NoPhotonSignature (``None``: a warning)."""
+    try:
+        pt = estimate_photon_transfer(movie.data, max_frames=src.calibration_frames)
+    except DataError as exc:
+        raise _failed(where, "noise calibration", exc) from exc
+    if pt.r2 < POOR_FIT_R2:
+        if min_r2 is not None:
+            reason = NoPhotonSignature(f"photon-transfer fit is poor (R^2 {pt.r2:.2f} < {min_r2})")
+            raise NoPhotonSignature(f"{where}: noise calibration failed: {reason}; {CALIBRATION_FIX}") from reason
+        log.warning("%s: photon-transfer fit is poor (r2 %.2f); consider source.gain/source.offset or "
+                    "source.calibration=none", where, pt.r2)
+    return _with_given(pt, src, "photon_transfer")
+
+
+def _dark(movie: Movie, src: Any, where: str, min_r2: float | None) -> dict[str, Any]:
+    """Offset from the darkest pixels (or ``source.offset``), gain from the photon-transfer slope through it; the
+    fit must reach ``min_r2`` (``None``: :data:`POOR_FIT_R2`)."""
+    try:
+        pt = estimate_dark_calibration(movie.data, offset=src.offset, max_frames=src.calibration_frames,
+                                       min_r2=POOR_FIT_R2 if min_r2 is None else min_r2)
+    except DataError as exc:
+        raise _failed(where, "dark-offset calibration", exc) from exc
+    return _with_given(pt, src, "dark")
+
+
+ESTIMATORS: dict[str, Callable[[Movie, Any, str, float | None], dict[str, Any]]] = {
+    "photon_transfer": _photon_transfer,
+    "dark": _dark,
+}
+
+
+def _auto_calibration(movie: Movie, src: Any, where: str) -> dict[str, Any]:
+    """Photon transfer, else the dark-pixel offset, else raw units; a fallback is one WARNING line saying why.
+
+    Only a missing photon signature falls back: bad input (NaN, unreadable frames) fails as with any method.
+    """
+    failures = []
+    for method, estimate in ESTIMATORS.items():
+        try:
+            entry = estimate(movie, src, where, POOR_FIT_R2)
+        except NoPhotonSignature as exc:
+            failures.append(f"{method}: {exc.__cause__ or exc}")
+            continue
+        if failures:
+            log.warning("%s: source.calibration=auto used %s (%s)", where, method, "; ".join(failures))
+        return entry
+    log.warning("%s: source.calibration=auto found no photon signature (%s): normalized in raw units as with "
+                "source.calibration=none, gain-based metrics are not applicable; pass source.gain and "
+                "source.offset if this is raw detector data", where, "; ".join(failures))
+    return raw_calibration(movie, src, where)
+
+
+def raw_calibration(movie: Movie, src: Any, where: str) -> dict[str, Any]:
+    """No photon scale: the robust level/scale/noise of the movie in its own units and its storage grid."""
+    try:
+        stats = estimate_raw_scale(movie.data, max_frames=src.calibration_frames)
+    except DataError as exc:
+        raise _failed(where, "raw-unit normalization", exc) from exc
+    zero, step = raw_storage_grid(stats, np.issubdtype(movie.dtype, np.floating))
+    return {"gain": None, "offset": None, "read_noise": None, "calibration": "none",
+            "raw": {**stats.as_dict(), "zero": zero, "step": step}}
+
+
+def raw_storage_grid(stats: RawScale, is_float: bool) -> tuple[float, float]:
+    """``(zero, step)``: the source value stored as 0 and source units per stored integer (calibration none).
+
+    Integer movies keep their values (0, 1). A float movie gets ``RAW_LEVELS_PER_STD`` levels per robust std, or
+    coarser where its sampled range needs it to fill at most a quarter of uint16, centred in the range.
+    """
+    if not is_float:
+        return 0.0, 1.0
+    step = max(stats.scale / RAW_LEVELS_PER_STD, (stats.high - stats.low) / (UINT16_MAX / 4))
+    return (stats.low + stats.high) / 2 - step * UINT16_MAX / 2, step
+
+
+def describe_calibration(calib: dict[str, Any]) -> str:
+    """One line for the log: the photon calibration, or the raw-unit scales of calibration none."""
+    if calib["calibration"] == "none":
+        raw = calib["raw"]
+        return f"raw units (calibration none): median {raw['center']:.6g}, robust std {raw['scale']:.4g}"
+    return f"gain {calib['gain']:.4g} ADU/photon, offset {calib['offset']:.2f} ADU ({calib['calibration']})"
+
+
+def _settle_raw_units(recordings: list[Recording], sources: dict[str, dict], src: Any) -> None:
+    """One normalization for the data set: when auto left some recordings in raw units, all of them are."""
+    raw = sorted(k for k, v in sources.items() if v["calibration"] == "none")
+    if not raw or len(raw) == len(sources):
+        return
+    log.warning("source.calibration=auto: %s have no photon signature, so every recording is normalized in raw units "
+                "(one normalization per data set); pass source.calibration=none to say so, or prepare those "
+                "recordings separately", raw)
+    for rec in recordings:
+        entry = sources[rec.rec_id]
+        if entry["calibration"] != "none":
+            entry.pop("photon_transfer", None)
+            entry.update(raw_calibration(rec.open(), src, rec.where))
 
 
 def storage_dtype(dtypes: list[np.dtype]) -> np.dtype:
@@ -187,12 +308,13 @@ def clip_positions(num_frames: int, height: int, width: int, clip: Any, t_range:
 
 
 def iter_clips(movie: Movie, rec_id: str, clip: Any, t_range: tuple[int, int], dtype: np.dtype,
-               split: str, where: str) -> Iterator[tuple[str, np.ndarray, dict]]:
+               split: str, where: str, calib: dict) -> Iterator[tuple[str, np.ndarray, dict]]:
     """Stream clips of one recording: one clip-length chunk of frames in memory at a time."""
     _, height, width = movie.shape
     positions = clip_positions(movie.num_frames, height, width, clip, t_range)
     for t0 in sorted({p[0] for p in positions}):
-        chunk = to_storage(read_frames(movie.data, t0, t0 + clip.frames), dtype, where, t0)
+        frames = to_stored_units(read_frames(movie.data, t0, t0 + clip.frames), calib)
+        chunk = to_storage(frames, dtype, where, t0)
         for _, y0, x0 in (p for p in positions if p[0] == t0):
             tile = np.ascontiguousarray(chunk[:, y0: y0 + clip.height, x0: x0 + clip.width])
             meta = {"source": rec_id, "recording": rec_id, "t0": t0, "y0": y0, "x0": x0, "split": split}
@@ -260,7 +382,8 @@ def _summary(index: dict, out: Path) -> dict[str, Any]:
         "dtype": index["dtype"],
         "num_recordings": len(index["sources"]),
         "val_recordings": index.get("val_recordings", []),
-        "sources": {k: {"gain": v["gain"], "offset": v["offset"]} for k, v in index["sources"].items()},
+        "sources": {k: {"calibration": v.get("calibration"), "gain": v["gain"], "offset": v["offset"]}
+                    for k, v in index["sources"].items()},
         "normalization": index["normalization"],
         "out": str(out),
     }
@@ -301,11 +424,14 @@ def prepare_data(cfg: Any) -> dict[str, Any]:
                             f"{clip.frames}x{clip.height}x{clip.width}; expected at least that many frames/pixels")
         calib = calibrate(movie, cfg.source, rec.where)
         calib.update(recording=rec.rec_id, path=rec.where, shape=[t, h, w], dtype=str(movie.dtype))
-        log.info("%s: %s, gain %.4g ADU/photon, offset %.2f ADU", rec.rec_id, movie.shape, calib["gain"], calib["offset"])
         frames[rec.rec_id], sources[rec.rec_id] = t, calib
         dtypes.append(movie.dtype)
         del movie
+    _settle_raw_units(recordings, sources, cfg.source)
+    for rec_id, calib in sources.items():
+        log.info("%s: %s, %s", rec_id, tuple(calib["shape"]), describe_calibration(calib))
     dtype = storage_dtype(dtypes)
+    norm_kind = "raw" if all(c["calibration"] == "none" for c in sources.values()) else cfg.normalization.kind
 
     val_ids = _split_recordings(recordings, cfg.val_fraction, cfg.seed)
     ranges: dict[str, dict[str, tuple[int, int]]] = {"train": {}, "val": {}}
@@ -334,17 +460,15 @@ def prepare_data(cfg: Any) -> dict[str, Any]:
     record_run(out, cfg, "prepare_data")
     by_id = {r.rec_id: r for r in recordings}
     moments = RunningMoments()
-    norm_kind = cfg.normalization.kind
+    unit_norm = {"kind": norm_kind, "center": 0.0, "scale": 1.0}  # f(photons) or the raw z-score
 
     def samples(split: str) -> Iterator[tuple[str, np.ndarray, dict]]:
         for rec_id, t_range in ranges[split].items():
             calib = sources[rec_id]
             movie = by_id[rec_id].open()
-            for key, tile, meta in iter_clips(movie, rec_id, clip, t_range, dtype, split, by_id[rec_id].where):
+            for key, tile, meta in iter_clips(movie, rec_id, clip, t_range, dtype, split, by_id[rec_id].where, calib):
                 if split == "train":
-                    photons = (tile.astype(np.float32) - calib["offset"]) / calib["gain"]
-                    rn = calib["read_noise"] / calib["gain"]
-                    moments.add(anscombe(photons, rn) if norm_kind == "anscombe" else photons)
+                    moments.add(normalize(tile, calib, unit_norm))
                 yield key, tile, meta
 
     splits: dict[str, dict] = {}

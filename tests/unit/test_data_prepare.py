@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +14,12 @@ import pytest
 import tifffile
 
 from cadiff.config import compose
-from cadiff.data.movie import normalize
+from cadiff.data.movie import denormalize, normalize, to_source_units
 from cadiff.data.prepare import prepare_data
 from cadiff.data.shards import iter_shard, read_index
 from cadiff.data.simulate import simulate_movie
-from cadiff.errors import ConfigError, DataError
-from cadiff.testing.data import prepare_sim
+from cadiff.errors import ConfigError, DataError, NoPhotonSignature
+from cadiff.testing.data import log_scaled_movie, prepare_sim
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -140,3 +142,116 @@ def test_bad_input_names_file_and_leaves_nothing(tmp_path, case):
 def test_unknown_source_key_fails_at_compose():
     with pytest.raises(ConfigError, match="source.colour"):
         compose("prepare_data", ["source=sim", "+source.colour=3"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data without a photon signature: source.calibration=auto | photon_transfer | dark | none
+
+RAW_CLIPS = ["clip.height=32", "clip.width=32", "clip.stride_px=8", "source.rate_hz=10"]
+
+
+def _no_signature_movie(folder: Path, kind: str) -> tuple[list[str], np.ndarray]:
+    """``processed``: a float32 TIFF (63x40x40) with a negative photon-transfer slope; ``short``: a 5-frame
+    big-endian uint16 HDF5 movie. Returns the source overrides (clips of 17 or 5 frames) and the movie."""
+    if kind == "processed":
+        data = log_scaled_movie(frames=63, size=40)
+        tifffile.imwrite(folder / "processed.tif", data)
+        return ["source=tiff", f"source.path={folder / 'processed.tif'}", "clip.frames=17"], data
+    data = simulate_movie(frames=5, height=40, width=40, seed=3)[0].data
+    with h5py.File(folder / "short.h5", "w") as f:
+        f["data"] = data.astype(">u2")
+    return ["source=hdf5", f"source.path={folder / 'short.h5'}", "clip.frames=5"], data
+
+
+@pytest.mark.parametrize("kind", ["processed", "short"])
+@pytest.mark.parametrize("calibration", ["none", "auto"])
+def test_movie_without_photon_signature_prepares_in_raw_units(tmp_path, caplog, kind, calibration):
+    source, data = _no_signature_movie(tmp_path, kind)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="cadiff.data.prepare"):
+        summary = prepare_data(compose("prepare_data", [*source, *RAW_CLIPS, f"source.calibration={calibration}",
+                                                        "val_fraction=0", f"out={out}"]))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    if calibration == "auto":  # one line: which method, why, and the override for raw detector data
+        reason = "slope .* is not positive" if kind == "processed" else "needs >= 8 frames"
+        assert len(warnings) == 1 and re.search(f"{kind}.*calibration=auto found no photon signature.*{reason}.*"
+                                                "normalized in raw units.*pass source.gain and source.offset", warnings[0])
+    else:
+        assert warnings == []
+    index = read_index(out)
+    norm, (calib,) = index["normalization"], index["sources"].values()
+    assert norm["kind"] == "raw" and calib["calibration"] == "none" and calib["gain"] is None
+    assert summary["sources"][kind]["calibration"] == "none" and summary["num_train"] == (12 if kind == "processed" else 4)
+    raw = calib["raw"]
+    assert (raw["zero"], raw["step"]) == ((0.0, 1.0) if kind == "short" else (raw["zero"], raw["step"]))
+    for _, tile, meta in _clips(out, "train"):
+        t, y, x = meta["t0"], meta["y0"], meta["x0"]
+        source_values = data[t: t + tile.shape[0], y: y + 32, x: x + 32]
+        back = to_source_units(denormalize(normalize(tile, calib, norm), calib, norm), calib)
+        np.testing.assert_array_equal(back, to_source_units(tile, calib))  # the normalization inverts exactly
+        # back in the movie's own units: exact for integers, within half a storage step for floats
+        np.testing.assert_allclose(back, source_values, rtol=0, atol=raw["step"] / 2 * 1.001)
+    z = np.concatenate([normalize(a, calib, norm).ravel() for _, a, _ in _clips(out, "train")])
+    assert abs(z.mean()) < 1e-3 and z.std() == pytest.approx(1.0, rel=1e-3)
+
+
+@pytest.mark.parametrize("calibration", ["photon_transfer", "dark"])
+def test_explicit_photon_methods_fail_naming_the_overrides(tmp_path, calibration):
+    source, _ = _no_signature_movie(tmp_path, "processed")
+    cfg = compose("prepare_data", [*source, *RAW_CLIPS, f"source.calibration={calibration}", f"out={tmp_path / 'out'}"])
+    with pytest.raises(NoPhotonSignature, match=r"processed.tif: (noise|dark-offset) calibration failed: .*; pass "
+                                                r"source.gain and source.offset .*, or source.calibration=none"):
+        prepare_data(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_short_movie_with_given_gain_and_offset_keeps_photon_units(tmp_path):
+    source, _ = _no_signature_movie(tmp_path, "short")
+    prepare_data(compose("prepare_data", [*source, *RAW_CLIPS, "source.gain=2", "source.offset=100", "val_fraction=0",
+                                          f"out={tmp_path / 'out'}"]))
+    index = read_index(tmp_path / "out")
+    assert index["sources"]["short"]["calibration"] == "given" and index["normalization"]["kind"] == "anscombe"
+
+
+def test_auto_uses_the_dark_offset_when_photon_transfer_fails(tmp_path, caplog, monkeypatch):
+    import cadiff.data.prepare as prepare_module
+
+    def no_line(*args, **kwargs):
+        raise NoPhotonSignature("movie (48, 40, 40): photon-transfer slope -1 is not positive")
+
+    monkeypatch.setattr(prepare_module, "estimate_photon_transfer", no_line)
+    movie, truth = simulate_movie(preset="two_photon", frames=48, height=40, width=40, seed=0)
+    tifffile.imwrite(tmp_path / "twop.tif", movie.data)
+    with caplog.at_level(logging.WARNING, logger="cadiff.data.prepare"):
+        prepare_data(compose("prepare_data", ["source=tiff", f"source.path={tmp_path / 'twop.tif'}", "clip.frames=17",
+                                              *RAW_CLIPS, f"out={tmp_path / 'out'}"]))
+    calib = read_index(tmp_path / "out")["sources"]["twop"]
+    assert calib["calibration"] == "dark" and calib["photon_transfer"]["method"] == "dark_pixels"
+    # the darkest pixels still see a little light: the offset is an upper bound, here within 0.02 photons
+    assert calib["offset"] == pytest.approx(truth.offset, abs=10.0) and calib["gain"] == pytest.approx(truth.gain, rel=0.2)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        f"{tmp_path / 'twop.tif'}: source.calibration=auto used dark (photon_transfer: movie (48, 40, 40): "
+        "photon-transfer slope -1 is not positive)"]
+
+
+def test_auto_normalizes_every_recording_in_raw_units_when_one_lacks_a_photon_signature(tmp_path, caplog):
+    folder = tmp_path / "movies"
+    folder.mkdir()
+    _no_signature_movie(folder, "processed")
+    tifffile.imwrite(folder / "raw.tif", simulate_movie(frames=63, height=40, width=40, seed=4)[0].data)
+    with caplog.at_level(logging.WARNING, logger="cadiff.data.prepare"):
+        prepare_data(compose("prepare_data", ["source=tiff", f"source.path={folder}/*.tif", "clip.frames=17", *RAW_CLIPS,
+                                              f"out={tmp_path / 'out'}"]))
+    index = read_index(tmp_path / "out")
+    assert index["normalization"]["kind"] == "raw"
+    assert {k: v["calibration"] for k, v in index["sources"].items()} == {"processed": "none", "raw": "none"}
+    assert any("['processed'] have no photon signature, so every recording is normalized in raw units" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_calibration_option_is_checked_at_compose():
+    with pytest.raises(ConfigError, match=r"source.calibration' = 'photons'.*\['auto', 'photon_transfer', 'dark', 'none'\]"):
+        compose("prepare_data", ["source=sim", "source.calibration=photons"])
+    with pytest.raises(ConfigError, match=r"source.calibration' = 'none'.*given \{'gain': 2.0\}"):
+        compose("prepare_data", ["source=sim", "source.calibration=none", "source.gain=2"])
+
