@@ -1,4 +1,6 @@
-"""Sampling: DiT latents -> stage-1 decoder -> uint16 movies in the source's units (TIFF + GIF + MP4).
+"""Sampling: DiT latents -> stage-1 decoder -> movies in the source's units (TIFF + GIF + MP4).
+
+Movies are uint16, or float32 for a float source prepared in raw units (``source.calibration=none``).
 
 Batches are fixed slices ``[i, i + batch_size)`` of the sample indices, each drawn with a generator seeded by
 ``(seed, i)``: the same seed and batch size give bit-identical files whether the batches run here or fan out
@@ -17,7 +19,7 @@ from tqdm import tqdm
 
 from cadiff.config import DataConfig, from_dict
 from cadiff.data import pipeline
-from cadiff.data.movie import denormalize
+from cadiff.data.movie import denormalize, source_dtype, to_source_units
 from cadiff.data.shards import read_index
 from cadiff.errors import CheckpointError, DataError
 from cadiff.io import atomic_dir, atomic_path, check_output_dir, write_json_atomic
@@ -28,20 +30,20 @@ from cadiff.runtime.video import video_grid, write_video
 log = logging.getLogger(__name__)
 
 
-def write_tiff(movie_u16: np.ndarray, path: Path, rate_hz: float) -> Path:
-    """Multi-page uint16 TIFF with ImageJ metadata (frame interval in seconds), written atomically."""
+def write_tiff(movie: np.ndarray, path: Path, rate_hz: float) -> Path:
+    """Multi-page TIFF (uint16 or float32) with ImageJ metadata (frame interval in seconds), written atomically."""
     import tifffile
 
     with atomic_path(path, suffix=".tif") as tmp:
-        tifffile.imwrite(tmp, movie_u16, imagej=True, metadata={"axes": "TYX", "finterval": 1.0 / float(rate_hz), "unit": "px"})
+        tifffile.imwrite(tmp, movie, imagej=True, metadata={"axes": "TYX", "finterval": 1.0 / float(rate_hz), "unit": "px"})
     return path
 
 
-def write_movie(movie_u16: np.ndarray, stem: Path, rate_hz: float, fps: int) -> list[Path]:
+def write_movie(movie: np.ndarray, stem: Path, rate_hz: float, fps: int) -> list[Path]:
     """``stem.tif`` in source units plus ``stem.gif`` / ``stem.mp4`` previews (percentile-scaled)."""
-    preview = video_grid([[movie_u16.astype(np.float32)]], pad=0)
+    preview = video_grid([[movie.astype(np.float32)]], pad=0)
     return [
-        write_tiff(movie_u16, stem.with_suffix(".tif"), rate_hz),
+        write_tiff(movie, stem.with_suffix(".tif"), rate_hz),
         write_video(preview, stem.with_suffix(".gif"), fps),
         write_video(preview, stem.with_suffix(".mp4"), fps),
     ]
@@ -71,7 +73,7 @@ def _calibration(data_info: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 @torch.no_grad()
 def generate_batch(stage2: str, stage1: str | None, start: int, stop: int, cfg: dict[str, Any]) -> list[np.ndarray]:
-    """Samples ``start..stop-1`` as uint16 movies [T,H,W] (a pure function of its arguments, for Ray tasks too)."""
+    """Samples ``start..stop-1`` as movies [T,H,W] in source units (a pure function of its arguments, for Ray tasks too)."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     dit, dit_meta, _ = load_exported_model(stage2, "stage2", "latent")
     data2 = dit_meta["data"]
@@ -85,7 +87,17 @@ def generate_batch(stage2: str, stage1: str | None, start: int, stop: int, cfg: 
     std = torch.tensor(data2["channel_std"], dtype=z.dtype).view(1, -1, 1, 1, 1)
     clips = decoder.decode(z * std + mean, sampler=cfg["decoder_sampler"], num_steps=cfg["decoder_steps"], generator=generator)
     _source, calib = _calibration(ae_meta["data"])
-    return [denormalize(c[0], calib, ae_meta["data"]["normalization"]) for c in clips]
+    return [to_source_units(denormalize(c[0], calib, ae_meta["data"]["normalization"]), calib) for c in clips]
+
+
+def calibration_record(source_id: str, calib: dict[str, Any], rate_hz: float) -> dict[str, Any]:
+    """``samples.json``'s calibration: the photon calibration of the source, or ``calibration: none`` for movies
+    in the source's own units (no photon scale; evaluation reports gain-based metrics as not applicable)."""
+    record = {"source": source_id, "gain": calib["gain"], "offset": calib["offset"],
+              "read_noise": calib.get("read_noise"), "rate_hz": rate_hz}
+    if calib.get("calibration") == "none":
+        record["calibration"] = "none"
+    return record
 
 
 def decoder_settings(decoder: Any, cfg: Any) -> dict[str, Any]:
@@ -136,9 +148,8 @@ def generate(cfg: Any) -> tuple[str, str]:
         "mode": "generate",
         "num_samples": len(movies),
         "shape": list(movies[0].shape),
-        "dtype": "uint16",
-        "calibration": {"source": source_id, "gain": calib["gain"], "offset": calib["offset"],
-                        "read_noise": calib.get("read_noise"), "rate_hz": rate_hz},
+        "dtype": str(source_dtype(calib)),
+        "calibration": calibration_record(source_id, calib, rate_hz),
         "stage1": str(stage1_export),
         "stage2": str(stage2_export),
         **params,
@@ -151,7 +162,7 @@ def generate(cfg: Any) -> tuple[str, str]:
         write_video(grid, tmp / "grid.mp4", cfg.fps)
         write_json_atomic(tmp / "samples.json", record)
     t, h, w = movies[0].shape
-    return f"{len(movies)} samples {t}x{h}x{w} uint16 (.tif .gif .mp4)", str(out)
+    return f"{len(movies)} samples {t}x{h}x{w} {movies[0].dtype} (.tif .gif .mp4)", str(out)
 
 
 @torch.no_grad()
@@ -182,20 +193,22 @@ def reconstruct(cfg: Any) -> tuple[str, str]:
     recon = torch.cat(recons)
     estimate = torch.cat(denoised) if denoised else None
     record = {
-        "mode": "reconstruct", "num_samples": len(clips), "shape": [t, h, w], "dtype": "uint16",
-        "calibration": {"source": source_id, "gain": calib["gain"], "offset": calib["offset"],
-                        "read_noise": calib.get("read_noise"), "rate_hz": rate_hz},
+        "mode": "reconstruct", "num_samples": len(clips), "shape": [t, h, w],
+        "dtype": str(source_dtype(calib)),
+        "calibration": calibration_record(source_id, calib, rate_hz),
         "stage1": str(export), "data_root": str(root.resolve()), **settings,
         # denoised_*.tif: the decoder's signal estimate E[x | z] (no shot noise), same units as recon_*.tif
         "denoised": estimate is not None,
     }
     with atomic_dir(cfg.out, "sample", cfg.overwrite) as tmp:
+        def source_movie(x: torch.Tensor, estimate: bool = False) -> np.ndarray:
+            return to_source_units(denormalize(x, calib, norm, estimate=estimate), calib)
+
         for i in range(len(clips)):
-            write_movie(denormalize(recon[i, 0], calib, norm), tmp / f"recon_{i:03d}", rate_hz, cfg.fps)
+            write_movie(source_movie(recon[i, 0]), tmp / f"recon_{i:03d}", rate_hz, cfg.fps)
             if estimate is not None:
-                write_movie(denormalize(estimate[i, 0], calib, norm, estimate=True), tmp / f"denoised_{i:03d}",
-                            rate_hz, cfg.fps)
-            write_movie(denormalize(clips[i, 0], calib, norm), tmp / "reference" / f"clip_{i:03d}", rate_hz, cfg.fps)
+                write_movie(source_movie(estimate[i, 0], estimate=True), tmp / f"denoised_{i:03d}", rate_hz, cfg.fps)
+            write_movie(source_movie(clips[i, 0]), tmp / "reference" / f"clip_{i:03d}", rate_hz, cfg.fps)
         write_json_atomic(tmp / "samples.json", record)
     mse = float(((recon - clips) ** 2).mean())
     extra = f" denoised_mse={float(((estimate - clips) ** 2).mean()):.4g}" if estimate is not None else ""

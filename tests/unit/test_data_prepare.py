@@ -255,3 +255,54 @@ def test_calibration_option_is_checked_at_compose():
     with pytest.raises(ConfigError, match=r"source.calibration' = 'none'.*given \{'gain': 2.0\}"):
         compose("prepare_data", ["source=sim", "source.calibration=none", "source.gain=2"])
 
+
+@pytest.fixture(scope="module")
+def raw_data_root(tmp_path_factory) -> Path:
+    """The processed movie prepared with source.calibration=none: 8 train + 4 val clips of 17x32x32 (time split)."""
+    folder = tmp_path_factory.mktemp("raw_units")
+    source, _ = _no_signature_movie(folder, "processed")
+    prepare_data(compose("prepare_data", [*source, *RAW_CLIPS, "source.calibration=none", f"out={folder / 'data'}"]))
+    return folder / "data"
+
+
+def test_raw_unit_data_trains_with_a_homoscedastic_noise_model(raw_data_root, caplog):
+    import torch
+
+    from cadiff.data import pipeline
+    from cadiff.models.registry import build_model
+    from cadiff.train.loop import TrainingModule
+    from cadiff.train.media import to_preview_units
+    from cadiff.train.stage import ClipStage
+    from cadiff.train.step import train_step
+    from cadiff.train.strategies import build_strategy
+
+    cfg = compose("train_ae", ["experiment=ae_tiny", "strategy=single", "trainer.num_workers=1", "trainer.warmup_steps=0",
+                               "model.recompute_elementwise=false", f"data.root={raw_data_root}", "data.crop_frames=9",
+                               "data.crop_height=16", "data.crop_width=16"])
+    with caplog.at_level(logging.INFO, logger="cadiff.train.stage"):
+        info, model_cfg = ClipStage().resolve(cfg)
+    index = read_index(raw_data_root)
+    raw = index["sources"]["processed"]["raw"]
+    # no gain, so no photon noise model: Gaussian noise of the std measured from frame differences at prepare time
+    assert model_cfg["noise_model"]["kind"] == "none"
+    assert model_cfg["noise_std"] == pytest.approx(raw["noise_std"] / raw["scale"] / index["normalization"]["scale"])
+    assert any("photon noise model is not applicable" in m for m in caplog.messages)
+    torch.manual_seed(0)
+    strategy = build_strategy(cfg.strategy, cfg.trainer)
+    strategy.setup(TrainingModule(build_model(model_cfg)), torch.device("cpu"))
+    batches = pipeline.deterministic_batches(raw_data_root, "train", cfg.data, rank=0, world_size=1, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two tiny steps: threads only add overhead on a shared machine
+    try:
+        losses = [train_step(strategy, batches, step, generator=generator).loss for step in range(2)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(np.isfinite(losses)), losses
+    # previews show the movie's own units: the first val clip, centre-cropped, exactly as stored
+    preview = to_preview_units(pipeline.val_batch(raw_data_root, 1, cfg.data), info.normalization,
+                               info.preview_calibration())
+    (_, tile, _), *_ = _clips(raw_data_root, "val")
+    expected = to_source_units(tile[4:13, 8:24, 8:24], index["sources"]["processed"])
+    np.testing.assert_allclose(preview[0], expected, rtol=1e-6)
+
