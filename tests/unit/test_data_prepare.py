@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import subprocess
@@ -306,3 +307,30 @@ def test_raw_unit_data_trains_with_a_homoscedastic_noise_model(raw_data_root, ca
     expected = to_source_units(tile[4:13, 8:24, 8:24], index["sources"]["processed"])
     np.testing.assert_allclose(preview[0], expected, rtol=1e-6)
 
+
+@pytest.mark.slow  # ~6 s of CPU, most of it matplotlib drawing the report's figures
+def test_evaluate_reports_gain_metrics_as_not_applicable_in_raw_units(raw_data_root, tmp_path):
+    from cadiff.testing import run_job_in_process
+
+    gen, out = tmp_path / "gen", tmp_path / "eval"
+    gen.mkdir()
+    for i in range(2):  # "generated" movies in the source's own units, as jobs/sample.py writes them
+        tifffile.imwrite(gen / f"sample_{i:03d}.tif", log_scaled_movie(frames=17, size=32, seed=10 + i))
+    (gen / "samples.json").write_text('{"calibration": {"source": "processed", "calibration": "none", "rate_hz": 10}}')
+    proc = run_job_in_process("evaluate", [f"gen={gen}", f"ref={raw_data_root}", f"out={out}", "acf_lags=4"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert re.match(r"cadiff evaluate: ok gain_ratio=n/a units=raw mmd=", proc.stdout.strip().splitlines()[-1])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["units"] == "raw" and set(metrics["noise"]) > {"gain_ratio", "not_applicable"}
+    assert all(v is None for k, v in metrics["noise"].items() if k != "not_applicable")
+    assert "source.calibration=none" in metrics["noise"]["not_applicable"]
+    assert not {"log_gain", "offset"} & set(metrics["mmd"]["feature_names"])
+    assert metrics["ref"]["calibrations"][0]["units"] == "raw" and "gain_fit" not in metrics["figures"]
+    report = (out / "report.md").read_text()
+    assert "not applicable: the data has no photon calibration" in report and "## Metrics (raw units" in report
+    assert not (out / "gain_fit.png").exists()
+    # a generated set in photon units cannot be compared with raw-unit data
+    (gen / "samples.json").write_text('{"gain": 2.0, "offset": 100.0, "rate_hz": 10}')
+    mixed = run_job_in_process("evaluate", [f"gen={gen}", f"ref={raw_data_root}", f"out={tmp_path / 'mixed'}"])
+    assert mixed.returncode == 2 and re.search(r"error: .*gen is in photons units but .* in raw units",
+                                               mixed.stdout.strip().splitlines()[-1])
