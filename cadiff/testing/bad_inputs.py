@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cadiff.errors import CadiffError, CheckpointError, ConfigError, DataError
+from cadiff.errors import CadiffError, CheckpointError, ConfigError, DataError, NoPhotonSignature
 from cadiff.jobs import JOBS
 from cadiff.testing import run_job_in_process
 
@@ -358,6 +358,18 @@ def case_encode_out_is_the_data_root(tmp: Path, env: Env) -> Case:
                 [re.escape(f"out '{data}'"), "no cadiff encode_latents run wrote"], [data])
 
 
+def case_processed_movie_photon_transfer(tmp: Path, env: Env) -> Case:
+    """source.calibration=photon_transfer on a processed float movie (log-scaled: negative photon-transfer slope)."""
+    from cadiff.testing.data import log_scaled_movie
+
+    path = _tiff(tmp / "processed.tif", log_scaled_movie(frames=60, size=32))
+    out = tmp / "out"
+    args = ["source=tiff", f"source.path={path}", "source.calibration=photon_transfer", *PREPARE, f"out={out}"]
+    return Case("prepare_data", args, NoPhotonSignature,
+                [re.escape(str(path)), "photon-transfer slope .* is not positive",
+                 r"pass source\.gain and source\.offset", r"or source\.calibration=none"], [out])
+
+
 CASES: dict[str, Callable[[Path, Env], Case]] = {
     "truncated_tiff": case_truncated_tiff,
     "tiff_2d_image": case_tiff_2d_image,
@@ -384,6 +396,7 @@ CASES: dict[str, Callable[[Path, Env], Case]] = {
     "sample_out_is_a_foreign_folder": case_sample_out_is_a_foreign_folder,
     "sample_out_is_a_file": case_sample_out_is_a_file,
     "encode_out_is_the_data_root": case_encode_out_is_the_data_root,
+    "processed_movie_photon_transfer": case_processed_movie_photon_transfer,
 }
 
 
