@@ -9,24 +9,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from cadiff.data.movie import denormalize
+from cadiff.data.movie import denormalize, to_source_units
 from cadiff.data.movie import to_photons as adu_to_photons
 from cadiff.runtime.exports import load_exported_model
 from cadiff.runtime.video import video_grid, write_video
 from cadiff.train.logging import log_reconstruction_videos
 
 
-def to_photons(x: torch.Tensor, normalization: dict[str, Any], calib: dict[str, Any]) -> np.ndarray:
-    """Normalized clips [B,1,T,H,W] -> photon units [B,T,H,W] (inverse of the shard normalization)."""
-    adu = denormalize(x[:, 0], calib, normalization)
-    return adu_to_photons(adu, float(calib["gain"]), float(calib["offset"]))
+def to_preview_units(x: torch.Tensor, normalization: dict[str, Any], calib: dict[str, Any]) -> np.ndarray:
+    """Normalized clips [B,1,T,H,W] -> photon units [B,T,H,W] (inverse of the shard normalization), or the
+    source's own units for raw-unit data (calibration none: no photon scale)."""
+    stored = denormalize(x[:, 0], calib, normalization)
+    if normalization["kind"] == "raw":
+        return np.asarray(to_source_units(stored, calib), dtype=np.float32)
+    return adu_to_photons(stored, float(calib["gain"]), float(calib["offset"]))
 
 
 def log_stage1(model, x, normalization: dict[str, Any], calib: dict[str, Any], media_dir: Path, step: int, logger_cfg,
                wandb_run=None) -> list[Path]:
     """GT / reconstruction / GT mean / reconstruction mean grid for fixed val clips."""
     recon = model.reconstruct(x) if hasattr(model, "reconstruct") else model.decode(model.encode(x))
-    return log_reconstruction_videos(to_photons(x, normalization, calib), to_photons(recon, normalization, calib),
+    return log_reconstruction_videos(to_preview_units(x, normalization, calib), to_preview_units(recon, normalization, calib),
                                      media_dir, step, logger_cfg.video_fps, wandb_run)
 
 
@@ -41,7 +44,7 @@ def log_stage2(model, latent_shape: Sequence[int], channel_mean: Sequence[float]
     decoder, stage1_meta, _ = load_exported_model(stage1, "stage1", "ae")  # cached across steps
     clips = decoder.to(device).decode(z * std + mean)
     data = stage1_meta["data"]
-    movies = to_photons(clips, data["normalization"], next(iter(data["sources"].values())))
+    movies = to_preview_units(clips, data["normalization"], next(iter(data["sources"].values())))
     grid = video_grid([[m for m in movies]])
     paths = [write_video(grid, media_dir / f"samples_step{step:07d}{ext}", logger_cfg.video_fps) for ext in (".gif", ".mp4")]
     if wandb_run is not None:
