@@ -28,6 +28,9 @@ CONF_MODULE = "cadiff.conf"
 # data preparation
 
 
+CALIBRATIONS = ("auto", "photon_transfer", "dark", "none")  # source.calibration, cadiff.data.prepare.calibrate
+
+
 @dataclass
 class SourceConfig:
     """Where movies come from: the simulator, local TIFF/HDF5/NWB files, or a public archive."""
@@ -42,9 +45,12 @@ class SourceConfig:
     zip_max_total_gib: float = 20.0  # refuse a zip archive that expands beyond this (Neurofinder: a few GiB)
     zip_max_ratio: float = 200.0  # refuse a zip archive that expands beyond this many times its size (TIFF: ~1-3x)
     rate_hz: Optional[float] = None  # override when the file carries no frame rate
-    # calibration: estimated from the movie when not given
-    gain: Optional[float] = None
-    offset: Optional[float] = None
+    # calibration: auto = photon_transfer, else dark, else none (each fallback a WARNING naming the reason);
+    # photon_transfer = the mean-variance line; dark = offset from the darkest pixels, gain from the slope through
+    # it; none = no photon scale: robust z-scores in the movie's own units, gain-based metrics not applicable
+    calibration: str = "auto"
+    gain: Optional[float] = None  # ADU per photon; given with offset, it wins over any estimate (not with none)
+    offset: Optional[float] = None  # ADU at zero photons
     read_noise: Optional[float] = None  # ADU; with gain/offset given (default 0: offset is the PT intercept)
     calibration_frames: int = 1024  # frames (in 8-frame windows spread over the movie) used to estimate gain
     # simulator
@@ -704,6 +710,11 @@ def validate_prepare_data(cfg: Any) -> None:
     if cfg.source.name in ("tiff", "hdf5", "nwb"):
         _require(bool(cfg.source.path), "source.path", cfg.source.path, f"a file or folder for source={cfg.source.name}")
     _choice("source.preset", cfg.source.preset, ("default", "two_photon"))
+    _choice("source.calibration", cfg.source.calibration, CALIBRATIONS)
+    if cfg.source.calibration == "none":
+        given = {k: getattr(cfg.source, k) for k in ("gain", "offset", "read_noise") if getattr(cfg.source, k) is not None}
+        _require(not given, "source.calibration", "none", f"no source.gain/offset/read_noise with it (given {given}): "
+                 "drop them, or use source.calibration=auto to normalize in photons with them")
     if cfg.source.name in ("neurofinder", "allen"):
         _validate_archive_source(cfg.source)
     c = cfg.clip

@@ -23,3 +23,7 @@ class ModelError(CadiffError):
 
 class DownloadError(DataError):
     """A remote file could not be fetched or failed its size/checksum check."""
+
+
+class NoPhotonSignature(DataError):
+    """A movie shows no usable mean-variance (shot-noise) line: processed, constant or too short to calibrate."""

@@ -8,6 +8,11 @@ Normalization (DESIGN.md, "Normalization is per-source"): ADU -> photons ``p = (
 ``f(p)`` with ``f`` the identity (``kind="photon"``) or the generalized Anscombe transform (``kind="anscombe"``,
 read noise in photon units), then ``(f(p) - center) / scale``. :func:`denormalize` is its exact algebraic
 inverse up to rounding to integer ADU.
+
+A source without a photon calibration (``prepare_data source.calibration=none``) is normalized in its own units
+(``kind="raw"``): the robust z-score ``p = (x - raw.center) / raw.scale`` (median and MAD-based scale) takes the
+place of photons, ``f`` is the identity. Integer movies are stored as they are; a float movie is stored on the
+integer grid ``(x - raw.zero) / raw.step`` (:func:`to_stored_units`), which :func:`to_source_units` inverts.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from cadiff.data.anscombe import anscombe, inverse_anscombe, inverse_anscombe_un
 from cadiff.errors import DataError
 
 UINT16_MAX = 65535
+# photon / anscombe: photon units from the source's gain and offset; raw: robust z-scores in the source's own units
+NORMALIZATION_KINDS = ("photon", "anscombe", "raw")
 MOVIE_DTYPES = (np.dtype(np.uint16), np.dtype(np.int16), np.dtype(np.float32), np.dtype(np.float64),
                 np.dtype(np.uint8), np.dtype(np.int32), np.dtype(np.uint32))
 
@@ -173,10 +180,19 @@ def _read_noise_photons(calib: dict) -> float:
     return float(rn) / float(gain) if rn else 0.0
 
 
+def _unit_map(calib: dict, kind: str) -> tuple[float, float]:
+    """``(offset, per_unit)`` of ``unit = (stored - offset) / per_unit``: photons, or robust z-scores (``raw``)."""
+    if kind == "raw":
+        raw = calib["raw"]
+        return (raw["center"] - raw["zero"]) / raw["step"], raw["scale"] / raw["step"]
+    return float(calib["offset"]), float(calib["gain"])
+
+
 def normalize(x_adu: Any, calib: dict, norm: dict) -> Any:
-    """ADU -> normalized float32: ``(f((x - offset)/gain) - center) / scale`` (see module docstring)."""
+    """Stored values -> normalized float32: ``(f(unit) - center) / scale`` (see module docstring)."""
     _check_norm(calib, norm)
-    p = to_photons(x_adu, float(calib["gain"]), float(calib["offset"]))
+    offset, per_unit = _unit_map(calib, norm["kind"])
+    p = to_photons(x_adu, per_unit, offset)  # the same affine map for photons and for raw z-scores
     if norm["kind"] == "anscombe":
         p = anscombe(p, _read_noise_photons(calib))
     out = (p - float(norm["center"])) / float(norm["scale"])
@@ -184,10 +200,11 @@ def normalize(x_adu: Any, calib: dict, norm: dict) -> Any:
 
 
 def denormalize(x: Any, calib: dict, norm: dict, estimate: bool = False) -> np.ndarray:
-    """Normalized values -> uint16 ADU: exact inverse of :func:`normalize` up to rounding, clipped to uint16.
+    """Normalized values -> uint16 stored values: exact inverse of :func:`normalize` up to rounding, clipped to uint16.
 
     ``estimate``: ``x`` is a signal estimate ``E[f(x)]`` (a denoiser's output), inverted with the unbiased
     inverse of the Anscombe transform so that it is an estimate of the photon flux itself.
+    :func:`to_source_units` takes the result to the source's own units.
     """
     _check_norm(calib, norm)
     if _is_torch(x):
@@ -196,17 +213,59 @@ def denormalize(x: Any, calib: dict, norm: dict, estimate: bool = False) -> np.n
     if norm["kind"] == "anscombe":
         invert = inverse_anscombe_unbiased if estimate else inverse_anscombe
         f = invert(f, _read_noise_photons(calib))
-    adu = f * float(calib["gain"]) + float(calib["offset"])
+    offset, per_unit = _unit_map(calib, norm["kind"])
+    adu = f * per_unit + offset
     return np.clip(np.rint(adu), 0, UINT16_MAX).astype(np.uint16)
 
 
+def _raw_grid(calib: dict) -> tuple[float, float] | None:
+    """``(zero, step)`` of a raw-unit source stored on a grid other than its own integers, else None."""
+    raw = calib.get("raw")
+    if not raw or (raw["zero"] == 0 and raw["step"] == 1):
+        return None
+    return float(raw["zero"]), float(raw["step"])
+
+
+def to_stored_units(x_source: np.ndarray, calib: dict) -> np.ndarray:
+    """Source values -> the storage grid ``(x - zero) / step`` of a raw-unit float source; others are unchanged."""
+    grid = _raw_grid(calib)
+    return x_source if grid is None else (np.asarray(x_source, dtype=np.float64) - grid[0]) / grid[1]
+
+
+def to_source_units(stored: np.ndarray, calib: dict) -> np.ndarray:
+    """Stored values -> the source's own units: float32 ``zero + step * stored`` for a raw-unit float source, else
+    unchanged (integer sources are stored as they are)."""
+    grid = _raw_grid(calib)
+    return stored if grid is None else (grid[0] + grid[1] * np.asarray(stored, dtype=np.float64)).astype(np.float32)
+
+
+def source_dtype(calib: dict) -> np.dtype:
+    """dtype of :func:`to_source_units` results: float32 for a raw-unit float source, else uint16."""
+    return np.dtype(np.float32) if _raw_grid(calib) else np.dtype(np.uint16)
+
+
+def calibration_problem(calib: Any, kind: str) -> str | None:
+    """What a source calibration lacks for normalization ``kind`` (the expected form), or None when complete."""
+    if not isinstance(calib, dict):
+        return f"expected a calibration object, got {type(calib).__name__}"
+    if kind == "raw":
+        raw = calib.get("raw")
+        if not (isinstance(raw, dict) and all(isinstance(raw.get(k), (int, float)) for k in ("center", "scale", "zero", "step"))
+                and raw["scale"] > 0 and raw["step"] > 0):
+            return (f"'raw' = {raw!r}: expected {{'center', 'scale' > 0, 'zero', 'step' > 0}} for raw-unit normalization "
+                    "(source.calibration=none)")
+        return None
+    if not (isinstance(calib.get("gain"), (int, float)) and calib["gain"] > 0 and isinstance(calib.get("offset"), (int, float))):
+        return (f"gain {calib.get('gain')!r}, offset {calib.get('offset')!r}: expected numeric 'gain' > 0 ADU per photon "
+                f"and 'offset' for {kind} normalization")
+    return None
+
+
 def _check_norm(calib: dict, norm: dict) -> None:
-    for key in ("gain", "offset"):
-        if calib.get(key) is None:
-            raise DataError(f"calibration has no '{key}': expected {{'gain', 'offset', 'read_noise'}}, got {calib}")
-    if not float(calib["gain"]) > 0:
-        raise DataError(f"calibration gain {calib['gain']!r}: expected > 0 ADU per photon")
-    if norm.get("kind") not in ("photon", "anscombe"):
-        raise DataError(f"normalization kind {norm.get('kind')!r}: expected 'photon' or 'anscombe'")
+    if norm.get("kind") not in NORMALIZATION_KINDS:
+        raise DataError(f"normalization kind {norm.get('kind')!r}: expected one of {list(NORMALIZATION_KINDS)}")
+    problem = calibration_problem(calib, norm["kind"])
+    if problem:
+        raise DataError(f"calibration {calib}: {problem}")
     if norm.get("center") is None or not norm.get("scale"):
         raise DataError(f"normalization {norm}: expected numeric 'center' and a non-zero 'scale'")

@@ -1,4 +1,4 @@
-"""Photon-transfer calibration (gain, offset) from a movie itself, and the generalized Anscombe transform.
+"""Noise calibration of a movie from the movie itself: photon transfer, a dark-pixel offset, raw-unit scales.
 
 Photon transfer: for Poisson-Gaussian pixels ``var = gain * (mean - offset) + read_noise^2`` (Janesick,
 "Photon Transfer", SPIE 2007), a line in (mean, variance) with slope ``gain`` and x-intercept
@@ -25,19 +25,29 @@ to 490 as the window grows from 4 to 16 frames). There the estimator (``method="
 level: most pixel-frames hold zero photons, so the histogram mode is the offset and the spread of the values
 below it is the read noise; the gain then follows from the unconditional means, ``E[var] = gain * E[mean -
 intercept]``, which holds whatever the pulse-height distribution (gain in ADU per photon-equivalent).
+
+Movies without a usable mean-variance line (processed data: denoised, dF/F, log-scaled; or fewer frames than
+one window) are handled by the two other methods of ``prepare_data``'s ``source.calibration``:
+:func:`estimate_dark_calibration` fixes the offset at the darkest pixels and fits only the slope (``dark``), and
+:func:`estimate_raw_scale` measures a robust level, spread and noise in the movie's own units, for normalization
+without any photon scale (``none``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 from scipy.ndimage import uniform_filter
 
 from cadiff.data.movie import read_frames
-from cadiff.errors import DataError
+from cadiff.errors import DataError, NoPhotonSignature
+
+# a photon-transfer line that explains less of the binned variance than this is no calibration
+POOR_FIT_R2 = 0.5
 
 
 @dataclass
@@ -49,7 +59,7 @@ class PhotonTransfer:
     means: np.ndarray  # binned m_eff used in the fit
     variances: np.ndarray  # binned noise variance per bin
     r2: float
-    method: str = "binned"  # binned | dark
+    method: str = "binned"  # binned | dark (dark-level method) | dark_pixels (estimate_dark_calibration)
     read_noise: float | None = None  # ADU, only measured by the dark-level method
     num_samples: int = 0
     rejected_fraction: float = 0.0
@@ -88,7 +98,7 @@ def photon_transfer_samples(movie_adu: Any, window: int = 8, box: int = 3, max_f
         raise DataError(f"photon transfer window {window}: expected >= 2 frames")
     starts = _window_starts(t, window, max_frames)
     if not starts:
-        raise DataError(f"movie {tuple(movie_adu.shape)}: needs >= {window} frames to estimate photon transfer")
+        raise NoPhotonSignature(f"movie {tuple(movie_adu.shape)}: needs >= {window} frames to estimate photon transfer")
     k = box * box
     w_sum = 1.0 - 1.0 / k  # sum of squared weights of "pixel minus k-box mean"
     per_window = max(1, max_samples // len(starts))
@@ -149,6 +159,50 @@ def _fit_line(x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> tuple[float,
     return slope, float(ym - slope * xm)
 
 
+def _check_sample_count(m: np.ndarray, num_bins: int, shape: tuple) -> None:
+    if m.size < 4 * num_bins:
+        raise NoPhotonSignature(f"movie {tuple(shape)}: only {m.size} unclipped pixel-windows, too few to fit a "
+                        "photon-transfer line")
+
+
+LineFit = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[float, float]]
+
+
+def _clipped_fit(m: np.ndarray, v: np.ndarray, fit: LineFit, num_bins: int, window: int, clip_sigma: float,
+                 rounds: int) -> tuple[np.ndarray, float, float, tuple]:
+    """``fit`` (-> slope, intercept) on binned samples, rejecting outliers (spike onsets) by sigma-clipping.
+
+    Returns the kept-sample mask, the line and the final bins ``(means, variances, se2, counts)``.
+    """
+    keep = np.ones(m.size, dtype=bool)
+    # residual power of a pixel-window is a mean of (window - 1) correlated squares: relative std ~ sqrt(2/dof)
+    dof = max(1.0, (window - 1) * 2.0 / 3.0)
+    slope = intercept = float("nan")
+    for _ in range(rounds):
+        bm, bv, se2, _ = _binned(m[keep], v[keep], num_bins)
+        if bm.size < 3:
+            break
+        slope, intercept = fit(bm, bv, 1.0 / se2)
+        if not slope > 0:
+            break
+        predicted = np.maximum(slope * m + intercept, 1e-9)
+        new_keep = (v / predicted - 1.0) / math.sqrt(2.0 / dof) < clip_sigma
+        if (new_keep == keep).all():
+            break
+        keep = new_keep
+    bins = _binned(m[keep], v[keep], num_bins)
+    if bins[0].size >= 3:
+        slope, intercept = fit(bins[0], bins[1], 1.0 / bins[2])
+    return keep, slope, intercept, bins
+
+
+def _r2(bm: np.ndarray, bv: np.ndarray, slope: float, intercept: float) -> float:
+    resid = bv - (slope * bm + intercept)
+    # every bin can be rejected on noise-free input (sigma-clipping against a ~0 line): no R^2, and no warning
+    ss_tot = float(((bv - bv.mean()) ** 2).sum()) if bv.size else 0.0
+    return 1.0 - float((resid**2).sum()) / ss_tot if ss_tot > 0 else 0.0
+
+
 def estimate_photon_transfer(movie_adu: Any, window: int = 8, box: int = 3, num_bins: int = 32,
                              max_frames: int = 1024, max_samples: int = 2_000_000, clip_sigma: float = 8.0,
                              rounds: int = 4, method: str = "auto", starved_photons: float = 0.5,
@@ -161,33 +215,12 @@ def estimate_photon_transfer(movie_adu: Any, window: int = 8, box: int = 3, num_
     if method not in ("auto", "binned", "dark"):
         raise DataError(f"photon-transfer method {method!r}: expected 'auto', 'binned' or 'dark'")
     m, v, raw = photon_transfer_samples(movie_adu, window=window, box=box, max_frames=max_frames,
-                                   max_samples=max_samples, seed=seed)
-    if m.size < 4 * num_bins:
-        raise DataError(f"movie {tuple(movie_adu.shape)}: only {m.size} unclipped pixel-windows, too few to fit a "
-                        "photon-transfer line; pass source.gain and source.offset")
-    keep = np.ones(m.size, dtype=bool)
-    # residual power of a pixel-window is a mean of (window - 1) correlated squares: relative std ~ sqrt(2/dof)
-    dof = max(1.0, (window - 1) * 2.0 / 3.0)
-    slope = intercept = float("nan")
-    for _ in range(rounds):
-        bm, bv, se2, cnt = _binned(m[keep], v[keep], num_bins)
-        if bm.size < 3:
-            break
-        slope, intercept = _fit_line(bm, bv, 1.0 / se2)
-        if not slope > 0:
-            break
-        predicted = np.maximum(slope * m + intercept, 1e-9)
-        z = (v / predicted - 1.0) / math.sqrt(2.0 / dof)
-        new_keep = z < clip_sigma
-        if (new_keep == keep).all():
-            break
-        keep = new_keep
-    bm, bv, se2, cnt = _binned(m[keep], v[keep], num_bins)
-    if bm.size >= 3:
-        slope, intercept = _fit_line(bm, bv, 1.0 / se2)
+                                        max_samples=max_samples, seed=seed)
+    _check_sample_count(m, num_bins, movie_adu.shape)
+    keep, slope, intercept, (bm, bv, _, cnt) = _clipped_fit(m, v, _fit_line, num_bins, window, clip_sigma, rounds)
     if not (np.isfinite(slope) and slope > 0):
-        raise DataError(f"movie {tuple(movie_adu.shape)}: photon-transfer slope {slope:.4g} is not positive "
-                        "(no shot-noise signature: processed or constant data?); pass source.gain and source.offset")
+        raise NoPhotonSignature(f"movie {tuple(movie_adu.shape)}: photon-transfer slope {slope:.4g} is not positive "
+                        "(no shot-noise signature: processed or constant data?)")
     x_intercept = -intercept / slope
     read_noise = None
     used = "binned"
@@ -196,13 +229,9 @@ def estimate_photon_transfer(movie_adu: Any, window: int = 8, box: int = 3, num_
         slope, x_intercept, read_noise = _dark_level_fit(m[keep], v[keep], raw, slope)
         intercept = -slope * x_intercept
         used = "dark"
-    resid = bv - (slope * bm + intercept)
-    # every bin can be rejected on noise-free input (sigma-clipping against a ~0 line): no R^2, and no warning
-    ss_tot = float(((bv - bv.mean()) ** 2).sum()) if bv.size else 0.0
-    r2 = 1.0 - float((resid**2).sum()) / ss_tot if ss_tot > 0 else 0.0
-    return PhotonTransfer(gain=float(slope), offset=float(x_intercept), means=bm, variances=bv, r2=r2, method=used,
-                          read_noise=read_noise, num_samples=int(keep.sum()), rejected_fraction=float(1 - keep.mean()),
-                          counts=cnt)
+    return PhotonTransfer(gain=float(slope), offset=float(x_intercept), means=bm, variances=bv,
+                          r2=_r2(bm, bv, slope, intercept), method=used, read_noise=read_noise,
+                          num_samples=int(keep.sum()), rejected_fraction=float(1 - keep.mean()), counts=cnt)
 
 
 def _dark_level_fit(m: np.ndarray, v: np.ndarray, raw: np.ndarray, gain: float) -> tuple[float, float, float]:
@@ -217,10 +246,124 @@ def _dark_level_fit(m: np.ndarray, v: np.ndarray, raw: np.ndarray, gain: float) 
         intercept = dark - read_noise**2 / gain
         excess = float(np.mean(m)) - intercept
         if not excess > 0:
-            raise DataError("photon-starved movie: mean is not above the dark level; pass source.gain and source.offset")
+            raise NoPhotonSignature("photon-starved movie: mean is not above the dark level")
         gain = float(np.mean(v)) / excess
     return gain, dark - read_noise**2 / gain, read_noise
 
 
 # ---------------------------------------------------------------------------------------------------------
-# generalized Anscombe transform (Murtagh, Starck & Bijaoui 1995; Makitalo & Foi 2013, IEEE TIP 22:91)
+# offset from the darkest pixels (prepare_data source.calibration=dark)
+
+
+def temporal_mean_image(movie: Any, window: int = 8, max_frames: int = 1024) -> np.ndarray:
+    """Mean image ``[H, W]`` over the frames photon transfer samples (``window``-frame blocks spread over the movie)."""
+    starts = _window_starts(int(movie.shape[0]), window, max_frames)
+    if not starts:
+        raise NoPhotonSignature(f"movie {tuple(movie.shape)}: needs >= {window} frames for a temporal-mean image")
+    total = np.zeros(tuple(int(s) for s in movie.shape[1:]), dtype=np.float64)
+    for s in starts:
+        total += read_frames(movie, s, s + window).astype(np.float64).sum(axis=0)
+    return total / (len(starts) * window)
+
+
+def estimate_dark_calibration(movie_adu: Any, offset: float | None = None, dark_percentile: float = 1.0,
+                              window: int = 8, box: int = 3, num_bins: int = 32, max_frames: int = 1024,
+                              max_samples: int = 2_000_000, clip_sigma: float = 8.0, rounds: int = 4,
+                              min_r2: float = POOR_FIT_R2, seed: int = 0) -> PhotonTransfer:
+    """Offset from the darkest pixels (or the given ``offset``), gain from the photon-transfer slope through it.
+
+    A calcium movie has no shutter-closed frames, so the dark level - the EMVA 1288 standard's dark signal
+    ``mu_y.dark``, from which its photon-transfer method measures the gain as the slope of
+    ``var_y - var_y.dark = K (mu_y - mu_y.dark)`` (EMVA Standard 1288, Release 4.0, 2021, sec. 6) - is taken from
+    the pixels that receive the least light: the ``dark_percentile`` percentile of the temporal-mean image (vessels,
+    unlabelled neuropil, the edge of the imaging window). It is an upper bound of the detector offset (those pixels
+    still see some background) and absorbs the read noise into the line, like the x-intercept of
+    :func:`estimate_photon_transfer`. With the offset fixed only the slope is fitted (weighted least squares through
+    ``(offset, 0)`` on the same binned, sigma-clipped samples), which stays determined when the movie's levels span
+    too narrow a range to fit an intercept. The fit must explain the binned variances (``R^2 >= min_r2``): on
+    processed data, whose variance does not grow with the level, it fails instead of returning a gain.
+    """
+    m, v, _ = photon_transfer_samples(movie_adu, window=window, box=box, max_frames=max_frames,
+                                      max_samples=max_samples, seed=seed)
+    _check_sample_count(m, num_bins, movie_adu.shape)
+    if offset is None:
+        offset = float(np.percentile(temporal_mean_image(movie_adu, window, max_frames), dark_percentile))
+
+    def through_offset(bm: np.ndarray, bv: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
+        excess = bm - offset
+        denominator = float((weights * excess**2).sum())
+        slope = float((weights * excess * bv).sum()) / denominator if denominator > 0 else float("nan")
+        return slope, -slope * offset
+
+    keep, slope, intercept, (bm, bv, _, cnt) = _clipped_fit(m, v, through_offset, num_bins, window, clip_sigma,
+                                                            rounds)
+    r2 = _r2(bm, bv, slope, intercept)
+    if not (np.isfinite(slope) and slope > 0 and r2 >= min_r2):
+        raise NoPhotonSignature(f"movie {tuple(movie_adu.shape)}: variance does not grow with the level above the dark offset "
+                        f"{offset:.4g} (slope {slope:.4g}, R^2 {r2:.2f}; expected a slope > 0 with R^2 >= {min_r2}): "
+                        "no shot-noise signature")
+    return PhotonTransfer(gain=float(slope), offset=float(offset), means=bm, variances=bv, r2=r2, method="dark_pixels",
+                          num_samples=int(keep.sum()), rejected_fraction=float(1 - keep.mean()), counts=cnt)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# raw units (prepare_data source.calibration=none)
+
+# 1 / Phi^-1(3/4): the median absolute deviation times this estimates a Gaussian's std (Hampel 1974, JASA 69:383;
+# Rousseeuw & Croux 1993, JASA 88:1273)
+MAD_TO_STD = 1.4826
+
+
+@dataclass
+class RawScale:
+    """Robust level, spread and pixel noise of a movie in its own units (no photon scale)."""
+
+    center: float  # median of the sampled values
+    scale: float  # MAD_TO_STD * median absolute deviation; the standard deviation where the MAD is 0
+    noise_std: float | None  # temporal pixel noise (see estimate_raw_scale); None for a single frame
+    low: float  # smallest and largest sampled value
+    high: float
+    num_frames: int  # frames sampled
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _subsample(values: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    return values if values.size <= k else rng.choice(values, k, replace=False)
+
+
+def estimate_raw_scale(movie: Any, window: int = 8, max_frames: int = 1024, max_values: int = 2_000_000,
+                       seed: int = 0) -> RawScale:
+    """Median, MAD-based scale and temporal noise of a ``[T, H, W]`` movie over sampled frames (any length).
+
+    Frames are read in ``window``-frame blocks spread over the movie (all of them for a movie shorter than
+    ``max_frames``). The noise is Donoho & Johnstone's MAD estimate on the finest Haar detail in time,
+    ``median|x[t+1] - x[t]| / (sqrt(2) * 0.6745)`` (Biometrika 81:425, 1994): sparse calcium transients move the
+    median little, and a temporally smoothed movie reports the (smaller) noise it still has.
+    """
+    num_frames = int(movie.shape[0])
+    window = min(window, num_frames)
+    starts = _window_starts(num_frames, window, max_frames)
+    rng = np.random.default_rng(seed)
+    per_window = max(1, max_values // len(starts))
+    values, diffs = [], []
+    low, high = math.inf, -math.inf
+    for s in starts:
+        x = read_frames(movie, s, s + window).astype(np.float64)
+        if not np.isfinite(x).all():
+            raise DataError(f"movie frames {s}:{s + window} contain NaN/Inf: expected finite intensities")
+        low, high = min(low, float(x.min())), max(high, float(x.max()))
+        values.append(_subsample(x.ravel(), per_window, rng))
+        diffs.append(_subsample(np.diff(x, axis=0).ravel(), per_window, rng))
+    sample = np.concatenate(values)
+    center = float(np.median(sample))
+    scale = MAD_TO_STD * float(np.median(np.abs(sample - center)))
+    if not scale > 0:  # most values equal (e.g. a masked or clipped background): the spread of the rest
+        scale = float(sample.std())
+    if not scale > 0:
+        raise DataError(f"movie {tuple(movie.shape)}: every sampled value is {center:.6g}; expected intensities that vary")
+    steps = np.concatenate(diffs)
+    noise = MAD_TO_STD * float(np.median(np.abs(steps))) / math.sqrt(2.0) if steps.size else None
+    return RawScale(center=center, scale=scale, noise_std=noise, low=low, high=high,
+                    num_frames=len(starts) * window)

@@ -13,14 +13,16 @@ decays (~1 s) still correlate the few frames on either side of the boundary; tha
 Never lose a user's data (issue 16). ``out`` only ever holds a complete preparation: the data is built in
 the sibling ``.<out>.building/<out>`` (held with :func:`cadiff.io.folder_lock`) and swapped in when complete
 (:func:`cadiff.io.commit_dir`), so the earlier data survives any failure. Re-running with the same settings and
-input files returns at once (``.prepare_state.json`` fingerprint); a build left by a killed run (SIGKILL, power
+input files returns at once (``.prepare_state.json`` fingerprint; data prepared before ``source.calibration``
+existed matches the values that repeat it, :func:`reusable_index`); a build left by a killed run (SIGKILL, power
 loss) is resumed, its finished shards skipped. Other settings or changed input files over a complete
 preparation are refused (naming what changed) unless ``overwrite=true``; a non-empty ``out`` that prepare_data
 did not write is refused. Any failure - bad input, MemoryError, OSError such as a full disk, Ctrl-C - removes
 the partial build. Before any pixel is read, a pre-flight estimate from shapes and dtypes refuses a
 preparation that cannot fit the free disk space or whose single chunk cannot fit the available memory.
 While converting to the storage dtype, more than 0.1% clipped values in a recording, or a recording without
-any variance, is a DataError: such movies are not detector ADU.
+any variance, is a DataError: such movies are not detector ADU (a float movie in raw units,
+``source.calibration=none``, is converted on its own storage grid, which its range fits).
 """
 
 from __future__ import annotations
@@ -43,15 +45,21 @@ from typing import Any
 import numpy as np
 
 from cadiff.config import leaves
-from cadiff.data.anscombe import anscombe
-from cadiff.data.movie import UINT16_MAX, Movie, read_frames
-from cadiff.data.noise import estimate_photon_transfer
+from cadiff.data.movie import UINT16_MAX, Movie, normalize, read_frames, to_stored_units
+from cadiff.data.noise import (
+    POOR_FIT_R2,
+    PhotonTransfer,
+    RawScale,
+    estimate_dark_calibration,
+    estimate_photon_transfer,
+    estimate_raw_scale,
+)
 from cadiff.data.shards import INDEX_NAME, read_index, write_index, write_shards
 from cadiff.data.simulate import simulate_movie
 from cadiff.data.sources.download import GIB
 from cadiff.data.sources.hdf5 import HDF5_SUFFIXES, read_hdf5
 from cadiff.data.sources.tiff import read_tiff
-from cadiff.errors import ConfigError, DataError
+from cadiff.errors import ConfigError, DataError, NoPhotonSignature
 from cadiff.io import OUTPUT_MARKER, check_output_dir, commit_dir, folder_lock, write_json_atomic
 from cadiff.runinfo import record_run
 
@@ -62,6 +70,9 @@ STATE_NAME = ".prepare_state.json"
 SHARD_PREFIX = "clips"
 # the settings that shape the prepared data (out, overwrite and verbose do not)
 FINGERPRINT_KEYS = ("source", "clip", "normalization", "val_fraction", "clips_per_shard", "seed")
+# data prepared before source.calibration existed (its state has no such key) was calibrated by photon transfer,
+# which these values repeat (auto: where that fit is good, see _legacy_difference), so it still matches them
+LEGACY_CALIBRATION, LEGACY_ALIKE_CALIBRATIONS = "photon_transfer", ("auto", "photon_transfer")
 # raw detector ADU fit the storage dtype; more clipping than this means another unit (processed data, a wrong
 # sign or scale), and training on the clipped values would learn the clipping (issue 16)
 MAX_CLIPPED_FRACTION = 1e-3
@@ -72,6 +83,9 @@ NPY_HEADER_BYTES = 128  # np.save's header for a plain [T, H, W] integer array
 # with tracemalloc (32^2 to 1024^2 frames): up to ~40 B per window pixel (float64 copies, filters, sampling) and up to
 # ~96 B per kept sample (the fit's arrays)
 PT_WINDOW_FRAMES, PT_BYTES_PER_WINDOW_PIXEL, PT_MAX_SAMPLES, PT_BYTES_PER_SAMPLE = 8, 40, 2_000_000, 96
+# raw-unit scales (estimate_raw_scale's defaults: at most 2M sampled values and as many frame differences); measured
+# with tracemalloc (48^2 to 256^2 frames): 41-50 B per sampled value (float64 samples, differences, deviations)
+RAW_MAX_VALUES, RAW_BYTES_PER_VALUE = 2_000_000, 52
 # index.json, config.yaml, run.json and the state record: a fixed part, each source's calibration, each shard's entry
 METADATA_BYTES, METADATA_PER_RECORDING, METADATA_PER_SHARD = 16 * 1024, 4 * 1024, 64
 
@@ -165,35 +179,150 @@ def list_recordings(src: Any) -> list[Recording]:
 # calibration, tiling, dtype
 
 
+# the overrides that settle any calibration failure, named by every error that remains
+CALIBRATION_FIX = ("pass source.gain and source.offset (raw detector data), or source.calibration=none to "
+                   "normalize in the movie's own units")
+# float movies in raw units: storage levels per robust std (quantization error ~0.005 std)
+RAW_LEVELS_PER_STD = 64
+
+
 def calibrate(movie: Movie, src: Any, where: str) -> dict[str, Any]:
-    """Per-recording calibration: given ``source.gain/offset`` win, the rest is estimated by photon transfer."""
-    given_gain, given_offset = src.gain, src.offset
+    """Per-recording calibration by ``source.calibration``; given ``source.gain/offset`` win over estimates."""
     entry: dict[str, Any] = {"rate_hz": float(movie.rate_hz)}
-    if given_gain is not None and given_offset is not None:
-        entry.update(gain=float(given_gain), offset=float(given_offset), read_noise=float(src.read_noise or 0.0),
+    if src.calibration == "none":
+        entry.update(raw_calibration(movie, src, where))
+    elif src.gain is not None and src.offset is not None:
+        entry.update(gain=float(src.gain), offset=float(src.offset), read_noise=float(src.read_noise or 0.0),
                      calibration="given")
+    elif src.calibration == "auto":
+        entry.update(_auto_calibration(movie, src, where))
     else:
-        try:
-            pt = estimate_photon_transfer(movie.data, max_frames=src.calibration_frames)
-        except DataError as exc:
-            raise DataError(f"{where}: noise calibration failed: {exc}") from exc
-        if pt.r2 < 0.5:
-            log.warning("%s: photon-transfer fit is poor (r2 %.2f); consider source.gain/source.offset", where, pt.r2)
-        gain = float(given_gain if given_gain is not None else pt.gain)
-        if given_offset is not None:
-            # a true (dark) offset above the PT intercept carries read noise: var = g (offset - intercept)
-            entry.update(offset=float(given_offset), read_noise=math.sqrt(max(0.0, gain * (given_offset - pt.offset))))
-        else:
-            # the intercept as offset with zero read noise reproduces the fitted mean-variance line exactly
-            entry.update(offset=float(pt.offset), read_noise=0.0)
-        entry.update(gain=gain, calibration="photon_transfer", photon_transfer=pt.as_dict())
+        entry.update(ESTIMATORS[src.calibration](movie, src, where, None))
     for key in ("gain", "offset", "read_noise"):
         value = getattr(movie, key)
         if value is not None:
             entry[f"true_{key}"] = float(value)  # the simulator's ground truth, for comparison
-    if entry["gain"] <= 0:
+    if entry["gain"] is not None and entry["gain"] <= 0:
         raise DataError(f"{where}: gain {entry['gain']} ADU/photon, expected > 0")
     return entry
+
+
+def _with_given(pt: PhotonTransfer, src: Any, method: str) -> dict[str, Any]:
+    """An estimated line, with a given ``source.gain`` or ``source.offset`` taking its part."""
+    gain = float(src.gain if src.gain is not None else pt.gain)
+    if src.offset is not None:
+        # a true (dark) offset above the PT intercept carries read noise: var = g (offset - intercept)
+        offset, read_noise = float(src.offset), math.sqrt(max(0.0, gain * (src.offset - pt.offset)))
+    else:
+        # the intercept as offset with zero read noise reproduces the fitted mean-variance line exactly
+        offset, read_noise = float(pt.offset), 0.0
+    return {"gain": gain, "offset": offset, "read_noise": read_noise, "calibration": method,
+            "photon_transfer": pt.as_dict()}
+
+
+def _failed(where: str, what: str, exc: DataError) -> DataError:
+    """The error of a failed estimate, of the same class; a missing photon signature names the overrides."""
+    fix = f"; {CALIBRATION_FIX}" if isinstance(exc, NoPhotonSignature) else ""
+    return type(exc)(f"{where}: {what} failed: {exc}{fix}")
+
+
+def _photon_transfer(movie: Movie, src: Any, where: str, min_r2: float | None) -> dict[str, Any]:
+    """Photon transfer; a fit below ``min_r2`` is a NoPhotonSignature (``None``: a warning)."""
+    try:
+        pt = estimate_photon_transfer(movie.data, max_frames=src.calibration_frames)
+    except DataError as exc:
+        raise _failed(where, "noise calibration", exc) from exc
+    if pt.r2 < POOR_FIT_R2:
+        if min_r2 is not None:
+            reason = NoPhotonSignature(f"photon-transfer fit is poor (R^2 {pt.r2:.2f} < {min_r2})")
+            raise NoPhotonSignature(f"{where}: noise calibration failed: {reason}; {CALIBRATION_FIX}") from reason
+        log.warning("%s: photon-transfer fit is poor (r2 %.2f); consider source.gain/source.offset or "
+                    "source.calibration=none", where, pt.r2)
+    return _with_given(pt, src, "photon_transfer")
+
+
+def _dark(movie: Movie, src: Any, where: str, min_r2: float | None) -> dict[str, Any]:
+    """Offset from the darkest pixels (or ``source.offset``), gain from the photon-transfer slope through it; the
+    fit must reach ``min_r2`` (``None``: :data:`POOR_FIT_R2`)."""
+    try:
+        pt = estimate_dark_calibration(movie.data, offset=src.offset, max_frames=src.calibration_frames,
+                                       min_r2=POOR_FIT_R2 if min_r2 is None else min_r2)
+    except DataError as exc:
+        raise _failed(where, "dark-offset calibration", exc) from exc
+    return _with_given(pt, src, "dark")
+
+
+ESTIMATORS: dict[str, Callable[[Movie, Any, str, float | None], dict[str, Any]]] = {
+    "photon_transfer": _photon_transfer,
+    "dark": _dark,
+}
+
+
+def _auto_calibration(movie: Movie, src: Any, where: str) -> dict[str, Any]:
+    """Photon transfer, else the dark-pixel offset, else raw units; a fallback is one WARNING line saying why.
+
+    Only a missing photon signature falls back: bad input (NaN, unreadable frames) fails as with any method.
+    """
+    failures = []
+    for method, estimate in ESTIMATORS.items():
+        try:
+            entry = estimate(movie, src, where, POOR_FIT_R2)
+        except NoPhotonSignature as exc:
+            failures.append(f"{method}: {exc.__cause__ or exc}")
+            continue
+        if failures:
+            log.warning("%s: source.calibration=auto used %s (%s)", where, method, "; ".join(failures))
+        return entry
+    log.warning("%s: source.calibration=auto found no photon signature (%s): normalized in raw units as with "
+                "source.calibration=none, gain-based metrics are not applicable; pass source.gain and "
+                "source.offset if this is raw detector data", where, "; ".join(failures))
+    return raw_calibration(movie, src, where)
+
+
+def raw_calibration(movie: Movie, src: Any, where: str) -> dict[str, Any]:
+    """No photon scale: the robust level/scale/noise of the movie in its own units and its storage grid."""
+    try:
+        stats = estimate_raw_scale(movie.data, max_frames=src.calibration_frames)
+    except DataError as exc:
+        raise _failed(where, "raw-unit normalization", exc) from exc
+    zero, step = raw_storage_grid(stats, np.issubdtype(movie.dtype, np.floating))
+    return {"gain": None, "offset": None, "read_noise": None, "calibration": "none",
+            "raw": {**stats.as_dict(), "zero": zero, "step": step}}
+
+
+def raw_storage_grid(stats: RawScale, is_float: bool) -> tuple[float, float]:
+    """``(zero, step)``: the source value stored as 0 and source units per stored integer (calibration none).
+
+    Integer movies keep their values (0, 1). A float movie gets ``RAW_LEVELS_PER_STD`` levels per robust std, or
+    coarser where its sampled range needs it to fill at most a quarter of uint16, centred in the range.
+    """
+    if not is_float:
+        return 0.0, 1.0
+    step = max(stats.scale / RAW_LEVELS_PER_STD, (stats.high - stats.low) / (UINT16_MAX / 4))
+    return (stats.low + stats.high) / 2 - step * UINT16_MAX / 2, step
+
+
+def describe_calibration(calib: dict[str, Any]) -> str:
+    """One line for the log: the photon calibration, or the raw-unit scales of calibration none."""
+    if calib["calibration"] == "none":
+        raw = calib["raw"]
+        return f"raw units (calibration none): median {raw['center']:.6g}, robust std {raw['scale']:.4g}"
+    return f"gain {calib['gain']:.4g} ADU/photon, offset {calib['offset']:.2f} ADU ({calib['calibration']})"
+
+
+def _settle_raw_units(recordings: list[Recording], sources: dict[str, dict], src: Any) -> None:
+    """One normalization for the data set: when auto left some recordings in raw units, all of them are."""
+    raw = sorted(k for k, v in sources.items() if v["calibration"] == "none")
+    if not raw or len(raw) == len(sources):
+        return
+    log.warning("source.calibration=auto: %s have no photon signature, so every recording is normalized in raw units "
+                "(one normalization per data set); pass source.calibration=none to say so, or prepare those "
+                "recordings separately", raw)
+    for rec in recordings:
+        entry = sources[rec.rec_id]
+        if entry["calibration"] != "none":
+            entry.pop("photon_transfer", None)
+            entry.update(raw_calibration(rec.open(), src, rec.where))
 
 
 def storage_dtype(dtypes: list[np.dtype]) -> np.dtype:
@@ -242,7 +371,8 @@ class StorageCheck:
                 f" lie outside the {self.dtype} range {info.min}..{info.max} and would be clipped (at most "
                 f"{MAX_CLIPPED_FRACTION:.1%} of a recording may be); expected raw detector ADU: prepare the raw movie, "
                 "or convert processed data (dF/F, background-subtracted) to ADU first - source.gain/source.offset "
-                "describe ADU, they do not rescale the values")
+                "describe ADU, they do not rescale the values; a float movie of processed data can also be kept in "
+                "its own units with source.calibration=none")
 
     def finish(self) -> None:
         if self.seen and self.lo == self.hi:
@@ -264,12 +394,14 @@ def clip_grid(height: int, width: int, clip: Any, t_range: tuple[int, int]) -> t
 
 
 def iter_clips(movie: Movie, rec_id: str, clip: Any, t_range: tuple[int, int], dtype: np.dtype,
-               split: str, check: StorageCheck) -> Iterator[tuple[str, np.ndarray, dict]]:
-    """Stream clips of one recording: one clip-length chunk of frames in memory at a time."""
+               split: str, check: StorageCheck, calib: dict) -> Iterator[tuple[str, np.ndarray, dict]]:
+    """Stream clips of one recording: one clip-length chunk of frames in memory at a time, in the storage units of
+    its calibration ``calib`` (a raw-unit float movie on its grid, :func:`cadiff.data.movie.to_stored_units`)."""
     _, height, width = movie.shape
     starts, rows, cols = clip_grid(height, width, clip, t_range)
     for t0 in starts:
-        chunk, clipped = to_storage(read_frames(movie.data, t0, t0 + clip.frames), dtype, check.where, t0)
+        frames = to_stored_units(read_frames(movie.data, t0, t0 + clip.frames), calib)
+        chunk, clipped = to_storage(frames, dtype, check.where, t0)
         check.add(chunk, clipped)
         for y0 in rows:
             for x0 in cols:
@@ -314,6 +446,16 @@ class Provenance:
     def fingerprint(self) -> str:
         return _digest({"config": self.settings, "files": [f for f in self.files.values() if f is not None]})
 
+    @property
+    def legacy_fingerprint(self) -> str | None:
+        """The fingerprint these settings had before ``source.calibration`` existed, where its value prepares that
+        data the same way (:data:`LEGACY_ALIKE_CALIBRATIONS`); None otherwise."""
+        source = self.settings.get("source")
+        if not isinstance(source, dict) or source.get("calibration") not in LEGACY_ALIKE_CALIBRATIONS:
+            return None
+        before = {**self.settings, "source": {k: v for k, v in source.items() if k != "calibration"}}
+        return Provenance(before, self.files).fingerprint
+
     def state(self, complete: bool) -> dict[str, Any]:
         """The ``.prepare_state.json`` record: fingerprint, and what it is made of (to say what changed)."""
         inputs = {where: None if f is None else _digest(f) for where, f in self.files.items()}
@@ -342,6 +484,9 @@ def what_changed(state: dict[str, Any], now: Provenance) -> str:
     if "settings" not in state:
         return "its settings or input files differ (that run recorded no details)"
     old, new = leaves(state["settings"]), leaves(now.settings)
+    if "source.name" in old and "source.calibration" not in old:  # prepared before the option existed
+        calibration = new.get("source.calibration")
+        old["source.calibration"] = calibration if calibration in LEGACY_ALIKE_CALIBRATIONS else LEGACY_CALIBRATION
     parts = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
     before, after = state.get("inputs", {}), now.state(complete=True)["inputs"]
     for label, names in (("changed input files", [w for w in after if w in before and before[w] != after[w]]),
@@ -350,6 +495,42 @@ def what_changed(state: dict[str, Any], now: Provenance) -> str:
         if names:
             parts.append(f"{label}: {_listed(names)}")
     return "; ".join(parts) or "its fingerprint differs"
+
+
+def _legacy_difference(index: dict[str, Any], now: Provenance) -> str | None:
+    """How data prepared before ``source.calibration`` existed differs from what ``now`` prepares (None: it does
+    not): source.calibration=auto no longer keeps a poor photon-transfer fit (R^2 < :data:`POOR_FIT_R2`)."""
+    if now.settings["source"].get("calibration") != "auto":
+        return None
+    poor = [k for k, v in index["sources"].items() if v.get("calibration") == "photon_transfer"
+            and (v.get("photon_transfer") or {}).get("r2", POOR_FIT_R2) < POOR_FIT_R2]
+    if not poor:
+        return None
+    return (f"it was prepared before source.calibration existed, by photon transfer, and the fit is poor (R^2 < "
+            f"{POOR_FIT_R2}) for {_listed(poor)}, where source.calibration=auto now uses a dark offset or raw units; "
+            "pass source.calibration=photon_transfer to keep that data")
+
+
+def reusable_index(out: Path, state: dict[str, Any], now: Provenance, overwrite: bool) -> dict[str, Any] | None:
+    """The index of the complete preparation in ``out`` when it is made from ``now``'s settings and inputs (also
+    one prepared before source.calibration existed that they repeat); None when it is to be rebuilt (``overwrite``,
+    or an unusable index). Other settings or inputs without ``overwrite`` are a ConfigError."""
+    fingerprint, difference = state.get("fingerprint"), None
+    if fingerprint is not None and fingerprint in (now.fingerprint, now.legacy_fingerprint):
+        try:
+            index = read_index(out)
+        except DataError as exc:
+            log.warning("existing index unusable (%s): preparing again", exc)
+            return None
+        difference = None if fingerprint == now.fingerprint else _legacy_difference(index, now)
+        if difference is None:
+            log.info("%s is already prepared with these settings and inputs; nothing to do", out)
+            return index
+    if overwrite:
+        return None
+    raise ConfigError(f"out '{out}' holds data prepared from other settings or inputs "
+                      f"({difference or what_changed(state, now)}); pass overwrite=true to rebuild it (the old data "
+                      "stays until the new data is complete), or choose another out (nothing was changed)")
 
 
 def _read_state(folder: Path) -> dict[str, Any]:
@@ -462,20 +643,35 @@ def _shards_bytes(num_clips: int, clips_per_shard: int, sample_bytes: int) -> in
 
 
 def peak_memory(shape: tuple[int, int, int], dtype: np.dtype, storage: np.dtype, clip: Any, clips_per_shard: int,
-                in_memory: bool) -> int:
-    """Working memory while one recording is read: the larger of a photon-transfer window and a tiling chunk."""
+                in_memory: bool, raw_units: bool) -> int:
+    """Working memory while one recording is read: the larger of its calibration (photon transfer, or the raw-unit
+    scales where ``raw_units`` may be the outcome) and a tiling chunk."""
     t, h, w = shape
     # a chunk as read, its rounded and clipped float copies and masks, the storage copy; one shard's clips twice
-    # (arrays and their npy bytes)
-    tiling = (clip.frames * h * w * (3 * dtype.itemsize + 4 + storage.itemsize)
+    # (arrays and their npy bytes). A float movie in raw units is first put on its storage grid (to_stored_units):
+    # then those copies are float64.
+    on_grid = raw_units and np.issubdtype(dtype, np.floating)
+    per_value = dtype.itemsize + 3 * 8 if on_grid else 3 * dtype.itemsize
+    tiling = (clip.frames * h * w * (per_value + 4 + storage.itemsize)
               + 2 * clips_per_shard * clip.frames * clip.height * clip.width * storage.itemsize)
     calibration = (PT_WINDOW_FRAMES * h * w * PT_BYTES_PER_WINDOW_PIXEL
                    + min(PT_MAX_SAMPLES, t // PT_WINDOW_FRAMES * h * w) * PT_BYTES_PER_SAMPLE)
+    if raw_units:
+        calibration = max(calibration, min(RAW_MAX_VALUES, t * h * w) * RAW_BYTES_PER_VALUE)
     return max(tiling, calibration) + (t * h * w * dtype.itemsize if in_memory else 0)
 
 
-def estimate_size(layout: Layout, recordings: list[Recording], clip: Any, clips_per_shard: int) -> Estimate:
-    """Clips per split and recording, bytes of the written folder, and working memory per recording."""
+def may_end_in_raw_units(src: Any) -> bool:
+    """Whether ``source.calibration`` can leave recordings in raw units: ``none``, or ``auto`` without a given
+    ``source.gain`` and ``source.offset`` (a movie without a photon signature falls back to them)."""
+    given = src.gain is not None and src.offset is not None
+    return src.calibration == "none" or (src.calibration == "auto" and not given)
+
+
+def estimate_size(layout: Layout, recordings: list[Recording], clip: Any, clips_per_shard: int,
+                  raw_units: bool) -> Estimate:
+    """Clips per split and recording, bytes of the written folder, and working memory per recording (``raw_units``:
+    the calibration may end in raw units, :func:`may_end_in_raw_units`)."""
     storage = layout.storage
     # a sample: the clip's npy member and its meta.json member (one block)
     sample = _tar_bytes(NPY_HEADER_BYTES + clip.frames * clip.height * clip.width * storage.itemsize) + _tar_bytes(1)
@@ -487,7 +683,7 @@ def estimate_size(layout: Layout, recordings: list[Recording], clip: Any, clips_
     disk = (sum(_shards_bytes(n, clips_per_shard, sample) for n in per_split) + METADATA_BYTES
             + METADATA_PER_RECORDING * len(recordings) + METADATA_PER_SHARD * sum(-(-n // clips_per_shard) for n in per_split))
     memory = {rec.rec_id: peak_memory(layout.shapes[rec.rec_id], layout.dtypes[rec.rec_id], storage, clip,
-                                      clips_per_shard, rec.in_memory) for rec in recordings}
+                                      clips_per_shard, rec.in_memory, raw_units) for rec in recordings}
     return Estimate(clips, disk, memory)
 
 
@@ -573,7 +769,8 @@ def _summary(index: dict, out: Path) -> dict[str, Any]:
         "dtype": index["dtype"],
         "num_recordings": len(index["sources"]),
         "val_recordings": index.get("val_recordings", []),
-        "sources": {k: {"gain": v["gain"], "offset": v["offset"]} for k, v in index["sources"].items()},
+        "sources": {k: {"calibration": v.get("calibration"), "gain": v["gain"], "offset": v["offset"]}
+                    for k, v in index["sources"].items()},
         "normalization": index["normalization"],
         "out": str(out),
     }
@@ -599,18 +796,9 @@ def prepare_data(cfg: Any) -> dict[str, Any]:
     building = where.parent / f".{where.name}.building"  # stable: a killed build is found and resumed
     with folder_lock(building, f"out '{out}': the build folder"):
         state = earlier_output(out)
-        if (out / INDEX_NAME).is_file():
-            if state.get("fingerprint") == made_from.fingerprint:
-                try:
-                    index = read_index(out)
-                    log.info("%s is already prepared with these settings and inputs; nothing to do", out)
-                    return _summary(index, out)
-                except DataError as exc:
-                    log.warning("existing index unusable (%s): preparing again", exc)
-            elif not cfg.overwrite:
-                raise ConfigError(f"out '{out}' holds data prepared from other settings or inputs "
-                                  f"({what_changed(state, made_from)}); pass overwrite=true to rebuild it (the old data "
-                                  "stays until the new data is complete), or choose another out (nothing was changed)")
+        earlier = reusable_index(out, state, made_from, cfg.overwrite) if (out / INDEX_NAME).is_file() else None
+        if earlier is not None:
+            return _summary(earlier, out)
         index = build(building / where.name, out, cfg, recordings, made_from)
     with contextlib.suppress(OSError):
         building.rmdir()  # left by an earlier killed build, now done with
@@ -658,16 +846,22 @@ def _failure_message(exc: OSError | MemoryError, out: Path, step: Step) -> str:
 def _prepare_into(tree: Path, out: Path, cfg: Any, recordings: list[Recording], made_from: Provenance,
                   step: Step) -> dict[str, Any]:
     layout = plan(cfg, recordings, step)
-    estimate = estimate_size(layout, recordings, cfg.clip, cfg.clips_per_shard)
+    estimate = estimate_size(layout, recordings, cfg.clip, cfg.clips_per_shard, may_end_in_raw_units(cfg.source))
     preflight(estimate, layout, recordings, cfg, tree)
     # every input is opened and calibrated before any clip is written
     sources = {rec.rec_id: _calibrated(rec, layout, cfg.source, step) for rec in recordings}
+    step.now = "settling one normalization for every recording"
+    _settle_raw_units(recordings, sources, cfg.source)
+    for rec_id, calib in sources.items():
+        log.info("%s: %s, %s", rec_id, tuple(calib["shape"]), describe_calibration(calib))
+    norm = cfg.normalization
+    norm_kind = "raw" if all(c["calibration"] == "none" for c in sources.values()) else norm.kind
     tree.mkdir(parents=True, exist_ok=True)
     write_json_atomic(tree / STATE_NAME, made_from.state(complete=False))
     record_run(tree, cfg, JOB)
-    splits, moments = _write_splits(tree, cfg, recordings, layout, sources, step)
+    splits, moments = _write_splits(tree, cfg, recordings, layout, sources, norm_kind, step)
     mean, std = moments.mean_std()
-    clip, norm = cfg.clip, cfg.normalization
+    clip = cfg.clip
     index = {
         "kind": "clips",
         "clip_shape": [clip.frames, clip.height, clip.width],
@@ -677,7 +871,7 @@ def _prepare_into(tree: Path, out: Path, cfg: Any, recordings: list[Recording], 
         "split_by": layout.split_by,
         "val_recordings": sorted(layout.val_ids) if layout.split_by == "recording" else [],
         "sources": sources,
-        "normalization": {"kind": norm.kind, "center": float(norm.center) if norm.center is not None else mean,
+        "normalization": {"kind": norm_kind, "center": float(norm.center) if norm.center is not None else mean,
                           "scale": float(norm.scale) if norm.scale is not None else max(std, 1e-6)},
         "source_config": cfg.source.name,
         "fingerprint": made_from.fingerprint,
@@ -694,28 +888,26 @@ def _calibrated(rec: Recording, layout: Layout, src: Any, step: Step) -> dict[st
     calib = calibrate(rec.open(), src, rec.where)
     shape = layout.shapes[rec.rec_id]
     calib.update(recording=rec.rec_id, path=rec.where, shape=list(shape), dtype=str(layout.dtypes[rec.rec_id]))
-    log.info("%s: %s, gain %.4g ADU/photon, offset %.2f ADU", rec.rec_id, shape, calib["gain"], calib["offset"])
     return calib
 
 
 def _write_splits(tree: Path, cfg: Any, recordings: list[Recording], layout: Layout, sources: dict[str, dict],
-                  step: Step) -> tuple[dict[str, dict], RunningMoments]:
-    """Tile every recording into its split's shards; train clips feed the normalization moments."""
-    clip, dtype, norm_kind = cfg.clip, layout.storage, cfg.normalization.kind
+                  norm_kind: str, step: Step) -> tuple[dict[str, dict], RunningMoments]:
+    """Tile every recording into its split's shards; train clips feed the moments of normalization ``norm_kind``."""
+    clip, dtype = cfg.clip, layout.storage
     by_id = {r.rec_id: r for r in recordings}
     checks = {r.rec_id: StorageCheck(r.where, dtype, layout.values_read(r.rec_id, clip)) for r in recordings}
     moments = RunningMoments()
+    unit_norm = {"kind": norm_kind, "center": 0.0, "scale": 1.0}  # f(photons) or the raw z-score
 
     def samples(split: str) -> Iterator[tuple[str, np.ndarray, dict]]:
         for rec_id, t_range in layout.ranges[split].items():
             calib = sources[rec_id]
             step.now = f"tiling {by_id[rec_id].where}"
             movie = by_id[rec_id].open()
-            for key, tile, meta in iter_clips(movie, rec_id, clip, t_range, dtype, split, checks[rec_id]):
+            for key, tile, meta in iter_clips(movie, rec_id, clip, t_range, dtype, split, checks[rec_id], calib):
                 if split == "train":
-                    photons = (tile.astype(np.float32) - calib["offset"]) / calib["gain"]
-                    rn = calib["read_noise"] / calib["gain"]
-                    moments.add(anscombe(photons, rn) if norm_kind == "anscombe" else photons)
+                    moments.add(normalize(tile, calib, unit_norm))
                 yield key, tile, meta
 
     splits: dict[str, dict] = {}

@@ -15,8 +15,9 @@ index.json::
 
     {"kind": "clips" | "latents", "clip_shape" | "latent_shape": [...], "dtype": "uint16",
      "splits": {"train": {"shards": [{"path": "train/clips-000000.tar", "count": 64}], "num_clips": 64}, ...},
-     "sources": {source_id: {"gain", "offset", "read_noise", "rate_hz", "recording", ...}},
-     "normalization": {"kind", "center", "scale"},
+     "sources": {source_id: {"calibration", "gain", "offset", "read_noise", "rate_hz", "recording", ...}},
+     # calibration "none": gain/offset null, "raw": {"center", "scale", "noise_std", "zero", "step", ...}
+     "normalization": {"kind": "photon" | "anscombe" | "raw", "center", "scale"},
      # latents only: "channel_mean", "channel_std", "stage1"}
 """
 
@@ -35,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from cadiff.data.movie import NORMALIZATION_KINDS, calibration_problem
 from cadiff.errors import DataError
 from cadiff.io import atomic_path, write_json_atomic
 
@@ -186,14 +188,15 @@ def validate_index(index: Any, path: Path, root: Path | None = None) -> dict:
         raise _fail(path, "'sources' must map source ids to calibration dicts")
     norm = index.get("normalization")
     if kind == "clips":
-        if not (isinstance(norm, dict) and norm.get("kind") in ("photon", "anscombe")
+        if not (isinstance(norm, dict) and norm.get("kind") in NORMALIZATION_KINDS
                 and isinstance(norm.get("center"), (int, float)) and isinstance(norm.get("scale"), (int, float))
                 and norm["scale"] > 0):
-            raise _fail(path, f"'normalization' = {norm!r}, expected {{'kind': 'photon'|'anscombe', 'center', 'scale' > 0}}")
+            raise _fail(path, f"'normalization' = {norm!r}, expected {{'kind': {'|'.join(NORMALIZATION_KINDS)}, "
+                              "'center', 'scale' > 0}")
         for sid, calib in index.get("sources", {}).items():
-            if not (isinstance(calib, dict) and isinstance(calib.get("gain"), (int, float)) and calib["gain"] > 0
-                    and isinstance(calib.get("offset"), (int, float))):
-                raise _fail(path, f"source {sid!r} calibration {calib!r}, expected numeric 'gain' > 0 and 'offset'")
+            problem = calibration_problem(calib, norm["kind"])
+            if problem:
+                raise _fail(path, f"source {sid!r} calibration: {problem}")
     else:
         channels = shape[0]
         for key in ("channel_mean", "channel_std"):

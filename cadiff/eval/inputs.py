@@ -4,6 +4,10 @@ A set is a list of clips in source units (ADU) with one calibration per clip, so
 units. Calibration comes, in order, from the folder's ``samples.json`` (written by ``jobs/sample.py``), the
 shard index's per-source record, the movie file's own metadata, the reference set (for generated movies, which
 are meant to be in the reference's units), or a photon-transfer estimate on the movie itself.
+
+Data without a photon calibration (``prepare_data source.calibration=none``, or ``{"calibration": "none"}`` in
+``samples.json``) is evaluated in raw units, the source's own: its calibration has ``units="raw"`` and maps stored
+values to source values; gain-based metrics are then not applicable.
 """
 
 from __future__ import annotations
@@ -37,22 +41,39 @@ MAX_CALIBRATION_FRAMES = 1000
 
 @dataclass(frozen=True)
 class Calibration:
-    """Affine camera model of a source: adu = gain * photons + offset (plus read noise)."""
+    """Affine camera model of a source: adu = gain * photons + offset (plus read noise).
+
+    ``units="raw"`` (no photon scale, :meth:`raw`): the same affine map takes stored values to the source's own
+    units, ``source = zero + step * stored`` with ``gain = 1 / step`` and ``offset = -zero / step``.
+    """
 
     gain: float
     offset: float
     read_noise: float | None = None
     rate_hz: float | None = None
     origin: str = "file"  # samples.json | index | metadata | reference | estimated
+    units: str = "photons"  # photons | raw
 
-    def to_photons(self, adu: np.ndarray) -> np.ndarray:
-        """Source units -> photon units."""
+    @classmethod
+    def raw(cls, zero: float = 0.0, step: float = 1.0, rate_hz: float | None = None, origin: str = "file") -> Calibration:
+        """Raw units: values ``zero + step * stored`` in the source's own units (identity by default)."""
+        return cls(gain=1.0 / float(step), offset=-float(zero) / float(step), rate_hz=rate_hz, origin=origin, units="raw")
+
+    def to_units(self, adu: np.ndarray) -> np.ndarray:
+        """Stored values -> photon units, or the source's own units for raw units."""
         return (np.asarray(adu, dtype=np.float32) - np.float32(self.offset)) / np.float32(self.gain)
 
     def same_camera(self, other: Calibration) -> bool:
-        return math.isclose(self.gain, other.gain, rel_tol=1e-6) and math.isclose(
+        return self.units == other.units and math.isclose(self.gain, other.gain, rel_tol=1e-6) and math.isclose(
             self.offset, other.offset, rel_tol=1e-6, abs_tol=1e-6
         )
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready record; a raw-unit calibration has no gain or offset to show (``units: raw``)."""
+        if self.units == "raw":
+            return {"units": "raw", "gain": None, "offset": None, "rate_hz": self.rate_hz, "origin": self.origin}
+        return {"gain": self.gain, "offset": self.offset, "read_noise": self.read_noise, "rate_hz": self.rate_hz,
+                "origin": self.origin}
 
 
 @dataclass
@@ -65,14 +86,34 @@ class ClipSet:
     clips: list[np.ndarray] = field(default_factory=list)
     calibrations: list[Calibration | None] = field(default_factory=list)
 
-    def photons(self) -> list[np.ndarray]:
-        """Every clip in photon units; all calibrations must be resolved."""
+    def in_units(self) -> list[np.ndarray]:
+        """Every clip in the set's units (:meth:`units`); all calibrations must be resolved."""
         out = []
         for name, clip, cal in zip(self.names, self.clips, self.calibrations):
             if cal is None:
                 raise DataError(f"{self.path}: clip {name} has no calibration; call resolve_calibration first")
-            out.append(cal.to_photons(clip))
+            out.append(cal.to_units(clip))
         return out
+
+    def photons(self) -> list[np.ndarray]:
+        """Every clip in photon units (a raw-unit set has none)."""
+        if self.units() != "photons":
+            raise DataError(f"{self.path}: clips are in raw units (no photon calibration), expected photon units")
+        return self.in_units()
+
+    def units(self) -> str:
+        """``photons`` or ``raw``, shared by every resolved clip (mixed units are a DataError)."""
+        units = {c.units for c in self.calibrations if c is not None}
+        if len(units) > 1:
+            raise DataError(f"{self.path}: clips in both photon and raw units; expected one calibration kind per set")
+        return units.pop() if units else "photons"
+
+    def source_units_calibration(self) -> Calibration | None:
+        """Calibration of movies written in this set's source units (generated movies borrow it): the common
+        photon calibration, the identity for a raw-unit set, None when photon calibrations differ."""
+        if self.calibrations and self.units() == "raw":
+            return Calibration.raw(rate_hz=self.rate_hz(), origin="reference")
+        return self.common_calibration()
 
     def common_calibration(self) -> Calibration | None:
         """The one calibration shared by every clip, or None when clips differ or some are unknown."""
@@ -94,7 +135,7 @@ class ClipSet:
         """JSON-ready description: path, kind, clip count and the distinct calibrations used."""
         cals: list[dict[str, Any]] = []
         for c in self.calibrations:
-            entry = {"gain": c.gain, "offset": c.offset, "read_noise": c.read_noise, "rate_hz": c.rate_hz, "origin": c.origin} if c else None
+            entry = c.describe() if c else None
             if entry not in cals:
                 cals.append(entry)
         return {"path": self.path, "kind": self.kind, "num_clips": len(self.clips), "calibrations": cals}
@@ -185,6 +226,9 @@ def _index_calibration(root: Path, sources: dict, meta: dict) -> Calibration | N
     record = sources.get(str(source)) if source is not None else None
     if record is None:
         raise DataError(f"{root / INDEX_FILE}: clip source {source!r} is not in 'sources', expected one of {sorted(sources)}")
+    if record.get("calibration") == "none":
+        raw = record["raw"]  # read_index checked it
+        return Calibration.raw(raw["zero"], raw["step"], _opt_float(record.get("rate_hz")), "index")
     if record.get("gain") is None or record.get("offset") is None:
         return None
     return Calibration(
@@ -217,9 +261,16 @@ def read_calibration_file(root: Path) -> Calibration | None:
         record = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: unreadable ({exc}), expected JSON with gain, offset, read_noise, rate_hz") from None
-    record = record.get("calibration", record) if isinstance(record, dict) else record
+    if isinstance(record, dict) and isinstance(record.get("calibration"), dict):
+        record = record["calibration"]  # jobs/sample.py's samples.json
+    if isinstance(record, dict) and record.get("calibration") == "none":
+        try:
+            return Calibration.raw(rate_hz=_opt_float(record.get("rate_hz")), origin=CALIBRATION_FILE)
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: rate_hz must be a number, got {record.get('rate_hz')!r}") from None
     if not isinstance(record, dict) or record.get("gain") is None or record.get("offset") is None:
-        raise DataError(f"{path}: expected an object with numeric 'gain' and 'offset' (and optional read_noise, rate_hz)")
+        raise DataError(f"{path}: expected an object with numeric 'gain' and 'offset' (and optional read_noise, "
+                        "rate_hz), or {\"calibration\": \"none\"} for movies in raw units")
     try:
         cal = Calibration(
             gain=float(record["gain"]),
@@ -266,7 +317,8 @@ def _estimate(adu: np.ndarray, name: str, rate_hz: float | None) -> Calibration:
         pt = estimate_photon_transfer(np.asarray(adu))
     except (DataError, ValueError) as exc:
         raise DataError(f"{name}: no calibration given and photon transfer failed ({exc}); write {CALIBRATION_FILE} "
-                        "with gain and offset next to the movies") from None
+                        "with gain and offset next to the movies, or {\"calibration\": \"none\"} to compare them in "
+                        "raw units") from None
     log.info("%s: no calibration given; photon transfer estimates gain %.4g offset %.4g", name, pt.gain, pt.offset)
     return Calibration(float(pt.gain), float(pt.offset), None, rate_hz, "estimated")
 

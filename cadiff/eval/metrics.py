@@ -4,6 +4,9 @@ Every clip is a float array ``[T, H, W]`` in photon units (``(adu - offset) / ga
 calibration), so a generator that reproduces shot noise has a photon-transfer gain of 1 on its own clips and
 the gain ratio generated / reference is unit-free. No network weights are involved: the per-clip statistics
 are closed-form and the set-level comparison is a kernel two-sample statistic over per-clip feature vectors.
+
+Sets in raw units (data prepared with ``source.calibration=none``: the source's own units, no photon scale) get
+every metric but the photon-transfer ones, which are reported as not applicable (``None`` with the reason).
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ MAX_PIXELS = 100_000
 # Random half splits of the reference set averaged for the MMD baseline.
 BASELINE_SPLITS = 16
 MIN_FRAMES, MIN_SIDE = 4, 3
+UNITS = ("photons", "raw")
+RAW_UNITS_REASON = ("not applicable: the data has no photon calibration (prepared with source.calibration=none), so "
+                    "clips are in raw units and photon-transfer gain, offset and noise in photons are undefined")
+NOISE_KEYS = ("gain_gen", "gain_ref", "gain_ratio", "offset_gen", "offset_ref", "offset_diff", "r2_gen", "r2_ref")
+NO_PHOTON_TRANSFER = {"gain": math.nan, "offset": math.nan, "r2": math.nan, "means": np.zeros(0), "variances": np.zeros(0)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -43,7 +51,7 @@ def photon_transfer(clip: np.ndarray) -> dict[str, Any]:
     except (DataError, ValueError) as exc:
         # a degenerate clip (e.g. constant) has no photon-transfer curve; it stays in the set with NaNs
         log.warning("photon transfer failed on a clip: %s", exc)
-        return {"gain": math.nan, "offset": math.nan, "r2": math.nan, "means": np.zeros(0), "variances": np.zeros(0)}
+        return dict(NO_PHOTON_TRANSFER)
     return {
         "gain": float(pt.gain),
         "offset": float(pt.offset),
@@ -171,10 +179,10 @@ def check_clip(clip: np.ndarray, name: str = "clip") -> np.ndarray:
     return x
 
 
-def clip_stats(clip: np.ndarray, acf_lags: int = 10) -> ClipStats:
-    """Compute every per-clip statistic of one photon-unit clip [T, H, W]."""
+def clip_stats(clip: np.ndarray, acf_lags: int = 10, units: str = "photons") -> ClipStats:
+    """Compute every per-clip statistic of one clip [T, H, W] (photon transfer only for photon units)."""
     x = check_clip(clip)
-    pt = photon_transfer(x)
+    pt = photon_transfer(x) if units == "photons" else dict(NO_PHOTON_TRANSFER)
     mean, std, skewness, kurtosis = pixel_moments(x)
     t_freqs, t_psd = temporal_psd(x)
     s_freqs, s_psd = spatial_power_spectrum(x)
@@ -211,16 +219,18 @@ def _band_means(values: np.ndarray) -> list[float]:
     return [float(b.mean()) for b in bands]
 
 
-def clip_features(stats: ClipStats) -> dict[str, float]:
-    """Per-clip feature vector (named) used for the set-level MMD."""
-    feats = {
-        "log_gain": float(_log10(stats.gain)) if math.isfinite(stats.gain) else math.nan,
-        "offset": stats.offset,
+def clip_features(stats: ClipStats, units: str = "photons") -> dict[str, float]:
+    """Per-clip feature vector (named) used for the set-level MMD; photon-transfer features for photon units only."""
+    feats = {}
+    if units == "photons":
+        feats["log_gain"] = float(_log10(stats.gain)) if math.isfinite(stats.gain) else math.nan
+        feats["offset"] = stats.offset
+    feats.update({
         "log_mean": float(_log10(max(stats.mean, 0.0) + 1.0)),
         "log_std": float(_log10(stats.std + 1e-6)),
         "skewness": stats.skewness,
         "kurtosis": stats.kurtosis,
-    }
+    })
     # lag 1 and the mean over lags: single far lags of a short clip are mostly estimation noise
     feats["acf_1"] = float(stats.acf[0])
     feats["acf_mean"] = float(np.mean(stats.acf))
@@ -298,6 +308,7 @@ class SetSummary:
     features: np.ndarray  # [N, D]
     pixels: np.ndarray
     shape: tuple[int, int, int]
+    units: str = "photons"  # photons | raw
 
     def median(self, field: str) -> float:
         values = np.array([getattr(s, field) for s in self.stats], dtype=np.float64)
@@ -308,22 +319,26 @@ class SetSummary:
         return np.mean(np.stack([getattr(s, field) for s in self.stats]), axis=0)
 
 
-def summarize_set(clips: Sequence[np.ndarray], acf_lags: int = 10, seed: int = 0, name: str = "set") -> SetSummary:
-    """Per-clip statistics of a set of photon-unit clips that all share one shape [T, H, W]."""
+def summarize_set(clips: Sequence[np.ndarray], acf_lags: int = 10, seed: int = 0, name: str = "set",
+                  units: str = "photons") -> SetSummary:
+    """Per-clip statistics of a set of clips in ``units`` (photons | raw) that all share one shape [T, H, W]."""
+    if units not in UNITS:
+        raise DataError(f"{name}: units {units!r}, expected one of {list(UNITS)}")
     if len(clips) == 0:
         raise DataError(f"{name}: no clips, expected at least one [T, H, W] clip")
     shape = tuple(np.shape(clips[0]))
     for i, c in enumerate(clips):
         if tuple(np.shape(c)) != shape:
             raise DataError(f"{name}: clip {i} has shape {np.shape(c)}, expected the set's common shape {shape}")
-    stats = [clip_stats(check_clip(c, f"{name} clip {i}"), acf_lags) for i, c in enumerate(clips)]
-    rows = [clip_features(s) for s in stats]
+    stats = [clip_stats(check_clip(c, f"{name} clip {i}"), acf_lags, units) for i, c in enumerate(clips)]
+    rows = [clip_features(s, units) for s in stats]
     names = list(rows[0])
     features = np.array([[r[k] for k in names] for r in rows], dtype=np.float64)
     rng = np.random.default_rng(seed)
     per_clip = max(1, MAX_PIXELS // len(clips))
     pixels = np.concatenate([rng.choice(np.ravel(c), size=min(per_clip, np.size(c)), replace=False) for c in clips])
-    return SetSummary(stats=stats, feature_names=names, features=features, pixels=pixels.astype(np.float64), shape=shape)
+    return SetSummary(stats=stats, feature_names=names, features=features, pixels=pixels.astype(np.float64), shape=shape,
+                      units=units)
 
 
 def _standardize(gen: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -366,8 +381,9 @@ def compare_sets(gen: SetSummary, ref: SetSummary, rate_hz: float | None = None,
     """Every set-level metric of generated vs reference clips as a JSON-ready dict (NaN becomes None)."""
     if gen.shape != ref.shape:
         raise DataError(f"compare_sets: generated clips {gen.shape} and reference clips {ref.shape}, expected one shape")
-    gain_gen, gain_ref = gen.median("gain"), ref.median("gain")
-    offset_gen, offset_ref = gen.median("offset"), ref.median("offset")
+    if gen.units != ref.units:
+        raise DataError(f"compare_sets: generated clips in {gen.units} units, reference clips in {ref.units}; expected "
+                        "one kind (prepare and sample both with the same source.calibration)")
     t_freqs = gen.stats[0].temporal_freqs
     tpsd_gen, tpsd_ref = gen.mean_curve("temporal_psd"), ref.mean_curve("temporal_psd")
     spsd_gen, spsd_ref = gen.mean_curve("spatial_psd"), ref.mean_curve("spatial_psd")
@@ -376,16 +392,8 @@ def compare_sets(gen: SetSummary, ref: SetSummary, rate_hz: float | None = None,
     w1 = wasserstein1(gen.pixels, ref.pixels)
     out = {
         "clip_shape": list(gen.shape),
-        "noise": {
-            "gain_gen": gain_gen,
-            "gain_ref": gain_ref,
-            "gain_ratio": _ratio(gain_gen, gain_ref),
-            "offset_gen": offset_gen,
-            "offset_ref": offset_ref,
-            "offset_diff": offset_gen - offset_ref,
-            "r2_gen": gen.median("r2"),
-            "r2_ref": ref.median("r2"),
-        },
+        "units": gen.units,
+        "noise": noise_metrics(gen, ref),
         "intensity": {
             "mean_gen": gen.median("mean"),
             "mean_ref": ref.median("mean"),
@@ -422,16 +430,28 @@ def compare_sets(gen: SetSummary, ref: SetSummary, rate_hz: float | None = None,
     return to_jsonable(out)
 
 
+def noise_metrics(gen: SetSummary, ref: SetSummary) -> dict[str, Any]:
+    """Photon-transfer gain, offset and fit quality of both sets; ``None`` with the reason in raw units."""
+    if gen.units != "photons":
+        return {**dict.fromkeys(NOISE_KEYS), "not_applicable": RAW_UNITS_REASON}
+    gain_gen, gain_ref = gen.median("gain"), ref.median("gain")
+    offset_gen, offset_ref = gen.median("offset"), ref.median("offset")
+    values = (gain_gen, gain_ref, _ratio(gain_gen, gain_ref), offset_gen, offset_ref, offset_gen - offset_ref,
+              gen.median("r2"), ref.median("r2"))
+    return dict(zip(NOISE_KEYS, values))
+
+
 def evaluate_sets(
     gen_clips: Sequence[np.ndarray],
     ref_clips: Sequence[np.ndarray],
     acf_lags: int = 10,
     rate_hz: float | None = None,
     seed: int = 0,
+    units: str = "photons",
 ) -> dict[str, Any]:
-    """Summarize both sets of photon-unit clips (one common shape) and compare them: the full metrics dict."""
-    gen = summarize_set(gen_clips, acf_lags, seed, name="generated")
-    ref = summarize_set(ref_clips, acf_lags, seed + 1, name="reference")
+    """Summarize both sets of clips in ``units`` (one common shape) and compare them: the full metrics dict."""
+    gen = summarize_set(gen_clips, acf_lags, seed, name="generated", units=units)
+    ref = summarize_set(ref_clips, acf_lags, seed + 1, name="reference", units=units)
     return compare_sets(gen, ref, rate_hz=rate_hz, seed=seed)
 
 

@@ -38,6 +38,7 @@ COLORS = {"gen": "tab:red", "ref": "tab:blue"}
 GAIN_FIT_CLIPS = 8
 # Target band for the gain ratio; the project goal for a noise-faithful generator (issue 7, quality benchmark).
 GAIN_RATIO_BAND = (0.9, 1.1)
+UNIT_LABELS = {"photons": "photons", "raw": "raw units"}
 
 
 def evaluate_folders(
@@ -55,7 +56,7 @@ def evaluate_folders(
     gen_set = load_set(gen, None, max_clips, seed, clip_shape, hdf5_key, estimate_missing=False)
     ref_set = load_set(ref, ref_split, max_clips, seed, clip_shape or modal_shape(gen_set), hdf5_key)
     # generated movies are meant to be in the reference's units: borrow its calibration when it has exactly one
-    gen_set = resolve_calibration(gen_set, ref_set.common_calibration())
+    gen_set = resolve_calibration(gen_set, ref_set.source_units_calibration())
     shape = common_shape(gen_set, ref_set)
     if shape[0] < MIN_FRAMES or min(shape[1:]) < MIN_SIDE:
         raise DataError(
@@ -64,15 +65,21 @@ def evaluate_folders(
         )
     gen_set, ref_set = crop_sets(shape, gen_set, ref_set)
     rate_hz = ref_set.rate_hz(True) or gen_set.rate_hz(True) or ref_set.rate_hz() or gen_set.rate_hz()
-    gen_summary = summarize_set(gen_set.photons(), acf_lags, seed, name=str(gen))
-    ref_summary = summarize_set(ref_set.photons(), acf_lags, seed + 1, name=str(ref))
+    if gen_set.units() != ref_set.units():
+        raise DataError(f"{gen} is in {gen_set.units()} units but {ref} in {ref_set.units()} units: expected one kind "
+                        "(generated movies borrow the reference's calibration; write samples.json with "
+                        "{\"calibration\": \"none\"} for movies in raw units)")
+    units = ref_set.units()
+    gen_summary = summarize_set(gen_set.in_units(), acf_lags, seed, name=str(gen), units=units)
+    ref_summary = summarize_set(ref_set.in_units(), acf_lags, seed + 1, name=str(ref), units=units)
     metrics = compare_sets(gen_summary, ref_summary, rate_hz=rate_hz, seed=seed)
     metrics.update(
         gen=gen_set.describe(),
         ref=ref_set.describe(),
         rate_hz=rate_hz,
         settings={"ref_split": ref_split, "max_clips": max_clips, "acf_lags": acf_lags, "seed": seed},
-        figures=dict(FIGURES),
+        # the photon-transfer figure has nothing to show in raw units
+        figures={k: v for k, v in FIGURES.items() if units == "photons" or k != "gain_fit"},
     )
     out = Path(out)
     document = report_document(metrics, write_figures(out, gen_summary, ref_summary, metrics))
@@ -106,8 +113,9 @@ def evaluate_config(cfg: Any) -> dict[str, Any]:
 def summary_line(metrics: dict[str, Any]) -> str:
     """The job's key results, e.g. ``gain_ratio=0.98 mmd=0.0100 mmd_baseline=0.0020 clips=4/16``."""
     mmd = metrics["mmd"]
+    units = " units=raw" if metrics["units"] == "raw" else ""
     return (
-        f"gain_ratio={_fmt(metrics['noise']['gain_ratio'], 3)} mmd={_fmt(mmd['mmd2'], 4)} "
+        f"gain_ratio={_fmt(metrics['noise']['gain_ratio'], 3)}{units} mmd={_fmt(mmd['mmd2'], 4)} "
         f"mmd_baseline={_fmt(mmd['baseline_mmd2'], 4)} clips={mmd['num_gen']}/{mmd['num_ref']}"
     )
 
@@ -150,9 +158,10 @@ def _spectra(gen: SetSummary, ref: SetSummary, metrics: dict[str, Any]) -> Figur
         ax_t.semilogy(freqs, summary.mean_curve("temporal_psd"), color=COLORS[key], label=label)
         ax_s.semilogy(s_freqs, summary.mean_curve("spatial_psd"), color=COLORS[key], label=label)
         ax_a.plot(temporal["acf_lags"], summary.mean_curve("acf"), "o-", color=COLORS[key], label=label)
-    ax_t.set(xlabel="frequency (Hz)" if hz else "frequency (cycles/frame)", ylabel="power (photons$^2$)",
+    unit = UNIT_LABELS[metrics["units"]]
+    ax_t.set(xlabel="frequency (Hz)" if hz else "frequency (cycles/frame)", ylabel=f"power ({unit}$^2$)",
              title=f"temporal PSD ({_fmt(temporal['psd_distance_db'], 2)} dB rms)")
-    ax_s.set(xlabel="spatial frequency (cycles/pixel)", ylabel="power (photons$^2$)",
+    ax_s.set(xlabel="spatial frequency (cycles/pixel)", ylabel=f"power ({unit}$^2$)",
              title=f"spatial PSD ({_fmt(metrics['spatial']['psd_distance_db'], 2)} dB rms)")
     ax_a.set(xlabel="lag (frames)", ylabel="autocorrelation", title=f"temporal ACF (MAE {_fmt(temporal['acf_mae'])})")
     for ax in (ax_t, ax_s, ax_a):
@@ -169,7 +178,8 @@ def _histogram(gen: SetSummary, ref: SetSummary, metrics: dict[str, Any]) -> Fig
     ax.hist(ref.pixels, bins=bins, density=True, histtype="step", color=COLORS["ref"], label="reference")
     ax.hist(gen.pixels, bins=bins, density=True, histtype="step", color=COLORS["gen"], label="generated")
     ax.set_yscale("log")
-    ax.set(xlabel="intensity (photons)", ylabel="density", title=f"pixel intensities (W1 {_fmt(metrics['intensity']['w1'])} photons)")
+    unit = UNIT_LABELS[metrics["units"]]
+    ax.set(xlabel=f"intensity ({unit})", ylabel="density", title=f"pixel intensities (W1 {_fmt(metrics['intensity']['w1'])} {unit})")
     ax.legend()
     return fig
 
@@ -197,19 +207,18 @@ def _gain_fit(gen: SetSummary, ref: SetSummary, metrics: dict[str, Any]) -> Figu
 
 
 def write_figures(out: Path, gen: SetSummary, ref: SetSummary, metrics: dict[str, Any]) -> dict[str, bytes]:
-    """Side-by-side PNGs: mean image, correlation image, spectra + ACF, histograms, photon-transfer fit.
-
-    Returns each figure's PNG bytes by key (for the HTML report)."""
+    """Side-by-side PNGs: mean image, correlation image, spectra + ACF, histograms, photon-transfer fit (the ones
+    ``metrics["figures"]`` lists). Returns each figure's PNG bytes by key (for the HTML report)."""
     out.mkdir(parents=True, exist_ok=True)
     g0, r0 = gen.stats[0], ref.stats[0]
     figures = {
-        "mean_image": _image_pair(g0.mean_image, r0.mean_image, "mean image (clip 0)", "photons"),
-        "corr_image": _image_pair(g0.corr_image, r0.corr_image, "correlation image (clip 0)", "mean neighbour r"),
-        "spectra": _spectra(gen, ref, metrics),
-        "histogram": _histogram(gen, ref, metrics),
-        "gain_fit": _gain_fit(gen, ref, metrics),
+        "mean_image": lambda: _image_pair(g0.mean_image, r0.mean_image, "mean image (clip 0)", UNIT_LABELS[metrics["units"]]),
+        "corr_image": lambda: _image_pair(g0.corr_image, r0.corr_image, "correlation image (clip 0)", "mean neighbour r"),
+        "spectra": lambda: _spectra(gen, ref, metrics),
+        "histogram": lambda: _histogram(gen, ref, metrics),
+        "gain_fit": lambda: _gain_fit(gen, ref, metrics),
     }
-    return {key: save_png(fig, out / FIGURES[key], dpi=110, tight=True) for key, fig in figures.items()}
+    return {key: save_png(figures[key](), out / fname, dpi=110, tight=True) for key, fname in metrics["figures"].items()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -241,7 +250,7 @@ FIGURE_CAPTIONS = {
 def report_document(metrics: dict[str, Any], figures: dict[str, bytes]) -> Document:
     """The report (Markdown: report.md, HTML: report.html): inputs, headline verdicts, metrics table, figures."""
     mmd = metrics["mmd"]
-    gain_verdict, mmd_verdict = _verdicts(metrics)
+    gain_verdict, gain_note, mmd_verdict = _verdicts(metrics)
     doc = Document("cadiff evaluation")
     doc.bullets([
         f"generated: `{metrics['gen']['path']}` ({metrics['gen']['kind']}, {metrics['gen']['num_clips']} clips)",
@@ -253,11 +262,11 @@ def report_document(metrics: dict[str, Any], figures: dict[str, bytes]) -> Docum
     ])
     doc.heading("Headline").bullets([
         f"**photon-transfer gain ratio** (generated / reference): **{_fmt(metrics['noise']['gain_ratio'])}** - "
-        f"{gain_verdict}. A generator that smooths shot noise (e.g. a regression autoencoder) falls well below 1.",
+        f"{gain_verdict}.{gain_note}",
         f"**MMD^2** of per-clip features: **{_fmt(mmd['mmd2'], 4)}** vs reference split-half "
         f"{_fmt(mmd['baseline_mmd2'], 4)} +- {_fmt(mmd['baseline_mmd2_std'], 4)} - {mmd_verdict}.",
     ])
-    doc.heading("Metrics (photon units; per-clip medians)")
+    doc.heading(f"Metrics ({UNIT_LABELS[metrics['units']]}; per-clip medians)")
     doc.table(["metric", "generated", "reference", "difference"], _metric_rows(metrics))
     doc.paragraph(f"MMD features ({len(mmd['feature_names'])}, z-scored over both sets): "
                   f"{', '.join(mmd['feature_names'])}; kernel bandwidth {_fmt(mmd['bandwidth'])}.")
@@ -267,32 +276,35 @@ def report_document(metrics: dict[str, Any], figures: dict[str, bytes]) -> Docum
     return doc
 
 
-def _verdicts(metrics: dict[str, Any]) -> tuple[str, str]:
-    """(gain-ratio verdict, MMD verdict) in words."""
-    ratio, mmd = metrics["noise"]["gain_ratio"], metrics["mmd"]
+def _verdicts(metrics: dict[str, Any]) -> tuple[str, str, str]:
+    """(gain-ratio verdict, a note on it, MMD verdict) in words."""
+    noise, mmd = metrics["noise"], metrics["mmd"]
+    ratio = noise["gain_ratio"]
     lo, hi = GAIN_RATIO_BAND
-    gain_verdict = (
-        "n/a (no photon-transfer fit)" if ratio is None
-        else f"{'within' if lo <= ratio <= hi else 'OUTSIDE'} the {lo}-{hi} band"
-    )
+    gain_note = " A generator that smooths shot noise (e.g. a regression autoencoder) falls well below 1."
+    if noise.get("not_applicable"):
+        gain_verdict, gain_note = noise["not_applicable"], ""
+    elif ratio is None:
+        gain_verdict = "n/a (no photon-transfer fit)"
+    else:
+        gain_verdict = f"{'within' if lo <= ratio <= hi else 'OUTSIDE'} the {lo}-{hi} band"
     if mmd["mmd2"] is None or mmd["baseline_mmd2"] is None:
-        return gain_verdict, "n/a (needs >= 2 generated and >= 4 reference clips)"
+        return gain_verdict, gain_note, "n/a (needs >= 2 generated and >= 4 reference clips)"
     noise_level = mmd["baseline_mmd2"] + 2 * (mmd["baseline_mmd2_std"] or 0.0)
     mmd_verdict = (
         "indistinguishable from a reference split" if mmd["mmd2"] <= noise_level
         else "above the reference split-half level (mean + 2 std)"
     )
-    return gain_verdict, mmd_verdict
+    return gain_verdict, gain_note, mmd_verdict
 
 
 def _metric_rows(metrics: dict[str, Any]) -> list[list[str]]:
     noise, inten, temp, spat, mmd = (metrics[k] for k in ("noise", "intensity", "temporal", "spatial", "mmd"))
+    unit = UNIT_LABELS[metrics["units"]]
     return [
-        _row("photon-transfer gain", noise["gain_gen"], noise["gain_ref"], _diff(noise["gain_gen"], noise["gain_ref"])),
-        _row("photon-transfer offset (photons)", noise["offset_gen"], noise["offset_ref"], noise["offset_diff"]),
-        _row("photon-transfer fit R^2", noise["r2_gen"], noise["r2_ref"]),
-        _row("mean intensity (photons)", inten["mean_gen"], inten["mean_ref"], _diff(inten["mean_gen"], inten["mean_ref"])),
-        _set_row("intensity W1 (photons)", inten["w1"]),
+        *_noise_rows(noise),
+        _row(f"mean intensity ({unit})", inten["mean_gen"], inten["mean_ref"], _diff(inten["mean_gen"], inten["mean_ref"])),
+        _set_row(f"intensity W1 ({unit})", inten["w1"]),
         _set_row("intensity W1 / reference std", inten["w1_rel"]),
         _row("pixel skewness", inten["skewness_gen"], inten["skewness_ref"], _diff(inten["skewness_gen"], inten["skewness_ref"])),
         _row("pixel excess kurtosis", inten["kurtosis_gen"], inten["kurtosis_ref"], _diff(inten["kurtosis_gen"], inten["kurtosis_ref"])),
@@ -308,11 +320,23 @@ def _metric_rows(metrics: dict[str, Any]) -> list[list[str]]:
     ]
 
 
+def _noise_rows(noise: dict[str, Any]) -> list[list[str]]:
+    if noise.get("not_applicable"):
+        return [["photon-transfer gain, offset, fit R^2", "not applicable", "not applicable", ""]]
+    return [
+        _row("photon-transfer gain", noise["gain_gen"], noise["gain_ref"], _diff(noise["gain_gen"], noise["gain_ref"])),
+        _row("photon-transfer offset (photons)", noise["offset_gen"], noise["offset_ref"], noise["offset_diff"]),
+        _row("photon-transfer fit R^2", noise["r2_gen"], noise["r2_ref"]),
+    ]
+
+
 def _calibrations(described: dict[str, Any]) -> str:
     parts = []
     for c in described["calibrations"]:
         if c is None:
             parts.append("unknown")
+        elif c.get("units") == "raw":
+            parts.append(f"raw units, no photon scale ({c['origin']})")
         else:
             parts.append(f"gain {_fmt(c['gain'])} ADU/photon, offset {_fmt(c['offset'], 1)} ADU ({c['origin']})")
     return "; ".join(parts)

@@ -1,7 +1,9 @@
-"""Sampling: DiT latents -> stage-1 decoder -> uint16 movies in the source's units (TIFF and/or NWB, GIF + MP4).
+"""Sampling: DiT latents -> stage-1 decoder -> movies in the source's units (TIFF and/or NWB, GIF + MP4).
 
+Movies are uint16, or float32 for a float source prepared in raw units (``source.calibration=none``).
 ``out_format`` picks the movie files: ImageJ TIFF, NWB (a TwoPhotonSeries whose description holds the provenance:
-cadiff version, stage-1/stage-2 exports, seed, samplers; calibration as NWB conversion/offset) or both.
+cadiff version, stage-1/stage-2 exports, seed, samplers; calibration as NWB conversion/offset, none in raw units)
+or both.
 
 Batches are fixed slices ``[i, i + batch_size)`` of the sample indices, each drawn with a generator seeded by
 ``(seed, i)``: the same seed and batch size give bit-identical files whether the batches run here or fan out
@@ -22,7 +24,7 @@ from tqdm import tqdm
 from cadiff import __version__
 from cadiff.config import DataConfig, from_dict
 from cadiff.data import pipeline
-from cadiff.data.movie import denormalize
+from cadiff.data.movie import denormalize, source_dtype, to_source_units
 from cadiff.data.shards import read_index
 from cadiff.data.sources.tiff import write_tiff
 from cadiff.errors import CheckpointError, DataError
@@ -37,28 +39,30 @@ log = logging.getLogger(__name__)
 MOVIE_SUFFIXES = {"tiff": (".tif",), "nwb": (".nwb",), "both": (".tif", ".nwb")}  # out_format -> movie files
 
 
-def write_nwb_movie(movie_u16: np.ndarray, path: Path, rate_hz: float, provenance: dict[str, Any]) -> Path:
-    """``path`` as NWB: the movie in source units, its calibration, and ``provenance`` (JSON) as the description."""
+def write_nwb_movie(movie: np.ndarray, path: Path, rate_hz: float, provenance: dict[str, Any]) -> Path:
+    """``path`` as NWB: the movie in source units, its calibration, and ``provenance`` (JSON) as the description.
+
+    A raw-unit movie (calibration ``none``: no gain or offset) is a series in the source's own units (unit 'n.a.')."""
     from cadiff.data.sources.nwb import NWBMovie, write_nwb
 
     calib = provenance.get("calibration") or {}
     record = json.dumps({"cadiff_version": __version__, **provenance}, sort_keys=True, default=str)
-    movie = NWBMovie(frames=movie_u16, rate_hz=rate_hz, description=f"{provenance.get('movie', path.stem)}; "
-                     f"provenance (JSON): {record}", origin="none: frames written by cadiff jobs/sample.py",
-                     gain=calib.get("gain"), offset=calib.get("offset"))
-    return write_nwb(path, movie, f"cadiff {__version__} jobs/sample.py mode={provenance.get('mode')}")
+    nwb_movie = NWBMovie(frames=movie, rate_hz=rate_hz, description=f"{provenance.get('movie', path.stem)}; "
+                         f"provenance (JSON): {record}", origin="none: frames written by cadiff jobs/sample.py",
+                         gain=calib.get("gain"), offset=calib.get("offset"))
+    return write_nwb(path, nwb_movie, f"cadiff {__version__} jobs/sample.py mode={provenance.get('mode')}")
 
 
-def write_movie(movie_u16: np.ndarray, stem: Path, rate_hz: float, fps: int, out_format: str = "tiff",
+def write_movie(movie: np.ndarray, stem: Path, rate_hz: float, fps: int, out_format: str = "tiff",
                 provenance: dict[str, Any] | None = None) -> list[Path]:
     """``stem.tif`` and/or ``stem.nwb`` (``out_format``) in source units plus ``stem.gif`` / ``stem.mp4`` previews
     (percentile-scaled); ``provenance`` (what the movie is, how it was made) goes into the NWB file."""
-    preview = video_grid([[movie_u16.astype(np.float32)]], pad=0)
+    preview = video_grid([[movie.astype(np.float32)]], pad=0)
     paths = []
     if ".tif" in MOVIE_SUFFIXES[out_format]:
-        paths.append(write_tiff(movie_u16, stem.with_suffix(".tif"), rate_hz))
+        paths.append(write_tiff(movie, stem.with_suffix(".tif"), rate_hz))
     if ".nwb" in MOVIE_SUFFIXES[out_format]:
-        paths.append(write_nwb_movie(movie_u16, stem.with_suffix(".nwb"), rate_hz, provenance or {}))
+        paths.append(write_nwb_movie(movie, stem.with_suffix(".nwb"), rate_hz, provenance or {}))
     return paths + [write_video(preview, stem.with_suffix(".gif"), fps), write_video(preview, stem.with_suffix(".mp4"), fps)]
 
 
@@ -90,7 +94,7 @@ def _calibration(data_info: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 @torch.no_grad()
 def generate_batch(stage2: str, stage1: str | None, start: int, stop: int, cfg: dict[str, Any]) -> list[np.ndarray]:
-    """Samples ``start..stop-1`` as uint16 movies [T,H,W] (a pure function of its arguments, for Ray tasks too)."""
+    """Samples ``start..stop-1`` as movies [T,H,W] in source units (a pure function of its arguments, for Ray tasks too)."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     dit, dit_meta, _ = load_exported_model(stage2, "stage2", "latent")
     data2 = dit_meta["data"]
@@ -104,7 +108,17 @@ def generate_batch(stage2: str, stage1: str | None, start: int, stop: int, cfg: 
     std = torch.tensor(data2["channel_std"], dtype=z.dtype).view(1, -1, 1, 1, 1)
     clips = decoder.decode(z * std + mean, sampler=cfg["decoder_sampler"], num_steps=cfg["decoder_steps"], generator=generator)
     _source, calib = _calibration(ae_meta["data"])
-    return [denormalize(c[0], calib, ae_meta["data"]["normalization"]) for c in clips]
+    return [to_source_units(denormalize(c[0], calib, ae_meta["data"]["normalization"]), calib) for c in clips]
+
+
+def calibration_record(source_id: str, calib: dict[str, Any], rate_hz: float) -> dict[str, Any]:
+    """``samples.json``'s calibration: the photon calibration of the source, or ``calibration: none`` for movies
+    in the source's own units (no photon scale; evaluation reports gain-based metrics as not applicable)."""
+    record = {"source": source_id, "gain": calib["gain"], "offset": calib["offset"],
+              "read_noise": calib.get("read_noise"), "rate_hz": rate_hz}
+    if calib.get("calibration") == "none":
+        record["calibration"] = "none"
+    return record
 
 
 def decoder_settings(decoder: Any, cfg: Any) -> dict[str, Any]:
@@ -155,9 +169,8 @@ def generate(cfg: Any) -> tuple[str, str]:
         "mode": "generate",
         "num_samples": len(movies),
         "shape": list(movies[0].shape),
-        "dtype": "uint16",
-        "calibration": {"source": source_id, "gain": calib["gain"], "offset": calib["offset"],
-                        "read_noise": calib.get("read_noise"), "rate_hz": rate_hz},
+        "dtype": str(source_dtype(calib)),
+        "calibration": calibration_record(source_id, calib, rate_hz),
         "stage1": str(stage1_export),
         "stage2": str(stage2_export),
         "out_format": cfg.out_format,
@@ -172,7 +185,7 @@ def generate(cfg: Any) -> tuple[str, str]:
         write_video(grid, tmp / "grid.mp4", cfg.fps)
         write_json_atomic(tmp / "samples.json", record)
     t, h, w = movies[0].shape
-    return f"{len(movies)} samples {t}x{h}x{w} uint16 ({_files_note(cfg.out_format)})", str(out)
+    return f"{len(movies)} samples {t}x{h}x{w} {movies[0].dtype} ({_files_note(cfg.out_format)})", str(out)
 
 
 @torch.no_grad()
@@ -203,22 +216,25 @@ def reconstruct(cfg: Any) -> tuple[str, str]:
     recon = torch.cat(recons)
     estimate = torch.cat(denoised) if denoised else None
     record = {
-        "mode": "reconstruct", "num_samples": len(clips), "shape": [t, h, w], "dtype": "uint16",
-        "calibration": {"source": source_id, "gain": calib["gain"], "offset": calib["offset"],
-                        "read_noise": calib.get("read_noise"), "rate_hz": rate_hz},
+        "mode": "reconstruct", "num_samples": len(clips), "shape": [t, h, w],
+        "dtype": str(source_dtype(calib)),
+        "calibration": calibration_record(source_id, calib, rate_hz),
         "stage1": str(export), "data_root": str(root.resolve()), "seed": int(cfg.seed), "out_format": cfg.out_format,
         **settings,
         # denoised_*.tif: the decoder's signal estimate E[x | z] (no shot noise), same units as recon_*.tif
         "denoised": estimate is not None,
     }
     with atomic_dir(cfg.out, "sample", cfg.overwrite) as tmp:
+        def source_movie(x: torch.Tensor, estimate: bool = False) -> np.ndarray:
+            return to_source_units(denormalize(x, calib, norm, estimate=estimate), calib)
+
         for i in range(len(clips)):
-            write_movie(denormalize(recon[i, 0], calib, norm), tmp / f"recon_{i:03d}", rate_hz, cfg.fps,
-                        cfg.out_format, {**record, "movie": f"reconstruction of reference clip {i}"})
+            write_movie(source_movie(recon[i, 0]), tmp / f"recon_{i:03d}", rate_hz, cfg.fps, cfg.out_format,
+                        {**record, "movie": f"reconstruction of reference clip {i}"})
             if estimate is not None:
-                write_movie(denormalize(estimate[i, 0], calib, norm, estimate=True), tmp / f"denoised_{i:03d}",
-                            rate_hz, cfg.fps, cfg.out_format, {**record, "movie": f"signal estimate E[x | z] of reference clip {i}"})
-            write_movie(denormalize(clips[i, 0], calib, norm), tmp / "reference" / f"clip_{i:03d}", rate_hz, cfg.fps,
+                write_movie(source_movie(estimate[i, 0], estimate=True), tmp / f"denoised_{i:03d}", rate_hz, cfg.fps,
+                            cfg.out_format, {**record, "movie": f"signal estimate E[x | z] of reference clip {i}"})
+            write_movie(source_movie(clips[i, 0]), tmp / "reference" / f"clip_{i:03d}", rate_hz, cfg.fps,
                         cfg.out_format, {**record, "movie": f"reference clip {i} of the prepared data (data.root)"})
         write_json_atomic(tmp / "samples.json", record)
     mse = float(((recon - clips) ** 2).mean())

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from cadiff.data.sources.download import record_download
-from cadiff.errors import CadiffError, CheckpointError, ConfigError, DataError
+from cadiff.errors import CadiffError, CheckpointError, ConfigError, DataError, NoPhotonSignature
 from cadiff.jobs import JOBS
 from cadiff.testing import run_job_in_process
 
@@ -437,6 +437,18 @@ def case_prepare_hdf5_frames_larger_than_memory(tmp: Path, env: Env) -> Case:
                           "expected frames that fit in memory"])
 
 
+def case_processed_movie_photon_transfer(tmp: Path, env: Env) -> Case:
+    """source.calibration=photon_transfer on a processed float movie (log-scaled: negative photon-transfer slope)."""
+    from cadiff.testing.data import log_scaled_movie
+
+    path = _tiff(tmp / "processed.tif", log_scaled_movie(frames=60, size=32))
+    out = tmp / "out"
+    args = ["source=tiff", f"source.path={path}", "source.calibration=photon_transfer", *PREPARE, f"out={out}"]
+    return Case("prepare_data", args, NoPhotonSignature,
+                [re.escape(str(path)), "photon-transfer slope .* is not positive",
+                 r"pass source\.gain and source\.offset", r"or source\.calibration=none"], [out])
+
+
 CASES: dict[str, Callable[[Path, Env], Case]] = {
     "truncated_tiff": case_truncated_tiff,
     "tiff_2d_image": case_tiff_2d_image,
@@ -470,6 +482,7 @@ CASES: dict[str, Callable[[Path, Env], Case]] = {
     "prepare_constant_movie": case_prepare_constant_movie,
     "prepare_hdf5_larger_than_the_disk": case_prepare_hdf5_larger_than_the_disk,
     "prepare_hdf5_frames_larger_than_memory": case_prepare_hdf5_frames_larger_than_memory,
+    "processed_movie_photon_transfer": case_processed_movie_photon_transfer,
 }
 
 

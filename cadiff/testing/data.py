@@ -27,3 +27,14 @@ def prepare_sim(out: Path, *extra: str) -> dict[str, Any]:
     from cadiff.data.prepare import prepare_data
 
     return prepare_data(compose("prepare_data", [*SIM_DATA_OVERRIDES, f"out={out}", *extra]))
+
+
+def log_scaled_movie(frames: int = 64, size: int = 48, seed: int = 0) -> Any:
+    """A processed float32 movie ``[frames, size, size]`` without a photon signature: log-compressed photons of
+    the default simulator, whose noise falls as the level rises (a negative photon-transfer slope)."""
+    import numpy as np
+
+    from cadiff.data.simulate import simulate_movie
+
+    movie, truth = simulate_movie(frames=frames, height=size, width=size, seed=seed)
+    return np.log1p(np.maximum(movie.data.astype(np.float32) - truth.offset, 0.0)).astype(np.float32)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from cadiff.config import (
@@ -29,7 +30,7 @@ from cadiff.data import pipeline
 from cadiff.data.prepare import prepare_data
 from cadiff.data.shards import read_index
 from cadiff.errors import CheckpointError, ConfigError, DataError
-from cadiff.models.autoencoder import resolved_decoder_form
+from cadiff.models.autoencoder import MIN_NOISE_STD, resolved_decoder_form
 from cadiff.models.registry import resolve_model_config
 from cadiff.runtime.exports import load_export
 from cadiff.train.media import log_stage1, log_stage2
@@ -207,7 +208,8 @@ def derived_noise(model: dict[str, Any], norm: dict[str, Any], root: Path,
     Returns model-config entries to set (``{}`` when nothing is derived). ``mean_flow`` decoders get
     ``noise_model`` (normalization kind, center, scale and the read noise of the first source): a per-pixel
     noise level for Anscombe- or photon-normalized data. The ``flow`` form gets the homoscedastic
-    ``noise_std = 1 / normalization.scale`` of Anscombe-normalized data.
+    ``noise_std = 1 / normalization.scale`` of Anscombe-normalized data. Raw-unit data (``source.calibration=none``)
+    has no photon noise model: both forms get a homoscedastic ``noise_std`` (:func:`raw_noise_std`).
     """
     if model.get("kind", "diffae") != "diffae" or model["diffusion"]["objective"] != "flow":
         return {}  # explicit noise_skip/decoder_form with DDPM fails at compose time
@@ -218,6 +220,8 @@ def derived_noise(model: dict[str, Any], norm: dict[str, Any], root: Path,
             raise ConfigError("model.noise_skip=false leaves the mean_flow decoder without a pixel noise level; "
                               "set model.noise_std=<std in normalized units> or model.decoder_form=flow")
         return {}
+    if norm.get("kind") == "raw":
+        return _raw_noise(model, norm, root, sources or {})
     if mean_flow:
         if norm.get("kind") not in ("anscombe", "photon"):
             raise ConfigError(f"{root}/index.json normalization.kind={norm.get('kind')!r}: the mean_flow decoder "
@@ -235,6 +239,34 @@ def derived_noise(model: dict[str, Any], norm: dict[str, Any], root: Path,
         raise ConfigError(f"model.noise_std={noise_std} contradicts model.noise_skip=true with "
                           f"{root}/index.json normalization.scale={norm['scale']} (noise std {std:.6g})")
     return {"noise_std": std}
+
+
+def _raw_noise(model: dict[str, Any], norm: dict[str, Any], root: Path, sources: dict[str, Any]) -> dict[str, Any]:
+    """Raw-unit data: no photon noise model (no gain), so a homoscedastic ``noise_std`` unless one is set."""
+    if model.get("noise_draw") == "poisson":
+        raise ConfigError(f"model.noise_draw='poisson' draws photon counts, but {root}/index.json is in raw units "
+                          "(source.calibration=none: no gain); use model.noise_draw=auto or gaussian")
+    if model.get("noise_std") is not None:
+        return {}
+    std = raw_noise_std(sources, norm, root)
+    log.info("%s is in raw units (source.calibration=none): the photon noise model is not applicable (no gain); the "
+             "decoder uses homoscedastic Gaussian pixel noise of std %.4g (normalized units), measured from frame "
+             "differences when the data was prepared", root, std)
+    return {"noise_std": std}
+
+
+def raw_noise_std(sources: dict[str, Any], norm: dict[str, Any], root: Path) -> float:
+    """Pixel noise std in normalized units of raw-unit data: the median over sources of the temporal noise measured
+    at prepare time (``raw.noise_std``, Donoho-Johnstone MAD of frame differences) over ``raw.scale * norm.scale``,
+    floored at the decoder's minimum noise level."""
+    values = {sid: c["raw"]["noise_std"] / c["raw"]["scale"] / float(norm["scale"])
+              for sid, c in sources.items() if c.get("raw", {}).get("noise_std") is not None}
+    if not values:
+        raise ConfigError(f"{root}/index.json: raw-unit data without a measured noise level (single-frame movies); "
+                          "set model.noise_std=<pixel noise std in normalized units>")
+    if max(values.values()) > 1.1 * min(values.values()):
+        log.warning("sources differ in pixel noise (%s, normalized units): the decoder uses their median", values)
+    return max(float(np.median(list(values.values()))), MIN_NOISE_STD)
 
 
 def read_noise_photons(sources: dict[str, Any]) -> float:

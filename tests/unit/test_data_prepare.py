@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
+import logging
 import re
 import shutil
 import socket
@@ -20,13 +22,13 @@ import tifffile
 
 import cadiff.data.prepare as prepare_module
 from cadiff.config import compose
-from cadiff.data.movie import normalize
-from cadiff.data.prepare import prepare_data
+from cadiff.data.movie import denormalize, normalize, to_source_units
+from cadiff.data.prepare import STATE_NAME, prepare_data
 from cadiff.data.shards import iter_shard, read_index
 from cadiff.data.simulate import simulate_movie
-from cadiff.errors import ConfigError, DataError
+from cadiff.errors import ConfigError, DataError, NoPhotonSignature
 from cadiff.io import OUTPUT_MARKER
-from cadiff.testing.data import prepare_sim
+from cadiff.testing.data import log_scaled_movie, prepare_sim
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -85,6 +87,53 @@ def test_rerun_is_a_no_op_a_killed_build_resumes_and_other_settings_need_overwri
     assert changed["num_train"] == first["num_train"]
     assert sorted(p.name for p in (root / "train").iterdir()) == ["clips-000000.tar", "clips-000001.tar"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no build or old folder left beside it
+
+
+def _as_prepared_before_the_calibration_option(root: Path, details: bool, poor_fit: str | None = None) -> None:
+    """Rewrite a preparation's records as versions without source.calibration wrote them: the settings without the
+    key and the fingerprint of those (``details``: the state record with settings and inputs, else the older
+    ``{fingerprint, complete}``); ``poor_fit``: that recording's photon-transfer fit had R^2 0.3."""
+    state = json.loads((root / STATE_NAME).read_text())
+    del state["settings"]["source"]["calibration"]
+    # the fingerprint those versions computed: sha256 of the settings and the input files (none for the simulator)
+    text = json.dumps({"config": state["settings"], "files": []}, sort_keys=True)
+    state["fingerprint"] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    (root / STATE_NAME).write_text(json.dumps(state if details else {"fingerprint": state["fingerprint"], "complete": True}))
+    index = json.loads((root / "index.json").read_text())
+    index["fingerprint"] = state["fingerprint"]
+    if poor_fit:
+        index["sources"][poor_fit]["photon_transfer"]["r2"] = 0.3
+    (root / "index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("details", [True, False], ids=["state_with_settings", "fingerprint_only_state"])
+def test_data_prepared_before_source_calibration_existed_still_matches(tmp_path, details):
+    root = tmp_path / "d"
+    first = prepare_sim(root)
+    _as_prepared_before_the_calibration_option(root, details)
+    shard = root / "train" / "clips-000000.tar"
+    stamp = shard.stat().st_mtime_ns
+    # it was calibrated by photon transfer, as auto (the default) and photon_transfer still do: nothing to do
+    assert prepare_sim(root) == first
+    assert prepare_sim(root, "source.calibration=photon_transfer") == first
+    changed = "source.calibration: 'photon_transfer' -> 'none'" if details else "its settings or input files differ"
+    with pytest.raises(ConfigError, match=rf"out '{root}' holds data prepared from other settings or inputs "
+                                          rf"\({changed}"):
+        prepare_sim(root, "source.calibration=none")
+    assert shard.stat().st_mtime_ns == stamp
+
+
+def test_a_poor_fit_prepared_before_source_calibration_existed_is_not_what_auto_prepares(tmp_path):
+    root = tmp_path / "d"
+    first = prepare_sim(root)
+    poor = sorted(first["sources"])[0]
+    _as_prepared_before_the_calibration_option(root, True, poor_fit=poor)
+    with pytest.raises(ConfigError, match=r"it was prepared before source.calibration existed, by photon transfer, "
+                                          rf"and the fit is poor \(R\^2 < 0.5\) for {poor}, where source.calibration="
+                                          r"auto now uses a dark offset or raw units; pass source.calibration="
+                                          r"photon_transfer to keep that data\); pass overwrite=true"):
+        prepare_sim(root)
+    assert prepare_sim(root, "source.calibration=photon_transfer") == first
 
 
 def _tiff_args(path: Path, out: Path, *extra: str) -> list[str]:
@@ -174,10 +223,15 @@ def test_a_fault_mid_way_leaves_no_partial_output(tmp_path, monkeypatch, sim_dat
     assert [p.name for p in tmp_path.iterdir()] == (["data"] if earlier else [])
 
 
-def test_estimate_is_close_to_what_is_written_and_allocated(tmp_path):
+@pytest.mark.parametrize("calibration", ["photon_transfer", "none", "auto"])
+def test_estimate_is_close_to_what_is_written_and_allocated(tmp_path, calibration):
+    # photon transfer on a raw movie; raw units (none, and auto falling back to them) on a processed float movie
     path, out = tmp_path / "rec.tif", tmp_path / "out"
-    tifffile.imwrite(path, simulate_movie(frames=68, height=96, width=96, seed=0)[0].data)
-    cfg = compose("prepare_data", [*_tiff_args(path, out, "clips_per_shard=8"), "source.calibration_frames=1024"])
+    movie = (simulate_movie(frames=68, height=96, width=96, seed=0)[0].data if calibration == "photon_transfer"
+             else log_scaled_movie(frames=68, size=96))
+    tifffile.imwrite(path, movie)
+    cfg = compose("prepare_data", [*_tiff_args(path, out, "clips_per_shard=8"), "source.calibration_frames=1024",
+                                   f"source.calibration={calibration}"])
     tracemalloc.start()
     try:
         prepare_data(cfg)
@@ -323,3 +377,192 @@ def test_bad_input_names_file_and_leaves_nothing(tmp_path, case):
 def test_unknown_source_key_fails_at_compose():
     with pytest.raises(ConfigError, match="source.colour"):
         compose("prepare_data", ["source=sim", "+source.colour=3"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data without a photon signature: source.calibration=auto | photon_transfer | dark | none
+
+RAW_CLIPS = ["clip.height=32", "clip.width=32", "clip.stride_px=8", "source.rate_hz=10"]
+
+
+def _no_signature_movie(folder: Path, kind: str) -> tuple[list[str], np.ndarray]:
+    """``processed``: a float32 TIFF (63x40x40) with a negative photon-transfer slope; ``short``: a 5-frame
+    big-endian uint16 HDF5 movie. Returns the source overrides (clips of 17 or 5 frames) and the movie."""
+    if kind == "processed":
+        data = log_scaled_movie(frames=63, size=40)
+        tifffile.imwrite(folder / "processed.tif", data)
+        return ["source=tiff", f"source.path={folder / 'processed.tif'}", "clip.frames=17"], data
+    data = simulate_movie(frames=5, height=40, width=40, seed=3)[0].data
+    with h5py.File(folder / "short.h5", "w") as f:
+        f["data"] = data.astype(">u2")
+    return ["source=hdf5", f"source.path={folder / 'short.h5'}", "clip.frames=5"], data
+
+
+@pytest.mark.parametrize("kind", ["processed", "short"])
+@pytest.mark.parametrize("calibration", ["none", "auto"])
+def test_movie_without_photon_signature_prepares_in_raw_units(tmp_path, caplog, kind, calibration):
+    source, data = _no_signature_movie(tmp_path, kind)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="cadiff.data.prepare"):
+        summary = prepare_data(compose("prepare_data", [*source, *RAW_CLIPS, f"source.calibration={calibration}",
+                                                        "val_fraction=0", f"out={out}"]))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    if calibration == "auto":  # one line: which method, why, and the override for raw detector data
+        reason = "slope .* is not positive" if kind == "processed" else "needs >= 8 frames"
+        assert len(warnings) == 1 and re.search(f"{kind}.*calibration=auto found no photon signature.*{reason}.*"
+                                                "normalized in raw units.*pass source.gain and source.offset", warnings[0])
+    else:
+        assert warnings == []
+    index = read_index(out)
+    norm, (calib,) = index["normalization"], index["sources"].values()
+    assert norm["kind"] == "raw" and calib["calibration"] == "none" and calib["gain"] is None
+    assert summary["sources"][kind]["calibration"] == "none" and summary["num_train"] == (12 if kind == "processed" else 4)
+    raw = calib["raw"]
+    assert (raw["zero"], raw["step"]) == ((0.0, 1.0) if kind == "short" else (raw["zero"], raw["step"]))
+    for _, tile, meta in _clips(out, "train"):
+        t, y, x = meta["t0"], meta["y0"], meta["x0"]
+        source_values = data[t: t + tile.shape[0], y: y + 32, x: x + 32]
+        back = to_source_units(denormalize(normalize(tile, calib, norm), calib, norm), calib)
+        np.testing.assert_array_equal(back, to_source_units(tile, calib))  # the normalization inverts exactly
+        # back in the movie's own units: exact for integers, within half a storage step for floats
+        np.testing.assert_allclose(back, source_values, rtol=0, atol=raw["step"] / 2 * 1.001)
+    z = np.concatenate([normalize(a, calib, norm).ravel() for _, a, _ in _clips(out, "train")])
+    assert abs(z.mean()) < 1e-3 and z.std() == pytest.approx(1.0, rel=1e-3)
+
+
+@pytest.mark.parametrize("calibration", ["photon_transfer", "dark"])
+def test_explicit_photon_methods_fail_naming_the_overrides(tmp_path, calibration):
+    source, _ = _no_signature_movie(tmp_path, "processed")
+    cfg = compose("prepare_data", [*source, *RAW_CLIPS, f"source.calibration={calibration}", f"out={tmp_path / 'out'}"])
+    with pytest.raises(NoPhotonSignature, match=r"processed.tif: (noise|dark-offset) calibration failed: .*; pass "
+                                                r"source.gain and source.offset .*, or source.calibration=none"):
+        prepare_data(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_short_movie_with_given_gain_and_offset_keeps_photon_units(tmp_path):
+    source, _ = _no_signature_movie(tmp_path, "short")
+    prepare_data(compose("prepare_data", [*source, *RAW_CLIPS, "source.gain=2", "source.offset=100", "val_fraction=0",
+                                          f"out={tmp_path / 'out'}"]))
+    index = read_index(tmp_path / "out")
+    assert index["sources"]["short"]["calibration"] == "given" and index["normalization"]["kind"] == "anscombe"
+
+
+def test_auto_uses_the_dark_offset_when_photon_transfer_fails(tmp_path, caplog, monkeypatch):
+    def no_line(*args, **kwargs):
+        raise NoPhotonSignature("movie (48, 40, 40): photon-transfer slope -1 is not positive")
+
+    monkeypatch.setattr(prepare_module, "estimate_photon_transfer", no_line)
+    movie, truth = simulate_movie(preset="two_photon", frames=48, height=40, width=40, seed=0)
+    tifffile.imwrite(tmp_path / "twop.tif", movie.data)
+    with caplog.at_level(logging.WARNING, logger="cadiff.data.prepare"):
+        prepare_data(compose("prepare_data", ["source=tiff", f"source.path={tmp_path / 'twop.tif'}", "clip.frames=17",
+                                              *RAW_CLIPS, f"out={tmp_path / 'out'}"]))
+    calib = read_index(tmp_path / "out")["sources"]["twop"]
+    assert calib["calibration"] == "dark" and calib["photon_transfer"]["method"] == "dark_pixels"
+    # the darkest pixels still see a little light: the offset is an upper bound, here within 0.02 photons
+    assert calib["offset"] == pytest.approx(truth.offset, abs=10.0) and calib["gain"] == pytest.approx(truth.gain, rel=0.2)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        f"{tmp_path / 'twop.tif'}: source.calibration=auto used dark (photon_transfer: movie (48, 40, 40): "
+        "photon-transfer slope -1 is not positive)"]
+
+
+def test_auto_normalizes_every_recording_in_raw_units_when_one_lacks_a_photon_signature(tmp_path, caplog):
+    folder = tmp_path / "movies"
+    folder.mkdir()
+    _no_signature_movie(folder, "processed")
+    tifffile.imwrite(folder / "raw.tif", simulate_movie(frames=63, height=40, width=40, seed=4)[0].data)
+    with caplog.at_level(logging.WARNING, logger="cadiff.data.prepare"):
+        prepare_data(compose("prepare_data", ["source=tiff", f"source.path={folder}/*.tif", "clip.frames=17", *RAW_CLIPS,
+                                              f"out={tmp_path / 'out'}"]))
+    index = read_index(tmp_path / "out")
+    assert index["normalization"]["kind"] == "raw"
+    assert {k: v["calibration"] for k, v in index["sources"].items()} == {"processed": "none", "raw": "none"}
+    assert any("['processed'] have no photon signature, so every recording is normalized in raw units" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_calibration_option_is_checked_at_compose():
+    with pytest.raises(ConfigError, match=r"source.calibration' = 'photons'.*\['auto', 'photon_transfer', 'dark', 'none'\]"):
+        compose("prepare_data", ["source=sim", "source.calibration=photons"])
+    with pytest.raises(ConfigError, match=r"source.calibration' = 'none'.*given \{'gain': 2.0\}"):
+        compose("prepare_data", ["source=sim", "source.calibration=none", "source.gain=2"])
+
+
+@pytest.fixture(scope="module")
+def raw_data_root(tmp_path_factory) -> Path:
+    """The processed movie prepared with source.calibration=none: 8 train + 4 val clips of 17x32x32 (time split)."""
+    folder = tmp_path_factory.mktemp("raw_units")
+    source, _ = _no_signature_movie(folder, "processed")
+    prepare_data(compose("prepare_data", [*source, *RAW_CLIPS, "source.calibration=none", f"out={folder / 'data'}"]))
+    return folder / "data"
+
+
+def test_raw_unit_data_trains_with_a_homoscedastic_noise_model(raw_data_root, caplog):
+    import torch
+
+    from cadiff.data import pipeline
+    from cadiff.models.registry import build_model
+    from cadiff.train.loop import TrainingModule
+    from cadiff.train.media import to_preview_units
+    from cadiff.train.stage import ClipStage
+    from cadiff.train.step import train_step
+    from cadiff.train.strategies import build_strategy
+
+    cfg = compose("train_ae", ["experiment=ae_tiny", "strategy=single", "trainer.num_workers=1", "trainer.warmup_steps=0",
+                               "model.recompute_elementwise=false", f"data.root={raw_data_root}", "data.crop_frames=9",
+                               "data.crop_height=16", "data.crop_width=16"])
+    with caplog.at_level(logging.INFO, logger="cadiff.train.stage"):
+        info, model_cfg = ClipStage().resolve(cfg)
+    index = read_index(raw_data_root)
+    raw = index["sources"]["processed"]["raw"]
+    # no gain, so no photon noise model: Gaussian noise of the std measured from frame differences at prepare time
+    assert model_cfg["noise_model"]["kind"] == "none"
+    assert model_cfg["noise_std"] == pytest.approx(raw["noise_std"] / raw["scale"] / index["normalization"]["scale"])
+    assert any("photon noise model is not applicable" in m for m in caplog.messages)
+    torch.manual_seed(0)
+    strategy = build_strategy(cfg.strategy, cfg.trainer)
+    strategy.setup(TrainingModule(build_model(model_cfg)), torch.device("cpu"))
+    batches = pipeline.deterministic_batches(raw_data_root, "train", cfg.data, rank=0, world_size=1, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two tiny steps: threads only add overhead on a shared machine
+    try:
+        losses = [train_step(strategy, batches, step, generator=generator).loss for step in range(2)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(np.isfinite(losses)), losses
+    # previews show the movie's own units: the first val clip, centre-cropped, exactly as stored
+    preview = to_preview_units(pipeline.val_batch(raw_data_root, 1, cfg.data), info.normalization,
+                               info.preview_calibration())
+    (_, tile, _), *_ = _clips(raw_data_root, "val")
+    expected = to_source_units(tile[4:13, 8:24, 8:24], index["sources"]["processed"])
+    np.testing.assert_allclose(preview[0], expected, rtol=1e-6)
+
+
+@pytest.mark.slow  # ~6 s of CPU, most of it matplotlib drawing the report's figures
+def test_evaluate_reports_gain_metrics_as_not_applicable_in_raw_units(raw_data_root, tmp_path):
+    from cadiff.testing import run_job_in_process
+
+    gen, out = tmp_path / "gen", tmp_path / "eval"
+    gen.mkdir()
+    for i in range(2):  # "generated" movies in the source's own units, as jobs/sample.py writes them
+        tifffile.imwrite(gen / f"sample_{i:03d}.tif", log_scaled_movie(frames=17, size=32, seed=10 + i))
+    (gen / "samples.json").write_text('{"calibration": {"source": "processed", "calibration": "none", "rate_hz": 10}}')
+    proc = run_job_in_process("evaluate", [f"gen={gen}", f"ref={raw_data_root}", f"out={out}", "acf_lags=4"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert re.match(r"cadiff evaluate: ok gain_ratio=n/a units=raw mmd=", proc.stdout.strip().splitlines()[-1])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["units"] == "raw" and set(metrics["noise"]) > {"gain_ratio", "not_applicable"}
+    assert all(v is None for k, v in metrics["noise"].items() if k != "not_applicable")
+    assert "source.calibration=none" in metrics["noise"]["not_applicable"]
+    assert not {"log_gain", "offset"} & set(metrics["mmd"]["feature_names"])
+    assert metrics["ref"]["calibrations"][0]["units"] == "raw" and "gain_fit" not in metrics["figures"]
+    report = (out / "report.md").read_text()
+    assert "not applicable: the data has no photon calibration" in report and "## Metrics (raw units" in report
+    assert not (out / "gain_fit.png").exists()
+    # a generated set in photon units cannot be compared with raw-unit data
+    (gen / "samples.json").write_text('{"gain": 2.0, "offset": 100.0, "rate_hz": 10}')
+    mixed = run_job_in_process("evaluate", [f"gen={gen}", f"ref={raw_data_root}", f"out={tmp_path / 'mixed'}"])
+    assert mixed.returncode == 2 and re.search(r"error: .*gen is in photons units but .* in raw units",
+                                               mixed.stdout.strip().splitlines()[-1])

@@ -143,3 +143,22 @@ def test_read_index_validation(tmp_path):
         read_index(tmp_path)
     write_index(tmp_path, good)
     assert read_index(tmp_path)["splits"]["train"]["num_clips"] == 2
+
+
+def test_raw_unit_index_needs_the_raw_scales_of_every_source(tmp_path):
+    infos = write_shards(_samples(2), tmp_path, "train", "clips")
+    raw_source = {"calibration": "none", "gain": None, "offset": None, "rate_hz": 10.0,
+                  "raw": {"center": 120.0, "scale": 9.0, "zero": 0.0, "step": 1.0, "noise_std": 4.0}}
+    raw = {**_clip_index(tmp_path, infos), "sources": {"s0": raw_source},
+           "normalization": {"kind": "raw", "center": 0.0, "scale": 1.0}}
+    write_index(tmp_path, raw)
+    assert read_index(tmp_path)["sources"]["s0"]["raw"]["scale"] == 9.0
+    for sources, match in [({"s0": {**raw_source, "raw": None}}, r"source 's0' calibration: 'raw' = None: expected"),
+                           ({"s0": {**raw_source, "raw": {**raw_source["raw"], "step": 0}}}, "'step' > 0")]:
+        (tmp_path / "index.json").write_text(json.dumps({**raw, "sources": sources}))
+        with pytest.raises(DataError, match=match):
+            read_index(tmp_path)
+    # a photon normalization needs a gain: a calibration-none source cannot hide in it
+    (tmp_path / "index.json").write_text(json.dumps({**raw, "normalization": {"kind": "anscombe", "center": 0.0, "scale": 1.0}}))
+    with pytest.raises(DataError, match=r"gain None, offset None: expected numeric 'gain' > 0"):
+        read_index(tmp_path)

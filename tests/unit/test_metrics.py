@@ -247,3 +247,20 @@ def test_small_sets_and_bad_shapes():
         M.clip_stats(np.full((CLIP, 8, 8), np.nan))
     with pytest.raises(DataError, match="no clips"):
         M.summarize_set([])
+
+
+def test_raw_unit_sets_report_photon_transfer_as_not_applicable():
+    rng = np.random.default_rng(9)
+    ref = [rng.normal(3.0, 0.5, size=(CLIP, 16, 16)) for _ in range(4)]  # e.g. log-scaled, no photon scale
+    gen = [rng.normal(3.1, 0.5, size=(CLIP, 16, 16)) for _ in range(2)]
+    out = M.evaluate_sets(gen, ref, acf_lags=4, units="raw")
+    assert out["units"] == "raw" and "source.calibration=none" in out["noise"]["not_applicable"]
+    assert all(out["noise"][k] is None for k in M.NOISE_KEYS)
+    assert not {"log_gain", "offset"} & set(out["mmd"]["feature_names"])
+    assert len(out["mmd"]["feature_names"]) == 4 + 2 + 2 + 2 * M.NUM_FEATURE_BANDS
+    assert out["intensity"]["mean_gen"] == pytest.approx(3.1, abs=0.05) and isinstance(out["intensity"]["w1"], float)
+    photon_set = M.summarize_set([np.abs(c) for c in ref], units="photons")
+    with pytest.raises(DataError, match="generated clips in raw units, reference clips in photons"):
+        M.compare_sets(M.summarize_set(gen, units="raw"), photon_set)
+    with pytest.raises(DataError, match="units 'adu'"):
+        M.summarize_set(gen, units="adu")

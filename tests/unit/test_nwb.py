@@ -282,3 +282,28 @@ def test_sample_out_format_both_writes_valid_nwb_with_provenance(stage1_run, sim
     assert head == "reference clip 0 of the prepared data (data.root)"
     assert provenance["cadiff_version"] and provenance["stage1"] == record["stage1"] and provenance["seed"] == 5
     assert (provenance["decoder_sampler"], provenance["decoder_steps"]) == (record["decoder_sampler"], 1)
+
+
+def test_sample_nwb_of_raw_unit_float_data_is_float32_in_the_source_units(stage1_run, tmp_path):
+    from cadiff.inference.sample import run_sample
+    from cadiff.testing.data import log_scaled_movie
+
+    processed = log_scaled_movie(frames=63, size=40)  # a float movie without a photon signature
+    tifffile.imwrite(tmp_path / "processed.tif", processed)
+    root, out = tmp_path / "data", tmp_path / "recon"
+    prepare_data(compose("prepare_data", ["source=tiff", f"source.path={tmp_path / 'processed.tif'}", "source.rate_hz=10",
+                                          "source.calibration=none", "clip.frames=17", "clip.height=32", "clip.width=32",
+                                          f"out={root}"]))
+    run_sample(compose("sample", ["mode=reconstruct", f"stage1={stage1_run}", f"data.root={root}", f"out={out}",
+                                  "num_samples=1", "decoder_steps=1", "out_format=both"]))
+    record = json.loads((out / "samples.json").read_text())
+    assert record["dtype"] == "float32" and record["calibration"]["calibration"] == "none"
+    step = read_index(root)["sources"]["processed"]["raw"]["step"]
+    for name in ("recon_000", "reference/clip_000"):
+        _valid(out / f"{name}.nwb")
+        movie = read_nwb(out / f"{name}.nwb")
+        frames = movie.frames(0, movie.num_frames)
+        assert frames.dtype == np.float32 and movie.gain is None and movie.offset is None  # unit n.a.: no photons
+        np.testing.assert_array_equal(frames, tifffile.imread(out / f"{name}.tif"))
+    # the reference clip is back in the movie's own units (log-scaled photons), not on the uint16 storage grid
+    assert processed.min() - step <= frames.min() and frames.max() <= processed.max() + step

@@ -294,7 +294,8 @@ def read_nwb(location: str | Path, series: str | None = None, rate_hz: float | N
 
 @dataclass
 class NWBMovie:
-    """What :func:`write_nwb` puts in a file: frames ``[T, H, W]`` in ADU and what is known about them."""
+    """What :func:`write_nwb` puts in a file: frames ``[T, H, W]`` in ADU (in the source's own units where gain and
+    offset are None) and what is known about them."""
 
     frames: np.ndarray
     rate_hz: float

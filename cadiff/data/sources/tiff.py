@@ -172,8 +172,8 @@ def read_tiff(path: str | Path, rate_hz: float | None = None, source: str | None
     return Movie(data=data, rate_hz=float(rate), source=source or path.stem, meta={"path": str(path), "format": "tiff"})
 
 
-def write_tiff(movie_u16: np.ndarray, path: Path, rate_hz: float) -> Path:
-    """Multi-page uint16 TIFF with ImageJ metadata (frame interval in seconds), written atomically."""
+def write_tiff(movie: np.ndarray, path: Path, rate_hz: float) -> Path:
+    """Multi-page TIFF (uint16 or float32) with ImageJ metadata (frame interval in seconds), written atomically."""
     with atomic_path(path, suffix=".tif") as tmp:
-        tifffile.imwrite(tmp, movie_u16, imagej=True, metadata={"axes": "TYX", "finterval": 1.0 / float(rate_hz), "unit": "px"})
+        tifffile.imwrite(tmp, movie, imagej=True, metadata={"axes": "TYX", "finterval": 1.0 / float(rate_hz), "unit": "px"})
     return path
