@@ -519,8 +519,8 @@ def _read_ray_record(root: Path) -> dict[str, Any] | None:
         record = json.loads(path.read_text())
         if len(record["checkpoint_results"]) != len(record["checkpoint_report_indices"]):
             raise ValueError("one report index per checkpoint expected")
-        for entry in record["checkpoint_results"]:
-            str(entry["checkpoint_dir_name"])
+        if not all(isinstance(entry["checkpoint_dir_name"], str) for entry in record["checkpoint_results"]):
+            raise ValueError("checkpoint_dir_name: expected a folder name")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"Ray Train's checkpoint record '{path}' is unreadable ({exc}); expected the JSON Ray "
                               "Train V2 writes") from None
