@@ -1,7 +1,9 @@
 """Fault injection into real runs, shared by the fault-tolerance tests and ``benchmarks/reliability.py``.
 
 Faults are injected from outside, like a real failure: a watcher thread reads the run folder (metrics.jsonl,
-Ray Train's checkpoint snapshot) and signals processes that descend from the caller (never anyone else's).
+Ray Train's checkpoint snapshot) and signals processes that descend from the caller (never anyone else's);
+storage damage is written into a file in place at equal size (a shard's payload, a checkpoint's header or
+tensor data).
 """
 
 from __future__ import annotations
