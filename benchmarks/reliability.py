@@ -7,6 +7,9 @@ Faults (on a local Ray cluster this script starts; jobs run as subprocesses conn
   ``max_failures=0`` (expected: one-line error, no export; re-running the same command resumes);
 - the driver SIGTERMed (Ray DDP) or SIGINTed (strategy=single, plus a half-written newer checkpoint) and re-run;
 - a crash inside a checkpoint write, and a committed checkpoint truncated afterwards (CheckpointManager);
+- the newest checkpoint damaged at equal size (zip header or 4 KiB of tensor data zeroed), then the run re-run:
+  strategy=single and DDP (expected: sha256 check fails, WARNING, resume from the previous one, damaged one kept
+  as ``.corrupt_step_<n>``);
 - a shard corrupted mid-stream (tar headers intact) under ``corrupt_shards=fail|skip``, Ray Data and the
   deterministic path.
 Bad inputs: every case of ``cadiff.testing.bad_inputs`` in-process (exception class, message) and through its
@@ -183,6 +186,35 @@ def fault_checkpoint_write_crash(ctx: dict) -> dict:
                         f"its model.pt: {after_damage.name} (loads, w={value_after_damage}): the damaged one is skipped"}
 
 
+def fault_damaged_latest_checkpoint(ctx: dict, strategy: str, where: str) -> dict:
+    """The newest checkpoint's model.pt damaged at equal size after the run; the same run re-run with more steps."""
+    from cadiff.testing.faults import job_command, job_env, rerun_after_damaging_latest
+
+    tmp = ctx["tmp"] / f"damaged_{strategy}_{where}"
+    run_dir = tmp / "train_ae" / "r"
+    if strategy == "single":
+        args, env = ["experiment=ae_tiny", "strategy=single", "trainer.num_workers=1", "trainer.log_every=1",
+                     "trainer.threads_per_worker=1"], job_env()
+    else:
+        args, env = [*TRAIN, f"strategy={strategy}"], job_env(ctx["ray_address"])
+
+    def cmd(max_steps: int) -> list[str]:
+        return job_command("train_ae", *args, f"trainer.max_steps={max_steps}", "trainer.ckpt_every=2",
+                           "trainer.val_every=6", f"data.root={ctx['data_root']}", f"out_root={tmp}", "run_name=r")
+
+    seen = rerun_after_damaging_latest(cmd(4), cmd(6), ctx["tmp"], run_dir, where, env=env, timeout_s=900)
+    if seen["damaged"] is None:
+        return {**seen, "passed": False, "observed": f"the first run failed (exit {seen['first_exit_code']})"}
+    export_step = _export_step(run_dir)
+    seen["passed"] = (seen["damaged"] == "step_00000004" and seen["exit_code"] == 0 and seen["resumed_from"] == [2]
+                      and seen["set_aside"] == [".corrupt_step_00000004"] and export_step == 6)
+    why = seen["warnings"][0].split("cannot be resumed: ", 1)[-1][:160] if seen["warnings"] else "no warning logged"
+    seen["observed"] = (f"{seen['damage']} of {seen['damaged']}; re-run exit {seen['exit_code']}, WARNING '{why}', "
+                        f"resumed after step {seen['resumed_from']}, set aside {seen['set_aside']}, export step "
+                        f"{export_step}")
+    return seen
+
+
 def fault_corrupt_shard(ctx: dict, path: str) -> dict:
     """A shard whose clip payload is garbage while its tar headers are intact, found mid-stream."""
     from omegaconf import OmegaConf
@@ -285,6 +317,12 @@ FAULTS: list[tuple[str, str, bool, Callable[[dict], dict]]] = [
      lambda c: fault_driver_signal(c, signal.SIGINT)),
     ("crash inside a checkpoint write", "CheckpointManager, num_to_keep=2; then truncate the newest committed file", False,
      fault_checkpoint_write_crash),
+    ("damaged latest checkpoint, same size", "strategy=single, 4 steps, ckpt every 2; 4 KiB zeroed inside model.pt's "
+     "tensor data of step 4; same run to 6 steps", False, lambda c: fault_damaged_latest_checkpoint(c, "single", "tensor_data")),
+    ("damaged latest checkpoint, same size", "strategy=single, as above; model.pt's first 4 KiB (zip header) zeroed", False,
+     lambda c: fault_damaged_latest_checkpoint(c, "single", "header")),
+    ("damaged latest registered checkpoint", "DDP, 2 workers, as above: 4 KiB zeroed inside model.pt's tensor data", True,
+     lambda c: fault_damaged_latest_checkpoint(c, "ddp", "tensor_data")),
     ("corrupt shard mid-stream (Ray Data)", "clip payload overwritten, tar headers intact; fail / skip", True,
      lambda c: fault_corrupt_shard(c, "ray_data")),
     ("corrupt shard mid-stream (deterministic)", "same shard, data.deterministic path; fail / skip", False,

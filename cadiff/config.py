@@ -280,6 +280,11 @@ class TrainerConfig:
     num_to_keep: int = 2
     max_failures: int = 0
     stop_at_step: Optional[int] = None  # end this session at that step (checkpoint + export); a re-run resumes
+    # checkpoint this session starts from: null = the latest that passes its sha256 check and loads (a damaged
+    # one is set aside as .corrupt_step_<n> and the previous one used); <n> = checkpoints/step_<n>; a path = that
+    # checkpoint folder. An explicit choice must verify, and this run's newer checkpoints are set aside
+    # (.superseded_step_<n>, kept) so training continues from it
+    resume_from: Any = None
     threads_per_worker: Optional[int] = None  # torch threads; None: cpus_per_worker rounded up
     peak_flops: Optional[float] = None  # FLOP/s for MFU; None: measured matmul FLOP/s (CPU) or table (GPU)
 
@@ -667,6 +672,14 @@ def validate_trainer(t: Any, prefix: str = "trainer") -> None:
     _choice(f"{prefix}.compile_backend", t.compile_backend, ("inductor", "aot_eager"))
     for k in ("log_every", "val_every", "ckpt_every", "num_to_keep"):
         _require(getattr(t, k) >= 1, f"{prefix}.{k}", getattr(t, k), ">= 1")
+    _require(_is_resume_choice(t.resume_from), f"{prefix}.resume_from", t.resume_from,
+             "null (the latest checkpoint), a checkpoint step >= 1 or a checkpoint folder path")
+
+
+def _is_resume_choice(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    return value is None or (isinstance(value, int) and value >= 1) or (isinstance(value, str) and bool(value.strip()))
 
 
 def _check_compile_strategy(cfg: Any) -> None:

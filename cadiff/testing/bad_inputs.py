@@ -263,27 +263,47 @@ def case_missing_checkpoint(tmp: Path, env: Env) -> Case:
                 [out])
 
 
-def case_checkpoint_other_model_config(tmp: Path, env: Env) -> Case:
-    """Resuming a run's checkpoints with model.z_channels=8 instead of 4."""
+def _resumed_run(tmp: Path, env: Env, *extra: str) -> tuple[Path, list[str]]:
+    """A copy of the finished 3-step stage-1 run (checkpoint step_00000003) and the arguments resuming it."""
     out_root = tmp / "runs"
     run = out_root / "train_ae" / env.stage1_run.name
     shutil.copytree(env.stage1_run, run)
-    args = [*TRAIN_SINGLE, f"data.root={env.data_root}", f"out_root={out_root}", f"run_name={run.name}",
-            "trainer.max_steps=6", "model.z_channels=8"]
+    return run, [*TRAIN_SINGLE, f"data.root={env.data_root}", f"out_root={out_root}", f"run_name={run.name}",
+                 "trainer.max_steps=6", *extra]
+
+
+def case_checkpoint_other_model_config(tmp: Path, env: Env) -> Case:
+    """Resuming a run's checkpoints with model.z_channels=8 instead of 4."""
+    run, args = _resumed_run(tmp, env, "model.z_channels=8")
     return Case("train_ae", args, ConfigError,
                 [re.escape(str(run)), "model.z_channels: run has 4, now 8", "new run_name"], [run])
 
 
 def case_resume_with_another_lr(tmp: Path, env: Env) -> Case:
     """Resuming a run's checkpoints with trainer.lr=0.5 and another seed: the whole config is compared."""
-    out_root = tmp / "runs"
-    run = out_root / "train_ae" / env.stage1_run.name
-    shutil.copytree(env.stage1_run, run)
-    args = [*TRAIN_SINGLE, f"data.root={env.data_root}", f"out_root={out_root}", f"run_name={run.name}",
-            "trainer.max_steps=6", "trainer.lr=0.5", "seed=3"]
+    run, args = _resumed_run(tmp, env, "trainer.lr=0.5", "seed=3")
     return Case("train_ae", args, ConfigError,
                 [re.escape(str(run)), r"trainer\.lr: run has 0\.001, now 0\.5", "seed: run has 0, now 3",
                  "only trainer.max_steps, trainer.stop_at_step"], [run])
+
+
+def case_resume_from_missing_step(tmp: Path, env: Env) -> Case:
+    """trainer.resume_from=5 on a run whose only checkpoint is step 3."""
+    run, args = _resumed_run(tmp, env, "trainer.resume_from=5")
+    return Case("train_ae", args, CheckpointError,
+                [r"trainer\.resume_from=5", re.escape(str(run / "checkpoints" / "step_00000005")),
+                 "this run has step_00000003"], [run])
+
+
+def case_resume_from_damaged_checkpoint(tmp: Path, env: Env) -> Case:
+    """trainer.resume_from=3 after 4 KiB inside a tensor of its model.pt were zeroed (same size)."""
+    from cadiff.testing.faults import corrupt_checkpoint_file
+
+    run, args = _resumed_run(tmp, env, "trainer.resume_from=3")
+    corrupt_checkpoint_file(run / "checkpoints" / "step_00000003" / "model.pt", "tensor_data")
+    return Case("train_ae", args, CheckpointError,
+                [r"trainer\.resume_from=3", re.escape(str(run / "checkpoints" / "step_00000003")),
+                 "model.pt fails its sha256 check", "expected a complete, intact checkpoint folder"], [run])
 
 
 def case_missing_data_root(tmp: Path, env: Env) -> Case:
@@ -469,6 +489,8 @@ CASES: dict[str, Callable[[Path, Env], Case]] = {
     "missing_checkpoint": case_missing_checkpoint,
     "checkpoint_other_model_config": case_checkpoint_other_model_config,
     "resume_with_another_lr": case_resume_with_another_lr,
+    "resume_from_missing_step": case_resume_from_missing_step,
+    "resume_from_damaged_checkpoint": case_resume_from_damaged_checkpoint,
     "missing_data_root": case_missing_data_root,
     "stage2_training_missing_stage1": case_stage2_training_missing_stage1,
     "sample_missing_stage1": case_sample_missing_stage1,

@@ -1,7 +1,9 @@
 """Fault injection into real runs, shared by the fault-tolerance tests and ``benchmarks/reliability.py``.
 
 Faults are injected from outside, like a real failure: a watcher thread reads the run folder (metrics.jsonl,
-Ray Train's checkpoint snapshot) and signals processes that descend from the caller (never anyone else's).
+Ray Train's checkpoint snapshot) and signals processes that descend from the caller (never anyone else's);
+storage damage is written into a file in place at equal size (a shard's payload, a checkpoint's header or
+tensor data).
 """
 
 from __future__ import annotations
@@ -9,21 +11,23 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import tarfile
 import threading
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 
 from cadiff.io import read_jsonl
-from cadiff.train.checkpoint import CheckpointManager
+from cadiff.train.checkpoint import RAY_SNAPSHOT, CheckpointManager, step_of
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout: jobs/<job>.py are the command lines
-SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of registered checkpoints
+SNAPSHOT = RAY_SNAPSHOT  # Ray Train V2's record of registered checkpoints
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -162,3 +166,61 @@ def corrupt_payload(shard: Path) -> str:
         fh.seek(member.offset_data)
         fh.write(b"garbage!")
     return member.name
+
+
+CORRUPTIONS = ("header", "tensor_data")
+_ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, (version .. sizes), file name length, extra length
+
+
+def corrupt_checkpoint_file(path: Path, where: str, nbytes: int = 4096) -> str:
+    """Zero ``nbytes`` of a ``torch.save`` file in place, at equal size, as failing storage does.
+
+    ``header``: its first bytes (the zip header: ``torch.load`` fails). ``tensor_data``: bytes inside its largest
+    tensor's data (``torch.load`` succeeds with those values zeroed; only a content check notices). Returns
+    what was damaged.
+    """
+    if where not in CORRUPTIONS:
+        raise ValueError(f"where={where!r}: expected one of {CORRUPTIONS}")
+    offset = 0
+    if where == "tensor_data":
+        with zipfile.ZipFile(path) as archive:
+            member = max((m for m in archive.infolist() if "/data/" in m.filename), key=lambda m: m.file_size)
+        if member.file_size < nbytes or member.compress_type != zipfile.ZIP_STORED:
+            raise ValueError(f"{path}: largest tensor record {member.filename} is not {nbytes} stored bytes")
+        with open(path, "rb") as fh:
+            fh.seek(member.header_offset)
+            _sig, name_len, extra_len = _ZIP_LOCAL_HEADER.unpack(fh.read(_ZIP_LOCAL_HEADER.size))
+        offset = member.header_offset + _ZIP_LOCAL_HEADER.size + name_len + extra_len
+    nbytes = min(nbytes, path.stat().st_size - offset)  # never past the end: the size must not change
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(bytes(nbytes))
+    return f"{nbytes} bytes zeroed at offset {offset} of {path.name} ({where})"
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The ``checkpoints/step_<n>`` folder of the highest step, whoever wrote it (cadiff or Ray Train)."""
+    found = [p for p in (run_dir / "checkpoints").glob("step_*") if step_of(p) is not None]
+    return max(found, key=step_of) if found else None
+
+
+def rerun_after_damaging_latest(first: list[str], second: list[str], cwd: Path, run_dir: Path, where: str,
+                                env: dict[str, str] | None = None, timeout_s: float = 600) -> dict:
+    """Run job ``first`` (it must leave two checkpoints or more), damage ``model.pt`` of the newest checkpoint
+    at equal size (:func:`corrupt_checkpoint_file`), run ``second`` (the same run with more steps) and report
+    what the re-run did: exit code, final line, the steps it restarted after, folders set aside, and the
+    log lines about checkpoints that could not be resumed."""
+    env = env or job_env()
+    done = subprocess.run(first, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    latest = newest_checkpoint(run_dir)
+    if done.returncode != 0 or latest is None:
+        return {"first_exit_code": done.returncode, "first_stderr": done.stderr[-2000:], "damaged": None}
+    damage = corrupt_checkpoint_file(latest / "model.pt", where)
+    rerun = subprocess.run(second, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    lines = [line for line in rerun.stdout.splitlines() if line.startswith("cadiff ")]
+    return {"damaged": latest.name, "damage": damage, "exit_code": rerun.returncode, "line": lines[-1] if lines else "",
+            "resumed_from": resumed_from(metric_steps(run_dir)),
+            "set_aside": sorted(p.name for p in (run_dir / "checkpoints").glob(".corrupt_*")),
+            "warnings": [line for line in (rerun.stdout + rerun.stderr).splitlines()
+                         if "cannot be resumed" in line or "set aside as" in line],
+            "stdout_tail": rerun.stdout[-2000:], "stderr_tail": rerun.stderr[-2000:]}

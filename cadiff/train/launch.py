@@ -2,12 +2,15 @@
 
 The run folder is ``<out_root>/<job>/<run_name>/`` holding config.yaml, run.json, metrics.jsonl, media/,
 export/model.pt and checkpoints/ (Ray Train's storage for this run). Re-running with the same run name
-resumes from the latest checkpoint: Ray Train V2 restores its checkpoint manager from that storage.
+resumes from the latest checkpoint: Ray Train V2 restores its checkpoint manager from that storage, after the
+driver has checked it (:func:`cadiff.train.checkpoint.prepare_resume`: damaged checkpoints set aside,
+``trainer.resume_from`` applied).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -25,6 +28,7 @@ from cadiff.errors import CadiffError, ConfigError
 from cadiff.io import folder_lock, read_jsonl, write_json_atomic
 from cadiff.runinfo import record_run
 from cadiff.runtime.ray import init_ray
+from cadiff.train.checkpoint import prepare_resume
 from cadiff.train.loop import train_loop_per_worker
 from cadiff.train.stage import DataInfo, Stage, get_stage
 
@@ -44,6 +48,7 @@ class RunPlan:
     run_dir: Path
     data: DataInfo
     model_config: dict[str, Any]  # resolved model config: cfg.model plus the values derived from the data
+    resume_dir: Path | None = None  # the checkpoint trainer.resume_from chose, verified (set under the run lock)
 
     def config_record(self) -> dict[str, Any]:
         """The run's config as recorded in config.yaml: the job config with the resolved model config."""
@@ -52,7 +57,8 @@ class RunPlan:
     def payload(self, use_ray: bool) -> dict[str, Any]:
         """What ``train_loop_per_worker`` receives (plain, picklable values)."""
         return {"stage": self.stage.name, "cfg": to_dict(self.cfg), "run_dir": str(self.run_dir),
-                "data_info": self.data.to_dict(), "model_config": self.model_config, "use_ray": use_ray}
+                "data_info": self.data.to_dict(), "model_config": self.model_config, "use_ray": use_ray,
+                "resume_dir": str(self.resume_dir) if self.resume_dir else None}
 
 
 def default_run_name() -> str:
@@ -78,19 +84,21 @@ def resolve_run(cfg: Any, stage: Stage | str) -> RunPlan:
 
 
 @contextlib.contextmanager
-def planned_run(cfg: Any, stage: Stage | str) -> Iterator[RunPlan]:
+def planned_run(cfg: Any, stage: Stage | str, use_ray: bool = True) -> Iterator[RunPlan]:
     """Resolve the run, then hold its lock (:func:`cadiff.io.folder_lock`) while it is checked against an
-    earlier session, recorded and trained. Raises before any worker starts."""
+    earlier session, its checkpoint to resume is settled (``prepare_resume``), and it is recorded and trained.
+    Raises before any worker starts."""
     plan = resolve_run(cfg, stage)
     with folder_lock(plan.run_dir, "training run"):
-        record_plan(plan)
-        yield plan
+        session = check_resume_compatible(plan.run_dir, plan.config_record(), plan.data)
+        resume_dir = prepare_resume(plan.run_dir, cfg.trainer.resume_from, use_ray)
+        record_plan(plan, session)
+        yield dataclasses.replace(plan, resume_dir=resume_dir)
 
 
-def record_plan(plan: RunPlan) -> None:
-    """Check a resumed run against its earlier sessions, then record this session's config and data."""
+def record_plan(plan: RunPlan, session: int) -> None:
+    """Record this session's config and data (``session``: from :func:`check_resume_compatible`)."""
     run_dir, data = plan.run_dir, plan.data
-    session = check_resume_compatible(run_dir, plan.config_record(), data)
     # a resumed session records its config beside the first one (config.<n>.yaml): none is overwritten
     suffix = f".{session}" if session else ""
     record_run(run_dir, plan.config_record(), plan.stage.job, suffix=suffix)
@@ -100,10 +108,10 @@ def record_plan(plan: RunPlan) -> None:
 # What a resumed run may change: how long it runs and how it reports, where it runs and where its data lives
 # (the data itself is compared through data_info.json). Anything else changes the training it continues.
 RESUME_MAY_CHANGE = ("run_name", "out_root", "verbose", "trainer.max_steps", "trainer.stop_at_step",
-                     "trainer.log_every", "trainer.val_every", "trainer.ckpt_every", "trainer.media_every",
-                     "trainer.num_to_keep", "trainer.max_failures", "trainer.threads_per_worker", "trainer.peak_flops",
-                     "logger.", "ray.", "data.root", "latents.root", "data.prepare_if_missing", "data.prefetch_batches",
-                     "latents.prefetch_batches", "decode_every")
+                     "trainer.resume_from", "trainer.log_every", "trainer.val_every", "trainer.ckpt_every",
+                     "trainer.media_every", "trainer.num_to_keep", "trainer.max_failures", "trainer.threads_per_worker",
+                     "trainer.peak_flops", "logger.", "ray.", "data.root", "latents.root", "data.prepare_if_missing",
+                     "data.prefetch_batches", "latents.prefetch_batches", "decode_every")
 # DataInfo keys that may differ for the same data (its location)
 _DATA_LOCATION = ("root", "stage1")
 
@@ -189,7 +197,7 @@ def build_trainer(plan: RunPlan, callbacks: list | None = None, storage_path: st
 def run_training(cfg: Any, stage: Stage | str) -> tuple[str, str]:
     """Plan, run (Ray or in-process for strategy=single) and summarize one training job, holding the run's lock."""
     if cfg.strategy.name == "single":
-        with planned_run(cfg, stage) as plan:
+        with planned_run(cfg, stage, use_ray=False) as plan:
             train_loop_per_worker(plan.payload(use_ray=False))
             return summarize(plan.run_dir)
     import ray.train

@@ -31,7 +31,7 @@ from cadiff.data import pipeline
 from cadiff.errors import ConfigError
 from cadiff.models.registry import build_model
 from cadiff.runtime.exports import export_model
-from cadiff.train.checkpoint import CheckpointManager
+from cadiff.train.checkpoint import CheckpointManager, resume, resume_candidates, write_manifest
 from cadiff.train.ema import EMA
 from cadiff.train.logging import (
     MetricsWriter,
@@ -79,18 +79,19 @@ class Reporter:
             self.manager = CheckpointManager(run_dir, num_to_keep)
 
     @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[Path | None]:
-        if self.use_ray:
-            import ray.train
+    def resume_candidates(self, target: Path | None) -> Iterator[list[Path]]:
+        """Checkpoint folders to resume from, newest first (see ``checkpoint.resume_candidates``)."""
+        if not self.use_ray:
+            yield resume_candidates(self.manager.candidates(), target)
+            return
+        import ray.train
 
-            ckpt = ray.train.get_checkpoint()
-            if ckpt is None:
-                yield None
-                return
-            with ckpt.as_directory() as path:
-                yield Path(path)
-        else:
-            yield self.manager.latest()
+        ckpt = ray.train.get_checkpoint()  # the latest registered: the driver verified it, or this session wrote it
+        if ckpt is None:
+            yield resume_candidates([], target)
+            return
+        with ckpt.as_directory() as path:
+            yield resume_candidates([Path(path)], target)
 
     def report(self, metrics: dict[str, Any], write_checkpoint: Any = None, step: int = 0, has_files: bool = True) -> None:
         """Report metrics; when ``write_checkpoint(dir)`` is given, persist a checkpoint written by it."""
@@ -105,6 +106,8 @@ class Reporter:
 
             with tempfile.TemporaryDirectory(prefix="cadiff-ckpt-") as tmp:
                 write_checkpoint(Path(tmp))
+                if has_files:  # Ray Train merges the ranks' folders: each part carries its own manifest
+                    write_manifest(tmp, step, rank=_rank_world()[0])
                 checkpoint = ray.train.Checkpoint.from_directory(tmp) if has_files else None
                 ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:08d}")
         else:
@@ -225,13 +228,15 @@ class WorkerRun:
     use_ray: bool
     rank: int
     world: int
+    resume_dir: Path | None = None  # the checkpoint trainer.resume_from chose (the driver verified it)
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any], rank: int, world: int) -> WorkerRun:
         stage = get_stage(payload["stage"])
         return cls(stage=stage, cfg=from_dict(payload["cfg"], stage.schema), run_dir=Path(payload["run_dir"]),
                    data=DataInfo.from_dict(payload["data_info"]), model_config=dict(payload["model_config"]),
-                   use_ray=bool(payload.get("use_ray", True)), rank=rank, world=world)
+                   use_ray=bool(payload.get("use_ray", True)), rank=rank, world=world,
+                   resume_dir=Path(payload["resume_dir"]) if payload.get("resume_dir") else None)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -257,16 +262,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ema = EMA(strategy.ema_tensors(), decay=cfg.ema.decay, warmup_power=cfg.ema.warmup_power)
     reporter = Reporter(run.use_ray, run_dir, tcfg.num_to_keep)
 
-    step = 0
-    resumed_rng = None
-    with reporter.latest_checkpoint() as ckpt_dir:
-        if ckpt_dir is not None:
-            extra = strategy.load(ckpt_dir)
-            step = int(extra["step"])
-            ema.load_state_dict(extra["ema"])
-            resumed_rng = extra["rng"]
-            if rank == 0:
-                log.info("resumed from %s at step %d", ckpt_dir, step)
+    step, resumed_rng = resume_state(run, reporter, strategy, ema)
 
     batches = batch_iterator(data_cfg, run.stage.kind, cfg.seed, run.use_ray, rank, world,
                              start_batch=step * tcfg.grad_accum)
@@ -333,6 +329,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _export(run, strategy, ema, step, last_metrics)
     if wandb_run is not None:
         wandb_run.finish()
+
+
+def resume_state(run: WorkerRun, reporter: Reporter, strategy: Any, ema: EMA) -> tuple[int, Any]:
+    """Restore strategy and EMA from the newest checkpoint that verifies and loads: ``(step, rng state)``,
+    ``(0, None)`` for a fresh run (collective)."""
+
+    def load(folder: Path) -> tuple[int, Any]:
+        extra = strategy.load(folder)
+        ema.load_state_dict(extra["ema"])
+        return int(extra["step"]), extra["rng"]
+
+    with reporter.resume_candidates(run.resume_dir) as candidates:
+        found = resume(candidates, load, registered_by_ray=run.use_ray)
+    if found is None:
+        return 0, None
+    folder, (step, rng) = found
+    if run.rank == 0:
+        log.info("resumed from %s at step %d", folder, step)
+    return step, rng
 
 
 def _window_metrics(window: dict, step: int, device: torch.device, flops_fwd: float, peak: float, world: int, lr: float) -> dict:

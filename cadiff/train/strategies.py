@@ -338,7 +338,9 @@ class Strategy:
         _barrier()
 
     def load(self, ckpt_dir: str | os.PathLike) -> dict[str, Any]:
-        """Restore model and optimizer from ``ckpt_dir``; returns this rank's ``extra`` (collective)."""
+        """Restore model and optimizer from ``ckpt_dir``; returns this rank's ``extra`` (collective for DeepSpeed
+        and FSDP2). No barrier at the end: a rank that fails here must meet the others in the agreement of
+        ``checkpoint.resume``, not in a barrier they never reach."""
         ckpt_dir = Path(ckpt_dir)
         self._check_manifest(ckpt_dir)
         self._load_model_optim(ckpt_dir)
@@ -347,7 +349,6 @@ class Strategy:
             extra["ema"] = safe_load(ckpt_dir / _extra_name(0))["ema"]
         extra["ema"] = _to_device(extra["ema"], self.device)
         self._micro = 0
-        _barrier()
         return extra
 
     def _check_manifest(self, ckpt_dir: Path) -> None:

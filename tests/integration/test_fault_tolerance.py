@@ -29,6 +29,7 @@ from cadiff.testing.faults import (
     local_complete_step,
     metric_steps,
     registered_step,
+    rerun_after_damaging_latest,
     resumed_from,
 )
 
@@ -88,6 +89,31 @@ def test_worker_killed_mid_run_restores_latest_checkpoint(sim_data_root, tmp_pat
     assert len(restarts) == 1, f"expected one restart, steps {steps}, kill {killer.killed}"
     assert restarts[0] >= killer.killed["checkpoint"] > 0 and restarts[0] % 3 == 0, (steps, killer.killed)
     assert_finished(run_dir, max_steps)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_damaged_latest_registered_checkpoint_is_set_aside_and_the_rerun_resumes_the_previous(sim_data_root, tmp_path):
+    """DDP: 4 KiB inside model.pt of the newest registered checkpoint zeroed at equal size (it would load).
+
+    The re-run's driver finds it by its sha256, sets it aside and drops it from Ray Train's record before the
+    controller reads it; the workers verify the previous one and resume it; Ray Train's retention runs on.
+    """
+    run_dir = tmp_path / "train_ae" / "dmg"
+
+    def cmd(max_steps: int) -> list[str]:
+        return job_command("train_ae", *RUN_ARGS, "strategy=ddp", f"data.root={sim_data_root}", f"out_root={tmp_path}",
+                           "run_name=dmg", f"trainer.max_steps={max_steps}", "trainer.val_every=6", "trainer.ckpt_every=2")
+
+    seen = rerun_after_damaging_latest(cmd(4), cmd(6), tmp_path, run_dir, "tensor_data")
+    assert seen["damaged"] == "step_00000004", seen
+    assert seen["exit_code"] == 0, seen["stdout_tail"] + seen["stderr_tail"]
+    assert seen["line"].startswith("cadiff train_ae: ok step=6 "), seen
+    assert seen["resumed_from"] == [2] and seen["set_aside"] == [".corrupt_step_00000004"], seen
+    assert any("model.pt fails its sha256 check" in line for line in seen["warnings"]), seen["warnings"]
+    assert registered_step(run_dir) == 6
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000006"]
+    assert_finished(run_dir, 6)
 
 
 # ---------------------------------------------------------------------------------------------------------

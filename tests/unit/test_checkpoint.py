@@ -1,10 +1,14 @@
-"""Atomic checkpoint folders (crash mid-write, retention, incomplete folders) and the single-file export."""
+"""Atomic checkpoint folders (crash mid-write, retention, incomplete folders), verified resume (sha256 manifests,
+fallback past damaged checkpoints, trainer.resume_from, Ray Train's record) and the single-file export."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -13,6 +17,7 @@ from omegaconf import OmegaConf
 
 from cadiff.errors import CheckpointError, ConfigError
 from cadiff.runtime.exports import export_model, load_export, safe_load
+from cadiff.testing.faults import CORRUPTIONS, corrupt_checkpoint_file
 from cadiff.train import checkpoint as ckpt
 from cadiff.train.checkpoint import CheckpointManager, read_manifest
 
@@ -225,3 +230,258 @@ def test_safe_load_refuses_missing_corrupt_and_unsafe_files(tmp_path):
     torch.save({"obj": Payload()}, tmp_path / "evil2.pt")
     with pytest.raises(CheckpointError, match="evil2.pt"):
         safe_load(tmp_path / "evil2.pt")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# verified resume: sha256 manifests, fallback past damaged checkpoints, trainer.resume_from (strategy=single)
+
+
+class Net(torch.nn.Module):
+    """16 KiB of weights: room for 4 KiB of damage inside one tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.decoder = torch.nn.Linear(64, 64)
+
+
+def single_strategy():
+    from cadiff.config import StrategyConfig, TrainerConfig
+    from cadiff.train.ema import EMA
+    from cadiff.train.strategies import build_strategy
+
+    strategy = build_strategy(StrategyConfig(name="single"), TrainerConfig(max_steps=8, warmup_steps=1))
+    strategy.setup(Net(), torch.device("cpu"))
+    return strategy, EMA(strategy.ema_tensors(), decay=0.9)
+
+
+def train_and_save(run_dir, steps=(2, 4)):
+    """A run whose checkpoint of step s holds decoder weights all equal to s."""
+    manager = CheckpointManager(run_dir, num_to_keep=5)
+    strategy, ema = single_strategy()
+    for step in steps:
+        with torch.no_grad():
+            for p in strategy.module.parameters():
+                p.fill_(float(step))
+        extra = {"step": step, "ema": ema.state_dict(), "rng": {"torch": torch.get_rng_state()}}
+        tmp = manager.tmp_dir(step)
+        strategy.save(tmp, extra)
+        manager.commit(tmp, step)
+    return manager
+
+
+def resume_into_fresh(run_dir, resume_dir=None):
+    """What a worker does at start-up (strategy=single): returns (step, decoder weights)."""
+    from types import SimpleNamespace
+
+    from cadiff.train.loop import Reporter, resume_state
+
+    strategy, ema = single_strategy()
+    run = SimpleNamespace(resume_dir=resume_dir, use_ray=False, rank=0)
+    step, _rng = resume_state(run, Reporter(False, run_dir, 5), strategy, ema)
+    return step, strategy.module.decoder.weight.detach().clone()
+
+
+def names(run_dir) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+
+def test_manifest_holds_sha256_of_every_file(tmp_path):
+    final = save_step(CheckpointManager(tmp_path), 3)
+    manifest = json.loads((final / "COMPLETE").read_text())
+    assert set(manifest["sha256"]) == set(manifest["files"]) == {"model.pt", "sub/extra_rank00000.pt"}
+    assert manifest["sha256"]["model.pt"] == hashlib.sha256((final / "model.pt").read_bytes()).hexdigest()
+    ckpt.verify_checkpoint(final)
+
+
+@pytest.mark.parametrize("where", CORRUPTIONS)
+def test_damaged_latest_at_equal_size_falls_back_to_previous_and_is_set_aside(tmp_path, caplog, where):
+    train_and_save(tmp_path)
+    latest = tmp_path / "checkpoints" / "step_00000004"
+    corrupt_checkpoint_file(latest / "model.pt", where)
+    damaged = (latest / "model.pt").read_bytes()
+    assert ckpt.read_manifest(latest) is not None, "listing checks sizes only: the damage is invisible to it"
+    with caplog.at_level("WARNING", logger="cadiff.train.checkpoint"):
+        step, weights = resume_into_fresh(tmp_path)
+    assert step == 2 and torch.equal(weights, torch.full((64, 64), 2.0))
+    assert names(tmp_path) == [".corrupt_step_00000004", "step_00000002"]
+    assert (tmp_path / "checkpoints" / ".corrupt_step_00000004" / "model.pt").read_bytes() == damaged  # kept
+    text = caplog.text
+    assert "step_00000004" in text and "model.pt fails its sha256 check" in text and "trying the previous one" in text
+    assert "set aside as '.corrupt_step_00000004'" in text
+    # the run goes on: a new step 4 commits where the damaged one was
+    assert save_step(CheckpointManager(tmp_path, num_to_keep=5), 4).name == "step_00000004"
+
+
+def test_without_damage_the_latest_is_resumed(tmp_path):
+    train_and_save(tmp_path)
+    step, weights = resume_into_fresh(tmp_path)
+    assert step == 4 and torch.equal(weights, torch.full((64, 64), 4.0))
+    assert names(tmp_path) == ["step_00000002", "step_00000004"]
+
+
+def test_old_manifest_without_sha256_loads_by_size_and_an_unloadable_one_falls_back(tmp_path, caplog):
+    train_and_save(tmp_path)
+    root = tmp_path / "checkpoints"
+    for folder in root.iterdir():  # manifests as earlier versions wrote them
+        manifest = json.loads((folder / "COMPLETE").read_text())
+        del manifest["sha256"]
+        (folder / "COMPLETE").write_text(json.dumps(manifest))
+    with caplog.at_level("INFO", logger="cadiff.train.checkpoint"):
+        assert resume_into_fresh(tmp_path)[0] == 4
+    assert "without sha256" in caplog.text and "checked by size only" in caplog.text
+    corrupt_checkpoint_file(root / "step_00000004" / "model.pt", "header")  # no digest to notice: the load fails
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cadiff.train.checkpoint"):
+        assert resume_into_fresh(tmp_path)[0] == 2
+    assert "does not load" in caplog.text and "model.pt" in caplog.text
+    assert names(tmp_path) == [".corrupt_step_00000004", "step_00000002"]
+
+
+def test_when_no_checkpoint_loads_one_error_lists_them_and_nothing_moves(tmp_path):
+    train_and_save(tmp_path)
+    for step in (2, 4):
+        corrupt_checkpoint_file(tmp_path / "checkpoints" / f"step_{step:08d}" / "model.pt", "tensor_data")
+    with pytest.raises(CheckpointError) as info:
+        resume_into_fresh(tmp_path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.index("step_00000004") < message.index("step_00000002")  # newest first
+    assert message.count("fails its sha256 check") == 2 and "Nothing was moved" in message
+    assert names(tmp_path) == ["step_00000002", "step_00000004"]
+
+
+def test_resume_from_step_sets_newer_checkpoints_aside(tmp_path, caplog):
+    train_and_save(tmp_path, steps=(2, 4, 6))
+    with caplog.at_level("WARNING", logger="cadiff.train.checkpoint"):
+        target = ckpt.prepare_resume(tmp_path, 4, use_ray=False)
+    assert target == tmp_path / "checkpoints" / "step_00000004"
+    assert names(tmp_path) == [".superseded_step_00000006", "step_00000002", "step_00000004"]
+    assert "trainer.resume_from=4" in caplog.text and ".superseded_step_00000006" in caplog.text
+    step, weights = resume_into_fresh(tmp_path, target)
+    assert step == 4 and torch.equal(weights, torch.full((64, 64), 4.0))
+    # a checkpoint this session writes after the chosen one is preferred by a restart, the choice is not
+    save_step(CheckpointManager(tmp_path, num_to_keep=5), 5)
+    assert ckpt.resume_candidates(CheckpointManager(tmp_path).candidates(), target) == [
+        tmp_path / "checkpoints" / "step_00000005", target]
+
+
+def test_resume_from_path_of_another_run(tmp_path):
+    train_and_save(tmp_path / "other", steps=(3,))
+    source = tmp_path / "other" / "checkpoints" / "step_00000003"
+    train_and_save(tmp_path / "run", steps=(2, 3, 4))
+    target = ckpt.prepare_resume(tmp_path / "run", str(source), use_ray=False)
+    assert target == source
+    # from the chosen step on, this run's own checkpoints make way (kept); older ones stay
+    assert names(tmp_path / "run") == [".superseded_step_00000003", ".superseded_step_00000004", "step_00000002"]
+    assert resume_into_fresh(tmp_path / "run", target)[0] == 3
+    assert names(tmp_path / "other") == ["step_00000003"]  # the source is only read
+
+
+def test_resume_from_missing_or_damaged_checkpoint_is_one_line_error(tmp_path):
+    train_and_save(tmp_path)
+    with pytest.raises(CheckpointError, match=r"trainer\.resume_from=7: no checkpoint folder '.*step_00000007'; "
+                                              r"this run has step_00000002, step_00000004$"):
+        ckpt.prepare_resume(tmp_path, 7, use_ray=False)
+    with pytest.raises(CheckpointError, match=r"trainer\.resume_from='.*nowhere': no checkpoint folder"):
+        ckpt.prepare_resume(tmp_path, str(tmp_path / "nowhere"), use_ray=False)
+    corrupt_checkpoint_file(tmp_path / "checkpoints" / "step_00000002" / "model.pt", "tensor_data")
+    with pytest.raises(CheckpointError) as info:
+        ckpt.prepare_resume(tmp_path, 2, use_ray=False)
+    assert "\n" not in str(info.value)
+    assert re.search(r"trainer\.resume_from=2: checkpoint '.*step_00000002' cannot be resumed: model\.pt fails its "
+                     r"sha256 check .* \(nothing was moved\)$", str(info.value))
+    (tmp_path / "checkpoints" / "step_00000004" / "COMPLETE").unlink()
+    with pytest.raises(CheckpointError, match="no COMPLETE manifest"):
+        ckpt.prepare_resume(tmp_path, 4, use_ray=False)
+    assert names(tmp_path) == ["step_00000002", "step_00000004"]
+
+
+def test_resume_from_is_typed_at_config_load():
+    from cadiff.config import TrainerConfig, compose, validate_trainer
+
+    assert compose("train_ae", ["experiment=ae_tiny", "trainer.resume_from=4"]).trainer.resume_from == 4
+    with pytest.raises(ConfigError, match=r"trainer\.resume_from' = 2\.5: expected null \(the latest checkpoint\), a "
+                                          "checkpoint step >= 1 or a checkpoint folder path"):
+        compose("train_ae", ["experiment=ae_tiny", "trainer.resume_from=2.5"])
+    for good in (None, 1, "outputs/train_ae/r1/checkpoints/step_00000004"):
+        validate_trainer(OmegaConf.structured(TrainerConfig(resume_from=good)))
+    for bad in (0, True, " ", [4]):
+        with pytest.raises(ConfigError, match=r"trainer\.resume_from"):
+            validate_trainer(OmegaConf.structured(TrainerConfig(resume_from=bad)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ray Train layout: per-rank manifests, and the driver's check of registered checkpoints
+
+
+def ray_folder(root, step: int, world: int = 1):
+    """A checkpoint as Ray Train merges it: each rank's part with its COMPLETE_rank manifest."""
+    folder = root / f"step_{step:08d}"
+    for rank in range(world):
+        part = root / f".part{rank}"
+        part.mkdir(parents=True)
+        torch.save({"w": torch.full((1024,), float(step))}, part / f"extra_rank{rank:05d}.pt")
+        ckpt.write_manifest(part, step, rank=rank)
+        if world > 1:  # stand-in for the other ranks of a process group
+            manifest = json.loads((part / f"COMPLETE_rank{rank:05d}").read_text())
+            (part / f"COMPLETE_rank{rank:05d}").write_text(json.dumps({**manifest, "world_size": world}))
+        shutil.copytree(part, folder, dirs_exist_ok=True)
+        shutil.rmtree(part)
+    return folder
+
+
+def ray_record(root, steps):
+    entries = [{"version": 0, "checkpoint_dir_name": f"step_{s:08d}", "metrics": {"step": s}} for s in steps]
+    record = {"ray_version": "2.60.0", "checkpoint_results": entries, "checkpoint_report_indices": list(range(len(steps))),
+              "latest_checkpoint_result": entries[-1], "pending_training_results": [], "pending_validation_specs": [],
+              "current_report_index": len(steps), "validated_checkpoint_dir_names": [],
+              "timed_out_validation_checkpoint_dir_names": [], "failed_validation_checkpoint_dir_names": []}
+    (root / ckpt.RAY_SNAPSHOT).write_text(json.dumps(record))
+
+
+def test_rank_manifests_merge_and_a_missing_rank_fails(tmp_path):
+    folder = ray_folder(tmp_path, 5, world=2)
+    manifest = ckpt.load_manifest(folder)
+    assert manifest["step"] == 5 and set(manifest["files"]) == {"extra_rank00000.pt", "extra_rank00001.pt"}
+    ckpt.verify_checkpoint(folder)
+    (folder / "COMPLETE_rank00001").unlink()
+    with pytest.raises(CheckpointError, match=r"manifests of ranks \[0\] for world size 2: a rank's part is missing"):
+        ckpt.verify_checkpoint(folder)
+    assert ckpt.read_manifest(folder) is None
+
+
+def test_driver_sets_aside_damaged_registered_checkpoint_and_repairs_ray_record(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (3, 6):
+        ray_folder(root, step)
+    legacy = root / "step_00000001"  # registered by an earlier cadiff: no manifest at all
+    legacy.mkdir()
+    ray_record(root, [1, 3, 6])
+    corrupt_checkpoint_file(root / "step_00000006" / "extra_rank00000.pt", "tensor_data")
+    assert ckpt.prepare_resume(tmp_path, None, use_ray=True) is None
+    assert sorted(p.name for p in root.iterdir()) == [".corrupt_step_00000006", ckpt.RAY_SNAPSHOT, "step_00000001",
+                                                      "step_00000003"]
+    record = json.loads((root / ckpt.RAY_SNAPSHOT).read_text())
+    assert [e["checkpoint_dir_name"] for e in record["checkpoint_results"]] == ["step_00000001", "step_00000003"]
+    assert record["checkpoint_report_indices"] == [0, 1]
+    assert record["latest_checkpoint_result"]["checkpoint_dir_name"] == "step_00000003"
+    assert ckpt.ray_registered(root) == [root / "step_00000003", legacy]
+    # every registered one damaged (the legacy one passes unchecked only when it is registered): one error
+    corrupt_checkpoint_file(root / "step_00000003" / "extra_rank00000.pt", "header")
+    (legacy / "COMPLETE").write_text("{")
+    with pytest.raises(CheckpointError, match=r"no checkpoint Ray Train registered could be resumed; tried newest "
+                                              r"first: '.*step_00000003' \(extra_rank00000.pt fails its sha256 check"):
+        ckpt.prepare_resume(tmp_path, None, use_ray=True)
+    assert (root / "step_00000003").is_dir() and legacy.is_dir()
+
+
+def test_resume_from_with_ray_drops_superseded_checkpoints_from_ray_record(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (3, 6, 9):
+        ray_folder(root, step)
+    ray_record(root, [3, 6, 9])
+    assert ckpt.prepare_resume(tmp_path, 6, use_ray=True) == root / "step_00000006"
+    record = json.loads((root / ckpt.RAY_SNAPSHOT).read_text())
+    assert [e["checkpoint_dir_name"] for e in record["checkpoint_results"]] == ["step_00000003", "step_00000006"]
+    assert record["latest_checkpoint_result"]["checkpoint_dir_name"] == "step_00000006"
+    assert (root / ".superseded_step_00000009").is_dir()

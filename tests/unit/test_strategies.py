@@ -6,6 +6,7 @@ scenario's result or traceback is collected on rank 0 and asserted by its own pa
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -26,7 +27,8 @@ from torch import nn
 
 from cadiff.config import StrategyConfig, TrainerConfig
 from cadiff.errors import CheckpointError, ConfigError
-from cadiff.train.checkpoint import CheckpointManager
+from cadiff.testing.faults import corrupt_checkpoint_file
+from cadiff.train.checkpoint import CheckpointManager, resume
 from cadiff.train.ema import EMA
 from cadiff.train.step import train_step
 from cadiff.train.strategies import build_strategy, deepspeed_config, warmup_cosine_lr
@@ -243,6 +245,30 @@ def scenario_merged_dirs(label: str, rank: int, work: Path) -> dict:
     return {"before": before, "after": after, "ema_before": ema_before, "ema_after": ema_after} if rank == 0 else {}
 
 
+def scenario_resume_fallback(label: str, rank: int, work: Path) -> dict:
+    """Step 3 fails rank 0's sha256 check; step 2 (a manifest without sha256) fails to load on rank 1 alone:
+    both ranks resume step 1, and the two damaged checkpoints are set aside."""
+    scfg, tcfg = make_cfgs(label)
+    strategy = build_strategy(scfg, tcfg)
+    strategy.setup(make_model(0), torch.device("cpu"))
+    manager = CheckpointManager(work, num_to_keep=3)
+    for step in (1, 2, 3):
+        train(strategy, rank, step - 1, step)
+        tmp = manager.tmp_dir(step)
+        strategy.save(tmp, {"step": step, "ema": {}, "rng": {"torch": torch.get_rng_state()}})
+        manager.commit(tmp, step)
+    if rank == 0:
+        corrupt_checkpoint_file(manager.step_dir(3) / "extra_rank00001.pt", "tensor_data")
+        marker = manager.step_dir(2) / "COMPLETE"
+        marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "sha256"}))
+        corrupt_checkpoint_file(manager.step_dir(2) / "extra_rank00001.pt", "header")
+    dist.barrier()
+    folder, step = resume(manager.candidates(), lambda d: strategy.load(d)["step"])
+    steps: list = [None] * WORLD
+    dist.all_gather_object(steps, (folder.name, step))
+    return {"steps": steps, "folders": sorted(p.name for p in manager.root.iterdir())} if rank == 0 else {}
+
+
 def scenario_bf16(label: str, rank: int, work: Path) -> dict:
     """bf16 mixed precision trains with finite losses while the tracked weights stay fp32."""
     scfg, tcfg = make_cfgs(label, precision="bf16")
@@ -259,7 +285,7 @@ def _worker(rank: int, world: int, port: int, work: str, jobs: list[tuple[str, s
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     scenarios = {"resume_ema": scenario_resume_ema, "grad_accum": scenario_grad_accum, "merged_dirs": scenario_merged_dirs,
-                 "bf16": scenario_bf16}
+                 "bf16": scenario_bf16, "resume_fallback": scenario_resume_fallback}
     results = {}
     for label, kind in jobs:
         t0 = time.perf_counter()
@@ -301,6 +327,7 @@ def dist_results(tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("strategies")
     jobs = [(label, kind) for label in STRATEGIES for kind in ("resume_ema", "grad_accum", "merged_dirs")]
     jobs += [(label, "bf16") for label in BF16]
+    jobs.append(("ddp", "resume_fallback"))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     return run_two_ranks(work, jobs)
 
@@ -337,6 +364,12 @@ def test_resume_equals_uninterrupted(dist_results, label):
     assert_states_close(res["ema_a"], res["ema_b"], RESUME_TOL[label])
     # and training actually moved the weights away from a fresh init
     assert not torch.allclose(res["final_a"]["model.out.weight"], make_model(0).model.out.weight.detach())
+
+
+def test_ranks_agree_on_the_checkpoint_to_fall_back_to(dist_results):
+    res = result(dist_results, "ddp/resume_fallback")
+    assert res["steps"] == [("step_00000001", 1)] * WORLD
+    assert res["folders"] == [".corrupt_step_00000002", ".corrupt_step_00000003", "step_00000001"]
 
 
 @pytest.mark.parametrize("label", list(STRATEGIES))
