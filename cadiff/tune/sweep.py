@@ -2,9 +2,13 @@
 
 The Tune trainable is a function that composes the trial's config (base experiment + the user's overrides +
 the sampled values), builds the same ``TorchTrainer`` as ``jobs/train_*.py`` with a ``TuneReportCallback``,
-and fits it. Outputs in ``<out_root>/sweep/<name>/``: results.csv, results.md, metric_vs_params.png (a panel per
-swept parameter), report.html (:mod:`cadiff.tune.report`: table, plots, per-trial curves), best.yaml, and the best config as ``<out_root>/experiments/experiment/<name>_best.yaml`` which
-``jobs/train_*.py experiment=<name>_best`` picks up (see ``cadiff.config.user_config_dirs``).
+and fits it. Every trial validates with ``trainer.score=true``, so each report carries ``val_loss`` and the
+stage's quality ``score`` (:mod:`cadiff.eval.score`); the sweep's ``metric`` (score | val_loss) picks which one
+ASHA and the final ranking use. Outputs in ``<out_root>/sweep/<name>/``: results.csv, results.md (trials named
+``t01``.., ranked best first, a column per swept key), metric_vs_params.png (a panel per swept parameter),
+report.html (:mod:`cadiff.tune.report`: table, plots, per-trial curves), best.yaml, and the best config as
+``<out_root>/experiments/experiment/<name>_best.yaml`` which ``jobs/train_*.py experiment=<name>_best`` picks up
+(see ``cadiff.config.user_config_dirs``).
 """
 
 from __future__ import annotations
@@ -184,11 +188,12 @@ def absolute_data_roots(probe: Any, stage: str) -> dict[str, str]:
 
 def result_rows(results: Any, space: SearchSpace, cfg: Any, sweep_dir: Path,
                 max_steps: int) -> tuple[list[dict[str, Any]], dict[str, Path]]:
-    """One row per Tune result, named ``t01``.. in Tune's order, ranked by ``cfg.metric`` (best first; trials
+    """One row per Tune result, named ``t01``.. in trial-id order, ranked by ``cfg.metric`` (best first; trials
     without a finite value last); and each named trial's training run folder (run_name trial_<id>, see run_trial)."""
     rows, trials = [], {}
     width = max(2, len(str(len(results))))
-    for index, r in enumerate(results, start=1):
+    ordered = sorted(results, key=lambda r: (str((r.metrics or {}).get("trial_id") or ""), str(r.path or "")))
+    for index, r in enumerate(ordered, start=1):
         metrics = r.metrics or {}
         row = {"trial": f"t{index:0{width}d}", "rank": None, "status": "error" if r.error else "ok"}
         row.update({k: (r.config or {}).get(k) for k in space.params})

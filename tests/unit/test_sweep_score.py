@@ -122,8 +122,9 @@ def _results() -> list[SimpleNamespace]:
                {"val_loss": 1.244, "score": 0.9, "step": 3, "trial_id": "a_00001"},
                {"step": 1, "trial_id": "a_00002"}]
     configs = [{"model.diffusion.objective": o, "trainer.lr": 3e-4} for o in ("flow", "ddpm", "flow")]
+    # Tune's result grid is not in trial order: the names follow the trial ids
     return [SimpleNamespace(metrics=m, config=c, path="/x/" + "run_trial_" + "y" * 120, error=None if "score" in m else "boom")
-            for m, c in zip(metrics, configs)]
+            for m, c in reversed(list(zip(metrics, configs)))]
 
 
 @pytest.mark.parametrize(("metric", "order"), [("score", ["t01", "t02", "t03"]), ("val_loss", ["t02", "t01", "t03"])])
