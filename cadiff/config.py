@@ -287,6 +287,8 @@ class TrainerConfig:
     resume_from: Any = None
     threads_per_worker: Optional[int] = None  # torch threads; None: cpus_per_worker rounded up
     peak_flops: Optional[float] = None  # FLOP/s for MFU; None: measured matmul FLOP/s (CPU) or table (GPU)
+    # each validation also logs the stage's quality `score` on the val clips (cadiff.eval.score; sweeps set it)
+    score: bool = False
 
 
 @dataclass
@@ -412,7 +414,9 @@ class SweepConfig:
     num_samples: int = 4
     search: str = "random"  # random | grid | optuna
     scheduler: str = "asha"  # asha | none
-    metric: str = "val_loss"
+    # score: the stage's quality score (cadiff.eval.score), comparable across objectives, time samplers and latent
+    # sizes; val_loss: each trial's own objective (comparable only between trials of one objective)
+    metric: str = "score"  # score | val_loss
     mode: str = "min"
     grace_period: int = 1  # ASHA: reports before a trial may be stopped
     report_every: int = 1  # trial steps between reports (validation runs at each report)
@@ -751,6 +755,13 @@ def _validate_archive_source(src: Any) -> None:
     _require(src.zip_max_ratio >= 1, "source.zip_max_ratio", src.zip_max_ratio, ">= 1 (uncompressed / compressed)")
 
 
+def _check_score(cfg: Any, data_key: str) -> None:
+    """``trainer.score`` compares sets (MMD^2) and shuffled latents: it needs two val clips at least."""
+    clips = getattr(cfg, data_key).num_val_clips
+    if cfg.trainer.score:
+        _require(clips >= 2, f"{data_key}.num_val_clips", clips, ">= 2 with trainer.score=true")
+
+
 def _validate_data(d: Any, prefix: str) -> None:
     _require(d.batch_size >= 1, f"{prefix}.batch_size", d.batch_size, ">= 1")
     _require(d.prefetch_batches >= 1, f"{prefix}.prefetch_batches", d.prefetch_batches, ">= 1")
@@ -765,6 +776,7 @@ def validate_train_ae(cfg: Any) -> None:
     validate_ema(cfg.ema)
     validate_logger(cfg.logger)
     _validate_data(cfg.data, "data")
+    _check_score(cfg, "data")
     d = cfg.data
     for k in ("crop_frames", "crop_height", "crop_width"):
         v = getattr(d, k)
@@ -805,6 +817,7 @@ def validate_train_latent(cfg: Any) -> None:
     validate_ema(cfg.ema)
     validate_logger(cfg.logger)
     _validate_data(cfg.latents, "latents")
+    _check_score(cfg, "latents")
 
 
 def validate_sample(cfg: Any) -> None:
@@ -832,6 +845,7 @@ def validate_sweep(cfg: Any) -> None:
     _choice("stage", cfg.stage, ("ae", "latent"))
     _choice("search", cfg.search, ("random", "grid", "optuna"))
     _choice("scheduler", cfg.scheduler, ("asha", "none"))
+    _choice("metric", cfg.metric, ("score", "val_loss"))
     _choice("mode", cfg.mode, ("min", "max"))
     _require(cfg.num_samples >= 1, "num_samples", cfg.num_samples, ">= 1")
     _require(cfg.workers_per_trial >= 1, "workers_per_trial", cfg.workers_per_trial, ">= 1")

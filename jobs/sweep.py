@@ -1,6 +1,7 @@
 """Ray Tune sweep over a search space; every trial is a TorchTrainer run.
 
 python jobs/sweep.py space=noise_schedule stage=ae num_samples=4 trainer.max_steps=3
+python jobs/sweep.py space=noise_schedule stage=ae metric=val_loss   # rank by each trial's own loss (default: score)
 """
 
 import sys

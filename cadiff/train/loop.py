@@ -303,6 +303,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics["val_loss"] = _val_loss(strategy, ema, val_x, cfg.seed, device)
             if run.stage.probes_latent_use:
                 metrics.update(_latent_use(strategy, ema, val_x, cfg.seed, device))
+            if tcfg.score:
+                metrics.update(_quality_score(run, strategy, ema, val_x))
         media_due = (tcfg.media_every and step % tcfg.media_every == 0) or is_last
         if media_due:
             _log_media(run, strategy, ema, val_x, step, wandb_run)
@@ -386,6 +388,20 @@ def _latent_use(strategy: Any, ema: Any, val_x: torch.Tensor, seed: int, device:
             losses = strategy.model(val_x, probe=True)
     # every rank holds the same keys (same model, same val batch size), so the reductions line up
     return {f"val_{k}": dist_mean(float(v), device) for k, v in sorted(losses.items())}
+
+
+@torch.no_grad()
+def _quality_score(run: WorkerRun, strategy: Any, ema: Any, val_x: torch.Tensor) -> dict[str, float]:
+    """Rank 0: the stage's quality score of the EMA weights on the val clips (collective: all ranks call).
+
+    Only rank 0's metrics reach Ray Train and Tune, so the other ranks skip the sampling.
+    """
+    with torch.random.fork_rng(devices=[val_x.device] if val_x.device.type == "cuda" else []):
+        plain = _plain_ema_model(strategy, ema, run.model_config)
+        if run.rank != 0 or plain is None:
+            return {}
+        torch.manual_seed(run.cfg.seed + 24680)  # fixed noise: the score is comparable across steps and trials
+        return run.stage.quality_score(plain.to(val_x.device), val_x, run.data)
 
 
 def _plain_ema_model(strategy: Any, ema: Any, model_config: dict) -> nn.Module | None:

@@ -30,10 +30,11 @@ from cadiff.data import pipeline
 from cadiff.data.prepare import prepare_data
 from cadiff.data.shards import read_index
 from cadiff.errors import CheckpointError, ConfigError, DataError
+from cadiff.eval.score import reconstruction_score, sample_mmd2
 from cadiff.models.autoencoder import MIN_NOISE_STD, resolved_decoder_form
 from cadiff.models.registry import resolve_model_config
 from cadiff.runtime.exports import load_export
-from cadiff.train.media import log_stage1, log_stage2
+from cadiff.train.media import log_stage1, log_stage2, to_preview_units
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,10 @@ class Stage:
                   logger_cfg: Any, wandb_run: Any = None) -> list[Path]:
         raise NotImplementedError
 
+    def quality_score(self, model: torch.nn.Module, val_x: torch.Tensor, info: DataInfo) -> dict[str, float]:
+        """The run's quality ``score`` on the val batch, comparable across trials (see cadiff.eval.score)."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"Stage({self.name!r})"
 
@@ -150,6 +155,12 @@ class ClipStage(Stage):
         return log_stage1(model, val_x[:2], info.normalization, info.preview_calibration(), media_dir, step, logger_cfg,
                           wandb_run)
 
+    def quality_score(self, model, val_x, info) -> dict[str, float]:
+        latent_use = float(model.validation_losses(val_x)["latent_use"])
+        calib = info.preview_calibration()
+        inputs, recon = (to_preview_units(x, info.normalization, calib) for x in (val_x, model.reconstruct(val_x)))
+        return reconstruction_score(inputs, recon, latent_use)
+
 
 class LatentStage(Stage):
     """Stage 2: the DiT objective on per-channel-normalized latents of a stage-1 encoder."""
@@ -186,6 +197,10 @@ class LatentStage(Stage):
     def log_media(self, model, val_x, info, media_dir, step, logger_cfg, wandb_run=None) -> list[Path]:
         return log_stage2(model, tuple(val_x.shape[1:]), info.channel_mean, info.channel_std, info.stage1, media_dir,
                           step, logger_cfg, wandb_run)
+
+    def quality_score(self, model, val_x, info) -> dict[str, float]:
+        samples = model.sample(tuple(val_x.shape))
+        return sample_mmd2(samples.float().cpu().numpy(), val_x.float().cpu().numpy())
 
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (ClipStage(), LatentStage())}

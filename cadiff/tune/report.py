@@ -27,8 +27,8 @@ from cadiff.tune.space import Param
 
 PLOT_COLUMNS = 3
 PLOT_NAME, REPORT_NAME = "metric_vs_params.png", "report.html"
-# Per-trial curves: the sweep metric and the training loss, when the trials logged them
-CURVE_KEYS = ("loss",)
+# Per-trial curves: the sweep metric, the score, the validation and the training loss, when the trials logged them
+CURVE_KEYS = ("score", "val_loss", "loss")
 
 
 def _is_number(value: Any) -> bool:
@@ -64,21 +64,30 @@ def trial_label(row: dict[str, Any], params: Sequence[str]) -> str:
 
 
 def fmt_value(value: Any) -> str:
-    """A table cell: floats to 4 significant digits."""
+    """A table cell: floats to 4 significant digits, a missing value as ``-``."""
+    if value is None:
+        return "-"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def column_names(keys: Sequence[str], params: Sequence[str]) -> dict[str, str]:
+    """Table headers: each swept key by its last component (``lr``), or the whole key when two share it."""
+    last = [key.rsplit(".", 1)[-1] for key in params]
+    short = {key: name if last.count(name) == 1 and name not in keys else key for key, name in zip(params, last)}
+    return {key: short.get(key, key) for key in keys}
 
 
 def trial_curves(rows: Sequence[dict[str, Any]], records: dict[str, list[dict[str, Any]]],
                  metric: str) -> list[CurvePanel]:
-    """One panel per curve key (the sweep metric first), one line per trial that logged it, labelled ``#<n>``
-    (its row number in the report's table)."""
+    """One panel per curve key (the sweep metric first), one line per trial that logged it, labelled with the
+    trial's name (``t03``, as in the report's table)."""
     panels = []
     for key in dict.fromkeys((metric, *CURVE_KEYS)):
         series = []
-        for number, row in enumerate(rows, start=1):
+        for row in rows:
             points = [(r.get("step"), r[key]) for r in records.get(row["trial"], []) if key in r]
             if points:
-                series.append(Series(f"#{number}", [p[0] for p in points], [p[1] for p in points],
+                series.append(Series(str(row["trial"]), [p[0] for p in points], [p[1] for p in points],
                                      "o-" if len(points) < 20 else "-"))
         if series:
             panels.append(CurvePanel(f"{key} per trial", series, ylabel=key, log_y=True))
@@ -107,13 +116,15 @@ def write_sweep_report(sweep_dir: Path, rows: Sequence[dict[str, Any]], params: 
                  f"best: **{metric}={fmt_value(best[metric])}** with {trial_label(best, list(params))} (trial `{best['trial']}`)"])
     doc.heading("Results")
     keys = list(rows[0]) if rows else []
-    doc.table(["#", *keys], [[str(number), *(fmt_value(r[k]) for k in keys)] for number, r in enumerate(rows, 1)])
+    headers = column_names(keys, list(params))
+    doc.table(["#", *(headers[k] for k in keys)],
+              [[str(number), *(fmt_value(r[k]) for k in keys)] for number, r in enumerate(rows, 1)])
     doc.heading("Metric against each parameter").figure(plot, "metric vs params", filename=PLOT_NAME)
     doc.heading("Per-trial curves")
     panels = trial_curves(rows, trial_records(trials), metric)
     if panels:
         doc.figure(figure_png(curve_grid(panels, columns=2)), "per-trial curves",
-                   caption="One line per trial, labelled with its # in the results table.")
+                   caption="One line per trial, labelled with its trial name in the results table.")
     else:
         doc.paragraph("No trial left a metrics.jsonl to plot.")
     doc.heading("Best config (best.yaml)").code(best_yaml.rstrip())

@@ -2,9 +2,13 @@
 
 The Tune trainable is a function that composes the trial's config (base experiment + the user's overrides +
 the sampled values), builds the same ``TorchTrainer`` as ``jobs/train_*.py`` with a ``TuneReportCallback``,
-and fits it. Outputs in ``<out_root>/sweep/<name>/``: results.csv, results.md, metric_vs_params.png (a panel per
-swept parameter), report.html (:mod:`cadiff.tune.report`: table, plots, per-trial curves), best.yaml, and the best config as ``<out_root>/experiments/experiment/<name>_best.yaml`` which
-``jobs/train_*.py experiment=<name>_best`` picks up (see ``cadiff.config.user_config_dirs``).
+and fits it. Every trial validates with ``trainer.score=true``, so each report carries ``val_loss`` and the
+stage's quality ``score`` (:mod:`cadiff.eval.score`); the sweep's ``metric`` (score | val_loss) picks which one
+ASHA and the final ranking use. Outputs in ``<out_root>/sweep/<name>/``: results.csv, results.md (trials named
+``t01``.., ranked best first, a column per swept key), metric_vs_params.png (a panel per swept parameter),
+report.html (:mod:`cadiff.tune.report`: table, plots, per-trial curves), best.yaml, and the best config as
+``<out_root>/experiments/experiment/<name>_best.yaml`` which ``jobs/train_*.py experiment=<name>_best`` picks up
+(see ``cadiff.config.user_config_dirs``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from cadiff.io import atomic_path, write_text_atomic
 from cadiff.runtime.ray import init_ray
 from cadiff.train.launch import build_trainer, planned_run
 from cadiff.train.stage import get_stage
-from cadiff.tune.report import fmt_value, write_sweep_report
+from cadiff.tune.report import column_names, fmt_value, write_sweep_report
 from cadiff.tune.space import SearchSpace, apply_params, load_space, to_tune
 
 log = logging.getLogger(__name__)
@@ -35,6 +39,16 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 # num_cpus=1 per task). Without that CPU free, concurrent trials wait on each other's data tasks forever.
 TRIAL_CPUS = 0.01
 DATA_CPUS_PER_TRIAL = 1.0
+# Per-trial metrics in the results table; either can rank the trials (sweep ``metric``).
+RESULT_METRICS = ("score", "val_loss")
+METRIC_MEANING = {
+    "score": {"ae": "|1 - gain ratio| + latent_use of the val clips' reconstructions (cadiff.eval.score; lower is "
+                    "better, comparable across objectives, time samplers and latent sizes)",
+              "latent": "MMD^2 of sampled against val latents (cadiff.eval.score; lower is better, comparable across "
+                        "objectives and DiT shapes trained on the same latents)"},
+    "val_loss": {"ae": "each trial's own objective on the val clips (comparable only within one objective)",
+                 "latent": "each trial's own objective on the val latents (comparable only within one objective)"},
+}
 
 
 def forwarded_overrides(argv: list[str]) -> list[str]:
@@ -56,6 +70,7 @@ def trial_config(space: SearchSpace, sampled: dict[str, Any], trial_name: str, s
     cfg.trainer.log_every = every
     cfg.trainer.val_every = every
     cfg.trainer.ckpt_every = cfg.trainer.max_steps
+    cfg.trainer.score = True  # every trial reports val_loss and score, whichever ranks them
     return cfg
 
 
@@ -171,27 +186,50 @@ def absolute_data_roots(probe: Any, stage: str) -> dict[str, str]:
     return {key: str(Path(OmegaConf.select(probe, key)).expanduser().resolve())}
 
 
-def write_results(results: Any, space: SearchSpace, cfg: Any, sweep_dir: Path, max_steps: int) -> tuple[str, str]:
-    """results.csv/.md, the metric-vs-parameter plot, report.html, best.yaml and the best experiment file."""
-    rows = []
-    trials: dict[str, Path] = {}  # trial name -> its training run folder (run_name trial_<id>, see run_trial)
-    for r in results:
+def result_rows(results: Any, space: SearchSpace, cfg: Any, sweep_dir: Path,
+                max_steps: int) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+    """One row per Tune result, named ``t01``.. in trial-id order, ranked by ``cfg.metric`` (best first; trials
+    without a finite value last); and each named trial's training run folder (run_name trial_<id>, see run_trial)."""
+    rows, trials = [], {}
+    width = max(2, len(str(len(results))))
+    ordered = sorted(results, key=lambda r: (str((r.metrics or {}).get("trial_id") or ""), str(r.path or "")))
+    for index, r in enumerate(ordered, start=1):
         metrics = r.metrics or {}
-        row = {"trial": Path(r.path).name if r.path else "?", "status": "error" if r.error else "ok"}
+        row = {"trial": f"t{index:0{width}d}", "rank": None, "status": "error" if r.error else "ok"}
         row.update({k: (r.config or {}).get(k) for k in space.params})
-        row[cfg.metric] = metrics.get(cfg.metric)
+        row.update({k: metrics.get(k) for k in RESULT_METRICS})
         row["steps"] = metrics.get("step")
         row["early_stopped"] = bool(metrics.get("step") is not None and metrics.get("step") < max_steps and not r.error)
+        row["trial_id"] = metrics.get("trial_id")
         rows.append(row)
         if metrics.get("trial_id"):
             trials[row["trial"]] = sweep_dir / "trials" / space.job / f"trial_{metrics['trial_id']}"
-    scored = [r for r in rows if isinstance(r[cfg.metric], (int, float)) and math.isfinite(r[cfg.metric])]
-    if not scored:
+    return rank_rows(rows, cfg.metric, cfg.mode), trials
+
+
+def rank_rows(rows: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
+    """``rows`` sorted best first by ``metric`` with ``rank`` 1..n set; rows without a finite value stay unranked, last."""
+    scored = [r for r in rows if _finite(r.get(metric))]
+    scored.sort(key=lambda r: r[metric], reverse=mode == "max")
+    for number, row in enumerate(scored, start=1):
+        row["rank"] = number
+    return scored + [r for r in rows if not _finite(r.get(metric))]
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def write_results(results: Any, space: SearchSpace, cfg: Any, sweep_dir: Path, max_steps: int) -> tuple[str, str]:
+    """results.csv/.md, the metric-vs-parameter plot, report.html, best.yaml and the best experiment file."""
+    rows, trials = result_rows(results, space, cfg, sweep_dir, max_steps)
+    if not rows or rows[0]["rank"] is None:
         errors = "; ".join(" ".join(str(r.error).split())[-300:] for r in results if r.error)
         raise CadiffError(f"sweep {sweep_dir.name}: no trial reported '{cfg.metric}' ({errors or 'no results'})")
-    best = (min if cfg.mode == "min" else max)(scored, key=lambda r: r[cfg.metric])
+    best = rows[0]
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    _write_table(rows, sweep_dir)
+    ranked_by = f"Trials ranked by `{cfg.metric}` ({cfg.mode}): {METRIC_MEANING[cfg.metric][space.stage]}."
+    _write_table(rows, space, sweep_dir, ranked_by)
     best_params = {k: best[k] for k in space.params}
     experiment_name = f"{sweep_dir.name}_best"
     best_file = Path(cfg.out_root).resolve() / "experiments" / "experiment" / f"{experiment_name}.yaml"
@@ -201,12 +239,14 @@ def write_results(results: Any, space: SearchSpace, cfg: Any, sweep_dir: Path, m
     experiments_dir = best_file.parent.parent
     # the written file must compose as an experiment from its folder (found by default under ./outputs)
     compose(space.job, [f"experiment={experiment_name}", f"hydra.searchpath=[file://{experiments_dir}]"])
-    about = [f"space: `{space.name}` ({space.path}), stage {space.stage}, base experiment `{space.experiment}`"]
+    about = [f"space: `{space.name}` ({space.path}), stage {space.stage}, base experiment `{space.experiment}`",
+             ranked_by]
     write_sweep_report(sweep_dir, rows, space.params, cfg.metric, cfg.mode, best, text, trials, about)
     stopped = sum(r["early_stopped"] for r in rows)
     summary = (
         f"{len(rows)} trials ({stopped} stopped early) best {cfg.metric}={best[cfg.metric]:.4g} "
-        f"{best_params} experiment={experiment_name} (CADIFF_CONFIG_PATH={experiments_dir} outside ./outputs)"
+        f"({best['trial']}) {best_params} experiment={experiment_name} "
+        f"(CADIFF_CONFIG_PATH={experiments_dir} outside ./outputs)"
     )
     return summary, str(sweep_dir)
 
@@ -233,7 +273,8 @@ def yaml_value(text: str) -> Any:
     return yaml.safe_load(text)
 
 
-def _write_table(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
+def _write_table(rows: list[dict[str, Any]], space: SearchSpace, sweep_dir: Path, ranked_by: str) -> None:
+    """results.csv (full config keys) and results.md (``ranked_by``, then short column names)."""
     import csv
 
     keys = list(rows[0])
@@ -241,7 +282,8 @@ def _write_table(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
         writer = csv.DictWriter(fh, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    headers = column_names(keys, list(space.params))
+    lines = [ranked_by, "", "| " + " | ".join(headers[k] for k in keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
         lines.append("| " + " | ".join(fmt_value(r[k]) for k in keys) + " |")
     write_text_atomic(sweep_dir / "results.md", "\n".join(lines) + "\n")

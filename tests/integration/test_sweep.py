@@ -161,15 +161,24 @@ def test_results_report_has_the_plot_and_each_trial_curves_from_its_run_folder(t
         run_dir = sweep_dir / "trials" / "train_ae" / f"trial_t{i}"
         run_dir.mkdir(parents=True)
         (run_dir / "metrics.jsonl").write_text("".join(
-            f'{{"step": {s}, "loss": {1 / s + kl}, "val_loss": {1 / s + kl}}}\n' for s in (1, 2, 3)))
-        results.append(SimpleNamespace(metrics={"val_loss": 1 / 3 + kl, "step": 3, "trial_id": f"t{i}"},
+            f'{{"step": {s}, "loss": {1 / s + kl}, "val_loss": {1 / s + kl}, "score": {1 / s - kl}}}\n' for s in (1, 2, 3)))
+        results.append(SimpleNamespace(metrics={"val_loss": 1 / 3 + kl, "score": 1 / 3 - kl, "step": 3, "trial_id": f"t{i}"},
                                        config={"model.kl_weight": kl}, path=str(tmp_path / f"run_trial_t{i}"), error=None))
     cfg = SimpleNamespace(metric="val_loss", mode="min", out_root=str(tmp_path / "out"))
     summary, path = write_results(results, space, cfg, sweep_dir, MAX_STEPS)
     report = (sweep_dir / "report.html").read_text()
     assert path == str(sweep_dir) and "best val_loss=0.3333" in summary
-    assert report.count("<img") == 2 and "<td>run_trial_t0</td>" in report and "<th>#</th>" in report  # plot + curves
+    assert report.count("<img") == 2 and "<td>t01</td>" in report and "<th>#</th>" in report  # plot + curves
+    assert "<th>kl_weight</th>" in report and "<th>score</th>" in report and "ranked by <code>val_loss</code>" in report
     assert "No trial left a metrics.jsonl" not in report
+    table = (sweep_dir / "results.md").read_text().splitlines()
+    assert table[0].startswith("Trials ranked by `val_loss` (min)")
+    assert table[2].startswith("| trial | rank | status | kl_weight | score | val_loss |") and "| t01 | 1 |" in table[4]
+    # ranked by score instead, the order reverses and best.yaml follows it
+    cfg.metric = "score"
+    summary, _ = write_results(results, space, cfg, sweep_dir, MAX_STEPS)
+    assert "best score=-3000 (t04)" in summary and "| t04 | 1 |" in (sweep_dir / "results.md").read_text()
+    assert yaml.safe_load((sweep_dir / "best.yaml").read_text())["model"]["kl_weight"] == 3000.0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -185,7 +194,8 @@ def test_sweep_asha_table_plot_best_experiment_trains_and_resumes(ray_cluster, t
     space = _write_space(tmp_path / "kl.yaml", {"model.kl_weight": {"grid": KL_GRID}})
     out_root = tmp_path / "sweeps"
     # no data.root: the default outputs/data/sim (relative to the working folder) is prepared on the fly
-    args = [f"space={space}", "stage=ae", "search=grid", "num_samples=1", "name=kl", "max_concurrent_trials=2",
+    # val_loss ranks: its KL gap makes ASHA's stop deterministic; every trial still reports its score
+    args = [f"space={space}", "stage=ae", "search=grid", "num_samples=1", "name=kl", "max_concurrent_trials=2", "metric=val_loss",
             "workers_per_trial=1", "cpus_per_worker=0.5", "grace_period=1", "report_every=1",
             f"trainer.max_steps={MAX_STEPS}", f"out_root={out_root}"]
     proc = run_job_in_process("sweep", args)
@@ -206,9 +216,11 @@ def test_sweep_asha_table_plot_best_experiment_trains_and_resumes(ray_cluster, t
     stopped = sum(r["early_stopped"] == "True" for r in rows)
     assert f"4 trials ({stopped} stopped early)" in final and stopped >= 1
     assert float(best["val_loss"]) == min(float(r["val_loss"]) for r in rows)
+    assert all(float(r["score"]) >= 0 for r in rows) and [r["trial"] for r in rows] != [""] * 4
 
     table = (sweep_dir / "results.md").read_text().strip().splitlines()
-    assert table[0].startswith("| trial | status | model.kl_weight | val_loss") and len(table) == 2 + 4
+    assert table[0].startswith("Trials ranked by `val_loss` (min)") and len(table) == 4 + 4
+    assert table[2].startswith("| trial | rank | status | kl_weight | score | val_loss") and "| 1 | ok | 0 |" in table[4]
     png = sweep_dir / "metric_vs_params.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image
