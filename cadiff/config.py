@@ -286,6 +286,8 @@ class RayConfig:
     num_cpus: Optional[int] = None
     dashboard_host: str = "127.0.0.1"
     include_dashboard: bool = False
+    # console level of Ray's own logs (ray, Ray Train, Ray Data); cadiff's progress lines are not affected
+    log_level: str = "WARNING"
 
 
 @dataclass
@@ -383,6 +385,7 @@ class SweepConfig:
     grace_period: int = 1  # ASHA: reports before a trial may be stopped
     report_every: int = 1  # trial steps between reports (validation runs at each report)
     max_concurrent_trials: int = 2
+    status_every_s: float = 60.0  # seconds between trial-table lines (and one at the end)
     workers_per_trial: int = 1
     cpus_per_worker: float = 0.5
     name: Optional[str] = None
@@ -526,6 +529,8 @@ def compose(job: str, overrides: list[str] | None = None, validate: bool = True)
     cfg = to_structured(raw, JOB_SCHEMAS[job])
     if validate:
         VALIDATORS[job](cfg)
+        if "ray" in cfg:  # every job that starts Ray shares the section
+            validate_ray(cfg.ray)
     return cfg
 
 
@@ -660,9 +665,16 @@ def validate_ema(e: Any) -> None:
     _require(e.update_every >= 1, "ema.update_every", e.update_every, ">= 1")
 
 
+RAY_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 def validate_logger(lg: Any) -> None:
     _choice("logger.name", lg.name, ("none", "wandb"))
     _choice("logger.mode", lg.mode, ("offline", "online", "disabled"))
+
+
+def validate_ray(r: Any) -> None:
+    _choice("ray.log_level", r.log_level, RAY_LOG_LEVELS)
 
 
 def validate_prepare_data(cfg: Any) -> None:
@@ -766,6 +778,7 @@ def validate_sweep(cfg: Any) -> None:
     _require(cfg.cpus_per_worker > 0, "cpus_per_worker", cfg.cpus_per_worker, "> 0")
     _require(cfg.report_every >= 1, "report_every", cfg.report_every, ">= 1")
     _require(cfg.max_concurrent_trials >= 1, "max_concurrent_trials", cfg.max_concurrent_trials, ">= 1")
+    _require(cfg.status_every_s > 0, "status_every_s", cfg.status_every_s, "> 0 seconds")
 
 
 def validate_evaluate(cfg: Any) -> None:

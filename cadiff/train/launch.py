@@ -24,7 +24,7 @@ from cadiff.config import to_dict
 from cadiff.errors import CadiffError, ConfigError
 from cadiff.io import folder_lock, read_jsonl, write_json_atomic
 from cadiff.runinfo import record_run
-from cadiff.runtime.ray import init_ray
+from cadiff.runtime.ray import init_ray, train_logging_config
 from cadiff.train.loop import train_loop_per_worker
 from cadiff.train.stage import DataInfo, Stage, get_stage
 
@@ -187,6 +187,7 @@ def build_trainer(plan: RunPlan, callbacks: list | None = None, storage_path: st
             checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
             failure_config=FailureConfig(max_failures=t.max_failures),
             callbacks=callbacks or [],
+            logging_config=train_logging_config(cfg.ray),
         ),
         datasets=datasets,
     )
@@ -200,7 +201,7 @@ def run_training(cfg: Any, stage: Stage | str) -> tuple[str, str]:
             return summarize(plan.run_dir)
     import ray.train
 
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, state_api=True)  # Ray Train's placement-group cleaner queries the State API
     check_cluster_fits(cfg)
     with planned_run(cfg, stage) as plan:
         trainer = build_trainer(plan)  # rank 0 logs the progress line (Ray forwards it to this terminal)

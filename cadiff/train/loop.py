@@ -30,6 +30,7 @@ from cadiff.data import pipeline
 from cadiff.errors import ConfigError
 from cadiff.models.registry import build_model
 from cadiff.runtime.exports import export_model
+from cadiff.runtime.ray import quiet_train_reports
 from cadiff.train.checkpoint import CheckpointManager
 from cadiff.train.ema import EMA
 from cadiff.train.logging import (
@@ -238,6 +239,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run = WorkerRun.from_payload(config, rank, world)
     if run.use_ray:
         ensure_worker_logging()
+        quiet_train_reports(run.cfg.ray)
     cfg, tcfg, run_dir = run.cfg, run.cfg.trainer, run.run_dir
     threads = tcfg.threads_per_worker or max(1, int(np.ceil(tcfg.cpus_per_worker)))
     torch.set_num_threads(threads)
