@@ -108,28 +108,50 @@ def log_reconstruction_videos(
     return paths
 
 
-class ProgressLine:
-    """The progress line rank 0 logs at ``trainer.log_every``: step/max, loss, throughput, elapsed and ETA."""
+# Longest quiet stretch of a training run's console between progress lines, steps permitting: a slow step
+# (a loaded machine, a big model) still gets a line this often, not only every trainer.log_every steps.
+HEARTBEAT_S = 20.0
 
-    def __init__(self, max_steps: int) -> None:
+
+class ProgressLine:
+    """The progress line rank 0 logs at ``trainer.log_every``: step/max, loss, throughput, elapsed and ETA; and a
+    shorter heartbeat (step, elapsed, ETA) after a step when no line came for ``heartbeat_s``."""
+
+    def __init__(self, max_steps: int, heartbeat_s: float = HEARTBEAT_S) -> None:
         self.max_steps = max_steps
+        self.heartbeat_s = heartbeat_s
         self.t0 = time.monotonic()
+        self.last_line = self.t0
         self.first_step: int | None = None
 
-    def format(self, metrics: dict[str, Any]) -> str:
-        step = int(metrics.get("step", 0))
+    def _timing(self, step: int) -> str:
         now = time.monotonic()
         if self.first_step is None:  # the first line of a (resumed) session: its rate counts from here
             self.first_step, self.t0 = step - 1, now - 1e-9
         rate = (step - self.first_step) / max(now - self.t0, 1e-6)
         eta = (self.max_steps - step) / rate if rate > 0 else float("nan")
+        self.last_line = now
+        return f"elapsed {now - self.t0:.0f}s ETA {eta:.0f}s"
+
+    def format(self, metrics: dict[str, Any]) -> str:
+        step = int(metrics.get("step", 0))
         parts = [f"step {step}/{self.max_steps}", f"loss {metrics.get('loss', float('nan')):.4f}"]
         if "val_loss" in metrics:
             parts.append(f"val {metrics['val_loss']:.4f}")
         if "samples_per_s" in metrics:
             parts.append(f"{metrics['samples_per_s']:.3g} samples/s")
-        parts.append(f"elapsed {now - self.t0:.0f}s ETA {eta:.0f}s")
+        parts.append(self._timing(step))
         return " | ".join(parts)
+
+    def heartbeat(self, step: int) -> str | None:
+        """``step N/M | elapsed ... ETA ...`` when no line was logged for ``heartbeat_s``, else None (also for the
+        session's first step: it starts the clock the rate is measured on)."""
+        if self.first_step is None:
+            self._timing(step)
+            return None
+        if time.monotonic() - self.last_line < self.heartbeat_s:
+            return None
+        return f"step {step}/{self.max_steps} | {self._timing(step)}"
 
 
 def ensure_worker_logging(level: int = logging.INFO) -> None:

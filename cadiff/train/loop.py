@@ -313,8 +313,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             last_metrics = {**last_metrics, **metrics}
             if writer is not None:
                 writer.write(metrics)
-            if progress is not None and "loss" in metrics:
-                log.info("%s", progress.format(metrics))
+        if progress is not None:
+            line = progress.format(metrics) if "loss" in metrics else progress.heartbeat(step)
+            if line:
+                log.info("%s", line)
         ckpt_due = step % tcfg.ckpt_every == 0 or is_last
         if ckpt_due:
             extra = {"step": step, "ema": ema.state_dict(), "rng": rng_state(), "data_position": step * tcfg.grad_accum}
