@@ -274,7 +274,7 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "none"  # none | wandb
+    name: str = "none"  # none | wandb | tensorboard (event files in <run>/tensorboard/)
     project: str = "cadiff"
     mode: str = "offline"  # offline | online | disabled
     video_fps: int = 10
@@ -665,12 +665,18 @@ def validate_ema(e: Any) -> None:
     _require(e.update_every >= 1, "ema.update_every", e.update_every, ">= 1")
 
 
+LOGGER_NAMES = ("none", "wandb", "tensorboard")
 RAY_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def validate_logger(lg: Any) -> None:
-    _choice("logger.name", lg.name, ("none", "wandb"))
+    _choice("logger.name", lg.name, LOGGER_NAMES)
     _choice("logger.mode", lg.mode, ("offline", "online", "disabled"))
+    if lg.name == "tensorboard" and lg.mode != "disabled":
+        import importlib.util
+
+        _require(importlib.util.find_spec("tensorboard") is not None, "logger.name", lg.name,
+                 "an installed tensorboard package for logger=tensorboard (pip install tensorboard)")
 
 
 def validate_ray(r: Any) -> None:

@@ -1,4 +1,5 @@
-"""Training telemetry: metrics.jsonl, wandb (rank 0, offline by default), FLOP/s + MFU, video grids, progress line."""
+"""Training telemetry: metrics.jsonl mirrored to wandb (offline by default) or TensorBoard (rank 0), FLOP/s + MFU,
+video grids, progress line."""
 
 from __future__ import annotations
 
@@ -55,12 +56,13 @@ def peak_flops_for(device: torch.device, configured: float | None) -> float:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to ``metrics.jsonl`` (rank 0 only) and mirrors to wandb."""
+    """Appends one JSON object per line to ``metrics.jsonl`` (rank 0 only) and mirrors it to wandb / TensorBoard."""
 
-    def __init__(self, path: str | Path, wandb_run: Any = None) -> None:
+    def __init__(self, path: str | Path, wandb_run: Any = None, tensorboard: Any = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.wandb_run = wandb_run
+        self.tensorboard = tensorboard
         if drop_torn_tail(self.path):  # a crash mid-append: later lines start on a line of their own
             log.warning("%s ended in a torn line (a crash mid-write); it was cut", self.path)
 
@@ -68,8 +70,20 @@ class MetricsWriter:
         clean = {k: (float(v) if isinstance(v, (np.floating, torch.Tensor)) else v) for k, v in record.items()}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(clean) + "\n")
+        scalars = {k: v for k, v in clean.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in clean.items() if isinstance(v, (int, float))}, step=clean.get("step"))
+            self.wandb_run.log(scalars, step=clean.get("step"))
+        if self.tensorboard is not None:
+            for key, value in scalars.items():
+                if key != "step":
+                    self.tensorboard.add_scalar(key, value, global_step=clean.get("step"))
+
+    def close(self) -> None:
+        """Flush and close the mirrors (metrics.jsonl is closed after every line)."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
 
 
 def start_wandb(logger_cfg: Any, run_dir: Path, run_name: str, config: dict) -> Any:
@@ -90,6 +104,22 @@ def start_wandb(logger_cfg: Any, run_dir: Path, run_name: str, config: dict) -> 
         config=scrub_secrets(config),
         settings=settings,
     )
+
+
+def start_tensorboard(logger_cfg: Any, run_dir: Path, config: dict, step: int = 0) -> Any:
+    """A TensorBoard ``SummaryWriter`` over ``<run_dir>/tensorboard`` (rank 0) with the run's config as text;
+    None unless ``logger=tensorboard``. A session resumed from the checkpoint of ``step`` purges the events an
+    earlier session logged after it: this session logs those steps again."""
+    if logger_cfg.name != "tensorboard" or logger_cfg.mode == "disabled":
+        return None
+    import yaml
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=step + 1 if step else None,
+                           flush_secs=30)
+    text = yaml.safe_dump(scrub_secrets(config), sort_keys=False)
+    writer.add_text("config", "".join(f"    {line}\n" for line in text.splitlines()), global_step=step)
+    return writer
 
 
 def log_reconstruction_videos(

@@ -38,6 +38,7 @@ from cadiff.train.logging import (
     ProgressLine,
     ensure_worker_logging,
     peak_flops_for,
+    start_tensorboard,
     start_wandb,
 )
 from cadiff.train.stage import DataInfo, Stage, get_stage
@@ -275,7 +276,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     peak = peak_flops_for(device, tcfg.peak_flops)
 
     wandb_run = start_wandb(cfg.logger, run_dir, run_dir.name, config["cfg"]) if rank == 0 else None
-    writer = MetricsWriter(run_dir / "metrics.jsonl", wandb_run) if rank == 0 else None
+    tensorboard = start_tensorboard(cfg.logger, run_dir, config["cfg"], step) if rank == 0 else None
+    writer = MetricsWriter(run_dir / "metrics.jsonl", wandb_run, tensorboard) if rank == 0 else None
     progress = ProgressLine(tcfg.max_steps) if rank == 0 else None
     window = {"loss": 0.0, "n": 0, "samples": 0, "wait": 0.0, "time": 0.0, "grad_norm": 0.0}
     last_metrics: dict[str, Any] = {}
@@ -330,8 +332,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             reporter.report(metrics)
 
     _export(run, strategy, ema, step, last_metrics)
-    if wandb_run is not None:
-        wandb_run.finish()
+    if writer is not None:
+        writer.close()
 
 
 def _window_metrics(window: dict, step: int, device: torch.device, flops_fwd: float, peak: float, world: int, lr: float) -> dict:
