@@ -119,6 +119,8 @@ def calibrate(movie: Movie, src: Any, where: str) -> dict[str, Any]:
     """Per-recording calibration: given ``source.gain/offset`` win, the rest is estimated by photon transfer."""
     given_gain, given_offset = src.gain, src.offset
     entry: dict[str, Any] = {"rate_hz": float(movie.rate_hz)}
+    if movie.pixel_size_um is not None:  # carried to the TIFFs sample.py writes
+        entry["pixel_size_um"] = float(movie.pixel_size_um)
     if given_gain is not None and given_offset is not None:
         entry.update(gain=float(given_gain), offset=float(given_offset), read_noise=float(src.read_noise or 0.0),
                      calibration="given")

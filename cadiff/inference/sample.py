@@ -28,23 +28,41 @@ from cadiff.runtime.video import video_grid, write_video
 log = logging.getLogger(__name__)
 
 
-def write_tiff(movie_u16: np.ndarray, path: Path, rate_hz: float) -> Path:
-    """Multi-page uint16 TIFF with ImageJ metadata (frame interval in seconds), written atomically."""
+def write_tiff(movie_u16: np.ndarray, path: Path, rate_hz: float, pixel_size_um: float | None = None) -> Path:
+    """Multi-page uint16 TIFF with ImageJ metadata, written atomically: the frame interval in seconds and the
+    playback rate (Fiji animates at ``fps``, not ``1/finterval``), and the pixel size in micrometres when known."""
     import tifffile
 
+    metadata: dict[str, Any] = {"axes": "TYX", "finterval": 1.0 / float(rate_hz), "fps": float(rate_hz)}
+    resolution = None
+    if pixel_size_um:
+        metadata["unit"] = "um"
+        resolution = (1.0 / float(pixel_size_um), 1.0 / float(pixel_size_um))  # pixels per micrometre
     with atomic_path(path, suffix=".tif") as tmp:
-        tifffile.imwrite(tmp, movie_u16, imagej=True, metadata={"axes": "TYX", "finterval": 1.0 / float(rate_hz), "unit": "px"})
+        tifffile.imwrite(tmp, movie_u16, imagej=True, resolution=resolution, metadata=metadata)
     return path
 
 
-def write_movie(movie_u16: np.ndarray, stem: Path, rate_hz: float, fps: int) -> list[Path]:
-    """``stem.tif`` in source units plus ``stem.gif`` / ``stem.mp4`` previews (percentile-scaled)."""
+def write_movie(movie_u16: np.ndarray, stem: Path, calib: dict[str, Any], fps: int) -> list[Path]:
+    """``stem.tif`` in source units (frame rate and pixel size from the source's ``calib``) plus ``stem.gif`` /
+    ``stem.mp4`` previews (percentile-scaled)."""
     preview = video_grid([[movie_u16.astype(np.float32)]], pad=0)
     return [
-        write_tiff(movie_u16, stem.with_suffix(".tif"), rate_hz),
+        write_tiff(movie_u16, stem.with_suffix(".tif"), source_rate_hz(calib), calib.get("pixel_size_um")),
         write_video(preview, stem.with_suffix(".gif"), fps),
         write_video(preview, stem.with_suffix(".mp4"), fps),
     ]
+
+
+def source_rate_hz(calib: dict[str, Any]) -> float:
+    """The source's frame rate (10 Hz for exports that recorded none)."""
+    return float(calib.get("rate_hz") or 10.0)
+
+
+def calibration_record(source_id: str, calib: dict[str, Any]) -> dict[str, Any]:
+    """What samples.json records of the source the movies are in units of."""
+    return {"source": source_id, "gain": calib["gain"], "offset": calib["offset"], "read_noise": calib.get("read_noise"),
+            "rate_hz": source_rate_hz(calib), "pixel_size_um": calib.get("pixel_size_um")}
 
 
 def grid_rows(movies: list[np.ndarray], per_row: int = 4) -> list[list[np.ndarray]]:
@@ -116,7 +134,6 @@ def generate(cfg: Any) -> tuple[str, str]:
     decoder, ae_meta, stage1_export = load_exported_model(stage1, "stage1", "ae")
     check_pair(dit, decoder, stage1)
     source_id, calib = _calibration(ae_meta["data"])
-    rate_hz = float(calib.get("rate_hz") or 10.0)
     params = {k: cfg[k] for k in ("seed", "latent_sampler", "latent_steps")}
     params.update(decoder_settings(decoder, cfg))
     slices = batch_slices(cfg.num_samples, cfg.batch_size)
@@ -137,15 +154,14 @@ def generate(cfg: Any) -> tuple[str, str]:
         "num_samples": len(movies),
         "shape": list(movies[0].shape),
         "dtype": "uint16",
-        "calibration": {"source": source_id, "gain": calib["gain"], "offset": calib["offset"],
-                        "read_noise": calib.get("read_noise"), "rate_hz": rate_hz},
+        "calibration": calibration_record(source_id, calib),
         "stage1": str(stage1_export),
         "stage2": str(stage2_export),
         **params,
     }
     with atomic_dir(out, "sample", cfg.overwrite) as tmp:
         for i, movie in enumerate(movies):
-            write_movie(movie, tmp / f"sample_{i:03d}", rate_hz, cfg.fps)
+            write_movie(movie, tmp / f"sample_{i:03d}", calib, cfg.fps)
         grid = video_grid(grid_rows(movies))
         write_video(grid, tmp / "grid.gif", cfg.fps)
         write_video(grid, tmp / "grid.mp4", cfg.fps)
@@ -168,7 +184,6 @@ def reconstruct(cfg: Any) -> tuple[str, str]:
     clips = pipeline.val_batch(str(root), cfg.num_samples, from_dict(data_cfg, DataConfig), kind="clips")
     source_id, calib = _calibration({"sources": index["sources"]})
     norm = index["normalization"]
-    rate_hz = float(calib.get("rate_hz") or 10.0)
     generator = torch.Generator().manual_seed(int(cfg.seed))
     settings = decoder_settings(model, cfg)
     recons, denoised = [], []
@@ -183,19 +198,18 @@ def reconstruct(cfg: Any) -> tuple[str, str]:
     estimate = torch.cat(denoised) if denoised else None
     record = {
         "mode": "reconstruct", "num_samples": len(clips), "shape": [t, h, w], "dtype": "uint16",
-        "calibration": {"source": source_id, "gain": calib["gain"], "offset": calib["offset"],
-                        "read_noise": calib.get("read_noise"), "rate_hz": rate_hz},
+        "calibration": calibration_record(source_id, calib),
         "stage1": str(export), "data_root": str(root.resolve()), **settings,
         # denoised_*.tif: the decoder's signal estimate E[x | z] (no shot noise), same units as recon_*.tif
         "denoised": estimate is not None,
     }
     with atomic_dir(cfg.out, "sample", cfg.overwrite) as tmp:
         for i in range(len(clips)):
-            write_movie(denormalize(recon[i, 0], calib, norm), tmp / f"recon_{i:03d}", rate_hz, cfg.fps)
+            write_movie(denormalize(recon[i, 0], calib, norm), tmp / f"recon_{i:03d}", calib, cfg.fps)
             if estimate is not None:
                 write_movie(denormalize(estimate[i, 0], calib, norm, estimate=True), tmp / f"denoised_{i:03d}",
-                            rate_hz, cfg.fps)
-            write_movie(denormalize(clips[i, 0], calib, norm), tmp / "reference" / f"clip_{i:03d}", rate_hz, cfg.fps)
+                            calib, cfg.fps)
+            write_movie(denormalize(clips[i, 0], calib, norm), tmp / "reference" / f"clip_{i:03d}", calib, cfg.fps)
         write_json_atomic(tmp / "samples.json", record)
     mse = float(((recon - clips) ** 2).mean())
     extra = f" denoised_mse={float(((estimate - clips) ** 2).mean()):.4g}" if estimate is not None else ""
