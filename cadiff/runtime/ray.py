@@ -2,9 +2,9 @@
 
 Ray's own console output is set here, at its sources, to ``ray.log_level`` (WARNING by default): the driver's
 ``ray`` logger (``ray.init(logging_level=)``), Ray Train's (``RunConfig.logging_config``, see
-:func:`train_logging_config`) and Ray Data's console handler (its ``RAY_DATA_LOGGING_CONFIG`` file). Jobs whose
-work *is* a Ray Data pipeline (``encode_latents``, the ingest benchmark) ask for ``data_progress`` and keep Ray
-Data's progress log; training jobs print their own progress line instead.
+:func:`train_logging_config`) and Ray Data's console handler (its ``RAY_DATA_LOGGING_CONFIG`` file). A job whose
+work *is* a Ray Data pipeline (``encode_latents``) asks for ``data_progress`` and keeps Ray Data's progress log;
+training jobs print their own progress line instead.
 """
 
 from __future__ import annotations
@@ -115,8 +115,10 @@ def quiet_train_reports(ray_cfg: Any) -> None:
     Ray Train 2.60 names that logger by its file path, outside ``ray.train``, so ``RunConfig.logging_config``
     does not reach it: every report (each progress line's metrics, each checkpoint) printed a line per rank.
     """
-    from ray.train.v2._internal.execution import context
-
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its report lines, if any, stay as they are
+        return
     report_log = getattr(context, "logger", None)
     if isinstance(report_log, logging.Logger) and not report_log.name.startswith("ray.train"):
         report_log.setLevel(ray_cfg.log_level)

@@ -13,6 +13,7 @@ import json
 import logging
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from cadiff.errors import CadiffError, ConfigError
 from cadiff.io import folder_lock, read_jsonl, write_json_atomic
 from cadiff.runinfo import record_run
 from cadiff.runtime.ray import init_ray, train_logging_config
+from cadiff.train.logging import HEARTBEAT_S
 from cadiff.train.loop import train_loop_per_worker
 from cadiff.train.stage import DataInfo, Stage, get_stage
 
@@ -208,14 +210,40 @@ def run_training(cfg: Any, stage: Stage | str) -> tuple[str, str]:
         # Ray Train installs its own SIGINT handler for the duration of fit() and leaves it behind; restore
         # ours so a later Ctrl-C (or a forwarded SIGTERM) in this process raises KeyboardInterrupt again.
         sigint = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+        t = cfg.trainer
+        log.info("training %s on %d worker(s) x %g CPU / %g GPU (%s) -> %s", plan.stage.job, t.num_workers,
+                 t.cpus_per_worker, t.gpus_per_worker, cfg.strategy.name, plan.run_dir)
         try:
-            trainer.fit()
+            with startup_heartbeat(plan.run_dir / "metrics.jsonl"):
+                trainer.fit()
         except ray.train.TrainingFailedError as exc:
             raise CadiffError(f"training failed in {plan.run_dir}: {_root_cause(exc)}") from exc
         finally:
             if sigint is not None:
                 signal.signal(signal.SIGINT, sigint)
         return summarize(plan.run_dir)
+
+
+@contextlib.contextmanager
+def startup_heartbeat(first_output: Path, every_s: float = HEARTBEAT_S) -> Iterator[None]:
+    """Log a line every ``every_s`` until ``first_output`` changes (rank 0's first metrics line): placing the
+    workers, starting their process group and setting up model and data print nothing for minutes on a busy host."""
+    def stamp() -> float | None:
+        return first_output.stat().st_mtime if first_output.exists() else None
+
+    start, before, stop = time.monotonic(), stamp(), threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every_s) and stamp() == before:
+            log.info("starting the training workers (%.0fs)", time.monotonic() - start)
+
+    thread = threading.Thread(target=beat, name="cadiff-startup-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _root_cause(exc: BaseException) -> str:

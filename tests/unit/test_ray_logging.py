@@ -4,7 +4,9 @@ placement-group cleaner, Ray Data's progress only for data jobs, the sweep's tri
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -110,6 +112,31 @@ def test_training_starts_ray_with_the_state_api(monkeypatch):
         launch.run_training(compose("train_ae", ["strategy=ddp"]), "ae")
     assert seen == {"state_api": True}
     assert ray_runtime.train_logging_config(RayConfig(log_level="ERROR")).log_level == "ERROR"
+
+
+def test_startup_heartbeat_until_the_first_metrics_line(tmp_path, caplog):
+    """The driver fills the workers' silent start-up with a line every few seconds, and stops at rank 0's first
+    metrics line (a resumed run's metrics.jsonl exists already: a change counts, not existence)."""
+    from cadiff.train.launch import startup_heartbeat
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 5}\n')
+    os.utime(metrics, (1, 1))
+    caplog.set_level(logging.INFO, logger="cadiff.train.launch")
+
+    def beats() -> int:
+        return sum("starting the training workers" in r.getMessage() for r in caplog.records)
+
+    with startup_heartbeat(metrics, every_s=0.05):
+        deadline = time.monotonic() + 20
+        while beats() < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert beats() >= 2
+        metrics.write_text('{"step": 5}\n{"step": 10}\n')
+        time.sleep(0.1)
+        seen = beats()
+        time.sleep(0.3)
+        assert beats() == seen
 
 
 def test_log_options_are_checked_at_compose():
