@@ -503,8 +503,11 @@ class DeepSpeedStrategy(Strategy):
         model = model.to(self.device)
         self.optimizer = build_adamw(model.parameters(), self.trainer_cfg)
         config = deepspeed_config(self.strategy_cfg, self.trainer_cfg, self.micro_batch_size, self.precision)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=config)
+        # DeepSpeed's communication backend, made as deepspeed.initialize makes it, so that its collectives are
+        # switched before ZeRO-3 partitions the parameters (which gathers already)
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
         use_single_tensor_collectives()
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=config)
         self.model = self.engine
         self.module = self.engine.module
         if self.zero_stage == 3:

@@ -257,6 +257,10 @@ def scenario_bf16(label: str, rank: int, work: Path) -> dict:
 def scenario_warnings(label: str, rank: int, work: Path) -> dict:
     """FutureWarnings (torch deprecations) raised while a strategy sets up, trains two steps and gathers EMA."""
     scfg, tcfg = make_cfgs(label)
+    if scfg.name == "deepspeed":
+        from deepspeed.comm import comm as ds_comm
+
+        ds_comm.cdb = None  # a fresh DeepSpeed backend, as in a new worker process (earlier scenarios made one)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FutureWarning)
         strategy = build_strategy(scfg, tcfg)
