@@ -18,6 +18,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from cadiff.runtime.heartbeat import heartbeat
+
 log = logging.getLogger(__name__)
 
 
@@ -47,16 +49,17 @@ def init_ray(ray_cfg: Any, state_api: bool = False, log_to_driver: bool = True, 
     if state_api:
         dashboard_port = _free_port(ray_cfg.dashboard_host)
         env_vars["RAY_API_SERVER_ADDRESS"] = f"http://{ray_cfg.dashboard_host}:{dashboard_port}"
-    ray.init(
-        address="local",
-        num_cpus=ray_cfg.num_cpus,
-        include_dashboard=ray_cfg.include_dashboard or state_api,
-        dashboard_host=ray_cfg.dashboard_host,
-        dashboard_port=dashboard_port,
-        log_to_driver=log_to_driver,
-        logging_level=ray_cfg.log_level,
-        runtime_env={"env_vars": env_vars},
-    )
+    with heartbeat(lambda s: f"starting a local Ray cluster ({s:.0f}s)"):
+        ray.init(
+            address="local",
+            num_cpus=ray_cfg.num_cpus,
+            include_dashboard=ray_cfg.include_dashboard or state_api,
+            dashboard_host=ray_cfg.dashboard_host,
+            dashboard_port=dashboard_port,
+            log_to_driver=log_to_driver,
+            logging_level=ray_cfg.log_level,
+            runtime_env={"env_vars": env_vars},
+        )
     if dashboard_port is not None:
         log.info("Ray dashboard: http://%s:%d", ray_cfg.dashboard_host, dashboard_port)
     _sigterm_as_sigint()

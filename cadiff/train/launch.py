@@ -13,7 +13,6 @@ import json
 import logging
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,8 @@ from cadiff.config import to_dict
 from cadiff.errors import CadiffError, ConfigError
 from cadiff.io import folder_lock, read_jsonl, write_json_atomic
 from cadiff.runinfo import record_run
+from cadiff.runtime.heartbeat import HEARTBEAT_S, heartbeat
 from cadiff.runtime.ray import init_ray, train_logging_config
-from cadiff.train.logging import HEARTBEAT_S
 from cadiff.train.loop import train_loop_per_worker
 from cadiff.train.stage import DataInfo, Stage, get_stage
 
@@ -224,26 +223,15 @@ def run_training(cfg: Any, stage: Stage | str) -> tuple[str, str]:
         return summarize(plan.run_dir)
 
 
-@contextlib.contextmanager
-def startup_heartbeat(first_output: Path, every_s: float = HEARTBEAT_S) -> Iterator[None]:
-    """Log a line every ``every_s`` until ``first_output`` changes (rank 0's first metrics line): placing the
-    workers, starting their process group and setting up model and data print nothing for minutes on a busy host."""
+def startup_heartbeat(first_output: Path, every_s: float = HEARTBEAT_S) -> contextlib.AbstractContextManager:
+    """Log a line every :data:`HEARTBEAT_S` until ``first_output`` changes (rank 0's first metrics line): placing
+    the workers, starting their process group and setting up model and data print nothing for a minute or more
+    on a busy host. A resumed run's metrics.jsonl exists already: a change counts, not existence."""
     def stamp() -> float | None:
         return first_output.stat().st_mtime if first_output.exists() else None
 
-    start, before, stop = time.monotonic(), stamp(), threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(every_s) and stamp() == before:
-            log.info("starting the training workers (%.0fs)", time.monotonic() - start)
-
-    thread = threading.Thread(target=beat, name="cadiff-startup-heartbeat", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
+    before = stamp()
+    return heartbeat(lambda s: f"starting the training workers ({s:.0f}s)" if stamp() == before else None, every_s)
 
 
 def _root_cause(exc: BaseException) -> str:

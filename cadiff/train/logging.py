@@ -7,7 +7,10 @@ import json
 import logging
 import math
 import os
+import threading
 import time
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ import torch
 
 from cadiff.io import drop_torn_tail
 from cadiff.runinfo import scrub_secrets
+from cadiff.runtime.heartbeat import HEARTBEAT_S
 from cadiff.runtime.video import video_grid, write_video
 
 log = logging.getLogger(__name__)
@@ -138,14 +142,10 @@ def log_reconstruction_videos(
     return paths
 
 
-# Longest quiet stretch of a training run's console between progress lines, steps permitting: a slow step
-# (a loaded machine, a big model) still gets a line this often, not only every trainer.log_every steps.
-HEARTBEAT_S = 20.0
-
-
 class ProgressLine:
-    """The progress line rank 0 logs at ``trainer.log_every``: step/max, loss, throughput, elapsed and ETA; and a
-    shorter heartbeat (step, elapsed, ETA) after a step when no line came for ``heartbeat_s``."""
+    """The progress line rank 0 logs at ``trainer.log_every`` (step/max, loss, throughput, elapsed and ETA), and
+    a shorter heartbeat (step, elapsed, ETA) whenever no line came for ``heartbeat_s``: a slow step, or a long
+    validation, checkpoint or preview on a busy host, still shows the run is alive."""
 
     def __init__(self, max_steps: int, heartbeat_s: float = HEARTBEAT_S) -> None:
         self.max_steps = max_steps
@@ -153,6 +153,7 @@ class ProgressLine:
         self.t0 = time.monotonic()
         self.last_line = self.t0
         self.first_step: int | None = None
+        self._lock = threading.Lock()  # the heartbeat thread and the training loop both format lines
 
     def _timing(self, step: int) -> str:
         now = time.monotonic()
@@ -170,18 +171,42 @@ class ProgressLine:
             parts.append(f"val {metrics['val_loss']:.4f}")
         if "samples_per_s" in metrics:
             parts.append(f"{metrics['samples_per_s']:.3g} samples/s")
-        parts.append(self._timing(step))
+        with self._lock:
+            parts.append(self._timing(step))
         return " | ".join(parts)
 
     def heartbeat(self, step: int) -> str | None:
-        """``step N/M | elapsed ... ETA ...`` when no line was logged for ``heartbeat_s``, else None (also for the
-        session's first step: it starts the clock the rate is measured on)."""
-        if self.first_step is None:
-            self._timing(step)
-            return None
-        if time.monotonic() - self.last_line < self.heartbeat_s:
-            return None
-        return f"step {step}/{self.max_steps} | {self._timing(step)}"
+        """``step N/M | elapsed ... ETA ...`` (``step`` steps done) when no line was logged for ``heartbeat_s``,
+        else None. The session's first call starts the clock the rate is measured on."""
+        with self._lock:
+            if self.first_step is None:
+                self.first_step, self.t0, self.last_line = step, time.monotonic(), time.monotonic()
+                return None
+            if time.monotonic() - self.last_line < self.heartbeat_s:
+                return None
+            return f"step {step}/{self.max_steps} | {self._timing(step)}"
+
+    def start_heartbeat(self, steps_done: Callable[[], int], tick_s: float = 5.0) -> threading.Thread:
+        """Log :meth:`heartbeat` from a daemon thread every ``tick_s``; the thread ends with this object (it holds
+        only a weak reference), i.e. when the training loop returns or its exception is dropped. Called as the
+        loop starts, it also starts the clock the lines' rate is measured on."""
+        self.heartbeat(steps_done())
+        ref = weakref.ref(self)
+
+        def run() -> None:
+            while True:
+                time.sleep(tick_s)
+                progress = ref()
+                if progress is None:
+                    return
+                line = progress.heartbeat(steps_done())
+                del progress
+                if line:
+                    log.info("%s", line)
+
+        thread = threading.Thread(target=run, name="cadiff-progress-heartbeat", daemon=True)
+        thread.start()
+        return thread
 
 
 def ensure_worker_logging(level: int = logging.INFO) -> None:

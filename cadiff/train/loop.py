@@ -282,6 +282,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     window = {"loss": 0.0, "n": 0, "samples": 0, "wait": 0.0, "time": 0.0, "grad_norm": 0.0}
     last_metrics: dict[str, Any] = {}
 
+    if progress is not None:
+        progress.start_heartbeat(lambda: step)
     if resumed_rng is not None:
         set_rng_state(resumed_rng)  # last, so nothing set up after loading draws from the restored streams
     # stop_at_step ends this session early (checkpoint + export) without changing the LR schedule of max_steps
@@ -315,10 +317,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             last_metrics = {**last_metrics, **metrics}
             if writer is not None:
                 writer.write(metrics)
-        if progress is not None:
-            line = progress.format(metrics) if "loss" in metrics else progress.heartbeat(step)
-            if line:
-                log.info("%s", line)
+            if progress is not None and "loss" in metrics:
+                log.info("%s", progress.format(metrics))
         ckpt_due = step % tcfg.ckpt_every == 0 or is_last
         if ckpt_due:
             extra = {"step": step, "ema": ema.state_dict(), "rng": rng_state(), "data_position": step * tcfg.grad_accum}

@@ -85,3 +85,20 @@ def test_progress_heartbeat_after_a_quiet_stretch(monkeypatch):
     beat = line.heartbeat(7)
     assert beat == "step 7/100 | elapsed 25s ETA 775s" and PROGRESS.search(beat)
     assert line.heartbeat(8) is None  # a heartbeat starts a new quiet stretch
+
+
+def test_progress_heartbeat_thread_ends_with_the_training_loop(caplog):
+    """The background beat covers long validation/checkpoint phases, and stops once the loop drops its line."""
+    import logging
+    import time
+
+    caplog.set_level(logging.INFO, logger="cadiff.train.logging")
+    line = ProgressLine(10, heartbeat_s=0.05)
+    thread = line.start_heartbeat(lambda: 3, tick_s=0.02)
+    deadline = time.monotonic() + 20
+    while not any(r.getMessage().startswith("step 3/10 | elapsed") for r in caplog.records):
+        assert time.monotonic() < deadline, "no heartbeat line"
+        time.sleep(0.02)
+    del line
+    thread.join(timeout=5)
+    assert not thread.is_alive()

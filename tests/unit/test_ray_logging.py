@@ -122,7 +122,7 @@ def test_startup_heartbeat_until_the_first_metrics_line(tmp_path, caplog):
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text('{"step": 5}\n')
     os.utime(metrics, (1, 1))
-    caplog.set_level(logging.INFO, logger="cadiff.train.launch")
+    caplog.set_level(logging.INFO, logger="cadiff.runtime.heartbeat")
 
     def beats() -> int:
         return sum("starting the training workers" in r.getMessage() for r in caplog.records)
