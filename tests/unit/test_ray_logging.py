@@ -27,6 +27,7 @@ def fake_ray_init(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(ray_runtime, "_start_autoscaling_coordinator", lambda: calls.append("coordinator"))
     context = ray.data.DataContext.get_current()
     saved = (context.enable_progress_bars, context.print_on_execution_start)
     handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
@@ -36,9 +37,13 @@ def fake_ray_init(monkeypatch):
     signal.signal(signal.SIGINT, handlers[1])
 
 
-def test_local_ray_for_training_has_the_state_api_and_quiet_logs(fake_ray_init):
+def test_local_ray_for_training_has_the_state_api_and_quiet_logs(fake_ray_init, caplog):
+    caplog.set_level(logging.INFO, logger="cadiff.runtime.ray")
     ray_runtime.init_ray(RayConfig(), state_api=True)
-    (call,) = fake_ray_init
+    call, coordinator = fake_ray_init
+    # Ray Train's controller gives the autoscaling coordinator 5 s: it is running before any trainer starts
+    assert coordinator == "coordinator"
+    assert f"Ray dashboard: http://127.0.0.1:{call['dashboard_port']}" in caplog.text
     env = call["runtime_env"]["env_vars"]
     assert call["logging_level"] == "WARNING" and call["include_dashboard"] is True
     assert call["dashboard_host"] == "127.0.0.1"
@@ -63,7 +68,8 @@ def test_data_jobs_keep_ray_data_progress(fake_ray_init):
 def test_joining_a_cluster_sets_only_the_log_level(fake_ray_init, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     ray_runtime.init_ray(RayConfig(log_level="ERROR"), state_api=True)
-    assert fake_ray_init == [{"address": "127.0.0.1:6379", "log_to_driver": True, "logging_level": "ERROR"}]
+    assert fake_ray_init == [{"address": "127.0.0.1:6379", "log_to_driver": True, "logging_level": "ERROR"},
+                             "coordinator"]
 
 
 def test_ray_data_config_file_quiets_its_console_only(monkeypatch):
