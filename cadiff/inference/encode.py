@@ -120,7 +120,7 @@ def encode_latents(cfg: Any) -> tuple[str, str]:
                                            "normalization": index["normalization"],
                                            "threads": max(1, int(cfg.cpus_per_actor))},
                     batch_size=cfg.batch_size,
-                    concurrency=cfg.concurrency,
+                    compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
                     num_cpus=cfg.cpus_per_actor,
                     num_gpus=cfg.gpus_per_actor or None,
                 )
