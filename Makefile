@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev
+# TORCH_SPEC is split into words (a spec and pip options such as --index-url); the Dockerfile takes the same
+# TORCH_SPEC and EXTRAS build args with the same defaults (tests/unit/test_packaging.py)
 PYTEST_ARGS ?=
 # two pytest-xdist workers: the tests on the shared Ray cluster run one after another on one of them
 # (tests/conftest.py), everything else on either; TEST_WORKERS=0 runs the suite in one process
@@ -14,8 +17,8 @@ XDIST := $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip setuptools wheel
-	$(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install $(TORCH_SPEC)
+	$(PY) -m pip install -e ".[$(EXTRAS)]"
 	touch $@
 
 setup: $(VENV)/.installed browser

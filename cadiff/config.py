@@ -293,7 +293,7 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "none"  # none | wandb
+    name: str = "none"  # none | wandb | tensorboard (event files in <run>/tensorboard/)
     project: str = "cadiff"
     mode: str = "offline"  # offline | online | disabled
     video_fps: int = 10
@@ -305,6 +305,8 @@ class RayConfig:
     num_cpus: Optional[int] = None
     dashboard_host: str = "127.0.0.1"
     include_dashboard: bool = False
+    # console level of Ray's own logs (ray, Ray Train, Ray Data); cadiff's progress lines are not affected
+    log_level: str = "WARNING"
 
 
 @dataclass
@@ -421,6 +423,7 @@ class SweepConfig:
     grace_period: int = 1  # ASHA: reports before a trial may be stopped
     report_every: int = 1  # trial steps between reports (validation runs at each report)
     max_concurrent_trials: int = 2
+    status_every_s: float = 60.0  # seconds between trial-table lines (and one at the end)
     workers_per_trial: int = 1
     cpus_per_worker: float = 0.5
     name: Optional[str] = None
@@ -565,6 +568,8 @@ def compose(job: str, overrides: list[str] | None = None, validate: bool = True)
     cfg = to_structured(raw, JOB_SCHEMAS[job])
     if validate:
         VALIDATORS[job](cfg)
+        if "ray" in cfg:  # every job that starts Ray shares the section
+            validate_ray(cfg.ray)
     return cfg
 
 
@@ -714,9 +719,22 @@ def validate_ema(e: Any) -> None:
     _require(e.update_every >= 1, "ema.update_every", e.update_every, ">= 1")
 
 
+LOGGER_NAMES = ("none", "wandb", "tensorboard")
+RAY_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 def validate_logger(lg: Any) -> None:
-    _choice("logger.name", lg.name, ("none", "wandb"))
+    _choice("logger.name", lg.name, LOGGER_NAMES)
     _choice("logger.mode", lg.mode, ("offline", "online", "disabled"))
+    if lg.name == "tensorboard" and lg.mode != "disabled":
+        import importlib.util
+
+        _require(importlib.util.find_spec("tensorboard") is not None, "logger.name", lg.name,
+                 "an installed tensorboard package for logger=tensorboard (pip install tensorboard)")
+
+
+def validate_ray(r: Any) -> None:
+    _choice("ray.log_level", r.log_level, RAY_LOG_LEVELS)
 
 
 SOURCE_NAMES = ("sim", "tiff", "hdf5", "nwb", "neurofinder", "allen")
@@ -852,6 +870,7 @@ def validate_sweep(cfg: Any) -> None:
     _require(cfg.cpus_per_worker > 0, "cpus_per_worker", cfg.cpus_per_worker, "> 0")
     _require(cfg.report_every >= 1, "report_every", cfg.report_every, ">= 1")
     _require(cfg.max_concurrent_trials >= 1, "max_concurrent_trials", cfg.max_concurrent_trials, ">= 1")
+    _require(cfg.status_every_s > 0, "status_every_s", cfg.status_every_s, "> 0 seconds")
 
 
 def validate_evaluate(cfg: Any) -> None:

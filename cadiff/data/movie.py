@@ -83,6 +83,7 @@ class Movie:
     read_noise: float | None = None  # ADU (std of the Gaussian detector noise)
     rois: np.ndarray | None = None  # [N, H, W] bool
     meta: dict = field(default_factory=dict)
+    pixel_size_um: float | None = None  # square pixels' side in micrometres, when the source records it
 
     def __post_init__(self) -> None:
         shape = tuple(getattr(self.data, "shape", ()))
@@ -96,6 +97,8 @@ class Movie:
                             "or float32")
         if not self.rate_hz or self.rate_hz <= 0:
             raise DataError(f"{self.source}: frame rate {self.rate_hz!r} Hz, expected > 0 (set source.rate_hz)")
+        if self.pixel_size_um is not None and not (np.isfinite(self.pixel_size_um) and self.pixel_size_um > 0):
+            raise DataError(f"{self.source}: pixel size {self.pixel_size_um!r} um, expected a positive number")
         if self.rois is not None and tuple(self.rois.shape[1:]) != shape[1:]:
             raise DataError(f"{self.source}: ROI masks {self.rois.shape} do not match frames {shape[1:]}")
 

@@ -189,6 +189,8 @@ RAW_LEVELS_PER_STD = 64
 def calibrate(movie: Movie, src: Any, where: str) -> dict[str, Any]:
     """Per-recording calibration by ``source.calibration``; given ``source.gain/offset`` win over estimates."""
     entry: dict[str, Any] = {"rate_hz": float(movie.rate_hz)}
+    if movie.pixel_size_um is not None:  # carried to the TIFFs sample.py writes
+        entry["pixel_size_um"] = float(movie.pixel_size_um)
     if src.calibration == "none":
         entry.update(raw_calibration(movie, src, where))
     elif src.gain is not None and src.offset is not None:

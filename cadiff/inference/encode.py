@@ -99,7 +99,7 @@ def encode_latents(cfg: Any) -> tuple[str, str]:
             return f"{n} latents {old['latent_shape']} (up to date)", str(out)
 
     check_output_dir(out, "encode_latents", cfg.overwrite)  # before any work: refuse a folder it may not replace
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, data_progress=True)  # the job is one Ray Data pipeline: its progress log is the job's
     latent_shape = list(model.latent_shape((1, *clip_shape)))
     splits: dict[str, Any] = {}
     total = np.zeros(latent_shape[0], np.float64)
@@ -120,7 +120,7 @@ def encode_latents(cfg: Any) -> tuple[str, str]:
                                            "normalization": index["normalization"],
                                            "threads": max(1, int(cfg.cpus_per_actor))},
                     batch_size=cfg.batch_size,
-                    concurrency=cfg.concurrency,
+                    compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
                     num_cpus=cfg.cpus_per_actor,
                     num_gpus=cfg.gpus_per_actor or None,
                 )

@@ -53,14 +53,16 @@ def write_nwb_movie(movie: np.ndarray, path: Path, rate_hz: float, provenance: d
     return write_nwb(path, nwb_movie, f"cadiff {__version__} jobs/sample.py mode={provenance.get('mode')}")
 
 
-def write_movie(movie: np.ndarray, stem: Path, rate_hz: float, fps: int, out_format: str = "tiff",
+def write_movie(movie: np.ndarray, stem: Path, calib: dict[str, Any], fps: int, out_format: str = "tiff",
                 provenance: dict[str, Any] | None = None) -> list[Path]:
-    """``stem.tif`` and/or ``stem.nwb`` (``out_format``) in source units plus ``stem.gif`` / ``stem.mp4`` previews
-    (percentile-scaled); ``provenance`` (what the movie is, how it was made) goes into the NWB file."""
+    """``stem.tif`` and/or ``stem.nwb`` (``out_format``) in source units (frame rate and pixel size from the
+    source's ``calib``) plus ``stem.gif`` / ``stem.mp4`` previews (percentile-scaled); ``provenance`` (what the
+    movie is, how it was made) goes into the NWB file."""
     preview = video_grid([[movie.astype(np.float32)]], pad=0)
+    rate_hz = source_rate_hz(calib)
     paths = []
     if ".tif" in MOVIE_SUFFIXES[out_format]:
-        paths.append(write_tiff(movie, stem.with_suffix(".tif"), rate_hz))
+        paths.append(write_tiff(movie, stem.with_suffix(".tif"), rate_hz, calib.get("pixel_size_um")))
     if ".nwb" in MOVIE_SUFFIXES[out_format]:
         paths.append(write_nwb_movie(movie, stem.with_suffix(".nwb"), rate_hz, provenance or {}))
     return paths + [write_video(preview, stem.with_suffix(".gif"), fps), write_video(preview, stem.with_suffix(".mp4"), fps)]
@@ -68,6 +70,13 @@ def write_movie(movie: np.ndarray, stem: Path, rate_hz: float, fps: int, out_for
 
 def _files_note(out_format: str) -> str:
     return " ".join([*MOVIE_SUFFIXES[out_format], ".gif", ".mp4"])
+
+
+def source_rate_hz(calib: dict[str, Any]) -> float:
+    """The source's frame rate (10 Hz for exports that recorded none)."""
+    return float(calib.get("rate_hz") or 10.0)
+
+
 
 
 def grid_rows(movies: list[np.ndarray], per_row: int = 4) -> list[list[np.ndarray]]:
@@ -111,11 +120,13 @@ def generate_batch(stage2: str, stage1: str | None, start: int, stop: int, cfg: 
     return [to_source_units(denormalize(c[0], calib, ae_meta["data"]["normalization"]), calib) for c in clips]
 
 
-def calibration_record(source_id: str, calib: dict[str, Any], rate_hz: float) -> dict[str, Any]:
+def calibration_record(source_id: str, calib: dict[str, Any]) -> dict[str, Any]:
     """``samples.json``'s calibration: the photon calibration of the source, or ``calibration: none`` for movies
-    in the source's own units (no photon scale; evaluation reports gain-based metrics as not applicable)."""
+    in the source's own units (no photon scale; evaluation reports gain-based metrics as not applicable), with the
+    frame rate and pixel size the movie files carry."""
     record = {"source": source_id, "gain": calib["gain"], "offset": calib["offset"],
-              "read_noise": calib.get("read_noise"), "rate_hz": rate_hz}
+              "read_noise": calib.get("read_noise"), "rate_hz": source_rate_hz(calib),
+              "pixel_size_um": calib.get("pixel_size_um")}
     if calib.get("calibration") == "none":
         record["calibration"] = "none"
     return record
@@ -149,7 +160,6 @@ def generate(cfg: Any) -> tuple[str, str]:
     decoder, ae_meta, stage1_export = load_exported_model(stage1, "stage1", "ae")
     check_pair(dit, decoder, stage1)
     source_id, calib = _calibration(ae_meta["data"])
-    rate_hz = float(calib.get("rate_hz") or 10.0)
     params = {k: cfg[k] for k in ("seed", "latent_sampler", "latent_steps")}
     params.update(decoder_settings(decoder, cfg))
     slices = batch_slices(cfg.num_samples, cfg.batch_size)
@@ -170,7 +180,7 @@ def generate(cfg: Any) -> tuple[str, str]:
         "num_samples": len(movies),
         "shape": list(movies[0].shape),
         "dtype": str(source_dtype(calib)),
-        "calibration": calibration_record(source_id, calib, rate_hz),
+        "calibration": calibration_record(source_id, calib),
         "stage1": str(stage1_export),
         "stage2": str(stage2_export),
         "out_format": cfg.out_format,
@@ -178,7 +188,7 @@ def generate(cfg: Any) -> tuple[str, str]:
     }
     with atomic_dir(out, "sample", cfg.overwrite) as tmp:
         for i, movie in enumerate(movies):
-            write_movie(movie, tmp / f"sample_{i:03d}", rate_hz, cfg.fps, cfg.out_format,
+            write_movie(movie, tmp / f"sample_{i:03d}", calib, cfg.fps, cfg.out_format,
                         {**record, "movie": f"generated sample {i}"})
         grid = video_grid(grid_rows(movies))
         write_video(grid, tmp / "grid.gif", cfg.fps)
@@ -202,7 +212,6 @@ def reconstruct(cfg: Any) -> tuple[str, str]:
     clips = pipeline.val_batch(str(root), cfg.num_samples, from_dict(data_cfg, DataConfig), kind="clips")
     source_id, calib = _calibration({"sources": index["sources"]})
     norm = index["normalization"]
-    rate_hz = float(calib.get("rate_hz") or 10.0)
     generator = torch.Generator().manual_seed(int(cfg.seed))
     settings = decoder_settings(model, cfg)
     recons, denoised = [], []
@@ -218,7 +227,7 @@ def reconstruct(cfg: Any) -> tuple[str, str]:
     record = {
         "mode": "reconstruct", "num_samples": len(clips), "shape": [t, h, w],
         "dtype": str(source_dtype(calib)),
-        "calibration": calibration_record(source_id, calib, rate_hz),
+        "calibration": calibration_record(source_id, calib),
         "stage1": str(export), "data_root": str(root.resolve()), "seed": int(cfg.seed), "out_format": cfg.out_format,
         **settings,
         # denoised_*.tif: the decoder's signal estimate E[x | z] (no shot noise), same units as recon_*.tif
@@ -229,12 +238,12 @@ def reconstruct(cfg: Any) -> tuple[str, str]:
             return to_source_units(denormalize(x, calib, norm, estimate=estimate), calib)
 
         for i in range(len(clips)):
-            write_movie(source_movie(recon[i, 0]), tmp / f"recon_{i:03d}", rate_hz, cfg.fps, cfg.out_format,
+            write_movie(source_movie(recon[i, 0]), tmp / f"recon_{i:03d}", calib, cfg.fps, cfg.out_format,
                         {**record, "movie": f"reconstruction of reference clip {i}"})
             if estimate is not None:
-                write_movie(source_movie(estimate[i, 0], estimate=True), tmp / f"denoised_{i:03d}", rate_hz, cfg.fps,
+                write_movie(source_movie(estimate[i, 0], estimate=True), tmp / f"denoised_{i:03d}", calib, cfg.fps,
                             cfg.out_format, {**record, "movie": f"signal estimate E[x | z] of reference clip {i}"})
-            write_movie(source_movie(clips[i, 0]), tmp / "reference" / f"clip_{i:03d}", rate_hz, cfg.fps,
+            write_movie(source_movie(clips[i, 0]), tmp / "reference" / f"clip_{i:03d}", calib, cfg.fps,
                         cfg.out_format, {**record, "movie": f"reference clip {i} of the prepared data (data.root)"})
         write_json_atomic(tmp / "samples.json", record)
     mse = float(((recon - clips) ** 2).mean())

@@ -27,7 +27,8 @@ from cadiff.config import leaves, to_dict
 from cadiff.errors import CadiffError, ConfigError
 from cadiff.io import folder_lock, read_jsonl, write_json_atomic
 from cadiff.runinfo import record_run
-from cadiff.runtime.ray import init_ray
+from cadiff.runtime.heartbeat import HEARTBEAT_S, heartbeat
+from cadiff.runtime.ray import init_ray, train_logging_config
 from cadiff.train.checkpoint import prepare_resume
 from cadiff.train.loop import train_loop_per_worker
 from cadiff.train.stage import DataInfo, Stage, get_stage
@@ -189,6 +190,7 @@ def build_trainer(plan: RunPlan, callbacks: list | None = None, storage_path: st
             checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
             failure_config=FailureConfig(max_failures=t.max_failures),
             callbacks=callbacks or [],
+            logging_config=train_logging_config(cfg.ray),
         ),
         datasets=datasets,
     )
@@ -202,21 +204,36 @@ def run_training(cfg: Any, stage: Stage | str) -> tuple[str, str]:
             return summarize(plan.run_dir)
     import ray.train
 
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, state_api=True)  # Ray Train's placement-group cleaner queries the State API
     check_cluster_fits(cfg)
     with planned_run(cfg, stage) as plan:
         trainer = build_trainer(plan)  # rank 0 logs the progress line (Ray forwards it to this terminal)
         # Ray Train installs its own SIGINT handler for the duration of fit() and leaves it behind; restore
         # ours so a later Ctrl-C (or a forwarded SIGTERM) in this process raises KeyboardInterrupt again.
         sigint = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+        t = cfg.trainer
+        log.info("training %s on %d worker(s) x %g CPU / %g GPU (%s) -> %s", plan.stage.job, t.num_workers,
+                 t.cpus_per_worker, t.gpus_per_worker, cfg.strategy.name, plan.run_dir)
         try:
-            trainer.fit()
+            with startup_heartbeat(plan.run_dir / "metrics.jsonl"):
+                trainer.fit()
         except ray.train.TrainingFailedError as exc:
             raise CadiffError(f"training failed in {plan.run_dir}: {_root_cause(exc)}") from exc
         finally:
             if sigint is not None:
                 signal.signal(signal.SIGINT, sigint)
         return summarize(plan.run_dir)
+
+
+def startup_heartbeat(first_output: Path, every_s: float = HEARTBEAT_S) -> contextlib.AbstractContextManager:
+    """Log a line every :data:`HEARTBEAT_S` until ``first_output`` changes (rank 0's first metrics line): placing
+    the workers, starting their process group and setting up model and data print nothing for a minute or more
+    on a busy host. A resumed run's metrics.jsonl exists already: a change counts, not existence."""
+    def stamp() -> float | None:
+        return first_output.stat().st_mtime if first_output.exists() else None
+
+    before = stamp()
+    return heartbeat(lambda s: f"starting the training workers ({s:.0f}s)" if stamp() == before else None, every_s)
 
 
 def _root_cause(exc: BaseException) -> str:

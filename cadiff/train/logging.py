@@ -1,4 +1,5 @@
-"""Training telemetry: metrics.jsonl, wandb (rank 0, offline by default), FLOP/s + MFU, video grids, progress line."""
+"""Training telemetry: metrics.jsonl mirrored to wandb (offline by default) or TensorBoard (rank 0), FLOP/s + MFU,
+video grids, progress line."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import json
 import logging
 import math
 import os
+import threading
 import time
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +19,7 @@ import torch
 
 from cadiff.io import drop_torn_tail
 from cadiff.runinfo import scrub_secrets
+from cadiff.runtime.heartbeat import HEARTBEAT_S
 from cadiff.runtime.video import video_grid, write_video
 
 log = logging.getLogger(__name__)
@@ -55,12 +60,13 @@ def peak_flops_for(device: torch.device, configured: float | None) -> float:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to ``metrics.jsonl`` (rank 0 only) and mirrors to wandb."""
+    """Appends one JSON object per line to ``metrics.jsonl`` (rank 0 only) and mirrors it to wandb / TensorBoard."""
 
-    def __init__(self, path: str | Path, wandb_run: Any = None) -> None:
+    def __init__(self, path: str | Path, wandb_run: Any = None, tensorboard: Any = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.wandb_run = wandb_run
+        self.tensorboard = tensorboard
         if drop_torn_tail(self.path):  # a crash mid-append: later lines start on a line of their own
             log.warning("%s ended in a torn line (a crash mid-write); it was cut", self.path)
 
@@ -68,8 +74,20 @@ class MetricsWriter:
         clean = {k: (float(v) if isinstance(v, (np.floating, torch.Tensor)) else v) for k, v in record.items()}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(clean) + "\n")
+        scalars = {k: v for k, v in clean.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in clean.items() if isinstance(v, (int, float))}, step=clean.get("step"))
+            self.wandb_run.log(scalars, step=clean.get("step"))
+        if self.tensorboard is not None:
+            for key, value in scalars.items():
+                if key != "step":
+                    self.tensorboard.add_scalar(key, value, global_step=clean.get("step"))
+
+    def close(self) -> None:
+        """Flush and close the mirrors (metrics.jsonl is closed after every line)."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
 
 
 def start_wandb(logger_cfg: Any, run_dir: Path, run_name: str, config: dict) -> Any:
@@ -92,6 +110,22 @@ def start_wandb(logger_cfg: Any, run_dir: Path, run_name: str, config: dict) -> 
     )
 
 
+def start_tensorboard(logger_cfg: Any, run_dir: Path, config: dict, step: int = 0) -> Any:
+    """A TensorBoard ``SummaryWriter`` over ``<run_dir>/tensorboard`` (rank 0) with the run's config as text;
+    None unless ``logger=tensorboard``. A session resumed from the checkpoint of ``step`` purges the events an
+    earlier session logged after it: this session logs those steps again."""
+    if logger_cfg.name != "tensorboard" or logger_cfg.mode == "disabled":
+        return None
+    import yaml
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=step + 1 if step else None,
+                           flush_secs=30)
+    text = yaml.safe_dump(scrub_secrets(config), sort_keys=False)
+    writer.add_text("config", "".join(f"    {line}\n" for line in text.splitlines()), global_step=step)
+    return writer
+
+
 def log_reconstruction_videos(
     ground_truth: np.ndarray, reconstruction: np.ndarray, media_dir: Path, step: int, fps: int, wandb_run: Any = None
 ) -> list[Path]:
@@ -109,27 +143,70 @@ def log_reconstruction_videos(
 
 
 class ProgressLine:
-    """The progress line rank 0 logs at ``trainer.log_every``: step/max, loss, throughput, elapsed and ETA."""
+    """The progress line rank 0 logs at ``trainer.log_every`` (step/max, loss, throughput, elapsed and ETA), and
+    a shorter heartbeat (step, elapsed, ETA) whenever no line came for ``heartbeat_s``: a slow step, or a long
+    validation, checkpoint or preview on a busy host, still shows the run is alive."""
 
-    def __init__(self, max_steps: int) -> None:
+    def __init__(self, max_steps: int, heartbeat_s: float = HEARTBEAT_S) -> None:
         self.max_steps = max_steps
+        self.heartbeat_s = heartbeat_s
         self.t0 = time.monotonic()
+        self.last_line = self.t0
         self.first_step: int | None = None
+        self._lock = threading.Lock()  # the heartbeat thread and the training loop both format lines
 
-    def format(self, metrics: dict[str, Any]) -> str:
-        step = int(metrics.get("step", 0))
+    def _timing(self, step: int) -> str:
         now = time.monotonic()
         if self.first_step is None:  # the first line of a (resumed) session: its rate counts from here
             self.first_step, self.t0 = step - 1, now - 1e-9
         rate = (step - self.first_step) / max(now - self.t0, 1e-6)
         eta = (self.max_steps - step) / rate if rate > 0 else float("nan")
+        self.last_line = now
+        return f"elapsed {now - self.t0:.0f}s ETA {eta:.0f}s"
+
+    def format(self, metrics: dict[str, Any]) -> str:
+        step = int(metrics.get("step", 0))
         parts = [f"step {step}/{self.max_steps}", f"loss {metrics.get('loss', float('nan')):.4f}"]
         if "val_loss" in metrics:
             parts.append(f"val {metrics['val_loss']:.4f}")
         if "samples_per_s" in metrics:
             parts.append(f"{metrics['samples_per_s']:.3g} samples/s")
-        parts.append(f"elapsed {now - self.t0:.0f}s ETA {eta:.0f}s")
+        with self._lock:
+            parts.append(self._timing(step))
         return " | ".join(parts)
+
+    def heartbeat(self, step: int) -> str | None:
+        """``step N/M | elapsed ... ETA ...`` (``step`` steps done) when no line was logged for ``heartbeat_s``,
+        else None. The session's first call starts the clock the rate is measured on."""
+        with self._lock:
+            if self.first_step is None:
+                self.first_step, self.t0, self.last_line = step, time.monotonic(), time.monotonic()
+                return None
+            if time.monotonic() - self.last_line < self.heartbeat_s:
+                return None
+            return f"step {step}/{self.max_steps} | {self._timing(step)}"
+
+    def start_heartbeat(self, steps_done: Callable[[], int], tick_s: float = 5.0) -> threading.Thread:
+        """Log :meth:`heartbeat` from a daemon thread every ``tick_s``; the thread ends with this object (it holds
+        only a weak reference), i.e. when the training loop returns or its exception is dropped. Called as the
+        loop starts, it also starts the clock the lines' rate is measured on."""
+        self.heartbeat(steps_done())
+        ref = weakref.ref(self)
+
+        def run() -> None:
+            while True:
+                time.sleep(tick_s)
+                progress = ref()
+                if progress is None:
+                    return
+                line = progress.heartbeat(steps_done())
+                del progress
+                if line:
+                    log.info("%s", line)
+
+        thread = threading.Thread(target=run, name="cadiff-progress-heartbeat", daemon=True)
+        thread.start()
+        return thread
 
 
 def ensure_worker_logging(level: int = logging.INFO) -> None:

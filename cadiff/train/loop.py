@@ -31,6 +31,7 @@ from cadiff.data import pipeline
 from cadiff.errors import ConfigError
 from cadiff.models.registry import build_model
 from cadiff.runtime.exports import export_model
+from cadiff.runtime.ray import quiet_train_reports
 from cadiff.train.checkpoint import CheckpointManager, resume, resume_candidates, write_manifest
 from cadiff.train.ema import EMA
 from cadiff.train.logging import (
@@ -38,6 +39,7 @@ from cadiff.train.logging import (
     ProgressLine,
     ensure_worker_logging,
     peak_flops_for,
+    start_tensorboard,
     start_wandb,
 )
 from cadiff.train.report import RunReport
@@ -245,6 +247,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run = WorkerRun.from_payload(config, rank, world)
     if run.use_ray:
         ensure_worker_logging()
+        quiet_train_reports(run.cfg.ray)
     cfg, tcfg, run_dir = run.cfg, run.cfg.trainer, run.run_dir
     threads = tcfg.threads_per_worker or max(1, int(np.ceil(tcfg.cpus_per_worker)))
     torch.set_num_threads(threads)
@@ -271,12 +274,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     peak = peak_flops_for(device, tcfg.peak_flops)
 
     wandb_run = start_wandb(cfg.logger, run_dir, run_dir.name, config["cfg"]) if rank == 0 else None
-    writer = MetricsWriter(run_dir / "metrics.jsonl", wandb_run) if rank == 0 else None
+    tensorboard = start_tensorboard(cfg.logger, run_dir, config["cfg"], step) if rank == 0 else None
+    writer = MetricsWriter(run_dir / "metrics.jsonl", wandb_run, tensorboard) if rank == 0 else None
     progress = ProgressLine(tcfg.max_steps) if rank == 0 else None
     run_report = RunReport(run_dir, run.stage.job) if rank == 0 else None
     window = {"loss": 0.0, "n": 0, "samples": 0, "wait": 0.0, "time": 0.0, "grad_norm": 0.0}
     last_metrics: dict[str, Any] = {}
 
+    if progress is not None:
+        progress.start_heartbeat(lambda: step)
     if resumed_rng is not None:
         set_rng_state(resumed_rng)  # last, so nothing set up after loading draws from the restored streams
     # stop_at_step ends this session early (checkpoint + export) without changing the LR schedule of max_steps
@@ -329,8 +335,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             reporter.report(metrics)
 
     _export(run, strategy, ema, step, last_metrics)
-    if wandb_run is not None:
-        wandb_run.finish()
+    if writer is not None:
+        writer.close()
 
 
 def resume_state(run: WorkerRun, reporter: Reporter, strategy: Any, ema: EMA) -> tuple[int, Any]:

@@ -504,6 +504,10 @@ class DeepSpeedStrategy(Strategy):
         model = model.to(self.device)
         self.optimizer = build_adamw(model.parameters(), self.trainer_cfg)
         config = deepspeed_config(self.strategy_cfg, self.trainer_cfg, self.micro_batch_size, self.precision)
+        # DeepSpeed's communication backend, made as deepspeed.initialize makes it, so that its collectives are
+        # switched before ZeRO-3 partitions the parameters (which gathers already)
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        use_single_tensor_collectives()
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=config)
         self.model = self.engine
         self.module = self.engine.module
@@ -569,6 +573,27 @@ class DeepSpeedStrategy(Strategy):
         )
         if load_path is None:
             raise CheckpointError(f"checkpoint '{ckpt_dir / DEEPSPEED_TAG}': DeepSpeed could not load it")
+
+
+# DeepSpeed's torch backend slot -> torch's current single-tensor collective with the same arguments
+_SINGLE_TENSOR_COLLECTIVES = {"all_gather_function": "all_gather_single",
+                              "reduce_scatter_function": "reduce_scatter_single"}
+
+
+def use_single_tensor_collectives() -> None:
+    """Point DeepSpeed's torch backend at ``all_gather_single`` / ``reduce_scatter_single``.
+
+    DeepSpeed (0.19) binds ``all_gather_into_tensor`` / ``reduce_scatter_tensor``, which torch 2.13 deprecates in
+    favour of these (same arguments): every ZeRO step then raised a FutureWarning. Torch versions without the new
+    names keep DeepSpeed's choice.
+    """
+    from deepspeed.comm import comm as ds_comm
+
+    backend = ds_comm.cdb
+    for slot, name in _SINGLE_TENSOR_COLLECTIVES.items():
+        replacement = getattr(dist, name, None)
+        if replacement is not None and getattr(backend, slot, None) is not None:
+            setattr(backend, slot, replacement)
 
 
 def _zero3_full_state_dict(module: nn.Module, rank: int) -> dict[str, torch.Tensor] | None:

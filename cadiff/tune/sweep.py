@@ -148,10 +148,17 @@ def run_sweep(cfg: Any, argv: list[str]) -> tuple[str, str]:
                 scheduler=_scheduler(cfg, math.ceil(probe.trainer.max_steps / every)),
                 max_concurrent_trials=fit_concurrency(cfg),
             ),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0,
+                                      callbacks=[_trial_table(space, cfg)]),
         )
     results = tuner.fit()
     return write_results(results, space, cfg, sweep_dir, probe.trainer.max_steps)
+
+
+def _trial_table(space: SearchSpace, cfg: Any) -> Any:
+    from cadiff.tune.status import TrialTable
+
+    return TrialTable(list(space.params), cfg.metric, cfg.mode, cfg.status_every_s)
 
 
 def fit_concurrency(cfg: Any) -> int:

@@ -79,7 +79,10 @@ def test_malformed_space_cli_prints_one_line_error(tmp_path):
     errors = [line for line in proc.stdout.splitlines() if line.startswith("cadiff sweep: error:")]
     assert len(errors) == 1 and "low 4.0 >= high 1.0" in errors[0] and str(space) in errors[0], proc.stdout
     assert proc.stdout.strip().splitlines()[-1] == errors[0]
-    assert "Started a local Ray instance" not in proc.stdout + proc.stderr, "Ray started for a malformed space"
+    # cadiff logs the dashboard of every local cluster it starts (Ray's own "Started a local Ray instance" is an
+    # INFO line below ray.log_level)
+    output = proc.stdout + proc.stderr
+    assert "Ray dashboard:" not in output and "Started a local Ray instance" not in output, "Ray started for a malformed space"
     assert not (tmp_path / "out").exists()
 
 

@@ -69,3 +69,36 @@ def test_progress_line_has_step_loss_rate_elapsed_and_eta():
     assert first.startswith("step 10/100 | loss 0.5000 | 12 samples/s | elapsed")
     later = line.format({"step": 20, "loss": 0.25, "val_loss": 0.3})
     assert "step 20/100" in later and "val 0.3000" in later and "ETA" in later and "nan" not in later
+
+
+def test_progress_heartbeat_after_a_quiet_stretch(monkeypatch):
+    """Slow steps still give a line every heartbeat_s, in the form make demo echoes."""
+    from cadiff.demo import PROGRESS
+
+    clock = [100.0]
+    monkeypatch.setattr("cadiff.train.logging.time.monotonic", lambda: clock[0])
+    line = ProgressLine(100, heartbeat_s=20)
+    line.format({"step": 5, "loss": 1.0})
+    clock[0] = 115.0
+    assert line.heartbeat(6) is None
+    clock[0] = 125.0
+    beat = line.heartbeat(7)
+    assert beat == "step 7/100 | elapsed 25s ETA 775s" and PROGRESS.search(beat)
+    assert line.heartbeat(8) is None  # a heartbeat starts a new quiet stretch
+
+
+def test_progress_heartbeat_thread_ends_with_the_training_loop(caplog):
+    """The background beat covers long validation/checkpoint phases, and stops once the loop drops its line."""
+    import logging
+    import time
+
+    caplog.set_level(logging.INFO, logger="cadiff.train.logging")
+    line = ProgressLine(10, heartbeat_s=0.05)
+    thread = line.start_heartbeat(lambda: 3, tick_s=0.02)
+    deadline = time.monotonic() + 20
+    while not any(r.getMessage().startswith("step 3/10 | elapsed") for r in caplog.records):
+        assert time.monotonic() < deadline, "no heartbeat line"
+        time.sleep(0.02)
+    del line
+    thread.join(timeout=5)
+    assert not thread.is_alive()

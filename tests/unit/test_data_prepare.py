@@ -325,6 +325,8 @@ def test_hdf5_folder_with_given_calibration(tmp_path):
         movie, _ = simulate_movie(frames=40, height=32, width=32, seed=i)
         with h5py.File(tmp_path / f"rec{i}.h5", "w") as f:
             f["mov"] = movie.data
+            if i == 0:
+                f["mov"].attrs["pixel_size_um"] = 0.78  # carried into index.json for the TIFFs sample writes
     cfg = compose("prepare_data", ["source=hdf5", f"source.path={tmp_path}", "source.key=mov", "source.gain=2.0",
                                    "source.offset=100", "source.read_noise=2", f"out={tmp_path / 'out'}",
                                    "clip.frames=17", "clip.height=32", "clip.width=32", "normalization.kind=anscombe"])
@@ -332,6 +334,7 @@ def test_hdf5_folder_with_given_calibration(tmp_path):
     index = read_index(tmp_path / "out")
     assert summary["num_recordings"] == 3 and summary["num_train"] == 4 and summary["num_val"] == 2
     assert all(s["calibration"] == "given" and s["read_noise"] == 2.0 for s in index["sources"].values())
+    assert {k: s.get("pixel_size_um") for k, s in index["sources"].items()} == {"rec0": 0.78, "rec1": None, "rec2": None}
     assert index["normalization"]["kind"] == "anscombe"
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from cadiff.data.movie import Movie
 from cadiff.data.sources import open_movie
 from cadiff.data.sources.allen import read_allen
 from cadiff.data.sources.hdf5 import read_hdf5
@@ -16,6 +17,7 @@ from cadiff.data.sources.neurofinder import read_neurofinder
 from cadiff.data.sources.thunder import read_thunder
 from cadiff.data.sources.tiff import read_tiff
 from cadiff.errors import DataError
+from cadiff.inference.sample import write_movie
 
 MOVIE = (np.arange(7 * 12 * 10, dtype=np.uint32) * 37 % 4000).astype(np.uint16).reshape(7, 12, 10)
 
@@ -34,6 +36,46 @@ def test_tiff_imagej_frame_rate(tmp_path):
     path = tmp_path / "ij.tif"
     tifffile.imwrite(path, MOVIE, imagej=True, metadata={"axes": "TYX", "finterval": 0.25})
     assert read_tiff(path).rate_hz == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("writer,expected_um", [
+    (dict(imagej=True, resolution=(1 / 0.8, 1 / 0.8), metadata={"axes": "TYX", "unit": "um"}), 0.8),
+    (dict(imagej=True, resolution=(2.0, 2.0), metadata={"axes": "TYX", "unit": "micron"}), 0.5),
+    (dict(imagej=True, resolution=(1 / 1.5, 1 / 1.5), metadata={"axes": "TYX", "unit": "mm"}), 1500.0),
+    (dict(ome=True, metadata={"axes": "TYX", "PhysicalSizeX": 0.6, "PhysicalSizeXUnit": "µm"}), 0.6),
+    (dict(resolution=(12500.0, 12500.0), resolutionunit="CENTIMETER"), 0.8),
+    (dict(resolution=(72.0, 72.0), resolutionunit="INCH"), None),  # many writers' default, not a measurement
+    (dict(imagej=True, resolution=(1.0, 1.0), metadata={"axes": "TYX", "unit": "pixel"}), None),
+    (dict(), None),
+])
+def test_tiff_pixel_size(tmp_path, writer, expected_um):
+    path = tmp_path / "px.tif"
+    tifffile.imwrite(path, MOVIE, **writer)
+    pixel_um = read_tiff(path, rate_hz=5).pixel_size_um
+    assert pixel_um == (None if expected_um is None else pytest.approx(expected_um))
+
+
+def test_movie_rejects_a_bad_pixel_size():
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(DataError, match=r"rec: pixel size .* expected a positive number"):
+            Movie(data=MOVIE, rate_hz=5.0, source="rec", pixel_size_um=bad)
+
+
+def test_sample_tiffs_play_at_the_source_rate_with_its_pixel_size(tmp_path):
+    """What sample.py writes: Fiji animates at ImageJ's ``fps`` (``finterval`` is the time calibration) and
+    reads the pixel size from the resolution tags + ``unit``; cadiff's own reader gets both back."""
+    tif, _, _ = write_movie(MOVIE, tmp_path / "s", {"rate_hz": 30.0, "pixel_size_um": 0.78}, fps=10)
+    with tifffile.TiffFile(tif) as tf:
+        ij = tf.imagej_metadata
+        assert ij["fps"] == 30.0 and ij["finterval"] == pytest.approx(1 / 30) and ij["unit"] == "um"
+        assert ij["frames"] == MOVIE.shape[0]
+    back = read_tiff(tif)
+    assert back.rate_hz == pytest.approx(30.0) and back.pixel_size_um == pytest.approx(0.78)
+    np.testing.assert_array_equal(back.frames(0, 7), MOVIE)
+    plain, _, _ = write_movie(MOVIE, tmp_path / "p", {"rate_hz": 7.0}, fps=10)  # the source had no pixel size
+    with tifffile.TiffFile(plain) as tf:
+        assert "unit" not in tf.imagej_metadata and tf.imagej_metadata["fps"] == 7.0
+    assert read_tiff(plain).pixel_size_um is None
 
 
 def test_tiff_folder_of_pages_and_chunks(tmp_path):
@@ -84,6 +126,12 @@ def test_hdf5_key_byte_order_rate_and_errors(tmp_path):
         f["image"] = MOVIE[0]
     movie = read_hdf5(path, "mov")
     assert movie.rate_hz == 12.5 and movie.dtype == np.uint16 and isinstance(movie.data, h5py.Dataset)
+    assert movie.pixel_size_um is None
+    with h5py.File(tmp_path / "px.h5", "w") as f:
+        f["mov"] = MOVIE
+        f["mov"].attrs["element_size_um"] = [1.0, 0.9, 0.7]  # [t or z, y, x] (Fiji / ilastik); x is kept
+        f["mov"].attrs["pixel_size_um"] = "n/a"  # not a number: ignored
+    assert read_hdf5(tmp_path / "px.h5", "mov", rate_hz=5).pixel_size_um == pytest.approx(0.7)
     np.testing.assert_array_equal(movie.frames(1, 6), MOVIE[1:6])
     with pytest.raises(DataError, match=r"no dataset 'data'.*'image', 'mov'"):
         read_hdf5(path, "data")

@@ -14,6 +14,7 @@ import shutil
 import socket
 import time
 import traceback
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -279,13 +280,30 @@ def scenario_bf16(label: str, rank: int, work: Path) -> dict:
     return {"losses": losses, "dtypes": sorted({str(t.dtype) for t in strategy.ema_tensors().values()})}
 
 
+def scenario_warnings(label: str, rank: int, work: Path) -> dict:
+    """FutureWarnings (torch deprecations) raised while a strategy sets up, trains two steps and gathers EMA."""
+    scfg, tcfg = make_cfgs(label)
+    if scfg.name == "deepspeed":
+        from deepspeed.comm import comm as ds_comm
+
+        ds_comm.cdb = None  # a fresh DeepSpeed backend, as in a new worker process (earlier scenarios made one)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FutureWarning)
+        strategy = build_strategy(scfg, tcfg)
+        strategy.setup(make_model(0), torch.device("cpu"))
+        ema = EMA(strategy.ema_tensors(), decay=0.8)
+        train(strategy, rank, 0, 2, ema)
+        strategy.gather_ema_state(ema)
+    return {"future_warnings": sorted({str(w.message) for w in caught if issubclass(w.category, FutureWarning)})}
+
+
 def _worker(rank: int, world: int, port: int, work: str, jobs: list[tuple[str, str]]) -> None:
     torch.set_num_threads(1)
     # a failed collective on one rank must not hang the other for the default 30 minutes
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     scenarios = {"resume_ema": scenario_resume_ema, "grad_accum": scenario_grad_accum, "merged_dirs": scenario_merged_dirs,
-                 "bf16": scenario_bf16, "resume_fallback": scenario_resume_fallback}
+                 "bf16": scenario_bf16, "resume_fallback": scenario_resume_fallback, "warnings": scenario_warnings}
     results = {}
     for label, kind in jobs:
         t0 = time.perf_counter()
@@ -325,7 +343,7 @@ def run_two_ranks(work: Path, jobs: list[tuple[str, str]], timeout_s: float = 24
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("strategies")
-    jobs = [(label, kind) for label in STRATEGIES for kind in ("resume_ema", "grad_accum", "merged_dirs")]
+    jobs = [(label, kind) for label in STRATEGIES for kind in ("resume_ema", "grad_accum", "merged_dirs", "warnings")]
     jobs += [(label, "bf16") for label in BF16]
     jobs.append(("ddp", "resume_fallback"))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -354,6 +372,12 @@ def test_loss_falls(dist_results, label):
     losses = result(dist_results, f"{label}/resume_ema")["losses"]
     assert all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2]), losses
+
+
+@pytest.mark.parametrize("label", list(STRATEGIES))
+def test_training_raises_no_deprecation_warnings(dist_results, label):
+    """DeepSpeed binds collectives torch 2.13 deprecates; the strategy points it at their replacements."""
+    assert result(dist_results, f"{label}/warnings")["future_warnings"] == []
 
 
 @pytest.mark.parametrize("label", list(STRATEGIES))

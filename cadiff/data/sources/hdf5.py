@@ -14,6 +14,8 @@ from cadiff.errors import DataError
 log = logging.getLogger(__name__)
 
 RATE_ATTRS = ("rate_hz", "frame_rate", "frame_rate_hz", "fs", "sampling_rate")
+# micrometres per pixel; element_size_um is the per-axis [.., y, x] spacing Fiji's HDF5 plugin and ilastik write
+PIXEL_SIZE_ATTRS = ("pixel_size_um", "um_per_pixel", "element_size_um")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 
 
@@ -34,15 +36,25 @@ def open_dataset(path: str | Path, key: str) -> h5py.Dataset:
     return handle[key]
 
 
-def frame_rate(dataset: h5py.Dataset) -> float | None:
-    """Frame rate from a dataset/file attribute, if one of the usual names is present."""
+def _positive_attr(dataset: h5py.Dataset, names: tuple[str, ...]) -> float | None:
+    """The last element of the first positive attribute named ``names`` on the dataset, then on the file."""
     for holder in (dataset.attrs, dataset.file.attrs):
-        for name in RATE_ATTRS:
+        for name in names:
             if name in holder:
                 value = np.asarray(holder[name]).ravel()
-                if value.size and float(value[0]) > 0:
-                    return float(value[0])
+                if value.size and np.issubdtype(value.dtype, np.number) and float(value[-1]) > 0:
+                    return float(value[-1])
     return None
+
+
+def frame_rate(dataset: h5py.Dataset) -> float | None:
+    """Frame rate from a dataset/file attribute, if one of the usual names is present."""
+    return _positive_attr(dataset, RATE_ATTRS)
+
+
+def pixel_size(dataset: h5py.Dataset) -> float | None:
+    """Pixel size in micrometres from a dataset/file attribute (x spacing of ``element_size_um``), if present."""
+    return _positive_attr(dataset, PIXEL_SIZE_ATTRS)
 
 
 def read_hdf5(path: str | Path, key: str = "data", rate_hz: float | None = None, source: str | None = None,
@@ -57,4 +69,4 @@ def read_hdf5(path: str | Path, key: str = "data", rate_hz: float | None = None,
         log.warning("%s: no frame-rate attribute; assuming %.1f Hz (set source.rate_hz)", path, default_rate_hz)
         rate = default_rate_hz
     return Movie(data=dataset, rate_hz=float(rate), source=source or Path(path).stem,
-                 meta={"path": str(path), "key": key, "format": "hdf5"})
+                 meta={"path": str(path), "key": key, "format": "hdf5"}, pixel_size_um=pixel_size(dataset))

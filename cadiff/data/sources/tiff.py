@@ -11,6 +11,7 @@ import logging
 import re
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -53,6 +54,33 @@ def _rate_from_metadata(tf: tifffile.TiffFile) -> float | None:
     si = getattr(tf, "scanimage_metadata", None) or {}
     rate = (si.get("FrameData") or {}).get("SI.hRoiManager.scanFrameRate")
     return float(rate) if rate else None
+
+
+# micrometres per length unit as ImageJ writes it (``unit=`` in the description, "\\u00B5m" escaped or not)
+_UM_PER_UNIT = {"um": 1.0, "µm": 1.0, "\\u00b5m": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0, "nm": 1e-3,
+                "mm": 1e3}
+# micrometres per TIFF ResolutionUnit: CENTIMETER only; INCH is left out (72 dpi is many writers' default)
+_UM_PER_RESOLUTION_UNIT = {3: 1e4}
+_OME_SIZE_RE = re.compile(r'PhysicalSizeX="([^"]+)"')
+_OME_UNIT_RE = re.compile(r'PhysicalSizeXUnit="([^"]+)"')
+
+
+def _pixel_size_from_metadata(tf: tifffile.TiffFile) -> float | None:
+    """Pixel size in micrometres: ImageJ resolution + unit, OME ``PhysicalSizeX``, or a resolution in pixels/cm."""
+    if tf.is_ome and tf.ome_metadata:
+        size = _OME_SIZE_RE.search(tf.ome_metadata)
+        unit = _OME_UNIT_RE.search(tf.ome_metadata)
+        scale = _UM_PER_UNIT.get(unit.group(1).lower() if unit else "um")
+        return float(size.group(1)) * scale if size and scale else None
+    pixels_per_unit = float(tf.pages[0].resolution[0])
+    if not pixels_per_unit > 0:
+        return None
+    ij_unit = (tf.imagej_metadata or {}).get("unit")
+    if ij_unit is not None:
+        scale = _UM_PER_UNIT.get(str(ij_unit).strip().lower())
+    else:
+        scale = _UM_PER_RESOLUTION_UNIT.get(int(tf.pages[0].resolutionunit))
+    return scale / pixels_per_unit if scale else None
 
 
 class _Warnings(logging.Handler):
@@ -98,10 +126,11 @@ def _read_page(path: Path, index: int) -> np.ndarray:
         raise DataError(f"{path}: cannot read page {index} ({exc}); the file is corrupt or truncated") from exc
 
 
-def _file_movie(path: Path) -> tuple[object, float | None]:
+def _file_movie(path: Path) -> tuple[object, float | None, float | None]:
+    """(lazy frames, frame rate in Hz, pixel size in micrometres) of one TIFF file; rate and size None if absent."""
     with _open(path) as tf:
         shape, dtype = _series_shape(tf, path)
-        rate = _rate_from_metadata(tf)
+        rate, pixel_um = _rate_from_metadata(tf), _pixel_size_from_metadata(tf)
         num_pages = len(tf.pages)
     if len(shape) == 2:
         raise DataError(f"{path}: a single 2D image {shape}, expected a movie [T, H, W] (multi-page TIFF)")
@@ -111,33 +140,35 @@ def _file_movie(path: Path) -> tuple[object, float | None]:
         data = tifffile.memmap(path, mode="r")
         if tuple(data.shape) != shape:
             data = data.reshape(shape)
-        return data, rate
+        return data, rate, pixel_um
     except (ValueError, OSError, tifffile.TiffFileError, EOFError):
         pass  # compressed, tiled or truncated: fall back to reading page by page
     if num_pages != shape[0]:
         # frames stored as samples of one page (tifffile's planar heuristic for 3-4 frames): small, load once
         with _open(path) as tf:
-            return tf.series[0].asarray().reshape(shape), rate
+            return tf.series[0].asarray().reshape(shape), rate, pixel_um
     reader = LazyFrames(lambda i: _read_page(path, i), shape[0], shape[1:], dtype.newbyteorder("="), str(path))
     reader[-1]  # a truncated file fails here, at open time, naming the file
-    return reader, rate
+    return reader, rate, pixel_um
 
 
-def _folder_movie(folder: Path) -> tuple[object, float | None]:
-    """All TIFF files of a folder in name order: single 2D pages or multi-frame chunks, concatenated in time."""
+def _folder_movie(folder: Path) -> tuple[object, float | None, float | None]:
+    """All TIFF files of a folder in name order: single 2D pages or multi-frame chunks, concatenated in time;
+    the first frame rate and pixel size any file records."""
     files = tiff_files(folder)
     if not files:
         raise DataError(f"{folder}: no .tif/.tiff files; expected a TIFF movie or a folder of TIFF frames")
     parts: list[tuple[Path, object | None, int]] = []  # (file, lazy movie or None for a single page, frames)
-    frame_shape, dtype, rate = None, None, None
+    frame_shape, dtype, rate, pixel_um = None, None, None, None
     for path in files:
         with _open(path) as tf:
             shape, file_dtype = _series_shape(tf, path)
             rate = rate or _rate_from_metadata(tf)
+            pixel_um = pixel_um or _pixel_size_from_metadata(tf)
         if len(shape) == 2:
             parts.append((path, None, 1))
         elif len(shape) == 3:
-            data, _ = _file_movie(path)
+            data, _, _ = _file_movie(path)
             parts.append((path, data, shape[0]))
             shape = shape[1:]
         else:
@@ -156,7 +187,7 @@ def _folder_movie(folder: Path) -> tuple[object, float | None]:
         return _read_page(path, 0) if data is None else read_frames(data, j, j + 1)[0]
 
     reader = LazyFrames(read, len(index), frame_shape, dtype.newbyteorder("="), str(folder))
-    return reader, rate
+    return reader, rate, pixel_um
 
 
 def read_tiff(path: str | Path, rate_hz: float | None = None, source: str | None = None) -> Movie:
@@ -164,16 +195,24 @@ def read_tiff(path: str | Path, rate_hz: float | None = None, source: str | None
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such TIFF file or folder")
-    data, file_rate = _folder_movie(path) if path.is_dir() else _file_movie(path)
+    data, file_rate, pixel_um = _folder_movie(path) if path.is_dir() else _file_movie(path)
     rate = rate_hz or file_rate
     if rate is None:
         log.warning("%s: no frame rate in the file; assuming %.1f Hz (set source.rate_hz)", path, DEFAULT_RATE_HZ)
         rate = DEFAULT_RATE_HZ
-    return Movie(data=data, rate_hz=float(rate), source=source or path.stem, meta={"path": str(path), "format": "tiff"})
+    return Movie(data=data, rate_hz=float(rate), source=source or path.stem, meta={"path": str(path), "format": "tiff"},
+                 pixel_size_um=pixel_um)
 
 
-def write_tiff(movie: np.ndarray, path: Path, rate_hz: float) -> Path:
-    """Multi-page TIFF (uint16 or float32) with ImageJ metadata (frame interval in seconds), written atomically."""
+def write_tiff(movie: np.ndarray, path: Path, rate_hz: float, pixel_size_um: float | None = None) -> Path:
+    """Multi-page TIFF (uint16 or float32) with ImageJ metadata, written atomically: the frame interval in seconds
+    and the playback rate (Fiji animates at ``fps``, not ``1/finterval``), and the pixel size in micrometres when
+    known."""
+    metadata: dict[str, Any] = {"axes": "TYX", "finterval": 1.0 / float(rate_hz), "fps": float(rate_hz)}
+    resolution = None
+    if pixel_size_um:
+        metadata["unit"] = "um"
+        resolution = (1.0 / float(pixel_size_um), 1.0 / float(pixel_size_um))  # pixels per micrometre
     with atomic_path(path, suffix=".tif") as tmp:
-        tifffile.imwrite(tmp, movie, imagej=True, metadata={"axes": "TYX", "finterval": 1.0 / float(rate_hz), "unit": "px"})
+        tifffile.imwrite(tmp, movie, imagej=True, resolution=resolution, metadata=metadata)
     return path

@@ -1,0 +1,138 @@
+"""The Dockerfile installs what ``make setup`` installs (torch spec default, extras, order), the image and build
+context the cluster configs name, and the TensorBoard dependency."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def makefile_defaults(text: str) -> dict[str, str]:
+    """``NAME ?= value`` defaults of a Makefile."""
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^(\w+)\s*\?=\s*(.*)$", text, re.M)}
+
+
+def dockerfile_args(text: str) -> dict[str, str]:
+    """``ARG NAME=default`` defaults of a Dockerfile (quotes removed)."""
+    return {m.group(1): shlex.split(m.group(2))[0] if m.group(2).strip() else ""
+            for m in re.finditer(r"^ARG\s+(\w+)=(.*)$", text, re.M)}
+
+
+def _pip_steps(commands: list[str]) -> list[list[str]]:
+    """Each ``pip install`` command as words, with the invocation (``$(PY) -m pip``, ``pip``), ``--no-cache-dir``
+    and quotes dropped and Make/shell variables written ``${NAME}``."""
+    steps = []
+    for command in commands:
+        command = re.sub(r"\$\((\w+)\)|\$(\w+)", lambda m: "${" + (m.group(1) or m.group(2)) + "}", command)
+        words = [w for w in shlex.split(command) if w != "--no-cache-dir"]
+        if "pip" in words and words[words.index("pip") + 1:words.index("pip") + 2] == ["install"]:
+            steps.append(words[words.index("pip") + 1:])
+    return steps
+
+
+def makefile_install_steps(text: str) -> list[list[str]]:
+    """pip steps of the recipe that builds the virtual environment (``$(VENV)/.installed``)."""
+    recipe = re.search(r"^\$\(VENV\)/\.installed:.*\n((?:\t.*\n)+)", text, re.M)
+    assert recipe, "Makefile has no $(VENV)/.installed recipe"
+    return _pip_steps([line.strip() for line in recipe.group(1).splitlines()])
+
+
+def dockerfile_install_steps(text: str) -> list[list[str]]:
+    """pip steps of the Dockerfile's RUN instructions (continuations joined, ``&&`` chains split)."""
+    text = re.sub(r"\\\n\s*", " ", text)
+    commands = [c for m in re.finditer(r"^RUN\s+(.*)$", text, re.M) for c in m.group(1).split("&&")]
+    return _pip_steps(commands)
+
+
+def unquoted_variable(commands_text: str, name: str) -> bool:
+    """True when every use of ``name`` in the text is outside quotes (so pip options in it become words)."""
+    uses = re.findall(rf"(\S*\$[({{]?{name}[)}}]?\S*)", commands_text)
+    return bool(uses) and not any(u.startswith(("'", '"')) for u in uses)
+
+
+@pytest.fixture(scope="module")
+def makefile() -> str:
+    return (REPO / "Makefile").read_text()
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> str:
+    return (REPO / "Dockerfile").read_text()
+
+
+def test_dockerfile_defaults_match_the_makefile(makefile, dockerfile):
+    make, docker = makefile_defaults(makefile), dockerfile_args(dockerfile)
+    for name in ("TORCH_SPEC", "EXTRAS"):
+        assert docker.get(name) == make.get(name), (name, docker.get(name), make.get(name))
+
+
+def test_dockerfile_install_steps_match_the_makefile(makefile, dockerfile):
+    expected = [["install", "--upgrade", "pip", "setuptools", "wheel"], ["install", "${TORCH_SPEC}"],
+                ["install", "-e", ".[${EXTRAS}]"]]
+    assert makefile_install_steps(makefile) == expected
+    assert dockerfile_install_steps(dockerfile) == expected
+    # a TORCH_SPEC with `--index-url ...` must reach pip as separate words in both
+    assert unquoted_variable(makefile, "TORCH_SPEC") and unquoted_variable(dockerfile.split("FROM", 1)[1], "TORCH_SPEC")
+
+
+def test_install_step_parsers_are_not_vacuous(makefile, dockerfile):
+    assert makefile_install_steps(makefile.replace('".[$(EXTRAS)]"', '".[dev,gpu]"'))[-1] == ["install", "-e", ".[dev,gpu]"]
+    reordered = dockerfile.replace("pip install --no-cache-dir $TORCH_SPEC \\", "true \\")
+    assert len(dockerfile_install_steps(reordered)) == 2
+    assert dockerfile_args('ARG TORCH_SPEC="torch==9"\nARG EXTRAS=""\n') == {"TORCH_SPEC": "torch==9", "EXTRAS": ""}
+    assert not unquoted_variable('pip install "$(TORCH_SPEC)"', "TORCH_SPEC")
+
+
+def test_dockerfile_base_image_matches_the_cluster_ray_version(dockerfile):
+    base = dockerfile_args(dockerfile)["RAY_IMAGE"]
+    py = f"py{sys.version_info.major}{sys.version_info.minor}"
+    assert base.startswith(f"rayproject/ray:{ray.__version__}-{py}-"), base
+    assert "ENV RAY_TRAIN_V2_ENABLED=1" in dockerfile
+
+
+def test_dockerignore_keeps_local_state_out_and_the_copied_files_in(dockerfile):
+    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    assert {".git", ".venv", "outputs"} <= set(patterns)
+    copied = [w for m in re.finditer(r"^COPY\s+(?:--\S+\s+)*(.+)$", dockerfile, re.M) for w in m.group(1).split()[:-1]]
+    assert "pyproject.toml" in copied and "README.md" in copied  # pyproject's `readme` is read at install
+    for path in copied:
+        if path != ".":
+            assert (REPO / path).is_file(), path
+            assert not any(Path(path).match(p) for p in patterns), path
+    # .dockerignore patterns are anchored at the context root: "data" leaves the cadiff/data package in
+    assert not any(p.endswith("/data") or p.startswith("cadiff") for p in patterns), patterns
+
+
+def _image_tag() -> str:
+    version = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M)
+    return f"cadiff:{version.group(1)}"
+
+
+@pytest.mark.parametrize("name", ["kuberay/raycluster.yaml", "kuberay/rayjob.yaml"])
+def test_kuberay_manifests_run_the_dockerfile_image(name):
+    text = (REPO / "cluster" / name).read_text()
+    images = set(re.findall(r"image:\s*(\S+)", "\n".join(yaml.safe_dump(d) for d in yaml.safe_load_all(text) if d)))
+    assert images == {_image_tag()}, images
+    assert "Dockerfile" in text
+
+
+def test_cluster_readme_builds_the_image_with_the_dockerfile():
+    text = (REPO / "cluster" / "README.md").read_text()
+    assert f"docker build -t {_image_tag()} ." in text
+    assert "<<'EOF'" not in text and "-f -" not in text, "the image recipe lives in the Dockerfile, not a heredoc"
+    for name in ("aws.yaml", "gcp.yaml"):
+        assert "Dockerfile" in (REPO / "cluster" / name).read_text(), name
+
+
+def test_tensorboard_is_a_dependency():
+    dependencies = re.search(r"^dependencies = \[(.*?)^\]", (REPO / "pyproject.toml").read_text(), re.M | re.S)
+    assert re.search(r'^\s*"tensorboard[>=<~]', dependencies.group(1), re.M), dependencies.group(1)
