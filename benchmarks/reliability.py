@@ -225,7 +225,8 @@ def fault_damaged_latest_checkpoint(ctx: dict, strategy: str, where: str) -> dic
 
     seen = rerun_after_damaging_latest(cmd(4), cmd(6), ctx["tmp"], run_dir, where, env=env, timeout_s=900)
     if seen["damaged"] is None:
-        return {**seen, "passed": False, "observed": f"the first run failed (exit {seen['first_exit_code']})"}
+        return {**seen, "passed": False, "observed": f"the first run failed (exit {seen['first_exit_code']})",
+                "kept": _run_kept(run_dir)}
     export_step = _export_step(run_dir)
     seen["kept"] = _run_kept(run_dir)
     seen["passed"] = (seen["damaged"] == "step_00000004" and seen["exit_code"] == 0 and seen["resumed_from"] == [2]
@@ -605,11 +606,13 @@ def main() -> None:
                     try:
                         row.update(run(ctx))
                     except Exception as exc:  # noqa: BLE001 - a crashed scenario is a FAIL row, not a crashed report
-                        row.update(passed=False, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc()[-2000:])
+                        row.update(passed=False, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc()[-2000:],
+                                   kept="not observed: the scenario itself crashed")
                     row["seconds"] = round(time.perf_counter() - t0, 1)
                     for key in ("observed", "message", "kept"):
                         row[key] = str(row.get(key, "")).replace(str(tmp), "<tmp>")
-                    print(f"  -> {'PASS' if row.get('passed') else 'FAIL'}: {row.get('observed', row.get('error'))}", flush=True)
+                    said = row["message"] or row["observed"] or row.get("error")
+                    print(f"  -> {_outcome(row)}: {said} | kept: {row['kept']}", flush=True)
                 faults.append(row)
             if ray.is_initialized():
                 ray.shutdown()
