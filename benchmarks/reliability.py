@@ -12,8 +12,19 @@ Faults (on a local Ray cluster this script starts; jobs run as subprocesses conn
   as ``.corrupt_step_<n>``);
 - a shard corrupted mid-stream (tar headers intact) under ``corrupt_shards=fail|skip``, Ray Data and the
   deterministic path.
+Faults that need no Ray (also under ``--skip-ray``; in-process, real code):
+- downloads from a loopback HTTP server (``cadiff.testing.http_server``): closed early without Content-Length
+  (nothing cached), closed early with it (``.part`` kept, the next fetch resumes it), a re-download whose sha256
+  differs from the trust-on-first-use record (refused, lock file unchanged); a zip bomb (nothing extracted);
+- prepare_data ``overwrite=true`` over complete data failing mid-way: ENOSPC from the shard writer, MemoryError
+  reading a recording (the earlier data byte-identical, no build folder left);
+- metrics.jsonl ending in a torn line, opened by the resumed run's MetricsWriter (complete lines kept).
 Bad inputs: every case of ``cadiff.testing.bad_inputs`` in-process (exception class, message) and through its
-job CLI (exit code, one line, no traceback, no partial output).
+job CLI (exit code, one line, no traceback) - among them prepare_data over earlier data with another fingerprint
+and no overwrite, and overwrite=true with a NaN frame.
+
+Each section is one matrix: input or fault | setup | observed one-line message | what was kept | outcome | time.
+"What was kept" is observed afterwards (files hashed before and after, folders listed), never a fixed string.
 
     python benchmarks/reliability.py                 # ~10-20 min on 2 shared cores
     python benchmarks/reliability.py --skip-ray      # bad inputs + the faults that need no Ray Train run
@@ -53,6 +64,14 @@ def _export_step(run_dir: Path) -> int | None:
         return None
 
 
+def _run_kept(run_dir: Path) -> str:
+    """What a run folder holds afterwards: its checkpoint folders (set-aside ones too) and its export's step."""
+    folder = run_dir / "checkpoints"
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.exists() else []
+    step = _export_step(run_dir)
+    return f"checkpoints {names or 'none'}; export {'absent' if step is None else f'of step {step}'}"
+
+
 def _last_line(text: str) -> str:
     lines = [line for line in text.splitlines() if line.startswith("cadiff ")]
     return lines[-1] if lines else (text.strip().splitlines() or [""])[-1]
@@ -90,7 +109,7 @@ def fault_worker_kill(ctx: dict, strategy: str, max_failures: int) -> dict:
                                 timeout=900)
         row.update(rerun_exit_code=second.returncode, rerun_line=_last_line(second.stdout))
     steps = metric_steps(run_dir)
-    row.update(steps=steps, resumed_from=resumed_from(steps), export_step=_export_step(run_dir))
+    row.update(steps=steps, resumed_from=resumed_from(steps), export_step=_export_step(run_dir), kept=_run_kept(run_dir))
     ok_restore = (killer.killed is not None and len(row["resumed_from"]) == 1
                   and row["resumed_from"][0] >= killer.killed["checkpoint"] > 0 and steps.count(1) == 1
                   and row["export_step"] == max_steps)
@@ -145,7 +164,8 @@ def fault_driver_signal(ctx: dict, sig: int) -> dict:
     row = {"seen": seen, "exit_code": first.returncode, "line": _last_line(first.stdout),
            "rerun_exit_code": second.returncode, "rerun_line": _last_line(second.stdout), "steps": steps,
            "resumed_from": restarts, "export_step": _export_step(run_dir),
-           "partial_checkpoint_cleaned": None if partial is None else not partial.exists()}
+           "partial_checkpoint_cleaned": None if partial is None else not partial.exists(),
+           "kept": _run_kept(run_dir)}
     row["passed"] = (seen.get("checkpoint", 0) > 0 and first.returncode == 130
                      and row["line"] == "cadiff train_ae: error: interrupted; re-run the same command to resume"
                      and not seen.get("survivors") and second.returncode == 0 and steps.count(1) == 1
@@ -178,10 +198,11 @@ def fault_checkpoint_write_crash(ctx: dict) -> dict:
     newest.write_bytes(newest.read_bytes()[:100])  # storage damage after the commit: manifest size mismatch
     after_damage = manager.latest()
     value_after_damage = float(safe_load(after_damage / "model.pt")["w"][0])
+    kept = f"{manager.root.name}/ holds {_listing(manager.root)}"
     passed = (after_crash.name == "step_00000002" and value_after_crash == 2.0
               and after_damage.name == "step_00000001" and value_after_damage == 1.0)
     return {"latest_after_crash": after_crash.name, "value": value_after_crash,
-            "latest_after_truncation": after_damage.name, "passed": passed,
+            "latest_after_truncation": after_damage.name, "passed": passed, "kept": kept,
             "observed": f"latest after the crash: {after_crash.name} (loads, w={value_after_crash}); after truncating "
                         f"its model.pt: {after_damage.name} (loads, w={value_after_damage}): the damaged one is skipped"}
 
@@ -204,8 +225,10 @@ def fault_damaged_latest_checkpoint(ctx: dict, strategy: str, where: str) -> dic
 
     seen = rerun_after_damaging_latest(cmd(4), cmd(6), ctx["tmp"], run_dir, where, env=env, timeout_s=900)
     if seen["damaged"] is None:
-        return {**seen, "passed": False, "observed": f"the first run failed (exit {seen['first_exit_code']})"}
+        return {**seen, "passed": False, "observed": f"the first run failed (exit {seen['first_exit_code']})",
+                "kept": _run_kept(run_dir)}
     export_step = _export_step(run_dir)
+    seen["kept"] = _run_kept(run_dir)
     seen["passed"] = (seen["damaged"] == "step_00000004" and seen["exit_code"] == 0 and seen["resumed_from"] == [2]
                       and seen["set_aside"] == [".corrupt_step_00000004"] and export_step == 6)
     why = seen["warnings"][0].split("cannot be resumed: ", 1)[-1][:160] if seen["warnings"] else "no warning logged"
@@ -221,12 +244,13 @@ def fault_corrupt_shard(ctx: dict, path: str) -> dict:
 
     from cadiff.config import DataConfig
     from cadiff.data import pipeline
-    from cadiff.testing.faults import corrupt_payload
+    from cadiff.testing.faults import corrupt_payload, describe_kept, snapshot
 
     root = ctx["tmp"] / f"corrupt_{path}"
     shutil.copytree(ctx["data_root"], root)
     bad = root / "train" / "clips-000001.tar"
     corrupt_payload(bad)
+    before = snapshot([root])[str(root)]
     out: dict[str, Any] = {}
     for mode in ("fail", "skip"):
         cfg = OmegaConf.structured(DataConfig(batch_size=2, corrupt_shards=mode, flip=False))
@@ -248,7 +272,167 @@ def fault_corrupt_shard(ctx: dict, path: str) -> dict:
         passed = all(out[m].get("names_shard") is True for m in ("fail", "skip"))
         observed = (f"fail and skip both raise {out['fail'].get('error')} naming {bad.name} (exact-resume mode cannot "
                     "drop a sample mid-epoch)")
-    return {**out, "passed": passed, "observed": observed}
+    kept = f"data root: {describe_kept(root, before)}"
+    return {**out, "passed": passed and snapshot([root])[str(root)] == before, "observed": observed, "kept": kept}
+
+
+def _message(exc: BaseException | None) -> str:
+    return "no error raised" if exc is None else f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def _raises(call: Callable[[], Any], error: type[BaseException]) -> BaseException | None:
+    """The ``error`` that ``call()`` raised, or None when it returned."""
+    try:
+        call()
+    except error as exc:
+        return exc
+    return None
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def fault_download_no_length(ctx: dict) -> dict:
+    """The server closes early and sent no Content-Length: the client cannot tell, so nothing is cached."""
+    import numpy as np
+
+    from cadiff.data.sources.download import fetch
+    from cadiff.errors import DownloadError
+    from cadiff.testing.http_server import Handler, serve
+
+    cache = ctx["tmp"] / "dl_no_length"
+    with serve() as url:
+        Handler.files["/n.bin"] = np.random.default_rng(0).bytes(50_000)
+        Handler.faults["/n.bin"] = {"no_length": True, "cut": 20_000}
+        exc = _raises(lambda: fetch(f"{url}/n.bin", cache / "n.bin", progress=False), DownloadError)
+    left = _listing(cache)
+    return {"message": _message(exc), "kept": f"cache folder holds {left or 'nothing'}",
+            "passed": exc is not None and "refusing to cache it" in str(exc) and left == []}
+
+
+def fault_download_resume(ctx: dict) -> dict:
+    """The server closes early after sending Content-Length: the ``.part`` stays and the next run resumes it."""
+    import hashlib
+
+    import numpy as np
+
+    from cadiff.data.sources.download import LOCK_FILE, fetch
+    from cadiff.errors import DownloadError
+    from cadiff.testing.http_server import Handler, serve
+
+    dest = ctx["tmp"] / "dl_resume" / "f.bin"
+    payload = np.random.default_rng(1).bytes(50_000)
+    with serve() as url:
+        Handler.files["/f.bin"] = payload
+        Handler.faults["/f.bin"] = {"cut": 20_000}
+        exc = _raises(lambda: fetch(f"{url}/f.bin", dest, progress=False), DownloadError)
+        part = dest.with_name("f.bin.part")
+        part_size = part.stat().st_size if part.exists() else None
+        Handler.faults.clear()
+        fetch(f"{url}/f.bin", dest, progress=False)
+        ranges = [rng for _, rng, _ in Handler.log[1:]]
+    intact = dest.exists() and hashlib.sha256(dest.read_bytes()).digest() == hashlib.sha256(payload).digest()
+    kept = (f"`{part.name}` kept ({part_size} bytes); next run asked {ranges}, got a file whose sha256 "
+            f"{'matches' if intact else 'DIFFERS'}; folder now {_listing(dest.parent)}")
+    return {"message": _message(exc), "kept": kept,
+            "passed": exc is not None and part_size == 20_000 and ranges == ["bytes=20000-"] and intact
+            and _listing(dest.parent) == [LOCK_FILE, "f.bin"]}
+
+
+def fault_download_tofu_mismatch(ctx: dict) -> dict:
+    """A file downloaded again (cache deleted) whose bytes differ from those trusted on first use."""
+    import numpy as np
+
+    from cadiff.data.sources.download import LOCK_FILE, fetch
+    from cadiff.errors import DownloadError
+    from cadiff.testing.faults import describe_kept, snapshot
+    from cadiff.testing.http_server import Handler, serve
+
+    dest = ctx["tmp"] / "dl_tofu" / "f.bin"
+    with serve() as url:
+        Handler.files["/f.bin"] = np.random.default_rng(2).bytes(50_000)
+        fetch(f"{url}/f.bin", dest, progress=False)
+        dest.unlink()
+        lock = dest.with_name(LOCK_FILE)
+        before = snapshot([lock])[str(lock)]
+        Handler.files["/f.bin"] = np.random.default_rng(3).bytes(50_000)  # same size, other bytes
+        exc = _raises(lambda: fetch(f"{url}/f.bin", dest, progress=False), DownloadError)
+    kept = f"{describe_kept(lock, before)}; cache folder holds {_listing(dest.parent)}"
+    return {"message": _message(exc), "kept": kept,
+            "passed": exc is not None and "does not match" in str(exc) and _listing(dest.parent) == [LOCK_FILE]
+            and snapshot([lock])[str(lock)] == before}
+
+
+def fault_zip_bomb(ctx: dict) -> dict:
+    """A ~20 KB zip declaring 20 MB of zeros (ratio ~1000, over source.zip_max_ratio)."""
+    import zipfile
+
+    from cadiff.data.sources.download import safe_extract_zip
+    from cadiff.errors import DataError
+    from cadiff.testing.faults import describe_kept
+
+    folder = ctx["tmp"] / "zip_bomb"
+    folder.mkdir()
+    bomb, out = folder / "bomb.zip", folder / "out"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a/zeros.tiff", bytes(20_000_000))
+    exc = _raises(lambda: safe_extract_zip(bomb, out), DataError)
+    return {"message": _message(exc), "kept": f"{describe_kept(out, None)}; folder holds {_listing(folder)}",
+            "passed": exc is not None and "zip bomb" in str(exc) and not out.exists()}
+
+
+def fault_prepare_mid_way(ctx: dict, fault: str) -> dict:
+    """prepare_data overwrite=true over earlier data, failing while tiling: ENOSPC or MemoryError."""
+    from unittest import mock
+
+    import cadiff.data.prepare as prepare_module
+    from cadiff.errors import DataError
+    from cadiff.testing.data import prepare_sim
+    from cadiff.testing.faults import describe_kept, disk_full_after, fail_on_call, snapshot
+
+    folder = ctx["tmp"] / f"prepare_{fault}"
+    out = folder / "data"
+    shutil.copytree(ctx["data_root"], out)
+    before = snapshot([out])[str(out)]
+    if fault == "enospc":
+        patch = mock.patch.object(prepare_module, "write_shards", disk_full_after(prepare_module.write_shards, 5))
+    else:
+        patch = mock.patch.object(prepare_module, "read_frames", fail_on_call(prepare_module.read_frames, 3, MemoryError()))
+    with patch:
+        exc = _raises(lambda: prepare_sim(out, "clips_per_shard=1", "overwrite=true"), DataError)
+    return {"message": _message(exc), "kept": f"{describe_kept(out, before)}; next to it: {_listing(folder)}",
+            "passed": exc is not None and snapshot([out])[str(out)] == before and _listing(folder) == ["data"]}
+
+
+def fault_torn_metrics_tail(ctx: dict) -> dict:
+    """metrics.jsonl ends in half a line (a crash mid-append); the resumed run opens it and appends."""
+    import logging
+
+    from cadiff.io import read_jsonl
+    from cadiff.train.logging import MetricsWriter
+
+    path = ctx["tmp"] / "torn" / "metrics.jsonl"
+    path.parent.mkdir()
+    complete = b'{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n'
+    path.write_bytes(complete + b'{"step": 3, "lo')
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("cadiff.train.logging")
+    logger.addHandler(handler)
+    try:
+        MetricsWriter(path).write({"step": 3, "loss": 0.3})
+    finally:
+        logger.removeHandler(handler)
+    data = path.read_bytes()
+    steps = [r["step"] for r in read_jsonl(path)]
+    lines = complete.count(b"\n")
+    kept = (f"its {lines} complete lines {'byte-identical' if data.startswith(complete) else 'CHANGED'}, the torn "
+            f"tail cut; steps now {steps}")
+    warning = records[0].getMessage() if records else "no warning logged"
+    return {"message": f"WARNING {warning}".replace(str(ctx["tmp"]), "<tmp>"), "kept": kept,
+            "passed": data.startswith(complete) and steps == [1, 2, 3] and bool(records)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -261,15 +445,8 @@ def _fresh(path: Path) -> Path:
 
 
 def bad_input_rows(ctx: dict) -> list[dict]:
-    from cadiff.testing.bad_inputs import (
-        CASES,
-        Env,
-        check_cli,
-        check_message,
-        run_cli,
-        run_in_process,
-        snapshot,
-    )
+    from cadiff.testing.bad_inputs import CASES, Env, check_cli, check_message, run_cli, run_in_process
+    from cadiff.testing.faults import describe_kept, snapshot
 
     env = Env(data_root=ctx["data_root"], stage1_run=ctx["stage1_run"])
     rows = []
@@ -287,12 +464,14 @@ def bad_input_rows(ctx: dict) -> list[dict]:
         cli_before = snapshot(cli_case.guard)
         result = run_cli(cli_case, cwd=ctx["tmp"])
         problems = check_cli(cli_case, result) + ([] if snapshot(cli_case.guard) == cli_before else ["partial output"])
+        kept = "; ".join(describe_kept(path, cli_before[str(path)]) for path in cli_case.guard)
         missing = check_message(case, message)
         rows.append({
             "case": name, "input": build.__doc__, "job": case.job, "expected_error": case.error.__name__, "raised": raised,
             "message_complete": not missing, "exit_code": result.returncode,
             "line": _last_line(result.stdout).replace(str(ctx["tmp"]), "<tmp>"),
             "cli_problems": problems, "no_partial_output": in_process_clean and "partial output" not in problems,
+            "kept": kept if in_process_clean else f"in-process run left output; CLI run: {kept}",
             "seconds": round(time.perf_counter() - t0, 1),
             "passed": raised == case.error.__name__ and not missing and in_process_clean and not problems,
         })
@@ -327,6 +506,19 @@ FAULTS: list[tuple[str, str, bool, Callable[[dict], dict]]] = [
      lambda c: fault_corrupt_shard(c, "ray_data")),
     ("corrupt shard mid-stream (deterministic)", "same shard, data.deterministic path; fail / skip", False,
      lambda c: fault_corrupt_shard(c, "deterministic")),
+    ("download closed early, no Content-Length", "loopback server sends 20000 of 50000 bytes, no length", False,
+     fault_download_no_length),
+    ("download closed early, with Content-Length", "loopback server sends 20000 of 50000 bytes; the same fetch "
+     "again", False, fault_download_resume),
+    ("downloaded file differs from the one trusted on first use", "fetched once, cache file deleted, server file "
+     "changed (same size)", False, fault_download_tofu_mismatch),
+    ("zip bomb", "safe_extract_zip of a ~20 KB zip declaring 20 MB", False, fault_zip_bomb),
+    ("disk full while preparing data", "prepare_data overwrite=true over complete data; ENOSPC after 5 clips", False,
+     lambda c: fault_prepare_mid_way(c, "enospc")),
+    ("out of memory while preparing data", "prepare_data overwrite=true over complete data; MemoryError reading "
+     "the 3rd recording", False, lambda c: fault_prepare_mid_way(c, "memory")),
+    ("torn metrics.jsonl tail", "2 complete lines + half a line; MetricsWriter opened and one record appended", False,
+     fault_torn_metrics_tail),
 ]
 
 
@@ -334,24 +526,36 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+HEADER = ["| input or fault | setup | observed one-line message | what was kept | outcome | time (s) |",
+          "|---|---|---|---|---|---:|"]
+
+
+def _outcome(row: dict) -> str:
+    return "PASS" if row.get("passed") else ("SKIPPED" if row.get("skipped") else "FAIL")
+
+
+def _matrix_row(what: str, setup: str, message: str, kept: str, row: dict) -> str:
+    return (f"| {_cell(what)} | {_cell(setup)} | {_cell(message)} | {_cell(kept)} | {_outcome(row)} "
+            f"| {row.get('seconds', '')} |")
+
+
 def to_markdown(result: dict) -> str:
     out = ["# Reliability report", "",
            f"Generated by `benchmarks/reliability.py` on host `{result['host']}` ({result['cpus']} CPUs), "
-           f"{result['date']}, ray {result['ray']}, torch {result['torch']}. Every outcome below was observed in this run.",
-           "", "## Faults injected", "", "| fault | setup | observed | outcome | time (s) |", "|---|---|---|---|---:|"]
+           f"{result['date']}, ray {result['ray']}, torch {result['torch']}. Every outcome below was observed in this "
+           "run; \"what was kept\" is what the script found afterwards (files hashed before and after, folders listed).",
+           "", "## Faults injected", "", *HEADER]
     for row in result["faults"]:
-        outcome = "PASS" if row.get("passed") else ("SKIPPED" if row.get("skipped") else "FAIL")
-        out.append(f"| {_cell(row['fault'])} | {_cell(row['setup'])} | {_cell(row.get('observed', row.get('error', '')))} "
-                   f"| {outcome} | {row.get('seconds', '')} |")
+        message = row.get("message") or row.get("observed") or row.get("error", "")
+        out.append(_matrix_row(row["fault"], row["setup"], message, row.get("kept", ""), row))
     out += ["", "## Bad inputs", "",
             "Each case runs in-process (exception class, message naming the path/key and the expected form) and "
-            "through its job CLI (exit code 2, exactly one `cadiff <job>: error:` line, no traceback, no partial output).",
-            "", "| case | input tried | job | error | exit | one-line message | no partial output | outcome |",
-            "|---|---|---|---|---:|---|---|---|"]
+            "through its job CLI (exit code 2, exactly one `cadiff <job>: error:` line, no traceback); \"what was "
+            "kept\" compares the guarded output/run folders before and after the CLI run.", "", *HEADER]
     for row in result["bad_inputs"]:
-        line = row["line"].split(": error: ", 1)[-1]
-        out.append(f"| {row['case']} | {_cell(row['input'])} | {row['job']} | {row['raised']} | {row['exit_code']} | {_cell(line[:240])} "
-                   f"| {'yes' if row['no_partial_output'] else 'NO'} | {'PASS' if row['passed'] else 'FAIL'} |")
+        setup = f"{row['job']} ({row['case']}): {row['raised']}, exit {row['exit_code']}"
+        message = row["line"].split(": error: ", 1)[-1][:240]
+        out.append(_matrix_row(row["input"], setup, message, row["kept"], row))
     passed = sum(r.get("passed", False) for r in result["faults"] + result["bad_inputs"])
     total = sum(not r.get("skipped") for r in result["faults"] + result["bad_inputs"])
     out += ["", f"{passed} of {total} checks passed.", ""]
@@ -402,10 +606,13 @@ def main() -> None:
                     try:
                         row.update(run(ctx))
                     except Exception as exc:  # noqa: BLE001 - a crashed scenario is a FAIL row, not a crashed report
-                        row.update(passed=False, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc()[-2000:])
+                        row.update(passed=False, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc()[-2000:],
+                                   kept="not observed: the scenario itself crashed")
                     row["seconds"] = round(time.perf_counter() - t0, 1)
-                    row["observed"] = str(row.get("observed", "")).replace(str(tmp), "<tmp>")
-                    print(f"  -> {'PASS' if row.get('passed') else 'FAIL'}: {row.get('observed', row.get('error'))}", flush=True)
+                    for key in ("observed", "message", "kept"):
+                        row[key] = str(row.get(key, "")).replace(str(tmp), "<tmp>")
+                    said = row["message"] or row["observed"] or row.get("error")
+                    print(f"  -> {_outcome(row)}: {said} | kept: {row['kept']}", flush=True)
                 faults.append(row)
             if ray.is_initialized():
                 ray.shutdown()

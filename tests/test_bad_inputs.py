@@ -23,8 +23,8 @@ from cadiff.testing.bad_inputs import (
     run_cli,
     run_entry_point,
     run_in_process,
-    snapshot,
 )
+from cadiff.testing.faults import snapshot
 
 # one per failure family: a data file (prepare_data), a config key (train_ae), a missing export (sample)
 CLI_CASES = ("truncated_tiff", "typo_config_key", "sample_missing_stage1")

@@ -512,18 +512,6 @@ CASES: dict[str, Callable[[Path, Env], Case]] = {
 # running a case
 
 
-def snapshot(paths: list[Path]) -> dict[str, dict[str, str] | None]:
-    """Content digest of every file under each guarded path (None for a path that does not exist)."""
-    out: dict[str, dict[str, str] | None] = {}
-    for path in paths:
-        if not path.exists():
-            out[str(path)] = None
-            continue
-        files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
-        out[str(path)] = {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
-    return out
-
-
 def run_in_process(case: Case) -> CadiffError:
     """Compose and run the job in this process; return the error it raised (AssertionError if none)."""
     from cadiff.config import compose

@@ -3,11 +3,14 @@
 Faults are injected from outside, like a real failure: a watcher thread reads the run folder (metrics.jsonl,
 Ray Train's checkpoint snapshot) and signals processes that descend from the caller (never anyone else's);
 storage damage is written into a file in place at equal size (a shard's payload, a checkpoint's header or
-tensor data).
+tensor data); in-process faults replace a function by one that raises on its n-th call (MemoryError, a full
+disk). :func:`snapshot` and :func:`describe_kept` observe what a failure left behind.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import signal
@@ -18,7 +21,7 @@ import tarfile
 import threading
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import psutil
@@ -224,3 +227,64 @@ def rerun_after_damaging_latest(first: list[str], second: list[str], cwd: Path, 
             "warnings": [line for line in (rerun.stdout + rerun.stderr).splitlines()
                          if "cannot be resumed" in line or "set aside as" in line],
             "stdout_tail": rerun.stdout[-2000:], "stderr_tail": rerun.stderr[-2000:]}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# in-process faults
+
+
+def fail_on_call(real: Callable, call: int, exc: BaseException) -> Callable:
+    """``real``, except that its ``call``-th use raises ``exc`` (earlier ones work)."""
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise exc
+        return real(*args, **kwargs)
+
+    return failing
+
+
+def disk_full_after(write_shards: Callable, samples_written: int) -> Callable:
+    """A ``write_shards(samples, tree, split, ...)`` that gets ENOSPC after ``samples_written`` samples."""
+
+    def writer(samples: Iterable, tree: Path, split: str, *args, **kwargs):
+        def until_full() -> Iterator:
+            for i, sample in enumerate(samples):
+                if i == samples_written:
+                    raise OSError(errno.ENOSPC, "No space left on device", str(tree / split / "clips-000005.tar"))
+                yield sample
+
+        return write_shards(until_full(), tree, split, *args, **kwargs)
+
+    return writer
+
+
+# ---------------------------------------------------------------------------------------------------------
+# what a failure left behind
+
+
+def snapshot(paths: list[Path]) -> dict[str, dict[str, str] | None]:
+    """Content digest of every file under each guarded path (None for a path that does not exist)."""
+    out: dict[str, dict[str, str] | None] = {}
+    for path in paths:
+        if not path.exists():
+            out[str(path)] = None
+            continue
+        files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
+        out[str(path)] = {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    return out
+
+
+def describe_kept(path: Path, before: dict[str, str] | None) -> str:
+    """What ``path`` holds now compared with its :func:`snapshot` entry ``before``, in a few words."""
+    now = snapshot([path])[str(path)]
+    if now is None:
+        return f"{path.name} absent" + (" (it existed before: removed)" if before is not None else "")
+    if now == before:
+        return f"{path.name} byte-identical (sha256 of its {len(now)} files)"
+    if before is None:
+        return f"{path.name} created: {sorted(now)[:6]}"
+    changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+    return f"{path.name} CHANGED: {changed[:6]}"

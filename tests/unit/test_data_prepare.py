@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -29,6 +28,7 @@ from cadiff.data.simulate import simulate_movie
 from cadiff.errors import ConfigError, DataError, NoPhotonSignature
 from cadiff.io import OUTPUT_MARKER
 from cadiff.testing.data import log_scaled_movie, prepare_sim
+from cadiff.testing.faults import disk_full_after, fail_on_call
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -172,30 +172,12 @@ def test_a_folder_prepare_data_did_not_write_is_refused_untouched(tmp_path):
 
 def _fail_on_call(monkeypatch, name: str, call: int, exc: BaseException) -> None:
     """Make ``cadiff.data.prepare.<name>`` raise ``exc`` on its ``call``-th use (earlier ones work)."""
-    real, calls = getattr(prepare_module, name), []
-
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == call:
-            raise exc
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(prepare_module, name, failing)
+    monkeypatch.setattr(prepare_module, name, fail_on_call(getattr(prepare_module, name), call, exc))
 
 
 def _enospc_mid_split(monkeypatch, out: Path) -> None:
     """The shard writer gets ENOSPC after its first shard is on disk."""
-    real = prepare_module.write_shards
-
-    def writer(samples, tree, split, *args, **kwargs):
-        def until_full():
-            for i, sample in enumerate(samples):
-                if i == 5:
-                    raise OSError(errno.ENOSPC, "No space left on device", str(tree / split / "clips-000005.tar"))
-                yield sample
-        return real(until_full(), tree, split, *args, **kwargs)
-
-    monkeypatch.setattr(prepare_module, "write_shards", writer)
+    monkeypatch.setattr(prepare_module, "write_shards", disk_full_after(prepare_module.write_shards, 5))
 
 
 FAULTS = {
