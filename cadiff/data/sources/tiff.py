@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import struct
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -175,5 +176,31 @@ def read_tiff(path: str | Path, rate_hz: float | None = None, source: str | None
 def write_tiff(movie_u16: np.ndarray, path: Path, rate_hz: float) -> Path:
     """Multi-page uint16 TIFF with ImageJ metadata (frame interval in seconds), written atomically."""
     with atomic_path(path, suffix=".tif") as tmp:
-        tifffile.imwrite(tmp, movie_u16, imagej=True, metadata={"axes": "TYX", "finterval": 1.0 / float(rate_hz), "unit": "px"})
+        tifffile.imwrite(tmp, movie_u16, imagej=True, metadata=_imagej_metadata(rate_hz))
+    return path
+
+
+def _imagej_metadata(rate_hz: float) -> dict:
+    return {"axes": "TYX", "finterval": 1.0 / float(rate_hz), "unit": "px"}
+
+
+def write_tiff_frames(frames: Iterable[np.ndarray], path: Path, shape: tuple[int, int, int], rate_hz: float) -> Path:
+    """Like :func:`write_tiff`, with the ``shape [T, H, W]`` uint16 frames taken from an iterable page by page (the
+    movie never sits in memory); a count other than ``T`` is a DataError and leaves no file."""
+    num_frames = int(shape[0])
+
+    def pages() -> Iterator[np.ndarray]:
+        count = 0
+        for frame in frames:
+            count += 1
+            if count > num_frames or frame.shape != tuple(shape[1:]):
+                raise DataError(f"TIFF '{path}': frame {count - 1} of shape {frame.shape}: expected {num_frames} "
+                                f"frames of {tuple(shape[1:])}")
+            yield np.asarray(frame, dtype=np.uint16)
+        if count != num_frames:
+            raise DataError(f"TIFF '{path}': got {count} frames, expected {num_frames}")
+
+    with atomic_path(path, suffix=".tif") as tmp:
+        tifffile.imwrite(tmp, pages(), shape=tuple(shape), dtype=np.uint16, imagej=True,
+                         metadata=_imagej_metadata(rate_hz))
     return path
