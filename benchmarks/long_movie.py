@@ -157,6 +157,10 @@ def measure(stage2: Path, num_frames: int, root: Path, steps: int, gain: float) 
     return row
 
 
+def _cell(row: dict, key: str, fmt: str) -> str:
+    return format(row[key], fmt) if row.get(key) is not None else "-"
+
+
 def to_markdown(result: dict) -> str:
     meta = result["meta"]
     lines = ["# Long movies (jobs/sample.py num_frames=N)", "",
@@ -168,11 +172,9 @@ def to_markdown(result: dict) -> str:
              "| N | chunks | wall (s) | frames/s | peak RSS (MB) | seam ratio | gain first 10% | gain last 10% | last/first |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        def f(key: str, fmt: str) -> str:
-            return format(r[key], fmt) if r.get(key) is not None else "-"
         lines.append(f"| {r['num_frames']} | {r['chunks']} | {r['wall_s']:.1f} | {r['frames_per_s']:.1f} | "
-                     f"{r['peak_rss_mb']:.0f} | {f('seam_ratio', '.2f')} | {f('gain_first', '.3f')} | "
-                     f"{f('gain_last', '.3f')} | {f('last_over_first', '.3f')} |")
+                     f"{r['peak_rss_mb']:.0f} | {_cell(r, 'seam_ratio', '.2f')} | {_cell(r, 'gain_first', '.3f')} | "
+                     f"{_cell(r, 'gain_last', '.3f')} | {_cell(r, 'last_over_first', '.3f')} |")
     lines += ["", f"Calibrated gain of the stage-1 export: {result['rows'][0]['calibrated_gain']:.3f} ADU/photon. "
               "Seam ratio: mean |change of frame mean| across decoder-window seams / inside windows."]
     return "\n".join(lines) + "\n"

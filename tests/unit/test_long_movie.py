@@ -135,8 +135,26 @@ def test_sample_num_frames_writes_exact_length_reproducibly(exports: Path, tmp_p
     _sample(exports, tmp_path / "b", f"num_frames={n}", "context_frames=2")
     assert (movie == tifffile.imread(tmp_path / "b" / "sample_000.tif")).all()
     short = tmp_path / "short"
-    _sample(exports, short, "num_frames=17")  # the training length: one chunk, same latents as a plain sample
+    _sample(exports, short, "num_frames=17")  # the training length: a single chunk and window
     assert tifffile.imread(short / "sample_000.tif").shape == (17, 32, 32)
+
+
+@pytest.mark.parametrize("fault", [MemoryError, KeyboardInterrupt])
+def test_fault_mid_stream_leaves_no_output(exports: Path, tmp_path: Path, monkeypatch, fault) -> None:
+    import cadiff.inference.sample as sample
+
+    real = sample.stream_sample
+
+    def failing(*args, **kwargs):
+        stream = real(*args, **kwargs)
+        yield next(stream)
+        raise fault("injected")
+
+    monkeypatch.setattr(sample, "stream_sample", failing)
+    out = tmp_path / "out"
+    with pytest.raises(fault, match="injected"):
+        _sample(exports, out, f"num_frames={1 + 12 * S_T}")
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []
 
 
 def test_invalid_num_frames_fails_before_any_output(exports: Path, tmp_path: Path) -> None:
