@@ -369,6 +369,11 @@ class SampleConfig:
     decoder_sampler: Optional[str] = None
     decoder_steps: Optional[int] = None
     num_ray_tasks: int = 0  # > 0: fan sampling out over this many Ray tasks
+    # long movies (generate): None = the stage-2 training length; else N = 1 + k*s_t frames (s_t from the stage-1
+    # export), rolled out in DiT chunks of the training length and streamed through the causal decoder
+    num_frames: Optional[int] = None
+    context_frames: Optional[int] = None  # latent frames each DiT chunk continues from; None: half the chunk
+    decode_context_frames: Optional[int] = None  # latent frames of left context per decoder window; None: context_frames
     # movie files: tiff (ImageJ TIFF) | nwb (NWB TwoPhotonSeries with the provenance) | both; GIF/MP4 previews always
     out_format: str = "tiff"
     fps: int = 10
@@ -852,6 +857,21 @@ def validate_sample(cfg: Any) -> None:
              ">= 1 (NFE > 0), or null for the stage-1 run's own")
     if cfg.decoder_sampler is not None:
         _choice("decoder_sampler", cfg.decoder_sampler, tuple(dict.fromkeys(FlowMatching.samplers + DDPM.samplers)))
+    _validate_long_movie(cfg)
+
+
+def _validate_long_movie(cfg: Any) -> None:
+    """``num_frames`` and its chunking keys; ``1 + k*s_t`` and ``context_frames < chunk`` are checked once the
+    exports are loaded (:func:`cadiff.inference.long_movie.plan_long_movie`), before any sampling."""
+    for key in ("num_frames", "context_frames", "decode_context_frames"):
+        value = getattr(cfg, key)
+        _require(value is None or value >= 1, key, value, "a positive frame count, or null")
+    if cfg.num_frames is not None:
+        _require(cfg.mode == "generate", "num_frames", cfg.num_frames, "null for mode=reconstruct (clips keep their length)")
+        _require(cfg.out_format == "tiff", "out_format", cfg.out_format,
+                 "'tiff' with num_frames (long movies are streamed to TIFF page by page)")
+        _require(cfg.num_ray_tasks == 0, "num_ray_tasks", cfg.num_ray_tasks,
+                 "0 with num_frames (long movies stream to disk in this process)")
 
 
 def validate_encode_latents(cfg: Any) -> None:

@@ -133,6 +133,11 @@ class DDPM(Objective):
             return (x_t - s * out) / a, out
         return a * x_t - s * out, s * x_t + a * out
 
+    def noised(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """The VP state ``alpha_t x0 + sigma_t eps``."""
+        a, s = (broadcast_time(u, x0) for u in self.schedule.alpha_sigma(t.to(x0.dtype)))
+        return a * x0 + s * eps
+
     def loss(self, model_fn: Callable[[Tensor, Tensor], Tensor], x0: Tensor,
              generator: torch.Generator | None = None) -> Tensor:
         """Mean squared error of the eps/v prediction (optionally min-SNR-gamma weighted)."""

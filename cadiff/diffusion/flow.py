@@ -105,6 +105,10 @@ class FlowMatching(Objective):
         """Training times ``[batch]`` from the configured law."""
         return sample_time(batch, self.time_sampler, self.logit_mean, self.logit_std, self.shift, generator, device)
 
+    def noised(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """The linear path ``(1 - t) x0 + t eps``."""
+        return path(x0, eps, t.to(x0.dtype))
+
     def loss(self, model_fn: Callable[[Tensor, Tensor], Tensor], x0: Tensor,
              generator: torch.Generator | None = None) -> Tensor:
         """Mean squared velocity error ``|| v(x_t, t) - (eps - x0) ||^2`` (optionally min-SNR weighted)."""

@@ -181,6 +181,10 @@ class Objective(ABC):
         return sampler, num_steps
 
     @abstractmethod
+    def noised(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """The forward-process state ``x_t`` of data ``x0`` under noise ``eps`` at times ``t [B]``."""
+
+    @abstractmethod
     def loss(self, model_fn: VelocityFn, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Scalar training loss of ``model_fn`` on clean data ``x0`` (noise and time drawn with ``generator``)."""
 

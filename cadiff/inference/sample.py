@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +28,9 @@ from cadiff.config import DataConfig, from_dict
 from cadiff.data import pipeline
 from cadiff.data.movie import denormalize, source_dtype, to_source_units
 from cadiff.data.shards import read_index
-from cadiff.data.sources.tiff import write_tiff
+from cadiff.data.sources.tiff import write_tiff, write_tiff_frames
 from cadiff.errors import CheckpointError, DataError
+from cadiff.inference.long_movie import chunk_spans, plan_long_movie, stream_sample
 from cadiff.io import atomic_dir, check_output_dir, write_json_atomic
 from cadiff.runtime.exports import load_exported_model
 from cadiff.runtime.ray import init_ray
@@ -36,6 +39,7 @@ from cadiff.runtime.video import video_grid, write_video
 log = logging.getLogger(__name__)
 
 
+PREVIEW_FRAMES = 256  # frames of a long movie shown in its GIF/MP4 previews (the TIFF has them all)
 MOVIE_SUFFIXES = {"tiff": (".tif",), "nwb": (".nwb",), "both": (".tif", ".nwb")}  # out_format -> movie files
 
 
@@ -151,14 +155,21 @@ def check_pair(dit: Any, decoder: Any, stage1_path: str) -> None:
         )
 
 
-def generate(cfg: Any) -> tuple[str, str]:
-    """jobs/sample.py mode=generate."""
-    out = Path(cfg.out)
-    # Load once up front so a bad stage1/stage2 fails before any work or output.
+def _load_pair(cfg: Any) -> tuple[Any, dict[str, Any], Path, Any, dict[str, Any], Path]:
+    """DiT and stage-1 models of a generate run, loaded up front so a bad stage1/stage2 fails before any work."""
     dit, dit_meta, stage2_export = load_exported_model(cfg.stage2, "stage2", "latent")
     stage1 = cfg.stage1 or dit_meta["data"]["stage1"]
     decoder, ae_meta, stage1_export = load_exported_model(stage1, "stage1", "ae")
     check_pair(dit, decoder, stage1)
+    return dit, dit_meta, stage2_export, decoder, ae_meta, stage1_export
+
+
+def generate(cfg: Any) -> tuple[str, str]:
+    """jobs/sample.py mode=generate (``num_frames`` set: :func:`generate_long`)."""
+    if cfg.num_frames is not None:
+        return generate_long(cfg)
+    out = Path(cfg.out)
+    dit, dit_meta, stage2_export, decoder, ae_meta, stage1_export = _load_pair(cfg)
     source_id, calib = _calibration(ae_meta["data"])
     params = {k: cfg[k] for k in ("seed", "latent_sampler", "latent_steps")}
     params.update(decoder_settings(decoder, cfg))
@@ -196,6 +207,59 @@ def generate(cfg: Any) -> tuple[str, str]:
         write_json_atomic(tmp / "samples.json", record)
     t, h, w = movies[0].shape
     return f"{len(movies)} samples {t}x{h}x{w} {movies[0].dtype} ({_files_note(cfg.out_format)})", str(out)
+
+
+def _long_frames(stream: Iterator[torch.Tensor], calib: dict[str, Any], norm: dict[str, Any],
+                 preview: list[np.ndarray]) -> Iterator[np.ndarray]:
+    """Frames [H, W] in source units of a streamed sample; the first :data:`PREVIEW_FRAMES` are also kept in ``preview``."""
+    for clip in stream:
+        for frame in to_source_units(denormalize(clip[0, 0], calib, norm), calib):
+            if len(preview) < PREVIEW_FRAMES:
+                preview.append(frame)
+            yield frame
+
+
+def generate_long(cfg: Any) -> tuple[str, str]:
+    """jobs/sample.py num_frames=N: chunked DiT rollout streamed through the causal decoder into the TIFF.
+
+    Samples are drawn one at a time (``batch_size`` does not apply); GIF/MP4 previews show the first
+    :data:`PREVIEW_FRAMES` frames.
+    """
+    dit, dit_meta, stage2_export, decoder, ae_meta, stage1_export = _load_pair(cfg)
+    data2 = dit_meta["data"]
+    _, chunk, h, w = data2["sample_shape"]
+    s = decoder.spatial_downsample
+    plan = plan_long_movie(cfg.num_frames, cfg.context_frames, cfg.decode_context_frames, chunk,
+                           decoder.temporal_downsample)
+    source_id, calib = _calibration(ae_meta["data"])
+    norm = ae_meta["data"]["normalization"]
+    dtype = source_dtype(calib)
+    params = {k: cfg[k] for k in ("seed", "latent_sampler", "latent_steps")}
+    params.update(decoder_settings(decoder, cfg))
+    shape = (plan.num_frames, h * s, w * s)
+    record = {"mode": "generate", "num_samples": int(cfg.num_samples), "shape": list(shape), "dtype": str(dtype),
+              "calibration": calibration_record(source_id, calib), "stage1": str(stage1_export),
+              "stage2": str(stage2_export), "out_format": cfg.out_format, **params,
+              "long_movie": {**asdict(plan), "chunks": len(chunk_spans(plan.num_latent, plan.chunk, plan.context)),
+                             "preview_frames": min(PREVIEW_FRAMES, plan.num_frames)}}
+    previews = []
+    with atomic_dir(cfg.out, "sample", cfg.overwrite) as tmp:
+        for i in tqdm(range(cfg.num_samples), desc="sampling (long)", unit="movie"):
+            preview: list[np.ndarray] = []
+            stem = tmp / f"sample_{i:03d}"
+            write_tiff_frames(_long_frames(stream_sample(dit, decoder, data2, plan, params, i), calib, norm, preview),
+                              stem.with_suffix(".tif"), shape, source_rate_hz(calib), dtype, calib.get("pixel_size_um"))
+            movie = np.stack(preview)
+            clip = video_grid([[movie.astype(np.float32)]], pad=0)
+            write_video(clip, stem.with_suffix(".gif"), cfg.fps)
+            write_video(clip, stem.with_suffix(".mp4"), cfg.fps)
+            previews.append(movie)
+        grid = video_grid(grid_rows(previews))
+        write_video(grid, tmp / "grid.gif", cfg.fps)
+        write_video(grid, tmp / "grid.mp4", cfg.fps)
+        write_json_atomic(tmp / "samples.json", record)
+    return (f"{cfg.num_samples} samples {shape[0]}x{shape[1]}x{shape[2]} {dtype} in {record['long_movie']['chunks']} "
+            f"chunks (.tif .gif .mp4, previews: first {PREVIEW_FRAMES} frames)", str(cfg.out))
 
 
 @torch.no_grad()

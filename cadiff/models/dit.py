@@ -11,6 +11,7 @@ outputs exactly 0 at initialization.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -195,17 +196,43 @@ class LatentDiffusion(nn.Module):
         return loss, {"loss": float(loss.detach())}
 
     def sample(self, shape: tuple[int, ...] | list[int], sampler: str | None = None, num_steps: int | None = None,
-               generator: torch.Generator | None = None, cond: Tensor | None = None) -> Tensor:
-        """Draw latents of ``shape [B, C, T, H, W]`` from fresh noise (defaults from the diffusion config)."""
+               generator: torch.Generator | None = None, cond: Tensor | None = None,
+               context: Tensor | None = None) -> Tensor:
+        """Draw latents of ``shape [B, C, T, H, W]`` from fresh noise (defaults from the diffusion config).
+
+        ``context [B, C, T_c, H, W]``: the first ``T_c`` frames are given (a continuation). At every model
+        evaluation they are imposed by replacement: the model sees ``noised(context, eps_c, t)`` there, with
+        ``eps_c`` the same noise draw those positions start from, and the result returns ``context`` unchanged.
+        Without context the noise draw and result are those of a plain sample.
+        """
         if len(shape) != 5:
             raise ModelError(f"sample shape {tuple(shape)}: expected [B, C, T, H, W]")
         self.dit.token_grid(tuple(shape[1:]))
         param = next(self.parameters())
         noise = torch.randn(tuple(shape), generator=generator, device=param.device, dtype=param.dtype)
+        model_fn = lambda x_t, t: self.dit(x_t, t, cond)  # noqa: E731
+        if context is not None:
+            model_fn = self._with_context(model_fn, context.to(noise), noise, tuple(shape))
         with torch.no_grad():
-            z, self.last_nfe = self.objective.sample(lambda x_t, t: self.dit(x_t, t, cond), noise, sampler,
-                                                     num_steps, generator)
+            z, self.last_nfe = self.objective.sample(model_fn, noise, sampler, num_steps, generator)
+        if context is not None:
+            z[:, :, : context.shape[2]] = context
         return z
+
+    def _with_context(self, model_fn: Callable[[Tensor, Tensor], Tensor], context: Tensor, noise: Tensor,
+                      shape: tuple[int, ...]) -> Callable[[Tensor, Tensor], Tensor]:
+        n = context.shape[2]
+        if context.shape[:2] != shape[:2] or context.shape[3:] != shape[3:] or not 0 < n < shape[2]:
+            raise ModelError(f"context of shape {tuple(context.shape)}: expected [B, C, T_c, H, W] matching "
+                             f"{list(shape)} with 0 < T_c < {shape[2]}")
+        eps_c = noise[:, :, :n].clone()
+
+        def imposed(x_t: Tensor, t: Tensor) -> Tensor:
+            x_t = x_t.clone()
+            x_t[:, :, :n] = self.objective.noised(context, eps_c, t)
+            return model_fn(x_t, t)
+
+        return imposed
 
     def shard_units(self) -> list[nn.Module]:
         """The transformer blocks, the units FSDP2 shards one by one."""

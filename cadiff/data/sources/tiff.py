@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import struct
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -204,15 +205,44 @@ def read_tiff(path: str | Path, rate_hz: float | None = None, source: str | None
                  pixel_size_um=pixel_um)
 
 
-def write_tiff(movie: np.ndarray, path: Path, rate_hz: float, pixel_size_um: float | None = None) -> Path:
-    """Multi-page TIFF (uint16 or float32) with ImageJ metadata, written atomically: the frame interval in seconds
-    and the playback rate (Fiji animates at ``fps``, not ``1/finterval``), and the pixel size in micrometres when
-    known."""
+def _imagej_tags(rate_hz: float, pixel_size_um: float | None) -> tuple[dict[str, Any], tuple[float, float] | None]:
+    """ImageJ metadata and resolution: the frame interval in seconds and the playback rate (Fiji animates at
+    ``fps``, not ``1/finterval``), and the pixel size in micrometres when known."""
     metadata: dict[str, Any] = {"axes": "TYX", "finterval": 1.0 / float(rate_hz), "fps": float(rate_hz)}
-    resolution = None
-    if pixel_size_um:
-        metadata["unit"] = "um"
-        resolution = (1.0 / float(pixel_size_um), 1.0 / float(pixel_size_um))  # pixels per micrometre
+    if not pixel_size_um:
+        return metadata, None
+    metadata["unit"] = "um"
+    return metadata, (1.0 / float(pixel_size_um), 1.0 / float(pixel_size_um))  # pixels per micrometre
+
+
+def write_tiff(movie: np.ndarray, path: Path, rate_hz: float, pixel_size_um: float | None = None) -> Path:
+    """Multi-page TIFF (uint16 or float32) with ImageJ metadata (:func:`_imagej_tags`), written atomically."""
+    metadata, resolution = _imagej_tags(rate_hz, pixel_size_um)
     with atomic_path(path, suffix=".tif") as tmp:
         tifffile.imwrite(tmp, movie, imagej=True, resolution=resolution, metadata=metadata)
+    return path
+
+
+def write_tiff_frames(frames: Iterable[np.ndarray], path: Path, shape: tuple[int, int, int], rate_hz: float,
+                      dtype: np.dtype = np.uint16, pixel_size_um: float | None = None) -> Path:
+    """Like :func:`write_tiff`, with the ``shape [T, H, W]`` frames taken from an iterable page by page (the movie
+    never sits in memory); a count other than ``T`` is a DataError and leaves no file."""
+    num_frames = int(shape[0])
+
+    def pages() -> Iterator[np.ndarray]:
+        count = 0
+        for frame in frames:
+            count += 1
+            if count > num_frames or frame.shape != tuple(shape[1:]):
+                raise DataError(f"TIFF '{path}': frame {count - 1} of shape {frame.shape}: expected {num_frames} "
+                                f"frames of {tuple(shape[1:])}")
+            yield np.asarray(frame, dtype=dtype)
+        if count != num_frames:
+            raise DataError(f"TIFF '{path}': got {count} frames, expected {num_frames}")
+
+    metadata, resolution = _imagej_tags(rate_hz, pixel_size_um)
+    with atomic_path(path, suffix=".tif") as tmp:
+        tifffile.imwrite(tmp, pages(), shape=tuple(shape), dtype=dtype, imagej=True, resolution=resolution,
+                         metadata=metadata)
+    return path
     return path

@@ -1,0 +1,164 @@
+"""Movies of any length (jobs/sample.py num_frames=N): validation, chunk plan, DiT continuation, streamed decoding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import tifffile
+import torch
+
+from cadiff.config import compose
+from cadiff.errors import ConfigError, ModelError
+from cadiff.inference.long_movie import (
+    chunk_spans,
+    decode_stream,
+    latent_frames_for,
+    plan_long_movie,
+    rollout_latents,
+    window_generator,
+)
+from cadiff.models.registry import build_model
+from cadiff.runtime.exports import export_model
+
+torch.set_num_threads(1)
+
+S_T = 4  # ae_tiny temporal_downsample
+CHUNK = 5  # latent frames the tiny DiT is "trained" on (sample_shape)
+MEAN_FLOW = ["model.noise_model.kind=anscombe", "model.noise_model.center=4.0", "model.noise_model.scale=0.5",
+             "model.noise_model.read_noise_photons=0.2"]
+
+
+def _dit():
+    torch.manual_seed(0)
+    model = build_model({"kind": "dit", "size": "tiny", "in_channels": 4}).eval()
+    # the output layer is zero-initialized (the DiT would return its noise); give it weights
+    torch.nn.init.normal_(model.dit.final_layer.linear.weight, std=0.05)
+    for block in model.dit.blocks:
+        torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.02)
+    return model
+
+
+def _ae():
+    torch.manual_seed(1)
+    model = build_model(compose("train_ae", ["experiment=ae_tiny", *MEAN_FLOW]).model).eval()
+    torch.nn.init.normal_(model.mean_decoder.conv_out.conv.weight, std=0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> Path:
+    """Random-init stage-1 and stage-2 exports (stage 2 on [4, CHUNK, 4, 4] latents); returns the stage-2 export."""
+    tmp = tmp_path_factory.mktemp("exports")
+    ae, dit = _ae(), _dit()
+    calib = {"gain": 2.0, "offset": 100.0, "read_noise": 0.4, "rate_hz": 30.0}
+    stage1 = export_model(tmp / "s1" / "export" / "model.pt", ae.state_dict(), ae.model_config,
+                          {"stage": "ae", "data": {"sources": {"sim-000": calib}, "sample_shape": [1, 17, 32, 32],
+                                                   "normalization": {"kind": "anscombe", "center": 4.0, "scale": 0.5}}})
+    return export_model(tmp / "s2" / "export" / "model.pt", dit.state_dict(), dit.model_config,
+                        {"stage": "latent", "data": {"stage1": str(stage1), "sample_shape": [4, CHUNK, 4, 4],
+                                                     "channel_mean": [0.1] * 4, "channel_std": [0.5] * 4}})
+
+
+def test_num_frames_not_one_plus_k_s_t_names_the_nearest_valid_counts() -> None:
+    assert latent_frames_for(1025, S_T) == 257
+    with pytest.raises(ConfigError, match=r"'num_frames' = 1024: expected 1 \+ k\*4 .*nearest valid: 1021 or 1025"):
+        latent_frames_for(1024, S_T)
+    with pytest.raises(ConfigError, match=r"'context_frames' = 5: expected 1 \.\. 4"):
+        plan_long_movie(49, 5, None, CHUNK, S_T)
+    for bad, key in (("num_frames=0", "num_frames"), ("context_frames=0", "context_frames")):
+        with pytest.raises(ConfigError, match=f"config key '{key}' = 0: expected a positive frame count"):
+            compose("sample", ["stage2=x", bad])
+    with pytest.raises(ConfigError, match=r"'out_format' = 'nwb': expected 'tiff' with num_frames"):
+        compose("sample", ["stage2=x", "num_frames=49", "out_format=nwb"])
+
+
+@pytest.mark.parametrize("num_latent", [3, 5, 6, 13, 257])
+def test_chunks_have_the_training_length_and_tile_the_movie(num_latent: int) -> None:
+    spans = chunk_spans(num_latent, CHUNK, 2)
+    assert spans[0][:2] == (0, 0)
+    assert [s[1] for s in spans[1:]] == [s[2] for s in spans[:-1]] and spans[-1][2] == num_latent
+    assert all(stop - start == CHUNK and start < new for start, new, stop in spans[1:])
+
+
+def test_first_chunk_is_the_plain_sample_and_context_is_imposed() -> None:
+    dit = _dit()
+    plan = plan_long_movie(1 + 12 * S_T, None, None, CHUNK, S_T)
+    chunks = list(rollout_latents(dit, plan, (1, 4, 4, 4), "euler", 4, torch.Generator().manual_seed(7)))
+    plain = dit.sample((1, 4, CHUNK, 4, 4), "euler", 4, torch.Generator().manual_seed(7))
+    assert torch.equal(chunks[0], plain)
+    assert sum(c.shape[2] for c in chunks) == 13
+    again = list(rollout_latents(dit, plan, (1, 4, 4, 4), "euler", 4, torch.Generator().manual_seed(7)))
+    assert all(torch.equal(a, b) for a, b in zip(chunks, again))
+    # the same draw with and without context: the new frames depend on the imposed context
+    context = plain[:, :, -2:]
+    cont = dit.sample((1, 4, CHUNK, 4, 4), "euler", 4, torch.Generator().manual_seed(3), context=context)
+    free = dit.sample((1, 4, CHUNK, 4, 4), "euler", 4, torch.Generator().manual_seed(3))
+    assert torch.equal(cont[:, :, :2], context) and not torch.allclose(cont[:, :, 2:], free[:, :, 2:])
+    with pytest.raises(ModelError, match="context of shape"):
+        dit.sample((1, 4, CHUNK, 4, 4), context=plain)
+
+
+def test_streamed_decoding_equals_one_shot_and_windows_stay_bounded() -> None:
+    ae = _ae()
+    z = torch.randn(1, 4, 13, 4, 4, generator=torch.Generator().manual_seed(0))
+    pieces = [z[:, :, :5], z[:, :, 5:8], z[:, :, 8:11], z[:, :, 11:]]
+    with torch.no_grad():
+        whole = ae.denoise(z)
+        streamed = torch.cat(list(decode_stream(lambda w, _: ae.denoise(w), iter(pieces), 13, S_T)), dim=2)
+    assert torch.equal(streamed, whole)  # windows cover all history: causality keeps kept frames bitwise equal
+    seen = []
+    frames = list(decode_stream(lambda w, _: seen.append(w.shape[2]) or ae.denoise(w), iter(pieces), 2, S_T))
+    assert seen == [5, 5, 5, 4] and sum(f.shape[2] for f in frames) == 1 + 12 * S_T
+
+
+def test_window_generators_are_pure_and_distinct() -> None:
+    draw = [torch.randn(3, generator=window_generator(0, i, w)) for i, w in ((0, 0), (0, 1), (1, 0), (0, 0))]
+    assert torch.equal(draw[0], draw[3]) and not torch.equal(draw[0], draw[1]) and not torch.equal(draw[0], draw[2])
+
+
+def _sample(stage2: Path, out: Path, *extra: str):
+    from cadiff.inference.sample import run_sample
+
+    return run_sample(compose("sample", [f"stage2={stage2}", f"out={out}", "num_samples=1", "latent_steps=2",
+                                         "decoder_steps=1", "seed=3", *extra]))
+
+
+def test_sample_num_frames_writes_exact_length_reproducibly(exports: Path, tmp_path: Path) -> None:
+    n = 1 + 20 * S_T
+    summary, _ = _sample(exports, tmp_path / "a", f"num_frames={n}", "context_frames=2")
+    movie = tifffile.imread(tmp_path / "a" / "sample_000.tif")
+    assert movie.shape == (n, 32, 32) and movie.dtype.name == "uint16"
+    record = json.loads((tmp_path / "a" / "samples.json").read_text())
+    assert record["long_movie"]["chunks"] == 1 + 16 // 3 + 1 and f"{n}x32x32" in summary
+    _sample(exports, tmp_path / "b", f"num_frames={n}", "context_frames=2")
+    assert (movie == tifffile.imread(tmp_path / "b" / "sample_000.tif")).all()
+    short = tmp_path / "short"
+    _sample(exports, short, "num_frames=17")  # the training length: a single chunk and window
+    assert tifffile.imread(short / "sample_000.tif").shape == (17, 32, 32)
+
+
+@pytest.mark.parametrize("fault", [MemoryError, KeyboardInterrupt])
+def test_fault_mid_stream_leaves_no_output(exports: Path, tmp_path: Path, monkeypatch, fault) -> None:
+    import cadiff.inference.sample as sample
+
+    real = sample.stream_sample
+
+    def failing(*args, **kwargs):
+        stream = real(*args, **kwargs)
+        yield next(stream)
+        raise fault("injected")
+
+    monkeypatch.setattr(sample, "stream_sample", failing)
+    out = tmp_path / "out"
+    with pytest.raises(fault, match="injected"):
+        _sample(exports, out, f"num_frames={1 + 12 * S_T}")
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_invalid_num_frames_fails_before_any_output(exports: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bad"
+    with pytest.raises(ConfigError, match=r"'num_frames' = 50: .*nearest valid: 49 or 53"):
+        _sample(exports, out, "num_frames=50")
+    assert not out.exists()
