@@ -34,7 +34,10 @@ MOVIE_DTYPES = (np.dtype(np.uint16), np.dtype(np.int16), np.dtype(np.float32), n
 
 
 class LazyFrames:
-    """Array-like ``[T, H, W]`` stack whose frames are read on demand by ``read_frame(i) -> [H, W]``."""
+    """Array-like ``[T, H, W]`` stack whose frames are read on demand by ``read_frame(i) -> [H, W]``.
+
+    Subclasses that read several frames at once override :meth:`_frames`; indexing (an int, a slice or a list of
+    frames, optionally followed by spatial indices) is shared."""
 
     def __init__(self, read_frame: Callable[[int], np.ndarray], num_frames: int, frame_shape: tuple[int, int],
                  dtype: np.dtype, describe: str = "frames") -> None:
@@ -54,6 +57,13 @@ class LazyFrames:
                             "like the first frame")
         return frame.astype(self.dtype, copy=False)
 
+    def _frames(self, indices: np.ndarray) -> np.ndarray:
+        """Frames ``indices`` (in any order, repeats allowed) as ``[len(indices), H, W]``."""
+        out = np.empty((len(indices), *self.shape[1:]), dtype=self.dtype)
+        for k, i in enumerate(indices):
+            out[k] = self._frame(int(i))
+        return out
+
     def __getitem__(self, item: Any) -> np.ndarray:
         rest: tuple = ()
         if isinstance(item, tuple):
@@ -62,12 +72,10 @@ class LazyFrames:
             i = int(item) + (self.shape[0] if item < 0 else 0)
             if not 0 <= i < self.shape[0]:
                 raise IndexError(f"frame {item} out of range for {self.shape[0]} frames")
-            out = self._frame(i)
+            out = self._frames(np.array([i]))[0]
             return out[rest] if rest else out
-        indices = range(*item.indices(self.shape[0])) if isinstance(item, slice) else [int(i) for i in item]
-        out = np.empty((len(indices), *self.shape[1:]), dtype=self.dtype)
-        for k, i in enumerate(indices):
-            out[k] = self._frame(i)
+        indices = np.arange(self.shape[0])[item] if isinstance(item, slice) else np.asarray(item, dtype=np.int64)
+        out = self._frames(indices)
         return out[(slice(None), *rest)] if rest else out
 
 

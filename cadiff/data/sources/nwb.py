@@ -40,7 +40,7 @@ from pynwb.ophys import (
 )
 
 from cadiff import __version__
-from cadiff.data.movie import Movie
+from cadiff.data.movie import LazyFrames, Movie
 from cadiff.errors import DataError
 from cadiff.io import atomic_path
 
@@ -109,43 +109,28 @@ class OpenNWB:
         self._io, self._handles = None, []
 
 
-class NWBFrames:
+class NWBFrames(LazyFrames):
     """``[T, H, W]`` frames of an NWB ``[t, x, y]`` dataset: each request reads a time range, then swaps x and y."""
 
     def __init__(self, dataset: Any, owner: OpenNWB, describe: str) -> None:
         t, x, y = (int(s) for s in dataset.shape)
-        self.shape = (t, y, x)
-        self.dtype = np.dtype(dataset.dtype)
-        self.ndim = 3
-        self.describe = describe
+        super().__init__(self._read_one, t, (y, x), dataset.dtype, describe)
         self._dataset = dataset
         self._owner = owner  # keeps the file open as long as its frames are in use
 
-    def __len__(self) -> int:
-        return self.shape[0]
+    def _read_one(self, i: int) -> np.ndarray:
+        return self._frames(np.array([i]))[0]
 
-    def _read(self, times: np.ndarray) -> np.ndarray:
-        """Frames at sorted-or-not ``times`` as ``[len(times), x, y]``, one contiguous or fancy HDF5 read."""
-        if times.size == 0:
-            return np.empty((0, self.shape[2], self.shape[1]), dtype=self.dtype)
-        if np.all(np.diff(times) == 1):
-            return np.asarray(self._dataset[int(times[0]): int(times[-1]) + 1])
-        unique, inverse = np.unique(times, return_inverse=True)  # HDF5 point selections must increase
-        return np.asarray(self._dataset[unique.tolist()])[inverse]
-
-    def __getitem__(self, item: Any) -> np.ndarray:
-        rest: tuple = ()
-        if isinstance(item, tuple):
-            item, rest = item[0], item[1:]
-        if isinstance(item, (int, np.integer)):
-            i = int(item) + (self.shape[0] if item < 0 else 0)
-            if not 0 <= i < self.shape[0]:
-                raise IndexError(f"frame {item} out of range for {self.shape[0]} frames")
-            frame = np.ascontiguousarray(self._read(np.array([i]))[0].T)
-            return frame[rest] if rest else frame
-        indices = np.arange(self.shape[0])[item] if isinstance(item, slice) else np.asarray(item, dtype=np.int64)
-        frames = np.ascontiguousarray(self._read(indices).transpose(0, 2, 1))
-        return frames[(slice(None), *rest)] if rest else frames
+    def _frames(self, indices: np.ndarray) -> np.ndarray:
+        """Frames at sorted-or-not ``indices`` as ``[len(indices), H, W]``: one contiguous or fancy HDF5 read."""
+        if indices.size == 0:
+            return np.empty((0, *self.shape[1:]), dtype=self.dtype)
+        if np.all(np.diff(indices) == 1):
+            block = np.asarray(self._dataset[int(indices[0]): int(indices[-1]) + 1])
+        else:
+            unique, inverse = np.unique(indices, return_inverse=True)  # HDF5 point selections must increase
+            block = np.asarray(self._dataset[unique.tolist()])[inverse]
+        return np.ascontiguousarray(block.transpose(0, 2, 1))
 
 
 def _series_labels(nwbfile: Any) -> dict[str, Any]:
