@@ -7,10 +7,10 @@ EXTRAS ?= dev
 # TORCH_SPEC is split into words (a spec and pip options such as --index-url); the Dockerfile takes the same
 # TORCH_SPEC and EXTRAS build args with the same defaults (tests/unit/test_packaging.py)
 PYTEST_ARGS ?=
-# two pytest-xdist workers: the tests on the shared Ray cluster run one after another on one of them
-# (tests/conftest.py), everything else on either; TEST_WORKERS=0 runs the suite in one process
+# two pytest-xdist workers, one test file at a time each (--dist loadfile: a file's tests share its fixtures
+# and Ray cluster on one worker; loadgroup cannot group under pytest 9); TEST_WORKERS=0 runs in one process
 TEST_WORKERS ?= 2
-XDIST := $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadgroup)
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadfile)
 
 .PHONY: setup browser demo test test-fast bench lint clean
 

@@ -16,18 +16,6 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 pytest_plugins = ["tests.fixtures_data", "tests.fixtures_pipeline"]
 
-# `make test` runs two pytest-xdist workers (--dist loadgroup). The tests on the session's shared Ray cluster
-# form one group, run one after another on one worker (one shared cluster, its fixtures built once); the rest,
-# including the jobs that start a Ray of their own, run on either worker beside them
-SHARED_RAY_FIXTURES = {"ray_cluster", "latents_root", "stage2_run"}
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if SHARED_RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("shared_ray"))
-
-
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray cluster shared by every integration test (4 logical CPUs on a 2-core box), started as
