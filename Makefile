@@ -7,9 +7,9 @@ EXTRAS ?= dev
 # TORCH_SPEC is split into words (a spec and pip options such as --index-url); the Dockerfile takes the same
 # TORCH_SPEC and EXTRAS build args with the same defaults (tests/unit/test_packaging.py)
 PYTEST_ARGS ?=
-# two pytest-xdist workers, one test file at a time each (--dist loadfile: a file's tests share its fixtures
-# and Ray cluster on one worker; loadgroup cannot group under pytest 9); TEST_WORKERS=0 runs in one process
-TEST_WORKERS ?= 2
+# TEST_WORKERS=2: two pytest-xdist workers, a test file at a time each (--dist loadfile). Off by default: on 2 cores
+# the Ray tests ran 2-3x slower side by side (716 tests took 1578 s, the last 10 min beside another job)
+TEST_WORKERS ?= 0
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadfile)
 
 .PHONY: setup browser demo test test-fast bench lint clean
