@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import signal
 import struct
@@ -61,6 +62,11 @@ def local_complete_step(run_dir: Path) -> int:
 def resumed_from(steps: list[int]) -> list[int]:
     """Checkpoint steps the run restarted from: where the step sequence goes back, the step before the new one."""
     return [steps[i] - 1 for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
+
+
+def restarts_since(before: list[int], after: list[int]) -> list[int]:
+    """:func:`resumed_from` for the steps a re-run appended: ``after`` is ``before`` plus that run's lines."""
+    return resumed_from(after[max(len(before) - 1, 0):])
 
 
 def train_workers(root_pid: int) -> list[psutil.Process]:
@@ -113,6 +119,38 @@ class WorkerKiller(threading.Thread):
         self.killed = {"pid": victim.pid, "checkpoint": registered_step(self.run_dir),
                        "step": metric_steps(self.run_dir)[-1]}
         os.kill(victim.pid, signal.SIGKILL)
+
+
+def run_with_worker_kill(cmd: list[str], cwd: Path, run_dir: Path, env: dict[str, str] | None = None,
+                         timeout_s: float = 600) -> tuple[subprocess.CompletedProcess, dict | None]:
+    """Run a job (its own local Ray: its raylet, hence its workers, descend from it) while a :class:`WorkerKiller`
+    SIGKILLs one of its Ray Train workers between two checkpoints; returns the finished job and the kill."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env or job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killer = WorkerKiller(proc.pid, run_dir)
+    killer.start()
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    finally:
+        killer.stop.set()
+        killer.join()
+        if proc.poll() is None:
+            proc.kill()
+            out, err = proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), killer.killed
+
+
+def assert_worker_restored(run_dir: Path, killed: dict, ckpt_every: int) -> None:
+    """After a :func:`run_with_worker_kill`: the victim is gone, the run restarted exactly once, from a registered
+    checkpoint at or after the one seen at the kill (never step 0), and every step up to the last logged a
+    finite loss."""
+    assert not psutil.pid_exists(killed["pid"]) or psutil.Process(killed["pid"]).status() == psutil.STATUS_ZOMBIE
+    steps = metric_steps(run_dir)
+    restarts = resumed_from(steps)
+    assert len(restarts) == 1, f"expected one restart, steps {steps}, kill {killed}"
+    assert restarts[0] >= killed["checkpoint"] > 0 and restarts[0] % ckpt_every == 0, (steps, killed)
+    losses = {int(r["step"]): r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}
+    assert sorted(losses) == list(range(1, steps[-1] + 1)), f"a step logged no loss: {sorted(losses)}"
+    assert all(math.isfinite(v) for v in losses.values()), losses
 
 
 def job_command(job: str, *args: str) -> list[str]:
@@ -209,20 +247,29 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
 
 def rerun_after_damaging_latest(first: list[str], second: list[str], cwd: Path, run_dir: Path, where: str,
                                 env: dict[str, str] | None = None, timeout_s: float = 600) -> dict:
-    """Run job ``first`` (it must leave two checkpoints or more), damage ``model.pt`` of the newest checkpoint
-    at equal size (:func:`corrupt_checkpoint_file`), run ``second`` (the same run with more steps) and report
-    what the re-run did: exit code, final line, the steps it restarted after, folders set aside, and the
-    log lines about checkpoints that could not be resumed."""
+    """Run job ``first`` (it must leave two checkpoints or more), then :func:`damage_latest_and_rerun` with
+    ``second`` (the same run with more steps)."""
     env = env or job_env()
     done = subprocess.run(first, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s)
-    latest = newest_checkpoint(run_dir)
-    if done.returncode != 0 or latest is None:
+    if done.returncode != 0 or newest_checkpoint(run_dir) is None:
         return {"first_exit_code": done.returncode, "first_stderr": done.stderr[-2000:], "damaged": None}
+    return damage_latest_and_rerun(second, cwd, run_dir, where, env=env, timeout_s=timeout_s)
+
+
+def damage_latest_and_rerun(cmd: list[str], cwd: Path, run_dir: Path, where: str, env: dict[str, str] | None = None,
+                            timeout_s: float = 600) -> dict:
+    """Damage ``model.pt`` of the newest checkpoint of ``run_dir`` at equal size (:func:`corrupt_checkpoint_file`),
+    run ``cmd`` (the same run, more steps) and report what the re-run did: exit code, final line, the steps it
+    restarted after, folders set aside, and the log lines about checkpoints that could not be resumed."""
+    latest = newest_checkpoint(run_dir)
+    if latest is None:
+        return {"damaged": None}
     damage = corrupt_checkpoint_file(latest / "model.pt", where)
-    rerun = subprocess.run(second, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    before = metric_steps(run_dir)
+    rerun = subprocess.run(cmd, cwd=cwd, env=env or job_env(), capture_output=True, text=True, timeout=timeout_s)
     lines = [line for line in rerun.stdout.splitlines() if line.startswith("cadiff ")]
     return {"damaged": latest.name, "damage": damage, "exit_code": rerun.returncode, "line": lines[-1] if lines else "",
-            "resumed_from": resumed_from(metric_steps(run_dir)),
+            "resumed_from": restarts_since(before, metric_steps(run_dir)),
             "set_aside": sorted(p.name for p in (run_dir / "checkpoints").glob(".corrupt_*")),
             "warnings": [line for line in (rerun.stdout + rerun.stderr).splitlines()
                          if "cannot be resumed" in line or "set aside as" in line],

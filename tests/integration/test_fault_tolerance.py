@@ -13,36 +13,48 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import torch
 
 from cadiff.data import pipeline
 from cadiff.errors import DataError
+from cadiff.models.registry import build_model
 from cadiff.runtime.exports import load_export
 from cadiff.testing.faults import (
-    WorkerKiller,
+    assert_worker_restored,
     corrupt_payload,
+    damage_latest_and_rerun,
     interrupt_job,
     job_command,
     job_env,
     local_complete_step,
     metric_steps,
     registered_step,
-    rerun_after_damaging_latest,
+    restarts_since,
     resumed_from,
+    run_with_worker_kill,
 )
 
 RUN_ARGS = ["experiment=ae_tiny", "trainer.num_workers=2", "trainer.cpus_per_worker=0.5", "trainer.log_every=1",
             "ema.decay=0.9"]
 
 
-def assert_finished(run_dir: Path, max_steps: int) -> None:
-    steps = metric_steps(run_dir)
+def finished(run_dir: Path) -> dict:
+    """What a finished run left: its logged steps and its export's step, finiteness and keys."""
+    state, model_cfg, meta = load_export(run_dir / "export" / "model.pt")
+    return {"steps": metric_steps(run_dir), "export_step": meta["step"], "state": state, "model_cfg": model_cfg}
+
+
+def assert_finished(record: dict, max_steps: int) -> None:
+    steps = record["steps"]
     assert steps[-1] == max_steps and steps.count(1) == 1, f"run did not finish or restarted from scratch: {steps}"
-    state, _model_cfg, meta = load_export(run_dir / "export" / "model.pt")
-    assert meta["step"] == max_steps
-    assert state and all(torch.isfinite(v).all() for v in state.values())
+    assert record["export_step"] == max_steps
+    assert record["state"] and all(torch.isfinite(v).all() for v in record["state"].values())
+
+
+def assert_ok(proc: subprocess.CompletedProcess, job: str, max_steps: int) -> None:
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1].startswith(f"cadiff {job}: ok step={max_steps} ")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -51,100 +63,130 @@ def assert_finished(run_dir: Path, max_steps: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.parametrize("strategy", ["deepspeed_zero2"])
+@pytest.mark.parametrize("strategy", ["deepspeed_zero2", "deepspeed_zero3"])
 def test_worker_killed_mid_run_restores_latest_checkpoint(sim_data_root, tmp_path, strategy):
     """The job CLI with its own local Ray; one of its Ray Train workers is SIGKILLed mid-run.
 
-    ZeRO-2 (per-rank optimizer shards): the restore path of every strategy is Ray Train handing the latest
-    registered checkpoint to a new worker group; DDP's restore of the same kind of checkpoint is what the
-    driver-SIGTERM test below resumes from.
+    ZeRO-2 (per-rank optimizer shards) and ZeRO-3 (parameter shards, an EMA export gathered from them): the
+    restore path of every strategy is Ray Train handing the latest registered checkpoint to a new worker group;
+    FSDP2's (DTensor shards in a DCP checkpoint) is killed and restored the same way in test_stage2, DDP's
+    restore of the same kind of checkpoint is what the driver re-runs below resume from.
 
     Neither in this process nor on the suite's shared cluster: after such kills a later Ray call of the
     pytest driver hung in ``internal_kv_put`` (Ray 2.60, cause not isolated), so the fault stays in the job.
     """
-    max_steps = 12
+    max_steps = 6
     run_dir = tmp_path / "train_ae" / strategy
     cmd = job_command("train_ae", *RUN_ARGS, f"strategy={strategy}", f"data.root={sim_data_root}", f"out_root={tmp_path}",
-                      f"run_name={strategy}", f"trainer.max_steps={max_steps}", "trainer.val_every=12",
-                      "trainer.ckpt_every=3", "trainer.max_failures=1")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    killer = WorkerKiller(proc.pid, run_dir)  # the job's raylet, hence its workers, descend from the job
-    killer.start()
-    try:
-        out, err = proc.communicate(timeout=600)
-    finally:
-        killer.stop.set()
-        killer.join()
-        if proc.poll() is None:
-            proc.kill()
-            out, err = proc.communicate()
-    result = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-    assert killer.killed is not None, f"no worker was killed mid-run (steps {metric_steps(run_dir)}): {result.stderr[-3000:]}"
-    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    assert result.stdout.splitlines()[-1].startswith(f"cadiff train_ae: ok step={max_steps} ")
-    assert not psutil.pid_exists(killer.killed["pid"]) or psutil.Process(killer.killed["pid"]).status() == "zombie"
-    steps = metric_steps(run_dir)
-    restarts = resumed_from(steps)
-    # exactly one restart, from a registered checkpoint at or after the one seen at the kill (never step 0)
-    assert len(restarts) == 1, f"expected one restart, steps {steps}, kill {killer.killed}"
-    assert restarts[0] >= killer.killed["checkpoint"] > 0 and restarts[0] % 3 == 0, (steps, killer.killed)
-    assert_finished(run_dir, max_steps)
+                      f"run_name={strategy}", f"trainer.max_steps={max_steps}", "trainer.val_every=6",
+                      "trainer.ckpt_every=2", "trainer.max_failures=1")
+    result, killed = run_with_worker_kill(cmd, tmp_path, run_dir)
+    assert killed is not None, f"no worker was killed mid-run (steps {metric_steps(run_dir)}): {result.stderr[-3000:]}"
+    assert_ok(result, "train_ae", max_steps)
+    assert_worker_restored(run_dir, killed, ckpt_every=2)
+    record = finished(run_dir)
+    assert_finished(record, max_steps)
+    build_model(record["model_cfg"]).load_state_dict(record["state"])  # strict: every parameter gathered from its shards
+    assert list((run_dir / "checkpoints").glob("step_*/deepspeed")), "no DeepSpeed checkpoint was persisted"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one DDP run folder through four job runs: the driver SIGKILLed, the same command SIGTERMed, the same
+# command to the end, then its newest registered checkpoint damaged and the run extended by two steps
+
+CHAIN_STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def ddp_chain(sim_data_root, tmp_path_factory) -> dict:
+    """The job starts its own local Ray: a signalled driver must not disturb the suite's shared cluster.
+
+    Each phase records what the tests below assert on; a phase that went wrong shows in its own test.
+    """
+    tmp = tmp_path_factory.mktemp("ddp_chain")
+    run_dir = tmp / "train_ae" / "chain"
+    env = job_env()
+
+    def cmd(max_steps: int) -> list[str]:
+        return job_command("train_ae", *RUN_ARGS, "strategy=ddp", f"data.root={sim_data_root}", f"out_root={tmp}",
+                           "run_name=chain", f"trainer.max_steps={max_steps}", "trainer.val_every=8", "trainer.ckpt_every=2")
+
+    chain: dict = {}
+    proc, seen = interrupt_job(cmd(CHAIN_STEPS), tmp, run_dir, signal.SIGKILL, registered_step, env=env)
+    chain["kill"] = {"proc": proc, "seen": seen, "good": registered_step(run_dir), "steps": metric_steps(run_dir),
+                     "lock": (run_dir / ".cadiff.lock").exists(), "export": (run_dir / "export").exists()}
+
+    def newer_than_kill(d: Path) -> int:  # the SIGTERM waits for a checkpoint the first re-run registered
+        step = registered_step(d)
+        return step if step > chain["kill"]["good"] else 0
+
+    proc, seen = interrupt_job(cmd(CHAIN_STEPS), tmp, run_dir, signal.SIGTERM, newer_than_kill, env=env)
+    chain["term"] = {"proc": proc, "seen": seen, "good": registered_step(run_dir), "steps": metric_steps(run_dir),
+                     "export": (run_dir / "export").exists()}
+    proc = subprocess.run(cmd(CHAIN_STEPS), cwd=tmp, env=env, capture_output=True, text=True, timeout=400)
+    chain["rerun"] = {"proc": proc, **(finished(run_dir) if proc.returncode == 0 else {"steps": metric_steps(run_dir)})}
+    chain["damaged"] = damage_latest_and_rerun(cmd(CHAIN_STEPS + 2), tmp, run_dir, "tensor_data", env=env)
+    chain["damaged"]["finished"] = finished(run_dir) if chain["damaged"].get("exit_code") == 0 else None
+    chain["damaged"]["registered"] = registered_step(run_dir)
+    chain["damaged"]["kept"] = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    return chain
 
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_damaged_latest_registered_checkpoint_is_set_aside_and_the_rerun_resumes_the_previous(sim_data_root, tmp_path):
+def test_driver_sigkill_then_rerun_resumes(ddp_chain):
+    """SIGKILL of the driver (no handler runs, no lock released, its local Ray orphaned): the re-run takes over
+    the stale run lock and resumes from the last registered checkpoint."""
+    first, seen, good = ddp_chain["kill"]["proc"], ddp_chain["kill"]["seen"], ddp_chain["kill"]["good"]
+    assert seen.get("checkpoint", 0) > 0, f"never reached a registered checkpoint: {first.stdout}{first.stderr[-3000:]}"
+    assert first.returncode == -signal.SIGKILL, (first.returncode, first.stdout, first.stderr[-3000:])
+    assert ddp_chain["kill"]["lock"], "a SIGKILLed driver cannot release its run lock"
+    assert not ddp_chain["kill"]["export"]
+    assert good >= seen["checkpoint"]
+    # the re-run (SIGTERMed later, below) took the lock over and went on from `good`
+    term_steps = ddp_chain["term"]["steps"]
+    assert term_steps[-1] > ddp_chain["kill"]["steps"][-1] or ddp_chain["term"]["seen"].get("checkpoint", 0) > good, (
+        ddp_chain["term"]["proc"].stdout, ddp_chain["term"]["proc"].stderr[-3000:])
+    restarts = restarts_since(ddp_chain["kill"]["steps"], term_steps)
+    assert restarts in ([good], []), f"re-run did not resume from step {good}: {term_steps}"
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_driver_sigterm_then_rerun_resumes(ddp_chain):
+    first, seen, good = ddp_chain["term"]["proc"], ddp_chain["term"]["seen"], ddp_chain["term"]["good"]
+    assert seen.get("checkpoint", 0) > 0, f"never reached a new registered checkpoint: {first.stdout}{first.stderr[-3000:]}"
+    lines = [line for line in first.stdout.splitlines() if line.startswith("cadiff train_ae:")]
+    assert first.returncode == 130 and lines == ["cadiff train_ae: error: interrupted; re-run the same command to resume"], (
+        first.returncode, first.stdout, first.stderr[-3000:])
+    assert not seen["survivors"], f"processes outlived the interrupted driver: {seen['survivors']}"
+    assert not ddp_chain["term"]["export"]
+    assert good >= seen["checkpoint"]  # a checkpoint may still have registered during the graceful abort
+
+    rerun = ddp_chain["rerun"]
+    assert_ok(rerun["proc"], "train_ae", CHAIN_STEPS)
+    restarts = restarts_since(ddp_chain["term"]["steps"], rerun["steps"])
+    assert restarts in ([good], []), f"re-run did not resume from step {good}: {rerun['steps']}"
+    assert_finished(rerun, CHAIN_STEPS)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_damaged_latest_registered_checkpoint_is_set_aside_and_the_rerun_resumes_the_previous(ddp_chain):
     """DDP: 4 KiB inside model.pt of the newest registered checkpoint zeroed at equal size (it would load).
 
     The re-run's driver finds it by its sha256, sets it aside and drops it from Ray Train's record before the
     controller reads it; the workers verify the previous one and resume it; Ray Train's retention runs on.
     """
-    run_dir = tmp_path / "train_ae" / "dmg"
-
-    def cmd(max_steps: int) -> list[str]:
-        return job_command("train_ae", *RUN_ARGS, "strategy=ddp", f"data.root={sim_data_root}", f"out_root={tmp_path}",
-                           "run_name=dmg", f"trainer.max_steps={max_steps}", "trainer.val_every=6", "trainer.ckpt_every=2")
-
-    seen = rerun_after_damaging_latest(cmd(4), cmd(6), tmp_path, run_dir, "tensor_data")
-    assert seen["damaged"] == "step_00000004", seen
+    seen, last, previous = ddp_chain["damaged"], f"step_{CHAIN_STEPS:08d}", CHAIN_STEPS - 2
+    assert seen["damaged"] == last, seen
     assert seen["exit_code"] == 0, seen["stdout_tail"] + seen["stderr_tail"]
-    assert seen["line"].startswith("cadiff train_ae: ok step=6 "), seen
-    assert seen["resumed_from"] == [2] and seen["set_aside"] == [".corrupt_step_00000004"], seen
+    assert seen["line"].startswith(f"cadiff train_ae: ok step={CHAIN_STEPS + 2} "), seen
+    assert seen["resumed_from"] == [previous] and seen["set_aside"] == [f".corrupt_{last}"], seen
     assert any("model.pt fails its sha256 check" in line for line in seen["warnings"]), seen["warnings"]
-    assert registered_step(run_dir) == 6
-    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000006"]
-    assert_finished(run_dir, 6)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# driver interrupted, then the same command again
-
-
-@pytest.mark.slow
-@pytest.mark.ray
-def test_driver_sigterm_then_rerun_resumes(sim_data_root, tmp_path):
-    """The job starts its own local Ray: a signalled driver must not disturb the suite's shared cluster."""
-    max_steps = 6
-    run_dir = tmp_path / "train_ae" / "term"
-    env = job_env()
-    cmd = job_command("train_ae", *RUN_ARGS, "strategy=ddp", f"data.root={sim_data_root}", f"out_root={tmp_path}",
-                      "run_name=term", f"trainer.max_steps={max_steps}", "trainer.val_every=6", "trainer.ckpt_every=2")
-    first, seen = interrupt_job(cmd, tmp_path, run_dir, signal.SIGTERM, registered_step, env=env)
-    assert seen.get("checkpoint", 0) > 0, f"never reached a registered checkpoint: {first.stdout}{first.stderr[-3000:]}"
-    lines = [line for line in first.stdout.splitlines() if line.startswith("cadiff train_ae:")]
-    assert first.returncode == 130 and lines == ["cadiff train_ae: error: interrupted; re-run the same command to resume"], (
-        first.returncode, first.stdout, first.stderr[-3000:])
-    assert not seen["survivors"], f"processes outlived the interrupted driver: {seen['survivors']}"
-    assert not (run_dir / "export").exists()
-    good = registered_step(run_dir)  # a checkpoint may still have registered during the graceful abort
-    assert good >= seen["checkpoint"]
-
-    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
-    assert second.returncode == 0, second.stdout + second.stderr[-3000:]
-    assert second.stdout.splitlines()[-1].startswith(f"cadiff train_ae: ok step={max_steps} ")
-    steps = metric_steps(run_dir)
-    assert resumed_from(steps) in ([good], []), f"re-run did not resume from step {good}: {steps}"
-    assert_finished(run_dir, max_steps)
+    assert seen["registered"] == CHAIN_STEPS + 2
+    assert seen["kept"] == [last, f"step_{CHAIN_STEPS + 2:08d}"]
+    assert_finished(seen["finished"], CHAIN_STEPS + 2)
 
 
 def test_driver_sigint_single_strategy_then_crash_mid_checkpoint_then_rerun(sim_data_root, tmp_path):
@@ -174,7 +216,7 @@ def test_driver_sigint_single_strategy_then_crash_mid_checkpoint_then_rerun(sim_
     # resumed at good + 1 (no step goes back when the interrupt came right after checkpoint `good`)
     assert resumed_from(steps) in ([good], []), f"did not resume from step {good}: {steps}"
     assert not partial.exists(), "the half-written checkpoint was not cleaned up"
-    assert_finished(run_dir, max_steps)
+    assert_finished(finished(run_dir), max_steps)
 
 
 # ---------------------------------------------------------------------------------------------------------
