@@ -6,7 +6,14 @@ import errno
 
 import pytest
 
-from cadiff.testing.faults import describe_kept, disk_full_after, fail_on_call, snapshot
+from cadiff.testing.faults import (
+    damage_latest_and_rerun,
+    describe_kept,
+    disk_full_after,
+    fail_on_call,
+    restarts_since,
+    snapshot,
+)
 
 
 def test_describe_kept_reports_what_a_folder_holds_compared_with_before(tmp_path):
@@ -37,3 +44,17 @@ def test_fail_on_call_and_disk_full_after_raise_where_asked(tmp_path):
     with pytest.raises(OSError) as info:
         writer(iter(range(5)), tmp_path, "train")
     assert info.value.errno == errno.ENOSPC and "clips-000005.tar" in info.value.filename
+
+
+def test_restarts_since_sees_only_the_restarts_of_the_appended_run():
+    killed = [1, 2, 3, 4, 5]  # a first run killed at step 5, after checkpoint 4
+    resumed = [*killed, 3, 4, 5, 6]  # its re-run went on from checkpoint 2
+    assert restarts_since(killed, resumed) == [2]
+    assert restarts_since(resumed, [*resumed, 7, 8]) == []  # the next re-run went on from 6: no step went back
+    assert restarts_since(resumed, [*resumed, 5, 6]) == [4]
+    assert restarts_since([], [1, 2, 3]) == []
+
+
+def test_damage_latest_and_rerun_runs_nothing_without_a_checkpoint(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    assert damage_latest_and_rerun(["false"], tmp_path, tmp_path, "header") == {"damaged": None}
