@@ -126,11 +126,11 @@ def _rank_world() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def dist_mean(value: float, device: torch.device) -> float:
-    """Mean of a float over all ranks (identity without a process group)."""
+def dist_mean(value: float | torch.Tensor, device: torch.device) -> float:
+    """Mean of a float or 0-d tensor over all ranks (identity without a process group); a host sync."""
     if not (dist.is_available() and dist.is_initialized()):
         return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    t = torch.as_tensor(value, device=device).detach().to(torch.float64).reshape(1)
     dist.all_reduce(t)
     return float(t.item()) / dist.get_world_size()
 
@@ -278,7 +278,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     writer = MetricsWriter(run_dir / "metrics.jsonl", wandb_run, tensorboard) if rank == 0 else None
     progress = ProgressLine(tcfg.max_steps) if rank == 0 else None
     run_report = RunReport(run_dir, run.stage.job) if rank == 0 else None
-    window = {"loss": 0.0, "n": 0, "samples": 0, "wait": 0.0, "time": 0.0, "grad_norm": 0.0}
+    window = new_window()
     last_metrics: dict[str, Any] = {}
 
     if progress is not None:
@@ -291,19 +291,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t_start = time.perf_counter()
         done = train_step(strategy, batches, step, ema=ema, ema_every=cfg.ema.update_every)
         step += 1
-        window["loss"] += done.loss
-        window["grad_norm"] += done.grad_norm
-        window["samples"] += done.samples
-        window["n"] += 1
-        window["wait"] += done.data_wait_s
-        window["time"] += time.perf_counter() - t_start
+        accumulate(window, done, time.perf_counter() - t_start)
 
         is_last = step == end_step
         metrics: dict[str, Any] = {}
         if step % tcfg.log_every == 0 or is_last:
             metrics = _window_metrics(window, step, device, flops_fwd, peak, world, strategy.lr_at(step - 1))
-            window = dict.fromkeys(window, 0.0)
-            window["n"] = 0
+            window = new_window()
         if step % tcfg.val_every == 0 or is_last:
             metrics = metrics or {"step": step}
             metrics["val_loss"] = _val_loss(strategy, ema, val_x, cfg.seed, device)
@@ -356,6 +350,21 @@ def resume_state(run: WorkerRun, reporter: Reporter, strategy: Any, ema: EMA) ->
     if run.rank == 0:
         log.info("resumed from %s at step %d", folder, step)
     return step, rng
+
+
+def new_window() -> dict[str, Any]:
+    """Running sums between log steps; loss and grad norm stay device tensors until a log step reads them."""
+    return {"loss": 0.0, "grad_norm": 0.0, "n": 0, "samples": 0, "wait": 0.0, "time": 0.0}
+
+
+def accumulate(window: dict[str, Any], done: Any, seconds: float) -> None:
+    """Add one step's :class:`StepResult` to ``window`` without a host sync."""
+    window["loss"] = window["loss"] + done.loss
+    window["grad_norm"] = window["grad_norm"] + done.grad_norm
+    window["samples"] += done.samples
+    window["n"] += 1
+    window["wait"] += done.data_wait_s
+    window["time"] += seconds
 
 
 def _window_metrics(window: dict, step: int, device: torch.device, flops_fwd: float, peak: float, world: int, lr: float) -> dict:
