@@ -240,9 +240,11 @@ def write_markdown(rows: list[dict], meta: dict, anchors: dict, path: Path) -> N
             f"{r['warmup_s']:.1f} |")
     lines += [
         "",
-        "\"ratio to matmul\" is achieved FLOP/s over the same-process fp32 matmul (above 1 on this CPU: a 2-thread "
-        "2048^2 mm is no ceiling here, hence the speedup normalises voxels/s, not FLOP/s); the bf16 rows add the ratio "
-        "to a bf16 matmul (AMX where the CPU has it).",
+        "\"ratio to matmul\" is achieved FLOP/s over the same-process fp32 matmul (it can exceed 1 on this CPU: a "
+        "2-thread 2048^2 mm is no ceiling here, hence the speedup normalises voxels/s, not FLOP/s); the bf16 rows add "
+        "the ratio to a bf16 matmul (AMX where the CPU has it). The load average above is that of the whole machine: "
+        "work of other processes during a timed step slows it without lowering the matmul measured before it, so a "
+        "loaded run understates the speedup.",
         "",
         *goal_lines(rows, anchors),
         "",
