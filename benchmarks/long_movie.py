@@ -74,7 +74,7 @@ def train_dit(latents: torch.Tensor, steps: int, seed: int, batch: int = 8) -> t
     losses, start = [], time.perf_counter()
     for step in range(steps):
         idx = torch.randint(len(latents), (batch,), generator=generator)
-        losses.append(train_step(strategy, iter([latents[idx]]), step, generator=generator).loss)
+        losses.append(float(train_step(strategy, iter([latents[idx]]), step, generator=generator).loss))
     model.eval()
     return model, {"steps": steps, "seconds": time.perf_counter() - start,
                    "final_loss": float(np.mean(losses[-max(1, steps // 10):]))}

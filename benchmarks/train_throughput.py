@@ -3,19 +3,21 @@
 Each case is a short ``jobs/train_ae.py`` run (``run_training``, the job's own code path) on simulated clips:
 ``single`` (in-process, no Ray, the per-rank torch batch iterator), ``ddp`` with 1 and 2 workers, and
 DeepSpeed ZeRO-2, ZeRO-3 and FSDP2 with 2 workers (Ray Train + Ray Data streaming ingest). Every worker uses
-the same torch thread count (``--threads``, default 1), so "DDP 2 workers / single" compares equal per-worker
-compute. The numbers come from the runs' ``metrics.jsonl`` windows of ``--log-every`` steps: the first window
+the same torch thread count (``--threads``, default 1). DDP scaling is "DDP 2 workers / DDP 1 worker": both run
+the same Ray Train + Ray Data path, so only the worker count differs; ``single`` (in-process, another batch
+iterator, no Ray) is reported in its own row and line, never as the scaling baseline. The numbers come from the runs' ``metrics.jsonl`` windows of ``--log-every`` steps: the first window
 (process start, allocator and Ray Data warm-up) is dropped and the rest averaged. MFU divides the achieved
 FLOP/s (3x the counted forward FLOPs per sample, Kaplan et al. 2020, arXiv:2001.08361) by each worker's
 measured fp32 matmul FLOP/s at its thread count (cadiff/train/logging.py).
 
-Goals (issue 4): data wait < 2% of step time; DDP with 2 workers >= 1.6x single-worker samples/s where the
+Goals (issue 4): data wait < 2% of step time; DDP with 2 workers >= 1.6x DDP with 1 worker in samples/s where the
 cores allow it - on a 2-core host shared with other processes, 2 workers x 1 thread cannot reach that when
 the cores are busy, and the table says so rather than hiding it.
 
     python benchmarks/train_throughput.py                      # tiny config (ae_tiny), ~4-5 min on 2 cores
     python benchmarks/train_throughput.py --config default     # ae_default on 17x64x64 clips (slow on CPU)
-    python benchmarks/train_throughput.py --cases single ddp2  # a subset
+    python benchmarks/train_throughput.py --cases ddp1 ddp2    # a subset
+    python benchmarks/train_throughput.py --render             # re-summarise the saved JSON (no runs)
 
 Results: ``benchmarks/results/train_throughput.json`` and ``train_throughput.md`` (``--out`` to change).
 """
@@ -34,6 +36,9 @@ from pathlib import Path
 from statistics import mean
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cadiff.io import write_json_atomic, write_text_atomic  # noqa: E402
+
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -116,19 +121,22 @@ def run_case(name: str, args: argparse.Namespace, data_root: Path, out_root: Pat
     }
 
 
+def _ratio(two: dict, one: dict) -> tuple[float, float]:
+    """Samples/s ratio and the same per unit of the matmul rate each run measured (removes differing load)."""
+    return (two["samples_per_s"] / one["samples_per_s"],
+            (two["workers"] * two["mfu"]) / (one["workers"] * one["mfu"]))
+
+
 def summarize(rows: list[dict]) -> dict:
-    """Speedups against the single-process run and goal checks."""
+    """DDP scaling (2 workers over 1, same Ray path), the single-process run on its own, and goal checks."""
     by_case = {r["case"]: r for r in rows}
     out: dict = {}
-    for base in ("single", "ddp1"):
-        if base in by_case and "ddp2" in by_case:
-            two, one = by_case["ddp2"], by_case[base]
-            out[f"ddp2_vs_{base}"] = two["samples_per_s"] / one["samples_per_s"]
-            # per unit of the matmul rate each run measured: removes load that differed between the runs
-            out[f"ddp2_vs_{base}_per_peak"] = (two["workers"] * two["mfu"]) / (one["workers"] * one["mfu"])
+    if "ddp1" in by_case and "ddp2" in by_case:
+        out["ddp_scaling"], out["ddp_scaling_per_peak"] = _ratio(by_case["ddp2"], by_case["ddp1"])
+        out["ddp_speedup_goal_met"] = out["ddp_scaling"] >= DDP_SPEEDUP_GOAL
+    if "single" in by_case and "ddp1" in by_case:
+        out["ddp1_vs_single"], _ = _ratio(by_case["ddp1"], by_case["single"])
     out["data_wait_goal_met"] = {r["case"]: r["data_wait_frac"] < DATA_WAIT_GOAL for r in rows}
-    if "ddp2_vs_single" in out:
-        out["ddp_speedup_goal_met"] = out["ddp2_vs_single"] >= DDP_SPEEDUP_GOAL
     return out
 
 
@@ -144,21 +152,29 @@ def to_markdown(result: dict) -> str:
         "| data wait | run wall (s) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
-    for r in result["rows"]:
+    for r in (r for r in result["rows"] if r["case"] != "single"):
         lines.append(
             f"| {r['case']} | {r['strategy']} | {r['workers']} | {r['samples_per_s']:.2f} | {r['mfu']:.3f} | "
             f"{r['flops_per_s'] / 1e9:.2f} | {r['peak_flops_per_worker'] / 1e9:.1f} | "
             f"{100 * r['data_wait_frac']:.2f}% | {r['wall_s']:.0f} |"
         )
+    single = [r for r in result["rows"] if r["case"] == "single"]
+    if single:
+        r = single[0]
+        lines += ["", "Single process (`strategy=single`: in-process, no Ray, the deterministic batch iterator; not a "
+                  "scaling baseline):", "", "| case | samples/s | MFU | achieved GFLOP/s | measured peak GFLOP/s | "
+                  "data wait | run wall (s) |", "|---|---:|---:|---:|---:|---:|---:|",
+                  f"| single | {r['samples_per_s']:.2f} | {r['mfu']:.3f} | {r['flops_per_s'] / 1e9:.2f} | "
+                  f"{r['peak_flops_per_worker'] / 1e9:.1f} | {100 * r['data_wait_frac']:.2f}% | {r['wall_s']:.0f} |"]
     lines.append("")
-    if "ddp2_vs_single" in s:
+    if "ddp_scaling" in s:
         verdict = "met" if s["ddp_speedup_goal_met"] else "not met"
-        lines.append(f"- DDP 2 workers vs single process: **{s['ddp2_vs_single']:.2f}x** samples/s "
-                     f"(goal >= {DDP_SPEEDUP_GOAL}x: {verdict}); per unit of measured matmul rate "
-                     f"{s['ddp2_vs_single_per_peak']:.2f}x.")
-    if "ddp2_vs_ddp1" in s:
-        lines.append(f"- DDP 2 workers vs DDP 1 worker (same Ray Data ingest): **{s['ddp2_vs_ddp1']:.2f}x** "
-                     f"samples/s; per unit of measured matmul rate {s['ddp2_vs_ddp1_per_peak']:.2f}x.")
+        lines.append(f"- DDP scaling, 2 workers vs DDP 1 worker (same Ray Train + Ray Data path): "
+                     f"**{s['ddp_scaling']:.2f}x** samples/s (goal >= {DDP_SPEEDUP_GOAL}x: {verdict}); per unit of "
+                     f"measured matmul rate {s['ddp_scaling_per_peak']:.2f}x.")
+    if "ddp1_vs_single" in s:
+        lines.append(f"- DDP 1 worker vs single process: {s['ddp1_vs_single']:.2f}x samples/s (the two differ in "
+                     "batch iterator and process set-up, not in worker count).")
     missed = [c for c, ok in s["data_wait_goal_met"].items() if not ok]
     lines.append(f"- Data wait < {100 * DATA_WAIT_GOAL:.0f}% of step time: "
                  + ("met by every case." if not missed else f"missed by {', '.join(missed)}."))
@@ -179,7 +195,11 @@ def main() -> None:
     parser.add_argument("--movies", type=int, default=36)
     parser.add_argument("--data", type=Path, default=None, help="existing clip shards (default: simulate)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--render", action="store_true", help="re-summarise the saved results JSON, run nothing")
     args = parser.parse_args()
+    if args.render:
+        render(args.out / f"{_stem(args.config)}.json")
+        return
     if args.steps < 2 * args.log_every:
         parser.error("--steps must cover at least two --log-every windows (the first is warm-up)")
 
@@ -214,11 +234,26 @@ def main() -> None:
                 "with 6 movies (~7 steps per epoch) that alone made the data wait 3-10% of step time; with "
                 f"{args.movies} movies one epoch outlasts the measured steps, as on real datasets.",
     }  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "train_throughput" if args.config == "tiny" else f"train_throughput_{args.config}"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(to_markdown(result))
-    print(f"-> {args.out / stem}.json, .md")
+    _write(result, args.out / f"{_stem(args.config)}.json")
+
+
+def _stem(config: str) -> str:
+    return "train_throughput" if config == "tiny" else f"train_throughput_{config}"
+
+
+def _write(result: dict, path: Path) -> None:
+    write_json_atomic(path, result)
+    write_text_atomic(path.with_suffix(".md"), to_markdown(result))
+    print(f"-> {path}, .md")
+
+
+def render(path: Path) -> None:
+    """Recompute the summary and markdown of a saved run (the measured rows are kept as they are)."""
+    if not path.is_file():
+        sys.exit(f"train_throughput: error: {path}: no saved results to render (run the benchmark first)")
+    result = json.loads(path.read_text())
+    result["summary"] = summarize(result["rows"])
+    _write(result, path)
 
 
 if __name__ == "__main__":

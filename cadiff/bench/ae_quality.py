@@ -299,7 +299,7 @@ def train_autoencoder(kind: str, data: BenchData, cfg: BenchConfig, log_every: i
     losses: list[float] = []
     start = time.perf_counter()
     for step, batch in enumerate(train_batches(data, cfg)):
-        losses.append(train_step(strategy, iter([batch]), step, ema=ema, generator=generator).loss)
+        losses.append(float(train_step(strategy, iter([batch]), step, ema=ema, generator=generator).loss))
         if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
             log.info("%s step %d/%d loss %.4f (%.1f s)", kind, step + 1, cfg.steps, np.mean(losses[-log_every:]),
                      time.perf_counter() - start)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from cadiff.diffusion import samplers
 from cadiff.diffusion.flow import sample_time
-from cadiff.diffusion.samplers import Objective, broadcast_time
+from cadiff.diffusion.samplers import Objective, broadcast_time, draw_randn
 from cadiff.errors import ConfigError
 
 MIN_SNR_GAMMA = 5.0  # Hang et al. 2023, arXiv:2303.09556
@@ -143,7 +143,7 @@ class DDPM(Objective):
         """Mean squared error of the eps/v prediction (optionally min-SNR-gamma weighted)."""
         t = sample_time(x0.shape[0], self.time_sampler, self.logit_mean, self.logit_std, self.shift, generator,
                         x0.device).clamp(T_MIN, 1.0)
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        eps = draw_randn(x0.shape, generator, x0.device, x0.dtype)
         a, s = (broadcast_time(u, x0) for u in self.schedule.alpha_sigma(t.to(x0.dtype)))
         out = model_fn(a * x0 + s * eps, t)
         per_sample = (out.float() - self.target(x0, eps, t).float()).pow(2).flatten(1).mean(1)

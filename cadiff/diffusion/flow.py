@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from cadiff.diffusion import samplers
-from cadiff.diffusion.samplers import Objective, broadcast_time, shift_time
+from cadiff.diffusion.samplers import Objective, broadcast_time, draw_rand, draw_randn, shift_time
 
 __all__ = ["FlowMatching", "path", "velocity_target", "sample_time", "shift_time", "min_snr_weight",
            "gaussian_velocity_coeff", "gaussian_path_std"]
@@ -64,9 +64,9 @@ def sample_time(batch: int, kind: str = "logit_normal", logit_mean: float = 0.0,
                 device: torch.device | str | None = None) -> Tensor:
     """Draw ``[batch]`` training times in [0, 1]: ``uniform`` or ``logit_normal`` (sigmoid of N(m, s^2)), then shifted."""
     if kind == "uniform":
-        t = torch.rand(batch, generator=generator, device=device)
+        t = draw_rand((batch,), generator, device)
     elif kind == "logit_normal":
-        t = torch.sigmoid(logit_mean + logit_std * torch.randn(batch, generator=generator, device=device))
+        t = torch.sigmoid(logit_mean + logit_std * draw_randn((batch,), generator, device))
     else:
         raise ValueError(f"time sampler {kind!r}: expected 'uniform' or 'logit_normal'")
     return shift_time(t, shift)
@@ -113,7 +113,7 @@ class FlowMatching(Objective):
              generator: torch.Generator | None = None) -> Tensor:
         """Mean squared velocity error ``|| v(x_t, t) - (eps - x0) ||^2`` (optionally min-SNR weighted)."""
         t = self.sample_time(x0.shape[0], generator, x0.device)
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        eps = draw_randn(x0.shape, generator, x0.device, x0.dtype)
         pred = model_fn(path(x0, eps, t.to(x0.dtype)), t)
         per_sample = (pred.float() - velocity_target(x0, eps).float()).pow(2).flatten(1).mean(1)
         if self.loss_weighting == "min_snr":

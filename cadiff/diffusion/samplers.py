@@ -23,6 +23,21 @@ VelocityFn = Callable[[Tensor, Tensor], Tensor]
 PredictFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (x, t) -> (x0_hat, eps_hat)
 
 
+def draw_randn(shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None, device: torch.device | str | None,
+               dtype: torch.dtype | None = None) -> Tensor:
+    """Standard normal noise of ``shape`` on ``device``, drawn where ``generator`` lives (a CPU generator keeps
+    its stream for CUDA models too; drawing on CUDA with a CPU generator raises)."""
+    where = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, device=where, dtype=dtype).to(device)
+
+
+def draw_rand(shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None,
+              device: torch.device | str | None) -> Tensor:
+    """Uniform [0, 1) noise of ``shape`` on ``device``, drawn where ``generator`` lives (as :func:`draw_randn`)."""
+    where = generator.device if generator is not None else device
+    return torch.rand(tuple(shape), generator=generator, device=where).to(device)
+
+
 def broadcast_time(t: Tensor, x: Tensor) -> Tensor:
     """``t [B]`` as ``[B, 1, ..., 1]`` matching ``x``'s rank."""
     return t.reshape(-1, *([1] * (x.dim() - 1)))
@@ -134,7 +149,7 @@ def ddim(predict_fn: PredictFn, x: Tensor, schedule: VPSchedule, ts: list[float]
         c = eta * (s_n / s_t) * math.sqrt(max(0.0, 1.0 - (a_t / a_n) ** 2)) if eta > 0 else 0.0
         x = a_n * x0_hat + math.sqrt(max(0.0, s_n**2 - c**2)) * eps_hat
         if c > 0:
-            x = x + c * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + c * draw_randn(x.shape, generator, x.device, x.dtype)
     return x, nfe
 
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from cadiff.data.anscombe import anscombe, cached_anscombe_moments
 from cadiff.diffusion.flow import gaussian_path_std, gaussian_velocity_coeff, path, velocity_target
-from cadiff.diffusion.samplers import Objective
+from cadiff.diffusion.samplers import Objective, draw_randn
 from cadiff.errors import ModelError
 from cadiff.models.encoder import Encoder
 from cadiff.models.layers import count_forward_flops, map_frames
@@ -131,7 +131,7 @@ class CausalAutoencoder(nn.Module, ABC):
 
     @staticmethod
     def _draw(mean: Tensor, logvar: Tensor, generator: torch.Generator | None) -> Tensor:
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        noise = draw_randn(mean.shape, generator, mean.device, mean.dtype)
         return mean + torch.exp(0.5 * logvar) * noise
 
     def _latent_and_kl(self, x: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
@@ -169,13 +169,14 @@ class CausalAutoencoder(nn.Module, ABC):
             self._flops[key] = count_forward_flops(self.model_config, self._twin, type(self).flop_forward, key)
         return self._flops[key]
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Same as :meth:`training_loss`, so DDP/FSDP wrappers see the whole training step."""
         return self.training_loss(x, generator)
 
     @abstractmethod
-    def training_loss(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
-        """Scalar loss on a clip batch ``x`` and float metrics (random draws honour ``generator``)."""
+    def training_loss(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Scalar loss on a clip batch ``x`` and detached 0-d metric tensors (no host sync; random draws honour
+        ``generator``)."""
 
     @abstractmethod
     def probe_losses(self, x: Tensor, z: Tensor, eps: Tensor) -> dict[float | None, Tensor]:
@@ -188,7 +189,7 @@ class CausalAutoencoder(nn.Module, ABC):
         explains more of the clip. Per-time keys ``*_t10`` .. ``*_t90`` hold the loss at flow time 0.1 .. 0.9.
         """
         z = self.encode(x)
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        eps = draw_randn(x.shape, generator, x.device, x.dtype)
         out: dict[str, Tensor] = {}
         own = self.probe_losses(x, z, eps)
         out["loss_z"] = torch.stack(list(own.values())).mean()
@@ -295,8 +296,9 @@ class PixelNoise(nn.Module):
     def draw_counts(self, mu: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Normalized clip with Poisson photon counts + Gaussian read noise around the level of ``mu``."""
         level = self.photons(mu)
-        counts = torch.poisson(level, generator=generator)
-        x = counts + self.read_noise_photons * torch.randn(level.shape, generator=generator, device=level.device)
+        where = generator.device if generator is not None else level.device  # a CPU generator: draw there
+        counts = torch.poisson(level.to(where), generator=generator).to(level.device)
+        x = counts + self.read_noise_photons * draw_randn(level.shape, generator, level.device)
         if self.kind == "anscombe":
             x = anscombe(x, self.read_noise_photons)
         return ((x - self.center) / self.scale).to(mu.dtype)
@@ -454,7 +456,7 @@ class DiffusionAutoencoder(CausalAutoencoder):
 
     # training and validation ----------------------------------------------------------------------------
 
-    def training_loss(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
+    def training_loss(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Flow loss of the decoder given ``z ~ q(z|x)`` (+ ``mean_loss_weight`` * L2 of the mean head) + KL."""
         z, kl = self._latent_and_kl(x, generator)
         metrics: dict[str, Tensor] = {}
@@ -470,7 +472,7 @@ class DiffusionAutoencoder(CausalAutoencoder):
             loss = diffusion_loss + self.kl_weight * kl
         metrics.update(loss=loss.detach(), loss_diffusion=diffusion_loss.detach(), kl=kl.detach(),
                        z_std=z.detach().float().std())
-        return loss, {k: float(v) for k, v in metrics.items()}
+        return loss, metrics
 
     def probe_losses(self, x: Tensor, z: Tensor, eps: Tensor) -> dict[float | None, Tensor]:
         """Velocity MSE at each of :data:`VAL_TIMES` for latent ``z`` with fixed noise ``eps`` (latent-use probe)."""
@@ -489,7 +491,7 @@ class DiffusionAutoencoder(CausalAutoencoder):
         """Sample ``x ~ p(x | z)``: integrate from fresh noise (drawn with ``generator``) to t = 0."""
         self._check_latent(z)
         shape = (z.shape[0], *self.clip_shape_for(tuple(z.shape[1:])))
-        noise = torch.randn(shape, generator=generator, device=z.device, dtype=z.dtype)
+        noise = draw_randn(shape, generator, z.device, z.dtype)
         with torch.no_grad():
             if self.decoder_form != "mean_flow":
                 x, self.last_nfe = self.objective.sample(self._velocity_fn(z), noise, sampler, num_steps, generator)
@@ -534,14 +536,14 @@ class RegressionAutoencoder(CausalAutoencoder):
         mean, _ = self.encoder(x)
         return self._decode(mean)
 
-    def training_loss(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
+    def training_loss(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Pixel L2 (MSE) or L1 of the deterministic reconstruction, plus ``kl_weight * KL``."""
         z, kl = self._latent_and_kl(x, generator)
         err = self._decode(z).float() - x.float()
         recon = err.pow(2).mean() if self.regression_loss == "l2" else err.abs().mean()
         loss = recon + self.kl_weight * kl
-        metrics = {"loss": float(loss.detach()), "loss_recon": float(recon.detach()), "kl": float(kl.detach()),
-                   "z_std": float(z.detach().float().std())}
+        metrics = {"loss": loss.detach(), "loss_recon": recon.detach(), "kl": kl.detach(),
+                   "z_std": z.detach().float().std()}
         return loss, metrics
 
     def decode(self, z: Tensor, sampler: str | None = None, num_steps: int | None = None,

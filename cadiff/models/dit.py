@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cadiff.diffusion.samplers import Objective
+from cadiff.diffusion.samplers import Objective, draw_randn
 from cadiff.errors import ConfigError, ModelError
 from cadiff.models.layers import (
     Attention,
@@ -182,18 +182,18 @@ class LatentDiffusion(nn.Module):
         self._flops: dict[tuple[int, ...], float] = {}
 
     def forward(self, z: Tensor, generator: torch.Generator | None = None,
-                cond: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+                cond: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Same as :meth:`training_loss`, so DDP/FSDP wrappers see the whole training step."""
         return self.training_loss(z, generator, cond)
 
     def training_loss(self, z: Tensor, generator: torch.Generator | None = None,
-                      cond: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
-        """Objective loss of the DiT on a latent batch ``z [B, C, T, H, W]``."""
+                      cond: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Objective loss of the DiT on a latent batch ``z [B, C, T, H, W]`` and its detached copy (no host sync)."""
         if z.dim() != 5:
             raise ModelError(f"latent batch of shape {tuple(z.shape)}: expected [B, C, T, H, W]")
         self.dit.token_grid(tuple(z.shape[1:]))
         loss = self.objective.loss(lambda x_t, t: self.dit(x_t, t, cond), z, generator)
-        return loss, {"loss": float(loss.detach())}
+        return loss, {"loss": loss.detach()}
 
     def sample(self, shape: tuple[int, ...] | list[int], sampler: str | None = None, num_steps: int | None = None,
                generator: torch.Generator | None = None, cond: Tensor | None = None,
@@ -209,7 +209,7 @@ class LatentDiffusion(nn.Module):
             raise ModelError(f"sample shape {tuple(shape)}: expected [B, C, T, H, W]")
         self.dit.token_grid(tuple(shape[1:]))
         param = next(self.parameters())
-        noise = torch.randn(tuple(shape), generator=generator, device=param.device, dtype=param.dtype)
+        noise = draw_randn(tuple(shape), generator, param.device, param.dtype)
         model_fn = lambda x_t, t: self.dit(x_t, t, cond)  # noqa: E731
         if context is not None:
             model_fn = self._with_context(model_fn, context.to(noise), noise, tuple(shape))

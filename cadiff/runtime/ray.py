@@ -13,14 +13,30 @@ import copy
 import logging
 import os
 import signal
+import sys
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
+from cadiff.errors import ConfigError
 from cadiff.runtime.heartbeat import heartbeat
 
 log = logging.getLogger(__name__)
+
+# cadiff's training code is written against Ray Train V2 (default only in recent Ray; pyproject allows older)
+TRAIN_V2_ENV = {"RAY_TRAIN_V2_ENABLED": "1"}
+
+
+def require_train_v2() -> None:
+    """Select Ray Train V2 in this driver (before ``ray.train`` is imported: it picks its API at import)."""
+    if os.environ.get("RAY_TRAIN_V2_ENABLED", "1") != "1":
+        log.warning("RAY_TRAIN_V2_ENABLED=%s overridden to 1: cadiff needs Ray Train V2",
+                    os.environ["RAY_TRAIN_V2_ENABLED"])
+    os.environ.update(TRAIN_V2_ENV)
+    if "ray.train" in sys.modules and "ray.train.v2.api.config" not in sys.modules:
+        raise ConfigError("ray.train was imported with Ray Train V1 before cadiff set RAY_TRAIN_V2_ENABLED=1; "
+                          "set RAY_TRAIN_V2_ENABLED=1 in the environment of this process")
 
 
 def init_ray(ray_cfg: Any, state_api: bool = False, log_to_driver: bool = True, data_progress: bool = False) -> None:
@@ -35,12 +51,15 @@ def init_ray(ray_cfg: Any, state_api: bool = False, log_to_driver: bool = True, 
     """
     import ray
 
+    require_train_v2()
     if ray.is_initialized():
         return
     _configure_ray_data(data_progress)
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True, logging_level=ray_cfg.log_level)
+        # the workers of an existing cluster read the flag too (Ray merges this with a submitted job's env)
+        ray.init(address=address, log_to_driver=True, logging_level=ray_cfg.log_level,
+                 runtime_env={"env_vars": dict(TRAIN_V2_ENV)})
         if state_api:
             _start_autoscaling_coordinator()
         _sigterm_as_sigint()
@@ -89,7 +108,7 @@ def _start_autoscaling_coordinator() -> None:
 def local_env_vars(log_level: str, data_progress: bool) -> dict[str, str]:
     """Environment of every process of a local cluster cadiff starts."""
     env = {
-        "RAY_TRAIN_V2_ENABLED": "1",
+        **TRAIN_V2_ENV,
         # the watcher polls for node preemption notices, which a one-machine cluster never gets
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     }

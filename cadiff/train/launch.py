@@ -28,7 +28,7 @@ from cadiff.errors import CadiffError, ConfigError
 from cadiff.io import folder_lock, read_jsonl, write_json_atomic
 from cadiff.runinfo import record_run
 from cadiff.runtime.heartbeat import HEARTBEAT_S, heartbeat
-from cadiff.runtime.ray import init_ray, train_logging_config
+from cadiff.runtime.ray import init_ray, require_train_v2, train_logging_config
 from cadiff.train.checkpoint import prepare_resume
 from cadiff.train.loop import train_loop_per_worker
 from cadiff.train.stage import DataInfo, Stage, get_stage
@@ -202,6 +202,7 @@ def run_training(cfg: Any, stage: Stage | str) -> tuple[str, str]:
         with planned_run(cfg, stage, use_ray=False) as plan:
             train_loop_per_worker(plan.payload(use_ray=False))
             return summarize(plan.run_dir)
+    require_train_v2()
     import ray.train
 
     init_ray(cfg.ray, state_api=True)  # Ray Train's placement-group cleaner queries the State API

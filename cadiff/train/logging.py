@@ -24,8 +24,31 @@ from cadiff.runtime.video import video_grid, write_video
 
 log = logging.getLogger(__name__)
 
-# Dense bf16 peak FLOP/s of common accelerators (vendor data sheets), used when trainer.peak_flops is unset.
-GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "V100": 125e12, "T4": 65e12}
+# Dense peak FLOP/s per precision of common accelerators (vendor data sheets; SXM parts; fp32 = CUDA-core FP32,
+# which torch uses for fp32 matmuls unless TF32 is allowed), used when trainer.peak_flops is unset. V100 and T4
+# have no bf16 tensor cores: their bf16 runs are held to the fp32 peak.
+GPU_PEAK_FLOPS = {
+    "H100": {"bf16": 989e12, "fp32": 67e12},
+    "H200": {"bf16": 989e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "fp32": 19.5e12},
+    "L40S": {"bf16": 362e12, "fp32": 91.6e12},
+    "L4": {"bf16": 121e12, "fp32": 30.3e12},
+    "A10": {"bf16": 125e12, "fp32": 31.2e12},
+    "V100": {"bf16": 15.7e12, "fp32": 15.7e12},
+    "T4": {"bf16": 8.1e12, "fp32": 8.1e12},
+}
+
+
+def gpu_peak_flops(name: str, precision: str) -> float | None:
+    """The table's peak for a CUDA device name (``"NVIDIA A100-SXM4-80GB"``) at ``precision`` (bf16 | fp32).
+
+    A model matches a whole word of the name (split at spaces and dashes): "L4" is not "L40S".
+    """
+    words = set(name.upper().replace("-", " ").split())
+    for model, peaks in GPU_PEAK_FLOPS.items():
+        if model in words:
+            return peaks["bf16" if precision == "bf16" else "fp32"]
+    return None
 
 
 def measure_matmul_flops(size: int = 1024, repeats: int = 5, device: str | torch.device = "cpu") -> float:
@@ -46,16 +69,13 @@ def measure_matmul_flops(size: int = 1024, repeats: int = 5, device: str | torch
     return 2.0 * size**3 / best
 
 
-def peak_flops_for(device: torch.device, configured: float | None) -> float:
-    """Peak FLOP/s used for MFU: configured value, the GPU table, or the measured CPU matmul rate."""
+def peak_flops_for(device: torch.device, configured: float | None, precision: str = "fp32") -> float:
+    """Peak FLOP/s used for MFU: configured value, the GPU table at the run's precision, or a measured matmul."""
     if configured:
         return float(configured)
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return value
-        return measure_matmul_flops(4096, device=device)
+        peak = gpu_peak_flops(torch.cuda.get_device_name(device), precision)
+        return peak if peak is not None else measure_matmul_flops(4096, device=device)
     return measure_matmul_flops()
 
 

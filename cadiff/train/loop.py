@@ -126,11 +126,11 @@ def _rank_world() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def dist_mean(value: float, device: torch.device) -> float:
-    """Mean of a float over all ranks (identity without a process group)."""
+def dist_mean(value: float | torch.Tensor, device: torch.device) -> float:
+    """Mean of a float or 0-d tensor over all ranks (identity without a process group); a host sync."""
     if not (dist.is_available() and dist.is_initialized()):
         return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    t = torch.as_tensor(value, device=device).detach().to(torch.float64).reshape(1)
     dist.all_reduce(t)
     return float(t.item()) / dist.get_world_size()
 
@@ -141,24 +141,52 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict[str, Any]:
+def worker_device(use_ray: bool, gpus_per_worker: float) -> torch.device:
+    """This worker's device: Ray Train's (``ray.train.torch.get_device``: right under fractional GPUs and per-worker
+    ``CUDA_VISIBLE_DEVICES``), the current CUDA device in a single process, or the CPU."""
+    if gpus_per_worker <= 0 or not torch.cuda.is_available():
+        return torch.device("cpu")
+    if use_ray:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def use_deterministic_cuda(device: torch.device, deterministic: bool) -> None:
+    """Under ``data.deterministic=true`` on CUDA: deterministic kernels, no cuDNN autotuning, a fixed cuBLAS
+    workspace (set before the first cuBLAS call), so a resumed run repeats an uninterrupted one bit for bit."""
+    if not deterministic or device.type != "cuda":
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Host RNG streams and, on a CUDA worker, the stream of this worker's own device (no context on any other)."""
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     random.setstate(_as_python_state(state["python"]))
     np_state = state["numpy"]
     np.random.set_state(tuple(np_state) if isinstance(np_state, list) else np_state)
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # checkpoints before this version held every visible GPU's state
+            cuda = cuda[device.index or 0] if len(cuda) > (device.index or 0) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
 
 
 def _as_python_state(state: Any) -> tuple:
@@ -243,7 +271,7 @@ class WorkerRun:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Train one stage; ``config`` is the driver's ``RunPlan.payload``."""
-    rank, world, local_rank = _rank_world()
+    rank, world, _ = _rank_world()
     run = WorkerRun.from_payload(config, rank, world)
     if run.use_ray:
         ensure_worker_logging()
@@ -251,7 +279,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg, tcfg, run_dir = run.cfg, run.cfg.trainer, run.run_dir
     threads = tcfg.threads_per_worker or max(1, int(np.ceil(tcfg.cpus_per_worker)))
     torch.set_num_threads(threads)
-    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() and tcfg.gpus_per_worker > 0 else torch.device("cpu")
+    device = worker_device(run.use_ray, tcfg.gpus_per_worker)
+    use_deterministic_cuda(device, run.stage.data_cfg(cfg).deterministic)
     _seed_everything(cfg.seed + 1000 * rank)
 
     model = build_model(run.model_config)
@@ -271,39 +300,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                              start_batch=step * tcfg.grad_accum)
     val_x = pipeline.val_batch(data_cfg.root, data_cfg.num_val_clips, data_cfg, kind=run.stage.kind).to(device)
     flops_fwd = float(model.flops_per_sample(run.data.sample_shape))
-    peak = peak_flops_for(device, tcfg.peak_flops)
+    peak = peak_flops_for(device, tcfg.peak_flops, strategy.precision)
 
     wandb_run = start_wandb(cfg.logger, run_dir, run_dir.name, config["cfg"]) if rank == 0 else None
     tensorboard = start_tensorboard(cfg.logger, run_dir, config["cfg"], step) if rank == 0 else None
     writer = MetricsWriter(run_dir / "metrics.jsonl", wandb_run, tensorboard) if rank == 0 else None
     progress = ProgressLine(tcfg.max_steps) if rank == 0 else None
     run_report = RunReport(run_dir, run.stage.job) if rank == 0 else None
-    window = {"loss": 0.0, "n": 0, "samples": 0, "wait": 0.0, "time": 0.0, "grad_norm": 0.0}
+    window = new_window()
     last_metrics: dict[str, Any] = {}
 
     if progress is not None:
         progress.start_heartbeat(lambda: step)
     if resumed_rng is not None:
-        set_rng_state(resumed_rng)  # last, so nothing set up after loading draws from the restored streams
+        set_rng_state(resumed_rng, device)  # last, so nothing set up after loading draws from the restored streams
     # stop_at_step ends this session early (checkpoint + export) without changing the LR schedule of max_steps
     end_step = min(tcfg.max_steps, tcfg.stop_at_step or tcfg.max_steps)
     while step < end_step:
         t_start = time.perf_counter()
         done = train_step(strategy, batches, step, ema=ema, ema_every=cfg.ema.update_every)
         step += 1
-        window["loss"] += done.loss
-        window["grad_norm"] += done.grad_norm
-        window["samples"] += done.samples
-        window["n"] += 1
-        window["wait"] += done.data_wait_s
-        window["time"] += time.perf_counter() - t_start
+        accumulate(window, done, time.perf_counter() - t_start)
 
         is_last = step == end_step
         metrics: dict[str, Any] = {}
         if step % tcfg.log_every == 0 or is_last:
             metrics = _window_metrics(window, step, device, flops_fwd, peak, world, strategy.lr_at(step - 1))
-            window = dict.fromkeys(window, 0.0)
-            window["n"] = 0
+            window = new_window()
         if step % tcfg.val_every == 0 or is_last:
             metrics = metrics or {"step": step}
             metrics["val_loss"] = _val_loss(strategy, ema, val_x, cfg.seed, device)
@@ -322,7 +345,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 log.info("%s", progress.format(metrics))
         ckpt_due = step % tcfg.ckpt_every == 0 or is_last
         if ckpt_due:
-            extra = {"step": step, "ema": ema.state_dict(), "rng": rng_state(), "data_position": step * tcfg.grad_accum}
+            extra = {"step": step, "ema": ema.state_dict(), "rng": rng_state(device), "data_position": step * tcfg.grad_accum}
             reporter.report(
                 metrics or {"step": step},
                 write_checkpoint=lambda d, extra=extra: strategy.save(d, extra),
@@ -356,6 +379,21 @@ def resume_state(run: WorkerRun, reporter: Reporter, strategy: Any, ema: EMA) ->
     if run.rank == 0:
         log.info("resumed from %s at step %d", folder, step)
     return step, rng
+
+
+def new_window() -> dict[str, Any]:
+    """Running sums between log steps; loss and grad norm stay device tensors until a log step reads them."""
+    return {"loss": 0.0, "grad_norm": 0.0, "n": 0, "samples": 0, "wait": 0.0, "time": 0.0}
+
+
+def accumulate(window: dict[str, Any], done: Any, seconds: float) -> None:
+    """Add one step's :class:`StepResult` to ``window`` without a host sync."""
+    window["loss"] = window["loss"] + done.loss
+    window["grad_norm"] = window["grad_norm"] + done.grad_norm
+    window["samples"] += done.samples
+    window["n"] += 1
+    window["wait"] += done.data_wait_s
+    window["time"] += seconds
 
 
 def _window_metrics(window: dict, step: int, device: torch.device, flops_fwd: float, peak: float, world: int, lr: float) -> dict:
@@ -436,7 +474,8 @@ def _log_media(run: WorkerRun, strategy: Any, ema: Any, val_x: torch.Tensor, ste
             run.stage.log_media(plain.to(val_x.device), val_x, run.data, run.run_dir / "media", step, run.cfg.logger,
                                 wandb_run)
         except Exception as exc:  # noqa: BLE001 - a failed preview must not kill a training run
-            log.warning("media logging failed at step %d: %s", step, exc)
+            log.warning("media logging failed at step %d (the run goes on without this preview): %s: %s", step,
+                        type(exc).__name__, exc)
 
 
 def _export(run: WorkerRun, strategy: Any, ema: Any, step: int, last_metrics: dict[str, Any]) -> None:

@@ -288,8 +288,9 @@ class Strategy:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def clip_and_step(self, step: int) -> float:
-        """Apply the LR of ``step``, clip by ``trainer.grad_clip``, step and zero grads; returns the pre-clip grad norm."""
+    def clip_and_step(self, step: int) -> torch.Tensor:
+        """Apply the LR of ``step``, clip by ``trainer.grad_clip``, step and zero grads; returns the pre-clip grad norm
+        (a 0-d tensor on the device: reading it is the caller's host sync)."""
         self._check_micro_steps()
         self._set_lr(step)
         params = [p for p in self.module.parameters() if p.grad is not None]
@@ -300,7 +301,7 @@ class Strategy:
             torch.nn.utils.clip_grads_with_norm_(params, float(self.trainer_cfg.grad_clip), total)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(total)
+        return total.detach()
 
     # -- EMA and full weights ---------------------------------------------------------------------------
 
@@ -542,12 +543,12 @@ class DeepSpeedStrategy(Strategy):
         if self._micro < self.grad_accum:
             self.engine.step()
 
-    def clip_and_step(self, step: int) -> float:
+    def clip_and_step(self, step: int) -> torch.Tensor:
         self._check_micro_steps()
         self._set_lr(step)  # the ZeRO optimizer shares param_groups with the torch AdamW passed in
         self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        return float("nan") if norm is None else float(norm)
+        norm = self.engine.get_global_grad_norm()  # DeepSpeed computes it as a host float (its own sync)
+        return torch.as_tensor(float("nan") if norm is None else norm).detach()
 
     def ema_tensors(self) -> dict[str, torch.Tensor]:
         """Full parameters for ZeRO-1/2; this rank's flat partition (``param.ds_tensor``) for ZeRO-3."""

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from cadiff.config import compose
 from cadiff.errors import CadiffError, ConfigError
 from cadiff.io import atomic_path, write_text_atomic
-from cadiff.runtime.ray import init_ray
+from cadiff.runtime.ray import init_ray, require_train_v2
 from cadiff.train.launch import build_trainer, planned_run
 from cadiff.train.stage import get_stage
 from cadiff.tune.report import column_names, fmt_value, write_sweep_report
@@ -111,6 +111,7 @@ def _scheduler(cfg: Any, max_reports: int):
 
 def run_sweep(cfg: Any, argv: list[str]) -> tuple[str, str]:
     """jobs/sweep.py: validate the space, run the Tune experiment, write table, plots and the best config."""
+    require_train_v2()
     from ray import tune
 
     base = forwarded_overrides(argv)

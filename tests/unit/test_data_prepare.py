@@ -513,7 +513,7 @@ def test_raw_unit_data_trains_with_a_homoscedastic_noise_model(raw_data_root, ca
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # two tiny steps: threads only add overhead on a shared machine
     try:
-        losses = [train_step(strategy, batches, step, generator=generator).loss for step in range(2)]
+        losses = [float(train_step(strategy, batches, step, generator=generator).loss) for step in range(2)]
     finally:
         torch.set_num_threads(threads)
     assert all(np.isfinite(losses)), losses

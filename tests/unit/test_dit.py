@@ -98,7 +98,8 @@ def test_latent_diffusion_api_and_conditioning() -> None:
     z = torch.randn(2, 4, 5, 8, 8)
     cond = torch.randn(2, 3)
     loss, metrics = model.training_loss(z, torch.Generator().manual_seed(0), cond=cond)
-    assert loss.dim() == 0 and metrics["loss"] == pytest.approx(float(loss.detach()))
+    assert loss.dim() == 0 and float(metrics["loss"]) == pytest.approx(float(loss.detach()))
+    assert not metrics["loss"].requires_grad and metrics["loss"].dim() == 0
     loss.backward()
     # adaLN-Zero: the zeroed final projection still receives gradient, so the model can leave zero
     assert model.dit.final_layer.linear.weight.grad.abs().sum() > 0

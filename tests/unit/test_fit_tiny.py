@@ -23,7 +23,7 @@ def _fit(model: torch.nn.Module, batch: torch.Tensor, steps: int, lr: float) -> 
     strategy = build_strategy(StrategyConfig(name="single"), trainer)
     strategy.setup(TrainingModule(model), torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
-    return [train_step(strategy, lambda micro: batch, step, generator=g).loss for step in range(steps)]
+    return [float(train_step(strategy, lambda micro: batch, step, generator=g).loss) for step in range(steps)]
 
 
 def _anscombe_clips(seeds: list[int]) -> tuple[torch.Tensor, dict]:

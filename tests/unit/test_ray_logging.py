@@ -65,11 +65,11 @@ def test_data_jobs_keep_ray_data_progress(fake_ray_init):
     assert ray.data.DataContext.get_current().enable_progress_bars is True
 
 
-def test_joining_a_cluster_sets_only_the_log_level(fake_ray_init, monkeypatch):
+def test_joining_a_cluster_sets_only_the_log_level_and_train_v2(fake_ray_init, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     ray_runtime.init_ray(RayConfig(log_level="ERROR"), state_api=True)
-    assert fake_ray_init == [{"address": "127.0.0.1:6379", "log_to_driver": True, "logging_level": "ERROR"},
-                             "coordinator"]
+    assert fake_ray_init == [{"address": "127.0.0.1:6379", "log_to_driver": True, "logging_level": "ERROR",
+                              "runtime_env": {"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}}}, "coordinator"]
 
 
 def test_ray_data_config_file_quiets_its_console_only(monkeypatch):

@@ -113,10 +113,10 @@ def train(strategy, rank: int, start: int, stop: int, ema=None, data=batch, on_s
     for step in range(start, stop):
         done = train_step(strategy, lambda micro, step=step: data(rank, step, micro), step, ema=ema)
         if norms is not None:
-            norms.append(done.grad_norm)
+            norms.append(float(done.grad_norm))
         if on_step is not None:
             on_step(step + 1)
-        losses.append(done.loss)
+        losses.append(float(done.loss))
     return losses
 
 
