@@ -993,8 +993,9 @@ def _mark(ok: bool, note: str | None = None) -> str:
     return "met" if ok else "**NOT met**" + (f" ({note})" if note else "")
 
 
-def render_suite_markdown(suite: dict[str, Any]) -> str:
-    """ae_quality.md: the summary over seeds per preset, every goal's verdict, then each preset's first run."""
+def render_suite_markdown(suite: dict[str, Any], name: str = "ae_quality") -> str:
+    """ae_quality.md: the summary over seeds per preset, every goal's verdict, then each preset's first run
+    (``name``: the output prefix's file name, which the figure names start with)."""
     cfg, presets, seeds = suite["config"], suite["presets"], suite["seeds"]
     v = suite["verdict"]
     lines = [
@@ -1025,8 +1026,8 @@ def render_suite_markdown(suite: dict[str, Any]) -> str:
         first = suite["runs"][preset][0]
         body = render_markdown(first).split("\n", 2)[2]  # drop the single run's title
         lines += [f"## Preset `{preset}`, seed {first['config']['seed']}", "", body,
-                  f"Figures: `ae_quality_{preset}_photon_transfer.png`, `ae_quality_{preset}_examples.png`, "
-                  f"`ae_quality_{preset}_samplers.png`, `ae_quality_{preset}_training.png`.", ""]
+                  f"Figures: `{name}_{preset}_photon_transfer.png`, `{name}_{preset}_examples.png`, "
+                  f"`{name}_{preset}_samplers.png`, `{name}_{preset}_training.png`.", ""]
     return "\n".join(lines)
 
 
@@ -1065,7 +1066,7 @@ def write_suite_results(suite: dict[str, Any], prefix: Path) -> dict[str, Any]:
                       for p, rs in suite["runs"].items()}
     public["figures"] = [Path(f).name for f in figures] or suite.get("figures", [])
     real_md = prefix.with_name(prefix.name + "_real.md")
-    write_text_atomic(prefix.with_suffix(".md"), render_suite_markdown(public))
+    write_text_atomic(prefix.with_suffix(".md"), render_suite_markdown(public, prefix.name))
     write_text_atomic(real_md, render_real_markdown(public))
     write_json_atomic(prefix.with_suffix(".json"), to_jsonable(public))
     return {"json": str(prefix.with_suffix(".json")), "md": str(prefix.with_suffix(".md")), "real_md": str(real_md),
