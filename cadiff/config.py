@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cadiff.diffusion.ddpm import DDPM
 from cadiff.diffusion.flow import FlowMatching
+from cadiff.diffusion.samplers import GRID_FORMS, parse_grid
 from cadiff.errors import ConfigError
 from cadiff.runinfo import SECRET_MARKERS
 
@@ -147,6 +148,8 @@ class DiffusionConfig:
     ddpm_prediction: str = "v"  # eps | v
     sampler: str = "euler"  # euler | heun | midpoint (flow); ddim | ancestral (ddpm)
     num_steps: int = 20
+    # sampling time grid (cadiff.diffusion.samplers.time_grid): uniform (then `shift`, as trained) | shift:S | rho:R
+    grid: str = "uniform"
 
 
 @dataclass
@@ -368,6 +371,7 @@ class SampleConfig:
     # None: the sampler and steps the stage-1 run recorded (model.diffusion.sampler / num_steps)
     decoder_sampler: Optional[str] = None
     decoder_steps: Optional[int] = None
+    decoder_grid: Optional[str] = None  # time grid (uniform | shift:S | rho:R); None: the stage-1 run's own
     num_ray_tasks: int = 0  # > 0: fan sampling out over this many Ray tasks
     # long movies (generate): None = the stage-2 training length; else N = 1 + k*s_t frames (s_t from the stage-1
     # export), rolled out in DiT chunks of the training length and streamed through the causal decoder
@@ -607,6 +611,14 @@ def _choice(key: str, value: Any, options: tuple) -> None:
     _require(value in options, key, value, f"one of {list(options)}")
 
 
+def _time_grid(key: str, value: Any) -> None:
+    """The one rule for a sampling time-grid spec (``model.diffusion.grid``, ``decoder_grid``)."""
+    try:
+        parse_grid(value)
+    except ConfigError:
+        _require(False, key, value, GRID_FORMS)
+
+
 def _is_pow2(n: int) -> bool:
     return n >= 1 and (n & (n - 1)) == 0
 
@@ -622,6 +634,7 @@ def validate_diffusion(d: Any, prefix: str) -> None:
     samplers = FlowMatching.samplers if d.objective == "flow" else DDPM.samplers
     _choice(f"{prefix}.sampler", d.sampler, samplers)
     _require(d.num_steps >= 1, f"{prefix}.num_steps", d.num_steps, "an integer >= 1 (NFE > 0)")
+    _time_grid(f"{prefix}.grid", d.grid)
 
 
 def validate_autoencoder(m: Any, prefix: str = "model") -> None:
@@ -857,6 +870,8 @@ def validate_sample(cfg: Any) -> None:
              ">= 1 (NFE > 0), or null for the stage-1 run's own")
     if cfg.decoder_sampler is not None:
         _choice("decoder_sampler", cfg.decoder_sampler, tuple(dict.fromkeys(FlowMatching.samplers + DDPM.samplers)))
+    if cfg.decoder_grid is not None:
+        _time_grid("decoder_grid", cfg.decoder_grid)
     _validate_long_movie(cfg)
 
 

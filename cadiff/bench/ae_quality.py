@@ -24,7 +24,10 @@ Reference rows calibrate the metrics at this clip size: ``oracle denoiser`` (the
 conditional mean), ``oracle resample`` (clean flux + a fresh Poisson-Gaussian draw, a perfect generative
 decoder) and ``ignores latent`` (each clip replaced by a real clip from another movie: perfect noise, no
 information about the input - the gain ratio alone cannot tell it from a good decoder; trace r and RMSE can).
-A sampler table reruns the DiffAE decoder with Euler / Heun / midpoint at NFE 5..50 on a subset.
+A sampler table reruns the DiffAE decoder with Euler / Heun / midpoint at NFE 5..50 on a subset, on each time grid
+of ``table_grids`` (``uniform``, ``shift:S``, ``rho:R``: :func:`cadiff.diffusion.samplers.time_grid`). The default
+decoder (mean head + analytic noise, no residual UNet) decodes in 0 NFE, so its table is flat; the table tells
+samplers and grids apart for decoders that integrate (``--override model.decoder_form=flow``).
 
 Goals (the stage-1 issue): gain ratio 0.95-1.05, noise variance ratio 0.90-1.10, trace r >= 0.95 x the
 regression AE's, latent use <= 0.20, correlation-image error <= the regression AE's and <= 0.5 x another clip's,
@@ -39,6 +42,8 @@ of the default decoder's noise metrics.
     python benchmarks/ae_quality.py              # the suite: <= 45 min on 2 cores
     python benchmarks/ae_quality.py --ablation   # decoder variants, default preset, seed 0
     python benchmarks/ae_quality.py --quick      # ~1 min smoke run, written to outputs/benchmarks/ae_quality_quick/
+    python benchmarks/ae_quality.py --presets default --seeds 0 --no-real --override model.decoder_form=flow \
+        --table-samplers euler heun --table-nfe 4 6 8 10 --table-grids uniform shift:0.5 rho:2   # grids vs NFE
 
 Results: ``benchmarks/results/ae_quality.json`` (top-level ``summary``), ``ae_quality.md``, ``ae_quality_real.md``
 and ``ae_quality_<preset>_*.png``.
@@ -68,6 +73,7 @@ from cadiff.data.anscombe import anscombe, inverse_anscombe, inverse_anscombe_un
 from cadiff.data.movie import to_photons
 from cadiff.data.noise import PhotonTransfer, estimate_photon_transfer
 from cadiff.data.simulate import GroundTruth, simulate_movie
+from cadiff.diffusion.samplers import parse_grid
 from cadiff.errors import ConfigError, DataError
 from cadiff.eval.metrics import evaluate_sets, local_correlation_image, photon_transfer, to_jsonable
 from cadiff.io import atomic_path, write_json_atomic, write_text_atomic
@@ -120,6 +126,7 @@ class BenchConfig:
     recon_steps: int = 10
     table_samplers: list[str] = field(default_factory=lambda: ["euler", "heun", "midpoint"])
     table_nfe: list[int] = field(default_factory=lambda: [5, 10, 20, 50])
+    table_grids: list[str] = field(default_factory=lambda: ["uniform"])  # sampling time grids of the table
     table_clips: int = 16
     eval_batch: int = 16
     seed: int = 0
@@ -313,7 +320,7 @@ def train_autoencoder(kind: str, data: BenchData, cfg: BenchConfig, log_every: i
 
 
 def reconstruct_clips(model: nn.Module, clips: np.ndarray, data: BenchData, sampler: str | None = None,
-                      num_steps: int | None = None, seed: int = 0, batch_size: int = 8
+                      num_steps: int | None = None, seed: int = 0, batch_size: int = 8, grid: str | None = None
                       ) -> tuple[np.ndarray, int, np.ndarray | None]:
     """Reconstruct photon clips ``[N, T, H, W]``: (photon reconstructions, decoder NFE, photon signal estimates).
 
@@ -326,7 +333,7 @@ def reconstruct_clips(model: nn.Module, clips: np.ndarray, data: BenchData, samp
         for i in range(0, len(clips), batch_size):
             x = torch.from_numpy(data.to_model(clips[i:i + batch_size]))[:, None]
             z = model.encode(x)
-            y = model.decode(z, sampler=sampler, num_steps=num_steps, generator=generator)
+            y = model.decode(z, sampler=sampler, num_steps=num_steps, generator=generator, grid=grid)
             out.append(data.to_photons(y[:, 0].double().numpy()))
             if model.has_signal_estimate:
                 estimates.append(data.to_photons(model.denoise(z)[:, 0].double().numpy(), estimate=True))
@@ -554,27 +561,30 @@ def latent_use(rmse_model: float, rmse_resample: float, rmse_other: float) -> fl
 
 
 def table_row(sampler: str, steps: int, nfe: int, s_per_clip: float | None, recon: np.ndarray,
-              evalset: EvalSet) -> dict[str, Any]:
+              evalset: EvalSet, grid: str | None = None) -> dict[str, Any]:
     """One sampler-table row: noise, correlation-image and clean-flux metrics of ``recon`` on ``evalset``."""
     gains = gain_metrics(recon, evalset.inputs, evalset.input_pt, evalset.input_gains)
-    return {"sampler": sampler, "steps": steps, "nfe": nfe, "s_per_clip": s_per_clip,
+    return {"sampler": sampler, "grid": grid, "steps": steps, "nfe": nfe, "s_per_clip": s_per_clip,
             "gain_ratio": gains["gain_ratio"], "gain_ratio_clip_median": gains["gain_ratio_clip_median"],
             "noise_var_ratio": gains["noise_var_ratio"], **corr_image_error(recon, evalset.inputs),
             "rmse_to_clean": rmse(recon, evalset.clean) if evalset.clean is not None else None}
 
 
 def sampler_table(model: nn.Module, evalset: EvalSet, data: BenchData, cfg: BenchConfig) -> list[dict[str, Any]]:
-    """Gain ratio and correlation-image error of the DiffAE decoder per sampler and NFE on ``evalset``."""
+    """Gain ratio and correlation-image error of the DiffAE decoder per sampler, time grid and NFE on ``evalset``
+    (every row decodes from the same noise draw)."""
     rows = []
     for sampler in cfg.table_samplers:
-        for target in cfg.table_nfe:
-            steps = steps_for_nfe(sampler, target)
-            start = time.perf_counter()
-            recon, nfe, _ = reconstruct_clips(model, evalset.inputs, data, sampler, steps, cfg.seed + 1, cfg.eval_batch)
-            row = table_row(sampler, steps, nfe, (time.perf_counter() - start) / len(recon), recon, evalset)
-            log.info("sampler %s NFE %d: gain ratio %s, corr-image error %.4f", sampler, nfe,
-                     _fmt(row["gain_ratio"]), row["corr_image_error"])
-            rows.append(row)
+        for grid in cfg.table_grids:
+            for target in cfg.table_nfe:
+                steps = steps_for_nfe(sampler, target)
+                start = time.perf_counter()
+                recon, nfe, _ = reconstruct_clips(model, evalset.inputs, data, sampler, steps, cfg.seed + 1,
+                                                  cfg.eval_batch, grid)
+                row = table_row(sampler, steps, nfe, (time.perf_counter() - start) / len(recon), recon, evalset, grid)
+                log.info("sampler %s grid %s NFE %d: gain ratio %s, corr-image error %.4f", sampler, grid, nfe,
+                         _fmt(row["gain_ratio"]), row["corr_image_error"])
+                rows.append(row)
     return rows
 
 
@@ -945,10 +955,10 @@ def render_markdown(res: dict[str, Any]) -> str:
     ]
     if res["sampler_table"]:
         lines += [f"## Sampler vs NFE (DiffAE decoder, {data['table_clips']} held-out clips)", "",
-                  "| sampler | steps | NFE | gain ratio | per-clip | noise var ratio | corr-image err | corr median "
-                  "| RMSE clean | s/clip |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| sampler | grid | steps | NFE | gain ratio | per-clip | noise var ratio | corr-image err "
+                  "| corr median | RMSE clean | s/clip |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["sampler_table"]:
-        lines.append(f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {_fmt(r['gain_ratio'])} | "
+        lines.append(f"| {r['sampler']} | {r.get('grid') or 'n/a'} | {r['steps']} | {r['nfe']} | {_fmt(r['gain_ratio'])} | "
                      f"{_fmt(r['gain_ratio_clip_median'])} | {_fmt(r['noise_var_ratio'])} | "
                      f"{_fmt(r['corr_image_error'], 4)} | "
                      f"{_fmt(r['corr_median_recon'])} | {_fmt(r['rmse_to_clean'])} | {_fmt(r['s_per_clip'])} |")
@@ -983,8 +993,9 @@ def _mark(ok: bool, note: str | None = None) -> str:
     return "met" if ok else "**NOT met**" + (f" ({note})" if note else "")
 
 
-def render_suite_markdown(suite: dict[str, Any]) -> str:
-    """ae_quality.md: the summary over seeds per preset, every goal's verdict, then each preset's first run."""
+def render_suite_markdown(suite: dict[str, Any], name: str = "ae_quality") -> str:
+    """ae_quality.md: the summary over seeds per preset, every goal's verdict, then each preset's first run
+    (``name``: the output prefix's file name, which the figure names start with)."""
     cfg, presets, seeds = suite["config"], suite["presets"], suite["seeds"]
     v = suite["verdict"]
     lines = [
@@ -1015,8 +1026,8 @@ def render_suite_markdown(suite: dict[str, Any]) -> str:
         first = suite["runs"][preset][0]
         body = render_markdown(first).split("\n", 2)[2]  # drop the single run's title
         lines += [f"## Preset `{preset}`, seed {first['config']['seed']}", "", body,
-                  f"Figures: `ae_quality_{preset}_photon_transfer.png`, `ae_quality_{preset}_examples.png`, "
-                  f"`ae_quality_{preset}_samplers.png`, `ae_quality_{preset}_training.png`.", ""]
+                  f"Figures: `{name}_{preset}_photon_transfer.png`, `{name}_{preset}_examples.png`, "
+                  f"`{name}_{preset}_samplers.png`, `{name}_{preset}_training.png`.", ""]
     return "\n".join(lines)
 
 
@@ -1055,7 +1066,7 @@ def write_suite_results(suite: dict[str, Any], prefix: Path) -> dict[str, Any]:
                       for p, rs in suite["runs"].items()}
     public["figures"] = [Path(f).name for f in figures] or suite.get("figures", [])
     real_md = prefix.with_name(prefix.name + "_real.md")
-    write_text_atomic(prefix.with_suffix(".md"), render_suite_markdown(public))
+    write_text_atomic(prefix.with_suffix(".md"), render_suite_markdown(public, prefix.name))
     write_text_atomic(real_md, render_real_markdown(public))
     write_json_atomic(prefix.with_suffix(".json"), to_jsonable(public))
     return {"json": str(prefix.with_suffix(".json")), "md": str(prefix.with_suffix(".md")), "real_md": str(real_md),
@@ -1131,10 +1142,12 @@ def write_figures(res: dict[str, Any], prefix: Path) -> list[str]:
     fig = Figure(figsize=(10, 4))
     ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     for sampler in res["config"]["table_samplers"]:
-        rows = [r for r in res["sampler_table"] if r["sampler"] == sampler]
-        nfe = [max(1, r["nfe"]) for r in rows]
-        ax1.plot(nfe, [np.nan if r["gain_ratio"] is None else r["gain_ratio"] for r in rows], "o-", label=sampler)
-        ax2.plot(nfe, [r["corr_image_error"] for r in rows], "o-", label=sampler)
+        for grid in res["config"].get("table_grids", ["uniform"]):
+            rows = [r for r in res["sampler_table"] if r["sampler"] == sampler and r.get("grid", "uniform") == grid]
+            nfe = [max(1, r["nfe"]) for r in rows]
+            label = sampler if grid == "uniform" else f"{sampler} {grid}"
+            ax1.plot(nfe, [np.nan if r["gain_ratio"] is None else r["gain_ratio"] for r in rows], "o-", label=label)
+            ax2.plot(nfe, [r["corr_image_error"] for r in rows], "o-", label=label)
     reg = [r for r in res["sampler_table"] if r["sampler"].startswith("regression")]
     if reg:
         if reg[0]["gain_ratio"] is not None:
@@ -1213,6 +1226,15 @@ def render_ablation(rows: dict[str, Any], cfg: BenchConfig) -> str:
     return "\n".join(lines + [""])
 
 
+def _grid_arg(spec: str) -> str:
+    """``--table-grids`` values are checked before any training (argparse prints the one-line error)."""
+    try:
+        parse_grid(spec)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return spec
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command line -> namespace with ``cfg`` (BenchConfig) and ``out`` (output prefix) filled in."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -1229,6 +1251,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int)
     p.add_argument("--recon-steps", type=int)
     p.add_argument("--table-nfe", type=int, nargs="+")
+    p.add_argument("--table-samplers", nargs="+", choices=sorted(FLOW_EVALS_PER_STEP))
+    p.add_argument("--table-grids", nargs="+", type=_grid_arg, help="sampling time grids: uniform | shift:S | rho:R")
     p.add_argument("--table-clips", type=int)
     p.add_argument("--normalization", choices=["photon", "anscombe"])
     p.add_argument("--precision", choices=["fp32", "bf16"])
@@ -1240,8 +1264,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="output prefix (default benchmarks/results/ae_quality)")
     a = p.parse_args(argv)
     cfg = BenchConfig(**(QUICK if a.quick else {}))
-    for name in ("steps", "batch_size", "lr", "threads", "recon_steps", "table_nfe", "table_clips",
-                 "normalization", "clip_side", "experiment", "precision", "noise_skip"):
+    for name in ("steps", "batch_size", "lr", "threads", "recon_steps", "table_nfe", "table_samplers", "table_grids",
+                 "table_clips", "normalization", "clip_side", "experiment", "precision", "noise_skip"):
         if getattr(a, name) is not None:
             setattr(cfg, name, getattr(a, name))
     if a.override:

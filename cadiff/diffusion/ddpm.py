@@ -102,8 +102,8 @@ class DDPM(Objective):
 
     def __init__(self, schedule: str = "cosine", prediction: str = "v", time_sampler: str = "uniform",
                  logit_mean: float = 0.0, logit_std: float = 1.0, shift: float = 1.0, loss_weighting: str = "none",
-                 sampler: str = "ddim", num_steps: int = 20) -> None:
-        super().__init__(sampler, num_steps)
+                 sampler: str = "ddim", num_steps: int = 20, grid: str = "uniform") -> None:
+        super().__init__(sampler, num_steps, grid)
         if schedule not in SCHEDULES:
             raise ConfigError(f"diffusion.ddpm_schedule = {schedule!r}: expected one of {sorted(SCHEDULES)}")
         if prediction not in ("eps", "v"):
@@ -117,7 +117,8 @@ class DDPM(Objective):
     def from_config(cls, cfg: Any) -> DDPM:
         """Build from a ``diffusion`` config (:class:`cadiff.config.DiffusionConfig` keys)."""
         return cls(cfg["ddpm_schedule"], cfg["ddpm_prediction"], cfg["time_sampler"], cfg["logit_mean"],
-                   cfg["logit_std"], cfg["shift"], cfg["loss_weighting"], cfg["sampler"], cfg["num_steps"])
+                   cfg["logit_std"], cfg["shift"], cfg["loss_weighting"], cfg["sampler"], cfg["num_steps"],
+                   cfg.get("grid") or "uniform")
 
     def target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """Regression target: ``eps`` or ``v = alpha eps - sigma x0``."""
@@ -160,13 +161,15 @@ class DDPM(Objective):
         return da * x0_hat + ds * eps_hat
 
     def sample(self, model_fn: Callable[[Tensor, Tensor], Tensor], noise: Tensor, sampler: str | None = None,
-               num_steps: int | None = None, generator: torch.Generator | None = None) -> tuple[Tensor, int]:
-        """DDIM/ancestral on the uniform t-grid, or Euler/Heun on the probability-flow ODE; returns (x0, nfe)."""
+               num_steps: int | None = None, generator: torch.Generator | None = None,
+               grid: str | None = None) -> tuple[Tensor, int]:
+        """DDIM/ancestral on the t-grid, or Euler/Heun on the probability-flow ODE; returns (x0, nfe)."""
         sampler, num_steps = self.resolve(sampler, num_steps)
+        grid = self.resolve_grid(grid)
         if sampler in samplers.VP_SAMPLERS:
             return samplers.sample_vp(lambda x, t: self.predict_x0_eps(model_fn(x, t), x, t), noise, self.schedule,
-                                      sampler, num_steps, generator)
-        ts = samplers.time_grid(num_steps)
+                                      sampler, num_steps, generator, grid)
+        ts = samplers.time_grid(num_steps, grid=grid)
         with torch.no_grad():
             if sampler == "euler":
                 return samplers.euler(lambda x, t: self.velocity(model_fn, x, t), noise, ts)

@@ -87,8 +87,9 @@ class FlowMatching(Objective):
     samplers = tuple(samplers.FLOW_SAMPLERS)
 
     def __init__(self, time_sampler: str = "logit_normal", logit_mean: float = 0.0, logit_std: float = 1.0,
-                 shift: float = 1.0, loss_weighting: str = "none", sampler: str = "euler", num_steps: int = 20) -> None:
-        super().__init__(sampler, num_steps)
+                 shift: float = 1.0, loss_weighting: str = "none", sampler: str = "euler", num_steps: int = 20,
+                 grid: str = "uniform") -> None:
+        super().__init__(sampler, num_steps, grid)
         self.time_sampler = time_sampler
         self.logit_mean = logit_mean
         self.logit_std = logit_std
@@ -99,7 +100,7 @@ class FlowMatching(Objective):
     def from_config(cls, cfg: Any) -> FlowMatching:
         """Build from a ``diffusion`` config (:class:`cadiff.config.DiffusionConfig` keys)."""
         return cls(cfg["time_sampler"], cfg["logit_mean"], cfg["logit_std"], cfg["shift"], cfg["loss_weighting"],
-                   cfg["sampler"], cfg["num_steps"])
+                   cfg["sampler"], cfg["num_steps"], cfg.get("grid") or "uniform")  # exports before the key: uniform
 
     def sample_time(self, batch: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
         """Training times ``[batch]`` from the configured law."""
@@ -121,7 +122,8 @@ class FlowMatching(Objective):
         return per_sample.mean()
 
     def sample(self, model_fn: Callable[[Tensor, Tensor], Tensor], noise: Tensor, sampler: str | None = None,
-               num_steps: int | None = None, generator: torch.Generator | None = None) -> tuple[Tensor, int]:
-        """Integrate the velocity ODE from ``noise`` at t = 1 to t = 0 on the (shifted) uniform grid."""
+               num_steps: int | None = None, generator: torch.Generator | None = None,
+               grid: str | None = None) -> tuple[Tensor, int]:
+        """Integrate the velocity ODE from ``noise`` at t = 1 to t = 0 on ``grid`` (``uniform``: training shift)."""
         sampler, num_steps = self.resolve(sampler, num_steps)
-        return samplers.sample_flow(model_fn, noise, sampler, num_steps, shift=self.shift)
+        return samplers.sample_flow(model_fn, noise, sampler, num_steps, shift=self.shift, grid=self.resolve_grid(grid))

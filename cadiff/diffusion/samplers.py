@@ -1,5 +1,11 @@
 """Samplers as plain loops over a time grid from t = 1 (noise) to t = 0 (data), each returning its NFE.
 
+Time grids (``grid``): ``uniform`` (uniform in t, then the objective's resolution shift - the training one),
+``shift:S`` (the same map with its own ``S``: ``S < 1`` packs steps toward the data end, where the fine noise
+texture forms) and ``rho:R`` (``t_i = (1 - i/N)^R``, EDM's polynomial grid (Karras et al. 2022, eq. 5) with
+``sigma_min = 0``, ``sigma_max = 1`` read in t; ``R > 1`` packs steps toward data). Every grid starts at exactly
+1 and ends at exactly 0.
+
 Flow ODE ``dx/dt = v(x, t)``: Euler (1st order), Heun and explicit midpoint (2nd order; Karras et al. 2022,
 EDM, arXiv:2206.00364, Alg. 1). Variance-preserving diffusion ``x_t = alpha_t x0 + sigma_t eps``: DDIM
 (Song et al. 2021, arXiv:2010.02502, eq. 12) with ``eta = 0`` (deterministic) and ancestral sampling, which is
@@ -50,12 +56,32 @@ def shift_time(t: Tensor, shift: float) -> Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
-def time_grid(num_steps: int, shift: float = 1.0) -> list[float]:
-    """``num_steps + 1`` decreasing times from 1 to 0, uniform before the shift."""
+GRID_FORMS = "'uniform', 'shift:S' (S > 0) or 'rho:R' (R > 0)"
+
+
+def parse_grid(spec: str) -> tuple[str, float | None]:
+    """A time-grid spec -> ``(kind, parameter)``: ``uniform`` -> ``("uniform", None)``, ``rho:7`` -> ``("rho", 7.0)``."""
+    kind, sep, value = str(spec).partition(":")
+    if kind == "uniform" and not sep:
+        return kind, None
+    try:
+        number = float(value) if kind in ("shift", "rho") else math.nan
+    except ValueError:
+        number = math.nan
+    if not (math.isfinite(number) and number > 0):
+        raise ConfigError(f"time grid {spec!r}: expected {GRID_FORMS}")
+    return kind, number
+
+
+def time_grid(num_steps: int, shift: float = 1.0, grid: str = "uniform") -> list[float]:
+    """``num_steps + 1`` decreasing times from exactly 1 to exactly 0 on ``grid`` (``uniform`` applies ``shift``)."""
     if num_steps < 1:
         raise ConfigError(f"sampler num_steps = {num_steps}: expected >= 1")
+    kind, value = parse_grid(grid)
     base = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
-    return [float(v) for v in shift_time(base, shift)]
+    ts = [float(v) for v in (base**value if kind == "rho" else shift_time(base, shift if value is None else value))]
+    ts[0], ts[-1] = 1.0, 0.0  # the shift's rounding may miss 1 by an ulp; the ends are exact by contract
+    return ts
 
 
 def _t(x: Tensor, value: float) -> Tensor:
@@ -108,12 +134,12 @@ FLOW_SAMPLERS = {"euler": euler, "heun": heun, "midpoint": midpoint}
 
 
 def sample_flow(velocity_fn: VelocityFn, x1: Tensor, sampler: str = "euler", num_steps: int = 20,
-                shift: float = 1.0) -> tuple[Tensor, int]:
-    """Integrate ``dx/dt = v`` from ``x1`` (t = 1, noise) to t = 0; returns ``(x0, nfe)``."""
+                shift: float = 1.0, grid: str = "uniform") -> tuple[Tensor, int]:
+    """Integrate ``dx/dt = v`` from ``x1`` (t = 1, noise) to t = 0 on ``grid``; returns ``(x0, nfe)``."""
     if sampler not in FLOW_SAMPLERS:
         raise ConfigError(f"flow sampler {sampler!r}: expected one of {sorted(FLOW_SAMPLERS)}")
     with torch.no_grad():
-        return FLOW_SAMPLERS[sampler](velocity_fn, x1, time_grid(num_steps, shift))
+        return FLOW_SAMPLERS[sampler](velocity_fn, x1, time_grid(num_steps, shift, grid))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -160,12 +186,13 @@ def ancestral(predict_fn: PredictFn, x: Tensor, schedule: VPSchedule, ts: list[f
 
 
 def sample_vp(predict_fn: PredictFn, noise: Tensor, schedule: VPSchedule, sampler: str = "ddim",
-              num_steps: int = 20, generator: torch.Generator | None = None) -> tuple[Tensor, int]:
-    """DDIM or ancestral sampling from ``noise`` at t = 1 down to t = 0; returns ``(x0, nfe)``."""
+              num_steps: int = 20, generator: torch.Generator | None = None,
+              grid: str = "uniform") -> tuple[Tensor, int]:
+    """DDIM or ancestral sampling from ``noise`` at t = 1 down to t = 0 on ``grid``; returns ``(x0, nfe)``."""
     if sampler not in VP_SAMPLERS:
         raise ConfigError(f"diffusion sampler {sampler!r}: expected one of {list(VP_SAMPLERS)}")
     with torch.no_grad():
-        return VP_SAMPLERS[sampler](predict_fn, noise, schedule, time_grid(num_steps), generator=generator)
+        return VP_SAMPLERS[sampler](predict_fn, noise, schedule, time_grid(num_steps, grid=grid), generator=generator)
 
 
 # the sampler names each objective accepts derive from these tables (FlowMatching.samplers, DDPM.samplers)
@@ -181,9 +208,16 @@ class Objective(ABC):
 
     samplers: tuple[str, ...] = ()
 
-    def __init__(self, sampler: str, num_steps: int) -> None:
-        self.default_sampler, self.default_steps = sampler, num_steps
+    def __init__(self, sampler: str, num_steps: int, grid: str = "uniform") -> None:
+        self.default_sampler, self.default_steps, self.default_grid = sampler, num_steps, grid
         self.resolve(None, None)  # the defaults obey the same rules as every later choice
+        self.resolve_grid(None)
+
+    def resolve_grid(self, grid: str | None) -> str:
+        """The time grid: ``grid`` when set, else the config's; a malformed spec raises ConfigError."""
+        grid = grid or self.default_grid
+        parse_grid(grid)
+        return grid
 
     def resolve(self, sampler: str | None, num_steps: int | None) -> tuple[str, int]:
         """Defaults from the config for unset arguments; unknown sampler names raise ConfigError."""
@@ -205,5 +239,5 @@ class Objective(ABC):
 
     @abstractmethod
     def sample(self, model_fn: VelocityFn, noise: Tensor, sampler: str | None = None, num_steps: int | None = None,
-               generator: torch.Generator | None = None) -> tuple[Tensor, int]:
-        """Generate from ``noise`` (the t = 1 state); returns ``(x0, nfe)``."""
+               generator: torch.Generator | None = None, grid: str | None = None) -> tuple[Tensor, int]:
+        """Generate from ``noise`` (the t = 1 state) on time ``grid`` (None: the config's); returns ``(x0, nfe)``."""

@@ -119,7 +119,8 @@ def stream_sample(dit: Any, decoder: Any, data2: dict[str, Any], plan: LongMovie
 
     def decode(z: Tensor, window: int) -> Tensor:
         return decoder.decode(z * std.to(z) + mean.to(z), sampler=params["decoder_sampler"],
-                              num_steps=params["decoder_steps"], generator=window_generator(seed, index, window))
+                              num_steps=params["decoder_steps"], generator=window_generator(seed, index, window),
+                              grid=params["decoder_grid"])
 
     latents = rollout_latents(dit, plan, (1, c, h, w), params["latent_sampler"], params["latent_steps"], generator)
     with torch.no_grad():

@@ -119,7 +119,8 @@ def generate_batch(stage2: str, stage1: str | None, start: int, stop: int, cfg: 
     z = dit.sample(shape, sampler=cfg["latent_sampler"], num_steps=cfg["latent_steps"], generator=generator)
     mean = torch.tensor(data2["channel_mean"], dtype=z.dtype).view(1, -1, 1, 1, 1)
     std = torch.tensor(data2["channel_std"], dtype=z.dtype).view(1, -1, 1, 1, 1)
-    clips = decoder.decode(z * std + mean, sampler=cfg["decoder_sampler"], num_steps=cfg["decoder_steps"], generator=generator)
+    clips = decoder.decode(z * std + mean, sampler=cfg["decoder_sampler"], num_steps=cfg["decoder_steps"],
+                           generator=generator, grid=cfg["decoder_grid"])
     _source, calib = _calibration(ae_meta["data"])
     return [to_source_units(denormalize(c[0], calib, ae_meta["data"]["normalization"]), calib) for c in clips]
 
@@ -137,12 +138,14 @@ def calibration_record(source_id: str, calib: dict[str, Any]) -> dict[str, Any]:
 
 
 def decoder_settings(decoder: Any, cfg: Any) -> dict[str, Any]:
-    """The stage-1 sampler and steps: ``decoder_sampler``/``decoder_steps`` when set, else what the run recorded."""
+    """The stage-1 sampler, steps and time grid: ``decoder_sampler``/``decoder_steps``/``decoder_grid`` when set,
+    else what the run recorded."""
     objective = getattr(decoder, "objective", None)
     if objective is None:  # the regression decoder is one deterministic evaluation
-        return {"decoder_sampler": None, "decoder_steps": None}
+        return {"decoder_sampler": None, "decoder_steps": None, "decoder_grid": None}
     sampler, steps = objective.resolve(cfg["decoder_sampler"], cfg["decoder_steps"])
-    return {"decoder_sampler": sampler, "decoder_steps": steps}
+    grid = objective.resolve_grid(cfg.get("decoder_grid"))
+    return {"decoder_sampler": sampler, "decoder_steps": steps, "decoder_grid": grid}
 
 
 def check_pair(dit: Any, decoder: Any, stage1_path: str) -> None:
@@ -283,6 +286,7 @@ def reconstruct(cfg: Any) -> tuple[str, str]:
         x = clips[a:b]
         z = model.encode(x)
         recons.append(model.decode(z, sampler=settings["decoder_sampler"], num_steps=settings["decoder_steps"],
+                                   grid=settings["decoder_grid"],
                                    generator=generator))
         if model.has_signal_estimate:
             denoised.append(model.denoise(z))

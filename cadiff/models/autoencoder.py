@@ -202,15 +202,16 @@ class CausalAutoencoder(nn.Module, ABC):
         return out
 
     def reconstruct(self, x: Tensor, sampler: str | None = None, num_steps: int | None = None,
-                    generator: torch.Generator | None = None, sample_latent: bool = False) -> Tensor:
+                    generator: torch.Generator | None = None, sample_latent: bool = False,
+                    grid: str | None = None) -> Tensor:
         """``decode(encode(x))`` (posterior mean unless ``sample_latent``)."""
         with torch.no_grad():
             z = self.encode(x, sample=sample_latent, generator=generator)
-            return self.decode(z, sampler=sampler, num_steps=num_steps, generator=generator)
+            return self.decode(z, sampler=sampler, num_steps=num_steps, generator=generator, grid=grid)
 
     @abstractmethod
     def decode(self, z: Tensor, sampler: str | None = None, num_steps: int | None = None,
-               generator: torch.Generator | None = None) -> Tensor:
+               generator: torch.Generator | None = None, grid: str | None = None) -> Tensor:
         """Latent ``[B, z, T_z, H_z, W_z]`` -> clip ``[B, C, 1 + (T_z - 1) s_t, H_z s, W_z s]``."""
 
 
@@ -487,14 +488,15 @@ class DiffusionAutoencoder(CausalAutoencoder):
     # sampling -------------------------------------------------------------------------------------------
 
     def decode(self, z: Tensor, sampler: str | None = None, num_steps: int | None = None,
-               generator: torch.Generator | None = None) -> Tensor:
-        """Sample ``x ~ p(x | z)``: integrate from fresh noise (drawn with ``generator``) to t = 0."""
+               generator: torch.Generator | None = None, grid: str | None = None) -> Tensor:
+        """Sample ``x ~ p(x | z)``: integrate from fresh noise (drawn with ``generator``) to t = 0 on time ``grid``."""
         self._check_latent(z)
         shape = (z.shape[0], *self.clip_shape_for(tuple(z.shape[1:])))
         noise = draw_randn(shape, generator, z.device, z.dtype)
         with torch.no_grad():
             if self.decoder_form != "mean_flow":
-                x, self.last_nfe = self.objective.sample(self._velocity_fn(z), noise, sampler, num_steps, generator)
+                x, self.last_nfe = self.objective.sample(self._velocity_fn(z), noise, sampler, num_steps, generator,
+                                                         grid)
                 return x.contiguous()
             mu = self.mean(z)
             if self.noise_draw == "poisson":
@@ -509,7 +511,7 @@ class DiffusionAutoencoder(CausalAutoencoder):
                     s = gaussian_path_std(tb, sigma).to(w_t.dtype)
                     return self.decoder(torch.cat([s * w_t, mu], dim=1), t, z) / s
 
-                w, self.last_nfe = self.objective.sample(w_velocity, noise, sampler, num_steps, generator)
+                w, self.last_nfe = self.objective.sample(w_velocity, noise, sampler, num_steps, generator, grid)
             return (center + sigma * w).contiguous()
 
 
@@ -547,7 +549,7 @@ class RegressionAutoencoder(CausalAutoencoder):
         return loss, metrics
 
     def decode(self, z: Tensor, sampler: str | None = None, num_steps: int | None = None,
-               generator: torch.Generator | None = None) -> Tensor:
+               generator: torch.Generator | None = None, grid: str | None = None) -> Tensor:
         """Deterministic reconstruction (sampler arguments are accepted and ignored)."""
         self._check_latent(z)
         with torch.no_grad():

@@ -263,6 +263,15 @@ def case_missing_checkpoint(tmp: Path, env: Env) -> Case:
                 [out])
 
 
+def case_sample_bad_decoder_grid(tmp: Path, env: Env) -> Case:
+    """sample mode=reconstruct with decoder_grid=rho:0 (a time grid needs rho > 0)."""
+    out = tmp / "recon"
+    return Case("sample", ["mode=reconstruct", f"stage1={env.stage1_run}", f"data.root={env.data_root}", f"out={out}",
+                           "num_samples=2", "decoder_grid=rho:0"], ConfigError,
+                ["'decoder_grid'", "'rho:0'", re.escape("expected 'uniform', 'shift:S' (S > 0) or 'rho:R' (R > 0)")],
+                [out])
+
+
 def _resumed_run(tmp: Path, env: Env, *extra: str) -> tuple[Path, list[str]]:
     """A copy of the finished 3-step stage-1 run (checkpoint step_00000003) and the arguments resuming it."""
     out_root = tmp / "runs"
@@ -487,6 +496,7 @@ CASES: dict[str, Callable[[Path, Env], Case]] = {
     "wrong_type": case_wrong_type,
     "negative_lr": case_negative_lr,
     "missing_checkpoint": case_missing_checkpoint,
+    "sample_bad_decoder_grid": case_sample_bad_decoder_grid,
     "checkpoint_other_model_config": case_checkpoint_other_model_config,
     "resume_with_another_lr": case_resume_with_another_lr,
     "resume_from_missing_step": case_resume_from_missing_step,

@@ -128,7 +128,8 @@ def test_architectures_must_match(aq, small):
 MICRO = dict(clip_frames=9, clip_side=16, movie_side=16, train_movies=1, train_frames=20, test_movies=2,
              test_clips_per_tile=2, model_overrides=[*TINY_MODEL, "model.residual_unet=true"], steps=2, batch_size=1,
              warmup_steps=1,
-             recon_steps=2, table_samplers=["euler", "heun"], table_nfe=[1, 2], table_clips=2)
+             recon_steps=2, table_samplers=["euler", "heun"], table_nfe=[1, 2], table_grids=["uniform", "rho:2"],
+             table_clips=2)
 
 
 def test_run_microscopic_suite_end_to_end(aq, tmp_path):
@@ -147,13 +148,19 @@ def test_run_microscopic_suite_end_to_end(aq, tmp_path):
     for kind in ("diffae", "regression"):
         assert len(first["training"][kind]["loss"]) == 2
         assert all(math.isfinite(v) for v in first["training"][kind]["loss"])
-    # Euler steps == NFE; Heun's single step costs 2 evaluations; the regression row closes the table
-    assert [(r["sampler"], r["nfe"]) for r in first["sampler_table"]] == [
-        ("euler", 1), ("euler", 2), ("heun", 2), ("heun", 2), ("regression (L2)", 1)]
+    # Euler steps == NFE; Heun's single step costs 2 evaluations; each grid in turn; the regression row closes it
+    assert [(r["sampler"], r["grid"], r["nfe"]) for r in first["sampler_table"]] == [
+        ("euler", "uniform", 1), ("euler", "uniform", 2), ("euler", "rho:2", 1), ("euler", "rho:2", 2),
+        ("heun", "uniform", 2), ("heun", "uniform", 2), ("heun", "rho:2", 2), ("heun", "rho:2", 2),
+        ("regression (L2)", None, 1)]
+    # a 2-step Euler decode differs between grids (same noise draw): the grid reaches the decoder
+    euler2 = [r for r in first["sampler_table"] if r["sampler"] == "euler" and r["nfe"] == 2]
+    assert euler2[0]["rmse_to_clean"] != euler2[1]["rmse_to_clean"]
     assert second["sampler_table"] == []  # the table runs with the first seed only
     assert saved["verdict"]["all_met"] in (True, False) and "default" in saved["verdict"]["goals"]
     md = Path(paths["md"]).read_text()
     assert "## Summary" in md and "| DiffAE (flow decoder) |" in md and "## Sampler vs NFE" in md
+    assert "| heun | rho:2 | 1 | 2 |" in md
     assert "skipped" in Path(paths["real_md"]).read_text()
     for figure in paths["figures"]:
         assert Path(figure).stat().st_size > 1000
@@ -188,3 +195,12 @@ def test_anscombe_normalization_round_trips_and_stabilizes_noise(aq):
     assert 0.6 < diff_var[bright].mean() / diff_var[dim].mean() < 1.6
     with pytest.raises(ConfigError, match="normalization"):
         aq.simulate_data(aq.BenchConfig(normalization="log"))
+
+
+def test_table_grids_are_checked_before_any_training(aq, capsys):
+    a = aq.parse_args(["--table-grids", "uniform", "shift:0.5", "rho:2", "--table-samplers", "euler", "heun"])
+    assert a.cfg.table_grids == ["uniform", "shift:0.5", "rho:2"] and a.cfg.table_samplers == ["euler", "heun"]
+    assert aq.BenchConfig().table_grids == ["uniform"]  # the suite's table is unchanged by default
+    with pytest.raises(SystemExit):
+        aq.parse_args(["--table-grids", "rho:x"])
+    assert "time grid 'rho:x': expected 'uniform', 'shift:S' (S > 0) or 'rho:R' (R > 0)" in capsys.readouterr().err

@@ -138,3 +138,102 @@ def test_ancestral_is_stochastic_and_ddim_deterministic() -> None:
     d1, _ = samplers.ddim(predict, x1, objective.schedule, ts)
     d2, _ = samplers.ddim(predict, x1, objective.schedule, ts)
     assert torch.equal(d1, d2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# time grids
+
+GRIDS = ["uniform", "shift:0.3", "shift:3", "rho:0.5", "rho:2", "rho:7"]
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("num_steps", [1, 2, 5, 37])
+def test_every_grid_runs_strictly_down_from_exactly_one_to_exactly_zero(grid: str, num_steps: int) -> None:
+    ts = samplers.time_grid(num_steps, grid=grid)
+    assert len(ts) == num_steps + 1 and ts[0] == 1.0 and ts[-1] == 0.0
+    assert all(a > b for a, b in zip(ts, ts[1:])), ts
+    # the training shift's rounding never leaves the endpoints either (0.3 - 1 is inexact in binary)
+    shifted = samplers.time_grid(num_steps, shift=0.3)
+    assert shifted[0] == 1.0 and shifted[-1] == 0.0
+
+
+def test_unit_shift_and_unit_rho_are_the_uniform_grid_bit_for_bit() -> None:
+    for n in (1, 4, 10, 33):
+        uniform = [float(v) for v in torch.linspace(1.0, 0.0, n + 1, dtype=torch.float64)]
+        assert samplers.time_grid(n) == uniform
+        assert samplers.time_grid(n, grid="shift:1") == uniform
+        assert samplers.time_grid(n, grid="shift:1.0") == uniform
+        assert samplers.time_grid(n, grid="rho:1") == uniform
+        # an explicit shift grid replaces the training shift; `uniform` keeps it (the behaviour before grids)
+        assert samplers.time_grid(n, shift=3.0, grid="shift:1") == uniform
+        assert samplers.time_grid(n, shift=3.0) == samplers.time_grid(n, grid="shift:3")
+
+
+def test_data_end_grids_pack_steps_toward_t_zero() -> None:
+    for grid in ("shift:0.5", "rho:2"):
+        ts = samplers.time_grid(8, grid=grid)
+        assert ts[-2] < 1 / 8 and ts[1] < 7 / 8, (grid, ts)  # finer last step, coarser first step
+    assert samplers.time_grid(4, grid="rho:2") == [1.0, 0.5625, 0.25, 0.0625, 0.0]
+    assert samplers.time_grid(2, grid="shift:0.5")[1] == pytest.approx(0.5 * 0.5 / (1 - 0.5 * 0.5))
+
+
+@pytest.mark.parametrize("spec", ["", "rho", "rho:", "rho:0", "rho:-2", "shift:nan", "shift:inf", "shift:x",
+                                  "uniform:2", "edm:7", "karras", None])
+def test_malformed_grid_specs_raise_one_line_config_errors(spec: object) -> None:
+    with pytest.raises(ConfigError, match=r"time grid .*expected 'uniform', 'shift:S' \(S > 0\) or 'rho:R'"):
+        samplers.time_grid(4, grid=spec)  # type: ignore[arg-type]
+
+
+def _narrow_gaussian_velocity(std: float):
+    """Exact velocity for x0 ~ N(MU, std^2): with a small ``std`` (pixel noise) it is stiff near t = 0."""
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = t.view(-1, *([1] * (x.dim() - 1)))
+        return -MU + (t - (1 - t) * std**2) / ((1 - t) ** 2 * std**2 + t**2) * (x - (1 - t) * MU)
+    return velocity
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_data_end_grids_integrate_a_stiff_known_ode_more_accurately(sampler: str) -> None:
+    std = 0.1
+    velocity, x1 = _narrow_gaussian_velocity(std), x1_batch()
+    exact = MU + std * x1
+    for nfe in (4, 6, 8, 10):
+        steps = nfe if sampler == "euler" else nfe // 2
+        error = {}
+        for grid in ("uniform", "shift:0.5", "rho:2"):
+            x0, used = samplers.sample_flow(velocity, x1, sampler, steps, grid=grid)
+            assert used == nfe
+            error[grid] = float((x0 - exact).abs().max())
+        assert error["shift:0.5"] < 0.8 * error["uniform"], (nfe, error)
+        assert error["rho:2"] < 0.9 * error["uniform"], (nfe, error)
+
+
+def test_every_grid_converges_to_the_exact_transport_map() -> None:
+    x1 = x1_batch()
+    exact = MU + S * x1
+    for grid in GRIDS:
+        coarse, _ = samplers.sample_flow(flow_velocity, x1, "heun", 8, grid=grid)
+        fine, _ = samplers.sample_flow(flow_velocity, x1, "heun", 64, grid=grid)
+        # 8x the steps: >= 8x smaller error (rho < 1 crowds t = 1 and is first order; the others are second)
+        assert float((fine - exact).abs().max()) < float((coarse - exact).abs().max()) / 8, grid
+
+
+def test_objectives_sample_on_their_configured_grid_unless_told_otherwise() -> None:
+    from cadiff.diffusion.flow import FlowMatching
+
+    x1 = x1_batch(64)
+    default = FlowMatching(sampler="heun", num_steps=3, grid="rho:2")
+    on_rho, nfe = default.sample(flow_velocity, x1)
+    assert nfe == 6 and torch.equal(on_rho, samplers.sample_flow(flow_velocity, x1, "heun", 3, grid="rho:2")[0])
+    on_uniform, _ = default.sample(flow_velocity, x1, grid="uniform")
+    assert torch.equal(on_uniform, samplers.sample_flow(flow_velocity, x1, "heun", 3)[0])
+    assert not torch.equal(on_rho, on_uniform)
+    with pytest.raises(ConfigError, match="time grid 'rho:0'"):
+        default.sample(flow_velocity, x1, grid="rho:0")
+    with pytest.raises(ConfigError, match="time grid 'edm'"):
+        FlowMatching(grid="edm")
+    ddpm = DDPM("cosine", "eps", sampler="ddim", num_steps=4, grid="rho:2")
+    a, _ = ddpm.sample(lambda x, t: torch.zeros_like(x), x1)
+    b, _ = samplers.sample_vp(lambda x, t: ddpm.predict_x0_eps(torch.zeros_like(x), x, t), x1, ddpm.schedule,
+                              "ddim", 4, grid="rho:2")
+    assert torch.equal(a, b)
