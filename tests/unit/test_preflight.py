@@ -120,3 +120,11 @@ def test_driver_that_cannot_write_out_root_fails_in_one_line(tmp_path):
     with pytest.raises(CadiffError, match=f"^pre-flight: this driver cannot write out_root={blocked}: File exists$"):
         with driver_witnesses([SharedPath("out_root", str(blocked), write=True)]):
             pytest.fail("no witnesses without a writable out_root")
+
+
+def test_uris_are_not_relative_paths_and_not_probed(monkeypatch):
+    monkeypatch.setattr(preflight, "_run_probes", lambda *a: pytest.fail("probed a bucket with file APIs"))
+    buckets = [SharedPath("data.root", "s3://b/data"), SharedPath("out_root", "gs://b/out", write=True)]
+    check_cluster_paths(RayConfig(address=ADDRESS), buckets)
+    preflight.probe_cluster_paths(RayConfig(address=ADDRESS), buckets)
+    assert not preflight.is_uri("outputs/s3:/x") and preflight.is_uri("file:///mnt/shared")
