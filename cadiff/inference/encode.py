@@ -21,6 +21,7 @@ from cadiff.data.shards import iter_shard, read_index, write_index, write_shards
 from cadiff.errors import DataError
 from cadiff.io import atomic_dir, check_output_dir
 from cadiff.runtime.exports import load_exported_model, resolve_job_export
+from cadiff.runtime.preflight import check_cluster_paths, probe_cluster_paths, shared_paths
 from cadiff.runtime.ray import init_ray
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,8 @@ def encode_latents(cfg: Any) -> tuple[str, str]:
 
     import ray
 
+    paths = shared_paths(cfg, reads=["data.root", "stage1"], writes=["out"])
+    check_cluster_paths(cfg.ray, paths)
     export = resolve_job_export(cfg.stage1, "stage1")
     model, meta, _ = load_exported_model(export, "stage1", "ae")  # fail fast on a bad export
     data_root = Path(cfg.data.root).resolve()
@@ -100,6 +103,7 @@ def encode_latents(cfg: Any) -> tuple[str, str]:
 
     check_output_dir(out, "encode_latents", cfg.overwrite)  # before any work: refuse a folder it may not replace
     init_ray(cfg.ray, data_progress=True)  # the job is one Ray Data pipeline: its progress log is the job's
+    probe_cluster_paths(cfg.ray, [p for p in paths if not p.write])  # the encoder actors read; this driver writes out
     latent_shape = list(model.latent_shape((1, *clip_shape)))
     splits: dict[str, Any] = {}
     total = np.zeros(latent_shape[0], np.float64)

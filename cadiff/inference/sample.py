@@ -33,6 +33,7 @@ from cadiff.errors import CheckpointError, DataError
 from cadiff.inference.long_movie import chunk_spans, plan_long_movie, stream_sample
 from cadiff.io import atomic_dir, check_output_dir, write_json_atomic
 from cadiff.runtime.exports import load_exported_model
+from cadiff.runtime.preflight import SharedPath, probe_cluster_paths
 from cadiff.runtime.ray import init_ray
 from cadiff.runtime.video import video_grid, write_video
 
@@ -182,6 +183,8 @@ def generate(cfg: Any) -> tuple[str, str]:
         import ray
 
         init_ray(cfg.ray)
+        # the tasks load both exports on whichever node they land on
+        probe_cluster_paths(cfg.ray, [SharedPath("stage2", str(stage2_export)), SharedPath("stage1", str(stage1_export))])
         task = ray.remote(num_cpus=1)(generate_batch)
         refs = [task.remote(str(stage2_export), str(stage1_export), a, b, params) for a, b in slices]
         for ref in tqdm(refs, desc="sampling (ray tasks)", unit="batch"):

@@ -28,6 +28,7 @@ from cadiff.errors import CadiffError, ConfigError
 from cadiff.io import folder_lock, read_jsonl, write_json_atomic
 from cadiff.runinfo import record_run
 from cadiff.runtime.heartbeat import HEARTBEAT_S, heartbeat
+from cadiff.runtime.preflight import check_cluster_paths, probe_cluster_paths, shared_paths
 from cadiff.runtime.ray import init_ray, require_train_v2, train_logging_config
 from cadiff.train.checkpoint import prepare_resume
 from cadiff.train.loop import train_loop_per_worker
@@ -205,9 +206,13 @@ def run_training(cfg: Any, stage: Stage | str) -> tuple[str, str]:
     require_train_v2()
     import ray.train
 
+    stage = get_stage(stage) if isinstance(stage, str) else stage
+    paths = shared_paths(cfg, reads=[f"{stage.data_key}.root"], writes=["out_root"])
+    check_cluster_paths(cfg.ray, paths)  # before anything is written
     init_ray(cfg.ray, state_api=True)  # Ray Train's placement-group cleaner queries the State API
     check_cluster_fits(cfg)
     with planned_run(cfg, stage) as plan:
+        probe_cluster_paths(cfg.ray, paths)  # the data is resolved (or prepared) by now; no worker has started
         trainer = build_trainer(plan)  # rank 0 logs the progress line (Ray forwards it to this terminal)
         # Ray Train installs its own SIGINT handler for the duration of fit() and leaves it behind; restore
         # ours so a later Ctrl-C (or a forwarded SIGTERM) in this process raises KeyboardInterrupt again.

@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from cadiff.config import compose
 from cadiff.errors import CadiffError, ConfigError
 from cadiff.io import atomic_path, write_text_atomic
+from cadiff.runtime.preflight import check_cluster_paths, probe_cluster_paths, shared_paths
 from cadiff.runtime.ray import init_ray, require_train_v2
 from cadiff.train.launch import build_trainer, planned_run
 from cadiff.train.stage import get_stage
@@ -117,6 +118,8 @@ def run_sweep(cfg: Any, argv: list[str]) -> tuple[str, str]:
     base = forwarded_overrides(argv)
     space = load_space(cfg.space, cfg.stage, experiment=cfg.experiment, overrides=base)
     probe = compose(space.job, space.trial_overrides({}))
+    paths = shared_paths(probe, reads=[f"{get_stage(space.stage).data_key}.root"]) + shared_paths(cfg, writes=["out_root"])
+    check_cluster_paths(cfg.ray, paths)  # before a relative root is resolved against this node's job working dir
     data_roots = absolute_data_roots(probe, space.stage)
     probe = compose(space.job, apply_params(space.trial_overrides({}), data_roots))
     # Check (and prepare, for the default sim data) once here: before any trial, and not once per trial
@@ -132,6 +135,7 @@ def run_sweep(cfg: Any, argv: list[str]) -> tuple[str, str]:
         "data_roots": data_roots,
     }
     init_ray(cfg.ray, state_api=True)
+    probe_cluster_paths(cfg.ray, paths)
     trainable = tune.with_resources(tune.with_parameters(run_trial, space=space, sweep=sweep), {"CPU": TRIAL_CPUS})
     storage = sweep_dir / "tune"
     experiment_path = storage / name

@@ -1,20 +1,12 @@
-"""`ray start --head` + `ray job submit --working-dir . -- python jobs/train_ae.py ...` against a local head.
-
-The head runs in its own temp dir on 127.0.0.1 with every port picked free, started with ``--block`` so that
-SIGTERM to that one process stops exactly this cluster (``ray stop`` would stop every Ray on the host).
-"""
+"""`ray start --head` + `ray job submit --working-dir . -- python jobs/train_ae.py ...` against a local head
+(tests/local_head.py: its own temp dir and free ports, stopped without touching other Ray sessions)."""
 
 from __future__ import annotations
 
 import json
 import os
 import secrets
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -25,39 +17,13 @@ import pytest
 
 from cadiff.runtime.exports import load_export
 from cadiff.train.launch import RUNTIME_ENV_EXCLUDES
+from tests.local_head import VENV_BIN, head_command, head_process, short_temp_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 REPO = Path(__file__).resolve().parents[2]
-VENV_BIN = Path(sys.executable).parent
 HEAD_START_S = 180  # the head and its dashboard come up in ~10 s idle, minutes on a loaded 2-core box
 JOB_S = 420
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _pids_under(temp_dir: str) -> list[int]:
-    """Processes whose command line names this head's temp dir (its GCS, raylet, agents, workers)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if temp_dir in cmdline:
-            pids.append(int(entry.name))
-    return pids
 
 
 def _wait_http(url: str, timeout_s: float, head: subprocess.Popen) -> None:
@@ -77,9 +43,8 @@ def _wait_http(url: str, timeout_s: float, head: subprocess.Popen) -> None:
 
 @pytest.fixture
 def ray_head(tmp_path):
-    """A `ray start --head --block` on 127.0.0.1 with 4 CPUs: yields (dashboard_url, dashboard_port)."""
-    temp_dir = tempfile.mkdtemp(prefix="cadiff-rj-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    gcs, dash, agent_http, agent_grpc, env_agent, metrics, client, node_mgr, obj_mgr = _free_ports(9)
+    """A `ray start --head --block` on 127.0.0.1 with 4 CPUs: yields (dashboard_url, dashboard_port, env)."""
+    temp_dir = short_temp_dir("cadiff-rj-")
     # Ray token auth, explicit and private to this head: the head, `ray job` and the job driver share the token
     token = tmp_path / "auth_token"
     token.write_text(secrets.token_hex(32))
@@ -92,38 +57,11 @@ def ray_head(tmp_path):
     )
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_TOKEN", None)
-    log = open(tmp_path / "ray_head.log", "w")
-    cmd = [
-        str(VENV_BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-        "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=4", f"--temp-dir={temp_dir}",
-        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-        f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
-        f"--ray-client-server-port={client}", f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
-    ]  # fmt: skip
-    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{dash}"
-    try:
+    cmd, ports = head_command(temp_dir, 4, dashboard=True)
+    with head_process(cmd, env, tmp_path / "ray_head.log", temp_dir) as head:
+        url = f"http://127.0.0.1:{ports['dashboard']}"
         _wait_http(f"{url}/api/version", HEAD_START_S, head)
-        yield url, dash, env
-    finally:
-        # SIGTERM makes `ray start --block` tear down the processes it started (gracefully: ~30 s on 2 busy
-        # cores, which this test need not wait for); then kill its process group and the stragglers of this
-        # head only (matched by its temp dir), never other Ray sessions on the machine.
-        if head.poll() is None:
-            head.send_signal(signal.SIGTERM)
-            try:
-                head.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.killpg(head.pid, signal.SIGKILL)
-                head.wait(timeout=30)
-        for pid in _pids_under(temp_dir):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        yield url, ports["dashboard"], env
 
 
 def _listening_hosts(port: int) -> set[str]:
@@ -164,3 +102,27 @@ def test_ray_job_submit_trains_on_local_head(ray_head, sim_data_root, tmp_path):
     assert list((run_dir / "checkpoints").glob("step_*")), "the job wrote no Ray Train checkpoint"
     _state, model_cfg, meta = load_export(run_dir / "export" / "model.pt")
     assert meta["step"] == 2 and model_cfg["kind"] == "diffae"
+
+
+def test_ray_job_submit_needs_the_token(ray_head, tmp_path):
+    """The head runs as the cluster configs start theirs (RAY_AUTH_MODE=token): a client without the token, or with
+    another one, is refused with Ray's one-line reason before anything runs; with it, the job server answers."""
+    url, _, env = ray_head
+    home = tmp_path / "home"  # no ~/.ray/auth_token left there by other Ray sessions
+    home.mkdir()
+    client = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    client["HOME"] = str(home)
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text(secrets.token_hex(32))
+    submit = [str(VENV_BIN / "ray"), "job", "submit", "--address", url, "--", "python", "-c", "print('ran')"]
+    for extra, refusal in (
+        ({}, "Authentication required: Unauthorized: Missing authentication token"),
+        ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(wrong)},
+         "Authentication failed: Forbidden: Invalid authentication token"),
+    ):
+        proc = subprocess.run(submit, env={**client, **extra}, capture_output=True, text=True, timeout=120)
+        logs = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and refusal in logs and "ran" not in proc.stdout, logs[-3000:]
+    listed = subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", url], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stdout + listed.stderr

@@ -88,7 +88,7 @@ def test_launcher_layout(name):
     assert cfg["max_workers"] == sum(v["max_workers"] for v in workers.values())
     assert cfg["idle_timeout_minutes"] > 0
     # the code is mounted and installed on every node, torch first (overridable), then the package editable
-    assert cfg["file_mounts"] == {"~/cadiff": "."}
+    assert cfg["file_mounts"]["~/cadiff"] == "."
     setup = " ; ".join(cfg["setup_commands"])
     assert "${TORCH_SPEC:-torch==2.13.0}" in setup and "pip install --quiet -e ~/cadiff" in setup
     assert "-e TORCH_SPEC=torch==2.13.0" in cfg["docker"]["run_options"]
@@ -203,6 +203,117 @@ def test_ray_cluster_spec_check_is_not_vacuous():
         mutate(broken)
         problems = ray_cluster_spec_problems(broken, "x")
         assert any(expected in p for p in problems), (expected, problems)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# security: token authentication, dashboard binding, shared storage permissions
+
+TOKEN_SECRET = {"name": "cadiff-ray-token", "key": "auth_token"}
+
+
+def _commands(cfg: dict) -> str:
+    keys = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+            "head_start_ray_commands", "worker_start_ray_commands")
+    return "\n".join(c for k in keys for c in cfg.get(k) or [])
+
+
+def launcher_security_problems(cfg: dict) -> list[str]:
+    """Token auth on every node (env + the mounted token), dashboard on loopback, /mnt/shared not world-writable."""
+    problems = []
+    run_options = cfg["docker"]["run_options"]
+    if "-e RAY_AUTH_MODE=token" not in run_options:
+        problems.append("docker.run_options: needs -e RAY_AUTH_MODE=token")
+    if cfg.get("file_mounts", {}).get("~/.ray/auth_token") != "~/.ray/auth_token":
+        problems.append("file_mounts: needs the token mounted at ~/.ray/auth_token")
+    commands = _commands(cfg)
+    hosts = re.findall(r"--dashboard-host[= ](\S+)", commands)
+    if not hosts or set(hosts) != {"127.0.0.1"}:
+        problems.append(f"head_start_ray_commands: dashboard must bind --dashboard-host=127.0.0.1, got {hosts}")
+    if re.search(r"chmod\s+(-R\s+)?([0-7]?[0-7][0-7][2367]\b|\S*o\+\S*w|a\+\S*w)", commands):
+        problems.append("initialization_commands: a world-writable chmod")
+    gid = re.search(r"groupadd -f -g (\d+) (\w+)", commands)
+    if not gid or f"--group-add {gid.group(1)}" not in run_options:
+        problems.append("a fixed-gid group made by groupadd must be joined by the container (--group-add)")
+    elif not re.search(rf"chgrp {gid.group(2)} /mnt/shared && sudo chmod 2775 /mnt/shared", commands):
+        problems.append("/mnt/shared must be owned by that group, mode 2775")
+    return problems
+
+
+@pytest.mark.parametrize("name", LAUNCHER_CONFIGS)
+def test_launcher_security(name):
+    assert launcher_security_problems(_load(name)) == []
+
+
+def test_launcher_security_check_is_not_vacuous():
+    cfg = _load("aws.yaml")
+    init = cfg["initialization_commands"][-1]
+    start = cfg["head_start_ray_commands"][-1]
+    for mutate, expected in (
+        (lambda c: c["docker"]["run_options"].remove("-e RAY_AUTH_MODE=token"), "RAY_AUTH_MODE"),
+        (lambda c: c["file_mounts"].pop("~/.ray/auth_token"), "token mounted"),
+        (lambda c: c.update(head_start_ray_commands=[start.replace("127.0.0.1", "0.0.0.0")]), "dashboard"),
+        (lambda c: c.update(initialization_commands=[init + " && sudo chmod 1777 /mnt/shared"]), "world-writable"),
+        (lambda c: c.update(initialization_commands=[init + " && sudo chmod o+w /mnt/shared"]), "world-writable"),
+        (lambda c: c["docker"]["run_options"].remove("--group-add 2000"), "--group-add"),
+        (lambda c: c.update(initialization_commands=[init.replace("2775", "0755")]), "mode 2775"),
+    ):
+        broken = copy.deepcopy(cfg)
+        mutate(broken)
+        problems = launcher_security_problems(broken)
+        assert any(expected in p for p in problems), (expected, problems)
+
+
+def kuberay_auth_problems(containers: list[dict], where: str) -> list[str]:
+    """Each container runs with RAY_AUTH_MODE=token and RAY_AUTH_TOKEN from the cluster's token secret."""
+    problems = []
+    for c in containers:
+        env = {e["name"]: e for e in c.get("env", [])}
+        if env.get("RAY_AUTH_MODE", {}).get("value") != "token":
+            problems.append(f"{where}/{c.get('name')}: needs RAY_AUTH_MODE=token")
+        ref = env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef")
+        if ref != TOKEN_SECRET:
+            problems.append(f"{where}/{c.get('name')}: RAY_AUTH_TOKEN must come from secret {TOKEN_SECRET}, got {ref}")
+    return problems
+
+
+def _cluster_containers(spec: dict) -> list[tuple[str, list[dict]]]:
+    groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
+    return [(name, g["template"]["spec"]["containers"]) for name, g in groups]
+
+
+def kuberay_security_problems(spec: dict) -> list[str]:
+    problems = [p for name, cs in _cluster_containers(spec) for p in kuberay_auth_problems(cs, name)]
+    host = spec["headGroupSpec"]["rayStartParams"].get("dashboard-host", "127.0.0.1")
+    if host != "127.0.0.1" and problems:
+        problems.append(f"dashboard-host={host} without token auth")
+    return problems
+
+
+def test_kuberay_security():
+    assert kuberay_security_problems(_by_kind("kuberay/raycluster.yaml", "RayCluster")["spec"]) == []
+    rayjob = _by_kind("kuberay/rayjob.yaml", "RayJob")["spec"]
+    assert kuberay_security_problems(rayjob["rayClusterSpec"]) == []
+    # the submitter pod's `ray job submit` must send the token as well
+    assert kuberay_auth_problems(rayjob["submitterPodTemplate"]["spec"]["containers"], "submitter") == []
+
+
+def test_kuberay_security_check_is_not_vacuous():
+    spec = _by_kind("kuberay/raycluster.yaml", "RayCluster")["spec"]
+    broken = copy.deepcopy(spec)
+    env = broken["workerGroupSpecs"][1]["template"]["spec"]["containers"][0]["env"]
+    env[:] = [e for e in env if e["name"] != "RAY_AUTH_MODE"]
+    assert any("gpu-train/ray-worker: needs RAY_AUTH_MODE=token" in p for p in kuberay_security_problems(broken))
+    broken = copy.deepcopy(spec)
+    head_env = broken["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    next(e for e in head_env if e["name"] == "RAY_AUTH_TOKEN")["valueFrom"]["secretKeyRef"]["name"] = "other"
+    assert any("dashboard-host=0.0.0.0 without token auth" in p for p in kuberay_security_problems(broken))
+
+
+def test_readme_documents_the_token_secret():
+    """The secret the manifests read is the one the README tells users to create."""
+    readme = (CLUSTER / "README.md").read_text()
+    assert f"kubectl create secret generic {TOKEN_SECRET['name']} --from-file={TOKEN_SECRET['key']}=" in readme
+    assert "ray get-auth-token --generate" in readme and "RAY_AUTH_MODE=token" in readme
 
 
 # ---------------------------------------------------------------------------------------------------------
