@@ -85,12 +85,23 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+@contextlib.contextmanager
+def _store_errors(location: str | os.PathLike, doing: str) -> Iterator[None]:
+    """A missing object stays a FileNotFoundError (naming ``location``); any other store failure (network,
+    credentials, permissions) becomes one StorageError line."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise FileNotFoundError(f"'{location}': no such object") from None
+    except OSError as exc:
+        raise StorageError(f"'{location}': {doing} failed ({_first_line(exc)}); check the endpoint and credentials "
+                           "(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)") from None
+
+
 def _info(location: str | os.PathLike) -> Any:
     fs, path = filesystem(location)
-    try:
+    with _store_errors(location, "reaching the store"):
         return fs.get_file_info(path)
-    except OSError as exc:
-        raise StorageError(f"'{location}': cannot reach the store ({_first_line(exc)})") from None
 
 
 def exists(location: str | os.PathLike) -> bool:
@@ -124,11 +135,8 @@ def read_bytes(location: str | os.PathLike) -> bytes:
     if not is_remote(location):
         return local_path(location).read_bytes()
     fs, path = filesystem(location)
-    try:
-        with fs.open_input_stream(path) as fh:
-            return fh.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"'{location}': no such object") from None
+    with _store_errors(location, "reading"), fs.open_input_stream(path) as fh:
+        return fh.read()
 
 
 def read_text(location: str | os.PathLike) -> str:
@@ -143,12 +151,8 @@ def write_bytes(location: str | os.PathLike, data: bytes) -> None:
         write_bytes_atomic(local_path(location), data)
         return
     fs, path = filesystem(location)
-    with fs.open_output_stream(path) as fh:  # S3/GCS: the object appears only when the stream closes
-        fh.write(data)
-
-
-def write_text(location: str | os.PathLike, text: str) -> None:
-    write_bytes(location, text.encode())
+    with _store_errors(location, "writing"), fs.open_output_stream(path) as fh:
+        fh.write(data)  # S3/GCS: the object appears only when the stream closes
 
 
 def open_input(location: str | os.PathLike) -> IO[bytes]:
@@ -156,10 +160,8 @@ def open_input(location: str | os.PathLike) -> IO[bytes]:
     if not is_remote(location):
         return open(local_path(location), "rb")  # noqa: SIM115 - the caller closes it
     fs, path = filesystem(location)
-    try:
+    with _store_errors(location, "opening"):
         return fs.open_input_file(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"'{location}': no such object") from None
 
 
 def listdir(location: str | os.PathLike) -> list[str]:
@@ -167,7 +169,8 @@ def listdir(location: str | os.PathLike) -> list[str]:
     import pyarrow.fs as pafs
 
     fs, path = filesystem(location)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    with _store_errors(location, "listing"):
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     return sorted(info.base_name for info in infos)
 
 
@@ -176,10 +179,8 @@ def _files_under(location: str | os.PathLike) -> dict[str, int]:
     import pyarrow.fs as pafs
 
     fs, path = filesystem(location)
-    try:
+    with _store_errors(location, "listing"):
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    except OSError as exc:
-        raise StorageError(f"'{location}': cannot list it ({_first_line(exc)})") from None
     return {info.path[len(path):].lstrip("/"): info.size for info in infos if info.is_file}
 
 
@@ -264,13 +265,6 @@ def _transfer(what: str, done: list[str]) -> Iterator[None]:
         yield
     except OSError as exc:
         raise StorageError(f"{what} failed after {len(done)} file(s): {_first_line(exc)}") from None
-
-
-def delete_dir(location: str | os.PathLike) -> None:
-    """Remove a folder and everything below it (missing: nothing to do)."""
-    fs, path = filesystem(location)
-    if exists(location):
-        fs.delete_dir(path)
 
 
 class Mirror:

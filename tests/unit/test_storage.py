@@ -46,7 +46,7 @@ def test_bad_locations_fail_at_load(key, value, expected):
 
 def test_file_uri_round_trip_and_folder_transfer(tmp_path):
     root = f"file://{tmp_path}/store"
-    storage.write_text(storage.join(root, "a", "b.json"), '{"x": 1}')
+    storage.write_bytes(storage.join(root, "a", "b.json"), b'{"x": 1}')
     assert storage.read_text(storage.join(root, "a", "b.json")) == '{"x": 1}'
     assert storage.exists(storage.join(root, "a")) and not storage.exists(storage.join(root, "nope"))
     assert storage.listdir(root) == ["a"]
@@ -99,6 +99,38 @@ def test_s3_mirror_syncs_changes_and_deletions(s3_prefix, tmp_path):
         (mirror.local / "checkpoints" / "step_1").rename(mirror.local / "checkpoints" / ".corrupt_step_1")
         mirror.sync()
     assert storage.listdir(storage.join(s3_prefix, "checkpoints")) == [".corrupt_step_1"]
+
+
+def test_bucket_faults_are_one_line_errors(s3_prefix, monkeypatch):
+    from cadiff.errors import DataError
+    from cadiff.train.launch import planned_run
+
+    missing = storage.join(s3_prefix, "nothing")
+    cfg = compose("train_ae", ["experiment=ae_tiny", f"data.root={missing}"])
+    with pytest.raises(DataError, match=f"data.root '{missing}': no index.json; run jobs/prepare_data.py out={missing}"):
+        planned_run(cfg, "ae").__enter__()
+    cfg = compose("train_ae", ["experiment=ae_tiny", f"out_root={s3_prefix}", "trainer.resume_from=2"])
+    monkeypatch.setattr("cadiff.train.launch.resolve_run", lambda cfg, stage: _plan(cfg, s3_prefix))
+    with pytest.raises(ConfigError, match=r"trainer.resume_from=2 with out_root 's3://.*': choosing a checkpoint is "
+                                          "supported for local run folders only"):
+        planned_run(cfg, "ae").__enter__()
+
+
+@pytest.mark.slow  # pyarrow retries a refused connection for ~6 s
+def test_unreachable_store_is_a_one_line_error(s3_prefix, monkeypatch):
+    from cadiff.errors import StorageError
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(StorageError, match=r"'s3://.*/x': reaching the store failed \(.*Could not connect"):
+        storage.exists(storage.join(s3_prefix, "x"))
+
+
+def _plan(cfg, location):
+    from cadiff.train.launch import RunPlan
+    from cadiff.train.stage import DataInfo, get_stage
+
+    return RunPlan(stage=get_stage("ae"), cfg=cfg, run_dir=location, model_config={},
+                   data=DataInfo(root="", sample_shape=(1,), num_train_clips=1))
 
 
 def test_local_mirror_is_the_folder_itself(tmp_path):
