@@ -2,9 +2,11 @@
 
 One small surface for every place that reads or writes ``out_root``/``data.root``: parse a location, get its
 file system, read/write bytes, list, check existence, open a shard for streaming, and move whole folders
-between a local folder and the store (:func:`download_dir`, :func:`upload_dir`). Object stores have no rename:
-a file is written locally and uploaded in one PUT, which readers see whole or not at all; a folder upload puts
-``last`` (an index) after everything else, so a reader that checks it first never sees half a folder.
+between a local folder and the store (:func:`download_dir`, :func:`upload_dir`; :func:`mirrored`: a temp
+copy of a store folder whose changes :meth:`Mirror.sync` uploads, the folder itself when local). Object
+stores have no rename: a file is written locally and uploaded in one PUT, which readers see whole or not at
+all; a folder upload puts ``last`` (an index) after everything else, so a reader that checks it first never
+sees half a folder.
 
 Credentials and endpoint come from the standard environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
 ``AWS_ENDPOINT_URL``, ``AWS_REGION``; ``GOOGLE_APPLICATION_CREDENTIALS`` for GCS), so Ray workers started from
@@ -14,7 +16,6 @@ the same environment reach the same store. Local paths keep their plain ``pathli
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import tempfile
@@ -23,8 +24,6 @@ from pathlib import Path
 from typing import IO, Any
 
 from cadiff.errors import ConfigError, StorageError
-
-log = logging.getLogger(__name__)
 
 SCHEMES = ("s3", "gs", "file")
 
