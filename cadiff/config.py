@@ -619,6 +619,23 @@ def _time_grid(key: str, value: Any) -> None:
         _require(False, key, value, GRID_FORMS)
 
 
+def validate_location(key: str, value: Any) -> None:
+    """A folder key (``out_root``, ``data.root``, ``out``...): a local path, or ``s3://bucket/prefix``,
+    ``gs://bucket/prefix``, ``file:///abs/path`` (see :mod:`cadiff.storage`)."""
+    from cadiff.storage import SCHEMES
+
+    text = str(value)
+    if "://" not in text:
+        return
+    scheme, rest = text.split("://", 1)
+    expected = f"a local path or {', '.join(f'{s}://...' for s in SCHEMES)}"
+    _require(scheme.lower() in SCHEMES, key, value, expected)
+    if scheme.lower() == "file":
+        _require(rest.startswith("/"), key, value, "file:// with an absolute path (file:///abs/path)")
+    else:
+        _require(bool(rest.split("/", 1)[0]), key, value, f"{scheme}://<bucket>[/prefix]")
+
+
 def _is_pow2(n: int) -> bool:
     return n >= 1 and (n & (n - 1)) == 0
 
@@ -759,6 +776,7 @@ SOURCE_NAMES = ("sim", "tiff", "hdf5", "nwb", "neurofinder", "allen")
 
 
 def validate_prepare_data(cfg: Any) -> None:
+    validate_location("out", cfg.out)
     _choice("source.name", cfg.source.name, SOURCE_NAMES)
     if cfg.source.name in ("tiff", "hdf5", "nwb"):
         _require(bool(cfg.source.path), "source.path", cfg.source.path, f"a file or folder for source={cfg.source.name}")
@@ -805,6 +823,8 @@ def _validate_data(d: Any, prefix: str) -> None:
 
 
 def validate_train_ae(cfg: Any) -> None:
+    validate_location("out_root", cfg.out_root)
+    validate_location("data.root", cfg.data.root)
     validate_autoencoder(cfg.model)
     validate_trainer(cfg.trainer)
     validate_strategy(cfg.strategy, cfg.trainer.num_workers)
@@ -846,6 +866,8 @@ def validate_dit(m: Any, prefix: str = "model") -> None:
 
 
 def validate_train_latent(cfg: Any) -> None:
+    validate_location("out_root", cfg.out_root)
+    validate_location("latents.root", cfg.latents.root)
     validate_dit(cfg.model)
     validate_trainer(cfg.trainer)
     validate_strategy(cfg.strategy, cfg.trainer.num_workers)

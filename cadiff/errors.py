@@ -27,3 +27,7 @@ class DownloadError(DataError):
 
 class NoPhotonSignature(DataError):
     """A movie shows no usable mean-variance (shot-noise) line: processed, constant or too short to calibrate."""
+
+
+class StorageError(CadiffError):
+    """An object store (s3://, gs://) could not be reached, read or written."""

@@ -206,7 +206,12 @@ def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Records of a JSON-lines file; a torn last line (a crash mid-append) is skipped, a torn earlier one raises."""
-    lines = Path(path).read_text().splitlines()
+    return parse_jsonl(Path(path).read_text())
+
+
+def parse_jsonl(text: str) -> list[dict[str, Any]]:
+    """Records of JSON-lines text (see :func:`read_jsonl`)."""
+    lines = text.splitlines()
     out = []
     for i, line in enumerate(lines):
         if not line.strip():

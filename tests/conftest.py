@@ -14,7 +14,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
-pytest_plugins = ["tests.fixtures_data", "tests.fixtures_pipeline"]
+pytest_plugins = ["tests.fixtures_data", "tests.fixtures_pipeline", "tests.fixtures_s3"]
 
 @pytest.fixture(scope="session")
 def ray_cluster():

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from cadiff import storage
 from cadiff.data.movie import normalize
 from cadiff.data.shards import IndexedShards, _decode, index_shape, iter_shard, read_index, split_shards
 from cadiff.errors import DataError
@@ -55,7 +56,7 @@ def _corrupt_mode(cfg: Any) -> str:
     return mode
 
 
-def _check_shards(paths: list[Path], mode: str) -> list[Path]:
+def _check_shards(paths: list[str | Path], mode: str) -> list[str | Path]:
     """Header-scan every shard up front: ``fail`` raises on the first bad one, ``skip`` drops and counts them."""
     good = []
     for path in paths:
@@ -153,7 +154,7 @@ class _ShardToBatch:
         rng = np.random.default_rng()  # fresh per call: new crops and order every epoch
         for path in batch["path"]:
             try:
-                samples = [(a, _source_of(m)) for _k, a, m in iter_shard(Path(str(path)), self.kind, self.shape)]
+                samples = [(a, _source_of(m)) for _k, a, m in iter_shard(str(path), self.kind, self.shape)]
             except DataError as exc:
                 if self.mode == "fail":
                     raise
@@ -171,7 +172,7 @@ def _ray_dataset(root: str | Path, split: str, cfg: Any, seed: int, expect_kind:
 
     index = read_index(root)
     if index["kind"] != expect_kind:
-        raise DataError(f"{Path(root) / 'index.json'}: kind '{index['kind']}', expected '{expect_kind}'")
+        raise DataError(f"{storage.join(root, 'index.json')}: kind '{index['kind']}', expected '{expect_kind}'")
     mode = _corrupt_mode(cfg)
     paths = _check_shards([p for p, n in split_shards(root, index, split) if n > 0], mode)
     if not paths:
@@ -201,7 +202,7 @@ def latent_dataset(root: str | Path, split: str, latents_cfg: Any, seed: int = 0
 def _indexed(root: str | Path, split: str, cfg: Any, kind: str) -> tuple[dict, IndexedShards]:
     index = read_index(root)
     if index["kind"] != kind:
-        raise DataError(f"{Path(root) / 'index.json'}: kind '{index['kind']}', expected '{kind}'")
+        raise DataError(f"{storage.join(root, 'index.json')}: kind '{index['kind']}', expected '{kind}'")
     mode = _corrupt_mode(cfg)
     good = set(_check_shards([p for p, _ in split_shards(root, index, split)], mode))
     return index, IndexedShards(root, split, index, keep=good)
@@ -323,7 +324,7 @@ def torch_dataloader(root: str | Path, split: str, data_cfg: Any, mode: str = "w
         raise DataError(f"torch_dataloader mode {mode!r}: expected 'webdataset' or 'indexed'")
     index = read_index(root)
     if index["kind"] != kind:
-        raise DataError(f"{Path(root) / 'index.json'}: kind '{index['kind']}', expected '{kind}'")
+        raise DataError(f"{storage.join(root, 'index.json')}: kind '{index['kind']}', expected '{kind}'")
     corrupt = _corrupt_mode(data_cfg)
     paths = _check_shards([p for p, n in split_shards(root, index, split) if n > 0], corrupt)
     dataset = _wds_pipeline(paths, index, data_cfg, train, corrupt, seed, rank, world_size)
@@ -346,7 +347,7 @@ def val_batch(root: str | Path, n: int, data_cfg: Any, kind: str = "clips") -> A
 
     index = read_index(root)
     if index["kind"] != kind:
-        raise DataError(f"{Path(root) / 'index.json'}: kind '{index['kind']}', expected '{kind}'")
+        raise DataError(f"{storage.join(root, 'index.json')}: kind '{index['kind']}', expected '{kind}'")
     split = "val" if index["splits"].get("val", {}).get("num_clips", 0) > 0 else "train"
     if split == "train":
         log.warning("%s has no validation clips; val_batch uses the first training clips", root)

@@ -28,6 +28,7 @@ any variance, is a DataError: such movies are not detector ADU (a float movie in
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import glob
 import hashlib
@@ -44,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from cadiff import storage
 from cadiff.config import leaves
 from cadiff.data.movie import UINT16_MAX, Movie, normalize, read_frames, to_stored_units
 from cadiff.data.noise import (
@@ -786,8 +788,11 @@ class Step:
 
 
 def prepare_data(cfg: Any) -> dict[str, Any]:
-    """Run the whole preparation for a ``PrepareDataConfig``; returns a summary dict (counts, shapes, paths)."""
-    out = Path(cfg.out)
+    """Run the whole preparation for a ``PrepareDataConfig``; returns a summary dict (counts, shapes, paths).
+    An object-store ``out`` (``s3://``, ``gs://``) is prepared in a local copy and uploaded (:func:`_prepare_to_store`)."""
+    if storage.is_remote(cfg.out):
+        return _prepare_to_store(cfg)
+    out = storage.local_path(cfg.out)
     recordings = list_recordings(cfg.source)
     if not recordings:
         raise DataError(f"source {cfg.source.name}: no recordings found")
@@ -805,6 +810,25 @@ def prepare_data(cfg: Any) -> dict[str, Any]:
     with contextlib.suppress(OSError):
         building.rmdir()  # left by an earlier killed build, now done with
     return _summary(index, out)
+
+
+def _prepare_to_store(cfg: Any) -> dict[str, Any]:
+    """Prepare an object-store ``out`` in a local copy of it (its earlier output included, so reuse and
+    ``overwrite`` behave as for a local folder), then upload it with index.json last and drop the objects the
+    new build no longer has. A failure uploads nothing; the local copy is removed on every exit."""
+    uri = storage.resolved(cfg.out)
+    with storage.mirrored(uri, prefix="cadiff-prepare-") as mirror:
+        local = mirror.local / "out"
+        local.mkdir()
+        for child in list(mirror.local.iterdir()):
+            if child != local:
+                os.replace(child, local / child.name)
+        local_cfg = copy.deepcopy(cfg)
+        local_cfg.out = str(local)
+        summary = prepare_data(local_cfg)
+        sent = storage.upload_dir(local, uri, last=(INDEX_NAME,), delete=True)
+    log.info("prepare_data: uploaded %d file(s) to %s", len(sent), uri)
+    return {**summary, "out": uri}
 
 
 def build(tree: Path, out: Path, cfg: Any, recordings: list[Recording], made_from: Provenance) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from cadiff import storage
 from cadiff.data.movie import NORMALIZATION_KINDS, calibration_problem
 from cadiff.errors import DataError
 from cadiff.io import atomic_path, write_json_atomic
@@ -154,7 +155,7 @@ def _fail(path: Path, msg: str) -> DataError:
     return DataError(f"{path}: {msg}")
 
 
-def validate_index(index: Any, path: Path, root: Path | None = None) -> dict:
+def validate_index(index: Any, path: str | Path, root: str | Path | None = None) -> dict:
     """Check the structure of an index dict (and, with ``root``, that its shards exist)."""
     if not isinstance(index, dict):
         raise _fail(path, f"expected a JSON object, got {type(index).__name__}")
@@ -179,8 +180,8 @@ def validate_index(index: Any, path: Path, root: Path | None = None) -> dict:
             if not (isinstance(shard, dict) and isinstance(shard.get("path"), str)
                     and isinstance(shard.get("count"), int) and shard["count"] >= 0):
                 raise _fail(path, f"split '{name}': shard entry {shard!r}, expected {{'path': str, 'count': int}}")
-            if root is not None and not (root / shard["path"]).is_file():
-                raise DataError(f"{root / shard['path']}: shard listed in {path} is missing")
+            if root is not None and not storage.is_file(storage.join(root, shard["path"])):
+                raise DataError(f"{storage.join(root, shard['path'])}: shard listed in {path} is missing")
         total = sum(s["count"] for s in shards)
         if split.get("num_clips", total) != total:
             raise _fail(path, f"split '{name}': num_clips {split.get('num_clips')} != sum of shard counts {total}")
@@ -209,13 +210,13 @@ def validate_index(index: Any, path: Path, root: Path | None = None) -> dict:
 
 
 def read_index(root: str | Path, check_files: bool = True) -> dict:
-    """Load and validate ``root/index.json``; errors name the file and the offending key."""
-    root = Path(root)
-    path = root / INDEX_NAME
-    if not path.is_file():
+    """Load and validate ``root/index.json`` (a local folder or a storage URI); errors name the file and the
+    offending key."""
+    path = storage.join(root, INDEX_NAME)
+    if not storage.is_file(path):
         raise DataError(f"{path}: missing; expected a data folder written by prepare_data or encode_latents")
     try:
-        index = json.loads(path.read_text())
+        index = json.loads(storage.read_text(path))
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from exc
     return validate_index(index, path, root if check_files else None)
@@ -234,11 +235,11 @@ def index_shape(index: dict) -> tuple[int, ...]:
     return tuple(index[SHAPE_KEYS[index["kind"]]])
 
 
-def split_shards(root: str | Path, index: dict, split: str) -> list[tuple[Path, int]]:
-    """``[(absolute shard path, count)]`` of a split; an unknown split is a DataError."""
+def split_shards(root: str | Path, index: dict, split: str) -> list[tuple[str | Path, int]]:
+    """``[(shard path or URI, count)]`` of a split; an unknown split is a DataError."""
     if split not in index["splits"]:
-        raise DataError(f"{Path(root) / INDEX_NAME}: no split '{split}', available: {sorted(index['splits'])}")
-    return [(Path(root) / s["path"], int(s["count"])) for s in index["splits"][split]["shards"]]
+        raise DataError(f"{storage.join(root, INDEX_NAME)}: no split '{split}', available: {sorted(index['splits'])}")
+    return [(storage.join(root, s["path"]), int(s["count"])) for s in index["splits"][split]["shards"]]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -270,11 +271,11 @@ def _decode(path: Path, key: str, members: dict[str, bytes], kind: str | None,
 
 
 def iter_shard(path: str | Path, kind: str | None = None, expected_shape: tuple | None = None) -> Iterator[Sample]:
-    """Yield ``(key, array, meta)`` from one shard; a corrupt/truncated shard raises DataError naming it."""
-    path = Path(path)
+    """Yield ``(key, array, meta)`` from one shard (a local path or a storage URI, streamed); a corrupt/truncated
+    shard raises DataError naming it."""
     key, members = None, {}
     try:
-        with tarfile.open(path, "r|") as tar:
+        with storage.open_input(path) as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
@@ -297,8 +298,9 @@ def iter_shard(path: str | Path, kind: str | None = None, expected_shape: tuple 
 class IndexedShards:
     """Random access to every sample of a split: member offsets are read once from the tar headers."""
 
-    def __init__(self, root: str | Path, split: str, index: dict | None = None, keep: set[Path] | None = None) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | Path, split: str, index: dict | None = None,
+                 keep: set[str | Path] | None = None) -> None:
+        self.root = root
         self.index = index or read_index(root)
         self.kind = self.index["kind"]
         self.shape = index_shape(self.index)
@@ -311,17 +313,19 @@ class IndexedShards:
         self._pid = os.getpid()
 
     @staticmethod
-    def _scan(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
+    def _scan(path: str | Path) -> dict[str, dict[str, tuple[int, int]]]:
         out: dict[str, dict[str, tuple[int, int]]] = {}
         try:
-            with tarfile.open(path, "r:") as tar:
-                for info in tar.getmembers():
-                    if info.isfile():
-                        key, _, ext = os.path.basename(info.name).partition(".")
-                        out.setdefault(key, {})[ext] = (info.offset_data, info.size)
+            with storage.open_input(path) as fh:
+                size = fh.seek(0, os.SEEK_END)
+                fh.seek(0)
+                with tarfile.open(fileobj=fh, mode="r:") as tar:
+                    for info in tar.getmembers():
+                        if info.isfile():
+                            key, _, ext = os.path.basename(info.name).partition(".")
+                            out.setdefault(key, {})[ext] = (info.offset_data, info.size)
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise DataError(f"{path}: corrupt or truncated shard ({exc})") from exc
-        size = path.stat().st_size
         for key, members in out.items():
             for ext, (offset, n) in members.items():
                 if offset + n > size:
@@ -335,7 +339,7 @@ class IndexedShards:
         if self._pid != os.getpid():  # forked DataLoader worker: never share file offsets with the parent
             self._handles, self._pid = {}, os.getpid()
         if shard_no not in self._handles:
-            self._handles[shard_no] = open(self.shards[shard_no], "rb")  # noqa: SIM115 - cached handle
+            self._handles[shard_no] = storage.open_input(self.shards[shard_no])  # cached handle
         return self._handles[shard_no]
 
     def __getitem__(self, i: int) -> Sample:

@@ -27,7 +27,9 @@ from pathlib import Path
 
 import psutil
 
-from cadiff.io import read_jsonl
+from cadiff import storage
+from cadiff.errors import CadiffError
+from cadiff.io import parse_jsonl
 from cadiff.train.checkpoint import RAY_SNAPSHOT, CheckpointManager, step_of
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout: jobs/<job>.py are the command lines
@@ -38,18 +40,21 @@ SNAPSHOT = RAY_SNAPSHOT  # Ray Train V2's record of registered checkpoints
 # reading a live run folder
 
 
-def metric_steps(run_dir: Path) -> list[int]:
-    """Steps in metrics.jsonl, in file order (a line being written is skipped)."""
-    path = run_dir / "metrics.jsonl"
-    return [int(r["step"]) for r in read_jsonl(path) if "step" in r] if path.exists() else []
+def metric_steps(run_dir: str | Path) -> list[int]:
+    """Steps in metrics.jsonl (a run folder or an object-store URI), in file order (a line being written is
+    skipped)."""
+    path = storage.join(run_dir, "metrics.jsonl")
+    if not storage.is_file(path):
+        return []
+    return [int(r["step"]) for r in parse_jsonl(storage.read_text(path)) if "step" in r]
 
 
-def registered_step(run_dir: Path) -> int:
+def registered_step(run_dir: str | Path) -> int:
     """Step of the latest checkpoint Ray Train has registered (0 when none): the one a restart restores."""
     try:
-        snap = json.loads((run_dir / "checkpoints" / SNAPSHOT).read_text())
+        snap = json.loads(storage.read_text(storage.join(run_dir, "checkpoints", SNAPSHOT)))
         return int(snap["latest_checkpoint_result"]["checkpoint_dir_name"].split("_")[-1])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, CadiffError, ValueError, KeyError, TypeError, AttributeError):
         return 0
 
 
@@ -102,16 +107,19 @@ def mid_interval(run_dir: Path, step_of_checkpoint: Callable[[Path], int]) -> Ca
 
 
 class WorkerKiller(threading.Thread):
-    """SIGKILLs one Ray Train worker under ``root_pid`` once ``run_dir`` is between two checkpoints."""
+    """SIGKILLs one Ray Train worker under ``root_pid`` once ``run_dir`` is between two checkpoints (``ready``:
+    another moment, such as a first checkpoint registered in an object store, where metrics arrive with it)."""
 
-    def __init__(self, root_pid: int, run_dir: Path, timeout_s: float = 400) -> None:
+    def __init__(self, root_pid: int, run_dir: str | Path, timeout_s: float = 400,
+                 ready: Callable[[], bool] | None = None) -> None:
         super().__init__(daemon=True)
         self.root_pid, self.run_dir, self.timeout_s = root_pid, run_dir, timeout_s
+        self.ready = ready or mid_interval(run_dir, registered_step)
         self.stop = threading.Event()
         self.killed: dict | None = None
 
     def run(self) -> None:
-        ready = mid_interval(self.run_dir, registered_step)
+        ready = self.ready
         if not wait_until(lambda: ready() and len(train_workers(self.root_pid)) == 2, self.timeout_s,
                           alive=lambda: not self.stop.is_set()):
             return

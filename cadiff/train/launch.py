@@ -1,7 +1,11 @@
 """Driver side of training: validate config against data and cluster, build the TorchTrainer, run, summarize.
 
 The run folder is ``<out_root>/<job>/<run_name>/`` holding config.yaml, run.json, metrics.jsonl, media/,
-export/model.pt and checkpoints/ (Ray Train's storage for this run). Re-running with the same run name
+export/model.pt and checkpoints/ (Ray Train's storage for this run). ``out_root`` may be an object-store
+URI (``s3://``, ``gs://``, see :mod:`cadiff.storage`): Ray Train then persists checkpoints straight to the bucket
+(``storage_filesystem``), the driver prepares the run in a temp copy of the bucket's run folder and uploads it
+before training, and rank 0 writes metrics, media and the export into its own temp copy, uploaded after every
+checkpoint and at the end; no local run folder is created. Re-running with the same run name
 resumes from the latest checkpoint: Ray Train V2 restores its checkpoint manager from that storage, after the
 driver has checked it (:func:`cadiff.train.checkpoint.prepare_resume`: damaged checkpoints set aside,
 ``trainer.resume_from`` applied).
@@ -23,9 +27,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from cadiff import storage
 from cadiff.config import leaves, to_dict
 from cadiff.errors import CadiffError, ConfigError
-from cadiff.io import folder_lock, read_jsonl, write_json_atomic
+from cadiff.io import folder_lock, parse_jsonl, write_json_atomic
 from cadiff.runinfo import record_run
 from cadiff.runtime.heartbeat import HEARTBEAT_S, heartbeat
 from cadiff.runtime.preflight import check_cluster_paths, probe_cluster_paths, shared_paths
@@ -47,10 +52,11 @@ class RunPlan:
 
     stage: Stage
     cfg: Any  # the composed job config, as the user gave it
-    run_dir: Path
+    run_dir: Path  # an object-store run: the URI until planned_run, then the driver's temp copy of it
     data: DataInfo
     model_config: dict[str, Any]  # resolved model config: cfg.model plus the values derived from the data
     resume_dir: Path | None = None  # the checkpoint trainer.resume_from chose, verified (set under the run lock)
+    run_uri: str | None = None  # the object-store run folder (run_dir is then a temp copy on this machine)
 
     def config_record(self) -> dict[str, Any]:
         """The run's config as recorded in config.yaml: the job config with the resolved model config."""
@@ -60,18 +66,26 @@ class RunPlan:
         """What ``train_loop_per_worker`` receives (plain, picklable values)."""
         return {"stage": self.stage.name, "cfg": to_dict(self.cfg), "run_dir": str(self.run_dir),
                 "data_info": self.data.to_dict(), "model_config": self.model_config, "use_ray": use_ray,
-                "resume_dir": str(self.resume_dir) if self.resume_dir else None}
+                "resume_dir": str(self.resume_dir) if self.resume_dir else None, "run_uri": self.run_uri}
+
+    @property
+    def location(self) -> str:
+        """Where the run lives for its users: the object-store URI, else the local run folder."""
+        return self.run_uri or str(self.run_dir)
 
 
 def default_run_name() -> str:
     return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def run_dir_for(cfg: Any, stage: Stage | str) -> Path:
-    """``<out_root>/<job>/<run_name>`` (absolute); names the run ``cfg.run_name`` (a timestamp when unset)."""
+def run_dir_for(cfg: Any, stage: Stage | str) -> Path | str:
+    """``<out_root>/<job>/<run_name>`` (absolute; a str for an object-store URI); names the run ``cfg.run_name``
+    (a timestamp when unset)."""
     stage = get_stage(stage) if isinstance(stage, str) else stage
     cfg.run_name = cfg.run_name or default_run_name()
-    return (Path(cfg.out_root) / stage.job / cfg.run_name).resolve()
+    if storage.is_remote(cfg.out_root):
+        return str(storage.join(cfg.out_root, stage.job, cfg.run_name))
+    return (storage.local_path(cfg.out_root) / stage.job / cfg.run_name).resolve()
 
 
 def resolve_run(cfg: Any, stage: Stage | str) -> RunPlan:
@@ -90,12 +104,32 @@ def planned_run(cfg: Any, stage: Stage | str, use_ray: bool = True) -> Iterator[
     """Resolve the run, then hold its lock (:func:`cadiff.io.folder_lock`) while it is checked against an
     earlier session, its checkpoint to resume is settled (``prepare_resume``), and it is recorded and trained.
     Raises before any worker starts."""
-    plan = resolve_run(cfg, stage)
-    with folder_lock(plan.run_dir, "training run"):
+    with run_folder(resolve_run(cfg, stage)) as (plan, mirror):
         session = check_resume_compatible(plan.run_dir, plan.config_record(), plan.data)
         resume_dir = prepare_resume(plan.run_dir, cfg.trainer.resume_from, use_ray)
         record_plan(plan, session)
+        mirror.sync()
         yield dataclasses.replace(plan, resume_dir=resume_dir)
+
+
+@contextlib.contextmanager
+def run_folder(plan: RunPlan) -> Iterator[tuple[RunPlan, storage.Mirror]]:
+    """Hold the run folder while the driver checks and records the run: a local one under its lock
+    (:func:`cadiff.io.folder_lock`), an object-store one as a temp copy (config records and checkpoints: the
+    driver verifies checkpoints there) whose changes ``Mirror.sync`` uploads, set-aside checkpoints included.
+    Object stores have no exclusive create: two sessions of one run must not be started at once."""
+    if not storage.is_remote(plan.run_dir):
+        with folder_lock(plan.run_dir, "training run"), storage.mirrored(plan.run_dir) as mirror:
+            yield plan, mirror
+        return
+    uri = str(plan.run_dir)
+    if plan.cfg.trainer.resume_from is not None:
+        raise ConfigError(f"trainer.resume_from={plan.cfg.trainer.resume_from!r} with out_root '{plan.cfg.out_root}': "
+                          "choosing a checkpoint is supported for local run folders only; an object-store run resumes "
+                          "from its latest checkpoint (drop trainer.resume_from)")
+    log.info("run %s is in an object store: no run lock is taken (start one session of it at a time)", uri)
+    with storage.mirrored(uri, delete=True, prefix="cadiff-run-") as mirror:
+        yield dataclasses.replace(plan, run_dir=mirror.local, run_uri=uri), mirror
 
 
 def record_plan(plan: RunPlan, session: int) -> None:
@@ -176,6 +210,10 @@ def build_trainer(plan: RunPlan, callbacks: list | None = None, storage_path: st
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg, t = plan.cfg, plan.cfg.trainer
+    where: dict[str, Any] = {"storage_path": storage_path or str(plan.run_dir)}
+    if plan.run_uri and storage_path is None:
+        filesystem, path = storage.filesystem(plan.run_uri)
+        where = {"storage_path": path, "storage_filesystem": filesystem}
     datasets = None if plan.stage.data_cfg(cfg).deterministic else {"train": plan.stage.train_dataset(cfg)}
     resources = {"CPU": t.cpus_per_worker}
     if t.gpus_per_worker:
@@ -187,7 +225,7 @@ def build_trainer(plan: RunPlan, callbacks: list | None = None, storage_path: st
         torch_config=TorchConfig(backend=cfg.strategy.backend) if cfg.strategy.backend else None,
         run_config=RunConfig(
             name=name or "checkpoints",
-            storage_path=storage_path or str(plan.run_dir),
+            **where,
             checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
             failure_config=FailureConfig(max_failures=t.max_failures),
             callbacks=callbacks or [],
@@ -202,7 +240,7 @@ def run_training(cfg: Any, stage: Stage | str) -> tuple[str, str]:
     if cfg.strategy.name == "single":
         with planned_run(cfg, stage, use_ray=False) as plan:
             train_loop_per_worker(plan.payload(use_ray=False))
-            return summarize(plan.run_dir)
+            return summarize(plan.location)
     require_train_v2()
     import ray.train
 
@@ -219,24 +257,24 @@ def run_training(cfg: Any, stage: Stage | str) -> tuple[str, str]:
         sigint = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
         t = cfg.trainer
         log.info("training %s on %d worker(s) x %g CPU / %g GPU (%s) -> %s", plan.stage.job, t.num_workers,
-                 t.cpus_per_worker, t.gpus_per_worker, cfg.strategy.name, plan.run_dir)
+                 t.cpus_per_worker, t.gpus_per_worker, cfg.strategy.name, plan.location)
         try:
-            with startup_heartbeat(plan.run_dir / "metrics.jsonl"):
+            with startup_heartbeat(storage.join(plan.location, "metrics.jsonl")):
                 trainer.fit()
         except ray.train.TrainingFailedError as exc:
-            raise CadiffError(f"training failed in {plan.run_dir}: {_root_cause(exc)}") from exc
+            raise CadiffError(f"training failed in {plan.location}: {_root_cause(exc)}") from exc
         finally:
             if sigint is not None:
                 signal.signal(signal.SIGINT, sigint)
-        return summarize(plan.run_dir)
+        return summarize(plan.location)
 
 
-def startup_heartbeat(first_output: Path, every_s: float = HEARTBEAT_S) -> contextlib.AbstractContextManager:
+def startup_heartbeat(first_output: str | Path, every_s: float = HEARTBEAT_S) -> contextlib.AbstractContextManager:
     """Log a line every :data:`HEARTBEAT_S` until ``first_output`` changes (rank 0's first metrics line): placing
     the workers, starting their process group and setting up model and data print nothing for a minute or more
     on a busy host. A resumed run's metrics.jsonl exists already: a change counts, not existence."""
     def stamp() -> float | None:
-        return first_output.stat().st_mtime if first_output.exists() else None
+        return storage.mtime(first_output)
 
     before = stamp()
     return heartbeat(lambda s: f"starting the training workers ({s:.0f}s)" if stamp() == before else None, every_s)
@@ -249,15 +287,15 @@ def _root_cause(exc: BaseException) -> str:
     return text[-600:]
 
 
-def summarize(run_dir: Path) -> tuple[str, str]:
-    """Key results of a finished run from metrics.jsonl and the export."""
-    export = run_dir / "export" / "model.pt"
-    if not export.exists():
+def summarize(run_dir: str | Path) -> tuple[str, str]:
+    """Key results of a finished run (a local folder or an object-store URI) from metrics.jsonl and the export."""
+    export = storage.join(run_dir, "export", "model.pt")
+    if not storage.is_file(export):
         raise CadiffError(f"run {run_dir} finished without writing {export}")
     last: dict[str, Any] = {}
-    metrics_path = run_dir / "metrics.jsonl"
-    if metrics_path.exists():
-        for record in read_jsonl(metrics_path):
+    metrics_path = storage.join(run_dir, "metrics.jsonl")
+    if storage.is_file(metrics_path):
+        for record in parse_jsonl(storage.read_text(metrics_path)):
             last.update(record)
     parts = [f"step={last.get('step', '?')}"]
     # latent_use: stage-1 val loss with the own latent / with another clip's (1 = the decoder ignores z)

@@ -16,7 +16,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cadiff import storage
 from cadiff.config import from_dict
 from cadiff.data import pipeline
 from cadiff.errors import ConfigError
@@ -74,9 +75,11 @@ class TrainingModule(nn.Module):
 class Reporter:
     """Checkpoint/metric sink: Ray Train (``ray.train.report``) or a local CheckpointManager (strategy=single)."""
 
-    def __init__(self, use_ray: bool, run_dir: Path, num_to_keep: int) -> None:
+    def __init__(self, use_ray: bool, run_dir: Path, num_to_keep: int,
+                 after_checkpoint: Callable[[], Any] | None = None) -> None:
         self.use_ray = use_ray
         self.run_dir = run_dir
+        self.after_checkpoint = after_checkpoint  # rank 0 of an object-store run: upload the run folder
         if not use_ray:
             self.manager = CheckpointManager(run_dir, num_to_keep)
 
@@ -116,6 +119,8 @@ class Reporter:
             tmp = self.manager.tmp_dir(step)
             write_checkpoint(tmp)
             self.manager.commit(tmp, step)
+        if self.after_checkpoint is not None:
+            self.after_checkpoint()
 
 
 def _rank_world() -> tuple[int, int, int]:
@@ -259,6 +264,12 @@ class WorkerRun:
     rank: int
     world: int
     resume_dir: Path | None = None  # the checkpoint trainer.resume_from chose (the driver verified it)
+    run_uri: str | None = None  # an object-store run: run_dir is this worker's temp copy of it
+
+    @property
+    def run_name(self) -> str:
+        """The run folder's name (of the object-store run, not of the temp copy)."""
+        return (self.run_uri or str(self.run_dir)).rstrip("/").rsplit("/", 1)[-1]
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any], rank: int, world: int) -> WorkerRun:
@@ -266,11 +277,31 @@ class WorkerRun:
         return cls(stage=stage, cfg=from_dict(payload["cfg"], stage.schema), run_dir=Path(payload["run_dir"]),
                    data=DataInfo.from_dict(payload["data_info"]), model_config=dict(payload["model_config"]),
                    use_ray=bool(payload.get("use_ray", True)), rank=rank, world=world,
-                   resume_dir=Path(payload["resume_dir"]) if payload.get("resume_dir") else None)
+                   resume_dir=Path(payload["resume_dir"]) if payload.get("resume_dir") else None,
+                   run_uri=payload.get("run_uri"))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Train one stage; ``config`` is the driver's ``RunPlan.payload``."""
+    """Train one stage; ``config`` is the driver's ``RunPlan.payload``.
+
+    An object-store run (``run_uri``) is written into a temp copy of the run folder: rank 0 downloads it
+    (without checkpoints/, which Ray Train persists itself; with them for strategy=single, whose checkpoint
+    manager writes into the copy) and uploads it after every checkpoint and once the export is written.
+    """
+    rank = _rank_world()[0]
+    use_ray = bool(config.get("use_ray", True))
+    location = config.get("run_uri") or config["run_dir"]
+    exclude = ("checkpoints",) if use_ray else ()
+    with storage.mirrored(location, exclude=exclude, delete=not use_ray, download=rank == 0,
+                          prefix="cadiff-worker-run-") as mirror:
+        sync = mirror.sync if rank == 0 and mirror.remote else None
+        _train(config | {"run_dir": str(mirror.local)}, sync)
+        if sync is not None:
+            sync()
+
+
+def _train(config: dict[str, Any], sync: Callable[[], Any] | None) -> None:
+    """The training loop of :func:`train_loop_per_worker` in the worker's run folder (``sync``: upload it)."""
     rank, world, _ = _rank_world()
     run = WorkerRun.from_payload(config, rank, world)
     if run.use_ray:
@@ -292,7 +323,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         log.info("strategy %s on %s, precision %s (trainer.precision=%s)", strategy.name, device, strategy.precision,
                  tcfg.precision)
     ema = EMA(strategy.ema_tensors(), decay=cfg.ema.decay, warmup_power=cfg.ema.warmup_power)
-    reporter = Reporter(run.use_ray, run_dir, tcfg.num_to_keep)
+    reporter = Reporter(run.use_ray, run_dir, tcfg.num_to_keep, after_checkpoint=sync)
 
     step, resumed_rng = resume_state(run, reporter, strategy, ema)
 
@@ -302,7 +333,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     flops_fwd = float(model.flops_per_sample(run.data.sample_shape))
     peak = peak_flops_for(device, tcfg.peak_flops, strategy.precision)
 
-    wandb_run = start_wandb(cfg.logger, run_dir, run_dir.name, config["cfg"]) if rank == 0 else None
+    wandb_run = start_wandb(cfg.logger, run_dir, run.run_name, config["cfg"]) if rank == 0 else None
     tensorboard = start_tensorboard(cfg.logger, run_dir, config["cfg"], step) if rank == 0 else None
     writer = MetricsWriter(run_dir / "metrics.jsonl", wandb_run, tensorboard) if rank == 0 else None
     progress = ProgressLine(tcfg.max_steps) if rank == 0 else None

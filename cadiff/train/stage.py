@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from cadiff import storage
 from cadiff.config import (
     DataConfig,
     TrainAEConfig,
@@ -107,8 +108,8 @@ class Stage:
         return f"Stage({self.name!r})"
 
 
-def _read_index(root: Path, key: str, kind: str, hint: str) -> dict[str, Any]:
-    if not (root / "index.json").exists():
+def _read_index(root: str, key: str, kind: str, hint: str) -> dict[str, Any]:
+    if not storage.is_file(storage.join(root, "index.json")):
         raise DataError(f"{key} '{root}': no index.json; {hint}")
     index = read_index(root)
     if index.get("kind", "clips") != kind:
@@ -123,11 +124,11 @@ class ClipStage(Stage):
     probes_latent_use = True
 
     def resolve(self, cfg: Any) -> tuple[DataInfo, dict[str, Any]]:
-        root = Path(cfg.data.root)
+        root = str(cfg.data.root)
         auto = cfg.data.prepare_if_missing
         if auto is None:
-            auto = root.resolve() == Path(DataConfig.root).resolve()
-        if not (root / "index.json").exists() and auto:
+            auto = not storage.is_uri(root) and Path(root).resolve() == Path(DataConfig.root).resolve()
+        if not storage.is_file(storage.join(root, "index.json")) and auto:
             _prepare_default_sim(root)
         index = _read_index(root, "data.root", "clips", f"run jobs/prepare_data.py out={root} first (or set "
                             "data.prepare_if_missing=true to simulate data there)")
@@ -143,7 +144,7 @@ class ClipStage(Stage):
                 raise DataError(f"data.root '{root}': split '{split}' has no clips; prepare more data or lower val_fraction")
         model = to_dict(cfg.model)
         model.update(derived_noise(model, index["normalization"], root, index["sources"]))
-        info = DataInfo(root=str(root.resolve()), sample_shape=(1, frames, height, width),
+        info = DataInfo(root=storage.resolved(root), sample_shape=(1, frames, height, width),
                         num_train_clips=int(index["splits"]["train"]["num_clips"]),
                         normalization=dict(index["normalization"]), sources=dict(index["sources"]))
         return info, resolve_model_config(model)
@@ -168,7 +169,7 @@ class LatentStage(Stage):
     name, job, data_key, kind, schema = "latent", "train_latent", "latents", "latents", TrainLatentConfig
 
     def resolve(self, cfg: Any) -> tuple[DataInfo, dict[str, Any]]:
-        root = Path(cfg.latents.root)
+        root = str(cfg.latents.root)
         index = _read_index(root, "latents.root", "latents", f"run jobs/encode_latents.py out={root} first")
         stage1 = index.get("stage1")
         if not stage1 or not Path(stage1).exists():
@@ -185,7 +186,7 @@ class LatentStage(Stage):
             )
         if cfg.model.in_channels not in (None, channels):
             raise ConfigError(f"model.in_channels = {cfg.model.in_channels}: expected {channels} (the latent channels in {root})")
-        info = DataInfo(root=str(root.resolve()), sample_shape=tuple(index["latent_shape"]),
+        info = DataInfo(root=storage.resolved(root), sample_shape=tuple(index["latent_shape"]),
                         num_train_clips=int(index["splits"]["train"]["num_clips"]),
                         normalization=index.get("normalization"), channel_mean=tuple(index["channel_mean"]),
                         channel_std=tuple(index["channel_std"]), stage1=str(Path(stage1).resolve()))
@@ -216,7 +217,7 @@ def get_stage(name: str) -> Stage:
 # values derived from the data
 
 
-def derived_noise(model: dict[str, Any], norm: dict[str, Any], root: Path,
+def derived_noise(model: dict[str, Any], norm: dict[str, Any], root: str | Path,
                   sources: dict[str, Any] | None = None) -> dict[str, Any]:
     """The DiffAE's analytic noise term from the data index, per ``model.noise_skip`` (null = auto).
 
@@ -256,7 +257,7 @@ def derived_noise(model: dict[str, Any], norm: dict[str, Any], root: Path,
     return {"noise_std": std}
 
 
-def _raw_noise(model: dict[str, Any], norm: dict[str, Any], root: Path, sources: dict[str, Any]) -> dict[str, Any]:
+def _raw_noise(model: dict[str, Any], norm: dict[str, Any], root: str | Path, sources: dict[str, Any]) -> dict[str, Any]:
     """Raw-unit data: no photon noise model (no gain), so a homoscedastic ``noise_std`` unless one is set."""
     if model.get("noise_draw") == "poisson":
         raise ConfigError(f"model.noise_draw='poisson' draws photon counts, but {root}/index.json is in raw units "
@@ -270,7 +271,7 @@ def _raw_noise(model: dict[str, Any], norm: dict[str, Any], root: Path, sources:
     return {"noise_std": std}
 
 
-def raw_noise_std(sources: dict[str, Any], norm: dict[str, Any], root: Path) -> float:
+def raw_noise_std(sources: dict[str, Any], norm: dict[str, Any], root: str | Path) -> float:
     """Pixel noise std in normalized units of raw-unit data: the median over sources of the temporal noise measured
     at prepare time (``raw.noise_std``, Donoho-Johnstone MAD of frame differences) over ``raw.scale * norm.scale``,
     floored at the decoder's minimum noise level."""
@@ -295,7 +296,7 @@ def read_noise_photons(sources: dict[str, Any]) -> float:
     return float(values[sorted(values)[0]])
 
 
-def _prepare_default_sim(root: Path) -> None:
+def _prepare_default_sim(root: str) -> None:
     log.info("data.root %s has no index.json: preparing simulated data there (source=sim)", root)
     prepare_data(compose("prepare_data", [f"out={root}"]))
 
