@@ -1,0 +1,233 @@
+"""Stage-2 conditioning: ROI-map and flux inputs of the DiT, condition dropout, classifier-free guidance, the
+condition channels of latent batches, config rules and user mask files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from cadiff.config import compose
+from cadiff.data import conditioning as C
+from cadiff.errors import ConfigError, DataError, ModelError
+from cadiff.models.dit import DiT
+from cadiff.models.registry import build_model
+
+torch.set_num_threads(1)
+LATENT = (4, 3, 8, 8)  # C, T, H, W
+
+
+def model(*overrides: str, conditions=("roi_mask", "flux")):
+    cfg = compose("train_latent", ["experiment=dit_tiny", "model.in_channels=4", *overrides]).model
+    cfg.conditions = list(conditions)
+    net = build_model(cfg)
+    with torch.no_grad():  # leave the zero init so the conditions change the output
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net
+
+
+def batch(b: int = 3, mask_value: float = 1.0, flux: float = 0.5) -> torch.Tensor:
+    z = torch.randn(b, *LATENT)
+    mask = torch.zeros(b, 1, *LATENT[1:])
+    mask[..., 2:5, 2:5] = mask_value
+    return torch.cat([z, mask, torch.full((b, 1, *LATENT[1:]), flux)], dim=1)
+
+
+def test_dit_takes_mask_channel_and_flux_embedding():
+    torch.manual_seed(0)
+    dit = DiT(4, 32, 1, 2, cond_mask=True, cond_flux=True)
+    assert dit.x_embedder.proj.in_channels == 5
+    x, t = torch.randn(2, *LATENT), torch.rand(2)
+    out = dit(x, t, roi_mask=torch.rand(2, 8, 8), flux=torch.tensor([0.2, math.nan]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    with pytest.raises(ModelError, match=r"ROI mask of shape \(2, 4, 4\): expected \[B, H, W\] = \[2, 8, 8\]"):
+        dit(x, t, roi_mask=torch.rand(2, 4, 4))
+    with pytest.raises(ModelError, match="cond_mask=false"):
+        DiT(4, 32, 1, 2)(x, t, roi_mask=torch.rand(2, 8, 8))
+
+
+def test_conditions_change_the_prediction_and_nan_means_null():
+    torch.manual_seed(0)
+    net = model("model.cond_mask=true", "model.cond_flux=true").dit
+    x, t = torch.randn(2, *LATENT), torch.rand(2)
+    mask = torch.zeros(2, 8, 8)
+    with torch.no_grad():
+        null = net(x, t)
+        explicit_null = net(x, t, roi_mask=torch.full((2, 8, 8), math.nan), flux=torch.full((2,), math.nan))
+        with_mask = net(x, t, roi_mask=mask)
+        with_flux = net(x, t, flux=torch.tensor([0.3, 0.3]))
+    torch.testing.assert_close(null, explicit_null)
+    # an empty mask is a condition ("no cells here"), not the same as no mask
+    assert not torch.allclose(null, with_mask) and not torch.allclose(null, with_flux)
+
+
+def test_split_batch_routes_channels_by_name():
+    net = model("model.cond_mask=true", "model.cond_flux=true")
+    x = batch(mask_value=1.0, flux=0.25)
+    z, cond = net.split_batch(x)
+    torch.testing.assert_close(z, x[:, :4])
+    assert cond["roi_mask"].shape == (3, 8, 8) and cond["roi_mask"][0, 3, 3] == 1 and cond["roi_mask"][0, 0, 0] == 0
+    assert cond["flux"].tolist() == [0.25] * 3
+    only_mask = model("model.cond_mask=true")
+    assert set(only_mask.split_batch(x)[1]) == {"roi_mask"}  # flux channel present but unused
+    unconditional = model()
+    assert unconditional.split_batch(x)[1] == {}
+    with pytest.raises(ModelError, match="condition channels"):
+        unconditional.split_batch(x[:, :5])
+
+
+def test_condition_dropout_rate_and_train_only():
+    net = model("model.cond_mask=true", "model.cond_flux=true", "model.cond_dropout=0.3")
+    conds = {"roi_mask": torch.zeros(4000, 2, 2), "flux": torch.zeros(4000)}
+    dropped = net.drop_conditions(conds, torch.Generator().manual_seed(0))
+    frac_mask = torch.isnan(dropped["roi_mask"][:, 0, 0]).float().mean().item()
+    frac_flux = torch.isnan(dropped["flux"]).float().mean().item()
+    assert frac_mask == pytest.approx(0.3, abs=0.03) and frac_flux == pytest.approx(0.3, abs=0.03)
+    # whole maps are dropped, never single pixels
+    assert (torch.isnan(dropped["roi_mask"]).flatten(1).all(1) == torch.isnan(dropped["roi_mask"][:, 0, 0])).all()
+    # eval mode (validation loss) sees every condition: the same loss as without dropout
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    x = batch()
+    net.eval()
+    loss_a, _ = net.training_loss(x, g())
+    net.cond_dropout = 0.0
+    loss_b, _ = net.training_loss(x, g())
+    assert loss_a == loss_b
+    net.cond_dropout = 0.3
+    net.train()
+    loss_c, _ = net.training_loss(x, g())
+    assert torch.isfinite(loss_c)
+    loss_c.backward()
+    assert net.dit.mask_flag.weight.grad is not None and net.dit.flux_null.grad is not None
+
+
+def test_cfg_scale_one_is_conditional_and_zero_unconditional():
+    torch.manual_seed(0)
+    net = model("model.cond_mask=true", "model.cond_flux=true").eval()
+    conds = {"roi_mask": torch.zeros(2, 8, 8), "flux": torch.tensor([0.4, 0.6])}
+    conds["roi_mask"][:, 2:6, 2:6] = 1
+    shape = (2, *LATENT)
+
+    def draw(**kw):
+        return net.sample(shape, sampler="euler", num_steps=3, generator=torch.Generator().manual_seed(5), **kw)
+
+    def by_hand(scale: float) -> torch.Tensor:  # the guided Euler loop written out
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+        grid = torch.linspace(1, 0, 4)
+        for t0, t1 in zip(grid[:-1], grid[1:]):
+            t = torch.full((2,), float(t0))
+            with torch.no_grad():
+                v_c, v_u = net.dit(x, t, **conds), net.dit(x, t)
+            x = x + (t1 - t0) * (v_u + scale * (v_c - v_u))
+        return x
+
+    conditional = draw(conditions=conds)
+    torch.testing.assert_close(draw(conditions=conds, guidance_scale=1.0), conditional)
+    torch.testing.assert_close(draw(conditions=conds, guidance_scale=0.0), draw())
+    torch.testing.assert_close(conditional, by_hand(1.0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(draw(conditions=conds, guidance_scale=2.5), by_hand(2.5), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(conditional, draw())
+    with pytest.raises(ModelError, match="guidance_scale = -1"):
+        draw(conditions=conds, guidance_scale=-1.0)
+
+
+def test_unconditional_model_config_still_builds_and_samples():
+    # an export from before conditioning: no cond_* keys, no condition channels
+    cfg = compose("train_latent", ["experiment=dit_tiny", "model.in_channels=4"]).model
+    plain = {k: v for k, v in dict(cfg).items() if not k.startswith("cond_") and k != "conditions"}
+    net = build_model(plain)
+    assert net.dit.mask_flag is None and net.dit.flux_embedder is None and net.condition_names == []
+    assert net.sample((1, *LATENT), num_steps=2).shape == (1, *LATENT)
+    loss, _ = net.training_loss(torch.randn(2, *LATENT))
+    assert torch.isfinite(loss)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data side
+
+
+def test_mask_record_round_trip_crop_and_grid():
+    mask = np.zeros((12, 16), bool)
+    mask[2:6, 4:8] = True
+    record = C.encode_mask(mask)
+    json.dumps(record)
+    np.testing.assert_array_equal(C.decode_mask(record), mask)
+    cropped = C.crop_meta_mask({"source": "s", "roi_mask": record}, 2, 4, 8, 8, "clip k")
+    np.testing.assert_array_equal(C.decode_mask(cropped["roi_mask"]), mask[2:10, 4:12])
+    grid = C.to_grid(mask, (3, 4))  # 4x4 blocks: rows 2:6 cover half of block rows 0 and 1
+    np.testing.assert_array_equal(grid, [[0, 0.5, 0, 0], [0, 0.5, 0, 0], [0, 0, 0, 0]])
+    with pytest.raises(DataError, match="not a whole multiple of the latent grid"):
+        C.to_grid(mask, (5, 4))
+    with pytest.raises(DataError, match="clip k roi_mask: expected"):
+        C.decode_mask({"shape": [12, 16], "bits": "AAAA"}, "clip k roi_mask")
+
+
+def test_condition_channels_nan_when_absent():
+    meta = {"roi_mask": C.encode_mask(np.ones((8, 8), bool)), "flux": 1.0}
+    ch = C.condition_channels(meta, ["roi_mask", "flux"], (4, 3, 4, 4), "k")
+    assert ch.shape == (2, 3, 4, 4) and (ch[0] == 1).all() and np.allclose(ch[1], 0.5)
+    empty = C.condition_channels({}, ["roi_mask", "flux"], (4, 3, 4, 4), "k")
+    assert np.isnan(empty).all()
+
+
+def test_flux_scale_and_its_range():
+    assert C.flux_value(1e-3) == 0.0 and C.flux_value(1.0) == 0.5 and C.flux_value(1e3) == 1.0
+    with pytest.raises(ConfigError, match=r"flux = 0.0: expected mean photons"):
+        C.flux_value(0.0)
+    assert C.clip_flux(np.zeros((2, 2))) == 1e-3
+
+
+def test_load_mask_formats(tmp_path):
+    m = np.zeros((16, 16), bool)
+    m[3:7, 3:7] = True
+    np.save(tmp_path / "m.npy", m)
+    np.save(tmp_path / "stack.npy", np.stack([m, m.T]).astype(np.uint8))
+    tifffile.imwrite(tmp_path / "m.tif", m.astype(np.uint8) * 255)
+    (tmp_path / "regions.json").write_text(json.dumps([{"coordinates": np.argwhere(m).tolist()}]))
+    for name in ("m.npy", "m.tif", "regions.json"):
+        np.testing.assert_array_equal(C.load_mask(tmp_path / name, (16, 16)), m)
+    np.testing.assert_array_equal(C.load_mask(tmp_path / "stack.npy", (16, 16)), m | m.T)
+
+
+def test_load_mask_errors_name_the_file(tmp_path):
+    np.save(tmp_path / "small.npy", np.zeros((8, 8)))
+    np.save(tmp_path / "nan.npy", np.full((16, 16), np.nan))
+    np.save(tmp_path / "str.npy", np.array([["a"] * 16] * 16))
+    (tmp_path / "bad.npy").write_bytes(b"not numpy")
+    (tmp_path / "bad.tif").write_bytes(b"not a tiff")
+    (tmp_path / "regions.json").write_text("{oops")
+    cases = {
+        "small.npy": r"small.npy: shape \(8, 8\), expected \[H, W\] or \[N, H, W\] with H, W = \(16, 16\)",
+        "nan.npy": r"nan.npy: dtype float64, expected finite",
+        "str.npy": r"str.npy: dtype <U1, expected finite",
+        "bad.npy": r"bad.npy: not a readable .npy",
+        "bad.tif": r"bad.tif: not a readable TIFF",
+        "regions.json": r"regions.json: expected a JSON list",
+        "missing.npy": r"missing.npy: not found",
+        "mask.png": r"mask.png: suffix '.png'",
+    }
+    for name, message in cases.items():
+        with pytest.raises(DataError, match=message):
+            C.load_mask(tmp_path / name, (16, 16))
+
+
+def test_config_rules_for_conditioning():
+    cfg = compose("train_latent", ["experiment=dit_tiny"])
+    assert cfg.model.cond_mask is False and cfg.model.cond_flux is False and 0 <= cfg.model.cond_dropout < 1
+    with pytest.raises(ConfigError, match="model.cond_dropout' = 1.0: expected a probability in \\[0, 1\\)"):
+        compose("train_latent", ["model.cond_dropout=1.0"])
+    with pytest.raises(ConfigError, match="model.conditions"):
+        compose("train_latent", ["model.conditions=[gain]"])
+    ok = compose("sample", ["stage2=x", "mask=rois.npy", "flux=0.2", "guidance_scale=2"])
+    assert ok.mask == "rois.npy" and ok.flux == 0.2 and ok.guidance_scale == 2
+    for override, message in (("guidance_scale=-0.5", "guidance_scale"), ("flux=0", "'flux' = 0"),
+                              ("mask=rois.png", "'mask' = 'rois.png'")):
+        with pytest.raises(ConfigError, match=message):
+            compose("sample", ["stage2=x", override])
+    with pytest.raises(ConfigError, match="mode=reconstruct"):
+        compose("sample", ["mode=reconstruct", "stage1=x", "mask=a.npy"])
