@@ -231,3 +231,92 @@ def test_config_rules_for_conditioning():
             compose("sample", ["stage2=x", override])
     with pytest.raises(ConfigError, match="mode=reconstruct"):
         compose("sample", ["mode=reconstruct", "stage1=x", "mask=a.npy"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the conditions through prepare_data, encode_latents' meta, the latent pipeline and the sample job
+
+
+def test_prepare_stores_the_roi_map_cropped_like_each_clip(tmp_path):
+    from cadiff.data.shards import iter_shard, read_index
+    from cadiff.data.simulate import simulate_movie
+    from cadiff.testing.data import SIM_DATA_OVERRIDES, prepare_sim
+
+    out = tmp_path / "sim"
+    prepare_sim(out, "source.num_movies=2", "clip.height=16", "clip.width=16")
+    src = compose("prepare_data", [*SIM_DATA_OVERRIDES, f"out={out}"]).source
+    index = read_index(out)
+    seen = 0
+    for split in index["splits"].values():
+        for shard in split["shards"]:
+            for _key, _clip, meta in iter_shard(out / shard["path"]):
+                seed = src.seed + int(meta["source"].split("-")[1])
+                _, truth = simulate_movie(src.preset, frames=src.frames, height=src.height, width=src.width,
+                                          num_neurons=src.num_neurons, seed=seed, rate_hz=src.rate_hz)
+                y0, x0 = meta["y0"], meta["x0"]
+                expected = truth.rois.any(axis=0)[y0: y0 + 16, x0: x0 + 16]
+                np.testing.assert_array_equal(C.decode_mask(meta["roi_mask"]), expected)
+                seen += 1
+    assert seen == sum(s["num_clips"] for s in index["splits"].values()) > 0
+
+
+def test_latent_meta_crops_the_mask_and_measures_flux():
+    from cadiff.inference.encode import latent_meta
+
+    mask = np.zeros((16, 16), bool)
+    mask[4:8, 4:8] = True
+    calib = {"calibration": "photon_transfer", "gain": 2.0, "offset": 100.0, "read_noise": 1.0}
+    clip = np.full((5, 16, 16), 100 + 2 * 3, np.uint16)  # 3 photons everywhere
+    cropped = clip[:, 4:12, 4:12]
+    meta = latent_meta({"source": "s", "roi_mask": C.encode_mask(mask)}, clip.shape, cropped, calib,
+                       {"kind": "photon", "center": 0.0, "scale": 1.0})
+    np.testing.assert_array_equal(C.decode_mask(meta["roi_mask"]), mask[4:12, 4:12])
+    assert meta["flux"] == pytest.approx(3.0)
+    raw = latent_meta({"source": "s"}, clip.shape, cropped, {"calibration": "none"}, {"kind": "raw", "center": 0.0,
+                                                                                        "scale": 1.0})
+    assert raw == {"source": "s"}  # no ROIs, no photon scale: no conditions
+
+
+def test_latent_transform_appends_condition_channels():
+    from cadiff.data.pipeline import LatentTransform
+
+    index = {"channel_mean": [1.0, 0.0], "channel_std": [2.0, 1.0], "conditioning": ["roi_mask", "flux"]}
+    mask = np.zeros((8, 8), bool)
+    mask[:4, :4] = True
+    latent = np.ones((2, 3, 4, 4), np.float32)
+    x = LatentTransform(index)(latent, {"source": "s", "roi_mask": C.encode_mask(mask), "flux": 10.0})
+    assert x.shape == (4, 3, 4, 4) and (x[0] == 0).all() and (x[1] == 1).all()
+    np.testing.assert_array_equal(x[2, 0], [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    assert np.allclose(x[3], C.flux_value(10.0))
+    assert np.isnan(LatentTransform(index)(latent, {"source": "s"})[2:]).all()
+    assert LatentTransform({**index, "conditioning": []})(latent, {"source": "s"}).shape == (2, 3, 4, 4)
+
+
+def test_train_latent_refuses_a_condition_the_latents_lack(tmp_path):
+    from cadiff.train.stage import check_conditions
+
+    cfg = compose("train_latent", ["model.cond_mask=true", "model.cond_flux=true"]).model
+    assert check_conditions(cfg, {"conditioning": ["roi_mask", "flux"]}, tmp_path) == ["roi_mask", "flux"]
+    with pytest.raises(ConfigError, match=r"'model.cond_mask' = true: latents.root .* carries no 'roi_mask'"):
+        check_conditions(cfg, {}, tmp_path)
+    with pytest.raises(ConfigError, match=r"'model.cond_flux' = true: .* no 'flux'"):
+        check_conditions(cfg, {"conditioning": ["roi_mask"]}, tmp_path)
+
+
+def test_sample_checks_requested_conditions_against_the_model(tmp_path):
+    from cadiff.inference.sample import requested_conditions
+
+    mask = np.zeros((16, 16), bool)
+    mask[:8, :8] = True
+    np.save(tmp_path / "m.npy", mask)
+    cfg = compose("sample", ["stage2=run", f"mask={tmp_path / 'm.npy'}", "flux=1.0"])
+    conditioned = model("model.cond_mask=true", "model.cond_flux=true")
+    got = requested_conditions(cfg, conditioned, (4, 4), 4)
+    assert got["flux"] == 0.5 and np.asarray(got["roi_mask"]).shape == (4, 4) and got["roi_mask"][0][0] == 1.0
+    with pytest.raises(DataError, match=r"m.npy: shape \(16, 16\), expected .* H, W = \(32, 32\)"):
+        requested_conditions(cfg, conditioned, (8, 8), 4)
+    with pytest.raises(ConfigError, match=r"'mask' = .*m.npy'.*trained without this condition \(model.cond_mask=false\)"):
+        requested_conditions(cfg, model(), (4, 4), 4)
+    flux_only = compose("sample", ["stage2=run", "flux=1.0"])
+    with pytest.raises(ConfigError, match=r"'flux' = 1.0: .*\(model.cond_flux=false\)"):
+        requested_conditions(flux_only, model("model.cond_mask=true"), (4, 4), 4)
