@@ -17,6 +17,7 @@ A condition a clip does not have is a channel of NaN: the model reads it as "not
 from __future__ import annotations
 
 import base64
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -112,18 +113,33 @@ def _mask_array(path: Path, frame_shape: tuple[int, int]) -> np.ndarray:
     if suffix == ".json":
         from cadiff.data.sources.neurofinder import read_regions
 
-        return read_regions(path, frame_shape)
+        masks = read_regions(path, frame_shape)  # validates the format; drops pixels outside the frame
+        _check_regions_inside(path, frame_shape)
+        return masks
     if suffix == ".npy":
         try:
             return np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
-            raise DataError(f"mask file {path}: not a readable .npy array ({exc})") from exc
+            raise DataError(f"mask file {path}: not a readable .npy array ({type(exc).__name__}); expected a numeric "
+                            "or boolean array written by numpy.save") from exc
     import tifffile
 
     try:
         return tifffile.imread(path)
     except (OSError, ValueError, tifffile.TiffFileError) as exc:
         raise DataError(f"mask file {path}: not a readable TIFF ({exc})") from exc
+
+
+def _check_regions_inside(path: Path, frame_shape: tuple[int, int]) -> None:
+    """A regions.json pixel outside the sample's frame means the ROIs were drawn for another field of view."""
+    regions = json.loads(path.read_text())
+    coords = np.concatenate([np.asarray(r["coordinates"], dtype=np.int64).reshape(-1, 2) for r in regions] or
+                            [np.zeros((0, 2), np.int64)])
+    outside = (coords < 0).any(axis=1) | (coords[:, 0] >= frame_shape[0]) | (coords[:, 1] >= frame_shape[1])
+    if outside.any():
+        raise DataError(f"mask file {path}: {int(outside.sum())} ROI pixels lie outside the sample's frame "
+                        f"{tuple(frame_shape)} (first [row, col] = {coords[outside][0].tolist()}); expected regions "
+                        "drawn on a field of view of the sample's size")
 
 
 def load_mask(path: str | Path, frame_shape: tuple[int, int]) -> np.ndarray:

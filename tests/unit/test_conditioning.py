@@ -201,6 +201,7 @@ def test_load_mask_errors_name_the_file(tmp_path):
     (tmp_path / "bad.npy").write_bytes(b"not numpy")
     (tmp_path / "bad.tif").write_bytes(b"not a tiff")
     (tmp_path / "regions.json").write_text("{oops")
+    (tmp_path / "outside.json").write_text(json.dumps([{"coordinates": [[1, 1], [20, 3]]}]))
     cases = {
         "small.npy": r"small.npy: shape \(8, 8\), expected \[H, W\] or \[N, H, W\] with H, W = \(16, 16\)",
         "nan.npy": r"nan.npy: dtype float64, expected finite",
@@ -208,6 +209,7 @@ def test_load_mask_errors_name_the_file(tmp_path):
         "bad.npy": r"bad.npy: not a readable .npy",
         "bad.tif": r"bad.tif: not a readable TIFF",
         "regions.json": r"regions.json: expected a JSON list",
+        "outside.json": r"outside.json: 1 ROI pixels lie outside the sample's frame \(16, 16\) \(first \[row, col\] = \[20, 3\]\)",
         "missing.npy": r"missing.npy: not found",
         "mask.png": r"mask.png: suffix '.png'",
     }
