@@ -136,41 +136,60 @@ def test_cfg_scale_one_is_conditional_and_zero_unconditional():
         draw(conditions=conds, guidance_scale=-1.0)
 
 
-def test_a_tiny_dit_learns_to_follow_the_mask():
-    # toy latents: +1 inside a random 4x4 ROI square, -1 outside; 200 steps (~3 s on one thread)
+def fit_toy(condition: str, make_batch, steps: int = 200):
+    """A 1-block, 64-wide DiT fitted to toy latents ``[16, 1, 3, 8, 8]`` by ``make_batch(generator) -> (z, channel)``."""
     torch.manual_seed(0)
-    cfg = compose("train_latent", ["experiment=dit_tiny", "model.in_channels=1", "model.hidden_size=32",
-                                   "model.depth=2", "model.num_heads=2", "model.cond_mask=true",
-                                   "model.cond_dropout=0.2"]).model
-    cfg.conditions = ["roi_mask"]
+    cfg = compose("train_latent", ["experiment=dit_tiny", "model.in_channels=1", "model.hidden_size=64",
+                                   "model.depth=1", "model.num_heads=2", "model.cond_dropout=0.2",
+                                   f"model.cond_{'mask' if condition == 'roi_mask' else 'flux'}=true"]).model
+    cfg.conditions = [condition]
     net = build_model(cfg)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
-    for _ in range(200):
-        corners = torch.randint(0, 5, (16, 2), generator=g)
-        mask = torch.zeros(16, 8, 8)
-        for i, (y, x) in enumerate(corners.tolist()):
-            mask[i, y: y + 4, x: x + 4] = 1
-        grid = mask[:, None, None].expand(16, 1, 3, 8, 8)
-        z = 2 * grid - 1 + 0.1 * torch.randn(16, 1, 3, 8, 8, generator=g)
-        loss, _ = net.training_loss(torch.cat([z, grid], dim=1), g)
+    for _ in range(steps):
+        z, channel = make_batch(g)
+        loss, _ = net.training_loss(torch.cat([z + 0.1 * torch.randn(z.shape, generator=g), channel], dim=1), g)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    net.eval()
+    return net.eval()
+
+
+def toy_draw(net, scale: float = 1.0, **conditions) -> torch.Tensor:
+    return net.sample((4, 1, 3, 8, 8), num_steps=10, generator=torch.Generator().manual_seed(1),
+                      conditions=conditions, guidance_scale=scale)[:, 0]
+
+
+def test_a_tiny_dit_learns_to_follow_the_mask():
+    def squares(g):  # +1 inside a random 4x4 ROI square, -1 outside (~5 s for 200 steps on one thread)
+        mask = torch.zeros(16, 8, 8)
+        for i, (y, x) in enumerate(torch.randint(0, 5, (16, 2), generator=g).tolist()):
+            mask[i, y: y + 4, x: x + 4] = 1
+        grid = mask[:, None, None].expand(16, 1, 3, 8, 8)
+        return 2 * grid - 1, grid
+
+    net = fit_toy("roi_mask", squares)
     square, empty = torch.zeros(4, 8, 8), torch.zeros(4, 8, 8)
     square[:, :4, :4] = 1
 
-    def draw(mask, scale=1.0):
-        out = net.sample((4, 1, 3, 8, 8), num_steps=10, generator=torch.Generator().manual_seed(1),
-                         conditions={"roi_mask": mask}, guidance_scale=scale)[:, 0]
+    def inside_outside(out):
         return out[..., :4, :4].mean().item(), out[..., 4:, 4:].mean().item()
 
-    inside, outside = draw(square)
+    inside, outside = inside_outside(toy_draw(net, roi_mask=square))
     assert inside > 0.7 and outside < -0.7
-    assert max(draw(empty)) < -0.7  # the null test: an empty mask draws no "cell"
-    free_inside, free_outside = draw(square, scale=0.0)  # unconditional: the square is not where the cells go
+    assert max(inside_outside(toy_draw(net, roi_mask=empty))) < -0.5  # null test: an empty mask draws no "cell" (+1)
+    free_inside, free_outside = inside_outside(toy_draw(net, 0.0, roi_mask=square))  # unconditional
     assert free_inside - free_outside < 0.5 * (inside - outside)
+
+
+def test_a_tiny_dit_learns_to_follow_the_flux():
+    def levels(g):  # the latent level is 4 (f - 1/2) for the flux value f in [0, 1]
+        f = torch.rand(16, generator=g)
+        return (4 * (f - 0.5)).view(16, 1, 1, 1, 1).expand(16, 1, 3, 8, 8), f.view(16, 1, 1, 1, 1).expand(16, 1, 3, 8, 8)
+
+    net = fit_toy("flux", levels)
+    for f in (0.2, 0.5, 0.8):
+        assert toy_draw(net, flux=torch.full((4,), f)).mean().item() == pytest.approx(4 * (f - 0.5), abs=0.3)
 
 
 def test_unconditional_model_config_still_builds_and_samples():
