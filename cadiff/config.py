@@ -234,11 +234,9 @@ class DiTConfig:
     mlp_ratio: float = 4.0
     rope_theta: float = 10000.0
     cond_dim: int = 0
-    # stage-2 conditioning (cadiff.data.conditioning): the ROI map of each clip and/or its mean photon flux;
-    # each is dropped with probability cond_dropout in training so unconditional sampling keeps working
-    cond_mask: bool = False
-    cond_flux: bool = False
-    cond_dropout: float = 0.1
+    cond_mask: bool = False  # condition on each clip's ROI map (sources with ROIs: sim, neurofinder, nwb)
+    cond_flux: bool = False  # condition on each clip's mean photon flux
+    cond_dropout: float = 0.1  # per condition and sample: trained unconditionally this often (guidance needs it)
     conditions: Optional[list[str]] = None  # None: the condition channels recorded in the latent index
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
@@ -373,12 +371,11 @@ class SampleConfig:
     seed: int = 0
     latent_sampler: str = "euler"
     latent_steps: int = 20
-    # conditioned stage-2 models: an ROI map (.npy/.tif [H, W] or [N, H, W], or a Neurofinder regions.json at the
-    # sample's frame size) and/or a mean photon flux per pixel and frame; classifier-free guidance scale
-    # (1: conditional model, 0: unconditional, > 1: stronger conditioning)
+    # ROI map for a model trained with model.cond_mask: .npy/.tif [H, W] or [N, H, W] (non-zero = ROI), or a
+    # Neurofinder regions.json, at the sample's frame size
     mask: Optional[str] = None
-    flux: Optional[float] = None
-    guidance_scale: float = 1.0
+    flux: Optional[float] = None  # mean photons per pixel per frame, for a model trained with model.cond_flux
+    guidance_scale: float = 1.0  # classifier-free guidance: 1 conditional, 0 unconditional, > 1 stronger pull
     # None: the sampler and steps the stage-1 run recorded (model.diffusion.sampler / num_steps)
     decoder_sampler: Optional[str] = None
     decoder_steps: Optional[int] = None
