@@ -216,7 +216,8 @@ def check_conditions(model_cfg: Any, index: dict[str, Any], root: Path) -> list[
                              "encoded by this version of encode_latents")):
         if model_cfg[key] and name not in available:
             raise ConfigError(f"config key 'model.{key}' = true: latents.root '{root}' carries no '{name}' condition "
-                              f"(index.json conditioning: {available}); expected latents from {hint}")
+                              f"(index.json conditioning: {available}); expected latents from {hint} (data and latents "
+                              "written before conditioning existed carry none: re-run both with overwrite=true)")
     return available
 
 
