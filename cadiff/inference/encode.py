@@ -3,7 +3,8 @@
 Clips are read from the clip shards, normalized exactly as in training, center-cropped to the clip shape the
 encoder was trained on and encoded to the posterior mean (deterministic). Latents are stored raw (float32) in
 latent shards; ``index.json`` records per-channel mean/std over the train split, which stage 2 uses to
-normalize, and the stage-1 export they came from. Re-running with the same export and data is a no-op.
+normalize, and the stage-1 export they came from. Re-running with the same export and data (the same data
+``index.json``) is a no-op; ``overwrite=true`` encodes again.
 
 Each latent's meta carries its clip's stage-2 conditions (ROI map cropped like the clip, mean photon flux) and
 ``index.json`` lists those any train clip has (``conditioning``); ``pipeline.LatentTransform`` appends them.
@@ -110,9 +111,11 @@ def encode_latents(cfg: Any) -> tuple[str, str]:
         raise DataError(f"data.root '{data_root}': clips {index['clip_shape']} are smaller than the encoder's {list(clip_shape)}")
     out = Path(cfg.out)
     digest = _file_digest(export)
-    if (out / "index.json").exists():
+    data_digest = _file_digest(data_root / "index.json")  # data re-prepared in place (e.g. now with ROI maps)
+    if (out / "index.json").exists() and not cfg.overwrite:
         old = read_index(out)
-        if old.get("stage1_digest") == digest and old.get("data_root") == str(data_root):
+        if (old.get("stage1_digest") == digest and old.get("data_root") == str(data_root)
+                and old.get("data_index_digest", data_digest) == data_digest):
             n = sum(s["num_clips"] for s in old["splits"].values())
             return f"{n} latents {old['latent_shape']} (up to date)", str(out)
 
@@ -174,6 +177,7 @@ def encode_latents(cfg: Any) -> tuple[str, str]:
             "stage1": str(export),
             "stage1_digest": digest,
             "data_root": str(data_root),
+            "data_index_digest": data_digest,
             "clip_shape": list(clip_shape),
             "sources": index["sources"],
             "normalization": index["normalization"],
