@@ -32,10 +32,12 @@ def test_pure_noise_gives_no_rois(frames):
     assert detect_rois(noise).shape == (0, 64, 64)
 
 
-def test_field_without_cells_gives_no_rois():
-    # neuropil background with its slow drift and fluctuations but dark neurons: nothing to detect
-    movie, _ = simulate_movie("default", frames=300, height=48, width=48, seed=3, neuron_photons=0.0)
+@pytest.mark.parametrize("no_cells", [{"neuron_photons": 0.0}, {"num_neurons": 0}])
+def test_field_without_cells_gives_no_rois(no_cells):
+    # neuropil background with its slow drift and fluctuations but dark or no neurons: nothing to detect
+    movie, truth = simulate_movie("default", frames=300, height=48, width=48, seed=3, **no_cells)
     assert len(detect_rois(movie.data)) == 0
+    assert match_rois(detect_rois(movie.data), truth.rois)["n_true"] == len(truth.rois)
 
 
 def test_match_counts_hits_at_iou_threshold():
