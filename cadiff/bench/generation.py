@@ -322,8 +322,9 @@ def conditioning_metrics() -> dict[str, Any]:
     """
     reason = COND_REASON
     if "mask" in {f.name for f in dataclasses.fields(SampleConfig)}:
-        reason = "jobs/sample.py takes mask= (branch cond merged) but this benchmark does not use it yet"
-        log.warning("%s: wire it in cadiff.bench.generation.conditioning_metrics", reason)
+        reason = ("branch cond is merged (jobs/sample.py takes mask=, flux=), but this benchmark trains an "
+                  "unconditional DiT: the conditioned run is not wired in yet")
+        log.warning("%s (cadiff.bench.generation.conditioning_metrics)", reason)
     return {"roi_f1": None, "null_rois": None, "gain_cond_max_err": None, "reason": reason}
 
 # ---------------------------------------------------------------------------------------------------------
@@ -476,8 +477,9 @@ def activity_lines(act: dict[str, Any]) -> list[str]:
         for dist, row in act[key].items():
             lines.append(f"| {dist} | {label} | {_fmt(row['median_gen'])} | {_fmt(row['median_ref'])} | "
                          f"{row['n_gen']} | {row['n_ref']} | {_fmt(row['w1'])} |")
-    lines += ["", f"Detected ROIs per 1000 px: generated {act['rois_per_kpx_gen']:.2f}, held-out "
-              f"{act['rois_per_kpx_ref']:.2f}."]
+    lines += ["", f"Correlation-image ROIs (`cadiff.eval.rois.detect_rois`) per 1000 px: generated "
+              f"{act['rois_per_kpx_gen']:.2f}, held-out {act['rois_per_kpx_ref']:.2f} (ground truth: "
+              f"{act['held_out_rois']} ROIs in {act['held_out_movies']} held-out movies)."]
     return lines
 
 

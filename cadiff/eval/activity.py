@@ -30,7 +30,7 @@ def roi_traces(movie: np.ndarray, rois: np.ndarray) -> np.ndarray:
     if movie.ndim != 3 or rois.ndim != 3 or rois.shape[1:] != movie.shape[1:]:
         raise DataError(f"roi_traces: movie {movie.shape} and ROIs {rois.shape}, expected [T, H, W] and [N, H, W] "
                         "with the same H, W")
-    kept = rois[rois.reshape(len(rois), -1).any(axis=1)]
+    kept = rois[rois.any(axis=(1, 2))]
     flat = movie.reshape(len(movie), -1).astype(np.float64)
     return np.stack([flat[:, roi.ravel()].mean(axis=1) for roi in kept]) if len(kept) else np.zeros((0, len(movie)))
 

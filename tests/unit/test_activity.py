@@ -55,6 +55,13 @@ def test_activity_stats_on_a_movie_with_known_rois():
     assert cmp["event_rate_hz"]["w1"] == 0.0 and cmp["amplitude_dff"]["n_gen"] == len(stats["amplitude_dff"])
 
 
+def test_no_rois_give_empty_statistics():
+    stats = activity_stats(np.ones((20, 4, 4)), np.zeros((0, 4, 4), bool), RATE_HZ)
+    assert stats["event_rate_hz"].size == 0 and stats["amplitude_dff"].size == 0
+    assert compare_activity(stats, stats)["event_rate_hz"] == {"median_gen": None, "median_ref": None, "n_gen": 0,
+                                                               "n_ref": 0, "w1": None}
+
+
 def test_bad_shapes_and_rates_raise_one_line_errors():
     with pytest.raises(DataError, match=r"movie \(10, 4, 4\) and ROIs \(1, 5, 5\)"):
         roi_traces(np.zeros((10, 4, 4)), np.ones((1, 5, 5), bool))

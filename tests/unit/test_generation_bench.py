@@ -75,5 +75,5 @@ def test_markdown_and_figures_render_from_a_result(tmp_path: Path):
     assert figures == ["generation_samples.png", "generation_kymograph.png"]
     assert all((tmp_path / f).stat().st_size > 0 for f in figures)
     md = g.render_markdown(res, figures)
-    assert "| `roi_f1` | - | " + g.COND_REASON in md and "**not met**" in md and "not measured" in md
+    assert "| `roi_f1` | - | " + g.conditioning_metrics()["reason"] in md and "**not met**" in md and "not measured" in md
     json.dumps(res)  # the result is plain JSON
