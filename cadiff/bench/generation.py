@@ -116,6 +116,7 @@ def validate(cfg: GenConfig) -> GenConfig:
         ("nfe", all(n >= 1 for n in cfg.nfe) and len(cfg.nfe) > 0, "positive integers"),
         ("samplers", set(cfg.samplers) <= {"euler", "heun"} and len(cfg.samplers) > 0, "a subset of {euler, heun}"),
         ("test_movies", cfg.test_movies >= 1, ">= 1"),
+        ("threads", cfg.threads >= 1, ">= 1 torch threads"),
     ]
     for key, ok, expected in checks:
         if not ok:
@@ -538,9 +539,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("cadiff.eval.metrics").setLevel(logging.ERROR)  # failed per-clip fits are counted, not logged
     a = parse_args(argv)
-    cfg = validate(GenConfig(**(QUICK if a.quick else {}), threads=a.threads, seed=a.seed))
-    work = a.work or WORK.with_name(WORK.name + ("_quick" if a.quick else ""))
-    res, arrays = run(cfg, work)
+    try:
+        cfg = validate(GenConfig(**(QUICK if a.quick else {}), threads=a.threads, seed=a.seed))
+        work = a.work or WORK.with_name(WORK.name + ("_quick" if a.quick else ""))
+        res, arrays = run(cfg, work)
+    except CadiffError as exc:
+        print(f"generation: error: {str(exc).splitlines()[0]}")
+        return 2
     res["quick"] = a.quick
     a.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(a.out.with_suffix(".json"), res)  # first: the measurements survive a rendering failure

@@ -42,6 +42,12 @@ def test_config_validation_names_the_option():
     assert g.validate(g.GenConfig(**g.QUICK)).num_samples == 64
 
 
+def test_cli_bad_option_is_one_line_and_runs_nothing(tmp_path: Path, capsys):
+    assert g.main(["--quick", "--threads", "0", "--out", str(tmp_path / "r"), "--work", str(tmp_path / "w")]) == 2
+    assert capsys.readouterr().out == "generation: error: generation option threads = 0: expected >= 1 torch threads\n"
+    assert not any(tmp_path.iterdir())
+
+
 def test_flips_keep_every_clip_and_add_three_mirrors():
     clips = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)
     out = g.flips(clips)
