@@ -27,7 +27,9 @@ def test_summary_has_exactly_the_issue_keys_and_a_reason_for_every_null():
 def test_goals_check_each_half_separately():
     summary, _ = g.summarize(HEADLINE, LONG, g.conditioning_metrics())
     status = {(r["goal"], r["condition"]): r["status"] for r in g.goals(summary)}
-    assert status[("sample quality", "MMD^2 <= 2 x split-half MMD^2")] == "not met"  # 2.5x
+    assert status[("sample quality", "MMD^2 <= 2 x split-half MMD^2 (= 0.040)")] == "not met"  # 2.5x
+    negative = {**summary, "mmd2": 0.1, "mmd2_split_half": -0.0004}  # the unbiased split-half can be < 0
+    assert g.goals(negative)[0]["status"] == "not met" and g.goals({**negative, "mmd2": -0.001})[0]["status"] == "met"
     assert status[("sample quality", "gain ratio in [0.9, 1.1]")] == "met"
     assert status[("long movies", "seam ratio <= 1.5")] == "met"
     assert status[("long movies", "gain drift < 5%")] == "not met"
