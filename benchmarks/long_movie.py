@@ -41,6 +41,7 @@ CLIP_FRAMES, CLIP_SIDE = 17, 32  # ae_tiny: latent [4, 5, 4, 4]
 def train_models(ae_steps: int, dit_steps: int, seed: int = 0) -> tuple:
     """(stage-1 DiffAE, bench data, DiT, latent channel mean, std) trained on simulated movies."""
     from cadiff.bench.ae_quality import BenchConfig, cut_clips, simulate_data, tile_origins, train_autoencoder
+    from cadiff.bench.stage2 import train_dit
 
     cfg = BenchConfig(clip_side=CLIP_SIDE, movie_side=64, train_movies=2, train_frames=120, test_movies=1,
                       test_clips_per_tile=1, steps=ae_steps, seed=seed, threads=torch.get_num_threads())
@@ -52,52 +53,8 @@ def train_models(ae_steps: int, dit_steps: int, seed: int = 0) -> tuple:
         z = ae.encode(torch.from_numpy(data.to_model(clips))[:, None])
     mean, std = z.mean(dim=(0, 2, 3, 4)), z.std(dim=(0, 2, 3, 4)).clamp_min(1e-6)
     dit, dit_info = train_dit((z - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1), dit_steps, seed)
+    dit_info.pop("loss")
     return ae, data, dit, mean, std, {"ae": {k: info[k] for k in ("steps", "seconds", "final_loss")}, "dit": dit_info}
-
-
-def train_dit(latents: torch.Tensor, steps: int, seed: int, batch: int = 8) -> tuple:
-    """``dit_tiny`` trained with the trainer's single-process step on random batches of ``latents``."""
-    from cadiff.config import StrategyConfig, compose, to_dict
-    from cadiff.models.registry import build_model
-    from cadiff.train.loop import TrainingModule
-    from cadiff.train.step import train_step
-    from cadiff.train.strategies import build_strategy
-
-    job = compose("train_latent", ["experiment=dit_tiny", f"model.in_channels={latents.shape[1]}",
-                                   f"trainer.max_steps={steps}", "trainer.warmup_steps=5"])
-    torch.manual_seed(seed)
-    model = build_model(to_dict(job.model))
-    model.train()
-    strategy = build_strategy(StrategyConfig(name="single"), job.trainer, micro_batch_size=batch)
-    strategy.setup(TrainingModule(model), torch.device("cpu"))
-    generator = torch.Generator().manual_seed(seed)
-    losses, start = [], time.perf_counter()
-    for step in range(steps):
-        idx = torch.randint(len(latents), (batch,), generator=generator)
-        losses.append(float(train_step(strategy, iter([latents[idx]]), step, generator=generator).loss))
-    model.eval()
-    return model, {"steps": steps, "seconds": time.perf_counter() - start,
-                   "final_loss": float(np.mean(losses[-max(1, steps // 10):]))}
-
-
-def export_pair(root: Path, ae, data, dit, mean: torch.Tensor, std: torch.Tensor) -> tuple[Path, float]:
-    """Stage-1 and stage-2 exports as the training jobs write them; returns the stage-2 export and the gain."""
-    from cadiff.data.simulate import simulate_movie
-    from cadiff.runtime.exports import export_model
-
-    ref, _ = simulate_movie("default", frames=2, height=32, width=32, return_clean=False)
-    calib = {"gain": float(ref.gain), "offset": float(ref.offset), "rate_hz": float(data.rate_hz),
-             "read_noise": data.read_noise_photons * float(ref.gain)}
-    norm = {"kind": data.normalization, "center": data.center, "scale": data.scale}
-    stage1 = export_model(root / "s1" / "export" / "model.pt", ae.state_dict(), ae.model_config,
-                          {"stage": "ae", "data": {"sources": {"sim-000": calib}, "normalization": norm,
-                                                   "sample_shape": [1, CLIP_FRAMES, CLIP_SIDE, CLIP_SIDE]}})
-    latent = [ae.z_channels, 1 + (CLIP_FRAMES - 1) // ae.temporal_downsample, CLIP_SIDE // ae.spatial_downsample,
-              CLIP_SIDE // ae.spatial_downsample]
-    stage2 = export_model(root / "s2" / "export" / "model.pt", dit.state_dict(), dict(dit.model_config),
-                          {"stage": "latent", "data": {"stage1": str(stage1), "sample_shape": latent,
-                                                       "channel_mean": mean.tolist(), "channel_std": std.tolist()}})
-    return stage2, calib["gain"]
 
 
 def child(stage2: str, num_frames: int, out: str, steps: int) -> None:
@@ -112,33 +69,10 @@ def child(stage2: str, num_frames: int, out: str, steps: int) -> None:
     print(json.dumps({"wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def seam_ratio(movie: np.ndarray, record: dict) -> float | None:
-    """Mean |d frame-mean| across decoder-window seams over the same inside windows (None: one window)."""
-    from cadiff.inference.long_movie import chunk_spans
-
-    plan = record["long_movie"]
-    s_t = plan["temporal_downsample"]
-    # a window's new latent frames [a, b) are clip frames [1 + (a-1) s_t, 1 + (b-1) s_t): seams before 1 + (b-1) s_t
-    seams = [(b - 1) * s_t for _, _, b in chunk_spans(plan["num_latent"], plan["chunk"], plan["context"])[:-1]]
-    if not seams:
-        return None
-    steps = np.abs(np.diff(movie.reshape(len(movie), -1).mean(axis=1, dtype=np.float64)))
-    inside = np.ones(len(steps), dtype=bool)
-    inside[seams] = False
-    return float(steps[seams].mean() / steps[inside].mean())
-
-
-def gain_drift(movie: np.ndarray) -> dict:
-    """Photon-transfer gain of the first and last 10% of the frames (at least 32 frames each)."""
-    from cadiff.data.noise import estimate_photon_transfer
-
-    n = max(32, len(movie) // 10)
-    first, last = estimate_photon_transfer(movie[:n]).gain, estimate_photon_transfer(movie[-n:]).gain
-    return {"frames": n, "gain_first": float(first), "gain_last": float(last), "last_over_first": float(last / first)}
-
-
 def measure(stage2: Path, num_frames: int, root: Path, steps: int, gain: float) -> dict:
     import tifffile
+
+    from cadiff.bench.stage2 import gain_drift, seam_ratio
 
     out = root / f"n{num_frames}"
     proc = subprocess.run([sys.executable, __file__, "--child", str(stage2), str(num_frames), str(out), str(steps)],
@@ -195,9 +129,11 @@ def main() -> None:
     frames = args.frames or ([17, 257] if args.quick else [17, 257, 1025, 4097])
     steps = (20, 20) if args.quick else (args.ae_steps, args.dit_steps)
     start = time.perf_counter()
+    from cadiff.bench.stage2 import export_pair
+
     ae, data, dit, mean, std, train_info = train_models(*steps)
     with tempfile.TemporaryDirectory(prefix="long_movie_") as tmp:
-        stage2, gain = export_pair(Path(tmp), ae, data, dit, mean, std)
+        stage2, gain = export_pair(Path(tmp), ae, data, dit, mean, std, CLIP_FRAMES, CLIP_SIDE)
         rows = []
         for n in frames:
             rows.append(measure(stage2, n, Path(tmp), args.latent_steps, gain))

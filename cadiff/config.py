@@ -8,6 +8,7 @@ worker starts. ``validate_*`` functions add the rules a type system cannot expre
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cadiff.data.conditioning import CONDITIONS, MASK_SUFFIXES, flux_value
 from cadiff.diffusion.ddpm import DDPM
 from cadiff.diffusion.flow import FlowMatching
 from cadiff.diffusion.samplers import GRID_FORMS, parse_grid
@@ -235,6 +237,10 @@ class DiTConfig:
     mlp_ratio: float = 4.0
     rope_theta: float = 10000.0
     cond_dim: int = 0
+    cond_mask: bool = False  # condition on each clip's ROI map (sources with ROIs: sim, neurofinder, nwb)
+    cond_flux: bool = False  # condition on each clip's mean photon flux
+    cond_dropout: float = 0.1  # per condition and sample: trained unconditionally this often (guidance needs it)
+    conditions: Optional[list[str]] = None  # None: the condition channels recorded in the latent index
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
 
@@ -368,6 +374,11 @@ class SampleConfig:
     seed: int = 0
     latent_sampler: str = "euler"
     latent_steps: int = 20
+    # ROI map for a model trained with model.cond_mask: .npy/.tif [H, W] or [N, H, W] (non-zero = ROI), or a
+    # Neurofinder regions.json, at the sample's frame size
+    mask: Optional[str] = None
+    flux: Optional[float] = None  # mean photons per pixel per frame, for a model trained with model.cond_flux
+    guidance_scale: float = 1.0  # classifier-free guidance: 1 conditional, 0 unconditional, > 1 stronger pull
     # None: the sampler and steps the stage-1 run recorded (model.diffusion.sampler / num_steps)
     decoder_sampler: Optional[str] = None
     decoder_steps: Optional[int] = None
@@ -862,6 +873,10 @@ def validate_dit(m: Any, prefix: str = "model") -> None:
     hidden, depth, heads = dit_size(m)
     _require(hidden >= 1 and depth >= 1 and heads >= 1, f"{prefix}.hidden_size/depth/num_heads", (hidden, depth, heads), ">= 1")
     _require(hidden % heads == 0, f"{prefix}.hidden_size", hidden, f"divisible by num_heads={heads}")
+    _require(0 <= m.cond_dropout < 1, f"{prefix}.cond_dropout", m.cond_dropout, "a probability in [0, 1)")
+    if m.conditions is not None:
+        _require(all(c in CONDITIONS for c in m.conditions), f"{prefix}.conditions", list(m.conditions),
+                 f"names from {list(CONDITIONS)}")
     validate_diffusion(m.diffusion, f"{prefix}.diffusion")
 
 
@@ -895,6 +910,19 @@ def validate_sample(cfg: Any) -> None:
     if cfg.decoder_grid is not None:
         _time_grid("decoder_grid", cfg.decoder_grid)
     _validate_long_movie(cfg)
+    _validate_conditions(cfg)
+
+
+def _validate_conditions(cfg: Any) -> None:
+    """``mask``/``flux``/``guidance_scale``; whether the stage-2 model takes them is checked once it is loaded."""
+    _require(math.isfinite(cfg.guidance_scale) and cfg.guidance_scale >= 0, "guidance_scale", cfg.guidance_scale,
+             "a finite number >= 0 (1: conditional, 0: unconditional)")
+    given = cfg.mask is not None or cfg.flux is not None
+    _require(not given or cfg.mode == "generate", "mask/flux", (cfg.mask, cfg.flux), "null for mode=reconstruct")
+    if cfg.flux is not None:
+        flux_value(cfg.flux, "config key 'flux'")
+    _require(cfg.mask is None or Path(cfg.mask).suffix.lower() in MASK_SUFFIXES, "mask", cfg.mask,
+             f"a file ending in one of {list(MASK_SUFFIXES)}")
 
 
 def _validate_long_movie(cfg: Any) -> None:

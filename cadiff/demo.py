@@ -22,6 +22,11 @@ from pathlib import Path
 from cadiff.config import compose, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
+# Enough simulated movies that the DiT cannot memorise its training latents (issue 13): 48 movies of 119 frames,
+# split by movie (val_fraction 0.25) -> 36 training movies x 7 clips = 252 latents; the former 4 movies of 200
+# frames gave 33, and the DiT ended at train loss 1.0 against val loss 2.5. Simulating them costs ~0.3 s a movie.
+SIM_MOVIES, SIM_FRAMES = 48, 119
+LONG_FRAMES = 257  # the long movie: 1 + 64 x 4 frames (ae_tiny's temporal downsample), 25.7 s at the sim's 10 Hz
 
 
 def demo_steps(out: Path, ae_steps: int, dit_steps: int, num_samples: int, workers: int,
@@ -30,7 +35,8 @@ def demo_steps(out: Path, ae_steps: int, dit_steps: int, num_samples: int, worke
     data, latents, runs = out / "data", out / "latents", out / "runs"
     name = run_name or "demo"
     steps = [
-        ("prepare_data", ["source=sim", f"out={data}", "overwrite=true"]),
+        ("prepare_data", ["source=sim", f"source.num_movies={SIM_MOVIES}", f"source.frames={SIM_FRAMES}", f"out={data}",
+                          "overwrite=true"]),
         ("train_ae", ["experiment=ae_tiny", f"data.root={data}", f"run_name={name}", f"out_root={runs}",
                       f"trainer.max_steps={ae_steps}", f"trainer.num_workers={workers}", "strategy=ddp"]),
         ("encode_latents", [f"stage1={runs}/train_ae/{name}", f"data.root={data}", f"out={latents}",
@@ -40,6 +46,11 @@ def demo_steps(out: Path, ae_steps: int, dit_steps: int, num_samples: int, worke
         ("sample", [f"stage2={runs}/train_latent/{name}", f"num_samples={num_samples}", "seed=0", f"out={out / 'samples'}",
                     "overwrite=true"]),
         ("evaluate", [f"gen={out / 'samples'}", f"ref={data}", f"out={out / 'eval'}"]),
+        ("sample", [f"stage2={runs}/train_latent/{name}", "num_samples=1", f"num_frames={LONG_FRAMES}", "seed=0",
+                    f"out={out / 'samples_long'}", "overwrite=true"]),
+        # HOOK (branch `cond`, issue 13 item 3): once jobs/sample.py takes mask=, the mask-conditioned sample step
+        # goes here (one sample of a val movie's ground-truth ROI mask with guidance_scale=2 into
+        # out/samples_mask, its GIF/MP4 written by the sample job) and run_demo prints its path.
     ]
     if run_name is None:
         return demo_steps(out, ae_steps, dit_steps, num_samples, workers, f"demo-{config_tag(steps)}")
@@ -91,6 +102,7 @@ def run_demo(out: Path, ae_steps: int, dit_steps: int, num_samples: int, workers
             return code
     print(f"[demo] done in {time.monotonic() - t_all:.0f}s", flush=True)
     print(f"[demo] samples (TIFF/GIF/MP4): {out / 'samples'}", flush=True)
+    print(f"[demo] long movie, {LONG_FRAMES} frames (TIFF/GIF/MP4): {out / 'samples_long'}", flush=True)
     print("[demo] reports (self-contained HTML, open in a browser):", flush=True)
     for label, path in report_paths(steps):
         print(f"[demo]   {label:<15} {path}", flush=True)

@@ -2,7 +2,9 @@
 
 Every path yields the column/tensor ``x`` as float32: clips ``[1, T, H, W]`` normalized in photon units
 (``movie.normalize`` with the per-source calibration of ``index.json``), latents ``[C, T, H, W]``
-normalized per channel with the latent index's ``channel_mean``/``channel_std``.
+normalized per channel with the latent index's ``channel_mean``/``channel_std``, followed by one channel per
+stage-2 condition the latent index lists (``conditioning``: ROI map, flux; NaN where a clip lacks it), so
+conditions reach the model through every path without a second column.
 
 - :func:`clip_dataset` / :func:`latent_dataset`: ``ray.data.Dataset`` (shard list -> one ``map_batches`` task per shard:
   decode, crop/flip, normalize). Ray Train splits the ``train`` dataset across workers, so each worker
@@ -29,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from cadiff import storage
+from cadiff.data.conditioning import condition_channels
 from cadiff.data.movie import normalize
 from cadiff.data.shards import IndexedShards, _decode, index_shape, iter_shard, read_index, split_shards
 from cadiff.errors import DataError
@@ -96,7 +99,8 @@ class ClipTransform:
         self.train = train
         self.flip = bool(_opt(cfg, "flip", True)) and train
 
-    def __call__(self, clip: np.ndarray, source: str, rng: np.random.Generator | None) -> np.ndarray:
+    def __call__(self, clip: np.ndarray, meta: dict, rng: np.random.Generator | None) -> np.ndarray:
+        source = _source_of(meta)
         if source not in self.sources:
             raise DataError(f"clip from source {source!r} has no calibration in index.json (sources: {sorted(self.sources)})")
         offsets = []
@@ -116,14 +120,20 @@ class ClipTransform:
 
 
 class LatentTransform:
-    """float16/32 latent ``[C, T, H, W]`` -> float32, normalized per channel."""
+    """float16/32 latent ``[C, T, H, W]`` -> float32, normalized per channel, followed by the channels of the
+    conditions the latent index lists (``index["conditioning"]``, :func:`cadiff.data.conditioning.condition_channels`)."""
 
     def __init__(self, index: dict) -> None:
         self.mean = np.asarray(index["channel_mean"], dtype=np.float32)[:, None, None, None]
         self.std = np.asarray(index["channel_std"], dtype=np.float32)[:, None, None, None]
+        self.conditions = list(index.get("conditioning", []))
 
-    def __call__(self, latent: np.ndarray, source: str | None = None, rng: Any = None) -> np.ndarray:
-        return ((latent.astype(np.float32) - self.mean) / self.std).astype(np.float32)
+    def __call__(self, latent: np.ndarray, meta: dict, rng: Any = None) -> np.ndarray:
+        z = ((latent.astype(np.float32) - self.mean) / self.std).astype(np.float32)
+        if not self.conditions:
+            return z
+        where = f"latent of {_source_of(meta)} t0={meta.get('t0')} y0={meta.get('y0')} x0={meta.get('x0')}"
+        return np.concatenate([z, condition_channels(meta, self.conditions, z.shape, where)])
 
 
 def make_transform(index: dict, cfg: Any, train: bool) -> ClipTransform | LatentTransform:
@@ -154,7 +164,7 @@ class _ShardToBatch:
         rng = np.random.default_rng()  # fresh per call: new crops and order every epoch
         for path in batch["path"]:
             try:
-                samples = [(a, _source_of(m)) for _k, a, m in iter_shard(str(path), self.kind, self.shape)]
+                samples = [(a, m) for _k, a, m in iter_shard(str(path), self.kind, self.shape)]
             except DataError as exc:
                 if self.mode == "fail":
                     raise
@@ -241,7 +251,7 @@ def deterministic_batches(root: str | Path, split: str, data_cfg: Any, rank: int
         xs = []
         for sample in ids:
             _key, array, meta = data[int(sample)]
-            xs.append(transform(array, _source_of(meta), _sample_rng(seed, epoch, int(sample))))
+            xs.append(transform(array, meta, _sample_rng(seed, epoch, int(sample))))
         yield torch.from_numpy(np.stack(xs))
         step += 1
 
@@ -266,7 +276,7 @@ class IndexedClipDataset:
         import torch
 
         _key, array, meta = self.data[i]
-        return torch.from_numpy(self.transform(array, _source_of(meta), _sample_rng(self.seed, self.epoch, i)))
+        return torch.from_numpy(self.transform(array, meta, _sample_rng(self.seed, self.epoch, i)))
 
 
 def _wds_pipeline(paths: list[Path], index: dict, cfg: Any, train: bool, mode: str, seed: int,
@@ -295,7 +305,7 @@ def _wds_pipeline(paths: list[Path], index: dict, cfg: Any, train: bool, mode: s
             raise DataError(f"{url}: sample {sample.get('__key__')!r} lacks {member}/meta.json")
         _k, array, meta = _decode(Path(url), sample["__key__"], raw, index["kind"], shape)
         rng = np.random.default_rng([seed, zlib.crc32(sample["__key__"].encode())]) if train else None
-        return torch.from_numpy(transform(array, _source_of(meta), rng))
+        return torch.from_numpy(transform(array, meta, rng))
 
     return (wds.WebDataset(mine, handler=handler, shardshuffle=(len(mine) if train else False), seed=seed,
                            nodesplitter=None, workersplitter=wds.split_by_worker, empty_check=False)
@@ -355,7 +365,7 @@ def val_batch(root: str | Path, n: int, data_cfg: Any, kind: str = "clips") -> A
     xs: list[np.ndarray] = []
     for path, _count in split_shards(root, index, split):
         for _key, array, meta in iter_shard(path, kind, index_shape(index)):
-            xs.append(transform(array, _source_of(meta), None))
+            xs.append(transform(array, meta, None))
             if len(xs) >= n:
                 return torch.from_numpy(np.stack(xs))
     if not xs:

@@ -10,6 +10,10 @@ recording is split in time instead: its last ``val_fraction`` of frames (at leas
 validation block, the frames before it the training block, so no clip straddles the boundary. Calcium
 decays (~1 s) still correlate the few frames on either side of the boundary; that leakage is accepted.
 
+Clips of recordings with ROIs (simulator ground truth, Neurofinder regions, NWB segmentations) carry the union of
+the ROI masks, cropped like the clip, in their ``meta.json`` (``roi_mask``, :mod:`cadiff.data.conditioning`): the
+spatial condition of stage 2.
+
 Never lose a user's data (issue 16). ``out`` only ever holds a complete preparation: the data is built in
 the sibling ``.<out>.building/<out>`` (held with :func:`cadiff.io.folder_lock`) and swapped in when complete
 (:func:`cadiff.io.commit_dir`), so the earlier data survives any failure. Re-running with the same settings and
@@ -47,6 +51,7 @@ import numpy as np
 
 from cadiff import storage
 from cadiff.config import leaves
+from cadiff.data.conditioning import MASK_KEY, encode_mask, roi_map
 from cadiff.data.movie import UINT16_MAX, Movie, normalize, read_frames, to_stored_units
 from cadiff.data.noise import (
     POOR_FIT_R2,
@@ -81,6 +86,7 @@ MAX_CLIPPED_FRACTION = 1e-3
 # pre-flight estimate (sizes in bytes)
 TAR_BLOCK = 512
 NPY_HEADER_BYTES = 128  # np.save's header for a plain [T, H, W] integer array
+META_JSON_BYTES = 256  # a clip's meta.json without its ROI map: source and recording ids, t0/y0/x0, split
 # photon transfer (estimate_photon_transfer's defaults): 8-frame windows, at most 2M pixel-window samples; measured
 # with tracemalloc (32^2 to 1024^2 frames): up to ~40 B per window pixel (float64 copies, filters, sampling) and up to
 # ~96 B per kept sample (the fit's arrays)
@@ -403,6 +409,7 @@ def iter_clips(movie: Movie, rec_id: str, clip: Any, t_range: tuple[int, int], d
     its calibration ``calib`` (a raw-unit float movie on its grid, :func:`cadiff.data.movie.to_stored_units`)."""
     _, height, width = movie.shape
     starts, rows, cols = clip_grid(height, width, clip, t_range)
+    rois = roi_map(movie.rois)
     for t0 in starts:
         frames = to_stored_units(read_frames(movie.data, t0, t0 + clip.frames), calib)
         chunk, clipped = to_storage(frames, dtype, check.where, t0)
@@ -411,6 +418,8 @@ def iter_clips(movie: Movie, rec_id: str, clip: Any, t_range: tuple[int, int], d
             for x0 in cols:
                 tile = np.ascontiguousarray(chunk[:, y0: y0 + clip.height, x0: x0 + clip.width])
                 meta = {"source": rec_id, "recording": rec_id, "t0": t0, "y0": y0, "x0": x0, "split": split}
+                if rois is not None:  # stage-2 ROI conditioning: the movie's ROI map, cropped like the clip
+                    meta[MASK_KEY] = encode_mask(rois[y0: y0 + clip.height, x0: x0 + clip.width])
                 yield f"{rec_id}_t{t0:06d}_y{y0:04d}_x{x0:04d}", tile, meta
 
 
@@ -632,6 +641,12 @@ class Estimate:
         return {"clips": total, "disk_bytes": self.disk_bytes, "peak_memory_bytes": max(self.memory_bytes.values())}
 
 
+def mask_record_bytes(height: int, width: int) -> int:
+    """Upper bound of the JSON ``roi_mask`` record of an ``height x width`` clip (base64 of its packed bits)."""
+    packed = math.ceil(height * width / 8)
+    return 48 + 4 * math.ceil(packed / 3)
+
+
 def _tar_bytes(payload: int) -> int:
     """A tar member: its header block and the payload padded to whole blocks."""
     return TAR_BLOCK + -(-payload // TAR_BLOCK) * TAR_BLOCK
@@ -677,8 +692,9 @@ def estimate_size(layout: Layout, recordings: list[Recording], clip: Any, clips_
     """Clips per split and recording, bytes of the written folder, and working memory per recording (``raw_units``:
     the calibration may end in raw units, :func:`may_end_in_raw_units`)."""
     storage = layout.storage
-    # a sample: the clip's npy member and its meta.json member (one block)
-    sample = _tar_bytes(NPY_HEADER_BYTES + clip.frames * clip.height * clip.width * storage.itemsize) + _tar_bytes(1)
+    # a sample: the clip's npy member and its meta.json member (with an ROI map where the source has ROIs)
+    sample = (_tar_bytes(NPY_HEADER_BYTES + clip.frames * clip.height * clip.width * storage.itemsize)
+              + _tar_bytes(META_JSON_BYTES + mask_record_bytes(clip.height, clip.width)))
     clips: dict[str, dict[str, int]] = {}
     for split, per_rec in layout.ranges.items():
         clips[split] = {rec_id: math.prod(len(r) for r in clip_grid(*layout.shapes[rec_id][1:], clip, t_range))

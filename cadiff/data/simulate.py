@@ -180,7 +180,7 @@ def simulate_movie(preset: str = "default", frames: int = 200, height: int = 64,
 
     movie = np.empty((frames, height, width), dtype=np.uint16)
     clean = np.empty((frames, height, width), dtype=np.float32) if return_clean else None
-    fp_flat = fp_canvas.reshape(n, -1)
+    fp_flat = fp_canvas.reshape(n, ch * cw)  # explicit size: -1 is ambiguous for n = 0 neurons
     for t0 in range(0, frames, chunk_frames):
         t1 = min(frames, t0 + chunk_frames)
         flux = background[None] * modulation[t0:t1, None, None]

@@ -3,12 +3,17 @@
 Clips are read from the clip shards, normalized exactly as in training, center-cropped to the clip shape the
 encoder was trained on and encoded to the posterior mean (deterministic). Latents are stored raw (float32) in
 latent shards; ``index.json`` records per-channel mean/std over the train split, which stage 2 uses to
-normalize, and the stage-1 export they came from. Re-running with the same export and data is a no-op.
+normalize, and the stage-1 export they came from. Re-running with the same export and data (the same data
+``index.json``) is a no-op; ``overwrite=true`` encodes again.
+
+Each latent's meta carries its clip's stage-2 conditions (ROI map cropped like the clip, mean photon flux) and
+``index.json`` lists those any train clip has (``conditioning``); ``pipeline.LatentTransform`` appends them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cadiff.data.conditioning import CONDITIONS, FLUX_KEY, clip_flux, crop_meta_mask
 from cadiff.data.movie import normalize
 from cadiff.data.shards import iter_shard, read_index, write_index, write_shards
 from cadiff.errors import DataError
@@ -25,6 +31,8 @@ from cadiff.runtime.preflight import check_cluster_paths, probe_cluster_paths, s
 from cadiff.runtime.ray import init_ray
 
 log = logging.getLogger(__name__)
+
+PHOTON_UNITS = {"kind": "photon", "center": 0.0, "scale": 1.0}  # normalize() to plain photons
 
 
 def _file_digest(path: Path) -> str:
@@ -58,18 +66,31 @@ class EncoderActor:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        xs = []
-        for clip, source in zip(batch["clip"], batch["source"]):
+        xs, metas = [], []
+        for clip, source, meta in zip(batch["clip"], batch["source"], batch["meta"]):
             calib = self.sources[str(source)]
-            xs.append(normalize(center_crop(np.asarray(clip), self.clip_shape), calib, self.normalization))
+            cropped = center_crop(np.asarray(clip), self.clip_shape)
+            xs.append(normalize(cropped, calib, self.normalization))
+            metas.append(json.dumps(latent_meta(json.loads(str(meta)), np.asarray(clip).shape, cropped, calib,
+                                                self.normalization)))
         x = torch.from_numpy(np.stack(xs)[:, None]).to(self.device)
         z = self.model.encode(x).float().cpu().numpy()
-        return {"key": batch["key"], "latent": z, "meta": batch["meta"]}
+        return {"key": batch["key"], "latent": z, "meta": np.asarray(metas, dtype=object)}
+
+
+def latent_meta(meta: dict[str, Any], clip_shape: tuple[int, ...], cropped: np.ndarray, calib: dict[str, Any],
+                normalization: dict[str, Any]) -> dict[str, Any]:
+    """A clip's meta for its latent: the ROI map centre-cropped like the clip and, for data with a photon scale,
+    the clip's mean photon flux (the stage-2 conditions, :mod:`cadiff.data.conditioning`)."""
+    _, h, w = cropped.shape
+    where = f"clip {meta.get('source')} t0={meta.get('t0')} y0={meta.get('y0')} x0={meta.get('x0')}"
+    out = crop_meta_mask(meta, (clip_shape[1] - h) // 2, (clip_shape[2] - w) // 2, h, w, where)
+    if normalization["kind"] != "raw":
+        out[FLUX_KEY] = clip_flux(normalize(cropped, calib, PHOTON_UNITS))
+    return out
 
 
 def _shard_rows(row: dict[str, Any]) -> list[dict[str, Any]]:
-    import json
-
     out = []
     for key, clip, meta in iter_shard(row["path"]):
         out.append({"key": key, "clip": clip, "source": str(meta["source"]), "meta": json.dumps(meta)})
@@ -78,8 +99,6 @@ def _shard_rows(row: dict[str, Any]) -> list[dict[str, Any]]:
 
 def encode_latents(cfg: Any) -> tuple[str, str]:
     """jobs/encode_latents.py: clip shards + stage-1 export -> latent shards + index.json."""
-    import json
-
     import ray
 
     paths = shared_paths(cfg, reads=["data.root", "stage1"], writes=["out"])
@@ -95,9 +114,11 @@ def encode_latents(cfg: Any) -> tuple[str, str]:
         raise DataError(f"data.root '{data_root}': clips {index['clip_shape']} are smaller than the encoder's {list(clip_shape)}")
     out = Path(cfg.out)
     digest = _file_digest(export)
-    if (out / "index.json").exists():
+    data_digest = _file_digest(data_root / "index.json")  # data re-prepared in place (e.g. now with ROI maps)
+    if (out / "index.json").exists() and not cfg.overwrite:
         old = read_index(out)
-        if old.get("stage1_digest") == digest and old.get("data_root") == str(data_root):
+        if (old.get("stage1_digest") == digest and old.get("data_root") == str(data_root)
+                and old.get("data_index_digest", data_digest) == data_digest):
             n = sum(s["num_clips"] for s in old["splits"].values())
             return f"{n} latents {old['latent_shape']} (up to date)", str(out)
 
@@ -109,6 +130,7 @@ def encode_latents(cfg: Any) -> tuple[str, str]:
     total = np.zeros(latent_shape[0], np.float64)
     total_sq = np.zeros(latent_shape[0], np.float64)
     count = 0
+    conditions: set[str] = set()  # stage-2 conditions carried by any train clip
     with atomic_dir(out, "encode_latents", cfg.overwrite) as tmp:
         for split, info in index["splits"].items():
             paths = [str(data_root / s["path"]) for s in info["shards"]]
@@ -135,11 +157,13 @@ def encode_latents(cfg: Any) -> tuple[str, str]:
                 nonlocal count
                 for row in ds.iter_rows():
                     z = np.asarray(row["latent"], dtype=np.float32)
+                    meta = json.loads(row["meta"])
                     if split == "train":
                         total[:] += z.reshape(z.shape[0], -1).sum(axis=1)
                         total_sq[:] += (z.astype(np.float64).reshape(z.shape[0], -1) ** 2).sum(axis=1)
                         count += z[0].size
-                    yield row["key"], z, json.loads(row["meta"])
+                        conditions.update(name for name in CONDITIONS if name in meta)
+                    yield row["key"], z, meta
 
             shards = write_shards(samples(), tmp, split, prefix=f"latents-{split}", clips_per_shard=cfg.clips_per_shard)
             splits[split] = {"shards": shards, "num_clips": sum(s["count"] for s in shards)}
@@ -157,9 +181,11 @@ def encode_latents(cfg: Any) -> tuple[str, str]:
             "stage1": str(export),
             "stage1_digest": digest,
             "data_root": str(data_root),
+            "data_index_digest": data_digest,
             "clip_shape": list(clip_shape),
             "sources": index["sources"],
             "normalization": index["normalization"],
+            "conditioning": [name for name in CONDITIONS if name in conditions],
         })
     n = sum(s["num_clips"] for s in splits.values())
     return f"{n} latents {latent_shape} std={np.round(std, 3).tolist()}", str(out)

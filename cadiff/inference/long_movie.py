@@ -72,16 +72,28 @@ def chunk_spans(num_latent: int, chunk: int, context: int) -> list[tuple[int, in
     return spans
 
 
+def guidance(params: dict[str, Any], batch: int) -> dict[str, Any]:
+    """``LatentDiffusion.sample`` keywords for the requested conditions of ``params`` (plain values, as sent to Ray
+    tasks): ``roi_mask`` on the latent grid repeated ``[B, H, W]``, ``flux`` ``[B]``, and ``guidance_scale``."""
+    requested = params.get("conditions") or {}
+    conditions = {name: torch.tensor(value, dtype=torch.float32).expand(batch, *np.shape(value)).clone()
+                  for name, value in requested.items()}
+    return {"conditions": conditions, "guidance_scale": float(params.get("guidance_scale", 1.0))}
+
+
 def rollout_latents(dit: Any, plan: LongMoviePlan, latent_bchw: tuple[int, int, int, int], sampler: str | None,
-                    num_steps: int | None, generator: torch.Generator) -> Iterator[Tensor]:
-    """New latent frames chunk by chunk, ``[B, z, n, H, W]`` (normalized latent units); holds one chunk at a time."""
+                    num_steps: int | None, generator: torch.Generator,
+                    guide: dict[str, Any] | None = None) -> Iterator[Tensor]:
+    """New latent frames chunk by chunk, ``[B, z, n, H, W]`` (normalized latent units); holds one chunk at a time.
+
+    ``guide``: conditions and guidance scale for every chunk (:func:`guidance`)."""
     b, c, h, w = latent_bchw
     recent: Tensor | None = None  # the previous chunk, latent frames [prev_stop - chunk, prev_stop)
     prev_stop = 0
     for start, new_start, stop in chunk_spans(plan.num_latent, plan.chunk, plan.context):
         context = None if recent is None else recent[:, :, start - (prev_stop - plan.chunk):]
         recent = dit.sample((b, c, plan.chunk, h, w), sampler=sampler, num_steps=num_steps, generator=generator,
-                            context=context)
+                            context=context, **(guide or {}))
         yield recent[:, :, new_start - start : stop - start]
         prev_stop = start + plan.chunk
 
@@ -122,6 +134,7 @@ def stream_sample(dit: Any, decoder: Any, data2: dict[str, Any], plan: LongMovie
                               num_steps=params["decoder_steps"], generator=window_generator(seed, index, window),
                               grid=params["decoder_grid"])
 
-    latents = rollout_latents(dit, plan, (1, c, h, w), params["latent_sampler"], params["latent_steps"], generator)
+    latents = rollout_latents(dit, plan, (1, c, h, w), params["latent_sampler"], params["latent_steps"], generator,
+                              guidance(params, 1))
     with torch.no_grad():
         yield from decode_stream(decode, latents, plan.decode_context, plan.temporal_downsample)

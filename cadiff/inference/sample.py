@@ -8,6 +8,10 @@ or both.
 Batches are fixed slices ``[i, i + batch_size)`` of the sample indices, each drawn with a generator seeded by
 ``(seed, i)``: the same seed and batch size give bit-identical files whether the batches run here or fan out
 over Ray tasks (NWB files: identical frames; each file has its own identifier and creation time, as NWB requires).
+
+Conditioned stage-2 models take ``mask=<.npy|.tif|regions.json>`` (an ROI map at the sample's frame size) and/or
+``flux=<photons per pixel per frame>``, mixed with the unconditional model by ``guidance_scale``; both are
+checked against the model and loaded before any sampling, and recorded in ``samples.json``.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ from tqdm import tqdm
 from cadiff import __version__
 from cadiff.config import DataConfig, from_dict
 from cadiff.data import pipeline
+from cadiff.data.conditioning import FLUX_KEY, MASK_KEY, flux_value, load_mask, to_grid
 from cadiff.data.movie import denormalize, source_dtype, to_source_units
 from cadiff.data.shards import read_index
 from cadiff.data.sources.tiff import write_tiff, write_tiff_frames
-from cadiff.errors import CheckpointError, DataError
-from cadiff.inference.long_movie import chunk_spans, plan_long_movie, stream_sample
+from cadiff.errors import CheckpointError, ConfigError, DataError
+from cadiff.inference.long_movie import chunk_spans, guidance, plan_long_movie, stream_sample
 from cadiff.io import atomic_dir, check_output_dir, write_json_atomic
 from cadiff.runtime.exports import load_exported_model
 from cadiff.runtime.preflight import SharedPath, probe_cluster_paths
@@ -117,7 +122,8 @@ def generate_batch(stage2: str, stage1: str | None, start: int, stop: int, cfg: 
     check_pair(dit, decoder, stage1_path)
     generator = torch.Generator().manual_seed(int(cfg["seed"]) * 1_000_003 + start)
     shape = (stop - start, *data2["sample_shape"])
-    z = dit.sample(shape, sampler=cfg["latent_sampler"], num_steps=cfg["latent_steps"], generator=generator)
+    z = dit.sample(shape, sampler=cfg["latent_sampler"], num_steps=cfg["latent_steps"], generator=generator,
+                   **guidance(cfg, stop - start))
     mean = torch.tensor(data2["channel_mean"], dtype=z.dtype).view(1, -1, 1, 1, 1)
     std = torch.tensor(data2["channel_std"], dtype=z.dtype).view(1, -1, 1, 1, 1)
     clips = decoder.decode(z * std + mean, sampler=cfg["decoder_sampler"], num_steps=cfg["decoder_steps"],
@@ -136,6 +142,12 @@ def calibration_record(source_id: str, calib: dict[str, Any]) -> dict[str, Any]:
     if calib.get("calibration") == "none":
         record["calibration"] = "none"
     return record
+
+
+def sample_params(cfg: Any, decoder: Any) -> dict[str, Any]:
+    """What a generate run records in ``samples.json``: seed, samplers, steps and the requested conditions."""
+    params = {k: cfg[k] for k in ("seed", "latent_sampler", "latent_steps", "mask", "flux", "guidance_scale")}
+    return {**params, **decoder_settings(decoder, cfg)}
 
 
 def decoder_settings(decoder: Any, cfg: Any) -> dict[str, Any]:
@@ -159,6 +171,26 @@ def check_pair(dit: Any, decoder: Any, stage1_path: str) -> None:
         )
 
 
+def requested_conditions(cfg: Any, dit: Any, latent_hw: tuple[int, int], spatial_downsample: int) -> dict[str, Any]:
+    """``mask``/``flux`` of a generate run as plain values (ROI map on the latent grid as nested lists, flux scaled
+    to ``[0, 1]``), checked against what the stage-2 model was trained with before any sampling."""
+    conditions: dict[str, Any] = {}
+    h, w = latent_hw
+    for key, takes, model_key in (("mask", dit.dit.mask_flag is not None, "cond_mask"),
+                                  ("flux", dit.dit.flux_embedder is not None, "cond_flux")):
+        if cfg[key] is not None and not takes:
+            raise ConfigError(f"config key '{key}' = {cfg[key]!r}: stage2 '{cfg.stage2}' was trained without this "
+                              f"condition (model.{model_key}=false); expected {key}=null, or a model trained with "
+                              f"model.{model_key}=true")
+    if cfg.mask is not None:
+        mask = load_mask(cfg.mask, (h * spatial_downsample, w * spatial_downsample))
+        conditions[MASK_KEY] = to_grid(mask, (h, w), f"mask file {cfg.mask}").tolist()
+        log.info("ROI mask %s: %d of %d pixels inside ROIs", cfg.mask, int(mask.sum()), mask.size)
+    if cfg.flux is not None:
+        conditions[FLUX_KEY] = flux_value(float(cfg.flux), "config key 'flux'")
+    return conditions
+
+
 def _load_pair(cfg: Any) -> tuple[Any, dict[str, Any], Path, Any, dict[str, Any], Path]:
     """DiT and stage-1 models of a generate run, loaded up front so a bad stage1/stage2 fails before any work."""
     dit, dit_meta, stage2_export = load_exported_model(cfg.stage2, "stage2", "latent")
@@ -175,8 +207,9 @@ def generate(cfg: Any) -> tuple[str, str]:
     out = Path(cfg.out)
     dit, dit_meta, stage2_export, decoder, ae_meta, stage1_export = _load_pair(cfg)
     source_id, calib = _calibration(ae_meta["data"])
-    params = {k: cfg[k] for k in ("seed", "latent_sampler", "latent_steps")}
-    params.update(decoder_settings(decoder, cfg))
+    params = sample_params(cfg, decoder)
+    args = {**params, "conditions": requested_conditions(cfg, dit, tuple(dit_meta["data"]["sample_shape"][2:]),
+                                                         decoder.spatial_downsample)}
     slices = batch_slices(cfg.num_samples, cfg.batch_size)
     movies: list[np.ndarray] = []
     if cfg.num_ray_tasks > 0:
@@ -186,12 +219,12 @@ def generate(cfg: Any) -> tuple[str, str]:
         # the tasks load both exports on whichever node they land on
         probe_cluster_paths(cfg.ray, [SharedPath("stage2", str(stage2_export)), SharedPath("stage1", str(stage1_export))])
         task = ray.remote(num_cpus=1)(generate_batch)
-        refs = [task.remote(str(stage2_export), str(stage1_export), a, b, params) for a, b in slices]
+        refs = [task.remote(str(stage2_export), str(stage1_export), a, b, args) for a, b in slices]
         for ref in tqdm(refs, desc="sampling (ray tasks)", unit="batch"):
             movies += ray.get(ref)
     else:
         for a, b in tqdm(slices, desc="sampling", unit="batch"):
-            movies += generate_batch(str(stage2_export), str(stage1_export), a, b, params)
+            movies += generate_batch(str(stage2_export), str(stage1_export), a, b, args)
     record = {
         "mode": "generate",
         "num_samples": len(movies),
@@ -240,8 +273,8 @@ def generate_long(cfg: Any) -> tuple[str, str]:
     source_id, calib = _calibration(ae_meta["data"])
     norm = ae_meta["data"]["normalization"]
     dtype = source_dtype(calib)
-    params = {k: cfg[k] for k in ("seed", "latent_sampler", "latent_steps")}
-    params.update(decoder_settings(decoder, cfg))
+    params = sample_params(cfg, decoder)
+    args = {**params, "conditions": requested_conditions(cfg, dit, (h, w), s)}
     shape = (plan.num_frames, h * s, w * s)
     record = {"mode": "generate", "num_samples": int(cfg.num_samples), "shape": list(shape), "dtype": str(dtype),
               "calibration": calibration_record(source_id, calib), "stage1": str(stage1_export),
@@ -253,7 +286,7 @@ def generate_long(cfg: Any) -> tuple[str, str]:
         for i in tqdm(range(cfg.num_samples), desc="sampling (long)", unit="movie"):
             preview: list[np.ndarray] = []
             stem = tmp / f"sample_{i:03d}"
-            write_tiff_frames(_long_frames(stream_sample(dit, decoder, data2, plan, params, i), calib, norm, preview),
+            write_tiff_frames(_long_frames(stream_sample(dit, decoder, data2, plan, args, i), calib, norm, preview),
                               stem.with_suffix(".tif"), shape, source_rate_hz(calib), dtype, calib.get("pixel_size_um"))
             movie = np.stack(preview)
             clip = video_grid([[movie.astype(np.float32)]], pad=0)

@@ -6,6 +6,13 @@ from the reference: 3D patchify ``(p_t, p_h, p_w)``, 3D RoPE instead of fixed si
 (so any latent grid works), per-head QK RMSNorm, and an optional conditioning vector added to the time
 embedding that drives adaLN. adaLN modulations and the output projection are zero-initialized, so the model
 outputs exactly 0 at initialization.
+
+Conditioning (:mod:`cadiff.data.conditioning`): an ROI map on the latent grid ``[B, H, W]`` enters as one extra
+input channel (repeated over time) plus a learned given/null flag added to the time embedding; the mean photon
+flux (mapped to ``[0, 1]``) is embedded like the time step, or replaced by a learned null vector. NaN marks a
+condition as not given for that sample. Training drops each condition with probability ``cond_dropout`` so the
+same network is also the unconditional model, and sampling mixes the two by classifier-free guidance
+(Ho & Salimans 2022, arXiv:2207.12598): ``v = v_null + s (v_cond - v_null)``, ``s = guidance_scale``.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cadiff.diffusion.samplers import Objective, draw_randn
+from cadiff.diffusion.samplers import Objective, draw_rand, draw_randn
 from cadiff.errors import ConfigError, ModelError
 from cadiff.models.layers import (
     Attention,
@@ -89,7 +96,7 @@ class DiT(nn.Module):
 
     def __init__(self, in_channels: int, hidden_size: int, depth: int, num_heads: int,
                  patch_size: tuple[int, int, int] = (1, 2, 2), mlp_ratio: float = 4.0, rope_theta: float = 10000.0,
-                 cond_dim: int = 0) -> None:
+                 cond_dim: int = 0, cond_mask: bool = False, cond_flux: bool = False) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.hidden_size = hidden_size
@@ -97,9 +104,12 @@ class DiT(nn.Module):
         self.patch_size = tuple(int(p) for p in patch_size)
         self.rope_theta = rope_theta
         self.cond_dim = cond_dim
-        self.x_embedder = PatchEmbed3d(in_channels, hidden_size, self.patch_size)
+        self.x_embedder = PatchEmbed3d(in_channels + int(cond_mask), hidden_size, self.patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.cond_embedder = nn.Linear(cond_dim, hidden_size) if cond_dim > 0 else None
+        self.mask_flag = nn.Embedding(2, hidden_size) if cond_mask else None  # row 0: no mask given, row 1: given
+        self.flux_embedder = TimestepEmbedder(hidden_size) if cond_flux else None
+        self.flux_null = nn.Parameter(torch.zeros(hidden_size)) if cond_flux else None
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, math.prod(self.patch_size), in_channels)
         self.initialize_weights()
@@ -121,6 +131,12 @@ class DiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         if self.cond_embedder is not None:
             nn.init.normal_(self.cond_embedder.weight, std=0.02)
+        if self.mask_flag is not None:
+            nn.init.normal_(self.mask_flag.weight, std=0.02)
+        if self.flux_embedder is not None:
+            nn.init.normal_(self.flux_embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(self.flux_embedder.mlp[2].weight, std=0.02)
+            nn.init.normal_(self.flux_null, std=0.02)
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -147,14 +163,48 @@ class DiT(nn.Module):
         x = torch.einsum("bthwxyzc->bctxhywz", x)
         return x.reshape(b, self.in_channels, gt * pt, gh * ph, gw * pw)
 
-    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+    def _mask_input(self, x: Tensor, roi_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``x`` with the ROI-map channel appended and the given/null flag embedding (no-op without cond_mask)."""
+        if self.mask_flag is None:
+            if roi_mask is not None:
+                raise ModelError("DiT got an ROI mask but was built with cond_mask=false (an unconditional model)")
+            return x, None
+        b, _, frames, h, w = x.shape
+        if roi_mask is None:
+            roi_mask = torch.full((b, h, w), math.nan, device=x.device, dtype=x.dtype)
+        if tuple(roi_mask.shape) != (b, h, w):
+            raise ModelError(f"ROI mask of shape {tuple(roi_mask.shape)}: expected [B, H, W] = {[b, h, w]} (the latent grid)")
+        given = ~torch.isnan(roi_mask).flatten(1).any(dim=1)
+        channel = torch.nan_to_num(roi_mask, nan=0.0).to(x.dtype)[:, None, None].expand(b, 1, frames, h, w)
+        return torch.cat([x, channel], dim=1), self.mask_flag(given.long())
+
+    def _flux_embedding(self, flux: Tensor | None, batch: int) -> Tensor | None:
+        """Embedding of the flux value ``[B]`` in ``[0, 1]`` (NaN: the learned null vector); None without cond_flux."""
+        if self.flux_embedder is None:
+            if flux is not None:
+                raise ModelError("DiT got a flux condition but was built with cond_flux=false (an unconditional model)")
+            return None
+        if flux is None:
+            return self.flux_null.expand(batch, -1)
+        if tuple(flux.shape) != (batch,):
+            raise ModelError(f"flux condition of shape {tuple(flux.shape)}: expected [B] = [{batch}]")
+        given = ~torch.isnan(flux)
+        embedded = self.flux_embedder(torch.nan_to_num(flux, nan=0.0))
+        return torch.where(given[:, None], embedded, self.flux_null.to(embedded.dtype).expand_as(embedded))
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None, roi_mask: Tensor | None = None,
+                flux: Tensor | None = None) -> Tensor:
         grid = self.token_grid(tuple(x.shape[1:]))
-        tokens = self.x_embedder(x)
+        x_in, mask_flag = self._mask_input(x, roi_mask)
+        tokens = self.x_embedder(x_in)
         c = self.t_embedder(t.expand(x.shape[0]) if t.dim() == 0 else t)
         if cond is not None:
             if self.cond_embedder is None:
                 raise ModelError("DiT got a conditioning vector but was built with cond_dim=0")
             c = c + self.cond_embedder(cond)
+        for extra in (mask_flag, self._flux_embedding(flux, x.shape[0])):
+            if extra is not None:
+                c = c + extra.to(c.dtype)
         rope = rope_angles(grid_coords(*grid, device=x.device), self.hidden_size // self.num_heads,
                            self.rope_theta, torch.promote_types(tokens.dtype, torch.float32))
         for block in self.blocks:
@@ -176,7 +226,10 @@ class LatentDiffusion(nn.Module):
         hidden, depth, heads = self.size
         self.dit = DiT(int(model_config["in_channels"]), hidden, depth, heads, tuple(model_config["patch_size"]),
                        float(model_config["mlp_ratio"]), float(model_config["rope_theta"]),
-                       int(model_config["cond_dim"]))
+                       int(model_config["cond_dim"]), bool(model_config["cond_mask"]), bool(model_config["cond_flux"]))
+        self.cond_dropout = float(model_config["cond_dropout"])
+        # condition channels appended after the latent channels in training batches (the latent index's order)
+        self.condition_names = list(model_config["conditions"] or [])
         self.objective = objective
         self.last_nfe = 0
         self._flops: dict[tuple[int, ...], float] = {}
@@ -186,31 +239,85 @@ class LatentDiffusion(nn.Module):
         """Same as :meth:`training_loss`, so DDP/FSDP wrappers see the whole training step."""
         return self.training_loss(z, generator, cond)
 
-    def training_loss(self, z: Tensor, generator: torch.Generator | None = None,
+    def split_batch(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Batch ``[B, C + K, T, H, W]`` -> latents ``[B, C, ...]`` and the conditions this model uses.
+
+        The ``K`` channels after the latent ones are :attr:`condition_names` (``roi_mask``: an ``[H, W]`` map
+        repeated over time; ``flux``: a constant); a model without that condition ignores its channel.
+        """
+        if x.dim() != 5:
+            raise ModelError(f"latent batch of shape {tuple(x.shape)}: expected [B, C, T, H, W]")
+        c = self.dit.in_channels
+        if x.shape[1] != c + len(self.condition_names):
+            raise ModelError(f"latent batch of shape {tuple(x.shape)}: expected {c} latent channels followed by the "
+                             f"condition channels {self.condition_names}")
+        conditions: dict[str, Tensor] = {}
+        for i, name in enumerate(self.condition_names):
+            if name == "roi_mask" and self.dit.mask_flag is not None:
+                conditions["roi_mask"] = x[:, c + i, 0]
+            elif name == "flux" and self.dit.flux_embedder is not None:
+                conditions["flux"] = x[:, c + i, 0, 0, 0]
+        return x[:, :c], conditions
+
+    def drop_conditions(self, conditions: dict[str, Tensor], generator: torch.Generator | None) -> dict[str, Tensor]:
+        """Each condition of each sample replaced by NaN (not given) with probability ``cond_dropout``."""
+        out = {}
+        for name, value in conditions.items():
+            u = draw_rand((value.shape[0],), generator, value.device)
+            dropped = (u < self.cond_dropout).view(-1, *([1] * (value.dim() - 1)))
+            out[name] = torch.where(dropped, torch.full_like(value, math.nan), value)
+        return out
+
+    def training_loss(self, x: Tensor, generator: torch.Generator | None = None,
                       cond: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """Objective loss of the DiT on a latent batch ``z [B, C, T, H, W]`` and its detached copy (no host sync)."""
-        if z.dim() != 5:
-            raise ModelError(f"latent batch of shape {tuple(z.shape)}: expected [B, C, T, H, W]")
+        """Objective loss of the DiT on a latent batch ``x [B, C (+ condition channels), T, H, W]``."""
+        z, conditions = self.split_batch(x)
         self.dit.token_grid(tuple(z.shape[1:]))
-        loss = self.objective.loss(lambda x_t, t: self.dit(x_t, t, cond), z, generator)
+        if self.training and self.cond_dropout > 0:
+            conditions = self.drop_conditions(conditions, generator)
+        loss = self.objective.loss(lambda x_t, t: self.dit(x_t, t, cond, **conditions), z, generator)
         return loss, {"loss": loss.detach()}
+
+    def _guided(self, cond: Tensor | None, conditions: dict[str, Tensor], guidance_scale: float
+                ) -> Callable[[Tensor, Tensor], Tensor]:
+        """Velocity function: conditional, or classifier-free guided ``v_null + s (v_cond - v_null)``."""
+        if not conditions or guidance_scale == 1.0:
+            return lambda x_t, t: self.dit(x_t, t, cond, **conditions)
+        if guidance_scale == 0.0:
+            return lambda x_t, t: self.dit(x_t, t, cond)
+        null = {name: torch.full_like(value, math.nan) for name, value in conditions.items()}
+        both = {name: torch.cat([conditions[name], null[name]]) for name in conditions}
+        cond2 = None if cond is None else torch.cat([cond, cond])
+
+        def guided(x_t: Tensor, t: Tensor) -> Tensor:
+            t2 = torch.cat([t, t]) if t.dim() else t
+            v_cond, v_null = self.dit(torch.cat([x_t, x_t]), t2, cond2, **both).chunk(2)
+            return v_null + guidance_scale * (v_cond - v_null)
+
+        return guided
 
     def sample(self, shape: tuple[int, ...] | list[int], sampler: str | None = None, num_steps: int | None = None,
                generator: torch.Generator | None = None, cond: Tensor | None = None,
-               context: Tensor | None = None) -> Tensor:
+               context: Tensor | None = None, conditions: dict[str, Tensor] | None = None,
+               guidance_scale: float = 1.0) -> Tensor:
         """Draw latents of ``shape [B, C, T, H, W]`` from fresh noise (defaults from the diffusion config).
 
         ``context [B, C, T_c, H, W]``: the first ``T_c`` frames are given (a continuation). At every model
         evaluation they are imposed by replacement: the model sees ``noised(context, eps_c, t)`` there, with
         ``eps_c`` the same noise draw those positions start from, and the result returns ``context`` unchanged.
         Without context the noise draw and result are those of a plain sample.
+        ``conditions``: ``roi_mask [B, H, W]`` and/or ``flux [B]`` (NaN: not given), guided by ``guidance_scale``
+        (1: the conditional model, 0: the unconditional one).
         """
         if len(shape) != 5:
             raise ModelError(f"sample shape {tuple(shape)}: expected [B, C, T, H, W]")
+        if not (guidance_scale >= 0 and math.isfinite(guidance_scale)):
+            raise ModelError(f"guidance_scale = {guidance_scale}: expected a finite number >= 0")
         self.dit.token_grid(tuple(shape[1:]))
         param = next(self.parameters())
         noise = draw_randn(tuple(shape), generator, param.device, param.dtype)
-        model_fn = lambda x_t, t: self.dit(x_t, t, cond)  # noqa: E731
+        conditions = {name: value.to(device=param.device, dtype=param.dtype) for name, value in (conditions or {}).items()}
+        model_fn = self._guided(cond, conditions, float(guidance_scale))
         if context is not None:
             model_fn = self._with_context(model_fn, context.to(noise), noise, tuple(shape))
         with torch.no_grad():

@@ -186,22 +186,40 @@ class LatentStage(Stage):
             )
         if cfg.model.in_channels not in (None, channels):
             raise ConfigError(f"model.in_channels = {cfg.model.in_channels}: expected {channels} (the latent channels in {root})")
+        conditions = check_conditions(cfg.model, index, root)
         info = DataInfo(root=storage.resolved(root), sample_shape=tuple(index["latent_shape"]),
                         num_train_clips=int(index["splits"]["train"]["num_clips"]),
                         normalization=index.get("normalization"), channel_mean=tuple(index["channel_mean"]),
                         channel_std=tuple(index["channel_std"]), stage1=str(Path(stage1).resolve()))
-        return info, resolve_model_config({**to_dict(cfg.model), "in_channels": channels})
+        return info, resolve_model_config({**to_dict(cfg.model), "in_channels": channels, "conditions": conditions})
 
     def train_dataset(self, cfg: Any) -> Any:
         return pipeline.latent_dataset(cfg.latents.root, "train", cfg.latents, seed=cfg.seed)
 
+    # val_x holds the latent channels and then any condition channels: media and scores use the latents, sampled
+    # unconditionally
     def log_media(self, model, val_x, info, media_dir, step, logger_cfg, wandb_run=None) -> list[Path]:
-        return log_stage2(model, tuple(val_x.shape[1:]), info.channel_mean, info.channel_std, info.stage1, media_dir,
+        return log_stage2(model, tuple(info.sample_shape), info.channel_mean, info.channel_std, info.stage1, media_dir,
                           step, logger_cfg, wandb_run)
 
     def quality_score(self, model, val_x, info) -> dict[str, float]:
-        samples = model.sample(tuple(val_x.shape))
-        return sample_mmd2(samples.float().cpu().numpy(), val_x.float().cpu().numpy())
+        latents = val_x[:, : info.sample_shape[0]]
+        samples = model.sample(tuple(latents.shape))
+        return sample_mmd2(samples.float().cpu().numpy(), latents.float().cpu().numpy())
+
+
+def check_conditions(model_cfg: Any, index: dict[str, Any], root: Path) -> list[str]:
+    """The condition channels of the latents at ``root``; ConfigError if the model asks for one they lack."""
+    available = list(index.get("conditioning", []))
+    for key, name, hint in (("cond_mask", "roi_mask", "prepare_data from a source with ROIs (sim, neurofinder, nwb "
+                             "with a plane segmentation), then encode_latents"),
+                            ("cond_flux", "flux", "data with a photon calibration (not source.calibration=none), "
+                             "encoded by this version of encode_latents")):
+        if model_cfg[key] and name not in available:
+            raise ConfigError(f"config key 'model.{key}' = true: latents.root '{root}' carries no '{name}' condition "
+                              f"(index.json conditioning: {available}); expected latents from {hint} (data and latents "
+                              "written before conditioning existed carry none: re-run both with overwrite=true)")
+    return available
 
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (ClipStage(), LatentStage())}

@@ -41,3 +41,16 @@ def test_demo_names_the_report_of_each_training_run_and_of_the_evaluation(tmp_pa
         ("train_latent", tmp_path / "runs" / "train_latent" / "r" / "report.html"),
         ("evaluate", tmp_path / "eval" / "report.html"),
     ]
+
+
+def test_demo_feeds_the_dit_enough_movies_split_by_movie_and_writes_a_long_movie(tmp_path: Path):
+    from cadiff.config import compose
+
+    steps = demo.demo_steps(tmp_path, 3, 3, 1, 2, run_name="r")
+    prep = compose("prepare_data", dict(steps)["prepare_data"])
+    val_movies = round(prep.val_fraction * prep.source.num_movies)
+    train_clips = (prep.source.num_movies - val_movies) * (prep.source.frames // prep.clip.frames)
+    assert val_movies >= 1 and train_clips >= 200  # the former demo: 3 movies x 11 clips = 33 latents
+    long = [ov for job, ov in steps if job == "sample" and any(o.startswith("num_frames=") for o in ov)]
+    assert len(long) == 1 and f"num_frames={demo.LONG_FRAMES}" in long[0] and demo.LONG_FRAMES >= 257
+    assert compose("sample", long[0]).num_frames == demo.LONG_FRAMES  # a valid 1 + k*s_t override

@@ -1,0 +1,580 @@
+"""Generation benchmark: stage-2 sample quality at a CPU budget (issue 13, items 1 and 4).
+
+Protocol. Simulated ``two_photon`` movies split by movie: the training movies (one seed range) train stage 1
+(``ae_tiny`` DiffAE, :func:`cadiff.bench.ae_quality.train_autoencoder`, the trainer's step under strategy single)
+and stage 2 (``dit_tiny`` on the posterior-mean latents of every tile of every training movie with its three
+flips, :func:`cadiff.bench.stage2.train_dit`); the held-out movies (other seeds) are never seen by either model.
+Many short training movies rather than a few long ones: the DiT sees thousands of distinct latents and cannot
+memorise them (the demo's DiT, on 33 latents, did: train loss 1.0, val loss 2.5).
+
+Measurements.
+- Sample quality: ``num_samples`` clips sampled (DiT, then the stage-1 decoder with its default sampler) and
+  compared with all held-out clips by :func:`cadiff.eval.metrics.evaluate_sets`: MMD^2 of the per-clip feature
+  vectors against the held-out set's own split-half MMD^2, and the photon-transfer gain ratio.
+- DiT sampler table: Euler and Heun at 10/20/50 NFE, each scored by the latent MMD^2 to the held-out latents
+  (:func:`cadiff.eval.score.sample_mmd2`) and by the pixel metrics above; the headline row is the sample job's
+  default (Euler, 20 steps).
+- Long movie: the exported pair run through ``jobs/sample.py num_frames=N`` (:mod:`cadiff.inference.long_movie`),
+  scored by the seam ratio, the photon-transfer gain drift (first vs last 10%) and frames per second.
+- Activity: event rate and dF/F amplitude distributions (:mod:`cadiff.eval.activity`) of ROI traces, with the
+  ground-truth footprints on the held-out movies. On generated movies they need ROIs: detected ones
+  (``cadiff.eval.rois.detect_rois``) or requested ones (mask conditioning); both come with the ``cond`` branch and
+  are reported as not measured (with the reason) while it is absent.
+
+Results: ``generation.json`` (top-level ``summary`` with the nine issue keys, ``not_measured`` with a reason for
+each null), ``generation.md`` (goals checked half by half) and ``generation_*.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cadiff.bench.ae_quality import (
+    BenchConfig,
+    BenchData,
+    _save,
+    cut_clips,
+    held_out_clips,
+    simulate_data,
+    steps_for_nfe,
+    tile_origins,
+    train_autoencoder,
+)
+from cadiff.bench.stage2 import export_pair, gain_drift, seam_frames, seam_ratio, train_dit
+from cadiff.config import SampleConfig, compose
+from cadiff.data.movie import to_photons
+from cadiff.data.simulate import PRESETS
+from cadiff.errors import CadiffError, ConfigError, DataError
+from cadiff.eval.activity import activity_stats, compare_activity, pool_stats
+from cadiff.eval.metrics import SetSummary, compare_sets, summarize_set, to_jsonable
+from cadiff.eval.score import sample_mmd2
+from cadiff.io import write_json_atomic, write_text_atomic
+
+log = logging.getLogger("generation")
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "benchmarks" / "results"
+WORK = REPO / "outputs" / "benchmarks" / "generation"
+SUMMARY_KEYS = ("mmd2", "mmd2_split_half", "gain_ratio", "seam_ratio", "gain_drift", "rollout_fps", "roi_f1",
+                "null_rois", "gain_cond_max_err")
+HEADLINE = ("euler", 20)  # jobs/sample.py's default latent sampler and steps (SampleConfig)
+COND_REASON = ("stage-2 conditioning (issue 13 item 3, branch `cond`) is not merged: jobs/sample.py takes no "
+               "mask= or brightness condition")
+NOT_FINITE = "no finite value in this run (no photon-transfer fit, or a single decoder window): see the tables"
+ROIS_REASON = "cadiff.eval.rois.detect_rois (branch `cond`) is not merged: generated movies have no ROIs to trace"
+
+
+@dataclass
+class GenConfig:
+    """Sizes of one run; the defaults are the full mode (<= 60 min on 2 cores), :data:`QUICK` the < 10 min one."""
+
+    preset: str = "two_photon"
+    clip_frames: int = 17
+    clip_side: int = 32  # ae_tiny's crop: latent [4, 5, 4, 4], DiT patches [1, 2, 2] -> 20 tokens
+    movie_side: int = 64
+    train_movies: int = 48
+    train_frames: int = 119  # 7 clip lengths: 28 tiles x 4 flips = 112 latents per movie
+    test_movies: int = 4
+    test_clips_per_tile: int = 15  # held-out movies of 255 frames (8.5 s at 30 Hz): 240 clips, activity traces
+    ae_steps: int = 1500
+    ae_batch: int = 4
+    dit_steps: int = 4000
+    dit_batch: int = 16
+    num_samples: int = 128
+    samplers: list[str] = field(default_factory=lambda: ["euler", "heun"])
+    nfe: list[int] = field(default_factory=lambda: [10, 20, 50])
+    long_frames: int = 1025
+    seed: int = 0
+    threads: int = 2
+
+
+QUICK = {"train_movies": 16, "ae_steps": 250, "dit_steps": 1000, "num_samples": 64, "long_frames": 257}
+
+
+def validate(cfg: GenConfig) -> GenConfig:
+    """Raise ConfigError naming the first option outside its range."""
+    checks = [
+        ("num_samples", cfg.num_samples >= 64, ">= 64 (issue 13: at least 64 sampled clips)"),
+        ("long_frames", cfg.long_frames >= 17 and (cfg.long_frames - 1) % 4 == 0,
+         "1 + k*4 frames (ae_tiny's temporal downsample), >= 17"),
+        ("movie_side", cfg.movie_side % cfg.clip_side == 0, f"a multiple of clip_side {cfg.clip_side}"),
+        ("train_frames", cfg.train_frames >= cfg.clip_frames, f">= clip_frames {cfg.clip_frames}"),
+        ("nfe", all(n >= 1 for n in cfg.nfe) and len(cfg.nfe) > 0, "positive integers"),
+        ("samplers", set(cfg.samplers) <= {"euler", "heun"} and len(cfg.samplers) > 0, "a subset of {euler, heun}"),
+        ("test_movies", cfg.test_movies >= 1, ">= 1"),
+        ("threads", cfg.threads >= 1, ">= 1 torch threads"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"generation option {key} = {getattr(cfg, key)!r}: expected {expected}")
+    return cfg
+
+
+def bench_config(cfg: GenConfig) -> BenchConfig:
+    """The stage-1 benchmark's config for this run's data and autoencoder."""
+    return BenchConfig(preset=cfg.preset, clip_frames=cfg.clip_frames, clip_side=cfg.clip_side,
+                       movie_side=cfg.movie_side, train_movies=cfg.train_movies, train_frames=cfg.train_frames,
+                       test_movies=cfg.test_movies, test_clips_per_tile=cfg.test_clips_per_tile, steps=cfg.ae_steps,
+                       batch_size=cfg.ae_batch, seed=cfg.seed, threads=cfg.threads)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# latents and samples
+
+
+def flips(clips: np.ndarray) -> np.ndarray:
+    """``clips [N, T, H, W]`` with their vertical, horizontal and double flips (4N clips)."""
+    return np.concatenate([clips, clips[:, :, ::-1], clips[:, :, :, ::-1], clips[:, :, ::-1, ::-1]])
+
+
+@torch.no_grad()
+def encode(ae: Any, clips: np.ndarray, data: BenchData, batch: int = 64) -> torch.Tensor:
+    """Posterior-mean latents of photon ``clips [N, T, H, W]``."""
+    return torch.cat([ae.encode(torch.from_numpy(data.to_model(np.ascontiguousarray(clips[i:i + batch])))[:, None])
+                      for i in range(0, len(clips), batch)])
+
+
+def training_latents(ae: Any, data: BenchData, cfg: GenConfig) -> torch.Tensor:
+    """Latents of every non-overlapping tile of every training movie, with flips."""
+    clips = np.concatenate([cut_clips(m, tile_origins(m.shape, cfg.clip_frames, cfg.clip_side), cfg.clip_frames,
+                                      cfg.clip_side) for m in data.train])
+    return encode(ae, flips(clips), data)
+
+
+@torch.no_grad()
+def sample_clips(dit: Any, ae: Any, data: BenchData, stats: tuple[torch.Tensor, torch.Tensor], latent: Sequence[int],
+                 n: int, sampler: str, steps: int, seed: int, batch: int = 16) -> dict[str, Any]:
+    """``n`` samples: normalized latents, photon clips, DiT NFE and seconds per clip of the DiT and the decoder."""
+    mean, std = (s.view(1, -1, 1, 1, 1) for s in stats)
+    generator = torch.Generator().manual_seed(seed)
+    zs, clips, dit_s, dec_s = [], [], 0.0, 0.0
+    for i in range(0, n, batch):
+        start = time.perf_counter()
+        z = dit.sample((min(batch, n - i), *latent), sampler=sampler, num_steps=steps, generator=generator)
+        dit_s += time.perf_counter() - start
+        start = time.perf_counter()
+        x = ae.decode(z * std + mean, generator=generator)
+        dec_s += time.perf_counter() - start
+        zs.append(z)
+        clips.append(data.to_photons(x[:, 0].double().numpy()).astype(np.float32))
+    return {"latents": torch.cat(zs), "clips": np.concatenate(clips), "nfe": int(dit.last_nfe),
+            "dit_s_per_clip": dit_s / n, "decode_s_per_clip": dec_s / n}
+
+
+def pixel_metrics(gen: np.ndarray, ref: SetSummary, rate_hz: float, seed: int) -> dict[str, Any]:
+    """MMD^2, split-half MMD^2 and gain ratio of generated photon clips vs the held-out clips' summary (the
+    comparison of :func:`cadiff.eval.metrics.evaluate_sets`, the reference summarized once for every row)."""
+    full = compare_sets(summarize_set(list(gen), seed=seed, name="generated"), ref, rate_hz=rate_hz, seed=seed)
+    mmd = full["mmd"]
+    return {"mmd2": mmd["mmd2"], "mmd2_split_half": mmd["baseline_mmd2"], "mmd2_split_half_std": mmd["baseline_mmd2_std"],
+            "gain_ratio": full["noise"]["gain_ratio"], "gain_gen": full["noise"]["gain_gen"],
+            "gain_ref": full["noise"]["gain_ref"], "temporal_psd_distance_db": full["temporal"]["psd_distance_db"],
+            "spatial_psd_distance_db": full["spatial"]["psd_distance_db"], "mean_gen": full["intensity"]["mean_gen"],
+            "mean_ref": full["intensity"]["mean_ref"]}
+
+
+def sampler_table(models: dict[str, Any], data: BenchData, ref: np.ndarray, ref_latents: torch.Tensor,
+                  cfg: GenConfig) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """One row per (sampler, NFE); also the headline row's photon clips (for the figures)."""
+    rows, headline = [], None
+    ref_summary = summarize_set(list(ref), seed=cfg.seed + 1, name="reference")
+    for sampler in cfg.samplers:
+        for nfe in cfg.nfe:
+            steps = steps_for_nfe(sampler, nfe)
+            out = sample_clips(models["dit"], models["ae"], data, models["stats"], models["latent"], cfg.num_samples,
+                               sampler, steps, cfg.seed)
+            row = {"sampler": sampler, "steps": steps, "nfe": out["nfe"], "dit_s_per_clip": out["dit_s_per_clip"],
+                   "decode_s_per_clip": out["decode_s_per_clip"],
+                   "latent_mmd2": sample_mmd2(out["latents"].numpy(), ref_latents.numpy())["score"],
+                   **pixel_metrics(out["clips"], ref_summary, data.rate_hz, cfg.seed)}
+            rows.append(row)
+            log.info("%s x %d steps (NFE %d): latent MMD^2 %.4f, MMD^2 %.4f (split-half %.4f), gain ratio %.3f",
+                     sampler, steps, row["nfe"], row["latent_mmd2"], row["mmd2"], row["mmd2_split_half"],
+                     row["gain_ratio"] or math.nan)
+            if (sampler, steps) == HEADLINE:
+                headline = out["clips"]
+    if headline is None:
+        raise ConfigError(f"generation options samplers/nfe: expected them to include the headline {HEADLINE}")
+    return rows, headline
+
+
+# ---------------------------------------------------------------------------------------------------------
+# long movie and activity
+
+
+def long_movie(stage2: Path, out: Path, num_frames: int, seed: int) -> dict[str, Any]:
+    """Run the sample job for one ``num_frames`` movie; its ADU movie, record, wall time and long-movie scores."""
+    import json
+
+    import tifffile
+
+    from cadiff.inference.sample import run_sample
+
+    start = time.perf_counter()
+    run_sample(compose("sample", [f"stage2={stage2}", f"out={out}", "num_samples=1", f"num_frames={num_frames}",
+                                  f"seed={seed}", "overwrite=true"]))
+    wall = time.perf_counter() - start
+    record = json.loads((out / "samples.json").read_text())
+    movie = tifffile.imread(out / "sample_000.tif")
+    drift = gain_drift(movie)
+    return {"movie": movie, "record": record, "num_frames": num_frames, "wall_s": wall, "rollout_fps": num_frames / wall,
+            "chunks": record["long_movie"]["chunks"], "seam_ratio": seam_ratio(movie, record), **drift,
+            "gain_drift": abs(drift["last_over_first"] - 1.0), "files": sorted(p.name for p in out.iterdir())}
+
+
+def detector() -> Any | None:
+    """``cadiff.eval.rois.detect_rois`` when that module exists (branch ``cond``), else None."""
+    if importlib.util.find_spec("cadiff.eval.rois") is None:
+        return None
+    from cadiff.eval.rois import detect_rois
+
+    return detect_rois
+
+
+def activity(data: BenchData, generated: np.ndarray | None, rate_hz: float) -> dict[str, Any]:
+    """Activity statistics of the held-out movies (ground-truth ROIs) and, given a detector and a generated movie,
+    of ``generated``."""
+    ref = pool_stats([activity_stats(m.photons, m.truth.rois, rate_hz) for m in data.held_out])
+    out: dict[str, Any] = {"held_out_truth": {k: v.tolist() for k, v in ref.items()},
+                           "held_out_movies": len(data.held_out),
+                           "held_out_rois": int(sum(m.truth.rois.any(axis=(1, 2)).sum() for m in data.held_out))}
+    detect = detector()
+    if detect is None or generated is None:
+        out["not_measured"] = ROIS_REASON if detect is None else "no generated long movie (the sample job failed)"
+        return out
+    ref_rois = [detect(m.photons) for m in data.held_out]
+    gen_rois = detect(generated)
+    gen = activity_stats(generated, gen_rois, rate_hz)
+    ref_det = pool_stats([activity_stats(m.photons, r, rate_hz) for m, r in zip(data.held_out, ref_rois)])
+    kpx = generated.shape[1] * generated.shape[2] / 1000.0
+    out.update(generated=compare_activity(gen, ref), detected_vs_detected=compare_activity(gen, ref_det),
+               rois_per_kpx_gen=len(gen_rois) / kpx,
+               rois_per_kpx_ref=float(np.mean([len(r) for r in ref_rois])) / (data.held_out[0].photons[0].size / 1000))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# summary and goals
+
+
+def summarize(headline: dict[str, Any], long: dict[str, Any], conditioning: dict[str, Any]
+              ) -> tuple[dict[str, Any], dict[str, str]]:
+    """The issue's nine summary keys and, for each null, the reason it was not measured."""
+    sources = ((headline, ("mmd2", "mmd2_split_half", "gain_ratio")),
+               (long, ("seam_ratio", "gain_drift", "rollout_fps")),
+               (conditioning, ("roi_f1", "null_rois", "gain_cond_max_err")))
+    summary: dict[str, Any] = {}
+    reasons: dict[str, str] = {}
+    for source, keys in sources:
+        for key in keys:
+            value = source.get(key)
+            summary[key] = value if value is not None and math.isfinite(value) else None
+            if summary[key] is None:
+                reasons[key] = source.get("reason", NOT_FINITE)
+    return summary, reasons
+
+
+def _status(value: float | None, ok: bool) -> str:
+    return "not measured" if value is None else ("met" if ok else "not met")
+
+
+def goals(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every half of every issue-13 goal this benchmark measures: (goal, condition, value, status)."""
+    s = summary
+
+    def row(goal: str, condition: str, value: float | None, test: Any) -> dict[str, Any]:
+        return {"goal": goal, "condition": condition, "value": value,
+                "status": _status(value, value is not None and bool(test(value)))}
+
+    # compared as values, not as a ratio: the unbiased split-half MMD^2 sits near 0 and may be negative
+    bound = 2.0 * s["mmd2_split_half"] if s["mmd2_split_half"] is not None else None
+    return [
+        row("sample quality", f"MMD^2 <= 2 x split-half MMD^2 (= {_fmt(bound, 3)})",
+            s["mmd2"] if bound is not None else None, lambda v: v <= bound),
+        row("sample quality", "gain ratio in [0.9, 1.1]", s["gain_ratio"], lambda v: 0.9 <= v <= 1.1),
+        row("long movies", "seam ratio <= 1.5", s["seam_ratio"], lambda v: v <= 1.5),
+        row("long movies", "gain drift < 5%", s["gain_drift"], lambda v: v < 0.05),
+        row("ROI masks", "ROI recovery F1 >= 0.8 at IoU >= 0.5", s["roi_f1"], lambda v: v >= 0.8),
+        row("ROI masks", "null test: 0 detected ROIs", s["null_rois"], lambda v: v == 0),
+        row("brightness", "measured gain within 10% of the requested one", s["gain_cond_max_err"], lambda v: v <= 0.1),
+    ]
+
+
+def conditioning_metrics() -> dict[str, Any]:
+    """roi_f1 / null_rois / gain_cond_max_err: None with the reason while stage 2 is unconditional.
+
+    HOOK (branch ``cond``): once ``jobs/sample.py`` takes ``mask=`` and a brightness condition, measure here:
+    sample with each held-out movie's ground-truth ROI mask, ``detect_rois`` on the samples and ``match_rois`` at
+    IoU 0.5 (``roi_f1``); sample with an empty mask and count detected ROIs (``null_rois``); sample at 4
+    requested gains across a 4x range and take the largest relative error of the measured gain
+    (``gain_cond_max_err``).
+    """
+    reason = COND_REASON
+    if "mask" in {f.name for f in dataclasses.fields(SampleConfig)}:
+        reason = ("branch cond is merged (jobs/sample.py takes mask=, flux=), but this benchmark trains an "
+                  "unconditional DiT: the conditioned run is not wired in yet")
+        log.warning("%s (cadiff.bench.generation.conditioning_metrics)", reason)
+    return {"roi_f1": None, "null_rois": None, "gain_cond_max_err": None, "reason": reason}
+
+# ---------------------------------------------------------------------------------------------------------
+# run
+
+
+def train(cfg: GenConfig, timings: dict[str, float]) -> tuple[BenchData, dict[str, Any], dict[str, Any]]:
+    """Simulate, train stage 1 and stage 2; returns the data, the models and the training record."""
+    start = time.perf_counter()
+    data = simulate_data(bench_config(cfg))
+    timings["simulate_s"] = time.perf_counter() - start
+    ae, ae_info = train_autoencoder("diffae", data, bench_config(cfg))
+    timings["train_ae_s"] = ae_info["seconds"]
+    start = time.perf_counter()
+    z = training_latents(ae, data, cfg)
+    mean, std = z.mean(dim=(0, 2, 3, 4)), z.std(dim=(0, 2, 3, 4)).clamp_min(1e-6)
+    timings["encode_s"] = time.perf_counter() - start
+    dit, dit_info = train_dit((z - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1), cfg.dit_steps, cfg.seed,
+                              batch=cfg.dit_batch)
+    timings["train_dit_s"] = dit_info["seconds"]
+    record = {"ae": {k: ae_info[k] for k in ("steps", "seconds", "final_loss", "params")},
+              "dit": {k: dit_info[k] for k in ("steps", "seconds", "final_loss")},
+              "train_latents": len(z), "ae_loss": ae_info["loss"], "dit_loss": dit_info["loss"]}
+    return data, {"ae": ae, "dit": dit, "stats": (mean, std), "latent": list(z.shape[1:])}, record
+
+
+def run(cfg: GenConfig, work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The whole benchmark; returns the JSON-ready result and the arrays the figures need."""
+    torch.set_num_threads(cfg.threads)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    data, models, train_record = train(cfg, timings)
+    evalset = held_out_clips(data, bench_config(cfg))
+    ref_latents = (encode(models["ae"], evalset.inputs, data) - models["stats"][0].view(1, -1, 1, 1, 1)) \
+        / models["stats"][1].view(1, -1, 1, 1, 1)
+    start = time.perf_counter()
+    table, headline_clips = sampler_table(models, data, evalset.inputs, ref_latents, cfg)
+    timings["sampler_table_s"] = time.perf_counter() - start
+    headline = next(r for r in table if (r["sampler"], r["steps"]) == HEADLINE)
+    start = time.perf_counter()
+    stage2, gain = export_pair(work / "models", models["ae"], data, models["dit"], *models["stats"], cfg.clip_frames,
+                               cfg.clip_side, cfg.preset)
+    try:
+        long = long_movie(stage2, work / "long_movie", cfg.long_frames, cfg.seed)
+    except CadiffError as exc:  # the other measurements stand; the long-movie keys get the reason
+        log.error("long movie of %d frames failed: %s", cfg.long_frames, exc)
+        long = {"reason": f"the {cfg.long_frames}-frame sample job failed: {str(exc).splitlines()[0]}"}
+    timings["long_movie_s"] = time.perf_counter() - start
+    photons = to_photons(long["movie"], gain, PRESETS[cfg.preset]["offset"]) if "movie" in long else None
+    start = time.perf_counter()
+    act = activity(data, photons, data.rate_hz)
+    timings["activity_s"] = time.perf_counter() - start
+    conditioning = conditioning_metrics()
+    long_json = {k: v for k, v in long.items() if k not in ("movie", "record")}
+    summary, reasons = summarize(headline, long_json, conditioning)
+    seams = seam_frames(long["record"]) if "record" in long else []
+    timings["total_s"] = time.perf_counter() - t0
+    result = {"summary": summary, "not_measured": reasons, "goals": goals(summary), "headline": headline,
+              "sampler_table": table, "long_movie": {**long_json, "calibrated_gain": gain, "seams": seams},
+              "activity": act, "training": train_record, "config": dataclasses.asdict(cfg), "timings": timings,
+              "held_out_clips": len(evalset.inputs),
+              "meta": {"host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                       "threads": cfg.threads, "load_end": " ".join(f"{v:.1f}" for v in os.getloadavg())}}
+    arrays = {"gen": headline_clips, "ref": evalset.inputs, "long": photons, "seams": seams}
+    return to_jsonable(result), arrays
+
+
+# ---------------------------------------------------------------------------------------------------------
+# results
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e-2 or abs(value) >= 1e4 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def render_markdown(res: dict[str, Any], figures: Sequence[str]) -> str:
+    """generation.md: summary, goals half by half, sampler table, long movie, activity, training, timings."""
+    cfg, tr, t = res["config"], res["training"], res["timings"]
+    lines = [
+        "# Generation benchmark (stage-2 sample quality)", "",
+        f"{'`--quick`' if res['quick'] else 'Full'} run, {t['total_s'] / 60:.1f} min on {res['meta']['cpus']} shared "
+        f"CPUs ({cfg['threads']} torch threads, torch {res['meta']['torch']}). Simulator preset `{cfg['preset']}`, "
+        f"split by movie: {cfg['train_movies']} training movies of {cfg['train_frames']}x{cfg['movie_side']}x"
+        f"{cfg['movie_side']} and {cfg['test_movies']} held-out movies of "
+        f"{cfg['clip_frames'] * cfg['test_clips_per_tile']} frames (other seeds, {res['held_out_clips']} clips "
+        f"{cfg['clip_frames']}x{cfg['clip_side']}x{cfg['clip_side']}). Stage 1: `ae_tiny` DiffAE, {tr['ae']['steps']} "
+        f"steps x batch {cfg['ae_batch']} (final loss {tr['ae']['final_loss']:.4f}). Stage 2: `dit_tiny` on "
+        f"{tr['train_latents']} training latents (every tile, 4 flips), {tr['dit']['steps']} steps x batch "
+        f"{cfg['dit_batch']} (final loss {tr['dit']['final_loss']:.4f}). {cfg['num_samples']} samples per sampler "
+        "row, decoded with the stage-1 default sampler. `python benchmarks/generation.py [--quick]`.", "",
+        "## Summary", "", "| key | value | not measured because |", "|---|---:|---|",
+    ]  # fmt: skip
+    for key, value in res["summary"].items():
+        lines.append(f"| `{key}` | {_fmt(value, 4)} | {res['not_measured'].get(key, '')} |")
+    lines += ["", "## Goals (issue 13), each half checked", "", "| goal | condition | value | status |",
+              "|---|---|---:|---|"]
+    for g in res["goals"]:
+        status = g["status"] if g["status"] != "not met" else "**not met**"
+        lines.append(f"| {g['goal']} | {g['condition']} | {_fmt(g['value'])} | {status} |")
+    lines += ["", "Peak memory independent of N (the long-movie goal's third half) is measured by "
+              "`benchmarks/long_movie.py` (`long_movie.md`), not here.", "",
+              "## DiT sampler table", "",
+              "Latent MMD^2: samples vs held-out latents (`cadiff.eval.score.sample_mmd2`). MMD^2 / split-half / gain "
+              "ratio: decoded photon clips vs held-out clips (`cadiff.eval.metrics.evaluate_sets`). Headline row: "
+              f"{HEADLINE[0]} x {HEADLINE[1]} steps (the sample job's default).", "",
+              "| sampler | steps | NFE | DiT s/clip | decode s/clip | latent MMD^2 | MMD^2 | split-half MMD^2 | "
+              "gain ratio | temporal PSD dist (dB) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res["sampler_table"]:
+        lines.append(f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {_fmt(r['dit_s_per_clip'], 4)} | "
+                     f"{_fmt(r['decode_s_per_clip'])} | {_fmt(r['latent_mmd2'], 4)} | {_fmt(r['mmd2'], 4)} | "
+                     f"{_fmt(r['mmd2_split_half'], 4)} | {_fmt(r['gain_ratio'])} | "
+                     f"{_fmt(r['temporal_psd_distance_db'], 2)} |")
+    lines += ["", *long_movie_lines(res["long_movie"]), "", *activity_lines(res["activity"]), "",
+              "## Timings (s)", "", " | ".join(f"{k} {v:.0f}" for k, v in t.items()), "",
+              "Figures: " + ", ".join(f"`{f}`" for f in figures) + ".", ""]
+    return "\n".join(lines)
+
+
+def long_movie_lines(lm: dict[str, Any]) -> list[str]:
+    """The long-movie section of generation.md."""
+    if "reason" in lm:
+        return ["## Long movie", "", f"Not measured: {lm['reason']}."]
+    return ["## Long movie (jobs/sample.py num_frames=N on the trained pair)", "",
+            "| frames | chunks | wall (s) | frames/s | seam ratio | gain first 10% | gain last 10% | gain drift | "
+            "calibrated gain |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {lm['num_frames']} | {lm['chunks']} | {lm['wall_s']:.1f} | {lm['rollout_fps']:.2f} | "
+            f"{_fmt(lm['seam_ratio'])} | {_fmt(lm['gain_first'], 1)} | {_fmt(lm['gain_last'], 1)} | "
+            f"{_fmt(lm['gain_drift'])} | {lm['calibrated_gain']:.0f} |", "",
+            f"Files of the sample job: {', '.join(lm['files'])} (under `outputs/benchmarks/generation*/long_movie`)."]
+
+
+def activity_lines(act: dict[str, Any]) -> list[str]:
+    """The activity section of generation.md."""
+    rates, amps = (np.asarray(act["held_out_truth"][k]) for k in ("event_rate_hz", "amplitude_dff"))
+    lines = ["## Activity statistics (`cadiff.eval.activity`: ROI traces, dF/F, 3-sigma events)", "",
+             f"Held-out movies, ground-truth footprints: {act['held_out_rois']} ROIs in {act['held_out_movies']} "
+             f"movies; event rate median {_fmt(float(np.median(rates)) if len(rates) else None)} Hz, "
+             f"{len(amps)} events, peak dF/F median {_fmt(float(np.median(amps)) if len(amps) else None)}."]
+    if "not_measured" in act:
+        return [*lines, "", f"Generated movies: not measured - {act['not_measured']}."]
+    lines += ["", "| distribution | set | median gen | median ref | n gen | n ref | W1 |", "|---|---|---:|---:|---:|---:|---:|"]
+    for label, key in (("generated (detected ROIs) vs held-out (truth ROIs)", "generated"),
+                       ("generated vs held-out (detected ROIs)", "detected_vs_detected")):
+        for dist, row in act[key].items():
+            lines.append(f"| {dist} | {label} | {_fmt(row['median_gen'])} | {_fmt(row['median_ref'])} | "
+                         f"{row['n_gen']} | {row['n_ref']} | {_fmt(row['w1'])} |")
+    lines += ["", f"Correlation-image ROIs (`cadiff.eval.rois.detect_rois`) per 1000 px: generated "
+              f"{act['rois_per_kpx_gen']:.2f}, held-out {act['rois_per_kpx_ref']:.2f} (ground truth: "
+              f"{act['held_out_rois']} ROIs in {act['held_out_movies']} held-out movies)."]
+    return lines
+
+
+def write_figures(arrays: dict[str, Any], prefix: Path) -> list[str]:
+    """Sample grid (generated vs held-out clips) and the long movie's kymograph with its seams marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    fig, axes = plt.subplots(2, 8, figsize=(16, 4.4))
+    for row, (label, clips) in enumerate((("generated", arrays["gen"]), ("held-out", arrays["ref"]))):
+        picks = np.linspace(0, len(clips) - 1, 8).astype(int)
+        vmax = float(np.percentile(clips.mean(axis=1), 99.5))
+        for ax, i in zip(axes[row], picks):
+            ax.imshow(clips[i].mean(axis=0), cmap="gray", vmin=0, vmax=vmax)
+            ax.set_xticks([]), ax.set_yticks([])
+        axes[row, 0].set_ylabel(label)
+    fig.suptitle("temporal mean of 17-frame clips (photons/pixel/frame); top: generated, bottom: held-out")
+    _save(fig, prefix.with_name(prefix.name + "_samples.png"))
+    plt.close(fig)
+    names.append(prefix.name + "_samples.png")
+    if arrays["long"] is None:
+        return names
+    movie = arrays["long"]
+    band = movie[:, movie.shape[1] // 2 - 2: movie.shape[1] // 2 + 2].mean(axis=1)
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 6), gridspec_kw={"width_ratios": [1, 2]})
+    ax0.imshow(band, aspect="auto", cmap="gray", vmin=0, vmax=float(np.percentile(band, 99.5)))
+    ax0.set_xlabel("x (px), rows y = H/2 +- 2"), ax0.set_ylabel("frame")
+    trace = movie.reshape(len(movie), -1).mean(axis=1)
+    ax1.plot(trace, lw=0.8, color="black")
+    for seam in arrays["seams"]:
+        ax0.axhline(seam + 0.5, color="tab:red", lw=0.5, alpha=0.6)
+        ax1.axvline(seam + 0.5, color="tab:red", lw=0.5, alpha=0.6)
+    ax1.set_xlabel("frame"), ax1.set_ylabel("frame mean (photons)")
+    fig.suptitle(f"generated long movie, {len(movie)} frames; red: decoder-window seams")
+    _save(fig, prefix.with_name(prefix.name + "_kymograph.png"))
+    plt.close(fig)
+    return [*names, prefix.name + "_kymograph.png"]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=f"smaller run (< 10 min on 2 cores): {QUICK}")
+    parser.add_argument("--out", type=Path, default=RESULTS / "generation",
+                        help="results prefix: <out>.json, <out>.md, <out>_*.png")
+    parser.add_argument("--work", type=Path, default=None, help="models and long movie (default outputs/benchmarks/)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--render", action="store_true",
+                        help="no run: recheck the goals of <out>.json and rewrite it and <out>.md (figures kept)")
+    return parser.parse_args(argv)
+
+
+def rerender(out: Path) -> int:
+    """``--render``: goals and markdown again from a finished run's JSON (after a change to the goal checks)."""
+    import json
+
+    path = out.with_suffix(".json")
+    if not path.is_file():
+        raise DataError(f"--render: {path} does not exist, expected the JSON of a finished run")
+    res = json.loads(path.read_text())
+    res["goals"] = to_jsonable(goals(res["summary"]))
+    figures = sorted(p.name for p in out.parent.glob(out.name + "_*.png"))
+    write_json_atomic(path, res)
+    write_text_atomic(out.with_suffix(".md"), render_markdown(res, figures))
+    print(f"generation: goals rechecked -> {out.with_suffix('.md')}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark and write its results; prints one summary line."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("cadiff.eval.metrics").setLevel(logging.ERROR)  # failed per-clip fits are counted, not logged
+    a = parse_args(argv)
+    try:
+        if a.render:
+            return rerender(a.out)
+        cfg = validate(GenConfig(**(QUICK if a.quick else {}), threads=a.threads, seed=a.seed))
+        work = a.work or WORK.with_name(WORK.name + ("_quick" if a.quick else ""))
+        res, arrays = run(cfg, work)
+    except CadiffError as exc:
+        print(f"generation: error: {str(exc).splitlines()[0]}")
+        return 2
+    res["quick"] = a.quick
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(a.out.with_suffix(".json"), res)  # first: the measurements survive a rendering failure
+    figures = write_figures(arrays, a.out)
+    write_text_atomic(a.out.with_suffix(".md"), render_markdown(res, figures))
+    s = res["summary"]
+    met = sum(g["status"] == "met" for g in res["goals"])
+    print(f"generation: MMD^2 {_fmt(s['mmd2'])} (split-half {_fmt(s['mmd2_split_half'])}), gain ratio "
+          f"{_fmt(s['gain_ratio'])}, seam ratio {_fmt(s['seam_ratio'])}, {met}/{len(res['goals'])} goal halves met "
+          f"({res['timings']['total_s'] / 60:.1f} min) -> {a.out.with_suffix('.md')}")
+    return 0

@@ -1,0 +1,380 @@
+"""Stage-2 conditioning: ROI-map and flux inputs of the DiT, condition dropout, classifier-free guidance, the
+condition channels of latent batches, config rules and user mask files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from cadiff.config import compose
+from cadiff.data import conditioning as C
+from cadiff.errors import ConfigError, DataError, ModelError
+from cadiff.models.dit import DiT
+from cadiff.models.registry import build_model
+
+torch.set_num_threads(1)
+LATENT = (4, 3, 8, 8)  # C, T, H, W
+
+
+def model(*overrides: str, conditions=("roi_mask", "flux")):
+    cfg = compose("train_latent", ["experiment=dit_tiny", "model.in_channels=4", *overrides]).model
+    cfg.conditions = list(conditions)
+    net = build_model(cfg)
+    with torch.no_grad():  # leave the zero init so the conditions change the output
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net
+
+
+def batch(b: int = 3, mask_value: float = 1.0, flux: float = 0.5) -> torch.Tensor:
+    z = torch.randn(b, *LATENT)
+    mask = torch.zeros(b, 1, *LATENT[1:])
+    mask[..., 2:5, 2:5] = mask_value
+    return torch.cat([z, mask, torch.full((b, 1, *LATENT[1:]), flux)], dim=1)
+
+
+def test_dit_takes_mask_channel_and_flux_embedding():
+    torch.manual_seed(0)
+    dit = DiT(4, 32, 1, 2, cond_mask=True, cond_flux=True)
+    assert dit.x_embedder.proj.in_channels == 5
+    x, t = torch.randn(2, *LATENT), torch.rand(2)
+    out = dit(x, t, roi_mask=torch.rand(2, 8, 8), flux=torch.tensor([0.2, math.nan]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    with pytest.raises(ModelError, match=r"ROI mask of shape \(2, 4, 4\): expected \[B, H, W\] = \[2, 8, 8\]"):
+        dit(x, t, roi_mask=torch.rand(2, 4, 4))
+    with pytest.raises(ModelError, match="cond_mask=false"):
+        DiT(4, 32, 1, 2)(x, t, roi_mask=torch.rand(2, 8, 8))
+
+
+def test_conditions_change_the_prediction_and_nan_means_null():
+    torch.manual_seed(0)
+    net = model("model.cond_mask=true", "model.cond_flux=true").dit
+    x, t = torch.randn(2, *LATENT), torch.rand(2)
+    mask = torch.zeros(2, 8, 8)
+    with torch.no_grad():
+        null = net(x, t)
+        explicit_null = net(x, t, roi_mask=torch.full((2, 8, 8), math.nan), flux=torch.full((2,), math.nan))
+        with_mask = net(x, t, roi_mask=mask)
+        with_flux = net(x, t, flux=torch.tensor([0.3, 0.3]))
+    torch.testing.assert_close(null, explicit_null)
+    # an empty mask is a condition ("no cells here"), not the same as no mask
+    assert not torch.allclose(null, with_mask) and not torch.allclose(null, with_flux)
+
+
+def test_split_batch_routes_channels_by_name():
+    net = model("model.cond_mask=true", "model.cond_flux=true")
+    x = batch(mask_value=1.0, flux=0.25)
+    z, cond = net.split_batch(x)
+    torch.testing.assert_close(z, x[:, :4])
+    assert cond["roi_mask"].shape == (3, 8, 8) and cond["roi_mask"][0, 3, 3] == 1 and cond["roi_mask"][0, 0, 0] == 0
+    assert cond["flux"].tolist() == [0.25] * 3
+    only_mask = model("model.cond_mask=true")
+    assert set(only_mask.split_batch(x)[1]) == {"roi_mask"}  # flux channel present but unused
+    unconditional = model()
+    assert unconditional.split_batch(x)[1] == {}
+    with pytest.raises(ModelError, match="condition channels"):
+        unconditional.split_batch(x[:, :5])
+
+
+def test_condition_dropout_rate_and_train_only():
+    net = model("model.cond_mask=true", "model.cond_flux=true", "model.cond_dropout=0.3")
+    conds = {"roi_mask": torch.zeros(4000, 2, 2), "flux": torch.zeros(4000)}
+    dropped = net.drop_conditions(conds, torch.Generator().manual_seed(0))
+    frac_mask = torch.isnan(dropped["roi_mask"][:, 0, 0]).float().mean().item()
+    frac_flux = torch.isnan(dropped["flux"]).float().mean().item()
+    assert frac_mask == pytest.approx(0.3, abs=0.03) and frac_flux == pytest.approx(0.3, abs=0.03)
+    # whole maps are dropped, never single pixels
+    assert (torch.isnan(dropped["roi_mask"]).flatten(1).all(1) == torch.isnan(dropped["roi_mask"][:, 0, 0])).all()
+    # eval mode (validation loss) sees every condition: the same loss as without dropout
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    x = batch()
+    net.eval()
+    loss_a, _ = net.training_loss(x, g())
+    net.cond_dropout = 0.0
+    loss_b, _ = net.training_loss(x, g())
+    assert loss_a == loss_b
+    net.cond_dropout = 0.3
+    net.train()
+    loss_c, _ = net.training_loss(x, g())
+    assert torch.isfinite(loss_c)
+    loss_c.backward()
+    assert net.dit.mask_flag.weight.grad is not None and net.dit.flux_null.grad is not None
+
+
+def test_cfg_scale_one_is_conditional_and_zero_unconditional():
+    torch.manual_seed(0)
+    net = model("model.cond_mask=true", "model.cond_flux=true").eval()
+    conds = {"roi_mask": torch.zeros(2, 8, 8), "flux": torch.tensor([0.4, 0.6])}
+    conds["roi_mask"][:, 2:6, 2:6] = 1
+    shape = (2, *LATENT)
+
+    def draw(**kw):
+        return net.sample(shape, sampler="euler", num_steps=3, generator=torch.Generator().manual_seed(5), **kw)
+
+    def by_hand(scale: float) -> torch.Tensor:  # the guided Euler loop written out
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+        grid = torch.linspace(1, 0, 4)
+        for t0, t1 in zip(grid[:-1], grid[1:]):
+            t = torch.full((2,), float(t0))
+            with torch.no_grad():
+                v_c, v_u = net.dit(x, t, **conds), net.dit(x, t)
+            x = x + (t1 - t0) * (v_u + scale * (v_c - v_u))
+        return x
+
+    conditional = draw(conditions=conds)
+    torch.testing.assert_close(draw(conditions=conds, guidance_scale=1.0), conditional)
+    torch.testing.assert_close(draw(conditions=conds, guidance_scale=0.0), draw())
+    torch.testing.assert_close(conditional, by_hand(1.0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(draw(conditions=conds, guidance_scale=2.5), by_hand(2.5), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(conditional, draw())
+    with pytest.raises(ModelError, match="guidance_scale = -1"):
+        draw(conditions=conds, guidance_scale=-1.0)
+
+
+def fit_toy(condition: str, make_batch, steps: int = 200):
+    """A 1-block, 64-wide DiT fitted to toy latents ``[16, 1, 3, 8, 8]`` by ``make_batch(generator) -> (z, channel)``."""
+    torch.manual_seed(0)
+    cfg = compose("train_latent", ["experiment=dit_tiny", "model.in_channels=1", "model.hidden_size=64",
+                                   "model.depth=1", "model.num_heads=2", "model.cond_dropout=0.2",
+                                   f"model.cond_{'mask' if condition == 'roi_mask' else 'flux'}=true"]).model
+    cfg.conditions = [condition]
+    net = build_model(cfg)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        z, channel = make_batch(g)
+        loss, _ = net.training_loss(torch.cat([z + 0.1 * torch.randn(z.shape, generator=g), channel], dim=1), g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+def toy_draw(net, scale: float = 1.0, **conditions) -> torch.Tensor:
+    return net.sample((4, 1, 3, 8, 8), num_steps=10, generator=torch.Generator().manual_seed(1),
+                      conditions=conditions, guidance_scale=scale)[:, 0]
+
+
+def test_a_tiny_dit_learns_to_follow_the_mask():
+    def squares(g):  # +1 inside a random 4x4 ROI square, -1 outside (~5 s for 200 steps on one thread)
+        mask = torch.zeros(16, 8, 8)
+        for i, (y, x) in enumerate(torch.randint(0, 5, (16, 2), generator=g).tolist()):
+            mask[i, y: y + 4, x: x + 4] = 1
+        grid = mask[:, None, None].expand(16, 1, 3, 8, 8)
+        return 2 * grid - 1, grid
+
+    net = fit_toy("roi_mask", squares)
+    square, empty = torch.zeros(4, 8, 8), torch.zeros(4, 8, 8)
+    square[:, :4, :4] = 1
+
+    def inside_outside(out):
+        return out[..., :4, :4].mean().item(), out[..., 4:, 4:].mean().item()
+
+    inside, outside = inside_outside(toy_draw(net, roi_mask=square))
+    assert inside > 0.7 and outside < -0.7
+    assert max(inside_outside(toy_draw(net, roi_mask=empty))) < -0.5  # null test: an empty mask draws no "cell" (+1)
+    free_inside, free_outside = inside_outside(toy_draw(net, 0.0, roi_mask=square))  # unconditional
+    assert free_inside - free_outside < 0.5 * (inside - outside)
+
+
+def test_a_tiny_dit_learns_to_follow_the_flux():
+    def levels(g):  # the latent level is 4 (f - 1/2) for the flux value f in [0, 1]
+        f = torch.rand(16, generator=g)
+        return (4 * (f - 0.5)).view(16, 1, 1, 1, 1).expand(16, 1, 3, 8, 8), f.view(16, 1, 1, 1, 1).expand(16, 1, 3, 8, 8)
+
+    net = fit_toy("flux", levels)
+    for f in (0.2, 0.5, 0.8):
+        assert toy_draw(net, flux=torch.full((4,), f)).mean().item() == pytest.approx(4 * (f - 0.5), abs=0.3)
+
+
+def test_unconditional_model_config_still_builds_and_samples():
+    # an export from before conditioning: no cond_* keys, no condition channels
+    cfg = compose("train_latent", ["experiment=dit_tiny", "model.in_channels=4"]).model
+    plain = {k: v for k, v in dict(cfg).items() if not k.startswith("cond_") and k != "conditions"}
+    net = build_model(plain)
+    assert net.dit.mask_flag is None and net.dit.flux_embedder is None and net.condition_names == []
+    assert net.sample((1, *LATENT), num_steps=2).shape == (1, *LATENT)
+    loss, _ = net.training_loss(torch.randn(2, *LATENT))
+    assert torch.isfinite(loss)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data side
+
+
+def test_mask_record_round_trip_crop_and_grid():
+    mask = np.zeros((12, 16), bool)
+    mask[2:6, 4:8] = True
+    record = C.encode_mask(mask)
+    json.dumps(record)
+    np.testing.assert_array_equal(C.decode_mask(record), mask)
+    cropped = C.crop_meta_mask({"source": "s", "roi_mask": record}, 2, 4, 8, 8, "clip k")
+    np.testing.assert_array_equal(C.decode_mask(cropped["roi_mask"]), mask[2:10, 4:12])
+    grid = C.to_grid(mask, (3, 4))  # 4x4 blocks: rows 2:6 cover half of block rows 0 and 1
+    np.testing.assert_array_equal(grid, [[0, 0.5, 0, 0], [0, 0.5, 0, 0], [0, 0, 0, 0]])
+    with pytest.raises(DataError, match="not a whole multiple of the latent grid"):
+        C.to_grid(mask, (5, 4))
+    with pytest.raises(DataError, match="clip k roi_mask: expected"):
+        C.decode_mask({"shape": [12, 16], "bits": "AAAA"}, "clip k roi_mask")
+
+
+def test_condition_channels_nan_when_absent():
+    meta = {"roi_mask": C.encode_mask(np.ones((8, 8), bool)), "flux": 1.0}
+    ch = C.condition_channels(meta, ["roi_mask", "flux"], (4, 3, 4, 4), "k")
+    assert ch.shape == (2, 3, 4, 4) and (ch[0] == 1).all() and np.allclose(ch[1], 0.5)
+    empty = C.condition_channels({}, ["roi_mask", "flux"], (4, 3, 4, 4), "k")
+    assert np.isnan(empty).all()
+
+
+def test_flux_scale_and_its_range():
+    assert C.flux_value(1e-3) == 0.0 and C.flux_value(1.0) == 0.5 and C.flux_value(1e3) == 1.0
+    with pytest.raises(ConfigError, match=r"flux = 0.0: expected mean photons"):
+        C.flux_value(0.0)
+    assert C.clip_flux(np.zeros((2, 2))) == 1e-3
+
+
+def test_load_mask_formats(tmp_path):
+    m = np.zeros((16, 16), bool)
+    m[3:7, 3:7] = True
+    np.save(tmp_path / "m.npy", m)
+    np.save(tmp_path / "stack.npy", np.stack([m, m.T]).astype(np.uint8))
+    tifffile.imwrite(tmp_path / "m.tif", m.astype(np.uint8) * 255)
+    (tmp_path / "regions.json").write_text(json.dumps([{"coordinates": np.argwhere(m).tolist()}]))
+    for name in ("m.npy", "m.tif", "regions.json"):
+        np.testing.assert_array_equal(C.load_mask(tmp_path / name, (16, 16)), m)
+    np.testing.assert_array_equal(C.load_mask(tmp_path / "stack.npy", (16, 16)), m | m.T)
+
+
+def test_load_mask_errors_name_the_file(tmp_path):
+    np.save(tmp_path / "small.npy", np.zeros((8, 8)))
+    np.save(tmp_path / "nan.npy", np.full((16, 16), np.nan))
+    np.save(tmp_path / "str.npy", np.array([["a"] * 16] * 16))
+    (tmp_path / "bad.npy").write_bytes(b"not numpy")
+    (tmp_path / "bad.tif").write_bytes(b"not a tiff")
+    (tmp_path / "regions.json").write_text("{oops")
+    (tmp_path / "outside.json").write_text(json.dumps([{"coordinates": [[1, 1], [20, 3]]}]))
+    cases = {
+        "small.npy": r"small.npy: shape \(8, 8\), expected \[H, W\] or \[N, H, W\] with H, W = \(16, 16\)",
+        "nan.npy": r"nan.npy: dtype float64, expected finite",
+        "str.npy": r"str.npy: dtype <U1, expected finite",
+        "bad.npy": r"bad.npy: not a readable .npy",
+        "bad.tif": r"bad.tif: not a readable TIFF",
+        "regions.json": r"regions.json: expected a JSON list",
+        "outside.json": r"outside.json: 1 ROI pixels lie outside the sample's frame \(16, 16\) \(first \[row, col\] = \[20, 3\]\)",
+        "missing.npy": r"missing.npy: not found",
+        "mask.png": r"mask.png: suffix '.png'",
+    }
+    for name, message in cases.items():
+        with pytest.raises(DataError, match=message):
+            C.load_mask(tmp_path / name, (16, 16))
+
+
+def test_config_rules_for_conditioning():
+    cfg = compose("train_latent", ["experiment=dit_tiny"])
+    assert cfg.model.cond_mask is False and cfg.model.cond_flux is False and 0 <= cfg.model.cond_dropout < 1
+    with pytest.raises(ConfigError, match="model.cond_dropout' = 1.0: expected a probability in \\[0, 1\\)"):
+        compose("train_latent", ["model.cond_dropout=1.0"])
+    with pytest.raises(ConfigError, match="model.conditions"):
+        compose("train_latent", ["model.conditions=[gain]"])
+    ok = compose("sample", ["stage2=x", "mask=rois.npy", "flux=0.2", "guidance_scale=2"])
+    assert ok.mask == "rois.npy" and ok.flux == 0.2 and ok.guidance_scale == 2
+    for override, message in (("guidance_scale=-0.5", "guidance_scale"), ("flux=0", "'flux' = 0"),
+                              ("mask=rois.png", "'mask' = 'rois.png'")):
+        with pytest.raises(ConfigError, match=message):
+            compose("sample", ["stage2=x", override])
+    with pytest.raises(ConfigError, match="mode=reconstruct"):
+        compose("sample", ["mode=reconstruct", "stage1=x", "mask=a.npy"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the conditions through prepare_data, encode_latents' meta, the latent pipeline and the sample job
+
+
+def test_prepare_stores_the_roi_map_cropped_like_each_clip(tmp_path):
+    from cadiff.data.shards import iter_shard, read_index
+    from cadiff.data.simulate import simulate_movie
+    from cadiff.testing.data import SIM_DATA_OVERRIDES, prepare_sim
+
+    out = tmp_path / "sim"
+    prepare_sim(out, "source.num_movies=2", "clip.height=16", "clip.width=16")
+    src = compose("prepare_data", [*SIM_DATA_OVERRIDES, f"out={out}"]).source
+    index = read_index(out)
+    seen = 0
+    for split in index["splits"].values():
+        for shard in split["shards"]:
+            for _key, _clip, meta in iter_shard(out / shard["path"]):
+                seed = src.seed + int(meta["source"].split("-")[1])
+                _, truth = simulate_movie(src.preset, frames=src.frames, height=src.height, width=src.width,
+                                          num_neurons=src.num_neurons, seed=seed, rate_hz=src.rate_hz)
+                y0, x0 = meta["y0"], meta["x0"]
+                expected = truth.rois.any(axis=0)[y0: y0 + 16, x0: x0 + 16]
+                np.testing.assert_array_equal(C.decode_mask(meta["roi_mask"]), expected)
+                seen += 1
+    assert seen == sum(s["num_clips"] for s in index["splits"].values()) > 0
+
+
+def test_latent_meta_crops_the_mask_and_measures_flux():
+    from cadiff.inference.encode import latent_meta
+
+    mask = np.zeros((16, 16), bool)
+    mask[4:8, 4:8] = True
+    calib = {"calibration": "photon_transfer", "gain": 2.0, "offset": 100.0, "read_noise": 1.0}
+    clip = np.full((5, 16, 16), 100 + 2 * 3, np.uint16)  # 3 photons everywhere
+    cropped = clip[:, 4:12, 4:12]
+    meta = latent_meta({"source": "s", "roi_mask": C.encode_mask(mask)}, clip.shape, cropped, calib,
+                       {"kind": "photon", "center": 0.0, "scale": 1.0})
+    np.testing.assert_array_equal(C.decode_mask(meta["roi_mask"]), mask[4:12, 4:12])
+    assert meta["flux"] == pytest.approx(3.0)
+    raw = latent_meta({"source": "s"}, clip.shape, cropped, {"calibration": "none"}, {"kind": "raw", "center": 0.0,
+                                                                                        "scale": 1.0})
+    assert raw == {"source": "s"}  # no ROIs, no photon scale: no conditions
+
+
+def test_latent_transform_appends_condition_channels():
+    from cadiff.data.pipeline import LatentTransform
+
+    index = {"channel_mean": [1.0, 0.0], "channel_std": [2.0, 1.0], "conditioning": ["roi_mask", "flux"]}
+    mask = np.zeros((8, 8), bool)
+    mask[:4, :4] = True
+    latent = np.ones((2, 3, 4, 4), np.float32)
+    x = LatentTransform(index)(latent, {"source": "s", "roi_mask": C.encode_mask(mask), "flux": 10.0})
+    assert x.shape == (4, 3, 4, 4) and (x[0] == 0).all() and (x[1] == 1).all()
+    np.testing.assert_array_equal(x[2, 0], [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    assert np.allclose(x[3], C.flux_value(10.0))
+    assert np.isnan(LatentTransform(index)(latent, {"source": "s"})[2:]).all()
+    assert LatentTransform({**index, "conditioning": []})(latent, {"source": "s"}).shape == (2, 3, 4, 4)
+
+
+def test_train_latent_refuses_a_condition_the_latents_lack(tmp_path):
+    from cadiff.train.stage import check_conditions
+
+    cfg = compose("train_latent", ["model.cond_mask=true", "model.cond_flux=true"]).model
+    assert check_conditions(cfg, {"conditioning": ["roi_mask", "flux"]}, tmp_path) == ["roi_mask", "flux"]
+    with pytest.raises(ConfigError, match=r"'model.cond_mask' = true: latents.root .* carries no 'roi_mask'"):
+        check_conditions(cfg, {}, tmp_path)
+    with pytest.raises(ConfigError, match=r"'model.cond_flux' = true: .* no 'flux'"):
+        check_conditions(cfg, {"conditioning": ["roi_mask"]}, tmp_path)
+
+
+def test_sample_checks_requested_conditions_against_the_model(tmp_path):
+    from cadiff.inference.sample import requested_conditions
+
+    mask = np.zeros((16, 16), bool)
+    mask[:8, :8] = True
+    np.save(tmp_path / "m.npy", mask)
+    cfg = compose("sample", ["stage2=run", f"mask={tmp_path / 'm.npy'}", "flux=1.0"])
+    conditioned = model("model.cond_mask=true", "model.cond_flux=true")
+    got = requested_conditions(cfg, conditioned, (4, 4), 4)
+    assert got["flux"] == 0.5 and np.asarray(got["roi_mask"]).shape == (4, 4) and got["roi_mask"][0][0] == 1.0
+    with pytest.raises(DataError, match=r"m.npy: shape \(16, 16\), expected .* H, W = \(32, 32\)"):
+        requested_conditions(cfg, conditioned, (8, 8), 4)
+    with pytest.raises(ConfigError, match=r"'mask' = .*m.npy'.*trained without this condition \(model.cond_mask=false\)"):
+        requested_conditions(cfg, model(), (4, 4), 4)
+    flux_only = compose("sample", ["stage2=run", "flux=1.0"])
+    with pytest.raises(ConfigError, match=r"'flux' = 1.0: .*\(model.cond_flux=false\)"):
+        requested_conditions(flux_only, model("model.cond_mask=true"), (4, 4), 4)

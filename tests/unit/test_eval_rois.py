@@ -1,0 +1,72 @@
+"""Correlation-image ROI detector and IoU matcher: simulated cells are found, noise and empty fields give none."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cadiff.data.simulate import simulate_movie
+from cadiff.errors import DataError
+from cadiff.eval.rois import detect_rois, iou_matrix, match_rois
+
+
+def disk(shape: tuple[int, int], centre: tuple[int, int], radius: float) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_detector_finds_simulated_cells(seed):
+    movie, truth = simulate_movie("default", frames=400, height=64, width=64, seed=seed)
+    pred = detect_rois(movie.data)
+    score = match_rois(pred, truth.rois, iou=0.5)
+    print(f"ROI F1 (default preset, 400 frames, seed {seed}): {score}")
+    assert pred.dtype == bool and pred.shape[1:] == (64, 64)
+    assert score["n_true"] == len(truth.rois)
+    assert score["f1"] >= 0.75 and score["precision"] >= 0.8
+
+
+@pytest.mark.parametrize("frames", [20, 400])
+def test_pure_noise_gives_no_rois(frames):
+    noise = np.random.default_rng(frames).poisson(5.0, size=(frames, 64, 64)).astype(np.float32)
+    assert detect_rois(noise).shape == (0, 64, 64)
+
+
+@pytest.mark.parametrize("no_cells", [{"neuron_photons": 0.0}, {"num_neurons": 0}])
+def test_field_without_cells_gives_no_rois(no_cells):
+    # neuropil background with its slow drift and fluctuations but dark or no neurons: nothing to detect
+    movie, truth = simulate_movie("default", frames=300, height=48, width=48, seed=3, **no_cells)
+    assert len(detect_rois(movie.data)) == 0
+    assert match_rois(detect_rois(movie.data), truth.rois)["n_true"] == len(truth.rois)
+
+
+def test_match_counts_hits_at_iou_threshold():
+    a, b, c = disk((32, 32), (8, 8), 4), disk((32, 32), (20, 20), 4), disk((32, 32), (8, 10), 4)
+    true = np.stack([a, b])
+    assert match_rois(true, true) == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "n_pred": 2, "n_true": 2}
+    overlap = iou_matrix(c[None], a[None])[0, 0]
+    assert 0 < overlap < 1
+    shifted = match_rois(np.stack([c]), true, iou=overlap)  # exactly at the threshold: a hit
+    assert shifted["precision"] == 1.0 and shifted["recall"] == 0.5 and shifted["f1"] == pytest.approx(2 / 3)
+    assert match_rois(np.stack([c]), true, iou=min(1.0, overlap + 1e-6))["f1"] == 0.0
+    empty = np.zeros((0, 32, 32), bool)
+    assert match_rois(empty, true)["f1"] == 0.0 and match_rois(empty, empty)["n_pred"] == 0
+
+
+def test_one_to_one_matching():
+    a = disk((32, 32), (10, 10), 4)
+    result = match_rois(np.stack([a, a]), a[None])
+    assert result["precision"] == 0.5 and result["recall"] == 1.0
+
+
+def test_bad_inputs_name_the_argument():
+    with pytest.raises(DataError, match="pred.*expected bool masks"):
+        match_rois(np.zeros((2, 8, 8)), np.zeros((1, 8, 8), bool))
+    with pytest.raises(DataError, match=r"pred frame \(8, 8\) != true frame \(9, 9\)"):
+        match_rois(np.zeros((1, 8, 8), bool), np.zeros((1, 9, 9), bool))
+    with pytest.raises(DataError, match="iou=0"):
+        match_rois(np.zeros((1, 8, 8), bool), np.zeros((1, 8, 8), bool), iou=0)
+    with pytest.raises(DataError, match="detect_rois movie: shape"):
+        detect_rois(np.zeros((10, 8)))
+    with pytest.raises(DataError, match="footprint_fraction=1"):
+        detect_rois(np.zeros((10, 8, 8)), footprint_fraction=1)

@@ -1,0 +1,87 @@
+"""cadiff.bench.generation: summary keys, not-measured reasons, goal halves, results rendering (no training)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cadiff.bench import generation as g
+from cadiff.errors import ConfigError
+
+HEADLINE = {"mmd2": 0.05, "mmd2_split_half": 0.02, "gain_ratio": 0.95}
+LONG = {"seam_ratio": 1.2, "gain_drift": 0.08, "rollout_fps": 3.0}
+
+
+def test_summary_has_exactly_the_issue_keys_and_a_reason_for_every_null():
+    summary, reasons = g.summarize(HEADLINE, LONG, g.conditioning_metrics())
+    assert tuple(summary) == g.SUMMARY_KEYS
+    assert summary["mmd2"] == 0.05 and summary["rollout_fps"] == 3.0
+    assert set(reasons) == {"roi_f1", "null_rois", "gain_cond_max_err"} and "cond" in reasons["roi_f1"]
+    failed = {"reason": "the 257-frame sample job failed: boom"}
+    summary, reasons = g.summarize({**HEADLINE, "gain_ratio": float("nan")}, failed, g.conditioning_metrics())
+    assert summary["gain_ratio"] is None and reasons["gain_ratio"] == g.NOT_FINITE
+    assert summary["seam_ratio"] is None and reasons["seam_ratio"] == failed["reason"]
+
+
+def test_goals_check_each_half_separately():
+    summary, _ = g.summarize(HEADLINE, LONG, g.conditioning_metrics())
+    status = {(r["goal"], r["condition"]): r["status"] for r in g.goals(summary)}
+    assert status[("sample quality", "MMD^2 <= 2 x split-half MMD^2 (= 0.040)")] == "not met"  # 2.5x
+    negative = {**summary, "mmd2": 0.1, "mmd2_split_half": -0.0004}  # the unbiased split-half can be < 0
+    assert g.goals(negative)[0]["status"] == "not met" and g.goals({**negative, "mmd2": -0.001})[0]["status"] == "met"
+    assert status[("sample quality", "gain ratio in [0.9, 1.1]")] == "met"
+    assert status[("long movies", "seam ratio <= 1.5")] == "met"
+    assert status[("long movies", "gain drift < 5%")] == "not met"
+    assert status[("ROI masks", "null test: 0 detected ROIs")] == "not measured"
+
+
+def test_config_validation_names_the_option():
+    with pytest.raises(ConfigError, match="num_samples = 10: expected >= 64"):
+        g.validate(g.GenConfig(num_samples=10))
+    with pytest.raises(ConfigError, match="long_frames = 100: expected 1 \\+ k\\*4"):
+        g.validate(g.GenConfig(long_frames=100))
+    assert g.validate(g.GenConfig(**g.QUICK)).num_samples == 64
+
+
+def test_cli_bad_option_is_one_line_and_runs_nothing(tmp_path: Path, capsys):
+    assert g.main(["--quick", "--threads", "0", "--out", str(tmp_path / "r"), "--work", str(tmp_path / "w")]) == 2
+    assert capsys.readouterr().out == "generation: error: generation option threads = 0: expected >= 1 torch threads\n"
+    assert not any(tmp_path.iterdir())
+
+
+def test_flips_keep_every_clip_and_add_three_mirrors():
+    clips = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)
+    out = g.flips(clips)
+    assert out.shape == (8, 3, 4, 4)
+    np.testing.assert_array_equal(out[2:4], clips[:, :, ::-1])
+    np.testing.assert_array_equal(out[6:8], clips[:, :, ::-1, ::-1])
+
+
+def fake_result() -> dict:
+    summary, reasons = g.summarize(HEADLINE, LONG, g.conditioning_metrics())
+    row = {"sampler": "euler", "steps": 20, "nfe": 20, "dit_s_per_clip": 0.01, "decode_s_per_clip": 0.3,
+           "latent_mmd2": 0.01, **HEADLINE, "temporal_psd_distance_db": 0.5}
+    return {"summary": summary, "not_measured": reasons, "goals": g.goals(summary), "sampler_table": [row],
+            "long_movie": {**LONG, "num_frames": 257, "chunks": 21, "wall_s": 85.0, "gain_first": 480.0,
+                           "gain_last": 520.0, "calibrated_gain": 500.0, "files": ["sample_000.tif"], "seams": [16]},
+            "activity": {"held_out_truth": {"event_rate_hz": [0.3, 0.5], "amplitude_dff": [0.4]}, "held_out_rois": 2,
+                         "held_out_movies": 1, "not_measured": g.ROIS_REASON},
+            "training": {"ae": {"steps": 3, "final_loss": 1.0}, "dit": {"steps": 3, "final_loss": 1.0},
+                         "train_latents": 8},
+            "config": {**g.dataclasses.asdict(g.GenConfig(**g.QUICK))}, "timings": {"total_s": 60.0},
+            "held_out_clips": 4, "meta": {"cpus": 2, "torch": "x"}, "quick": True}
+
+
+def test_markdown_and_figures_render_from_a_result(tmp_path: Path):
+    res = fake_result()
+    rng = np.random.default_rng(0)
+    arrays = {"gen": rng.poisson(1.0, (8, 17, 8, 8)).astype(np.float32),
+              "ref": rng.poisson(1.0, (8, 17, 8, 8)).astype(np.float32),
+              "long": rng.poisson(1.0, (33, 8, 8)).astype(np.float32), "seams": [16]}
+    figures = g.write_figures(arrays, tmp_path / "generation")
+    assert figures == ["generation_samples.png", "generation_kymograph.png"]
+    assert all((tmp_path / f).stat().st_size > 0 for f in figures)
+    md = g.render_markdown(res, figures)
+    assert "| `roi_f1` | - | " + g.conditioning_metrics()["reason"] in md and "**not met**" in md and "not measured" in md
+    json.dumps(res)  # the result is plain JSON
