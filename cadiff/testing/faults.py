@@ -40,13 +40,16 @@ SNAPSHOT = RAY_SNAPSHOT  # Ray Train V2's record of registered checkpoints
 # reading a live run folder
 
 
-def metric_steps(run_dir: str | Path) -> list[int]:
-    """Steps in metrics.jsonl (a run folder or an object-store URI), in file order (a line being written is
-    skipped)."""
+def metric_records(run_dir: str | Path) -> list[dict]:
+    """Records of metrics.jsonl (a run folder or an object-store URI), in file order (a line being written is
+    skipped); none before the file exists."""
     path = storage.join(run_dir, "metrics.jsonl")
-    if not storage.is_file(path):
-        return []
-    return [int(r["step"]) for r in parse_jsonl(storage.read_text(path)) if "step" in r]
+    return parse_jsonl(storage.read_text(path)) if storage.is_file(path) else []
+
+
+def metric_steps(run_dir: str | Path) -> list[int]:
+    """Steps in metrics.jsonl (see :func:`metric_records`), in file order."""
+    return [int(r["step"]) for r in metric_records(run_dir) if "step" in r]
 
 
 def registered_step(run_dir: str | Path) -> int:
@@ -129,12 +132,14 @@ class WorkerKiller(threading.Thread):
         os.kill(victim.pid, signal.SIGKILL)
 
 
-def run_with_worker_kill(cmd: list[str], cwd: Path, run_dir: Path, env: dict[str, str] | None = None,
-                         timeout_s: float = 600) -> tuple[subprocess.CompletedProcess, dict | None]:
+def run_with_worker_kill(cmd: list[str], cwd: Path, run_dir: str | Path, env: dict[str, str] | None = None,
+                         timeout_s: float = 600, ready: Callable[[], bool] | None = None
+                         ) -> tuple[subprocess.CompletedProcess, dict | None]:
     """Run a job (its own local Ray: its raylet, hence its workers, descend from it) while a :class:`WorkerKiller`
-    SIGKILLs one of its Ray Train workers between two checkpoints; returns the finished job and the kill."""
+    SIGKILLs one of its Ray Train workers between two checkpoints (or once ``ready()``); returns the finished job
+    and the kill."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=env or job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    killer = WorkerKiller(proc.pid, run_dir)
+    killer = WorkerKiller(proc.pid, run_dir, ready=ready)
     killer.start()
     try:
         out, err = proc.communicate(timeout=timeout_s)
@@ -156,7 +161,7 @@ def assert_worker_restored(run_dir: Path, killed: dict, ckpt_every: int) -> None
     restarts = resumed_from(steps)
     assert len(restarts) == 1, f"expected one restart, steps {steps}, kill {killed}"
     assert restarts[0] >= killed["checkpoint"] > 0 and restarts[0] % ckpt_every == 0, (steps, killed)
-    losses = {int(r["step"]): r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}
+    losses = {int(r["step"]): r["loss"] for r in metric_records(run_dir) if "loss" in r}
     assert sorted(losses) == list(range(1, steps[-1] + 1)), f"a step logged no loss: {sorted(losses)}"
     assert all(math.isfinite(v) for v in losses.values()), losses
 

@@ -6,7 +6,6 @@ and no local run folder is created."""
 from __future__ import annotations
 
 import json
-import subprocess
 import uuid
 
 import psutil
@@ -15,7 +14,7 @@ import pytest
 from cadiff import storage
 from cadiff.runtime.exports import load_export
 from cadiff.testing.data import prepare_sim
-from cadiff.testing.faults import WorkerKiller, job_command, job_env, metric_steps, registered_step
+from cadiff.testing.faults import job_command, metric_steps, registered_step, run_with_worker_kill
 
 
 @pytest.mark.slow
@@ -31,23 +30,15 @@ def test_bucket_run_resumes_from_the_bucket_after_a_worker_kill(s3_bucket, tmp_p
                       "trainer.cpus_per_worker=0.5", f"data.root={data}", f"out_root={runs}", "run_name=r1",
                       f"trainer.max_steps={max_steps}", "trainer.log_every=1", "trainer.val_every=9",
                       "trainer.ckpt_every=3", "trainer.max_failures=1", "trainer.media_every=0")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # metrics reach the bucket with each checkpoint: kill once the first one is registered there
-    killer = WorkerKiller(proc.pid, run, ready=lambda: 0 < registered_step(run) < max_steps)
-    killer.start()
-    try:
-        out, err = proc.communicate(timeout=540)
-    finally:
-        killer.stop.set()
-        killer.join()
-        if proc.poll() is None:
-            proc.kill()
-            out, err = proc.communicate()
-    assert killer.killed is not None, f"no worker was killed (registered {registered_step(run)}): {err[-3000:]}"
-    assert proc.returncode == 0, out + err[-3000:]
+    done, killed = run_with_worker_kill(cmd, tmp_path, run, timeout_s=540,
+                                        ready=lambda: 0 < registered_step(run) < max_steps)
+    out, err = done.stdout, done.stderr
+    assert killed is not None, f"no worker was killed (registered {registered_step(run)}): {err[-3000:]}"
+    assert done.returncode == 0, out + err[-3000:]
     assert out.splitlines()[-1].startswith(f"cadiff train_ae: ok step={max_steps} ")
     assert out.splitlines()[-1].endswith(f"-> {run}")
-    assert not psutil.pid_exists(killer.killed["pid"]) or psutil.Process(killer.killed["pid"]).status() == "zombie"
+    assert not psutil.pid_exists(killed["pid"]) or psutil.Process(killed["pid"]).status() == "zombie"
     resumed = [line for line in (out + err).splitlines() if "resumed from" in line]
     assert resumed, f"the restarted workers did not resume a checkpoint: {err[-3000:]}"
     steps = metric_steps(run)
