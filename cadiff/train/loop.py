@@ -389,6 +389,8 @@ def _train(config: dict[str, Any], sync: Callable[[], Any] | None) -> None:
             reporter.report(metrics)
 
     _export(run, strategy, ema, step, last_metrics)
+    if run_report is not None:
+        run_report.refresh(step, last=True)  # the final report names the export written just now
     if writer is not None:
         writer.close()
 

@@ -89,6 +89,7 @@ def test_ddp_trains_exports_media_and_resumes_exactly(ray_cluster, sim_data_root
     still = sorted((run_dir / "media").glob("recon_step*.png"))[-1]
     report = (run_dir / "report.html").read_text()
     assert "step</td><td>4 of 4" in report and "Latent use and noise level" in report
+    assert "export</td><td>written" in report, "the final report was not refreshed after the export"
     assert base64.b64encode(still.read_bytes()).decode() in report
 
     # stopped at step 2, then re-running the same command resumes (never restarts) and ends where 4 steps end
