@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from cadiff import storage
 from cadiff.errors import CadiffError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -57,18 +57,13 @@ def shared_paths(cfg: Any, reads: Sequence[str] = (), writes: Sequence[str] = ()
     return found
 
 
-def is_uri(path: str) -> bool:
-    """``s3://...``, ``gs://...``, ``file://...``: a URI, not a path of this machine's filesystem."""
-    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path) is not None
-
-
 def check_cluster_paths(ray_cfg: Any, paths: Sequence[SharedPath]) -> None:
     """On an existing cluster, refuse a relative path: it would resolve in each node's own job working dir."""
     address = cluster_address(ray_cfg)
     if address is None:
         return
     for p in paths:
-        if not os.path.isabs(p.path) and not is_uri(p.path):
+        if not os.path.isabs(p.path) and not storage.is_uri(p.path):
             raise ConfigError(
                 f"config key '{p.key}' = {p.path!r}: expected an absolute path on storage every node mounts, since the "
                 f"job joins the Ray cluster at {address} (a submitted job runs in Ray's per-job working directory on "
@@ -78,7 +73,7 @@ def check_cluster_paths(ray_cfg: Any, paths: Sequence[SharedPath]) -> None:
 
 def probe_cluster_paths(ray_cfg: Any, paths: Sequence[SharedPath], timeout_s: float = PROBE_TIMEOUT_S) -> None:
     """On an existing cluster, one task per alive node reads/writes every path; CadiffError lists what failed."""
-    paths = [p for p in paths if not is_uri(p.path)]  # buckets: checked by the storage layer, not with file APIs
+    paths = [p for p in paths if not storage.is_uri(p.path)]  # buckets: checked by the storage layer, not with file APIs
     if cluster_address(ray_cfg) is None or not paths:
         return
     check_cluster_paths(ray_cfg, paths)

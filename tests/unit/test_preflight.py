@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from cadiff import storage
 from cadiff.config import RayConfig, compose
 from cadiff.errors import CadiffError, ConfigError
 from cadiff.runtime import preflight
@@ -127,4 +128,4 @@ def test_uris_are_not_relative_paths_and_not_probed(monkeypatch):
     buckets = [SharedPath("data.root", "s3://b/data"), SharedPath("out_root", "gs://b/out", write=True)]
     check_cluster_paths(RayConfig(address=ADDRESS), buckets)
     preflight.probe_cluster_paths(RayConfig(address=ADDRESS), buckets)
-    assert not preflight.is_uri("outputs/s3:/x") and preflight.is_uri("file:///mnt/shared")
+    assert not storage.is_uri("outputs/s3:/x") and storage.is_uri("file:///mnt/shared")
