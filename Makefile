@@ -3,7 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev
+EXTRAS ?= dev,judge
+# suite2p for `evaluate judge=suite2p`, installed without its cellpose dependency (pyproject.toml's judge extra says
+# why); the extra holds the dependencies it does need
+SUITE2P_SPEC ?= suite2p==0.14.6
 # TORCH_SPEC is split into words (a spec and pip options such as --index-url); the Dockerfile takes the same
 # TORCH_SPEC and EXTRAS build args with the same defaults (tests/unit/test_packaging.py)
 PYTEST_ARGS ?=
@@ -19,6 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --upgrade pip setuptools wheel
 	$(PY) -m pip install $(TORCH_SPEC)
 	$(PY) -m pip install -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --no-deps $(SUITE2P_SPEC)
 	touch $@
 
 setup: $(VENV)/.installed browser

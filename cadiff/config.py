@@ -32,6 +32,7 @@ CONF_MODULE = "cadiff.conf"
 
 
 CALIBRATIONS = ("auto", "photon_transfer", "dark", "none")  # source.calibration, cadiff.data.prepare.calibrate
+JUDGES = ("none", "suite2p")  # evaluate judge=, cadiff/eval/suite2p_judge.py
 
 
 @dataclass
@@ -397,6 +398,19 @@ class SampleConfig:
 
 
 @dataclass
+class Suite2pJudgeConfig:
+    """suite2p settings of ``judge=suite2p`` (cadiff/eval/suite2p_judge.py); the rest are suite2p's defaults."""
+
+    tau: float = 1.0  # indicator decay time (s): suite2p's default; 0.7 for GCaMP6f, 1.25-1.5 for GCaMP6s
+    spatial_scale: int = 1  # 1-4: cells of ~6/12/24/48 px (suite2p 0.14.6's own estimate fails under numpy 2)
+    threshold_scaling: float = 1.0  # suite2p's detection threshold factor: > 1 fewer ROIs, < 1 more
+    max_movies: int = 8  # per set, the first ones by file name
+    min_frames: int = 100  # shorter movies are refused (suite2p bins ~tau x rate frames and needs many bins)
+    iou: float = 0.5  # ground-truth matching threshold (Neurofinder convention)
+    nonrigid: bool = False  # suite2p's block-wise registration (needs fields of several 128-px blocks)
+
+
+@dataclass
 class EvaluateConfig:
     gen: str = "outputs/samples/default"
     ref: str = "outputs/data/sim"
@@ -410,6 +424,10 @@ class EvaluateConfig:
     clip_width: Optional[int] = None
     hdf5_key: str = "data"  # dataset key of HDF5 movies
     seed: int = 0
+    # none | suite2p: also run suite2p's ROI detection on the whole movies of both sets and compare ROI density,
+    # size and SNR (F1 against ground truth where the movies have it); needs the judge extra
+    judge: str = "none"
+    suite2p: Suite2pJudgeConfig = field(default_factory=Suite2pJudgeConfig)
     verbose: bool = False
 
 
@@ -965,6 +983,15 @@ def validate_evaluate(cfg: Any) -> None:
         v = getattr(cfg, k)
         _require(v is None or v >= least, k, v, f">= {least} or null")
     _require(bool(cfg.gen) and bool(cfg.ref) and bool(cfg.out), "gen/ref/out", (cfg.gen, cfg.ref, cfg.out), "three paths")
+    _choice("judge", cfg.judge, JUDGES)
+    s2p = cfg.suite2p
+    _require(s2p.tau > 0, "suite2p.tau", s2p.tau, "> 0 seconds")
+    _require(1 <= s2p.spatial_scale <= 4, "suite2p.spatial_scale", s2p.spatial_scale,
+             "1-4 (cells ~6/12/24/48 px; suite2p's automatic 0 fails under numpy 2)")
+    _require(s2p.threshold_scaling > 0, "suite2p.threshold_scaling", s2p.threshold_scaling, "> 0")
+    _require(s2p.max_movies >= 1, "suite2p.max_movies", s2p.max_movies, ">= 1")
+    _require(s2p.min_frames >= 20, "suite2p.min_frames", s2p.min_frames, ">= 20")
+    _require(0 < s2p.iou <= 1, "suite2p.iou", s2p.iou, "in (0, 1]")
 
 
 def validate_export(cfg: Any) -> None:

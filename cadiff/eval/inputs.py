@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 MOVIE_SUFFIXES = (".tif", ".tiff", ".h5", ".hdf5")
 CALIBRATION_FILE = "samples.json"
 INDEX_FILE = "index.json"
+# jobs/export.py's manifest (cadiff/data/export.py MANIFEST_NAME) and the folder of its TIFF movies + truth .npz
+EXPORT_MANIFEST = "export.json"
+EXPORT_MOVIES = "tiff"
 # Calibration records that carry a frame rate someone wrote down (a TIFF without one gets a reader default)
 RECORDED_ORIGINS = (CALIBRATION_FILE, "index")
 # Frames used to estimate an unknown calibration: photon transfer converges long before this on 64x64 fields.
@@ -244,6 +247,13 @@ def _opt_float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
+def movie_root(root: Path) -> Path:
+    """Where a set's movies are: an export folder's (jobs/export.py) ``tiff/``, else ``root`` itself."""
+    if root.is_dir() and (root / EXPORT_MANIFEST).is_file() and (root / EXPORT_MOVIES).is_dir():
+        return root / EXPORT_MOVIES
+    return root
+
+
 def movie_files(root: Path) -> list[Path]:
     """TIFF/HDF5 movies in a folder (top level, sorted), or the file itself."""
     if root.is_file():
@@ -340,6 +350,7 @@ def _load_movies(
     hdf5_key: str,
     estimate: bool,
 ) -> ClipSet:
+    root = movie_root(root)
     files = movie_files(root)
     if not files:
         raise DataError(f"{root}: no {'/'.join(MOVIE_SUFFIXES)} movies and no {INDEX_FILE}, expected a shard folder or movies")

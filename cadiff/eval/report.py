@@ -18,9 +18,11 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from cadiff.config import Suite2pJudgeConfig, to_dict
 from cadiff.errors import DataError
 from cadiff.eval.inputs import common_shape, crop_sets, load_set, modal_shape, resolve_calibration
 from cadiff.eval.metrics import MIN_FRAMES, MIN_SIDE, SetSummary, compare_sets, summarize_set
+from cadiff.eval.suite2p_judge import judge_suite2p, require_suite2p
 from cadiff.io import write_json_atomic, write_text_atomic
 from cadiff.report_html import Document, save_png
 
@@ -33,6 +35,7 @@ FIGURES = {
     "histogram": "histogram.png",
     "gain_fit": "gain_fit.png",
 }
+SUITE2P_FIGURE = "suite2p.png"
 COLORS = {"gen": "tab:red", "ref": "tab:blue"}
 # Clips whose photon-transfer points are drawn in the gain-fit figure (more only overplots).
 GAIN_FIT_CLIPS = 8
@@ -51,8 +54,15 @@ def evaluate_folders(
     seed: int = 0,
     clip_shape: tuple[int, int, int] | None = None,
     hdf5_key: str = "data",
+    judge: str = "none",
+    suite2p: Suite2pJudgeConfig | None = None,
 ) -> dict[str, Any]:
-    """Compare the generated set ``gen`` with the reference ``ref``; write every output into ``out``."""
+    """Compare the generated set ``gen`` with the reference ``ref``; write every output into ``out``.
+
+    ``judge="suite2p"`` adds ``metrics["suite2p"]`` (:mod:`cadiff.eval.suite2p_judge`) on the sets' whole movies.
+    """
+    if judge == "suite2p":
+        require_suite2p()  # before minutes of pixel metrics
     gen_set = load_set(gen, None, max_clips, seed, clip_shape, hdf5_key, estimate_missing=False)
     ref_set = load_set(ref, ref_split, max_clips, seed, clip_shape or modal_shape(gen_set), hdf5_key)
     # generated movies are meant to be in the reference's units: borrow its calibration when it has exactly one
@@ -82,6 +92,9 @@ def evaluate_folders(
         figures={k: v for k, v in FIGURES.items() if units == "photons" or k != "gain_fit"},
     )
     out = Path(out)
+    if judge == "suite2p":
+        metrics["suite2p"] = judge_suite2p(gen, ref, out, suite2p or Suite2pJudgeConfig(), hdf5_key)
+        metrics["figures"]["suite2p"] = SUITE2P_FIGURE
     document = report_document(metrics, write_figures(out, gen_summary, ref_summary, metrics))
     write_text_atomic(out / "report.md", document.markdown())
     document.write_html(out / "report.html")
@@ -107,6 +120,8 @@ def evaluate_config(cfg: Any) -> dict[str, Any]:
         seed=cfg.seed,
         clip_shape=clip_shape,
         hdf5_key=cfg.hdf5_key,
+        judge=cfg.judge,
+        suite2p=Suite2pJudgeConfig(**to_dict(cfg.suite2p)),
     )
 
 
@@ -114,10 +129,18 @@ def summary_line(metrics: dict[str, Any]) -> str:
     """The job's key results, e.g. ``gain_ratio=0.98 mmd=0.0100 mmd_baseline=0.0020 clips=4/16``."""
     mmd = metrics["mmd"]
     units = " units=raw" if metrics["units"] == "raw" else ""
-    return (
+    line = (
         f"gain_ratio={_fmt(metrics['noise']['gain_ratio'], 3)}{units} mmd={_fmt(mmd['mmd2'], 4)} "
         f"mmd_baseline={_fmt(mmd['baseline_mmd2'], 4)} clips={mmd['num_gen']}/{mmd['num_ref']}"
     )
+    s2p = metrics.get("suite2p")
+    if s2p:
+        line += (f" suite2p_rois={s2p['gen']['rois']}/{s2p['ref']['rois']} "
+                 f"density_ratio={_fmt(s2p['compare']['density_ratio'])}")
+        truth = s2p["ref"]["truth"]
+        if truth:
+            line += f" suite2p_ref_f1={_fmt(truth['f1'])}"
+    return line
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -206,6 +229,27 @@ def _gain_fit(gen: SetSummary, ref: SetSummary, metrics: dict[str, Any]) -> Figu
     return fig
 
 
+def _suite2p_figure(s2p: dict[str, Any]) -> Figure:
+    fig = Figure(figsize=(14, 4), layout="constrained")
+    ax_d, ax_s, ax_n = fig.subplots(1, 3)
+    labels = {"gen": "generated", "ref": "reference"}
+    densities = [s2p[k]["density_per_10k_px"] or 0.0 for k in ("gen", "ref")]
+    ax_d.bar([labels["gen"], labels["ref"]], densities, color=[COLORS["gen"], COLORS["ref"]])
+    ax_d.set(ylabel="ROIs per 10,000 px", title=f"ROI density (ratio {_fmt(s2p['compare']['density_ratio'])})")
+    for ax, key, name, unit in ((ax_s, "sizes", "size", "pixels"), (ax_n, "snrs", "SNR", "p99 above median / noise")):
+        values = [np.asarray(s2p[key][k]) for k in ("gen", "ref")]
+        pooled = np.concatenate(values)
+        bins = np.linspace(pooled.min(), pooled.max() + 1e-9, 30) if pooled.size else 10
+        for k, v in zip(("gen", "ref"), values):
+            if v.size:
+                ax.hist(v, bins=bins, density=True, histtype="step", color=COLORS[k], label=f"{labels[k]} ({v.size})")
+        ax.set(xlabel=unit, ylabel="density",
+               title=f"ROI {name} (KS {_fmt(s2p['compare'][('size' if key == 'sizes' else 'snr') + '_ks'])})")
+        if pooled.size:
+            ax.legend()
+    return fig
+
+
 def write_figures(out: Path, gen: SetSummary, ref: SetSummary, metrics: dict[str, Any]) -> dict[str, bytes]:
     """Side-by-side PNGs: mean image, correlation image, spectra + ACF, histograms, photon-transfer fit (the ones
     ``metrics["figures"]`` lists). Returns each figure's PNG bytes by key (for the HTML report)."""
@@ -217,6 +261,7 @@ def write_figures(out: Path, gen: SetSummary, ref: SetSummary, metrics: dict[str
         "spectra": lambda: _spectra(gen, ref, metrics),
         "histogram": lambda: _histogram(gen, ref, metrics),
         "gain_fit": lambda: _gain_fit(gen, ref, metrics),
+        "suite2p": lambda: _suite2p_figure(metrics["suite2p"]),
     }
     return {key: save_png(figures[key](), out / fname, dpi=110, tight=True) for key, fname in metrics["figures"].items()}
 
@@ -244,6 +289,7 @@ FIGURE_CAPTIONS = {
     "spectra": "Temporal PSD, spatial PSD and temporal autocorrelation (set means)",
     "histogram": "Pixel intensity histograms",
     "gain_fit": "Photon transfer: per-pixel variance vs mean with the fitted lines",
+    "suite2p": "suite2p ROIs: density, size and SNR distributions (all ROIs of every judged movie)",
 }
 
 
@@ -270,10 +316,40 @@ def report_document(metrics: dict[str, Any], figures: dict[str, bytes]) -> Docum
     doc.table(["metric", "generated", "reference", "difference"], _metric_rows(metrics))
     doc.paragraph(f"MMD features ({len(mmd['feature_names'])}, z-scored over both sets): "
                   f"{', '.join(mmd['feature_names'])}; kernel bandwidth {_fmt(mmd['bandwidth'])}.")
+    if metrics.get("suite2p"):
+        _suite2p_section(doc, metrics["suite2p"])
     doc.heading("Figures")
     for key, fname in metrics["figures"].items():
         doc.heading(FIGURE_CAPTIONS[key], 3).figure(figures[key], key, filename=fname)
     return doc
+
+
+def _suite2p_section(doc: Document, s2p: dict[str, Any]) -> None:
+    """The suite2p judge's table: per-set ROI figures, their comparison, F1 against ground truth where known."""
+    gen, ref, cmp_ = s2p["gen"], s2p["ref"], s2p["compare"]
+    settings = s2p["settings"]
+    doc.heading("suite2p judge")
+    doc.paragraph(f"suite2p's functional ROI detection on {gen['movies']} generated and {ref['movies']} reference "
+                  f"movies (tau {settings['tau']} s, spatial_scale {settings['spatial_scale']}, threshold_scaling "
+                  f"{settings['threshold_scaling']}); sizes and SNRs are compared by the two-sample KS statistic "
+                  "(0: same distribution, 1: disjoint).")
+
+    def truth(summary: dict[str, Any]) -> str:
+        t = summary["truth"]
+        return "no ground truth" if not t else f"{_fmt(t['f1'])} (P {_fmt(t['precision'])}, R {_fmt(t['recall'])}, {t['n_true']} true)"
+
+    rows = [
+        _row("ROIs (cells by suite2p's classifier)", f"{gen['rois']} ({gen['cells']})", f"{ref['rois']} ({ref['cells']})"),
+        _row("ROIs per 10,000 px", gen["density_per_10k_px"], ref["density_per_10k_px"], cmp_["density_ratio"]),
+        _row("ROI size median (px)", gen["size_px"]["median"], ref["size_px"]["median"], cmp_["size_median_ratio"]),
+        _row("ROI SNR median", gen["snr"]["median"], ref["snr"]["median"], cmp_["snr_median_ratio"]),
+        _set_row("ROI size KS statistic", cmp_["size_ks"]),
+        _set_row("ROI size KS, reference even vs odd movies", cmp_["size_ks_baseline"]),
+        _set_row("ROI SNR KS statistic", cmp_["snr_ks"]),
+        _set_row("ROI SNR KS, reference even vs odd movies", cmp_["snr_ks_baseline"]),
+        [f"F1 vs ground truth (IoU >= {settings['iou']:g})", truth(gen), truth(ref), ""],
+    ]
+    doc.table(["metric", "generated", "reference", "ratio gen/ref or distance"], rows)
 
 
 def _verdicts(metrics: dict[str, Any]) -> tuple[str, str, str]:

@@ -124,7 +124,7 @@ def _as_masks(masks: np.ndarray, name: str) -> np.ndarray:
 
 
 def match_rois(pred: np.ndarray, true: np.ndarray, iou: float = 0.5) -> dict[str, float | int]:
-    """One-to-one IoU matching (Hungarian) of ``pred`` to ``true`` masks: precision, recall, f1, n_pred, n_true."""
+    """One-to-one IoU matching (Hungarian) of ``pred`` to ``true`` masks: precision, recall, f1, hits, n_pred, n_true."""
     pred, true = _as_masks(pred, "pred"), _as_masks(true, "true")
     if pred.shape[1:] != true.shape[1:]:
         raise DataError(f"match_rois: pred frame {pred.shape[1:]} != true frame {true.shape[1:]}, expected equal H, W")
@@ -138,4 +138,5 @@ def match_rois(pred: np.ndarray, true: np.ndarray, iou: float = 0.5) -> dict[str
     precision = hits / len(pred) if len(pred) else 0.0
     recall = hits / len(true) if len(true) else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1, "n_pred": int(len(pred)), "n_true": int(len(true))}
+    return {"precision": precision, "recall": recall, "f1": f1, "hits": hits, "n_pred": int(len(pred)),
+            "n_true": int(len(true))}

@@ -43,7 +43,7 @@ def test_field_without_cells_gives_no_rois(no_cells):
 def test_match_counts_hits_at_iou_threshold():
     a, b, c = disk((32, 32), (8, 8), 4), disk((32, 32), (20, 20), 4), disk((32, 32), (8, 10), 4)
     true = np.stack([a, b])
-    assert match_rois(true, true) == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "n_pred": 2, "n_true": 2}
+    assert match_rois(true, true) == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "hits": 2, "n_pred": 2, "n_true": 2}
     overlap = iou_matrix(c[None], a[None])[0, 0]
     assert 0 < overlap < 1
     shifted = match_rois(np.stack([c]), true, iou=overlap)  # exactly at the threshold: a hit

@@ -70,13 +70,13 @@ def dockerfile() -> str:
 
 def test_dockerfile_defaults_match_the_makefile(makefile, dockerfile):
     make, docker = makefile_defaults(makefile), dockerfile_args(dockerfile)
-    for name in ("TORCH_SPEC", "EXTRAS"):
+    for name in ("TORCH_SPEC", "EXTRAS", "SUITE2P_SPEC"):
         assert docker.get(name) == make.get(name), (name, docker.get(name), make.get(name))
 
 
 def test_dockerfile_install_steps_match_the_makefile(makefile, dockerfile):
     expected = [["install", "--upgrade", "pip", "setuptools", "wheel"], ["install", "${TORCH_SPEC}"],
-                ["install", "-e", ".[${EXTRAS}]"]]
+                ["install", "-e", ".[${EXTRAS}]"], ["install", "--no-deps", "${SUITE2P_SPEC}"]]
     assert makefile_install_steps(makefile) == expected
     assert dockerfile_install_steps(dockerfile) == expected
     # a TORCH_SPEC with `--index-url ...` must reach pip as separate words in both
@@ -84,9 +84,9 @@ def test_dockerfile_install_steps_match_the_makefile(makefile, dockerfile):
 
 
 def test_install_step_parsers_are_not_vacuous(makefile, dockerfile):
-    assert makefile_install_steps(makefile.replace('".[$(EXTRAS)]"', '".[dev,gpu]"'))[-1] == ["install", "-e", ".[dev,gpu]"]
+    assert makefile_install_steps(makefile.replace('".[$(EXTRAS)]"', '".[dev,gpu]"'))[-2] == ["install", "-e", ".[dev,gpu]"]
     reordered = dockerfile.replace("pip install --no-cache-dir $TORCH_SPEC \\", "true \\")
-    assert len(dockerfile_install_steps(reordered)) == 2
+    assert len(dockerfile_install_steps(reordered)) == 3
     assert dockerfile_args('ARG TORCH_SPEC="torch==9"\nARG EXTRAS=""\n') == {"TORCH_SPEC": "torch==9", "EXTRAS": ""}
     assert not unquoted_variable('pip install "$(TORCH_SPEC)"', "TORCH_SPEC")
 
