@@ -375,8 +375,8 @@ class SampleConfig:
     seed: int = 0
     latent_sampler: str = "euler"
     latent_steps: int = 20
-    # ROI map for a model trained with model.cond_mask: .npy/.tif [H, W] or [N, H, W] (non-zero = ROI), or a
-    # Neurofinder regions.json, at the sample's frame size
+    # ROI map for a model trained with model.cond_mask: .npy/.tif [H, W] or [N, H, W] (non-zero = ROI), the
+    # ground truth .npz of a jobs/export.py movie ('rois'), or a Neurofinder regions.json, at the sample's frame size
     mask: Optional[str] = None
     flux: Optional[float] = None  # mean photons per pixel per frame, for a model trained with model.cond_flux
     guidance_scale: float = 1.0  # classifier-free guidance: 1 conditional, 0 unconditional, > 1 stronger pull

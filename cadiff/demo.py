@@ -27,6 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 # frames gave 33, and the DiT ended at train loss 1.0 against val loss 2.5. Simulating them costs ~0.3 s a movie.
 SIM_MOVIES, SIM_FRAMES = 48, 119
 LONG_FRAMES = 257  # the long movie: 1 + 64 x 4 frames (ae_tiny's temporal downsample), 25.7 s at the sim's 10 Hz
+# The mask-conditioned sample asks for the cells of a simulated movie the models never saw (prepare_data simulates
+# seeds 0..SIM_MOVIES-1): jobs/export.py writes its ground truth, whose `rois` the sample job reads as its mask.
+MASK_SEED = 1000
+MASK_GUIDANCE = 2.0
 
 
 def demo_steps(out: Path, ae_steps: int, dit_steps: int, num_samples: int, workers: int,
@@ -42,19 +46,27 @@ def demo_steps(out: Path, ae_steps: int, dit_steps: int, num_samples: int, worke
         ("encode_latents", [f"stage1={runs}/train_ae/{name}", f"data.root={data}", f"out={latents}",
                             "overwrite=true"]),
         ("train_latent", ["experiment=dit_tiny", f"latents.root={latents}", f"run_name={name}", f"out_root={runs}",
-                          f"trainer.max_steps={dit_steps}", f"trainer.num_workers={workers}", "strategy=ddp"]),
+                          f"trainer.max_steps={dit_steps}", f"trainer.num_workers={workers}", "strategy=ddp",
+                          "model.cond_mask=true"]),
         ("sample", [f"stage2={runs}/train_latent/{name}", f"num_samples={num_samples}", "seed=0", f"out={out / 'samples'}",
                     "overwrite=true"]),
         ("evaluate", [f"gen={out / 'samples'}", f"ref={data}", f"out={out / 'eval'}"]),
         ("sample", [f"stage2={runs}/train_latent/{name}", "num_samples=1", f"num_frames={LONG_FRAMES}", "seed=0",
                     f"out={out / 'samples_long'}", "overwrite=true"]),
-        # HOOK (branch `cond`, issue 13 item 3): once jobs/sample.py takes mask=, the mask-conditioned sample step
-        # goes here (one sample of a val movie's ground-truth ROI mask with guidance_scale=2 into
-        # out/samples_mask, its GIF/MP4 written by the sample job) and run_demo prints its path.
+        ("export", ["source=sim", f"source.seed={MASK_SEED}", "source.num_movies=1", f"source.frames={SIM_FRAMES}",
+                    "formats=[tiff]", f"out={out / 'mask_source'}", "overwrite=true"]),
+        ("sample", [f"stage2={runs}/train_latent/{name}", "num_samples=1", "seed=0",
+                    f"mask={mask_file(out)}", f"guidance_scale={MASK_GUIDANCE}", f"out={out / 'samples_mask'}",
+                    "overwrite=true"]),
     ]
     if run_name is None:
         return demo_steps(out, ae_steps, dit_steps, num_samples, workers, f"demo-{config_tag(steps)}")
     return steps
+
+
+def mask_file(out: Path) -> Path:
+    """The ground truth of the mask source movie (jobs/export.py names movie 0 ``sim-000``)."""
+    return out / "mask_source" / "tiff" / "sim-000.npz"
 
 
 def config_tag(steps: list[tuple[str, list[str]]]) -> str:
@@ -103,6 +115,7 @@ def run_demo(out: Path, ae_steps: int, dit_steps: int, num_samples: int, workers
     print(f"[demo] done in {time.monotonic() - t_all:.0f}s", flush=True)
     print(f"[demo] samples (TIFF/GIF/MP4): {out / 'samples'}", flush=True)
     print(f"[demo] long movie, {LONG_FRAMES} frames (TIFF/GIF/MP4): {out / 'samples_long'}", flush=True)
+    print(f"[demo] sample for the cells of {mask_file(out)} (TIFF/GIF/MP4): {out / 'samples_mask'}", flush=True)
     print("[demo] reports (self-contained HTML, open in a browser):", flush=True)
     for label, path in report_paths(steps):
         print(f"[demo]   {label:<15} {path}", flush=True)

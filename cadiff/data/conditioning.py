@@ -32,7 +32,9 @@ MASK_KEY, FLUX_KEY = CONDITIONS
 # Mean photons per pixel per frame embedded over 1e-3..1e3: the two_photon preset (~0.16) and bright one-photon
 # data (tens of photons) sit well inside; outside values are refused at sample time.
 LOG10_FLUX_RANGE = (-3.0, 3.0)
-MASK_SUFFIXES = (".npy", ".tif", ".tiff", ".json")
+MASK_SUFFIXES = (".npy", ".npz", ".tif", ".tiff", ".json")
+# the ground-truth ROIs [N, H, W] of a jobs/export.py movie (tiff/<id>.npz, cadiff/data/export.py)
+NPZ_MASK_KEY = "rois"
 
 
 def encode_mask(mask: np.ndarray) -> dict[str, Any]:
@@ -122,6 +124,15 @@ def _mask_array(path: Path, frame_shape: tuple[int, int]) -> np.ndarray:
         except (OSError, ValueError) as exc:
             raise DataError(f"mask file {path}: not a readable .npy array ({type(exc).__name__}); expected a numeric "
                             "or boolean array written by numpy.save") from exc
+    if suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                if NPZ_MASK_KEY not in npz.files:
+                    raise DataError(f"mask file {path}: no '{NPZ_MASK_KEY}' array (has {sorted(npz.files)}); expected "
+                                    "the ground truth of a jobs/export.py movie (tiff/<id>.npz)")
+                return np.asarray(npz[NPZ_MASK_KEY])
+        except (OSError, ValueError) as exc:
+            raise DataError(f"mask file {path}: not a readable .npz archive ({type(exc).__name__})") from exc
     import tifffile
 
     try:
@@ -144,11 +155,12 @@ def _check_regions_inside(path: Path, frame_shape: tuple[int, int]) -> None:
 
 def load_mask(path: str | Path, frame_shape: tuple[int, int]) -> np.ndarray:
     """User ROI mask -> bool ``[H, W]``: a ``.npy``/``.tif`` map ``[H, W]`` or stack ``[N, H, W]`` (non-zero is
-    inside), or a Neurofinder ``regions.json``; its frame must equal the sample's ``frame_shape`` exactly."""
+    inside), the ``rois`` of a ``jobs/export.py`` ground-truth ``.npz``, or a Neurofinder ``regions.json``; its
+    frame must equal the sample's ``frame_shape`` exactly."""
     path = Path(path)
     if path.suffix.lower() not in MASK_SUFFIXES:
         raise DataError(f"mask file {path}: suffix {path.suffix!r}, expected one of {list(MASK_SUFFIXES)} "
-                        "(an [H, W] or [N, H, W] map, or a Neurofinder regions.json)")
+                        "(an [H, W] or [N, H, W] map, an export's ground-truth .npz, or a Neurofinder regions.json)")
     if not path.is_file():
         raise DataError(f"mask file {path}: not found; expected an existing {path.suffix} file")
     array = np.asarray(_mask_array(path, frame_shape))

@@ -245,7 +245,8 @@ def test_load_mask_formats(tmp_path):
     np.save(tmp_path / "stack.npy", np.stack([m, m.T]).astype(np.uint8))
     tifffile.imwrite(tmp_path / "m.tif", m.astype(np.uint8) * 255)
     (tmp_path / "regions.json").write_text(json.dumps([{"coordinates": np.argwhere(m).tolist()}]))
-    for name in ("m.npy", "m.tif", "regions.json"):
+    np.savez(tmp_path / "truth.npz", rois=np.stack([m, np.zeros_like(m)]), spikes=np.zeros((2, 5)))
+    for name in ("m.npy", "m.tif", "regions.json", "truth.npz"):
         np.testing.assert_array_equal(C.load_mask(tmp_path / name, (16, 16)), m)
     np.testing.assert_array_equal(C.load_mask(tmp_path / "stack.npy", (16, 16)), m | m.T)
 
@@ -258,7 +259,11 @@ def test_load_mask_errors_name_the_file(tmp_path):
     (tmp_path / "bad.tif").write_bytes(b"not a tiff")
     (tmp_path / "regions.json").write_text("{oops")
     (tmp_path / "outside.json").write_text(json.dumps([{"coordinates": [[1, 1], [20, 3]]}]))
+    np.savez(tmp_path / "norois.npz", spikes=np.zeros((2, 5)))
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
     cases = {
+        "norois.npz": r"norois.npz: no 'rois' array \(has \['spikes'\]\); expected the ground truth of a jobs/export.py",
+        "bad.npz": r"bad.npz: not a readable .npz",
         "small.npy": r"small.npy: shape \(8, 8\), expected \[H, W\] or \[N, H, W\] with H, W = \(16, 16\)",
         "nan.npy": r"nan.npy: dtype float64, expected finite",
         "str.npy": r"str.npy: dtype <U1, expected finite",

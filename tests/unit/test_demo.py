@@ -54,3 +54,18 @@ def test_demo_feeds_the_dit_enough_movies_split_by_movie_and_writes_a_long_movie
     long = [ov for job, ov in steps if job == "sample" and any(o.startswith("num_frames=") for o in ov)]
     assert len(long) == 1 and f"num_frames={demo.LONG_FRAMES}" in long[0] and demo.LONG_FRAMES >= 257
     assert compose("sample", long[0]).num_frames == demo.LONG_FRAMES  # a valid 1 + k*s_t override
+
+
+def test_demo_trains_a_mask_conditioned_dit_and_samples_the_cells_of_an_unseen_movie(tmp_path: Path):
+    from cadiff.config import compose
+
+    steps = demo.demo_steps(tmp_path, 3, 3, 1, 2, run_name="r")
+    jobs = [job for job, _ in steps]
+    assert compose("train_latent", dict(steps)["train_latent"]).model.cond_mask
+    export = compose("export", dict(steps)["export"])
+    assert export.source.seed >= compose("prepare_data", dict(steps)["prepare_data"]).source.num_movies  # unseen
+    masked = [ov for job, ov in steps if job == "sample" and any(o.startswith("mask=") for o in ov)]
+    assert len(masked) == 1 and jobs.index("export") < len(jobs) - 1 - jobs[::-1].index("sample")
+    cfg = compose("sample", masked[0])
+    assert cfg.mask == str(demo.mask_file(tmp_path)) and cfg.guidance_scale > 1
+    assert str(demo.mask_file(tmp_path)).startswith(export.out)
