@@ -8,6 +8,9 @@ figures on the demo's samples.
 2. **Demo samples.** When ``make demo`` has run, its long sample (``outputs/demo/samples_long``) is judged
    against freshly simulated movies of the demo's settings (the `default` preset, the sample's length and size):
    ROI density ratio, size and SNR KS statistics with the reference's even/odd-movie baseline.
+3. **Demo mask sample.** ``make demo``'s mask-conditioned long sample (``outputs/demo/samples_mask``) asked for the
+   ground-truth cells of an exported simulated movie (``outputs/demo/mask_source``): suite2p and the
+   correlation-image detector on the sample and on that movie, matched to the requested ROIs (issue 13's ROI F1).
 
 ``python benchmarks/suite2p_judge.py [--quick]`` -> ``benchmarks/results/suite2p_judge.{json,md}``.
 """
@@ -25,6 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from cadiff.config import Suite2pJudgeConfig
 from cadiff.data.simulate import simulate_movie
@@ -44,7 +49,11 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results"
-DEMO_SAMPLES = REPO / "outputs" / "demo" / "samples_long"
+DEMO = REPO / "outputs" / "demo"
+DEMO_SAMPLES = DEMO / "samples_long"
+# make demo's mask-conditioned long sample and the simulated movie whose ground-truth cells it asked for
+DEMO_MASK_SAMPLES = DEMO / "samples_mask"
+DEMO_MASK_SOURCE = DEMO / "mask_source"
 
 
 @dataclass(frozen=True)
@@ -116,11 +125,32 @@ def run_demo(samples: Path, work: Path, tau: float) -> dict[str, Any]:
             "compare": compare_detections(gen_sum, ref_sum, gen_det, ref_det)}
 
 
+def run_demo_mask(samples: Path, source: Path, work: Path, tau: float) -> dict[str, Any]:
+    """ROI recovery of make demo's mask-conditioned sample: suite2p and the correlation-image detector on the sample
+    and on the simulated movie that defined the mask, each matched to the requested (ground-truth) ROIs."""
+    from cadiff.eval.rois import detect_rois, match_rois
+
+    settings = Suite2pJudgeConfig(tau=tau)
+    truth_movie = load_judge_movies(source, 1, settings.min_frames)[0]
+    if truth_movie.truth is None:
+        raise DataError(f"{source}: no ground-truth .npz beside {truth_movie.name}, expected a jobs/export.py folder")
+    sample = load_judge_movies(samples, 1, settings.min_frames, fallback_rate_hz=truth_movie.rate_hz)[0]
+    if sample.frames.shape[1:] != truth_movie.frames.shape[1:]:
+        raise DataError(f"{samples}: frame {sample.frames.shape[1:]} != mask frame {truth_movie.frames.shape[1:]}")
+    sample.truth = truth_movie.truth  # the requested ROIs
+    result = {"samples": str(samples), "source": str(source), "requested_rois": int(len(truth_movie.truth))}
+    for key, movie in (("sample", sample), ("source", truth_movie)):
+        det = detect_set([movie], settings, work / f"mask-{key}")[0]
+        result[f"{key}_suite2p"] = match_rois(det.masks, movie.truth, settings.iou)
+        result[f"{key}_corr"] = match_rois(detect_rois(movie.frames.astype(np.float32)), movie.truth, settings.iou)
+    return result
+
+
 def best(rows: list[dict[str, Any]], preset: str) -> dict[str, Any]:
     return max((r for r in rows if r["preset"] == preset), key=lambda r: r["f1"])
 
 
-def summarize(rows: list[dict[str, Any]], demo: dict[str, Any] | None) -> dict[str, Any]:
+def summarize(rows: list[dict[str, Any]], demo: dict[str, Any] | None, mask: dict[str, Any] | None) -> dict[str, Any]:
     tp, df = best(rows, "two_photon"), best(rows, "default")
     cmp_ = demo["compare"] if demo else {}
     return {
@@ -130,6 +160,9 @@ def summarize(rows: list[dict[str, Any]], demo: dict[str, Any] | None) -> dict[s
         "demo_size_ks_baseline": cmp_.get("size_ks_baseline"), "demo_snr_ks": cmp_.get("snr_ks"),
         "demo_snr_ks_baseline": cmp_.get("snr_ks_baseline"),
         "demo_ref_f1": demo["ref"]["truth"]["f1"] if demo else None,
+        "demo_mask_f1": mask["sample_suite2p"]["f1"] if mask else None,
+        "demo_mask_source_f1": mask["source_suite2p"]["f1"] if mask else None,
+        "demo_mask_corr_f1": mask["sample_corr"]["f1"] if mask else None,
     }
 
 
@@ -176,6 +209,22 @@ def render_markdown(res: dict[str, Any]) -> str:
             f"KS {_fmt(c['snr_ks'])} (baseline {_fmt(c['snr_ks_baseline'])}) |",
             f"| F1 vs ground truth | (no truth) | {_fmt(r['truth']['f1'])} | |",
         ]  # fmt: skip
+    lines += ["", "## The demo's mask-conditioned sample", ""]
+    mask = res["demo_mask"]
+    if mask is None:
+        lines.append(f"Not measured: {res['demo_mask_missing']}")
+    else:
+        lines += [
+            f"`{mask['samples']}` asked for the {mask['requested_rois']} ground-truth cells of `{mask['source']}` "
+            "(a simulated movie the models never saw); each detector's ROIs on the sample and on that movie itself "
+            "(the ceiling) are matched to the requested ROIs at IoU >= 0.5.", "",
+            "| detector | on | F1 | precision | recall | ROIs found |", "|---|---|---:|---:|---:|---:|",
+        ]  # fmt: skip
+        for det, name in (("suite2p", "suite2p"), ("corr", "correlation image (cadiff.eval.rois)")):
+            for on, label in (("sample", "generated sample"), ("source", "the simulated movie")):
+                m = mask[f"{on}_{det}"]
+                lines.append(f"| {name} | {label} | {_fmt(m['f1'])} | {_fmt(m['precision'])} | {_fmt(m['recall'])} | "
+                             f"{m['n_pred']} |")
     lines += ["", f"git {res['meta']['git']}, {res['meta']['date']}", ""]
     return "\n".join(lines)
 
@@ -185,6 +234,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="two small movies per preset (~2 min)")
     parser.add_argument("--out", type=Path, default=RESULTS / "suite2p_judge", help="results prefix: <out>.json, <out>.md")
     parser.add_argument("--samples", type=Path, default=DEMO_SAMPLES, help="generated movies to judge (make demo's)")
+    parser.add_argument("--mask-samples", type=Path, default=DEMO_MASK_SAMPLES, help="a mask-conditioned sample")
+    parser.add_argument("--mask-source", type=Path, default=DEMO_MASK_SOURCE,
+                        help="the jobs/export.py folder whose ground truth was the sample's mask")
     return parser.parse_args(argv)
 
 
@@ -198,17 +250,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             work = Path(tmp)
             cases = QUICK if a.quick else CASES
             rows = [row for case in cases for row in run_case(case, work)]
-            demo, missing = None, None
+            demo, missing, mask, mask_missing = None, None, None, None
             if a.samples.is_dir() and any(a.samples.glob("*.tif")):
                 demo = run_demo(a.samples, work, tau=cases[1].tau)
             else:
                 missing = f"no TIFF samples in {a.samples} (run `make demo` first)"
+            if a.mask_samples.is_dir() and any(a.mask_samples.glob("*.tif")) and a.mask_source.is_dir():
+                mask = run_demo_mask(a.mask_samples, a.mask_source, work, tau=cases[1].tau)
+            else:
+                mask_missing = f"no TIFF samples in {a.mask_samples} or no {a.mask_source} (run `make demo` first)"
     except CadiffError as exc:
         print(f"suite2p_judge: error: {str(exc).splitlines()[0]}")
         return 2
     res = {
         "quick": a.quick, "total_s": time.perf_counter() - t0, "ceiling": rows, "demo": demo, "demo_missing": missing,
-        "summary": summarize(rows, demo),
+        "demo_mask": mask, "demo_mask_missing": mask_missing, "summary": summarize(rows, demo, mask),
         "meta": {"cpus": os.cpu_count(), "suite2p": importlib.metadata.version("suite2p"), "git": git_revision(),
                  "packages": package_versions(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
     }

@@ -51,7 +51,8 @@ def test_demo_feeds_the_dit_enough_movies_split_by_movie_and_writes_a_long_movie
     val_movies = round(prep.val_fraction * prep.source.num_movies)
     train_clips = (prep.source.num_movies - val_movies) * (prep.source.frames // prep.clip.frames)
     assert val_movies >= 1 and train_clips >= 200  # the former demo: 3 movies x 11 clips = 33 latents
-    long = [ov for job, ov in steps if job == "sample" and any(o.startswith("num_frames=") for o in ov)]
+    long = [ov for job, ov in steps if job == "sample" and any(o.startswith("num_frames=") for o in ov)
+            and not any(o.startswith("mask=") for o in ov)]
     assert len(long) == 1 and f"num_frames={demo.LONG_FRAMES}" in long[0] and demo.LONG_FRAMES >= 257
     assert compose("sample", long[0]).num_frames == demo.LONG_FRAMES  # a valid 1 + k*s_t override
 
@@ -67,5 +68,5 @@ def test_demo_trains_a_mask_conditioned_dit_and_samples_the_cells_of_an_unseen_m
     masked = [ov for job, ov in steps if job == "sample" and any(o.startswith("mask=") for o in ov)]
     assert len(masked) == 1 and jobs.index("export") < len(jobs) - 1 - jobs[::-1].index("sample")
     cfg = compose("sample", masked[0])
-    assert cfg.mask == str(demo.mask_file(tmp_path)) and cfg.guidance_scale > 1
+    assert cfg.mask == str(demo.mask_file(tmp_path)) and cfg.guidance_scale > 1 and cfg.num_frames >= 257
     assert str(demo.mask_file(tmp_path)).startswith(export.out)
