@@ -137,11 +137,15 @@ class ClipStage(Stage):
         frames, height, width = d.crop_frames or t, d.crop_height or h, d.crop_width or w
         if frames > t or height > h or width > w:
             raise ConfigError(f"data.crop_* = {(frames, height, width)} exceeds the stored clip shape {(t, h, w)} in "
-                              f"{root}/index.json")
+                              f"{root}/index.json; set data.crop_frames/crop_height/crop_width to at most {(t, h, w)} "
+                              "(a valid shape for the model), or prepare larger clips (prepare_data clip.*)")
         validate_clip_for_model(frames, height, width, cfg.model, "data.crop" if d.crop_frames else f"{root}/index.json clip")
-        for split in ("train", "val"):
-            if not index["splits"].get(split, {}).get("num_clips"):
-                raise DataError(f"data.root '{root}': split '{split}' has no clips; prepare more data or lower val_fraction")
+        if not index["splits"].get("train", {}).get("num_clips"):
+            raise DataError(f"data.root '{root}': split 'train' has no clips; prepare more data or lower val_fraction")
+        if not index["splits"].get("val", {}).get("num_clips"):
+            # one short recording has no frames to spare for a time split (prepare_data warned): train anyway
+            log.warning("data.root '%s' has no validation clips: validation losses, media and scores use the first "
+                        "training clips (in-sample); prepare more or longer recordings for a held-out split", root)
         model = to_dict(cfg.model)
         model.update(derived_noise(model, index["normalization"], root, index["sources"]))
         info = DataInfo(root=storage.resolved(root), sample_shape=(1, frames, height, width),

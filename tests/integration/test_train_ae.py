@@ -170,3 +170,26 @@ def test_compiled_blocks_in_bf16_train_and_export_plain_weights(sim_data_root, t
     state, model_cfg, _ = load_export(Path(path) / "export" / "model.pt")
     assert not any("_orig_mod" in k for k in state)
     build_model(model_cfg).load_state_dict(state)  # strict: the eager model takes the compiled run's weights
+
+
+def test_a_five_frame_recording_without_photon_signature_prepares_and_trains(tmp_path, caplog):
+    """Issue 14's short raw movie: 5 frames (too few for photon transfer or a time split) in a big-endian HDF5
+    prepares with calibration=auto (raw units, one warning) and trains; validation falls back to training clips,
+    with a warning, instead of refusing the only recording there is."""
+    import logging
+
+    import h5py
+
+    from cadiff.data.prepare import prepare_data
+    from cadiff.data.simulate import simulate_movie
+
+    with h5py.File(tmp_path / "short.h5", "w") as f:
+        f["data"] = simulate_movie(frames=5, height=64, width=64, seed=3)[0].data.astype(">u2")
+    data = tmp_path / "data"
+    with caplog.at_level(logging.WARNING):
+        prepare_data(compose("prepare_data", ["source=hdf5", f"source.path={tmp_path / 'short.h5'}", "clip.frames=5",
+                                              "clip.height=32", "clip.width=32", "source.rate_hz=10", f"out={data}"]))
+        _, path = run_training(_cfg(data, tmp_path, "short", *SINGLE, "data.crop_frames=5", "trainer.max_steps=2"), "ae")
+    warnings = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert "found no photon signature" in warnings and "no validation clips" in warnings
+    assert any("val_loss" in r for r in _metrics(Path(path))) and (Path(path) / "export" / "model.pt").is_file()
