@@ -39,6 +39,7 @@ def demo_steps(out: Path, ae_steps: int, dit_steps: int, num_samples: int, worke
     """The pipeline as (job, overrides) pairs; ``run_name`` None: ``demo-<config tag>``."""
     data, latents, runs = out / "data", out / "latents", out / "runs"
     name = run_name or "demo"
+    crop = compose("train_ae", ["experiment=ae_tiny"]).data  # samples are the stage-1 crop's size: so is the mask
     steps = [
         ("prepare_data", ["source=sim", f"source.num_movies={SIM_MOVIES}", f"source.frames={SIM_FRAMES}", f"out={data}",
                           "overwrite=true"]),
@@ -55,7 +56,8 @@ def demo_steps(out: Path, ae_steps: int, dit_steps: int, num_samples: int, worke
         ("sample", [f"stage2={runs}/train_latent/{name}", "num_samples=1", f"num_frames={LONG_FRAMES}", "seed=0",
                     f"out={out / 'samples_long'}", "overwrite=true"]),
         ("export", ["source=sim", f"source.seed={MASK_SEED}", "source.num_movies=1", f"source.frames={LONG_FRAMES}",
-                    "formats=[tiff]", f"out={out / 'mask_source'}", "overwrite=true"]),
+                    f"source.height={crop.crop_height}", f"source.width={crop.crop_width}", "formats=[tiff]",
+                    f"out={out / 'mask_source'}", "overwrite=true"]),
         ("sample", [f"stage2={runs}/train_latent/{name}", "num_samples=1", f"num_frames={LONG_FRAMES}", "seed=0",
                     f"mask={mask_file(out)}", f"guidance_scale={MASK_GUIDANCE}", f"out={out / 'samples_mask'}",
                     "overwrite=true"]),

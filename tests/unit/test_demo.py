@@ -70,3 +70,5 @@ def test_demo_trains_a_mask_conditioned_dit_and_samples_the_cells_of_an_unseen_m
     cfg = compose("sample", masked[0])
     assert cfg.mask == str(demo.mask_file(tmp_path)) and cfg.guidance_scale > 1 and cfg.num_frames >= 257
     assert str(demo.mask_file(tmp_path)).startswith(export.out)
+    crop = compose("train_ae", dict(steps)["train_ae"]).data  # the mask has the samples' frame size
+    assert (export.source.height, export.source.width) == (crop.crop_height, crop.crop_width)
