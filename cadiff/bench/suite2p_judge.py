@@ -125,9 +125,24 @@ def run_demo(samples: Path, work: Path, tau: float) -> dict[str, Any]:
             "compare": compare_detections(gen_sum, ref_sum, gen_det, ref_det)}
 
 
-def run_demo_mask(samples: Path, source: Path, work: Path, tau: float) -> dict[str, Any]:
+def roi_contrast(frames: np.ndarray, rois: np.ndarray) -> dict[str, float]:
+    """Mean local correlation (cadiff.eval.metrics.local_correlation_image, per-pixel mean removed) inside the
+    union of ``rois`` and outside it, and their difference: does the movie's activity sit where the cells are?"""
+    from cadiff.eval.metrics import local_correlation_image
+
+    x = np.asarray(frames, np.float32)
+    corr = local_correlation_image(x - x.mean(axis=0, keepdims=True))
+    inside = rois.any(axis=0)
+    c_in, c_out = float(corr[inside].mean()), float(corr[~inside].mean())
+    return {"corr_inside": c_in, "corr_outside": c_out, "contrast": c_in - c_out}
+
+
+def run_demo_mask(samples: Path, source: Path, work: Path, tau: float, unconditional: Path | None = None
+                  ) -> dict[str, Any]:
     """ROI recovery of make demo's mask-conditioned sample: suite2p and the correlation-image detector on the sample
-    and on the simulated movie that defined the mask, each matched to the requested (ground-truth) ROIs."""
+    and on the simulated movie that defined the mask, each matched to the requested (ground-truth) ROIs; and the
+    correlation contrast inside/outside the requested ROIs for both and for an unconditional sample (the control:
+    no reason for its activity to sit in those cells)."""
     from cadiff.eval.rois import detect_rois, match_rois
 
     settings = Suite2pJudgeConfig(tau=tau)
@@ -143,6 +158,12 @@ def run_demo_mask(samples: Path, source: Path, work: Path, tau: float) -> dict[s
         det = detect_set([movie], settings, work / f"mask-{key}")[0]
         result[f"{key}_suite2p"] = match_rois(det.masks, movie.truth, settings.iou)
         result[f"{key}_corr"] = match_rois(detect_rois(movie.frames.astype(np.float32)), movie.truth, settings.iou)
+        result[f"{key}_contrast"] = roi_contrast(movie.frames, movie.truth)
+    result["unconditional_contrast"] = None
+    if unconditional is not None and unconditional.is_dir() and any(unconditional.glob("*.tif")):
+        other = load_judge_movies(unconditional, 1, settings.min_frames, fallback_rate_hz=truth_movie.rate_hz)[0]
+        if other.frames.shape[1:] == truth_movie.frames.shape[1:]:
+            result["unconditional_contrast"] = roi_contrast(other.frames, truth_movie.truth)
     return result
 
 
@@ -163,6 +184,9 @@ def summarize(rows: list[dict[str, Any]], demo: dict[str, Any] | None, mask: dic
         "demo_mask_f1": mask["sample_suite2p"]["f1"] if mask else None,
         "demo_mask_source_f1": mask["source_suite2p"]["f1"] if mask else None,
         "demo_mask_corr_f1": mask["sample_corr"]["f1"] if mask else None,
+        "demo_mask_contrast": mask["sample_contrast"]["contrast"] if mask else None,
+        "demo_mask_source_contrast": mask["source_contrast"]["contrast"] if mask else None,
+        "demo_unconditional_contrast": (mask["unconditional_contrast"] or {}).get("contrast") if mask else None,
     }
 
 
@@ -225,6 +249,14 @@ def render_markdown(res: dict[str, Any]) -> str:
                 m = mask[f"{on}_{det}"]
                 lines.append(f"| {name} | {label} | {_fmt(m['f1'])} | {_fmt(m['precision'])} | {_fmt(m['recall'])} | "
                              f"{m['n_pred']} |")
+        lines += ["", "Mean local correlation inside / outside the requested ROIs (per-pixel mean removed); the "
+                  "unconditional long sample is the control:", "",
+                  "| movie | inside | outside | contrast |", "|---|---:|---:|---:|"]
+        for key, label in (("sample_contrast", "mask-conditioned sample"), ("source_contrast", "the simulated movie"),
+                           ("unconditional_contrast", "unconditional sample (control)")):
+            c = mask[key]
+            if c is not None:
+                lines.append(f"| {label} | {_fmt(c['corr_inside'])} | {_fmt(c['corr_outside'])} | {_fmt(c['contrast'])} |")
     lines += ["", f"git {res['meta']['git']}, {res['meta']['date']}", ""]
     return "\n".join(lines)
 
@@ -256,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 missing = f"no TIFF samples in {a.samples} (run `make demo` first)"
             if a.mask_samples.is_dir() and any(a.mask_samples.glob("*.tif")) and a.mask_source.is_dir():
-                mask = run_demo_mask(a.mask_samples, a.mask_source, work, tau=cases[1].tau)
+                mask = run_demo_mask(a.mask_samples, a.mask_source, work, tau=cases[1].tau, unconditional=a.samples)
             else:
                 mask_missing = f"no TIFF samples in {a.mask_samples} or no {a.mask_source} (run `make demo` first)"
     except CadiffError as exc:

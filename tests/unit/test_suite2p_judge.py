@@ -151,3 +151,16 @@ def test_judge_config_is_validated_at_load(override, match):
         compose("evaluate", [override])
     cfg = compose("evaluate", ["judge=suite2p", "suite2p.tau=0.7"])
     assert cfg.judge == "suite2p" and Suite2pJudgeConfig(**dict(cfg.suite2p)).tau == 0.7
+
+
+def test_roi_contrast_is_positive_where_activity_sits_in_the_requested_cells():
+    from cadiff.bench.suite2p_judge import roi_contrast
+
+    rng = np.random.default_rng(0)
+    movie = rng.normal(0, 1, (200, 16, 16))
+    cell = _square(16, 16, 4, 4, size=5)
+    movie[:, cell] += 3 * rng.normal(0, 1, (200, 1))  # one shared trace across the cell's pixels
+    here = roi_contrast(movie, cell[None])
+    elsewhere = roi_contrast(movie, _square(16, 16, 10, 10, size=5)[None])
+    assert here["contrast"] > 0.5 and here["corr_inside"] > here["corr_outside"]
+    assert elsewhere["contrast"] < 0
