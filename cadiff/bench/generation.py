@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import logging
 import math
 import os
@@ -55,7 +54,7 @@ from cadiff.bench.ae_quality import (
     train_autoencoder,
 )
 from cadiff.bench.stage2 import export_pair, gain_drift, seam_frames, seam_ratio, train_dit
-from cadiff.config import SampleConfig, compose
+from cadiff.config import compose
 from cadiff.data.movie import to_photons
 from cadiff.data.simulate import PRESETS
 from cadiff.errors import CadiffError, ConfigError, DataError
@@ -72,10 +71,11 @@ WORK = REPO / "outputs" / "benchmarks" / "generation"
 SUMMARY_KEYS = ("mmd2", "mmd2_split_half", "gain_ratio", "seam_ratio", "gain_drift", "rollout_fps", "roi_f1",
                 "null_rois", "gain_cond_max_err")
 HEADLINE = ("euler", 20)  # jobs/sample.py's default latent sampler and steps (SampleConfig)
-COND_REASON = ("stage-2 conditioning (issue 13 item 3, branch `cond`) is not merged: jobs/sample.py takes no "
-               "mask= or brightness condition")
+COND_REASON = ("this benchmark trains an unconditional DiT in process; the conditioned run (samples for held-out "
+               "ROI masks, an empty mask, 4 flux levels) is not wired in. ROI recovery of a mask-conditioned sample "
+               "is measured on make demo's model in benchmarks/results/suite2p_judge.md; neither detector finds the "
+               "two_photon preset's cells in its own simulated movies (suite2p F1 <= 0.07 there)")
 NOT_FINITE = "no finite value in this run (no photon-transfer fit, or a single decoder window): see the tables"
-ROIS_REASON = "cadiff.eval.rois.detect_rois (branch `cond`) is not merged: generated movies have no ROIs to trace"
 
 
 @dataclass
@@ -236,26 +236,18 @@ def long_movie(stage2: Path, out: Path, num_frames: int, seed: int) -> dict[str,
             "gain_drift": abs(drift["last_over_first"] - 1.0), "files": sorted(p.name for p in out.iterdir())}
 
 
-def detector() -> Any | None:
-    """``cadiff.eval.rois.detect_rois`` when that module exists (branch ``cond``), else None."""
-    if importlib.util.find_spec("cadiff.eval.rois") is None:
-        return None
-    from cadiff.eval.rois import detect_rois
-
-    return detect_rois
-
-
 def activity(data: BenchData, generated: np.ndarray | None, rate_hz: float) -> dict[str, Any]:
-    """Activity statistics of the held-out movies (ground-truth ROIs) and, given a detector and a generated movie,
-    of ``generated``."""
+    """Activity statistics of the held-out movies (ground-truth ROIs) and, given a generated movie, of ``generated``
+    (ROIs by ``cadiff.eval.rois.detect_rois``)."""
     ref = pool_stats([activity_stats(m.photons, m.truth.rois, rate_hz) for m in data.held_out])
     out: dict[str, Any] = {"held_out_truth": {k: v.tolist() for k, v in ref.items()},
                            "held_out_movies": len(data.held_out),
                            "held_out_rois": int(sum(m.truth.rois.any(axis=(1, 2)).sum() for m in data.held_out))}
-    detect = detector()
-    if detect is None or generated is None:
-        out["not_measured"] = ROIS_REASON if detect is None else "no generated long movie (the sample job failed)"
+    if generated is None:
+        out["not_measured"] = "no generated long movie (the sample job failed)"
         return out
+    from cadiff.eval.rois import detect_rois as detect
+
     ref_rois = [detect(m.photons) for m in data.held_out]
     gen_rois = detect(generated)
     gen = activity_stats(generated, gen_rois, rate_hz)
@@ -315,20 +307,12 @@ def goals(summary: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def conditioning_metrics() -> dict[str, Any]:
-    """roi_f1 / null_rois / gain_cond_max_err: None with the reason while stage 2 is unconditional.
-
-    HOOK (branch ``cond``): once ``jobs/sample.py`` takes ``mask=`` and a brightness condition, measure here:
-    sample with each held-out movie's ground-truth ROI mask, ``detect_rois`` on the samples and ``match_rois`` at
-    IoU 0.5 (``roi_f1``); sample with an empty mask and count detected ROIs (``null_rois``); sample at 4
-    requested gains across a 4x range and take the largest relative error of the measured gain
-    (``gain_cond_max_err``).
-    """
-    reason = COND_REASON
-    if "mask" in {f.name for f in dataclasses.fields(SampleConfig)}:
-        reason = ("branch cond is merged (jobs/sample.py takes mask=, flux=), but this benchmark trains an "
-                  "unconditional DiT: the conditioned run is not wired in yet")
-        log.warning("%s (cadiff.bench.generation.conditioning_metrics)", reason)
-    return {"roi_f1": None, "null_rois": None, "gain_cond_max_err": None, "reason": reason}
+    """roi_f1 / null_rois / gain_cond_max_err: None with the reason (:data:`COND_REASON`) - the DiT trained here is
+    unconditional. To measure them: sample with each held-out movie's ground-truth ROI mask, detect ROIs and match
+    at IoU 0.5 (``roi_f1``); sample with an empty mask and count detected ROIs (``null_rois``); sample at 4
+    requested fluxes across a 4x range and take the largest relative error of the measured one
+    (``gain_cond_max_err``)."""
+    return {"roi_f1": None, "null_rois": None, "gain_cond_max_err": None, "reason": COND_REASON}
 
 # ---------------------------------------------------------------------------------------------------------
 # run

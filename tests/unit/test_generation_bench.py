@@ -66,7 +66,7 @@ def fake_result() -> dict:
             "long_movie": {**LONG, "num_frames": 257, "chunks": 21, "wall_s": 85.0, "gain_first": 480.0,
                            "gain_last": 520.0, "calibrated_gain": 500.0, "files": ["sample_000.tif"], "seams": [16]},
             "activity": {"held_out_truth": {"event_rate_hz": [0.3, 0.5], "amplitude_dff": [0.4]}, "held_out_rois": 2,
-                         "held_out_movies": 1, "not_measured": g.ROIS_REASON},
+                         "held_out_movies": 1, "not_measured": "no generated long movie (the sample job failed)"},
             "training": {"ae": {"steps": 3, "final_loss": 1.0}, "dit": {"steps": 3, "final_loss": 1.0},
                          "train_latents": 8},
             "config": {**g.dataclasses.asdict(g.GenConfig(**g.QUICK))}, "timings": {"total_s": 60.0},
