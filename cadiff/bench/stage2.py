@@ -26,10 +26,12 @@ from cadiff.train.strategies import build_strategy
 
 
 def train_dit(latents: torch.Tensor, steps: int, seed: int, batch: int = 8,
-              overrides: tuple[str, ...] = ()) -> tuple[Any, dict[str, Any]]:
+              overrides: tuple[str, ...] = (), in_channels: int | None = None) -> tuple[Any, dict[str, Any]]:
     """``dit_tiny`` (plus ``overrides``) trained with the trainer's single-process step on random batches of
-    ``latents``; returns the model in eval mode and ``{steps, seconds, final_loss, loss}``."""
-    job = compose("train_latent", ["experiment=dit_tiny", f"model.in_channels={latents.shape[1]}",
+    ``latents``; returns the model in eval mode and ``{steps, seconds, final_loss, loss}``. ``in_channels``: the
+    latent channels when ``latents`` also carries condition channels (default: all of them)."""
+    channels = latents.shape[1] if in_channels is None else in_channels
+    job = compose("train_latent", ["experiment=dit_tiny", f"model.in_channels={channels}",
                                    f"trainer.max_steps={steps}", "trainer.warmup_steps=5", *overrides])
     torch.manual_seed(seed)
     model = build_model(to_dict(job.model))

@@ -125,25 +125,13 @@ def run_demo(samples: Path, work: Path, tau: float) -> dict[str, Any]:
             "compare": compare_detections(gen_sum, ref_sum, gen_det, ref_det)}
 
 
-def roi_contrast(frames: np.ndarray, rois: np.ndarray) -> dict[str, float]:
-    """Mean local correlation (cadiff.eval.metrics.local_correlation_image, per-pixel mean removed) inside the
-    union of ``rois`` and outside it, and their difference: does the movie's activity sit where the cells are?"""
-    from cadiff.eval.metrics import local_correlation_image
-
-    x = np.asarray(frames, np.float32)
-    corr = local_correlation_image(x - x.mean(axis=0, keepdims=True))
-    inside = rois.any(axis=0)
-    c_in, c_out = float(corr[inside].mean()), float(corr[~inside].mean())
-    return {"corr_inside": c_in, "corr_outside": c_out, "contrast": c_in - c_out}
-
-
 def run_demo_mask(samples: Path, source: Path, work: Path, tau: float, unconditional: Path | None = None
                   ) -> dict[str, Any]:
     """ROI recovery of make demo's mask-conditioned sample: suite2p and the correlation-image detector on the sample
     and on the simulated movie that defined the mask, each matched to the requested (ground-truth) ROIs; and the
     correlation contrast inside/outside the requested ROIs for both and for an unconditional sample (the control:
     no reason for its activity to sit in those cells)."""
-    from cadiff.eval.rois import detect_rois, match_rois
+    from cadiff.eval.rois import detect_rois, match_rois, roi_contrast
 
     settings = Suite2pJudgeConfig(tau=tau)
     truth_movie = load_judge_movies(source, 1, settings.min_frames)[0]

@@ -140,3 +140,17 @@ def match_rois(pred: np.ndarray, true: np.ndarray, iou: float = 0.5) -> dict[str
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"precision": precision, "recall": recall, "f1": f1, "hits": hits, "n_pred": int(len(pred)),
             "n_true": int(len(true))}
+
+
+def roi_contrast(movie: np.ndarray, rois: np.ndarray) -> dict[str, float]:
+    """Mean local correlation (per-pixel mean removed) inside the union of ``rois [N, H, W]`` and outside it, and
+    their difference ``contrast``: does a movie's correlated activity sit where the cells are? Needs pixels on
+    both sides."""
+    union = _as_masks(rois, "rois").any(axis=0)
+    x = check_clip(movie, "roi_contrast movie")
+    if union.shape != x.shape[1:] or union.all() or not union.any():
+        raise DataError(f"roi_contrast: ROI union of shape {union.shape} with {int(union.sum())} pixels, expected "
+                        f"the movie's frame {x.shape[1:]} with pixels inside and outside the ROIs")
+    corr = local_correlation_image(x - x.mean(axis=0, keepdims=True))
+    c_in, c_out = float(corr[union].mean()), float(corr[~union].mean())
+    return {"corr_inside": c_in, "corr_outside": c_out, "contrast": c_in - c_out}

@@ -154,10 +154,10 @@ def test_judge_config_is_validated_at_load(override, match):
 
 
 def test_roi_contrast_is_positive_where_activity_sits_in_the_requested_cells():
-    from cadiff.bench.suite2p_judge import roi_contrast
+    from cadiff.eval.rois import roi_contrast
 
     rng = np.random.default_rng(0)
-    movie = rng.normal(0, 1, (200, 16, 16))
+    movie = rng.normal(0, 1, (200, 16, 16)).astype(np.float32)
     cell = _square(16, 16, 4, 4, size=5)
     movie[:, cell] += 3 * rng.normal(0, 1, (200, 1))  # one shared trace across the cell's pixels
     here = roi_contrast(movie, cell[None])

@@ -1,0 +1,171 @@
+"""The conditioned half of the generation benchmark (issue 13 item 3): a second DiT trained on the same latents
+with each training tile's conditions - its ROI map (the union of the simulator's ground-truth ROIs, on the latent
+grid) and its mean photon flux, the channels ``encode_latents`` appends - then sampled with classifier-free
+guidance for:
+
+- **held-out ROI masks**: each held-out movie's first-frame tiles ask for their own ground-truth cells. The
+  correlation-image detector (:func:`cadiff.eval.rois.detect_rois`) runs on every sample and is matched to the
+  requested ROIs at IoU >= 0.5, pooled over samples (``roi_f1``); the same detector on the real tiles is the
+  ceiling. Because a detector can fail on dim cells in short clips, the local-correlation contrast inside/outside
+  the requested ROIs (:func:`cadiff.eval.rois.roi_contrast`) is reported too, with unconditional samples as the
+  control (same masks, no reason for their activity to sit there);
+- **an empty mask** (the null test): ROIs the detector finds in those samples (``null_rois``, summed);
+- **four requested fluxes** across a 4x range around the training tiles' median: the largest relative error of the
+  samples' measured mean photon flux (``gain_cond_max_err``: brightness is conditioned on flux, not on the
+  detector gain, which the DiT never sees; see README "Conditioning on ROIs and brightness").
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from cadiff.bench.ae_quality import BenchData, cut_clips, tile_origins
+from cadiff.bench.stage2 import train_dit
+from cadiff.data.conditioning import (
+    CONDITIONS,
+    FLUX_KEY,
+    MASK_KEY,
+    clip_flux,
+    condition_channels,
+    encode_mask,
+    flux_value,
+    to_grid,
+)
+from cadiff.errors import DataError
+from cadiff.eval.rois import detect_rois, match_rois, roi_contrast
+
+log = logging.getLogger(__name__)
+
+COND_OVERRIDES = ("model.cond_mask=true", "model.cond_flux=true")
+GUIDANCE = 2.0  # the demo's mask sample uses the same
+FLUX_FACTORS = (0.5, 0.8, 1.25, 2.0)  # x the training tiles' median flux: a 4x range
+SAMPLES_PER_CONDITION = 4
+SAMPLER, STEPS = "euler", 20  # the headline sampler (generation.HEADLINE)
+MIN_ROI_PIXELS = 12  # a ground-truth ROI cut by a tile edge to fewer pixels is not asked for (detect_rois min_size)
+
+
+def training_conditions(data: BenchData, frames: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """ROI maps ``[N, side, side]`` and fluxes ``[N]`` of the training tiles, in ``training_latents``' order (every
+    tile of every movie, then the same stack flipped vertically, horizontally and both)."""
+    if len(data.train_rois) != len(data.train):
+        raise DataError(f"conditioned benchmark: {len(data.train_rois)} ROI maps for {len(data.train)} training movies; "
+                        "expected simulated movies (their ground truth is the condition)")
+    masks, fluxes = [], []
+    for movie, rois in zip(data.train, data.train_rois):
+        origins = tile_origins(movie.shape, frames, side)
+        masks += [rois[y0:y0 + side, x0:x0 + side] for _, y0, x0 in origins]
+        fluxes += [clip_flux(c) for c in cut_clips(movie, origins, frames, side)]
+    m = np.stack(masks)
+    return np.concatenate([m, m[:, ::-1], m[:, :, ::-1], m[:, ::-1, ::-1]]), np.tile(np.asarray(fluxes), 4)
+
+
+def with_conditions(latents: torch.Tensor, masks: np.ndarray, fluxes: np.ndarray) -> torch.Tensor:
+    """``latents [N, C, t, h, w]`` with the condition channels appended, as the latent pipeline does."""
+    shape = tuple(latents.shape[1:])
+    channels = np.stack([condition_channels({MASK_KEY: encode_mask(m), FLUX_KEY: float(f)}, list(CONDITIONS), shape,
+                                            "benchmark tile") for m, f in zip(masks, fluxes)])
+    return torch.cat([latents, torch.from_numpy(channels)], dim=1)
+
+
+@torch.no_grad()
+def sample(dit: Any, models: dict[str, Any], data: BenchData, n: int, seed: int, mask: np.ndarray | None = None,
+           flux: float | None = None) -> np.ndarray:
+    """``n`` photon clips for the given conditions (None: not given) with guidance :data:`GUIDANCE`."""
+    latent = models["latent"]
+    mean, std = (s.view(1, -1, 1, 1, 1) for s in models["stats"])
+    conditions = {}
+    if mask is not None:
+        conditions[MASK_KEY] = torch.from_numpy(to_grid(mask, tuple(latent[2:]))).expand(n, -1, -1).clone()
+    if flux is not None:
+        conditions[FLUX_KEY] = torch.full((n,), flux_value(flux))
+    generator = torch.Generator().manual_seed(seed)
+    z = dit.sample((n, *latent), sampler=SAMPLER, num_steps=STEPS, generator=generator, conditions=conditions,
+                   guidance_scale=GUIDANCE if conditions else 1.0)
+    x = models["ae"].decode(z * std + mean, generator=generator)
+    return data.to_photons(x[:, 0].double().numpy()).astype(np.float32)
+
+
+def _pooled(scores: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    hits, n_pred, n_true = (sum(s[k] for s in scores) for k in ("hits", "n_pred", "n_true"))
+    precision = hits / n_pred if n_pred else 0.0
+    recall = hits / n_true if n_true else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"f1": f1, "precision": precision, "recall": recall, "hits": hits, "n_pred": n_pred, "n_true": n_true}
+
+
+def held_out_tiles(data: BenchData, frames: int, side: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(real photon clip, requested ROIs [K, side, side]) of each first-frame tile of each held-out movie that has
+    ROIs; ROIs cut below :data:`MIN_ROI_PIXELS` by the tile edge are dropped."""
+    tiles = []
+    for movie in data.held_out:
+        _, h, w = movie.photons.shape
+        for y0 in range(0, h - side + 1, side):
+            for x0 in range(0, w - side + 1, side):
+                rois = movie.truth.rois[:, y0:y0 + side, x0:x0 + side]
+                rois = rois[rois.sum(axis=(1, 2)) >= MIN_ROI_PIXELS]
+                if len(rois):
+                    tiles.append((movie.photons[:frames, y0:y0 + side, x0:x0 + side], rois))
+    return tiles
+
+
+def _contrast(clips: Sequence[np.ndarray], rois: np.ndarray) -> float | None:
+    union = rois.any(axis=0)
+    if not len(clips) or union.all() or not union.any():
+        return None
+    return float(np.mean([roi_contrast(c, rois)["contrast"] for c in clips]))
+
+
+def conditioning_run(models: dict[str, Any], data: BenchData, frames: int, side: int, steps: int, batch: int,
+                     seed: int, unconditional: np.ndarray) -> dict[str, Any]:
+    """Train the conditioned DiT and measure ROI recovery, the null test and flux following (module docstring).
+    ``unconditional``: photon clips of the unconditional DiT (the contrast control)."""
+    start = time.perf_counter()
+    masks, fluxes = training_conditions(data, frames, side)
+    latents = models["latents"]
+    dit, info = train_dit(with_conditions(latents, masks, fluxes), steps, seed + 1, batch=batch,
+                          overrides=COND_OVERRIDES, in_channels=latents.shape[1])
+    train_s = time.perf_counter() - start
+    start = time.perf_counter()
+    k = SAMPLES_PER_CONDITION
+    gen_scores, real_scores, contrasts, real_contrasts, control_contrasts = [], [], [], [], []
+    for i, (real, rois) in enumerate(held_out_tiles(data, frames, side)):
+        union = rois.any(axis=0)
+        clips = sample(dit, models, data, k, seed + 100 + i, mask=union)
+        gen_scores += [match_rois(detect_rois(c), rois) for c in clips]
+        real_scores.append(match_rois(detect_rois(real), rois))
+        for values, movies in ((contrasts, clips), (real_contrasts, [real]),
+                               (control_contrasts, unconditional[i * k:(i + 1) * k])):
+            c = _contrast(movies, rois)
+            if c is not None:
+                values.append(c)
+    null_clips = sample(dit, models, data, 4 * k, seed + 7, mask=np.zeros((side, side), bool))
+    null_rois = int(sum(len(detect_rois(c)) for c in null_clips))
+    median_flux = float(np.median(fluxes))
+    flux_rows = []
+    for j, factor in enumerate(FLUX_FACTORS):
+        requested = factor * median_flux
+        measured = float(np.mean(sample(dit, models, data, 4 * k, seed + 200 + j, flux=requested)))
+        flux_rows.append({"factor": factor, "requested": requested, "measured": measured,
+                          "rel_err": abs(measured / requested - 1.0)})
+    gen, ceiling = _pooled(gen_scores), _pooled(real_scores)
+    result = {
+        "roi_f1": gen["f1"], "null_rois": null_rois, "gain_cond_max_err": max(r["rel_err"] for r in flux_rows),
+        "roi": gen, "roi_ceiling": ceiling, "tiles": len(real_scores), "samples_per_mask": k,
+        "contrast": float(np.mean(contrasts)) if contrasts else None,
+        "contrast_real": float(np.mean(real_contrasts)) if real_contrasts else None,
+        "contrast_unconditional": float(np.mean(control_contrasts)) if control_contrasts else None,
+        "null_samples": len(null_clips), "flux": flux_rows, "median_training_flux": median_flux,
+        "guidance_scale": GUIDANCE, "dit": {"steps": info["steps"], "seconds": info["seconds"],
+                                            "final_loss": info["final_loss"]},
+        "train_s": train_s, "sample_s": time.perf_counter() - start,
+    }
+    log.info("conditioned DiT: ROI F1 %.3f (ceiling %.3f), contrast %s (real %s, unconditional %s), null ROIs %d, "
+             "flux max rel err %.3f", gen["f1"], ceiling["f1"], result["contrast"], result["contrast_real"],
+             result["contrast_unconditional"], null_rois, result["gain_cond_max_err"])
+    return result
