@@ -129,7 +129,7 @@ def conditioning_run(models: dict[str, Any], data: BenchData, frames: int, side:
     masks, fluxes = training_conditions(data, frames, side)
     latents = models["latents"]
     dit, info = train_dit(with_conditions(latents, masks, fluxes), steps, seed + 1, batch=batch,
-                          overrides=COND_OVERRIDES, in_channels=latents.shape[1])
+                          overrides=COND_OVERRIDES, conditions=CONDITIONS)
     train_s = time.perf_counter() - start
     start = time.perf_counter()
     k = SAMPLES_PER_CONDITION

@@ -26,15 +26,16 @@ from cadiff.train.strategies import build_strategy
 
 
 def train_dit(latents: torch.Tensor, steps: int, seed: int, batch: int = 8,
-              overrides: tuple[str, ...] = (), in_channels: int | None = None) -> tuple[Any, dict[str, Any]]:
+              overrides: tuple[str, ...] = (), conditions: tuple[str, ...] = ()) -> tuple[Any, dict[str, Any]]:
     """``dit_tiny`` (plus ``overrides``) trained with the trainer's single-process step on random batches of
-    ``latents``; returns the model in eval mode and ``{steps, seconds, final_loss, loss}``. ``in_channels``: the
-    latent channels when ``latents`` also carries condition channels (default: all of them)."""
-    channels = latents.shape[1] if in_channels is None else in_channels
+    ``latents``; returns the model in eval mode and ``{steps, seconds, final_loss, loss}``. ``conditions``: the
+    names of the condition channels ``latents`` ends with (``cadiff.data.conditioning.CONDITIONS`` order), as
+    ``train_latent`` resolves them from a latent index."""
+    channels = latents.shape[1] - len(conditions)
     job = compose("train_latent", ["experiment=dit_tiny", f"model.in_channels={channels}",
                                    f"trainer.max_steps={steps}", "trainer.warmup_steps=5", *overrides])
     torch.manual_seed(seed)
-    model = build_model(to_dict(job.model))
+    model = build_model({**to_dict(job.model), "conditions": list(conditions)})
     model.train()
     strategy = build_strategy(StrategyConfig(name="single"), job.trainer, micro_batch_size=batch)
     strategy.setup(TrainingModule(model), torch.device("cpu"))
