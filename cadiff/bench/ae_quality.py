@@ -169,7 +169,6 @@ class BenchData:
     rate_hz: float
     normalization: str = "photon"
     read_noise_photons: float = 0.0
-    train_rois: list[np.ndarray] = field(default_factory=list)  # per training movie, its ROI union [H, W] (simulated)
 
     def _f(self, photons: np.ndarray) -> np.ndarray:
         if self.normalization == "anscombe":
@@ -197,19 +196,18 @@ def simulate_data(cfg: BenchConfig) -> BenchData:
         raise ConfigError(f"train_frames {cfg.train_frames}: expected >= clip_frames {cfg.clip_frames}")
     if cfg.normalization not in ("photon", "anscombe"):
         raise ConfigError(f"normalization {cfg.normalization!r}: expected 'photon' or 'anscombe'")
-    train, train_rois, rate_hz, read_noise = [], [], 0.0, 0.0
+    train, rate_hz, read_noise = [], 0.0, 0.0
     for i in range(cfg.train_movies):
-        movie, truth = simulate_movie(cfg.preset, cfg.train_frames, cfg.movie_side, cfg.movie_side,
-                                      seed=cfg.seed * 1000 + i, return_clean=False)
+        movie, _ = simulate_movie(cfg.preset, cfg.train_frames, cfg.movie_side, cfg.movie_side,
+                                  seed=cfg.seed * 1000 + i, return_clean=False)
         train.append(to_photons(movie.data, movie.gain, movie.offset))
-        train_rois.append(truth.rois.any(axis=0))
         rate_hz, read_noise = movie.rate_hz, float(movie.read_noise or 0.0) / float(movie.gain)
     held_out = []
     for i in range(cfg.test_movies):
         movie, truth = simulate_movie(cfg.preset, cfg.clip_frames * cfg.test_clips_per_tile, cfg.movie_side,
                                       cfg.movie_side, seed=cfg.seed * 1000 + 500 + i)
         held_out.append(HeldOut(to_photons(movie.data, movie.gain, movie.offset), truth))
-    data = BenchData(train, held_out, 0.0, 1.0, rate_hz, cfg.normalization, read_noise, train_rois)
+    data = BenchData(train, held_out, 0.0, 1.0, rate_hz, cfg.normalization, read_noise)
     pixels = data._f(np.concatenate([m.ravel() for m in train]).astype(np.float64))
     data.center, data.scale = float(pixels.mean()), float(max(pixels.std(), 1e-6))
     return data
@@ -245,6 +243,18 @@ def tile_origins(shape: Sequence[int], frames: int, side: int) -> list[tuple[int
 def cut_clips(movie: np.ndarray, origins: Sequence[tuple[int, int, int]], frames: int, side: int) -> np.ndarray:
     """Stack the tiles at ``origins`` into ``[N, frames, side, side]``."""
     return np.stack([movie[t0:t0 + frames, y0:y0 + side, x0:x0 + side] for t0, y0, x0 in origins])
+
+
+def flips(clips: np.ndarray) -> np.ndarray:
+    """``clips [N, T, H, W]`` with their vertical, horizontal and double flips (4N clips)."""
+    return np.concatenate([clips, clips[:, :, ::-1], clips[:, :, :, ::-1], clips[:, :, ::-1, ::-1]])
+
+
+@torch.no_grad()
+def encode(ae: Any, clips: np.ndarray, data: BenchData, batch: int = 64) -> torch.Tensor:
+    """Posterior-mean latents of photon ``clips [N, T, H, W]``."""
+    return torch.cat([ae.encode(torch.from_numpy(data.to_model(np.ascontiguousarray(clips[i:i + batch])))[:, None])
+                      for i in range(0, len(clips), batch)])
 
 
 def stitch(clips: np.ndarray, origins: Sequence[tuple[int, int, int]], shape: Sequence[int]) -> np.ndarray:

@@ -47,6 +47,8 @@ from cadiff.bench.ae_quality import (
     BenchData,
     _save,
     cut_clips,
+    encode,
+    flips,
     held_out_clips,
     simulate_data,
     steps_for_nfe,
@@ -132,18 +134,6 @@ def bench_config(cfg: GenConfig) -> BenchConfig:
 
 # ---------------------------------------------------------------------------------------------------------
 # latents and samples
-
-
-def flips(clips: np.ndarray) -> np.ndarray:
-    """``clips [N, T, H, W]`` with their vertical, horizontal and double flips (4N clips)."""
-    return np.concatenate([clips, clips[:, :, ::-1], clips[:, :, :, ::-1], clips[:, :, ::-1, ::-1]])
-
-
-@torch.no_grad()
-def encode(ae: Any, clips: np.ndarray, data: BenchData, batch: int = 64) -> torch.Tensor:
-    """Posterior-mean latents of photon ``clips [N, T, H, W]``."""
-    return torch.cat([ae.encode(torch.from_numpy(data.to_model(np.ascontiguousarray(clips[i:i + batch])))[:, None])
-                      for i in range(0, len(clips), batch)])
 
 
 def training_latents(ae: Any, data: BenchData, cfg: GenConfig) -> torch.Tensor:
@@ -325,13 +315,13 @@ def train(cfg: GenConfig, timings: dict[str, float]) -> tuple[BenchData, dict[st
     z = training_latents(ae, data, cfg)
     mean, std = z.mean(dim=(0, 2, 3, 4)), z.std(dim=(0, 2, 3, 4)).clamp_min(1e-6)
     timings["encode_s"] = time.perf_counter() - start
-    latents = (z - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
-    dit, dit_info = train_dit(latents, cfg.dit_steps, cfg.seed, batch=cfg.dit_batch)
+    dit, dit_info = train_dit((z - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1), cfg.dit_steps, cfg.seed,
+                              batch=cfg.dit_batch)
     timings["train_dit_s"] = dit_info["seconds"]
     record = {"ae": {k: ae_info[k] for k in ("steps", "seconds", "final_loss", "params")},
               "dit": {k: dit_info[k] for k in ("steps", "seconds", "final_loss")},
               "train_latents": len(z), "ae_loss": ae_info["loss"], "dit_loss": dit_info["loss"]}
-    models = {"ae": ae, "dit": dit, "stats": (mean, std), "latent": list(z.shape[1:]), "latents": latents}
+    models = {"ae": ae, "dit": dit, "stats": (mean, std), "latent": list(z.shape[1:])}
     return data, models, record
 
 
@@ -363,8 +353,9 @@ def run(cfg: GenConfig, work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     timings["activity_s"] = time.perf_counter() - start
     start = time.perf_counter()
     try:
-        conditioning = conditioning_run(models, data, cfg.clip_frames, cfg.clip_side, cfg.dit_steps, cfg.dit_batch,
-                                        cfg.seed, headline_clips)
+        conditioning = conditioning_run(models, data, cfg.preset, cfg.train_movies, cfg.train_frames, cfg.movie_side,
+                                        cfg.clip_frames, cfg.clip_side, cfg.dit_steps, cfg.dit_batch, cfg.seed,
+                                        headline_clips)
     except CadiffError as exc:  # the other measurements stand; the conditioning keys get the reason
         log.error("conditioned run failed: %s", exc)
         conditioning = {**conditioning_metrics(), "reason": f"the conditioned run failed: {str(exc).splitlines()[0]}"}
@@ -472,8 +463,11 @@ def conditioning_lines(c: dict[str, Any], not_measured: dict[str, str]) -> list[
         "Local-correlation contrast inside - outside the requested ROIs (mean over clips): samples for the masks "
         f"{_fmt(c['contrast'])}, real tiles {_fmt(c['contrast_real'])}, unconditional samples (control) "
         f"{_fmt(c['contrast_unconditional'])}.", "",
-        f"Null test: {c['null_rois']} ROIs detected in {c['null_samples']} samples for an empty mask.", "",
-        f"Flux (mean photons per pixel per frame; training tiles' median {_fmt(c['median_training_flux'], 4)}):", "",
+        f"Null test: {c['null_rois_measured']} ROIs detected in {c['null_samples']} samples for an empty mask"
+        + ("." if c["roi_f1"] is not None else f" - {not_measured.get('null_rois', '')}."), "",
+        f"Flux (mean photons per pixel per frame; training tiles' median {_fmt(c['median_training_flux'], 4)}, "
+        f"5th-95th percentile {_fmt(c['training_flux_p5_p95'][0], 4)}-{_fmt(c['training_flux_p5_p95'][1], 4)}: "
+        "requests outside that span ask the model to extrapolate):", "",
         "| factor | requested | measured | relative error |", "|---:|---:|---:|---:|",
         *[f"| {r['factor']} | {_fmt(r['requested'], 4)} | {_fmt(r['measured'], 4)} | {_fmt(r['rel_err'])} |"
           for r in c["flux"]],

@@ -13,27 +13,28 @@ from cadiff.data.conditioning import clip_flux, flux_value, to_grid
 from cadiff.data.simulate import simulate_movie
 
 
-def _data(movies: int = 2, frames: int = 34, side: int = 64) -> BenchData:
-    train, rois, held = [], [], []
-    for i in range(movies):
-        movie, truth = simulate_movie("default", frames, side, side, seed=i, return_clean=False)
-        train.append(movie.data.astype(np.float32))
-        rois.append(truth.rois.any(axis=0))
+def _held_out(side: int = 64) -> BenchData:
     movie, truth = simulate_movie("default", 17, side, side, seed=99)
-    held.append(HeldOut(movie.data.astype(np.float32), truth))
-    return BenchData(train, held, 0.0, 1.0, 10.0, train_rois=rois)
+    return BenchData([], [HeldOut(movie.data.astype(np.float32), truth)], 0.0, 1.0, 10.0)
 
 
-def test_training_conditions_follow_the_latents_tile_and_flip_order():
-    data = _data()
-    masks, fluxes = C.training_conditions(data, 17, 32)
-    clips = flips(np.concatenate([cut_clips(m, tile_origins(m.shape, 17, 32), 17, 32) for m in data.train]))
+def test_brightness_movies_span_the_factor_range_with_their_cells():
+    movies, rois = C.brightness_movies("two_photon", 6, 17, 32, seed=5)
+    means = np.array([m.mean() for m in movies])
+    assert len(rois) == 6 and all(r.shape == (32, 32) and r.any() for r in rois)
+    assert means.max() / means.min() > 2.5  # factors over 0.3-3x: the preset alone spans ~1.2x
+
+
+def test_training_conditions_follow_the_clips_tile_and_flip_order():
+    movies, rois = C.brightness_movies("default", 2, 34, 64, seed=0)
+    clips, masks, fluxes = C.training_conditions(movies, rois, 17, 32)
+    expected_clips = flips(np.concatenate([cut_clips(m, tile_origins(m.shape, 17, 32), 17, 32) for m in movies]))
+    np.testing.assert_array_equal(clips, expected_clips)
     assert len(masks) == len(fluxes) == len(clips) == 2 * 2 * 4 * 4  # movies x time tiles x space tiles x flips
     for i in (0, 5, 17, 40, 63):  # each mask is its clip's tile of the movie's ROI union, flipped alike
-        j = i % 16
-        movie, tile = divmod(j, 8)
-        t0, y0, x0 = tile_origins(data.train[movie].shape, 17, 32)[tile]
-        base = data.train_rois[movie][y0:y0 + 32, x0:x0 + 32]
+        movie, tile = divmod(i % 16, 8)
+        _, y0, x0 = tile_origins(movies[movie].shape, 17, 32)[tile]
+        base = rois[movie][y0:y0 + 32, x0:x0 + 32]
         flip = i // 16
         expected = base[::-1] if flip == 1 else base[:, ::-1] if flip == 2 else base[::-1, ::-1] if flip == 3 else base
         np.testing.assert_array_equal(masks[i], expected)
@@ -51,8 +52,7 @@ def test_condition_channels_are_the_latent_pipelines():
 
 
 def test_held_out_tiles_ask_only_for_cells_they_show_and_f1_pools_over_samples():
-    data = _data(movies=1)
-    tiles = C.held_out_tiles(data, 17, 32)
+    tiles = C.held_out_tiles(_held_out(), 17, 32)
     assert tiles and all(real.shape == (17, 32, 32) and rois.shape[1:] == (32, 32) for real, rois in tiles)
     assert all((rois.sum(axis=(1, 2)) >= C.MIN_ROI_PIXELS).all() for _, rois in tiles)
     pooled = C._pooled([{"hits": 1, "n_pred": 2, "n_true": 2}, {"hits": 1, "n_pred": 1, "n_true": 3}])
