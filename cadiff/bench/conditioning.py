@@ -119,6 +119,18 @@ def sample(dit: Any, models: dict[str, Any], data: BenchData, n: int, seed: int,
     return data.to_photons(x[:, 0].double().numpy()).astype(np.float32)
 
 
+@torch.no_grad()
+def roundtrip_flux(models: dict[str, Any], data: BenchData, clips: np.ndarray, fluxes: np.ndarray, target: float,
+                   n: int, seed: int) -> dict[str, float]:
+    """Stage 1 alone at a flux: the ``n`` training clips nearest ``target``, encoded and decoded - their mean flux
+    before and after. A decoder that cannot reproduce a brightness bounds what any DiT condition can reach."""
+    nearest = np.argsort(np.abs(np.log(fluxes / target)))[:n]
+    x = torch.from_numpy(data.to_model(np.ascontiguousarray(clips[nearest])))[:, None]
+    generator = torch.Generator().manual_seed(seed)
+    recon = data.to_photons(models["ae"].decode(models["ae"].encode(x), generator=generator)[:, 0].double().numpy())
+    return {"input": float(np.mean(fluxes[nearest])), "decoded": float(np.mean(recon))}
+
+
 def _pooled(scores: Sequence[dict[str, Any]]) -> dict[str, Any]:
     hits, n_pred, n_true = (sum(s[k] for s in scores) for k in ("hits", "n_pred", "n_true"))
     precision = hits / n_pred if n_pred else 0.0
@@ -159,7 +171,6 @@ def conditioning_run(models: dict[str, Any], data: BenchData, preset: str, movie
                                                                   seed * 1000 + 700), frames, side)
     mean, std = (s.view(1, -1, 1, 1, 1) for s in models["stats"])
     latents = (encode(models["ae"], clips, data) - mean) / std
-    del clips
     dit, info = train_dit(with_conditions(latents, masks, fluxes), steps, seed + 1, batch=batch,
                           overrides=COND_OVERRIDES, conditions=CONDITIONS)
     train_s = time.perf_counter() - start
@@ -184,7 +195,8 @@ def conditioning_run(models: dict[str, Any], data: BenchData, preset: str, movie
         requested = factor * median_flux
         measured = float(np.mean(sample(dit, models, data, 4 * k, seed + 200 + j, flux=requested)))
         flux_rows.append({"factor": factor, "requested": requested, "measured": measured,
-                          "rel_err": abs(measured / requested - 1.0)})
+                          "rel_err": abs(measured / requested - 1.0),
+                          "stage1_roundtrip": roundtrip_flux(models, data, clips, fluxes, requested, k, seed)})
     gen, ceiling = _pooled(gen_scores), _pooled(real_scores)
     measurable = ceiling["f1"] >= MIN_CEILING_F1
     result = {
