@@ -122,6 +122,9 @@ class DataConfig:
     corrupt_shards: str = "fail"  # fail | skip
     num_val_clips: int = 8
     prefetch_batches: int = 4  # Ray Data batches each worker keeps ready ahead of its training step
+    # CPUs each Ray Data decode task reserves (Ray's default 1): a sweep trial also needs them beside its Train
+    # workers, so on small nodes (or many trials per node) a fraction lets a whole trial fit one node
+    cpus_per_task: float = 1.0
     # simulate data (prepare_data source=sim) into a data.root without index.json; null: only for the default
     # root outputs/data/sim (the unconfigured demo), so a mistyped path is an error, never a silent simulation
     prepare_if_missing: Optional[bool] = None
@@ -135,6 +138,7 @@ class LatentsConfig:
     corrupt_shards: str = "fail"
     num_val_clips: int = 8
     prefetch_batches: int = 4
+    cpus_per_task: float = 1.0  # as DataConfig.cpus_per_task
 
 
 @dataclass
@@ -848,6 +852,7 @@ def _check_score(cfg: Any, data_key: str) -> None:
 def _validate_data(d: Any, prefix: str) -> None:
     _require(d.batch_size >= 1, f"{prefix}.batch_size", d.batch_size, ">= 1")
     _require(d.prefetch_batches >= 1, f"{prefix}.prefetch_batches", d.prefetch_batches, ">= 1")
+    _require(d.cpus_per_task > 0, f"{prefix}.cpus_per_task", d.cpus_per_task, "> 0 (CPUs per Ray Data task)")
     _choice(f"{prefix}.corrupt_shards", d.corrupt_shards, ("fail", "skip"))
 
 
@@ -974,6 +979,8 @@ def validate_sweep(cfg: Any) -> None:
     _require(cfg.report_every >= 1, "report_every", cfg.report_every, ">= 1")
     _require(cfg.max_concurrent_trials >= 1, "max_concurrent_trials", cfg.max_concurrent_trials, ">= 1")
     _require(cfg.status_every_s > 0, "status_every_s", cfg.status_every_s, "> 0 seconds")
+    _validate_data(cfg.data, "data")  # forwarded to every trial: a bad value fails here, not per trial
+    _validate_data(cfg.latents, "latents")
 
 
 def validate_evaluate(cfg: Any) -> None:

@@ -192,7 +192,8 @@ def _ray_dataset(root: str | Path, split: str, cfg: Any, seed: int, expect_kind:
         paths = [paths[i] for i in np.random.default_rng(seed).permutation(len(paths))]
     items = [{"path": str(p)} for p in paths]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    return ds.map_batches(_ShardToBatch(index, cfg, train, mode), batch_size=1, batch_format="numpy")
+    return ds.map_batches(_ShardToBatch(index, cfg, train, mode), batch_size=1, batch_format="numpy",
+                          num_cpus=float(_opt(cfg, "cpus_per_task", 1.0)))
 
 
 def clip_dataset(root: str | Path, split: str, data_cfg: Any, seed: int = 0) -> Any:

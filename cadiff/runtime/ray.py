@@ -62,6 +62,7 @@ def init_ray(ray_cfg: Any, state_api: bool = False, log_to_driver: bool = True, 
                  runtime_env={"env_vars": dict(TRAIN_V2_ENV)})
         if state_api:
             _start_autoscaling_coordinator()
+            _start_data_stats_actor()
         _sigterm_as_sigint()
         return
     # address="local": always a fresh local cluster, never a stale one recorded in /tmp/ray/ray_current_cluster
@@ -103,6 +104,22 @@ def _start_autoscaling_coordinator() -> None:
     import ray
 
     ray.get(get_or_create_autoscaling_coordinator().__ray_ready__.remote())
+
+
+def _start_data_stats_actor() -> None:
+    """Start Ray Data's stats actor on this driver's node and wait until it runs.
+
+    It is a detached actor created on the node of the first process that runs a dataset: from a Tune trial or
+    a Train data coordinator on an autoscaled worker, it would keep that node busy, never released by the
+    autoscaler. A driver's node (the head, for a submitted job) is not scaled down.
+    """
+    try:
+        from ray.data._internal.stats import get_or_create_stats_actor
+    except ImportError:  # another Ray layout: Ray Data places it itself
+        return
+    import ray
+
+    ray.get(get_or_create_stats_actor().__ray_ready__.remote())
 
 
 def local_env_vars(log_level: str, data_progress: bool) -> dict[str, str]:

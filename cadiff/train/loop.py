@@ -31,6 +31,7 @@ from cadiff.config import from_dict
 from cadiff.data import pipeline
 from cadiff.errors import ConfigError
 from cadiff.models.registry import build_model
+from cadiff.runinfo import record_workers, worker_location
 from cadiff.runtime.exports import export_model
 from cadiff.runtime.ray import quiet_train_reports
 from cadiff.train.checkpoint import CheckpointManager, resume, resume_candidates, write_manifest
@@ -322,6 +323,7 @@ def _train(config: dict[str, Any], sync: Callable[[], Any] | None) -> None:
     if rank == 0:
         log.info("strategy %s on %s, precision %s (trainer.precision=%s)", strategy.name, device, strategy.precision,
                  tcfg.precision)
+    record_placement(run, device)
     ema = EMA(strategy.ema_tensors(), decay=cfg.ema.decay, warmup_power=cfg.ema.warmup_power)
     reporter = Reporter(run.use_ray, run_dir, tcfg.num_to_keep, after_checkpoint=sync)
 
@@ -393,6 +395,17 @@ def _train(config: dict[str, Any], sync: Callable[[], Any] | None) -> None:
         run_report.refresh(step, last=True)  # the final report names the export written just now
     if writer is not None:
         writer.close()
+
+
+def record_placement(run: WorkerRun, device: torch.device) -> None:
+    """Rank 0 records every rank's node, host, pid and device in the run's run.json (collective)."""
+    mine = worker_location(run.rank, str(device))
+    workers = [mine]
+    if run.world > 1 and dist.is_initialized():
+        workers = [None] * run.world
+        dist.all_gather_object(workers, mine)
+    if run.rank == 0:
+        record_workers(run.run_dir, workers)
 
 
 def resume_state(run: WorkerRun, reporter: Reporter, strategy: Any, ema: EMA) -> tuple[int, Any]:

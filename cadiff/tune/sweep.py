@@ -36,10 +36,11 @@ log = logging.getLogger(__name__)
 # CLI override prefixes forwarded from the sweep command line to every trial.
 FORWARDED_PREFIXES = ("trainer.", "data.", "latents.", "seed=")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-# CPUs one trial holds besides its Train workers: the trial function, and a Ray Data map task (Ray's default
-# num_cpus=1 per task). Without that CPU free, concurrent trials wait on each other's data tasks forever.
+# CPUs one trial holds besides its Train workers: the trial function (TRIAL_CPUS), and a Ray Data decode task
+# (``data.cpus_per_task`` / ``latents.cpus_per_task``, Ray's default 1). Without that CPU free, concurrent trials
+# wait on each other's data tasks forever: on nodes smaller than a whole trial (function + a worker + a data
+# task) each trial's worker takes a node the data tasks then cannot fit on.
 TRIAL_CPUS = 0.01
-DATA_CPUS_PER_TRIAL = 1.0
 # Per-trial metrics in the results table; either can rank the trials (sweep ``metric``).
 RESULT_METRICS = ("score", "val_loss")
 METRIC_MEANING = {
@@ -167,7 +168,7 @@ def _trial_table(space: SearchSpace, cfg: Any) -> Any:
 
 
 def fit_concurrency(cfg: Any) -> int:
-    """``max_concurrent_trials`` lowered to what a local Ray cluster holds (workers + a data CPU per trial).
+    """``max_concurrent_trials`` lowered to what a local Ray cluster holds (workers + a data task per trial).
 
     A cluster reached through an address may autoscale, so its current size limits nothing there.
     """
@@ -176,13 +177,15 @@ def fit_concurrency(cfg: Any) -> int:
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
         return cfg.max_concurrent_trials
     cpus = ray.cluster_resources().get("CPU", 0.0)
-    per_trial = TRIAL_CPUS + cfg.workers_per_trial * cfg.cpus_per_worker + DATA_CPUS_PER_TRIAL
+    data_key, data_cpus = data_task_cpus(cfg)
+    per_trial = TRIAL_CPUS + cfg.workers_per_trial * cfg.cpus_per_worker + data_cpus
     fits = int(cpus // per_trial)
     if fits < 1:
         raise ConfigError(
             f"workers_per_trial={cfg.workers_per_trial} x cpus_per_worker={cfg.cpus_per_worker} plus "
-            f"{DATA_CPUS_PER_TRIAL} CPU for data loading needs {per_trial:g} CPUs per trial; the local Ray "
-            f"cluster has {cpus:g} (lower cpus_per_worker / workers_per_trial or raise ray.num_cpus)"
+            f"{data_key}.cpus_per_task={data_cpus:g} for data loading needs {per_trial:g} CPUs per trial; the local "
+            f"Ray cluster has {cpus:g} (lower cpus_per_worker / workers_per_trial / {data_key}.cpus_per_task or "
+            "raise ray.num_cpus)"
         )
     if fits < cfg.max_concurrent_trials:
         log.warning(
@@ -190,6 +193,12 @@ def fit_concurrency(cfg: Any) -> int:
             cfg.max_concurrent_trials, fits, cpus, fits, per_trial,
         )
     return min(fits, cfg.max_concurrent_trials)
+
+
+def data_task_cpus(cfg: Any) -> tuple[str, float]:
+    """The trials' data config key (``data`` / ``latents``) and the CPUs each of their Ray Data tasks reserves."""
+    key = get_stage(cfg.stage).data_key
+    return key, float(OmegaConf.select(cfg, f"{key}.cpus_per_task"))
 
 
 def absolute_data_roots(probe: Any, stage: str) -> dict[str, str]:

@@ -5,7 +5,9 @@ aws.yaml - same node types, head with 0 CPUs, workers scaled down to 1 CPU, ``mi
 timeout - and a Ray Tune run whose trials need 1 CPU each is driven against it from a separate process (as
 ``ray job submit`` would). The autoscaler must start worker nodes for the pending trials, the trials must run on
 them (the node ids they report are fake-provider worker ids), their files and Tune checkpoints must land under
-the run's storage, and the workers must be released after the idle timeout.
+the run's storage, and the workers must be released after the idle timeout. A cadiff sweep (``jobs/sweep.py``,
+Train V2 trials with Ray Data ingest) is run against the same kind of head and held to the same checks, the
+node of each trial's Train worker read from its run.json.
 
 ``ray.cluster_utils.AutoscalingCluster`` is not used: its ``start()`` runs ``ray stop --force``, which would kill
 every Ray session on the host (the suite's shared cluster included), and its base config file is not in the wheel.
@@ -13,10 +15,15 @@ every Ray session on the host (the suite's shared cluster included), and its bas
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -135,9 +142,58 @@ def test_fake_cluster_config_derives_from_aws_yaml():
     assert workers["worker.gpu_train"]["resources"]["GPU"] == 1 and "GPU" not in workers["worker.cpu_data"]["resources"]
 
 
-def test_sweep_scales_workers_up_from_zero_and_back_down(tmp_path):
+@dataclass(frozen=True)
+class FakeCluster:
+    """A running fake autoscaling head: its GCS address, the environment its drivers run with, its log."""
+
+    gcs_address: str
+    env: dict[str, str]
+    log: Path
+    dashboard_port: int
+
+    def driver_env(self) -> dict[str, str]:
+        return {**self.env, "RAY_ADDRESS": self.gcs_address}
+
+    def logs(self) -> str:
+        return self.log.read_text()[-2000:]
+
+    def nodes(self) -> dict[str, bool]:
+        """Every node the GCS has seen, node id -> alive; read with a GCS client, without joining as a driver."""
+        from ray._raylet import GcsClient
+        from ray.core.generated.gcs_pb2 import GcsNodeInfo
+
+        infos = GcsClient(address=self.gcs_address).get_all_node_info(timeout=10).values()
+        return {info.node_id.hex(): info.state == GcsNodeInfo.ALIVE for info in infos}
+
+    def actors_on(self, nodes: set[str]) -> list[str]:
+        """The alive actors on ``nodes`` (class, name, node): what keeps a worker from being released."""
+        from ray.util.state import list_actors
+
+        actors = list_actors(address=f"http://127.0.0.1:{self.dashboard_port}", filters=[("state", "=", "ALIVE")],
+                             limit=100, raise_on_missing_output=False)
+        return [f"{a.class_name} {a.name or ''} on {a.node_id[-5:]}" for a in actors if a.node_id in nodes]
+
+    def alive(self) -> set[str]:
+        return {node for node, alive in self.nodes().items() if alive}
+
+    def wait_alive(self, done: Callable[[set[str]], bool], timeout_s: float) -> set[str]:
+        """The alive nodes once ``done(alive)`` holds, or when ``timeout_s`` has passed."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                alive = self.alive()
+            except Exception:  # the GCS is still starting
+                alive = set()
+            if done(alive) or time.monotonic() > deadline:
+                return alive
+            time.sleep(1)
+
+
+@contextlib.contextmanager
+def fake_autoscaling_head(tmp_path: Path, dashboard: bool = False) -> Iterator[FakeCluster]:
+    """A private head (0 CPUs) whose autoscaler runs aws.yaml's node types on the fake multi-node provider."""
     temp_dir = short_temp_dir("cadiff-as-")
-    cmd, ports = head_command(temp_dir, 0, False, f"--object-store-memory={OBJECT_STORE_BYTES}")
+    cmd, ports = head_command(temp_dir, 0, dashboard, f"--object-store-memory={OBJECT_STORE_BYTES}")
     gcs_address = f"127.0.0.1:{ports['gcs']}"
     config = tmp_path / "fake_autoscaling.yaml"
     launcher = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())
@@ -146,16 +202,22 @@ def test_sweep_scales_workers_up_from_zero_and_back_down(tmp_path):
     # loopback only: no token (a token left in ~/.ray by other sessions must not be demanded of this driver)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
     env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_AUTH_MODE="disabled")
+    with head_process(cmd, env, tmp_path / "head.log", temp_dir):
+        yield FakeCluster(gcs_address, env, tmp_path / "head.log", ports["dashboard"])
+
+
+def test_tune_run_scales_workers_up_from_zero_and_back_down(tmp_path):
     out_root, storage = tmp_path / "out", tmp_path / "tune"
     out_root.mkdir()
-    with head_process(cmd, env, tmp_path / "head.log", temp_dir):
+    with fake_autoscaling_head(tmp_path) as cluster:
         proc = subprocess.run(
             [sys.executable, "-c", DRIVER, str(out_root), str(storage), "90"],
-            env={**env, "RAY_ADDRESS": gcs_address}, cwd=tmp_path, capture_output=True, text=True, timeout=RUN_S,
+            env=cluster.driver_env(), cwd=tmp_path, capture_output=True, text=True, timeout=RUN_S,
         )
+        head_log = cluster.logs()
     logs = proc.stdout + proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, logs[-4000:] + (tmp_path / "head.log").read_text()[-2000:]
+    assert proc.returncode == 0 and lines, logs[-4000:] + head_log
     run = json.loads(lines[-1][len("RESULT "):])
 
     assert run["before"] == [run["head"]] and not run["errors"], run  # started from zero workers; every trial ran
@@ -168,3 +230,68 @@ def test_sweep_scales_workers_up_from_zero_and_back_down(tmp_path):
     for path in run["checkpoints"]:
         assert Path(path).is_relative_to(storage / "fake_autoscaling") and Path(path).read_text() in workers
     assert run["after"] == [run["head"]], run  # idle workers released
+
+
+SWEEP_RUN_S = 150
+RELEASE_S = 60
+
+
+def run_logged(cmd: list[str], cluster: FakeCluster, cwd: Path, timeout_s: float) -> subprocess.CompletedProcess:
+    """Run a driver against ``cluster``; past ``timeout_s`` fail with what it and the head logged so far."""
+    try:
+        return subprocess.run(cmd, env=cluster.driver_env(), cwd=cwd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        said = [(part or b"").decode(errors="replace")[-3000:] for part in (exc.stdout, exc.stderr)]
+        pytest.fail(f"{cmd[1]} still running after {timeout_s} s:\n{said[0]}\n{said[1]}\n{cluster.logs()}")
+
+
+@pytest.mark.slow
+def test_cadiff_sweep_scales_workers_up_from_zero_and_back_down(tmp_path, sim_data_root):
+    """``jobs/sweep.py`` submitted to the fake autoscaling cluster as a job would run on it.
+
+    Two trials of a noise-schedule sweep (ae_tiny, 2 steps, one Train worker each) on a head with 0 CPUs: the
+    autoscaler must launch the worker nodes the trials ask for, every trial must finish there (each run.json
+    records the node its Train worker ran on), the sweep must write its results, and the idle workers must go.
+
+    What a trial asks for: its Tune function (0.01 CPU), the Train controller (0 CPU, beside the function), one
+    Train worker (``cpus_per_worker=0.5``) and Ray Data decode tasks (``data.cpus_per_task``, Ray's default 1 CPU).
+    With 1-CPU nodes and two trials at once, each trial's function and worker fill half of a node and no node
+    has the 1 CPU a decode task needs, with the cluster at ``max_workers``: both trials wait for data forever
+    (seen: ``MapBatches(_ShardToBatch): Tasks: 1 [backpressured]`` until the timeout). A real cluster whose
+    nodes are smaller than a whole trial has the same deadlock. ``data.cpus_per_task=0.25`` makes a whole trial
+    0.76 CPU, so each fits one node.
+    """
+    out_root = tmp_path / "sweeps"
+    args = ["space=noise_schedule", "stage=ae", "num_samples=2", "scheduler=none", "name=as", "workers_per_trial=1",
+            "max_concurrent_trials=2", "report_every=2", "trainer.max_steps=2", "data.cpus_per_task=0.25",
+            f"data.root={sim_data_root}", f"out_root={out_root}"]  # absolute: the pre-flight refuses relative paths
+    with fake_autoscaling_head(tmp_path, dashboard=True) as cluster:
+        before = cluster.wait_alive(lambda alive: len(alive) == 1, timeout_s=60)
+        started = time.monotonic()
+        proc = run_logged([sys.executable, str(REPO / "jobs" / "sweep.py"), *args], cluster, tmp_path, SWEEP_RUN_S)
+        sweep_s = time.monotonic() - started
+        after = cluster.wait_alive(lambda alive: alive == before, timeout_s=RELEASE_S)
+        released_s = time.monotonic() - started - sweep_s
+        holding = cluster.actors_on(after - before) if after != before else []
+        launched = set(cluster.nodes()) - before
+        head_log = cluster.logs()
+    final = [line for line in proc.stdout.splitlines() if line.startswith("cadiff sweep:")]
+    assert proc.returncode == 0 and final, proc.stdout[-3000:] + proc.stderr[-3000:] + head_log
+    sweep_dir = out_root / "sweep" / "as"
+    assert final[-1].startswith("cadiff sweep: ok 2 trials (0 stopped early)") and final[-1].endswith(f"-> {sweep_dir}")
+
+    assert len(before) == 1, before  # the head alone: no worker before the sweep asked for one
+    assert launched and all(node.startswith(FAKE_WORKER_ID_PREFIX) for node in launched), launched
+    with open(sweep_dir / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["status"], r["steps"]) for r in rows] == [("ok", "2")] * 2, rows  # every trial finished
+    assert (sweep_dir / "results.md").is_file() and (sweep_dir / "report.html").is_file()
+    trial_nodes = set()
+    for row in rows:
+        run_dir = sweep_dir / "trials" / "train_ae" / f"trial_{row['trial_id']}"
+        workers = json.loads((run_dir / "run.json").read_text())["workers"]
+        assert [w["rank"] for w in workers] == [0] and (run_dir / "export" / "model.pt").is_file()
+        trial_nodes.add(workers[0]["node_id"])
+    assert trial_nodes <= launched, (trial_nodes, launched)  # every Train worker ran on an autoscaled node
+    assert after == before, f"workers still up {released_s:.0f} s after the sweep: {after - before}, actors {holding}"
+    print(f"sweep {sweep_s:.0f} s, workers released {released_s:.0f} s after it; nodes launched: {len(launched)}")

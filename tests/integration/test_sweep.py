@@ -100,19 +100,20 @@ def test_space_for_another_stage_is_rejected(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("cpus", "workers", "cpus_per_worker", "wanted", "expected"),
-    [(2.0, 1, 0.5, 2, 1), (4.0, 1, 0.5, 2, 2), (16.0, 1, 0.5, 3, 3), (4.0, 2, 1.0, 4, 1)],
+    ("cpus", "workers", "cpus_per_worker", "data_cpus", "wanted", "expected"),
+    [(2.0, 1, 0.5, 1.0, 2, 1), (4.0, 1, 0.5, 1.0, 2, 2), (16.0, 1, 0.5, 1.0, 3, 3), (4.0, 2, 1.0, 1.0, 4, 1),
+     (2.0, 1, 0.5, 0.25, 2, 2), (2.0, 1, 0.5, 0.5, 2, 1)],
 )
-def test_fit_concurrency_lowers_to_local_cpus(monkeypatch, cpus, workers, cpus_per_worker, wanted, expected):
+def test_fit_concurrency_lowers_to_local_cpus(monkeypatch, cpus, workers, cpus_per_worker, data_cpus, wanted, expected):
+    """A trial holds its function, its workers and a data task of data.cpus_per_task CPUs."""
     import ray
 
     from cadiff.tune.sweep import fit_concurrency
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": cpus})
-    cfg = compose(
-        "sweep", [f"workers_per_trial={workers}", f"cpus_per_worker={cpus_per_worker}", f"max_concurrent_trials={wanted}"]
-    )
+    cfg = compose("sweep", [f"workers_per_trial={workers}", f"cpus_per_worker={cpus_per_worker}",
+                            f"data.cpus_per_task={data_cpus}", f"max_concurrent_trials={wanted}"])
     assert fit_concurrency(cfg) == expected
 
 
@@ -123,8 +124,10 @@ def test_fit_concurrency_rejects_trials_larger_than_the_local_cluster(monkeypatc
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
-    with pytest.raises(ConfigError, match="workers_per_trial=2 x cpus_per_worker=1.0"):
+    with pytest.raises(ConfigError, match=r"workers_per_trial=2 x cpus_per_worker=1.0 plus data.cpus_per_task=1 "):
         fit_concurrency(compose("sweep", ["workers_per_trial=2", "cpus_per_worker=1.0"]))
+    with pytest.raises(ConfigError, match=r"latents.cpus_per_task=2 for data loading needs 2.51 CPUs"):
+        fit_concurrency(compose("sweep", ["stage=latent", "latents.cpus_per_task=2"]))
     # an addressed cluster may autoscale: its current size is no limit
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     assert fit_concurrency(compose("sweep", ["workers_per_trial=2", "max_concurrent_trials=3"])) == 3

@@ -75,7 +75,12 @@ def test_ddp_trains_exports_media_and_resumes_exactly(ray_cluster, sim_data_root
     recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert recorded["model"]["noise_model"] == model_cfg["noise_model"]
     assert any(k.startswith("mean_decoder.") for k in state)
-    assert json.loads((run_dir / "run.json").read_text())["git_revision"]
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["git_revision"]
+    # where each rank trained, gathered by rank 0: this one-node cluster's node, two worker processes
+    node = ray_cluster.get_runtime_context().get_node_id()
+    assert [(w["rank"], w["node_id"], w["device"]) for w in record["workers"]] == [(0, node, "cpu"), (1, node, "cpu")]
+    assert len({w["pid"] for w in record["workers"]}) == 2
     assert list((run_dir / "checkpoints").glob("step_*")), "no Ray Train checkpoint was persisted"
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run folder missing"
 
@@ -96,6 +101,7 @@ def test_ddp_trains_exports_media_and_resumes_exactly(ray_cluster, sim_data_root
     run_training(_cfg(sim_data_root, tmp_path, "split", *common, "trainer.stop_at_step=2"), "ae")
     _, split = run_training(_cfg(sim_data_root, tmp_path, "split", *common), "ae")
     steps = [r["step"] for r in _metrics(Path(split))]
+    assert [w["rank"] for w in json.loads((Path(split) / "run.1.json").read_text())["workers"]] == [0, 1]
     assert steps[-1] == 4 and 1 not in steps[steps.index(2) + 1 :], f"resume restarted from scratch: {steps}"
     a, b = _export_state(full), _export_state(split)
     assert a.keys() == b.keys()

@@ -116,3 +116,14 @@ def test_latent_deterministic_batches(tmp_path):
     with pytest.raises(DataError, match="kind 'latents', expected 'clips'"):
         pipeline.val_batch(tmp_path, 2, cfg)
     assert pipeline.val_batch(tmp_path, 2, cfg, kind="latents").shape == (2, 4, 3, 4, 4)
+
+
+@pytest.mark.parametrize(("job", "key"), [("train_ae", "data"), ("train_latent", "latents"), ("sweep", "data")])
+def test_data_task_cpus_must_be_positive(job, key):
+    """``<data>.cpus_per_task`` (CPUs per Ray Data decode task) is checked when the config is composed."""
+    from cadiff.config import compose
+    from cadiff.errors import ConfigError
+
+    assert compose(job, [f"{key}.cpus_per_task=0.25"])[key].cpus_per_task == 0.25
+    with pytest.raises(ConfigError, match=rf"{key}.cpus_per_task.*0.*> 0 \(CPUs per Ray Data task\)"):
+        compose(job, [f"{key}.cpus_per_task=0"])

@@ -28,6 +28,7 @@ def fake_ray_init(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
     monkeypatch.setattr(ray_runtime, "_start_autoscaling_coordinator", lambda: calls.append("coordinator"))
+    monkeypatch.setattr(ray_runtime, "_start_data_stats_actor", lambda: calls.append("stats actor"))
     context = ray.data.DataContext.get_current()
     saved = (context.enable_progress_bars, context.print_on_execution_start)
     handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
@@ -68,8 +69,10 @@ def test_data_jobs_keep_ray_data_progress(fake_ray_init):
 def test_joining_a_cluster_sets_only_the_log_level_and_train_v2(fake_ray_init, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     ray_runtime.init_ray(RayConfig(log_level="ERROR"), state_api=True)
+    # Ray Data's detached stats actor starts on this driver's node, never on a worker a trial autoscaled
     assert fake_ray_init == [{"address": "127.0.0.1:6379", "log_to_driver": True, "logging_level": "ERROR",
-                              "runtime_env": {"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}}}, "coordinator"]
+                              "runtime_env": {"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}}}, "coordinator",
+                             "stats actor"]
 
 
 def test_ray_data_config_file_quiets_its_console_only(monkeypatch):

@@ -60,3 +60,30 @@ def test_resume_allow_list_holds_no_training_hyperparameter():
     for key in ("trainer.lr", "trainer.warmup_steps", "trainer.grad_accum", "seed", "data.batch_size", "model.",
                 "strategy.", "ema."):
         assert not any(p == key or (p.endswith(".") and key.startswith(p)) for p in RESUME_MAY_CHANGE), key
+
+
+def test_workers_are_recorded_in_the_newest_sessions_run_record(tmp_path):
+    """Each rank's node/host/pid/device lands in run.<n>.json of the session that trained (not in run.json of
+    an earlier one, nor in run.10.json's place by a string sort)."""
+    from cadiff.runinfo import latest_run_record, record_run, record_workers, worker_location
+
+    for suffix in ("", ".2", ".10"):
+        record_run(tmp_path, {"seed": 1}, "train_ae", suffix=suffix)
+    assert latest_run_record(tmp_path) == tmp_path / "run.10.json"
+    ranks = [worker_location(1, "cpu") | {"node_id": "n1"}, worker_location(0, "cpu") | {"node_id": "n0"}]
+    assert record_workers(tmp_path, ranks) == tmp_path / "run.10.json"
+    info = json.loads((tmp_path / "run.10.json").read_text())
+    assert [(w["rank"], w["node_id"], w["pid"]) for w in info["workers"]] == [(0, "n0", os.getpid()), (1, "n1", os.getpid())]
+    assert info["job"] == "train_ae" and "workers" not in json.loads((tmp_path / "run.2.json").read_text())
+
+
+def test_recording_workers_without_a_readable_run_record_names_the_file(tmp_path):
+    from cadiff.errors import CadiffError
+    from cadiff.runinfo import record_workers
+
+    with pytest.raises(CadiffError, match=r"no run.json \(the driver records the run"):
+        record_workers(tmp_path, [])
+    (tmp_path / "run.json").write_text("[1, 2")
+    with pytest.raises(CadiffError, match=r"run.json: unreadable run record .*expected the JSON object"):
+        record_workers(tmp_path, [])
+    assert (tmp_path / "run.json").read_text() == "[1, 2"

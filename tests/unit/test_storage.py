@@ -5,6 +5,7 @@ out_root is a bucket, resumed from it."""
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from pathlib import Path
 
@@ -188,6 +189,9 @@ def test_single_run_writes_to_and_resumes_from_a_bucket(s3_prefix, tmp_path, mon
     steps = [json.loads(line)["step"] for line in storage.read_text(storage.join(run, "metrics.jsonl")).splitlines()]
     assert steps == [1, 2, 3, 4]  # resumed at 2 from the bucket, not restarted
     assert {"config.yaml", "config.1.yaml", "run.json", "data_info.json"} <= set(storage.listdir(run))
+    for record in ("run.json", "run.1.json"):  # each session records where its rank ran, uploaded with the run
+        workers = json.loads(storage.read_text(storage.join(run, record)))["workers"]
+        assert [(w["rank"], w["device"], w["pid"]) for w in workers] == [(0, "cpu", os.getpid())], workers
     with storage.mirrored(storage.join(run, "export")) as export:
         assert load_export(export.local / "model.pt")[2]["step"] == 4
     assert list(tmp_path.iterdir()) == []  # the default out_root (./outputs) was never created
