@@ -167,10 +167,10 @@ def conditioning_run(models: dict[str, Any], data: BenchData, preset: str, movie
     """Train the conditioned DiT on ``movies`` brightness-varied movies and measure ROI recovery, the null test and
     flux following (module docstring). ``unconditional``: photon clips of the unconditional DiT (the control)."""
     start = time.perf_counter()
-    clips, masks, fluxes = training_conditions(*brightness_movies(preset, movies, movie_frames, movie_side,
+    train_clips, masks, fluxes = training_conditions(*brightness_movies(preset, movies, movie_frames, movie_side,
                                                                   seed * 1000 + 700), frames, side)
     mean, std = (s.view(1, -1, 1, 1, 1) for s in models["stats"])
-    latents = (encode(models["ae"], clips, data) - mean) / std
+    latents = (encode(models["ae"], train_clips, data) - mean) / std
     dit, info = train_dit(with_conditions(latents, masks, fluxes), steps, seed + 1, batch=batch,
                           overrides=COND_OVERRIDES, conditions=CONDITIONS)
     train_s = time.perf_counter() - start
@@ -182,9 +182,9 @@ def conditioning_run(models: dict[str, Any], data: BenchData, preset: str, movie
         clips = sample(dit, models, data, k, seed + 100 + i, mask=union)
         gen_scores += [match_rois(detect_rois(c), rois) for c in clips]
         real_scores.append(match_rois(detect_rois(real), rois))
-        for values, movies in ((contrasts, clips), (real_contrasts, [real]),
-                               (control_contrasts, unconditional[i * k:(i + 1) * k])):
-            c = _contrast(movies, rois)
+        for values, group in ((contrasts, clips), (real_contrasts, [real]),
+                              (control_contrasts, unconditional[i * k:(i + 1) * k])):
+            c = _contrast(group, rois)
             if c is not None:
                 values.append(c)
     null_clips = sample(dit, models, data, 4 * k, seed + 7, mask=np.zeros((side, side), bool))
@@ -196,7 +196,7 @@ def conditioning_run(models: dict[str, Any], data: BenchData, preset: str, movie
         measured = float(np.mean(sample(dit, models, data, 4 * k, seed + 200 + j, flux=requested)))
         flux_rows.append({"factor": factor, "requested": requested, "measured": measured,
                           "rel_err": abs(measured / requested - 1.0),
-                          "stage1_roundtrip": roundtrip_flux(models, data, clips, fluxes, requested, k, seed)})
+                          "stage1_roundtrip": roundtrip_flux(models, data, train_clips, fluxes, requested, k, seed)})
     gen, ceiling = _pooled(gen_scores), _pooled(real_scores)
     measurable = ceiling["f1"] >= MIN_CEILING_F1
     result = {
