@@ -21,8 +21,8 @@ as the simulator's ground-truth ROIs (``footprint >= 0.3``).
 suite2p is an optional extra (``make setup`` installs it; see the Makefile for why it goes in without its
 cellpose dependency). The pinned release, 0.14.6, fails to estimate the spatial scale under numpy 2, so the
 judge always passes ``spatial_scale`` (1: cells ~6 px across, suite2p's smallest scale; the simulator's cells
-are 5-8 px). suite2p's movies are int16: a movie whose values do not fit is shifted (and, if it still does not
-fit, scaled) first, which is recorded per movie; detection is invariant to the shift.
+are 5-8 px). suite2p's movies are int16: an integer movie that does not fit, or a float movie with fractions, is
+shifted and scaled first (:func:`to_int16`; the movies rescaled are listed per set).
 
 suite2p writes its binary files and results into a private temporary folder that is deleted afterwards; its
 console output goes to ``<out>/suite2p/<set>/<movie>.log`` and its ROIs to ``<movie>_rois.npz``.
@@ -145,16 +145,20 @@ def _read_truth(movie_path: Path, frame_shape: tuple[int, int]) -> np.ndarray | 
 
 
 def to_int16(frames: np.ndarray) -> tuple[np.ndarray, float]:
-    """The movie as int16 for suite2p, shifted (and scaled only if needed) to fit; returns (movie, scale)."""
+    """The movie as int16 for suite2p; returns (movie, scale). Integer movies that fit are kept as they are; others
+    are shifted to start at 0, and scaled to int16's range when they hold fractions (processed float movies, which
+    rounding would flatten) or span more than it. Detection normalizes by each pixel's spread, so neither changes
+    what suite2p finds."""
     x = np.asarray(frames, dtype=np.float64)
     if not np.isfinite(x).all():
         raise DataError("judge=suite2p: the movie holds NaN/inf values, expected finite pixels")
     lo, hi = float(x.min()), float(x.max())
-    if lo >= -INT16_MAX and hi <= INT16_MAX:
-        return np.rint(x).astype(np.int16), 1.0
-    x = x - lo
-    scale = 1.0 if hi - lo <= INT16_MAX else INT16_MAX / (hi - lo)
-    return np.rint(x * scale).astype(np.int16), scale
+    integer = bool(np.array_equal(x, np.rint(x)))
+    if integer and lo >= -INT16_MAX and hi <= INT16_MAX:
+        return x.astype(np.int16), 1.0
+    span = hi - lo
+    scale = 1.0 if (integer and span <= INT16_MAX) or span == 0 else INT16_MAX / span
+    return np.rint((x - lo) * scale).astype(np.int16), scale
 
 
 def roi_snr(f: np.ndarray, fneu: np.ndarray) -> np.ndarray:

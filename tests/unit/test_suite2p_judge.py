@@ -34,6 +34,9 @@ def test_to_int16_keeps_values_that_fit_and_shifts_or_scales_the_rest():
     wide = np.array([[[0, 65535]]], dtype=np.uint16)
     y, scale = to_int16(wide)
     assert scale == pytest.approx(32767 / 65535) and y.max() == 32767 and y.min() == 0
+    processed = np.array([[[0.0, 0.5], [1.0, 2.0]]], dtype=np.float32)  # dF/F-like floats: rounding would flatten
+    y, scale = to_int16(processed)
+    assert scale == pytest.approx(32767 / 2) and np.array_equal(y.ravel(), [0, 8192, 16384, 32767])
     with pytest.raises(DataError, match="NaN"):
         to_int16(np.array([[[np.nan, 1.0]]]))
 
