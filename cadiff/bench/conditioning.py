@@ -45,7 +45,7 @@ from cadiff.data.conditioning import (
 from cadiff.data.movie import to_photons
 from cadiff.data.simulate import PRESETS, simulate_movie
 from cadiff.errors import DataError
-from cadiff.eval.rois import detect_rois, match_rois, roi_contrast
+from cadiff.eval.rois import detect_rois, match_rois, pool_matches, roi_contrast
 
 log = logging.getLogger(__name__)
 
@@ -131,14 +131,6 @@ def roundtrip_flux(models: dict[str, Any], data: BenchData, clips: np.ndarray, f
     return {"input": float(np.mean(fluxes[nearest])), "decoded": float(np.mean(recon))}
 
 
-def _pooled(scores: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    hits, n_pred, n_true = (sum(s[k] for s in scores) for k in ("hits", "n_pred", "n_true"))
-    precision = hits / n_pred if n_pred else 0.0
-    recall = hits / n_true if n_true else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"f1": f1, "precision": precision, "recall": recall, "hits": hits, "n_pred": n_pred, "n_true": n_true}
-
-
 def held_out_tiles(data: BenchData, frames: int, side: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(real photon clip, requested ROIs [K, side, side]) of each first-frame tile of each held-out movie that has
     ROIs; ROIs cut below :data:`MIN_ROI_PIXELS` by the tile edge are dropped."""
@@ -197,7 +189,7 @@ def conditioning_run(models: dict[str, Any], data: BenchData, preset: str, movie
         flux_rows.append({"factor": factor, "requested": requested, "measured": measured,
                           "rel_err": abs(measured / requested - 1.0),
                           "stage1_roundtrip": roundtrip_flux(models, data, train_clips, fluxes, requested, k, seed)})
-    gen, ceiling = _pooled(gen_scores), _pooled(real_scores)
+    gen, ceiling = pool_matches(gen_scores), pool_matches(real_scores)
     measurable = ceiling["f1"] >= MIN_CEILING_F1
     result = {
         "roi_f1": gen["f1"] if measurable else None, "null_rois": null_rois if measurable else None,

@@ -23,6 +23,8 @@ counts a pair as a hit at ``IoU >= iou`` (the Neurofinder / CaImAn convention us
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -135,11 +137,20 @@ def match_rois(pred: np.ndarray, true: np.ndarray, iou: float = 0.5) -> dict[str
         overlap = iou_matrix(pred, true)
         rows, cols = linear_sum_assignment(overlap, maximize=True)
         hits = int((overlap[rows, cols] >= iou).sum())
-    precision = hits / len(pred) if len(pred) else 0.0
-    recall = hits / len(true) if len(true) else 0.0
+    return _scores(hits, len(pred), len(true))
+
+
+def _scores(hits: int, n_pred: int, n_true: int) -> dict[str, float | int]:
+    precision = hits / n_pred if n_pred else 0.0
+    recall = hits / n_true if n_true else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1, "hits": hits, "n_pred": int(len(pred)),
-            "n_true": int(len(true))}
+    return {"precision": precision, "recall": recall, "f1": f1, "hits": int(hits), "n_pred": int(n_pred),
+            "n_true": int(n_true)}
+
+
+def pool_matches(results: Sequence[dict[str, Any]]) -> dict[str, float | int]:
+    """:func:`match_rois` results of several movies pooled: precision, recall and F1 of the summed counts."""
+    return _scores(*(sum(r[k] for r in results) for k in ("hits", "n_pred", "n_true")))
 
 
 def roi_contrast(movie: np.ndarray, rois: np.ndarray) -> dict[str, float]:

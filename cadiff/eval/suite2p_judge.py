@@ -45,7 +45,7 @@ from scipy.stats import ks_2samp
 from cadiff.config import Suite2pJudgeConfig
 from cadiff.errors import DataError
 from cadiff.eval.inputs import INDEX_FILE, movie_files, movie_root, read_calibration_file, read_movie
-from cadiff.eval.rois import match_rois
+from cadiff.eval.rois import match_rois, pool_matches
 from cadiff.io import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -260,14 +260,8 @@ def summarize_detections(movies: list[JudgeMovie], detections: list[Detection], 
     scored = [(m, d) for m, d in zip(movies, detections) if m.truth is not None]
     if scored:
         per_movie = {m.name: match_rois(d.masks, m.truth, iou) for m, d in scored}
-        hits = sum(r["hits"] for r in per_movie.values())
-        n_pred = sum(r["n_pred"] for r in per_movie.values())
-        n_true = sum(r["n_true"] for r in per_movie.values())
-        precision = hits / n_pred if n_pred else 0.0
-        recall = hits / n_true if n_true else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        summary["truth"] = {"iou": iou, "movies": len(scored), "f1": f1, "precision": precision, "recall": recall,
-                            "n_pred": n_pred, "n_true": n_true, "per_movie": per_movie}
+        summary["truth"] = {"iou": iou, "movies": len(scored), **pool_matches(list(per_movie.values())),
+                            "per_movie": per_movie}
     return summary
 
 

@@ -55,6 +55,6 @@ def test_held_out_tiles_ask_only_for_cells_they_show_and_f1_pools_over_samples()
     tiles = C.held_out_tiles(_held_out(), 17, 32)
     assert tiles and all(real.shape == (17, 32, 32) and rois.shape[1:] == (32, 32) for real, rois in tiles)
     assert all((rois.sum(axis=(1, 2)) >= C.MIN_ROI_PIXELS).all() for _, rois in tiles)
-    pooled = C._pooled([{"hits": 1, "n_pred": 2, "n_true": 2}, {"hits": 1, "n_pred": 1, "n_true": 3}])
+    pooled = C.pool_matches([{"hits": 1, "n_pred": 2, "n_true": 2}, {"hits": 1, "n_pred": 1, "n_true": 3}])
     assert (pooled["precision"], pooled["recall"]) == (2 / 3, 2 / 5)
-    assert C._pooled([{"hits": 0, "n_pred": 0, "n_true": 2}])["f1"] == 0.0
+    assert C.pool_matches([{"hits": 0, "n_pred": 0, "n_true": 2}])["f1"] == 0.0
