@@ -22,7 +22,7 @@ from cadiff.config import Suite2pJudgeConfig, to_dict
 from cadiff.errors import DataError
 from cadiff.eval.inputs import common_shape, crop_sets, load_set, modal_shape, resolve_calibration
 from cadiff.eval.metrics import MIN_FRAMES, MIN_SIDE, SetSummary, compare_sets, summarize_set
-from cadiff.eval.suite2p_judge import judge_suite2p, require_suite2p
+from cadiff.eval.suite2p_judge import judge_movie_files, judge_suite2p, require_suite2p
 from cadiff.io import write_json_atomic, write_text_atomic
 from cadiff.report_html import Document, save_png
 
@@ -61,8 +61,10 @@ def evaluate_folders(
 
     ``judge="suite2p"`` adds ``metrics["suite2p"]`` (:mod:`cadiff.eval.suite2p_judge`) on the sets' whole movies.
     """
-    if judge == "suite2p":
-        require_suite2p()  # before minutes of pixel metrics
+    if judge == "suite2p":  # before minutes of pixel metrics
+        require_suite2p()
+        for path in (gen, ref):
+            judge_movie_files(path)
     gen_set = load_set(gen, None, max_clips, seed, clip_shape, hdf5_key, estimate_missing=False)
     ref_set = load_set(ref, ref_split, max_clips, seed, clip_shape or modal_shape(gen_set), hdf5_key)
     # generated movies are meant to be in the reference's units: borrow its calibration when it has exactly one

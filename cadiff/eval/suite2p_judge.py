@@ -96,9 +96,9 @@ class Detection:
 # inputs
 
 
-def load_judge_movies(path: str | Path, max_movies: int, min_frames: int, hdf5_key: str = "data",
-                      fallback_rate_hz: float | None = None) -> list[JudgeMovie]:
-    """Whole movies of a movie folder, a movie file or an export folder (first ``max_movies`` by name)."""
+def judge_movie_files(path: str | Path) -> tuple[Path, list[Path]]:
+    """The folder and movie files the judge reads from ``path``; DataError for a shard folder or no movies (checked
+    before an evaluation starts, so a wrong ``gen``/``ref`` fails at once)."""
     root = Path(path)
     if not root.exists():
         raise DataError(f"judge=suite2p: {root} does not exist, expected a folder of TIFF/HDF5 movies or an export folder")
@@ -109,6 +109,13 @@ def load_judge_movies(path: str | Path, max_movies: int, min_frames: int, hdf5_k
     files = movie_files(root)
     if not files:
         raise DataError(f"judge=suite2p: {root} holds no .tif/.tiff/.h5/.hdf5 movies")
+    return root, files
+
+
+def load_judge_movies(path: str | Path, max_movies: int, min_frames: int, hdf5_key: str = "data",
+                      fallback_rate_hz: float | None = None) -> list[JudgeMovie]:
+    """Whole movies of a movie folder, a movie file or an export folder (first ``max_movies`` by name)."""
+    root, files = judge_movie_files(path)
     folder_cal = read_calibration_file(root)
     movies = []
     for path in files[:max_movies]:

@@ -79,3 +79,14 @@ def test_judge_refuses_short_clips_before_running(exports, tmp_path):
     assert proc.returncode != 0
     assert "has 300 frames, expected >= 500 (suite2p.min_frames)" in proc.stdout + proc.stderr
     assert not (tmp_path / "x" / "metrics.json").exists()
+
+
+def test_a_shard_folder_reference_is_refused_before_any_metric(exports, tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "index.json").write_text("{}")  # never read: the judge refuses the folder first
+    proc = run_job_in_process("evaluate", [f"gen={exports['gen']}", f"ref={shards}", f"out={tmp_path / 'x'}",
+                                           "judge=suite2p"])
+    assert proc.returncode != 0
+    assert "is a shard folder of short clips; suite2p needs whole movies" in proc.stdout + proc.stderr
+    assert not (tmp_path / "x").exists()
