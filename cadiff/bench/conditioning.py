@@ -8,7 +8,8 @@ guidance for:
   requested ROIs at IoU >= 0.5, pooled over samples (``roi_f1``); the same detector on the real tiles is the
   ceiling. Because a detector can fail on dim cells in short clips, the local-correlation contrast inside/outside
   the requested ROIs (:func:`cadiff.eval.rois.roi_contrast`) is reported too, with unconditional samples as the
-  control (same masks, no reason for their activity to sit there);
+  control (same masks, no reason for their activity to sit there). When the detector misses the real tiles' cells
+  too (ceiling F1 < :data:`MIN_CEILING_F1`), ``roi_f1`` and ``null_rois`` are reported as not measured;
 - **an empty mask** (the null test): ROIs the detector finds in those samples (``null_rois``, summed);
 - **four requested fluxes** across a 4x range around the training tiles' median: the largest relative error of the
   samples' measured mean photon flux (``gain_cond_max_err``: brightness is conditioned on flux, not on the
