@@ -24,8 +24,9 @@ judge always passes ``spatial_scale`` (1: cells ~6 px across, suite2p's smallest
 are 5-8 px). suite2p's movies are int16: an integer movie that does not fit, or a float movie with fractions, is
 shifted and scaled first (:func:`to_int16`; the movies rescaled are listed per set).
 
-suite2p writes its binary files and results into a private temporary folder that is deleted afterwards; its
-console output goes to ``<out>/suite2p/<set>/<movie>.log`` and its ROIs to ``<movie>_rois.npz``.
+suite2p registers each movie into a binary file in a private temporary folder (deleted afterwards); detection,
+extraction and its built-in classifier run on that file in this process, so its ROIs never pass through a pickle.
+Its console output goes to ``<out>/suite2p/<set>/<movie>.log`` and its ROIs to ``<movie>_rois.npz``.
 """
 
 from __future__ import annotations
@@ -195,17 +196,24 @@ def _suite2p_ops(settings: Suite2pJudgeConfig, rate_hz: float) -> dict[str, Any]
     ops = suite2p.default_ops()
     ops.update(fs=float(rate_hz), tau=settings.tau, spatial_scale=settings.spatial_scale,
                threshold_scaling=settings.threshold_scaling, nonrigid=settings.nonrigid, sparse_mode=True,
-               spikedetect=False, force_sktiff=True, save_mat=False, delete_bin=False, keep_movie_raw=False)
+               spikedetect=False, force_sktiff=True, save_mat=False, delete_bin=False, move_bin=False,
+               keep_movie_raw=False, use_builtin_classifier=True)
     return ops
 
 
 def run_suite2p(movie: JudgeMovie, settings: Suite2pJudgeConfig, log_path: Path) -> Detection:
-    """suite2p's functional pipeline on one movie in a private temporary folder (deleted afterwards)."""
+    """suite2p's functional pipeline on one movie in a private temporary folder (deleted afterwards).
+
+    ``run_s2p`` registers the movie into a binary file; detection, extraction and the built-in classifier then run
+    here on that file (the steps ``run_s2p`` would take next), so the ROIs come back in memory: suite2p saves them
+    only as a pickled ``stat.npy``, which cadiff never unpickles."""
     import suite2p
     import tifffile
+    from suite2p import classification, detection, extraction, io
 
     frames, scale = to_int16(movie.frames)
     frame_shape = tuple(frames.shape[1:])
+    empty = Detection(np.zeros((0, *frame_shape), bool), np.zeros(0), np.zeros(0), np.zeros(0), scale)
     work = Path(tempfile.mkdtemp(prefix="cadiff-suite2p-"))
     try:
         data = work / "data"
@@ -213,24 +221,25 @@ def run_suite2p(movie: JudgeMovie, settings: Suite2pJudgeConfig, log_path: Path)
         tifffile.imwrite(data / f"{movie.name}.tif", frames)
         db = {"data_path": [str(data)], "save_path0": str(work), "fast_disk": str(work / "fast")}
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        classfile = classification.builtin_classfile
         # the log is diagnostic, written as suite2p runs (so a failure leaves it to read)
         with open(log_path, "w") as fh, contextlib.redirect_stdout(fh):
             try:
-                suite2p.run_s2p(ops=_suite2p_ops(settings, movie.rate_hz), db=db)
+                ops = suite2p.run_s2p(ops={**_suite2p_ops(settings, movie.rate_hz), "roidetect": False}, db=db)
+                with io.BinaryFile(Ly=ops["Ly"], Lx=ops["Lx"], filename=ops["reg_file"], n_frames=ops["nframes"]) as f_reg:
+                    ops, stat = detection.detection_wrapper(f_reg, ops=ops, classfile=classfile)
+                    if not len(stat):
+                        return empty
+                    stat, f, fneu, _, _ = extraction.extraction_wrapper(stat, f_reg, f_reg_chan2=None, ops=ops)
+                iscell = classification.classify(stat=stat, classfile=classfile)
             except ValueError as exc:
                 if "no ROIs were found" not in str(exc):
                     raise DataError(f"judge=suite2p: suite2p failed on {movie.name} ({exc}); see {log_path}") from None
                 print(f"cadiff: suite2p found no ROIs ({exc})", file=fh)
-        plane = work / "suite2p" / "plane0"
-        if not (plane / "stat.npy").is_file():
-            return Detection(np.zeros((0, *frame_shape), bool), np.zeros(0), np.zeros(0), np.zeros(0), scale)
-        # stat.npy is a pickled list of dicts that suite2p wrote a moment ago into this process's private mkdtemp
-        # folder (mode 0700): it is not untrusted input
-        stat = np.load(plane / "stat.npy", allow_pickle=True)
-        iscell = np.load(plane / "iscell.npy")
-        snr = roi_snr(np.load(plane / "F.npy"), np.load(plane / "Fneu.npy"))
+                return empty
         npix = np.array([float(s["npix"]) for s in stat])
-        return Detection(stat_masks(stat, frame_shape), npix, snr, iscell[:, 1].astype(float), scale)
+        return Detection(stat_masks(stat, frame_shape), npix, roi_snr(f, fneu), np.asarray(iscell)[:, 1].astype(float),
+                         scale)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
