@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from cadiff.bench.ae_quality import BenchData, cut_clips, encode, flips, tile_origins
-from cadiff.bench.stage2 import train_dit
+from cadiff.bench.stage2 import decode_photons, train_dit
 from cadiff.data.conditioning import (
     CONDITIONS,
     FLUX_KEY,
@@ -107,7 +107,6 @@ def sample(dit: Any, models: dict[str, Any], data: BenchData, n: int, seed: int,
            flux: float | None = None) -> np.ndarray:
     """``n`` photon clips for the given conditions (None: not given) with guidance :data:`GUIDANCE`."""
     latent = models["latent"]
-    mean, std = (s.view(1, -1, 1, 1, 1) for s in models["stats"])
     conditions = {}
     if mask is not None:
         conditions[MASK_KEY] = torch.from_numpy(to_grid(mask, tuple(latent[2:]))).expand(n, -1, -1).clone()
@@ -116,8 +115,7 @@ def sample(dit: Any, models: dict[str, Any], data: BenchData, n: int, seed: int,
     generator = torch.Generator().manual_seed(seed)
     z = dit.sample((n, *latent), sampler=SAMPLER, num_steps=STEPS, generator=generator, conditions=conditions,
                    guidance_scale=GUIDANCE if conditions else 1.0)
-    x = models["ae"].decode(z * std + mean, generator=generator)
-    return data.to_photons(x[:, 0].double().numpy()).astype(np.float32)
+    return decode_photons(models["ae"], z, models["stats"], data, generator)
 
 
 @torch.no_grad()

@@ -56,7 +56,7 @@ from cadiff.bench.ae_quality import (
     train_autoencoder,
 )
 from cadiff.bench.conditioning import conditioning_run
-from cadiff.bench.stage2 import export_pair, gain_drift, seam_frames, seam_ratio, train_dit
+from cadiff.bench.stage2 import decode_photons, export_pair, gain_drift, seam_frames, seam_ratio, train_dit
 from cadiff.config import compose
 from cadiff.data.movie import to_photons
 from cadiff.data.simulate import PRESETS
@@ -147,7 +147,6 @@ def training_latents(ae: Any, data: BenchData, cfg: GenConfig) -> torch.Tensor:
 def sample_clips(dit: Any, ae: Any, data: BenchData, stats: tuple[torch.Tensor, torch.Tensor], latent: Sequence[int],
                  n: int, sampler: str, steps: int, seed: int, batch: int = 16) -> dict[str, Any]:
     """``n`` samples: normalized latents, photon clips, DiT NFE and seconds per clip of the DiT and the decoder."""
-    mean, std = (s.view(1, -1, 1, 1, 1) for s in stats)
     generator = torch.Generator().manual_seed(seed)
     zs, clips, dit_s, dec_s = [], [], 0.0, 0.0
     for i in range(0, n, batch):
@@ -155,10 +154,9 @@ def sample_clips(dit: Any, ae: Any, data: BenchData, stats: tuple[torch.Tensor, 
         z = dit.sample((min(batch, n - i), *latent), sampler=sampler, num_steps=steps, generator=generator)
         dit_s += time.perf_counter() - start
         start = time.perf_counter()
-        x = ae.decode(z * std + mean, generator=generator)
+        clips.append(decode_photons(ae, z, stats, data, generator))
         dec_s += time.perf_counter() - start
         zs.append(z)
-        clips.append(data.to_photons(x[:, 0].double().numpy()).astype(np.float32))
     return {"latents": torch.cat(zs), "clips": np.concatenate(clips), "nfe": int(dit.last_nfe),
             "dit_s_per_clip": dit_s / n, "decode_s_per_clip": dec_s / n}
 

@@ -49,6 +49,16 @@ def train_dit(latents: torch.Tensor, steps: int, seed: int, batch: int = 8,
                    "final_loss": float(np.mean(losses[-max(1, steps // 10):]))}
 
 
+@torch.no_grad()
+def decode_photons(ae: Any, z: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor], data: Any,
+                   generator: torch.Generator) -> np.ndarray:
+    """DiT latents ``z`` (normalized by the training latents' channel ``stats``: mean, std) -> photon clips
+    ``[N, T, H, W]`` float32 through the stage-1 decoder."""
+    mean, std = (s.view(1, -1, 1, 1, 1) for s in stats)
+    x = ae.decode(z * std + mean, generator=generator)
+    return data.to_photons(x[:, 0].double().numpy()).astype(np.float32)
+
+
 def export_pair(root: Path, ae: Any, data: Any, dit: Any, mean: torch.Tensor, std: torch.Tensor,
                 clip_frames: int, clip_side: int, preset: str = "default") -> tuple[Path, float]:
     """Stage-1 and stage-2 exports under ``root`` as the training jobs write them, with the calibration of the
