@@ -33,8 +33,9 @@ MASK_KEY, FLUX_KEY = CONDITIONS
 # data (tens of photons) sit well inside; outside values are refused at sample time.
 LOG10_FLUX_RANGE = (-3.0, 3.0)
 MASK_SUFFIXES = (".npy", ".npz", ".tif", ".tiff", ".json")
-# the ground-truth ROIs [N, H, W] of a jobs/export.py movie (tiff/<id>.npz, cadiff/data/export.py)
-NPZ_MASK_KEY = "rois"
+# the array of ground-truth ROIs [N, H, W] in a jobs/export.py truth file (tiff/<id>.npz): export writes it, the
+# sample job's mask= and the suite2p judge read it
+TRUTH_ROIS_KEY = "rois"
 
 
 def encode_mask(mask: np.ndarray) -> dict[str, Any]:
@@ -127,10 +128,10 @@ def _mask_array(path: Path, frame_shape: tuple[int, int]) -> np.ndarray:
     if suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as npz:
-                if NPZ_MASK_KEY not in npz.files:
-                    raise DataError(f"mask file {path}: no '{NPZ_MASK_KEY}' array (has {sorted(npz.files)}); expected "
+                if TRUTH_ROIS_KEY not in npz.files:
+                    raise DataError(f"mask file {path}: no '{TRUTH_ROIS_KEY}' array (has {sorted(npz.files)}); expected "
                                     "the ground truth of a jobs/export.py movie (tiff/<id>.npz)")
-                return np.asarray(npz[NPZ_MASK_KEY])
+                return np.asarray(npz[TRUTH_ROIS_KEY])
         except (OSError, ValueError) as exc:
             raise DataError(f"mask file {path}: not a readable .npz archive ({type(exc).__name__})") from exc
     import tifffile

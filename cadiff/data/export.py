@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from cadiff import __version__
+from cadiff.data.conditioning import TRUTH_ROIS_KEY
 from cadiff.data.movie import Movie
 from cadiff.data.simulate import GroundTruth, simulate_movie
 from cadiff.data.sources.nwb import NWBMovie, write_nwb
@@ -61,7 +62,7 @@ def truth_arrays(movie: Movie, truth: GroundTruth) -> dict[str, np.ndarray]:
     counts = truth.spikes[neuron, frame]
     spike_frame = np.repeat(frame, counts).astype(np.int64)
     return {
-        "footprints": truth.footprints, "rois": truth.rois, "spikes": truth.spikes, "traces": truth.traces,
+        "footprints": truth.footprints, TRUTH_ROIS_KEY: truth.rois, "spikes": truth.spikes, "traces": truth.traces,
         "spike_neuron": np.repeat(neuron, counts).astype(np.int64), "spike_frame": spike_frame,
         "spike_time_s": spike_frame / float(movie.rate_hz),
         "background": truth.background, "shifts": truth.shifts, "rate_hz": np.float64(movie.rate_hz),

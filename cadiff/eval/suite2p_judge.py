@@ -44,6 +44,7 @@ import numpy as np
 from scipy.stats import ks_2samp
 
 from cadiff.config import Suite2pJudgeConfig
+from cadiff.data.conditioning import TRUTH_ROIS_KEY
 from cadiff.errors import DataError
 from cadiff.eval.inputs import INDEX_FILE, movie_files, movie_root, read_calibration_file, read_movie
 from cadiff.eval.rois import match_rois, pool_matches
@@ -55,7 +56,6 @@ NEUROPIL_COEFFICIENT = 0.7  # suite2p's default ``neucoeff``
 ROI_FRACTION = 0.3  # mask = lam >= 0.3 x peak: the simulator's ground-truth ROI rule (cadiff/data/export.py)
 DENSITY_PIXELS = 10_000
 INT16_MAX = np.iinfo(np.int16).max
-TRUTH_KEY = "rois"
 
 
 def suite2p_available() -> bool:
@@ -138,13 +138,13 @@ def _read_truth(movie_path: Path, frame_shape: tuple[int, int]) -> np.ndarray | 
         return None
     try:
         with np.load(path, allow_pickle=False) as npz:
-            if TRUTH_KEY not in npz.files:
+            if TRUTH_ROIS_KEY not in npz.files:
                 return None
-            rois = np.asarray(npz[TRUTH_KEY])
+            rois = np.asarray(npz[TRUTH_ROIS_KEY])
     except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable ground truth ({exc}), expected an .npz with '{TRUTH_KEY}' [N, H, W]") from None
+        raise DataError(f"{path}: unreadable ground truth ({exc}), expected an .npz with '{TRUTH_ROIS_KEY}' [N, H, W]") from None
     if rois.ndim != 3 or tuple(rois.shape[1:]) != tuple(frame_shape):
-        raise DataError(f"{path}: '{TRUTH_KEY}' has shape {rois.shape}, expected [N, {frame_shape[0]}, {frame_shape[1]}]")
+        raise DataError(f"{path}: '{TRUTH_ROIS_KEY}' has shape {rois.shape}, expected [N, {frame_shape[0]}, {frame_shape[1]}]")
     return rois.astype(bool)
 
 
