@@ -36,8 +36,8 @@ from cadiff.data.simulate import simulate_movie
 from cadiff.errors import CadiffError, DataError
 from cadiff.eval.suite2p_judge import (
     JudgeMovie,
-    compare_detections,
     detect_set,
+    judge_movies,
     load_judge_movies,
     require_suite2p,
     summarize_detections,
@@ -117,12 +117,8 @@ def run_demo(samples: Path, work: Path, tau: float) -> dict[str, Any]:
     if side_h != side_w:
         raise DataError(f"{samples}: sample frames {side_h}x{side_w}, expected square demo samples")
     ref = simulated("default", DEMO_REF_MOVIES, frames, side_h, SEED)
-    gen_det = detect_set(gen, settings, work / "demo-gen")
-    ref_det = detect_set(ref, settings, work / "demo-ref")
-    gen_sum = summarize_detections(gen, gen_det, settings.iou)
-    ref_sum = summarize_detections(ref, ref_det, settings.iou)
-    return {"samples": str(samples), "gen": gen_sum, "ref": ref_sum,
-            "compare": compare_detections(gen_sum, ref_sum, gen_det, ref_det)}
+    judged = judge_movies(gen, ref, settings, work / "demo")
+    return {"samples": str(samples), **{k: judged[k] for k in ("gen", "ref", "compare")}}
 
 
 def run_demo_mask(samples: Path, source: Path, work: Path, tau: float, unconditional: Path | None = None

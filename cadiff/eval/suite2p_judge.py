@@ -328,6 +328,24 @@ def detect_set(movies: list[JudgeMovie], settings: Suite2pJudgeConfig, log_dir: 
     return detections
 
 
+def judge_movies(gen: list[JudgeMovie], ref: list[JudgeMovie], settings: Suite2pJudgeConfig, work: Path,
+                 keep_rois: bool = False) -> dict[str, Any]:
+    """suite2p on two sets of movies: each set's figures, their comparison and the pooled ROI sizes and SNRs.
+    Logs go to ``work/<set>/``, and with ``keep_rois`` each movie's ROIs too."""
+    sets, detections = {}, {}
+    for key, movies in (("gen", gen), ("ref", ref)):
+        detections[key] = detect_set(movies, settings, work / key, work / key if keep_rois else None)
+        sets[key] = summarize_detections(movies, detections[key], settings.iou)
+    return {
+        "settings": asdict(settings),
+        "gen": sets["gen"],
+        "ref": sets["ref"],
+        "compare": compare_detections(sets["gen"], sets["ref"], detections["gen"], detections["ref"]),
+        "sizes": {k: [float(v) for d in detections[k] for v in d.npix] for k in detections},
+        "snrs": {k: [float(v) for d in detections[k] for v in d.snr] for k in detections},
+    }
+
+
 def judge_suite2p(gen: str | Path, ref: str | Path, out: str | Path, settings: Suite2pJudgeConfig,
                   hdf5_key: str = "data") -> dict[str, Any]:
     """The suite2p section of an evaluation: both sets' figures and their comparison (``metrics["suite2p"]``)."""
@@ -336,19 +354,7 @@ def judge_suite2p(gen: str | Path, ref: str | Path, out: str | Path, settings: S
     ref_movies = load_judge_movies(ref, settings.max_movies, settings.min_frames, hdf5_key)
     gen_movies = load_judge_movies(gen, settings.max_movies, settings.min_frames, hdf5_key,
                                    fallback_rate_hz=ref_movies[0].rate_hz)
-    sets = {}
-    detections = {}
-    for key, movies in (("gen", gen_movies), ("ref", ref_movies)):
-        detections[key] = detect_set(movies, settings, out / key, out / key)
-        sets[key] = summarize_detections(movies, detections[key], settings.iou)
-    result = {
-        "settings": asdict(settings),
-        "gen": sets["gen"],
-        "ref": sets["ref"],
-        "compare": compare_detections(sets["gen"], sets["ref"], detections["gen"], detections["ref"]),
-        "sizes": {k: [float(v) for d in detections[k] for v in d.npix] for k in detections},
-        "snrs": {k: [float(v) for d in detections[k] for v in d.snr] for k in detections},
-    }
+    result = judge_movies(gen_movies, ref_movies, settings, out, keep_rois=True)
     write_text_atomic(out / "README.txt", "suite2p judge: <set>/<movie>.log is suite2p's console output, "
                       "<set>/<movie>_rois.npz its ROIs (masks: lam >= 0.3 x peak, npix, snr, iscell probability)\n")
     return result
