@@ -270,11 +270,12 @@ def rerun_after_damaging_latest(first: list[str], second: list[str], cwd: Path, 
 
 
 def damage_latest_and_rerun(cmd: list[str], cwd: Path, run_dir: Path, where: str, env: dict[str, str] | None = None,
-                            timeout_s: float = 600) -> dict:
-    """Damage ``model.pt`` of the newest checkpoint of ``run_dir`` at equal size (:func:`corrupt_checkpoint_file`),
-    run ``cmd`` (the same run, more steps) and report what the re-run did: exit code, final line, the steps it
-    restarted after, folders set aside, and the log lines about checkpoints that could not be resumed."""
-    latest = newest_checkpoint(run_dir)
+                            timeout_s: float = 600, latest: Path | None = None) -> dict:
+    """Damage ``model.pt`` of the newest checkpoint of ``run_dir`` (or of ``latest``) at equal size
+    (:func:`corrupt_checkpoint_file`), run ``cmd`` (the same run, more steps) and report what the re-run did: exit
+    code, final line, the steps it restarted after, folders set aside, and the log lines about checkpoints that
+    could not be resumed."""
+    latest = latest or newest_checkpoint(run_dir)
     if latest is None:
         return {"damaged": None}
     damage = corrupt_checkpoint_file(latest / "model.pt", where)
