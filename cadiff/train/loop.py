@@ -385,14 +385,16 @@ def _train(config: dict[str, Any], sync: Callable[[], Any] | None) -> None:
                 step=step,
                 has_files=strategy.rank_writes_checkpoint(),
             )
-            if run_report is not None:
-                run_report.refresh(step, last=is_last)
+            if run_report is not None and not is_last:  # the last step's report follows the export, below
+                run_report.refresh(step)
         elif metrics:
             reporter.report(metrics)
 
-    _export(run, strategy, ema, step, last_metrics)
-    if run_report is not None:
-        run_report.refresh(step, last=True)  # the final report names the export written just now
+    try:
+        _export(run, strategy, ema, step, last_metrics)
+    finally:
+        if run_report is not None:
+            run_report.refresh(step, last=True)  # names the export written just now (or its absence)
     if writer is not None:
         writer.close()
 

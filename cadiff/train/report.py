@@ -10,7 +10,6 @@ read from the run folder, so a finished or interrupted run's report can be rebui
 from __future__ import annotations
 
 import logging
-import math
 import re
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from cadiff.train.media import RECON_PREFIX, SAMPLES_PREFIX
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "report.html"
-# A report costs ~1 CPU-second (matplotlib); checkpoints closer together than this refresh it only at the end.
+# A report costs ~1 CPU-second (matplotlib): written at a checkpoint once per this many seconds, and at the end.
 REPORT_MIN_INTERVAL_S = 30.0
 
 # (title, y label, metric keys, log y, reference line)
@@ -54,12 +53,13 @@ _FLOW_TIME_KEY = re.compile(r"^val_(loss_z|loss_shuffled_z)_t(\d+)$")
 
 
 class RunReport:
-    """Rank 0's report writer: refreshes report.html at a checkpoint at most every ``min_interval_s`` seconds
-    (always at a session's last step), so frequent checkpoints of fast steps do not pay for it each time."""
+    """Rank 0's report writer: refreshes report.html at a checkpoint once the session has run ``min_interval_s``
+    seconds, then at most every ``min_interval_s`` seconds, and always at the session's end, so frequent
+    checkpoints of fast steps (and short runs) do not pay for it each time."""
 
     def __init__(self, run_dir: Path, job: str, min_interval_s: float = REPORT_MIN_INTERVAL_S) -> None:
         self.run_dir, self.job, self.min_interval_s = Path(run_dir), job, min_interval_s
-        self.last_write = -math.inf
+        self.last_write = time.monotonic()  # the session's start: its first report is due one interval later
 
     def refresh(self, step: int, last: bool = False) -> None:
         """Rewrite the report when due; a failure is logged, never raised (a report must not stop training)."""

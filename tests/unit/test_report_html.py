@@ -297,11 +297,16 @@ def test_run_report_skips_a_torn_last_line_and_names_a_torn_earlier_one(tmp_path
 
 def test_run_report_refreshes_at_most_once_per_interval_and_never_raises(tmp_path, caplog):
     run_dir = write_synthetic_run(tmp_path / "run", steps=10, preview=False)
-    report = RunReport(run_dir, "train_ae", min_interval_s=3600)
-    report.refresh(5)
+    RunReport(run_dir, "train_ae", min_interval_s=0).refresh(5)
     assert (run_dir / REPORT_NAME).is_file()
     (run_dir / REPORT_NAME).unlink()
-    report.refresh(10)
+    report = RunReport(run_dir, "train_ae", min_interval_s=3600)
+    report.refresh(5)
+    assert not (run_dir / REPORT_NAME).exists(), "a session younger than the interval wrote a report before its end"
+    report.refresh(10, last=True)
+    assert (run_dir / REPORT_NAME).is_file()
+    (run_dir / REPORT_NAME).unlink()
+    report.refresh(15)
     assert not (run_dir / REPORT_NAME).exists(), "refreshed again inside the interval"
     (run_dir / "metrics.jsonl").write_text('{torn\n{"step": 1}\n')
     with caplog.at_level(logging.WARNING, logger="cadiff.train.report"):
