@@ -28,3 +28,11 @@ def ray_cluster():
     init_ray(RayConfig(num_cpus=4), state_api=True, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def pytest_collection_finish(session):
+    """In-process tests use both cores (the suite runs one test at a time); set after collection, so no test
+    module's import changes it for the others."""
+    import torch
+
+    torch.set_num_threads(2)

@@ -41,9 +41,11 @@ def _wait_http(url: str, timeout_s: float, head: subprocess.Popen) -> None:
     raise AssertionError(f"{url} did not answer within {timeout_s} s")
 
 
-@pytest.fixture
-def ray_head(tmp_path):
-    """A `ray start --head --block` on 127.0.0.1 with 4 CPUs: yields (dashboard_url, dashboard_port, env)."""
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A `ray start --head --block` on 127.0.0.1 with 4 CPUs, shared by this module's tests: yields
+    (dashboard_url, dashboard_port, env)."""
+    tmp_path = tmp_path_factory.mktemp("ray_head")
     temp_dir = short_temp_dir("cadiff-rj-")
     # Ray token auth, explicit and private to this head: the head, `ray job` and the job driver share the token
     token = tmp_path / "auth_token"

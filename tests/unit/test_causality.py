@@ -15,8 +15,6 @@ from cadiff.config import compose
 from cadiff.errors import ConfigError, ModelError
 from cadiff.models.registry import build_model
 
-torch.set_num_threads(1)
-
 S_T = 4  # ae_tiny: temporal_downsample 4, spatial_downsample 8
 FRAMES = 17
 

@@ -13,8 +13,6 @@ from cadiff.models.dit import DiT, LatentDiffusion
 from cadiff.models.layers import Attention, grid_coords, rope_angles
 from cadiff.models.registry import build_model
 
-torch.set_num_threads(1)
-
 
 def _tiny_cfg(**extra):
     cfg = compose("train_latent", ["experiment=dit_tiny", "model.in_channels=4"]).model

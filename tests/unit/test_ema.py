@@ -10,8 +10,6 @@ import torch
 from cadiff.errors import CheckpointError, ModelError
 from cadiff.train.ema import EMA
 
-torch.set_num_threads(1)
-
 
 def _params(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)

@@ -14,8 +14,6 @@ from cadiff.train.loop import TrainingModule
 from cadiff.train.step import train_step
 from cadiff.train.strategies import build_strategy
 
-torch.set_num_threads(1)
-
 
 def _fit(model: torch.nn.Module, batch: torch.Tensor, steps: int, lr: float) -> list[float]:
     """The loop's step (strategy=single) as plain Adam: constant LR, no clipping, no weight decay."""

@@ -28,8 +28,6 @@ from cadiff.models.layers import (
     timestep_embedding,
 )
 
-torch.set_num_threads(1)
-
 
 def _perturb(x: torch.Tensor, frame: int, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)

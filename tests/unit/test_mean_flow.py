@@ -13,8 +13,6 @@ from cadiff.errors import ConfigError, ModelError
 from cadiff.models.autoencoder import PixelNoise
 from cadiff.models.registry import build_model
 
-torch.set_num_threads(1)
-
 NOISE = ["model.noise_model.kind=anscombe", "model.noise_model.center=6.0", "model.noise_model.scale=2.0",
          "model.noise_model.read_noise_photons=0.5"]
 

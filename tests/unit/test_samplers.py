@@ -11,8 +11,6 @@ from cadiff.diffusion import samplers
 from cadiff.diffusion.ddpm import DDPM
 from cadiff.errors import ConfigError
 
-torch.set_num_threads(1)
-
 MU, S = 0.7, 0.4  # data ~ N(MU, S^2) per coordinate
 
 

@@ -11,8 +11,6 @@ from cadiff.errors import ConfigError
 from cadiff.inference.sample import decoder_settings
 from cadiff.models.registry import build_model
 
-torch.set_num_threads(1)
-
 FLOW_DECODER = ["experiment=ae_tiny", "model.decoder_form=flow", "model.noise_std=0.3"]
 
 
