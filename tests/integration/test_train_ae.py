@@ -109,10 +109,10 @@ def test_ddp_trains_exports_media_and_resumes_exactly(ray_cluster, sim_data_root
     assert worst <= 1e-6, f"2N steps != N + resume + N (max abs diff {worst})"
 
 
-# Through Ray Train here: DDP (above, with exact resume). ZeRO-2 and ZeRO-3 (sharded parameters, a strict load of
-# the EMA export gathered from them, the DeepSpeed checkpoint) train through Ray with a worker killed and restored
-# in test_fault_tolerance, FSDP2 the same way in test_stage2; every strategy's save/load/resume/EMA maths runs on
-# 2 gloo ranks in test_strategies
+# Through Ray Train here: DDP (above, with exact resume). ZeRO-3 (sharded parameters, a strict load of the EMA
+# export gathered from them, the DeepSpeed checkpoint) trains through Ray with a worker killed and restored from a
+# bucket in test_object_storage, FSDP2 the same way from a local folder in test_stage2; every strategy's
+# save/load/resume/EMA maths runs on 2 gloo ranks in test_strategies
 
 
 @pytest.mark.parametrize("model, kind", [("diffae", "diffae"), ("regression_ae", "regression")])
