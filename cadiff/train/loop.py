@@ -293,12 +293,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     use_ray = bool(config.get("use_ray", True))
     location = config.get("run_uri") or config["run_dir"]
     exclude = ("checkpoints",) if use_ray else ()
-    with storage.mirrored(location, exclude=exclude, delete=not use_ray, download=rank == 0,
-                          prefix="cadiff-worker-run-") as mirror:
-        sync = mirror.sync if rank == 0 and mirror.remote else None
-        _train(config | {"run_dir": str(mirror.local)}, sync)
-        if sync is not None:
-            sync()
+    threads = torch.get_num_threads()  # strategy=single trains in the caller's process: give its setting back
+    try:
+        with storage.mirrored(location, exclude=exclude, delete=not use_ray, download=rank == 0,
+                              prefix="cadiff-worker-run-") as mirror:
+            sync = mirror.sync if rank == 0 and mirror.remote else None
+            _train(config | {"run_dir": str(mirror.local)}, sync)
+            if sync is not None:
+                sync()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _train(config: dict[str, Any], sync: Callable[[], Any] | None) -> None:

@@ -17,7 +17,6 @@ from cadiff.errors import ConfigError, DataError, ModelError
 from cadiff.models.dit import DiT
 from cadiff.models.registry import build_model
 
-torch.set_num_threads(1)
 LATENT = (4, 3, 8, 8)  # C, T, H, W
 
 

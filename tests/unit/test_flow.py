@@ -12,8 +12,6 @@ from cadiff.diffusion.flow import FlowMatching
 from cadiff.errors import ConfigError
 from cadiff.models.registry import build_objective
 
-torch.set_num_threads(1)
-
 MU, S = 0.7, 0.4
 
 

@@ -22,8 +22,6 @@ from cadiff.inference.long_movie import (
 from cadiff.models.registry import build_model
 from cadiff.runtime.exports import export_model
 
-torch.set_num_threads(1)
-
 S_T = 4  # ae_tiny temporal_downsample
 CHUNK = 5  # latent frames the tiny DiT is "trained" on (sample_shape)
 MEAN_FLOW = ["model.noise_model.kind=anscombe", "model.noise_model.center=4.0", "model.noise_model.scale=0.5",
