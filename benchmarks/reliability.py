@@ -6,6 +6,8 @@ Faults (on a local Ray cluster this script starts; jobs run as subprocesses conn
   (expected: restore from the latest registered checkpoint, finish, valid export), and DDP with
   ``max_failures=0`` (expected: one-line error, no export; re-running the same command resumes);
 - the driver SIGTERMed (Ray DDP) or SIGINTed (strategy=single, plus a half-written newer checkpoint) and re-run;
+- the same training command started again while its run trains (expected: the second refused with one line
+  naming the first's process, the first undisturbed);
 - a crash inside a checkpoint write, and a committed checkpoint truncated afterwards (CheckpointManager);
 - the newest checkpoint damaged at equal size (zip header or 4 KiB of tensor data zeroed), then the run re-run:
   strategy=single and DDP (expected: sha256 check fails, WARNING, resume from the previous one, damaged one kept
@@ -175,6 +177,34 @@ def fault_driver_signal(ctx: dict, sig: int) -> dict:
                        f"{first.returncode}, '{row['line']}', {len(seen.get('survivors', []))} orphan processes; "
                        f"re-run resumed after step {restarts or seen.get('checkpoint')}, export step {row['export_step']}"
                        + ("; half-written newer checkpoint ignored and removed" if row["partial_checkpoint_cleaned"] else ""))
+    return row
+
+
+def fault_same_run_twice(ctx: dict) -> dict:
+    """The same training command started again while its run trains (strategy=single): the second is refused."""
+    from cadiff.testing.faults import job_command, metric_steps, run_twice_at_once
+
+    tmp, max_steps = ctx["tmp"] / "twice", 24
+    run_dir = tmp / "train_ae" / "r"
+    cmd = job_command("train_ae", "experiment=ae_tiny", "strategy=single", "trainer.num_workers=1",
+                      "trainer.log_every=1", "trainer.ckpt_every=12", f"trainer.val_every={max_steps}",
+                      "trainer.threads_per_worker=1", f"trainer.max_steps={max_steps}", f"data.root={ctx['data_root']}",
+                      f"out_root={tmp}", "run_name=r")
+    first, second, seen = run_twice_at_once(cmd, ctx["tmp"], run_dir, timeout_s=900)
+    second_lines = second.stdout.splitlines()
+    steps = metric_steps(run_dir)
+    row = {"seen": seen, "exit_code": first.returncode, "line": _last_line(first.stdout),
+           "second_exit_code": second.returncode, "second_line": _last_line(second.stdout), "steps": steps,
+           "export_step": _export_step(run_dir), "kept": _run_kept(run_dir)}
+    row["passed"] = (bool(seen.get("first_alive_after_second")) and second.returncode == 2 and len(second_lines) == 1
+                     and f"is in use by process {seen['pid']}" in second_lines[0] and "Traceback" not in second.stderr
+                     and first.returncode == 0 and steps == list(range(1, max_steps + 1))
+                     and row["export_step"] == max_steps and not (run_dir / ".cadiff.lock").exists())
+    row["message"] = row["second_line"].split(": error: ", 1)[-1][:240]
+    row["observed"] = row["message"]
+    row["kept"] = (f"second run: exit {second.returncode}, nothing written; first run: exit {first.returncode}, steps "
+                   f"{steps[0] if steps else '-'}..{steps[-1] if steps else '-'} each logged once "
+                   f"({len(steps)} lines), {row['kept']}, lock released")
     return row
 
 
@@ -494,6 +524,8 @@ FAULTS: list[tuple[str, str, bool, Callable[[dict], dict]]] = [
      lambda c: fault_driver_signal(c, signal.SIGTERM)),
     ("driver SIGINT + half-written checkpoint", "strategy=single, 16 steps, ckpt every 4; same command again", False,
      lambda c: fault_driver_signal(c, signal.SIGINT)),
+    ("two runs of one run_name at once", "strategy=single, 24 steps; the same command again once the first "
+     "has logged a step", False, fault_same_run_twice),
     ("crash inside a checkpoint write", "CheckpointManager, num_to_keep=2; then truncate the newest committed file", False,
      fault_checkpoint_write_crash),
     ("damaged latest checkpoint, same size", "strategy=single, 4 steps, ckpt every 2; 4 KiB zeroed inside model.pt's "

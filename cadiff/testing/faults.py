@@ -212,6 +212,32 @@ def interrupt_job(cmd: list[str], cwd: Path, run_dir: Path, sig: int, step_of_ch
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err), seen
 
 
+def run_twice_at_once(cmd: list[str], cwd: Path, run_dir: Path, env: dict[str, str] | None = None,
+                      timeout_s: float = 400) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess, dict]:
+    """Start a job, and once it has logged a step run the same command again beside it (two runs of one
+    ``run_name`` at once); wait for both. Returns the first, the second and what was seen: the first's ``pid``, the
+    steps it had logged when the second started (``steps``) and ended (``steps_after_second``), and whether it was
+    still running then."""
+    env = env or job_env()
+    first = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: dict = {"pid": first.pid}
+    try:
+        if not wait_until(lambda: bool(metric_steps(run_dir)), timeout_s, alive=lambda: first.poll() is None):
+            out, err = first.communicate(timeout=timeout_s)
+            missing = subprocess.CompletedProcess(cmd, -1, "", "not run: the first run logged no step")
+            return subprocess.CompletedProcess(cmd, first.returncode, out, err), missing, seen
+        seen["steps"] = metric_steps(run_dir)
+        second = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s)
+        seen["steps_after_second"] = metric_steps(run_dir)
+        seen["first_alive_after_second"] = first.poll() is None
+        out, err = first.communicate(timeout=timeout_s)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+    return subprocess.CompletedProcess(cmd, first.returncode, out, err), second, seen
+
+
 def corrupt_payload(shard: Path) -> str:
     """Overwrite the npy magic of the shard's first clip in place: tar headers stay valid, decoding fails."""
     with tarfile.open(shard, "r:") as tar:

@@ -31,6 +31,7 @@ from cadiff.testing.faults import (
     registered_step,
     restarts_since,
     resumed_from,
+    run_twice_at_once,
 )
 from cadiff.train.checkpoint import verify_checkpoint
 
@@ -196,6 +197,29 @@ def test_driver_sigint_single_strategy_then_crash_mid_checkpoint_then_rerun(sim_
     assert resumed_from(steps) in ([good], []), f"did not resume from step {good}: {steps}"
     assert not partial.exists(), "the half-written checkpoint was not cleaned up"
     assert_finished(finished(run_dir), max_steps)
+
+
+def test_two_runs_of_one_run_name_at_once_the_second_is_refused_and_the_first_finishes(sim_data_root, tmp_path):
+    """The same command started again while the run trains (strategy=single, no Ray): the second exits 2 with one
+    line naming the first's process before it writes anything; the first runs on undisturbed: each step logged
+    once, in order, its checkpoints and export written."""
+    max_steps = 24  # ~10 s of training after the first logged step: the second command needs ~3 s to start
+    run_dir = tmp_path / "train_ae" / "twice"
+    cmd = job_command("train_ae", "experiment=ae_tiny", "strategy=single", "trainer.num_workers=1", "trainer.log_every=1",
+                      "trainer.ckpt_every=12", f"trainer.val_every={max_steps}", f"trainer.max_steps={max_steps}",
+                      "trainer.threads_per_worker=1", f"data.root={sim_data_root}", f"out_root={tmp_path}", "run_name=twice")
+    first, second, seen = run_twice_at_once(cmd, tmp_path, run_dir)
+    assert seen.get("first_alive_after_second"), (seen, first.stdout, first.stderr[-3000:])
+    assert second.returncode == 2, (second.returncode, second.stdout, second.stderr[-3000:])
+    lines = second.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cadiff train_ae: error: training run "), lines
+    assert f"'{run_dir}' is in use by process {seen['pid']} on " in lines[0], lines
+    assert "Traceback" not in second.stderr
+    assert_ok(first, "train_ae", max_steps)
+    assert metric_steps(run_dir) == list(range(1, max_steps + 1)), "the second run wrote into the first one's metrics"
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000012", "step_00000024"]
+    assert_finished(finished(run_dir), max_steps)
+    assert not (run_dir / ".cadiff.lock").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------
