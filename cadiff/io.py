@@ -144,7 +144,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 LOCK_NAME = ".cadiff.lock"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -177,7 +177,7 @@ def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
                 host, pid = str(holder["host"]), int(holder["pid"])
             except (OSError, ValueError, KeyError, TypeError):
                 holder, host, pid = {}, "?", -1
-            if holder and host == me["host"] and not _pid_alive(pid):
+            if holder and host == me["host"] and not pid_alive(pid):
                 with contextlib.suppress(FileNotFoundError):
                     lock.unlink()  # stale: its process is gone
                 continue

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from cadiff.errors import ConfigError, StorageError
+from cadiff.errors import CadiffError, ConfigError, StorageError
 
 SCHEMES = ("s3", "gs", "file")
 
@@ -152,6 +152,81 @@ def write_bytes(location: str | os.PathLike, data: bytes) -> None:
     fs, path = filesystem(location)
     with _store_errors(location, "writing"), fs.open_output_stream(path) as fh:
         fh.write(data)  # S3/GCS: the object appears only when the stream closes
+
+
+def delete_file(location: str | os.PathLike) -> None:
+    """Remove one file; a missing one is not an error."""
+    if not is_remote(location):
+        local_path(location).unlink(missing_ok=True)
+        return
+    fs, path = filesystem(location)
+    with contextlib.suppress(FileNotFoundError), _store_errors(location, "deleting"):
+        fs.delete_file(path)
+
+
+LOCK_SETTLE_S = 1.0  # how long a new object-store lock is left before it is read back
+
+
+@contextlib.contextmanager
+def object_lock(location: str, what: str, settle_s: float = LOCK_SETTLE_S) -> Iterator[str]:
+    """Hold ``<location>/.cadiff.lock`` in an object store while the body runs: the run lock of
+    :func:`cadiff.io.folder_lock` where no exclusive create exists (pyarrow.fs has none; the last PUT wins).
+
+    A lock naming a live holder refuses (ConfigError naming it); one of a process of this host that no longer
+    runs is taken over; one of another host is never guessed stale. Otherwise this process writes its own (host,
+    pid, a random token), waits ``settle_s`` and reads it back: of sessions that started together, every one
+    whose token was overwritten refuses and the last writer goes on. Two sessions get past it only if one PUT
+    lands more than ``settle_s`` after the other's check found no lock (seconds apart, not a shared second).
+    The lock is removed at the end if it is still this process's.
+    """
+    import datetime as _dt
+    import json
+    import secrets
+    import socket
+    import time
+
+    from cadiff.io import LOCK_NAME, pid_alive
+
+    lock = f"{str(location).rstrip('/')}/{LOCK_NAME}"
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "token": secrets.token_hex(8),
+          "started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+    def holder() -> dict | None:
+        try:
+            found = json.loads(read_text(lock))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {}
+        return found if isinstance(found, dict) else {}
+
+    def refuse(found: dict) -> ConfigError:
+        return ConfigError(f"{what} '{location}' is in use by process {found.get('pid', '?')} on "
+                           f"{found.get('host', '?')} (since {found.get('started_utc', '?')}; lock object {lock}); "
+                           "wait for it to finish, or delete the lock object once that process is gone")
+
+    found = holder()
+    if found is not None:
+        try:
+            pid = int(found.get("pid", -1))
+        except (TypeError, ValueError):
+            pid = -1
+        dead_here = found.get("host") == me["host"] and pid > 0 and not pid_alive(pid)
+        # an unreadable lock: a crash between create and write, taken over once it is a minute old
+        torn = not found and (mtime(lock) or time.time()) < time.time() - 60
+        if not (dead_here or torn):
+            raise refuse(found)
+    write_bytes(lock, json.dumps(me).encode())
+    time.sleep(settle_s)
+    found = holder()
+    if not found or found.get("token") != me["token"]:
+        raise refuse(found or {})
+    try:
+        yield lock
+    finally:
+        with contextlib.suppress(OSError, ValueError, CadiffError):
+            if (holder() or {}).get("token") == me["token"]:
+                delete_file(lock)
 
 
 def open_input(location: str | os.PathLike) -> IO[bytes]:

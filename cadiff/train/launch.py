@@ -116,8 +116,8 @@ def planned_run(cfg: Any, stage: Stage | str, use_ray: bool = True) -> Iterator[
 def run_folder(plan: RunPlan) -> Iterator[tuple[RunPlan, storage.Mirror]]:
     """Hold the run folder while the driver checks and records the run: a local one under its lock
     (:func:`cadiff.io.folder_lock`), an object-store one as a temp copy (config records and checkpoints: the
-    driver verifies checkpoints there) whose changes ``Mirror.sync`` uploads, set-aside checkpoints included.
-    Object stores have no exclusive create: two sessions of one run must not be started at once."""
+    driver verifies checkpoints there) whose changes ``Mirror.sync`` uploads, set-aside checkpoints included,
+    under :func:`cadiff.storage.object_lock` (best effort: object stores have no exclusive create)."""
     if not storage.is_remote(plan.run_dir):
         with folder_lock(plan.run_dir, "training run"), storage.mirrored(plan.run_dir) as mirror:
             yield plan, mirror
@@ -127,8 +127,7 @@ def run_folder(plan: RunPlan) -> Iterator[tuple[RunPlan, storage.Mirror]]:
         raise ConfigError(f"trainer.resume_from={plan.cfg.trainer.resume_from!r} with out_root '{plan.cfg.out_root}': "
                           "choosing a checkpoint is supported for local run folders only; an object-store run resumes "
                           "from its latest checkpoint (drop trainer.resume_from)")
-    log.info("run %s is in an object store: no run lock is taken (start one session of it at a time)", uri)
-    with storage.mirrored(uri, delete=True, prefix="cadiff-run-") as mirror:
+    with storage.object_lock(uri, "training run"), storage.mirrored(uri, delete=True, prefix="cadiff-run-") as mirror:
         yield dataclasses.replace(plan, run_dir=mirror.local, run_uri=uri), mirror
 
 

@@ -161,6 +161,42 @@ def test_data_prepared_into_a_bucket_is_read_from_it(s3_prefix, tmp_path, monkey
 
 
 @pytest.mark.slow
+def test_object_store_run_lock_refuses_a_second_holder_and_takes_over_only_dead_ones(s3_prefix, monkeypatch):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    lock = f"{s3_prefix}/.cadiff.lock"
+    with storage.object_lock(s3_prefix, "training run", settle_s=0) as held:
+        assert held == lock and json.loads(storage.read_text(lock))["pid"] == os.getpid()
+        with pytest.raises(ConfigError, match=rf"in use by process {os.getpid()} on .*lock object {lock}"):
+            with storage.object_lock(s3_prefix, "training run", settle_s=0):
+                pass
+        assert storage.is_file(lock), "the refused second holder must not remove the first one's lock"
+    assert not storage.exists(lock)
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    storage.write_bytes(lock, json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)}).encode())
+    with storage.object_lock(s3_prefix, "training run", settle_s=0):  # stale: its process is gone
+        assert json.loads(storage.read_text(lock))["pid"] == os.getpid()
+    storage.write_bytes(lock, json.dumps({"host": "node-7", "pid": 1, "started_utc": "t"}).encode())
+    with pytest.raises(ConfigError, match="in use by process 1 on node-7"):
+        with storage.object_lock(s3_prefix, "training run", settle_s=0):
+            pass
+    storage.delete_file(lock)
+
+    # two sessions at once: another one's PUT lands while this one waits to read its lock back
+    def other_session_writes(_seconds: float) -> None:
+        storage.write_bytes(lock, json.dumps({"host": "node-8", "pid": 2, "token": "theirs"}).encode())
+
+    monkeypatch.setattr(time, "sleep", other_session_writes)
+    with pytest.raises(ConfigError, match="in use by process 2 on node-8"):
+        with storage.object_lock(s3_prefix, "training run"):
+            pass
+    assert json.loads(storage.read_text(lock))["token"] == "theirs", "the refused session removed the winner's lock"
+
+
 def test_single_run_writes_to_and_resumes_from_a_bucket(s3_prefix, tmp_path, monkeypatch):
     """strategy=single: checkpoints, config records, metrics and the export land in the bucket; a longer re-run
     resumes from the bucket's checkpoint; no local run folder is created."""
@@ -180,9 +216,13 @@ def test_single_run_writes_to_and_resumes_from_a_bucket(s3_prefix, tmp_path, mon
                                    "trainer.media_every=0"])
         return run_training(cfg, "ae")
 
-    summary, where = train(2)
     run = storage.join(runs, "train_ae", "r1")
+    with storage.object_lock(run, "training run", settle_s=0):  # another session of the run holds it
+        with pytest.raises(ConfigError, match=rf"training run '{run}' is in use by process {os.getpid()} on "):
+            train(2)
+    summary, where = train(2)
     assert where == run and summary.startswith("step=2 ")
+    assert ".cadiff.lock" not in storage.listdir(run), "the run lock outlived the run"
     assert storage.listdir(storage.join(run, "checkpoints")) == ["step_00000002"]
     summary, _ = train(4)
     assert summary.startswith("step=4 ")
