@@ -202,9 +202,10 @@ def fault_same_run_twice(ctx: dict) -> dict:
                      and row["export_step"] == max_steps and not (run_dir / ".cadiff.lock").exists())
     row["message"] = row["second_line"].split(": error: ", 1)[-1][:240]
     row["observed"] = row["message"]
-    row["kept"] = (f"second run: exit {second.returncode}, nothing written; first run: exit {first.returncode}, steps "
-                   f"{steps[0] if steps else '-'}..{steps[-1] if steps else '-'} each logged once "
-                   f"({len(steps)} lines), {row['kept']}, lock released")
+    lock_left = (run_dir / ".cadiff.lock").exists()
+    row["kept"] = (f"second run: exit {second.returncode}, {len(second_lines)} output line(s); first run: exit "
+                   f"{first.returncode}, metrics.jsonl steps {steps[0] if steps else '-'}..{steps[-1] if steps else '-'}"
+                   f" in {len(steps)} lines, {row['kept']}, lock {'left behind' if lock_left else 'released'}")
     return row
 
 
