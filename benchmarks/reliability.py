@@ -193,16 +193,16 @@ def fault_same_run_twice(ctx: dict) -> dict:
     first, second, seen = run_twice_at_once(cmd, ctx["tmp"], run_dir, timeout_s=900)
     second_lines = second.stdout.splitlines()
     steps = metric_steps(run_dir)
+    lock_left = (run_dir / ".cadiff.lock").exists()
     row = {"seen": seen, "exit_code": first.returncode, "line": _last_line(first.stdout),
            "second_exit_code": second.returncode, "second_line": _last_line(second.stdout), "steps": steps,
            "export_step": _export_step(run_dir), "kept": _run_kept(run_dir)}
     row["passed"] = (bool(seen.get("first_alive_after_second")) and second.returncode == 2 and len(second_lines) == 1
                      and f"is in use by process {seen['pid']}" in second_lines[0] and "Traceback" not in second.stderr
                      and first.returncode == 0 and steps == list(range(1, max_steps + 1))
-                     and row["export_step"] == max_steps and not (run_dir / ".cadiff.lock").exists())
+                     and row["export_step"] == max_steps and not lock_left)
     row["message"] = row["second_line"].split(": error: ", 1)[-1][:240]
     row["observed"] = row["message"]
-    lock_left = (run_dir / ".cadiff.lock").exists()
     row["kept"] = (f"second run: exit {second.returncode}, {len(second_lines)} output line(s); first run: exit "
                    f"{first.returncode}, metrics.jsonl steps {steps[0] if steps else '-'}..{steps[-1] if steps else '-'}"
                    f" in {len(steps)} lines, {row['kept']}, lock {'left behind' if lock_left else 'released'}")

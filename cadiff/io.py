@@ -144,7 +144,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 LOCK_NAME = ".cadiff.lock"
 
 
-def pid_alive(pid: int) -> bool:
+def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -152,6 +152,22 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+UNREADABLE_LOCK_STALE_S = 60  # a lock with no readable holder: a crash between create and write, once this old
+
+
+def lock_is_stale(holder: dict, age_s: float) -> bool:
+    """Whether a run lock may be taken over: its holder (the lock's JSON; {} when unreadable) is a process of this
+    host that no longer runs, or it is unreadable and older than UNREADABLE_LOCK_STALE_S. A lock of another host
+    is never guessed stale. Shared by :func:`folder_lock` and :func:`cadiff.storage.object_lock`."""
+    if not holder:
+        return age_s > UNREADABLE_LOCK_STALE_S
+    try:
+        pid = int(holder["pid"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return str(holder.get("host")) == socket.gethostname() and pid > 0 and not _pid_alive(pid)
 
 
 @contextlib.contextmanager
@@ -177,13 +193,9 @@ def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
                 host, pid = str(holder["host"]), int(holder["pid"])
             except (OSError, ValueError, KeyError, TypeError):
                 holder, host, pid = {}, "?", -1
-            if holder and host == me["host"] and not pid_alive(pid):
+            if lock_is_stale(holder, time.time() - lock.stat().st_mtime):
                 with contextlib.suppress(FileNotFoundError):
-                    lock.unlink()  # stale: its process is gone
-                continue
-            if not holder and time.time() - lock.stat().st_mtime > 60:
-                with contextlib.suppress(FileNotFoundError):
-                    lock.unlink()  # an unreadable lock left by a crash between create and write
+                    lock.unlink()  # its process is gone, or a crash left it unwritten
                 continue
             raise ConfigError(f"{what} '{folder}' is in use by process {pid} on {host} (since "
                               f"{holder.get('started_utc', '?')}; lock file {lock}); wait for it to finish, or remove "

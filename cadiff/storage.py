@@ -185,9 +185,9 @@ def object_lock(location: str, what: str, settle_s: float = LOCK_SETTLE_S) -> It
     import socket
     import time
 
-    from cadiff.io import LOCK_NAME, pid_alive
+    from cadiff.io import LOCK_NAME, lock_is_stale
 
-    lock = f"{str(location).rstrip('/')}/{LOCK_NAME}"
+    lock = str(join(location, LOCK_NAME))
     me = {"host": socket.gethostname(), "pid": os.getpid(), "token": secrets.token_hex(8),
           "started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
@@ -206,16 +206,8 @@ def object_lock(location: str, what: str, settle_s: float = LOCK_SETTLE_S) -> It
                            "wait for it to finish, or delete the lock object once that process is gone")
 
     found = holder()
-    if found is not None:
-        try:
-            pid = int(found.get("pid", -1))
-        except (TypeError, ValueError):
-            pid = -1
-        dead_here = found.get("host") == me["host"] and pid > 0 and not pid_alive(pid)
-        # an unreadable lock: a crash between create and write, taken over once it is a minute old
-        torn = not found and (mtime(lock) or time.time()) < time.time() - 60
-        if not (dead_here or torn):
-            raise refuse(found)
+    if found is not None and not lock_is_stale(found, time.time() - (mtime(lock) or time.time())):
+        raise refuse(found)
     write_bytes(lock, json.dumps(me).encode())
     time.sleep(settle_s)
     found = holder()
