@@ -22,6 +22,7 @@ counts a pair as a hit at ``IoU >= iou`` (the Neurofinder / CaImAn convention us
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -39,6 +40,13 @@ SEED_SMOOTH_PX = 1.0
 SEED_WINDOW_PX = 5
 # A pixel ring of 1 around the seed averages 9 pixels into its reference trace.
 SEED_TRACE_RADIUS = 1
+# Mean-image detector: the neuropil background is the mean image smoothed at a scale wider than a cell (simulated
+# ROIs span <= ~13 px: sigma 3 px, ellipticity 0.4, footprint >= 0.3 of peak) over the pixels not taken as cells.
+MEAN_BACKGROUND_PX = 8.0
+MEAN_BACKGROUND_ITERATIONS = 3
+# A seed must also stand out in the background-subtracted mean image smoothed closer to a cell's own size (a
+# matched filter for sigma ~2.5-3 px cells), which keeps shot-noise specks of short, dim movies out.
+MEAN_DETECT_PX = 2.0
 
 
 def _remove_common_mode(movie: np.ndarray) -> np.ndarray:
@@ -65,12 +73,26 @@ def _seed_basins(corr: np.ndarray, foreground: np.ndarray) -> tuple[np.ndarray, 
     peaks = foreground & (smooth == ndi.maximum_filter(smooth, size=SEED_WINDOW_PX))
     seeds = np.argwhere(peaks)
     seeds = seeds[np.argsort(-smooth[peaks], kind="stable")]
-    markers = np.zeros(corr.shape, dtype=np.int32)
-    markers[seeds[:, 0], seeds[:, 1]] = np.arange(1, len(seeds) + 1)
-    span = float(smooth.max() - smooth.min()) or 1.0
-    relief = np.rint((smooth.max() - smooth) / span * 1000).astype(np.uint16)
-    basins = ndi.watershed_ift(relief, markers) if len(seeds) else np.zeros(corr.shape, np.int32)
-    return seeds, basins
+    return seeds, _flood(smooth, seeds)
+
+
+def _flood(height: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """Watershed by priority flooding from ``seeds`` down ``height`` (Meyer 1991): the highest unlabelled pixel
+    next to a basin joins it, so each basin holds the slopes that fall away from its seed and basins meet on the
+    valleys between seeds. Every pixel connected to a seed gets a label ``1..K`` (4-connectivity)."""
+    labels = np.zeros(height.shape, dtype=np.int32)
+    heap: list[tuple[float, int, int, int]] = []
+    for k, (y, x) in enumerate(seeds, start=1):
+        labels[y, x] = k
+        heapq.heappush(heap, (-float(height[y, x]), k, int(y), int(x)))
+    h, w = height.shape
+    while heap:
+        _, k, y, x = heapq.heappop(heap)
+        for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+            if 0 <= ny < h and 0 <= nx < w and not labels[ny, nx]:
+                labels[ny, nx] = k
+                heapq.heappush(heap, (-float(height[ny, nx]), k, ny, nx))
+    return labels
 
 
 def _seed_roi(x: np.ndarray, seed: np.ndarray, region: np.ndarray, fraction: float) -> np.ndarray:
@@ -91,13 +113,95 @@ def _seed_roi(x: np.ndarray, seed: np.ndarray, region: np.ndarray, fraction: flo
     return parts == label if label else np.zeros(region.shape, dtype=bool)
 
 
+def _noise_gain(shape: tuple[int, ...], sigma: float) -> np.ndarray:
+    """Per pixel, the fraction of white noise's variance a Gaussian filter of ``sigma`` (mode ``reflect``) passes:
+    the sum of its squared weights, ``1 / (4 pi sigma^2)`` inside the image and more near the edges, where the
+    mirrored pixels count twice."""
+    gains = []
+    for n in shape:
+        weights = ndi.gaussian_filter1d(np.eye(n), sigma, axis=0, mode="reflect")  # [output, input]
+        gains.append((weights**2).sum(axis=1))
+    return gains[0][:, None] * gains[1][None, :]
+
+
+def _mean_image_maps(movie: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The mean image above its neuropil background smoothed at :data:`SEED_SMOOTH_PX` (``contrast``, for seeds and
+    ROI extents); two scores above the median: ``contrast`` in spreads, and the same image smoothed at
+    :data:`MEAN_DETECT_PX` in null spreads (a seed must stand out in both: above its surround, and above noise);
+    and ``contrast`` relative to the background.
+
+    The background is a normalized convolution (Gaussian of :data:`MEAN_BACKGROUND_PX`) of the mean image over the
+    pixels not yet taken as foreground, refined :data:`MEAN_BACKGROUND_ITERATIONS` times, so bright cells do not
+    raise their own background. A spread is the larger of the robust spread (1.4826 MAD) and the null spread of a
+    mean of ``T`` temporally independent frames: ``sqrt(mean temporal variance / T)`` times the smoothing's noise
+    gain at that pixel (:func:`_noise_gain`).
+    """
+    def score(image: np.ndarray, sigma: float, robust: bool = True) -> np.ndarray:
+        null = np.sqrt(variance / movie.shape[0] * _noise_gain(image.shape, sigma))
+        median = float(np.median(image))
+        return (image - median) / np.maximum(1.4826 * float(np.median(np.abs(image - median))) if robust else 0.0,
+                                             null)
+
+    raw = movie.mean(axis=0, dtype=np.float64)
+    variance = float(movie.var(axis=0, dtype=np.float64).mean())
+    mean = ndi.gaussian_filter(raw, SEED_SMOOTH_PX)
+    keep = np.ones(mean.shape)
+    for _ in range(MEAN_BACKGROUND_ITERATIONS):
+        weight = ndi.gaussian_filter(keep, MEAN_BACKGROUND_PX, mode="reflect")
+        background = np.divide(ndi.gaussian_filter(mean * keep, MEAN_BACKGROUND_PX, mode="reflect"), weight,
+                               out=np.full(mean.shape, float(np.median(mean))), where=weight > 1e-3)
+        contrast = mean - background
+        keep = (score(contrast, SEED_SMOOTH_PX) <= 2).astype(np.float64)
+    coarse = ndi.gaussian_filter(raw - background, MEAN_DETECT_PX)
+    relative = np.divide(contrast, background, out=np.zeros_like(contrast), where=background > 0)
+    return contrast, score(contrast, SEED_SMOOTH_PX), score(coarse, MEAN_DETECT_PX, robust=False), relative
+
+
+def _mean_image_rois(contrast: np.ndarray, score: np.ndarray, coarse: np.ndarray, relative: np.ndarray, z: float,
+                     fraction: float, min_contrast: float) -> list[np.ndarray]:
+    """Seeds: local maxima of ``contrast`` where both scores stand above ``z`` and the contrast is at least
+    ``min_contrast`` x the background there; each seed's ROI is the connected part of its watershed basin where
+    ``contrast`` is >= ``fraction`` x its value at the seed."""
+    seeds, basins = _seed_basins(contrast, score > z)
+    rois = []
+    for k, (y0, x0) in enumerate(seeds, start=1):
+        if coarse[y0, x0] <= z or relative[y0, x0] < min_contrast:
+            continue
+        region = (basins == k) & (contrast >= fraction * contrast[y0, x0])
+        parts, _ = ndi.label(region)
+        rois.append(parts == parts[y0, x0])
+    return rois
+
+
+DETECTORS = ("correlation", "mean")
+
+
 def detect_rois(movie: np.ndarray, z: float = 4.0, min_size: int = 12, max_size: int = 400,
-                footprint_fraction: float = 0.3) -> np.ndarray:
-    """ROIs of ``movie`` ``[T, H, W]`` as bool masks ``[N, H, W]`` from its local correlation image (none: ``N=0``)."""
-    if not (z > 0 and 0 < footprint_fraction < 1 and 1 <= min_size <= max_size):
+                footprint_fraction: float = 0.3, method: str = "correlation", min_contrast: float = 0.5) -> np.ndarray:
+    """ROIs of ``movie`` ``[T, H, W]`` as bool masks ``[N, H, W]`` (none: ``N=0``).
+
+    ``method="correlation"``: from the local correlation image (cells that are active, module docstring).
+    ``method="mean"``: from the mean image (cells brighter than their surround at rest, as GCaMP cells are - the
+    anatomical route of suite2p's ``anatomical_only`` and CaImAn's mean-image initialisation): the neuropil
+    background is removed (:func:`_mean_image_contrast`), the foreground stands ``z`` spreads (robust, or the
+    shot-noise null of a ``T``-frame mean) above the median, and each seed's ROI is the connected part of its
+    watershed basin at >= ``footprint_fraction`` of the seed's contrast. A seed must also be at least
+    ``min_contrast`` x brighter than the background under it: neuropil texture and shot-noise specks are not. For dim, photon-starved data (the
+    ``two_photon`` preset: 0.1-0.3 photons per pixel per frame) the correlation image of a short movie holds no
+    detectable cell while the mean image does.
+    """
+    if not (z > 0 and 0 < footprint_fraction < 1 and 1 <= min_size <= max_size and method in DETECTORS
+            and min_contrast >= 0):
         raise DataError(f"detect_rois: z={z}, footprint_fraction={footprint_fraction}, min_size={min_size}, "
-                        f"max_size={max_size}; expected z > 0, 0 < footprint_fraction < 1, 1 <= min_size <= max_size")
-    x = _remove_common_mode(check_clip(movie, "detect_rois movie"))
+                        f"max_size={max_size}, method={method!r}, min_contrast={min_contrast}; expected z > 0, "
+                        f"0 < footprint_fraction < 1, 1 <= min_size <= max_size, method one of {DETECTORS}, "
+                        "min_contrast >= 0")
+    clip = check_clip(movie, "detect_rois movie")
+    if method == "mean":
+        rois = _mean_image_rois(*_mean_image_maps(clip), z, footprint_fraction, min_contrast)
+        masks = [roi for roi in rois if min_size <= roi.sum() <= max_size]
+        return np.stack(masks) if masks else np.zeros((0, *clip.shape[1:]), dtype=bool)
+    x = _remove_common_mode(clip)
     corr = local_correlation_image(x)
     foreground = _foreground(corr, x.shape[0], z)
     seeds, basins = _seed_basins(corr, foreground)
