@@ -10,6 +10,7 @@ from cadiff.bench import conditioning as C
 from cadiff.bench.ae_quality import BenchData, HeldOut, cut_clips, tile_origins
 from cadiff.bench.generation import flips
 from cadiff.data.conditioning import clip_flux, flux_value, to_grid
+from cadiff.data.movie import to_photons
 from cadiff.data.simulate import simulate_movie
 
 
@@ -58,3 +59,17 @@ def test_held_out_tiles_ask_only_for_cells_they_show_and_f1_pools_over_samples()
     pooled = C.pool_matches([{"hits": 1, "n_pred": 2, "n_true": 2}, {"hits": 1, "n_pred": 1, "n_true": 3}])
     assert (pooled["precision"], pooled["recall"]) == (2 / 3, 2 / 5)
     assert C.pool_matches([{"hits": 0, "n_pred": 0, "n_true": 2}])["f1"] == 0.0
+
+
+def test_the_detector_is_chosen_on_real_tiles_and_cell_free_tiles_have_no_cells():
+    # two_photon cells are too dim for the correlation image in short clips; the mean image finds them, so the
+    # benchmark judges samples with it (chosen on the real tiles, never on the samples)
+    movie, truth = simulate_movie("two_photon", 65, 64, 64, seed=11, return_clean=False)
+    photons = to_photons(movie.data, movie.gain, movie.offset)
+    tiles = [(photons, truth.rois)]
+    method, ceilings = C.choose_detector(tiles)
+    assert set(ceilings) == {"correlation", "mean"} and method == "mean"
+    assert ceilings["mean"]["f1"] > ceilings["correlation"]["f1"] and ceilings["mean"]["n_true"] == len(truth.rois)
+    free = C.cell_free_tiles("two_photon", 5, 17, 32, 64, seed=3)
+    assert len(free) == 5 and all(t.shape == (17, 32, 32) for t in free)
+    assert not np.array_equal(free[0], free[4])  # the fifth tile comes from a second movie
