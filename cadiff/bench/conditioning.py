@@ -21,7 +21,9 @@ guidance for:
 A model can only follow a flux it has seen: the preset's own movies span a narrow flux band (two_photon: ~0.15-0.19
 photons per pixel per frame), so the conditioned DiT trains on movies of the same preset with their neuron and
 neuropil photon rates scaled by a per-movie factor drawn log-uniformly over :data:`BRIGHTNESS` (other seeds, encoded
-by the same stage-1 model and normalized with the unconditional latents' statistics).
+by the same stage-1 model and normalized with the unconditional latents' statistics). Stage 1 must carry that
+brightness through its latent too: the generation benchmark trains it on these movies beside the preset's own
+(``GenConfig.ae_brightness``); trained on the preset's band alone, it decodes every flux to that band.
 """
 
 from __future__ import annotations
@@ -179,14 +181,14 @@ def _contrast(clips: Sequence[np.ndarray], rois: np.ndarray) -> float | None:
     return float(np.mean([roi_contrast(c, rois)["contrast"] for c in clips]))
 
 
-def conditioning_run(models: dict[str, Any], data: BenchData, preset: str, movies: int, movie_frames: int,
-                     movie_side: int, frames: int, side: int, steps: int, batch: int, seed: int,
+def conditioning_run(models: dict[str, Any], data: BenchData, bright: tuple[list[np.ndarray], list[np.ndarray]],
+                     preset: str, movie_side: int, frames: int, side: int, steps: int, batch: int, seed: int,
                      unconditional: np.ndarray) -> dict[str, Any]:
-    """Train the conditioned DiT on ``movies`` brightness-varied movies and measure ROI recovery, the null test and
-    flux following (module docstring). ``unconditional``: photon clips of the unconditional DiT (the control)."""
+    """Train the conditioned DiT on the brightness-varied movies ``bright`` (:func:`brightness_movies`: photon
+    movies and their ROI unions) and measure ROI recovery, the null test and flux following (module docstring).
+    ``unconditional``: photon clips of the unconditional DiT (the control)."""
     start = time.perf_counter()
-    train_clips, masks, fluxes = training_conditions(*brightness_movies(preset, movies, movie_frames, movie_side,
-                                                                  seed * 1000 + 700), frames, side)
+    train_clips, masks, fluxes = training_conditions(*bright, frames, side)
     mean, std = (s.view(1, -1, 1, 1, 1) for s in models["stats"])
     latents = (encode(models["ae"], train_clips, data) - mean) / std
     dit, info = train_dit(with_conditions(latents, masks, fluxes), steps, seed + 1, batch=batch,

@@ -55,7 +55,7 @@ from cadiff.bench.ae_quality import (
     tile_origins,
     train_autoencoder,
 )
-from cadiff.bench.conditioning import choose_detector, conditioning_run
+from cadiff.bench.conditioning import brightness_movies, choose_detector, conditioning_run
 from cadiff.bench.stage2 import decode_photons, export_pair, gain_drift, seam_frames, seam_ratio, train_dit
 from cadiff.config import compose
 from cadiff.data.movie import to_photons
@@ -93,6 +93,7 @@ class GenConfig:
     test_clips_per_tile: int = 15  # held-out movies of 255 frames (8.5 s at 30 Hz): 240 clips, activity traces
     ae_steps: int = 1500
     ae_batch: int = 4
+    ae_brightness: bool = True  # stage 1 also trains on the conditioned DiT's brightness-varied movies
     dit_steps: int = 4000
     dit_batch: int = 16
     num_samples: int = 128
@@ -307,8 +308,12 @@ def train(cfg: GenConfig, timings: dict[str, float]) -> tuple[BenchData, dict[st
     """Simulate, train stage 1 and stage 2; returns the data, the models and the training record."""
     start = time.perf_counter()
     data = simulate_data(bench_config(cfg))
+    # the conditioned DiT's brightness-varied training movies (other seeds); stage 1 trains on them too when
+    # cfg.ae_brightness, so that its latent carries a flux the preset's own movies never show
+    bright = brightness_movies(cfg.preset, cfg.train_movies, cfg.train_frames, cfg.movie_side, cfg.seed * 1000 + 700)
     timings["simulate_s"] = time.perf_counter() - start
-    ae, ae_info = train_autoencoder("diffae", data, bench_config(cfg))
+    ae_data = dataclasses.replace(data, train=data.train + bright[0]) if cfg.ae_brightness else data
+    ae, ae_info = train_autoencoder("diffae", ae_data, bench_config(cfg))
     timings["train_ae_s"] = ae_info["seconds"]
     start = time.perf_counter()
     z = training_latents(ae, data, cfg)
@@ -320,7 +325,7 @@ def train(cfg: GenConfig, timings: dict[str, float]) -> tuple[BenchData, dict[st
     record = {"ae": {k: ae_info[k] for k in ("steps", "seconds", "final_loss", "params")},
               "dit": {k: dit_info[k] for k in ("steps", "seconds", "final_loss")},
               "train_latents": len(z), "ae_loss": ae_info["loss"], "dit_loss": dit_info["loss"]}
-    models = {"ae": ae, "dit": dit, "stats": (mean, std), "latent": list(z.shape[1:])}
+    models = {"ae": ae, "dit": dit, "stats": (mean, std), "latent": list(z.shape[1:]), "bright": bright}
     return data, models, record
 
 
@@ -352,9 +357,8 @@ def run(cfg: GenConfig, work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     timings["activity_s"] = time.perf_counter() - start
     start = time.perf_counter()
     try:
-        conditioning = conditioning_run(models, data, cfg.preset, cfg.train_movies, cfg.train_frames, cfg.movie_side,
-                                        cfg.clip_frames, cfg.clip_side, cfg.dit_steps, cfg.dit_batch, cfg.seed,
-                                        headline_clips)
+        conditioning = conditioning_run(models, data, models["bright"], cfg.preset, cfg.movie_side, cfg.clip_frames,
+                                        cfg.clip_side, cfg.dit_steps, cfg.dit_batch, cfg.seed, headline_clips)
     except CadiffError as exc:  # the other measurements stand; the conditioning keys get the reason
         log.error("conditioned run failed: %s", exc)
         conditioning = {**conditioning_metrics(), "reason": f"the conditioned run failed: {str(exc).splitlines()[0]}"}
@@ -397,7 +401,9 @@ def render_markdown(res: dict[str, Any], figures: Sequence[str]) -> str:
         f"{cfg['movie_side']} and {cfg['test_movies']} held-out movies of "
         f"{cfg['clip_frames'] * cfg['test_clips_per_tile']} frames (other seeds, {res['held_out_clips']} clips "
         f"{cfg['clip_frames']}x{cfg['clip_side']}x{cfg['clip_side']}). Stage 1: `ae_tiny` DiffAE, {tr['ae']['steps']} "
-        f"steps x batch {cfg['ae_batch']} (final loss {tr['ae']['final_loss']:.4f}). Stage 2: `dit_tiny` on "
+        f"steps x batch {cfg['ae_batch']} (final loss {tr['ae']['final_loss']:.4f}) on the training movies"
+        + (f" and {cfg['train_movies']} brightness-varied ones (the conditioned DiT's, photon rates x0.3-3)"
+           if cfg.get("ae_brightness") else "") + ". Stage 2: `dit_tiny` on "
         f"{tr['train_latents']} training latents (every tile, 4 flips), {tr['dit']['steps']} steps x batch "
         f"{cfg['dit_batch']} (final loss {tr['dit']['final_loss']:.4f}). {cfg['num_samples']} samples per sampler "
         "row, decoded with the stage-1 default sampler. `python benchmarks/generation.py [--quick]`.", "",
@@ -548,6 +554,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS / "generation",
                         help="results prefix: <out>.json, <out>.md, <out>_*.png")
     parser.add_argument("--work", type=Path, default=None, help="models and long movie (default outputs/benchmarks/)")
+    parser.add_argument("--no-ae-brightness", dest="ae_brightness", action="store_false",
+                        help="stage 1 on the preset's own movies only (not also the brightness-varied ones)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--render", action="store_true",
@@ -579,7 +587,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if a.render:
             return rerender(a.out)
-        cfg = validate(GenConfig(**(QUICK if a.quick else {}), threads=a.threads, seed=a.seed))
+        cfg = validate(GenConfig(**(QUICK if a.quick else {}), threads=a.threads, seed=a.seed,
+                                 ae_brightness=a.ae_brightness))
         work = a.work or WORK.with_name(WORK.name + ("_quick" if a.quick else ""))
         res, arrays = run(cfg, work)
     except CadiffError as exc:
