@@ -1,8 +1,9 @@
-"""Correlation-image ROI detection and IoU matching, for judging mask-conditioned samples without weights.
+"""ROI detection (correlation image or mean image) and IoU matching, for judging mask-conditioned samples without
+weights.
 
-Detection (:func:`detect_rois`) follows the seeded correlation-image recipe of CaImAn's greedy/corr-image
-initialisation (Smith & Hausser 2010, Nat Neurosci 13:1144; Pnevmatikakis et al. 2016, Neuron 89:285), kept to
-numpy/scipy:
+Detection (:func:`detect_rois`, ``method="correlation"``; the mean-image route is described there) follows the
+seeded correlation-image recipe of CaImAn's greedy/corr-image initialisation (Smith & Hausser 2010, Nat Neurosci
+13:1144; Pnevmatikakis et al. 2016, Neuron 89:285), kept to numpy/scipy:
 
 1. remove each pixel's mean and regress out the frame-mean trace (slow neuropil/drift modulation shared by the
    whole field, which would otherwise correlate every pixel with its neighbours);
@@ -10,7 +11,8 @@ numpy/scipy:
 3. foreground ``C > median(C) + z * sigma`` where ``sigma`` is the larger of the robust spread of ``C``
    (1.4826 MAD) and its null spread for white noise, ``1 / sqrt(8 T)``; so a pure-noise movie (and a movie
    with structure but no cells) gives no foreground beyond isolated specks;
-4. seeds are local maxima of the smoothed ``C`` in the foreground; a watershed on ``-C`` splits touching cells;
+4. seeds are local maxima of the smoothed ``C`` in the foreground; a watershed by priority flooding from the
+   seeds (:func:`_flood`) splits touching cells;
 5. each seed's footprint is the regression coefficient of every pixel of its basin on the seed's trace (the
    mean of the 3x3 pixels around it), so the footprint is linear in the cell's spatial profile; the ROI is the
    connected part around the seed where the footprint is at least ``footprint_fraction`` of its peak (the
@@ -199,12 +201,13 @@ def detect_rois(movie: np.ndarray, z: float = 4.0, min_size: int = 12, max_size:
     ``method="correlation"``: from the local correlation image (cells that are active, module docstring).
     ``method="mean"``: from the mean image (cells brighter than their surround at rest, as GCaMP cells are - the
     anatomical route of suite2p's ``anatomical_only`` and CaImAn's mean-image initialisation): the neuropil
-    background is removed (:func:`_mean_image_contrast`), the foreground stands ``z`` spreads (robust, or the
-    shot-noise null of a ``T``-frame mean) above the median, and each seed's ROI is the connected part of its
-    watershed basin at >= ``footprint_fraction`` of the seed's contrast. A seed must also be at least
-    ``min_contrast`` x brighter than the background under it: neuropil texture and shot-noise specks are not. For dim, photon-starved data (the
-    ``two_photon`` preset: 0.1-0.3 photons per pixel per frame) the correlation image of a short movie holds no
-    detectable cell while the mean image does.
+    background is removed (:func:`_mean_image_maps`), a seed stands ``z`` spreads above the median (robust, or
+    the shot-noise null of a ``T``-frame mean) and at least ``min_contrast`` x above the background under it
+    (neuropil texture is not), and its ROI is the connected part of its watershed basin at >=
+    ``footprint_fraction`` of the seed's contrast whose summed excess stands :data:`MEAN_ROI_Z` null spreads
+    above zero (shot-noise peaks do not). The ratio needs a movie whose dark level is zero: photons, or ADU minus
+    the detector offset. For dim, photon-starved data (the ``two_photon`` preset: 0.1-0.3 photons per pixel per
+    frame) the correlation image of a short movie holds no detectable cell while the mean image does.
     """
     if not (z > 0 and 0 < footprint_fraction < 1 and 1 <= min_size <= max_size and method in DETECTORS
             and min_contrast >= 0):
