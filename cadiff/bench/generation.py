@@ -176,8 +176,9 @@ def pixel_metrics(gen: np.ndarray, ref: SetSummary, rate_hz: float, seed: int) -
 
 
 def sampler_table(models: dict[str, Any], data: BenchData, ref: np.ndarray, ref_latents: torch.Tensor,
-                  cfg: GenConfig) -> tuple[list[dict[str, Any]], np.ndarray]:
-    """One row per (sampler, NFE); also the headline row's photon clips (for the figures)."""
+                  cfg: GenConfig) -> tuple[list[dict[str, Any]], np.ndarray, dict[str, Any]]:
+    """One row per (sampler, NFE); also the headline row's photon clips (for the figures) and the same pixel
+    metrics for stage 1 alone (the held-out clips encoded and decoded: the ceiling of any DiT)."""
     rows, headline = [], None
     ref_summary = summarize_set(list(ref), seed=cfg.seed + 1, name="reference")
     for sampler in cfg.samplers:
@@ -197,7 +198,14 @@ def sampler_table(models: dict[str, Any], data: BenchData, ref: np.ndarray, ref_
                 headline = out["clips"]
     if headline is None:
         raise ConfigError(f"generation options samplers/nfe: expected them to include the headline {HEADLINE}")
-    return rows, headline
+    # stage 1 alone: the held-out clips' own latents decoded. No DiT can score better than this ceiling
+    generator = torch.Generator().manual_seed(cfg.seed)
+    roundtrip = np.concatenate([decode_photons(models["ae"], ref_latents[i:i + 16], models["stats"], data, generator)
+                                for i in range(0, len(ref_latents), 16)])
+    ceiling = pixel_metrics(roundtrip, ref_summary, data.rate_hz, cfg.seed)
+    log.info("stage-1 round trip of the held-out clips: MMD^2 %.4f, gain ratio %.3f, mean %.4f (held-out %.4f)",
+             ceiling["mmd2"], ceiling["gain_ratio"] or math.nan, ceiling["mean_gen"], ceiling["mean_ref"])
+    return rows, headline, ceiling
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -222,6 +230,19 @@ def long_movie(stage2: Path, out: Path, num_frames: int, seed: int) -> dict[str,
     return {"movie": movie, "record": record, "num_frames": num_frames, "wall_s": wall, "rollout_fps": num_frames / wall,
             "chunks": record["long_movie"]["chunks"], "seam_ratio": seam_ratio(movie, record), **drift,
             "gain_drift": abs(drift["last_over_first"] - 1.0), "files": sorted(p.name for p in out.iterdir())}
+
+
+def drift_reference(preset: str, frames: int, side: int, count: int, seed: int) -> list[float]:
+    """Gain drift (:func:`cadiff.bench.stage2.gain_drift`) of ``count`` simulated movies of the long movie's size:
+    the spread the photon-transfer estimate has on real data with no drift at all, the scale a generated movie's
+    drift is read against."""
+    from cadiff.data.simulate import simulate_movie
+
+    drifts = []
+    for i in range(count):
+        movie, _ = simulate_movie(preset, frames, side, side, seed=seed + i, return_clean=False)
+        drifts.append(abs(gain_drift(movie.data.astype(np.float32))["last_over_first"] - 1.0))
+    return drifts
 
 
 def activity(data: BenchData, generated: np.ndarray | None, rate_hz: float) -> dict[str, Any]:
@@ -339,7 +360,7 @@ def run(cfg: GenConfig, work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     ref_latents = (encode(models["ae"], evalset.inputs, data) - models["stats"][0].view(1, -1, 1, 1, 1)) \
         / models["stats"][1].view(1, -1, 1, 1, 1)
     start = time.perf_counter()
-    table, headline_clips = sampler_table(models, data, evalset.inputs, ref_latents, cfg)
+    table, headline_clips, stage1 = sampler_table(models, data, evalset.inputs, ref_latents, cfg)
     timings["sampler_table_s"] = time.perf_counter() - start
     headline = next(r for r in table if (r["sampler"], r["steps"]) == HEADLINE)
     start = time.perf_counter()
@@ -350,6 +371,9 @@ def run(cfg: GenConfig, work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     except CadiffError as exc:  # the other measurements stand; the long-movie keys get the reason
         log.error("long movie of %d frames failed: %s", cfg.long_frames, exc)
         long = {"reason": f"the {cfg.long_frames}-frame sample job failed: {str(exc).splitlines()[0]}"}
+    if "movie" in long:
+        long["gain_drift_real"] = drift_reference(cfg.preset, cfg.long_frames, cfg.clip_side, cfg.test_movies,
+                                                  cfg.seed * 1000 + 800)
     timings["long_movie_s"] = time.perf_counter() - start
     photons = to_photons(long["movie"], gain, PRESETS[cfg.preset]["offset"]) if "movie" in long else None
     start = time.perf_counter()
@@ -368,7 +392,7 @@ def run(cfg: GenConfig, work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     seams = seam_frames(long["record"]) if "record" in long else []
     timings["total_s"] = time.perf_counter() - t0
     result = {"summary": summary, "not_measured": reasons, "goals": goals(summary), "headline": headline,
-              "sampler_table": table, "long_movie": {**long_json, "calibrated_gain": gain, "seams": seams},
+              "sampler_table": table, "stage1_roundtrip": stage1, "long_movie": {**long_json, "calibrated_gain": gain, "seams": seams},
               "activity": act, "conditioning": {k: v for k, v in conditioning.items() if k != "reason"},
               "training": train_record, "config": dataclasses.asdict(cfg), "timings": timings,
               "held_out_clips": len(evalset.inputs),
@@ -430,6 +454,12 @@ def render_markdown(res: dict[str, Any], figures: Sequence[str]) -> str:
                      f"{_fmt(r['decode_s_per_clip'])} | {_fmt(r['latent_mmd2'], 4)} | {_fmt(r['mmd2'], 4)} | "
                      f"{_fmt(r['mmd2_split_half'], 4)} | {_fmt(r['gain_ratio'])} | "
                      f"{_fmt(r['temporal_psd_distance_db'], 2)} |")
+    s1 = res.get("stage1_roundtrip")
+    if s1:
+        lines += ["", f"Stage 1 alone (the held-out clips' own latents decoded; no DiT can do better): MMD^2 "
+                  f"{_fmt(s1['mmd2'], 4)} (split-half {_fmt(s1['mmd2_split_half'], 4)}), gain ratio "
+                  f"{_fmt(s1['gain_ratio'])}, mean {_fmt(s1['mean_gen'], 4)} photons/px/frame (held-out "
+                  f"{_fmt(s1['mean_ref'], 4)}); headline samples: mean {_fmt(res['headline'].get('mean_gen'), 4)}."]
     lines += ["", *long_movie_lines(res["long_movie"]), "", *activity_lines(res["activity"]), "",
               *conditioning_lines(res.get("conditioning") or {}, res["not_measured"]), "",
               "## Timings (s)", "", " | ".join(f"{k} {v:.0f}" for k, v in t.items()), "",
@@ -447,6 +477,9 @@ def long_movie_lines(lm: dict[str, Any]) -> list[str]:
             f"| {lm['num_frames']} | {lm['chunks']} | {lm['wall_s']:.1f} | {lm['rollout_fps']:.2f} | "
             f"{_fmt(lm['seam_ratio'])} | {_fmt(lm['gain_first'], 1)} | {_fmt(lm['gain_last'], 1)} | "
             f"{_fmt(lm['gain_drift'])} | {lm['calibrated_gain']:.0f} |", "",
+            *([f"Gain drift of {len(lm['gain_drift_real'])} simulated movies of the same size (no drift in them: the "
+               "photon-transfer estimate's own spread): " + ", ".join(_fmt(v) for v in lm["gain_drift_real"]) + ".",
+               ""] if lm.get("gain_drift_real") else []),
             f"Files of the sample job: {', '.join(lm['files'])} (under `outputs/benchmarks/generation*/long_movie`)."]
 
 
