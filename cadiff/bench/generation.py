@@ -56,7 +56,15 @@ from cadiff.bench.ae_quality import (
     train_autoencoder,
 )
 from cadiff.bench.conditioning import brightness_movies, choose_detector, conditioning_run
-from cadiff.bench.stage2 import decode_photons, export_pair, gain_drift, seam_frames, seam_ratio, train_dit
+from cadiff.bench.stage2 import (
+    cell_persistence,
+    decode_photons,
+    export_pair,
+    gain_drift,
+    seam_frames,
+    seam_ratio,
+    train_dit,
+)
 from cadiff.config import compose
 from cadiff.data.movie import to_photons
 from cadiff.data.simulate import PRESETS
@@ -232,17 +240,18 @@ def long_movie(stage2: Path, out: Path, num_frames: int, seed: int) -> dict[str,
             "gain_drift": abs(drift["last_over_first"] - 1.0), "files": sorted(p.name for p in out.iterdir())}
 
 
-def drift_reference(preset: str, frames: int, side: int, count: int, seed: int) -> list[float]:
-    """Gain drift (:func:`cadiff.bench.stage2.gain_drift`) of ``count`` simulated movies of the long movie's size:
-    the spread the photon-transfer estimate has on real data with no drift at all, the scale a generated movie's
-    drift is read against."""
+def long_reference(preset: str, frames: int, side: int, count: int, seed: int) -> dict[str, list[Any]]:
+    """Gain drift (:func:`cadiff.bench.stage2.gain_drift`) and cell persistence (:func:`cell_persistence`) of
+    ``count`` simulated photon movies of the long movie's size: what the two estimates give on real data with no
+    drift and fixed cells, the scale a generated movie's values are read against."""
     from cadiff.data.simulate import simulate_movie
 
-    drifts = []
+    drifts, persistence = [], []
     for i in range(count):
         movie, _ = simulate_movie(preset, frames, side, side, seed=seed + i, return_clean=False)
         drifts.append(abs(gain_drift(movie.data.astype(np.float32))["last_over_first"] - 1.0))
-    return drifts
+        persistence.append(cell_persistence(to_photons(movie.data, movie.gain, movie.offset)))
+    return {"gain_drift_real": drifts, "persistence_real": persistence}
 
 
 def activity(data: BenchData, generated: np.ndarray | None, rate_hz: float) -> dict[str, Any]:
@@ -371,11 +380,11 @@ def run(cfg: GenConfig, work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     except CadiffError as exc:  # the other measurements stand; the long-movie keys get the reason
         log.error("long movie of %d frames failed: %s", cfg.long_frames, exc)
         long = {"reason": f"the {cfg.long_frames}-frame sample job failed: {str(exc).splitlines()[0]}"}
-    if "movie" in long:
-        long["gain_drift_real"] = drift_reference(cfg.preset, cfg.long_frames, cfg.clip_side, cfg.test_movies,
-                                                  cfg.seed * 1000 + 800)
-    timings["long_movie_s"] = time.perf_counter() - start
     photons = to_photons(long["movie"], gain, PRESETS[cfg.preset]["offset"]) if "movie" in long else None
+    if photons is not None:
+        long["persistence"] = cell_persistence(photons)
+        long.update(long_reference(cfg.preset, cfg.long_frames, cfg.clip_side, cfg.test_movies, cfg.seed * 1000 + 800))
+    timings["long_movie_s"] = time.perf_counter() - start
     start = time.perf_counter()
     act = activity(data, photons, data.rate_hz)
     timings["activity_s"] = time.perf_counter() - start
@@ -480,7 +489,20 @@ def long_movie_lines(lm: dict[str, Any]) -> list[str]:
             *([f"Gain drift of {len(lm['gain_drift_real'])} simulated movies of the same size (no drift in them: the "
                "photon-transfer estimate's own spread): " + ", ".join(_fmt(v) for v in lm["gain_drift_real"]) + ".",
                ""] if lm.get("gain_drift_real") else []),
+            *(persistence_lines(lm) if lm.get("persistence") else []),
             f"Files of the sample job: {', '.join(lm['files'])} (under `outputs/benchmarks/generation*/long_movie`)."]
+
+
+def persistence_lines(lm: dict[str, Any]) -> list[str]:
+    """Cell persistence of the long movie beside the simulated movies of its size."""
+    rows = [("generated", lm["persistence"])] + [(f"simulated {i + 1}", p) for i, p in
+                                                   enumerate(lm.get("persistence_real", []))]
+    return ["Do the cells stay put? (`cadiff.bench.stage2.cell_persistence`: mean-image ROIs of consecutive "
+            f"{lm['persistence']['segment']}-frame pieces, each scored by its best IoU with the next piece's; a "
+            "real field of view keeps its cells)", "",
+            "| movie | persistence (IoU) | ROIs per piece | ROIs of the whole movie |", "|---|---:|---:|---:|",
+            *[f"| {name} | {_fmt(p['persistence'])} | {_fmt(p['rois_per_segment'])} | {p['whole_movie_rois']} |"
+              for name, p in rows], ""]
 
 
 def conditioning_lines(c: dict[str, Any], not_measured: dict[str, str]) -> list[str]:

@@ -102,3 +102,20 @@ def gain_drift(movie: np.ndarray) -> dict[str, Any]:
     n = max(32, len(movie) // 10)
     first, last = estimate_photon_transfer(movie[:n]).gain, estimate_photon_transfer(movie[-n:]).gain
     return {"frames": n, "gain_first": float(first), "gain_last": float(last), "last_over_first": float(last / first)}
+
+
+def cell_persistence(photons: np.ndarray, segment: int = 65) -> dict[str, float | None]:
+    """Do a long movie's cells stay where they are? The movie ``[T, H, W]`` (photons) is cut into consecutive
+    ``segment``-frame pieces; ROIs are detected in each (mean image, :func:`cadiff.eval.rois.detect_rois`) and every
+    ROI of a piece is scored by its best IoU with the next piece's ROIs. ``persistence``: the mean of those scores
+    (1: the same cells throughout; a real field of view holds its cells, so its value is the detector's own
+    repeatability); ``rois_per_segment``: the mean ROI count; ``whole_movie_rois``: ROIs of the whole movie's mean
+    image (cells that wander blur out of it)."""
+    from cadiff.eval.rois import detect_rois, iou_matrix
+
+    pieces = [photons[i:i + segment] for i in range(0, len(photons) - segment + 1, segment)]
+    rois = [detect_rois(p, method="mean") for p in pieces]
+    scores = [float(iou_matrix(a, b).max(axis=1).mean()) for a, b in zip(rois, rois[1:]) if len(a) and len(b)]
+    return {"segment": segment, "persistence": float(np.mean(scores)) if scores else None,
+            "rois_per_segment": float(np.mean([len(r) for r in rois])) if rois else None,
+            "whole_movie_rois": int(len(detect_rois(photons, method="mean")))}

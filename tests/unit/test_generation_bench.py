@@ -85,3 +85,18 @@ def test_markdown_and_figures_render_from_a_result(tmp_path: Path):
     md = g.render_markdown(res, figures)
     assert "| `roi_f1` | - | " + g.conditioning_metrics()["reason"] in md and "**not met**" in md and "not measured" in md
     json.dumps(res)  # the result is plain JSON
+
+
+def test_cell_persistence_is_high_for_a_fixed_field_and_low_when_the_cells_move():
+    from cadiff.bench.stage2 import cell_persistence
+    from cadiff.data.movie import to_photons
+    from cadiff.data.simulate import simulate_movie
+
+    def photons(seed: int, frames: int) -> np.ndarray:
+        movie, _ = simulate_movie("two_photon", frames, 32, 32, seed=seed, return_clean=False)
+        return to_photons(movie.data, movie.gain, movie.offset)
+
+    fixed = cell_persistence(photons(801, 260))
+    moving = cell_persistence(np.concatenate([photons(801 + i, 65) for i in range(4)]))  # a new field per piece
+    assert fixed["persistence"] > 0.6 and fixed["whole_movie_rois"] >= 1
+    assert moving["persistence"] is not None and moving["persistence"] < 0.3
