@@ -185,6 +185,8 @@ def _mean_image_rois(m: _MeanImage, z: float, fraction: float, min_contrast: flo
             continue
         region = (basins == k) & (m.contrast >= fraction * m.contrast[y0, x0])
         parts, _ = ndi.label(region)
+        if not parts[y0, x0]:  # a seed at or below zero contrast (min_contrast=0 on a dark field): no ROI
+            continue
         roi = parts == parts[y0, x0]
         if m.excess[roi].sum() >= MEAN_ROI_Z * math.sqrt(roi.sum() * m.null_var):
             rois.append(roi)

@@ -61,7 +61,7 @@ def test_held_out_tiles_ask_only_for_cells_they_show_and_f1_pools_over_samples()
     assert C.pool_matches([{"hits": 0, "n_pred": 0, "n_true": 2}])["f1"] == 0.0
 
 
-def test_the_detector_is_chosen_on_real_tiles_and_cell_free_tiles_have_no_cells():
+def test_the_detector_is_chosen_on_real_tiles_and_cell_free_tiles_span_movies():
     # two_photon cells are too dim for the correlation image in short clips; the mean image finds them, so the
     # benchmark judges samples with it (chosen on the real tiles, never on the samples)
     movie, truth = simulate_movie("two_photon", 65, 64, 64, seed=11, return_clean=False)

@@ -77,8 +77,8 @@ def test_bad_inputs_name_the_argument():
 
 
 def test_flood_splits_two_bumps_on_their_valley():
-    # two equal bumps 16 px apart: each pixel belongs to the nearer one (the valley is the midline); scipy's
-    # watershed_ift gave one seed almost everything here and cut real cells to a few pixels
+    # two equal bumps 16 px apart: each pixel belongs to the nearer one (the valley is the midline). scipy's
+    # watershed_ift, used before, gave one seed most of a simulated field and cut real cells to a few pixels
     yy, xx = np.mgrid[:32, :48].astype(float)
     height = np.exp(-((yy - 16) ** 2 + (xx - 16) ** 2) / 18) + np.exp(-((yy - 16) ** 2 + (xx - 32) ** 2) / 18)
     labels = _flood(height, np.array([[16, 16], [16, 32]]))
