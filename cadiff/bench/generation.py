@@ -10,16 +10,18 @@ memorise them (the demo's DiT, on 33 latents, did: train loss 1.0, val loss 2.5)
 Measurements.
 - Sample quality: ``num_samples`` clips sampled (DiT, then the stage-1 decoder with its default sampler) and
   compared with all held-out clips by :func:`cadiff.eval.metrics.evaluate_sets`: MMD^2 of the per-clip feature
-  vectors against the held-out set's own split-half MMD^2, and the photon-transfer gain ratio.
+  vectors against the held-out set's own split-half MMD^2, and the photon-transfer gain ratio; the same for the
+  held-out clips' own latents decoded (stage 1 alone: the ceiling of any DiT).
 - DiT sampler table: Euler and Heun at 10/20/50 NFE, each scored by the latent MMD^2 to the held-out latents
   (:func:`cadiff.eval.score.sample_mmd2`) and by the pixel metrics above; the headline row is the sample job's
   default (Euler, 20 steps).
 - Long movie: the exported pair run through ``jobs/sample.py num_frames=N`` (:mod:`cadiff.inference.long_movie`),
-  scored by the seam ratio, the photon-transfer gain drift (first vs last 10%) and frames per second.
+  scored by the seam ratio, the photon-transfer gain drift (first vs last 10%), frames per second and whether its
+  cells stay put (:func:`cadiff.bench.stage2.cell_persistence`), with simulated movies of its size as reference.
 - Activity: event rate and dF/F amplitude distributions (:mod:`cadiff.eval.activity`) of ROI traces, with the
-  ground-truth footprints on the held-out movies. On generated movies they need ROIs: detected ones
-  (``cadiff.eval.rois.detect_rois``) or requested ones (mask conditioning); both come with the ``cond`` branch and
-  are reported as not measured (with the reason) while it is absent.
+  ground-truth footprints on the held-out movies, and of the generated long movie with ROIs detected on it
+  (``cadiff.eval.rois.detect_rois``, the detector that finds the held-out movies' cells best); without ROIs they
+  are reported as not measured.
 
 Results: ``generation.json`` (top-level ``summary`` with the nine issue keys, ``not_measured`` with a reason for
 each null), ``generation.md`` (goals checked half by half) and ``generation_*.png``.

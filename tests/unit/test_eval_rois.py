@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cadiff.data.movie import to_photons
 from cadiff.data.simulate import simulate_movie
 from cadiff.errors import DataError
-from cadiff.data.movie import to_photons
 from cadiff.eval.rois import _flood, detect_rois, iou_matrix, match_rois
 
 
