@@ -150,14 +150,14 @@ def _mean_image_maps(movie: np.ndarray) -> _MeanImage:
     mean of ``T`` temporally independent frames: ``sqrt(mean temporal variance / T)`` times the smoothing's noise
     gain at that pixel (:func:`_noise_gain`).
     """
-    def score(image: np.ndarray, sigma: float, robust: bool = True) -> np.ndarray:
-        null = np.sqrt(null_var * _noise_gain(image.shape, sigma))
+    def score(image: np.ndarray, null: np.ndarray, robust: bool = True) -> np.ndarray:
         median = float(np.median(image))
         return (image - median) / np.maximum(1.4826 * float(np.median(np.abs(image - median))) if robust else 0.0,
                                              null)
 
     raw = movie.mean(axis=0, dtype=np.float64)
     null_var = float(movie.var(axis=0, dtype=np.float64).mean()) / movie.shape[0]
+    null_fine, null_coarse = (np.sqrt(null_var * _noise_gain(raw.shape, s)) for s in (SEED_SMOOTH_PX, MEAN_DETECT_PX))
     mean = ndi.gaussian_filter(raw, SEED_SMOOTH_PX)
     keep = np.ones(mean.shape)
     for _ in range(MEAN_BACKGROUND_ITERATIONS):
@@ -165,11 +165,11 @@ def _mean_image_maps(movie: np.ndarray) -> _MeanImage:
         background = np.divide(ndi.gaussian_filter(mean * keep, MEAN_BACKGROUND_PX, mode="reflect"), weight,
                                out=np.full(mean.shape, float(np.median(mean))), where=weight > 1e-3)
         contrast = mean - background
-        keep = (score(contrast, SEED_SMOOTH_PX) <= 2).astype(np.float64)
+        keep = (score(contrast, null_fine) <= 2).astype(np.float64)
     excess = raw - background
     relative = np.divide(contrast, background, out=np.zeros_like(contrast), where=background > 0)
-    return _MeanImage(contrast, score(contrast, SEED_SMOOTH_PX),
-                      score(ndi.gaussian_filter(excess, MEAN_DETECT_PX), MEAN_DETECT_PX, robust=False), relative,
+    return _MeanImage(contrast, score(contrast, null_fine),
+                      score(ndi.gaussian_filter(excess, MEAN_DETECT_PX), null_coarse, robust=False), relative,
                       excess, null_var)
 
 
