@@ -394,6 +394,9 @@ class SampleConfig:
     num_frames: Optional[int] = None
     context_frames: Optional[int] = None  # latent frames each DiT chunk continues from; None: half the chunk
     decode_context_frames: Optional[int] = None  # latent frames of left context per decoder window; None: context_frames
+    # reconstruction guidance weight pulling each chunk's new latent frames toward agreeing with its context (0: the
+    # context is only imposed by replacement); each DiT evaluation then adds a backward pass
+    context_guidance: float = 0.0
     # movie files: tiff (ImageJ TIFF) | nwb (NWB TwoPhotonSeries with the provenance) | both; GIF/MP4 previews always
     out_format: str = "tiff"
     fps: int = 10
@@ -954,6 +957,8 @@ def _validate_long_movie(cfg: Any) -> None:
     for key in ("num_frames", "context_frames", "decode_context_frames"):
         value = getattr(cfg, key)
         _require(value is None or value >= 1, key, value, "a positive frame count, or null")
+    _require(math.isfinite(cfg.context_guidance) and cfg.context_guidance >= 0, "context_guidance",
+             cfg.context_guidance, "a finite number >= 0 (0: context by replacement only)")
     if cfg.num_frames is not None:
         _require(cfg.mode == "generate", "num_frames", cfg.num_frames, "null for mode=reconstruct (clips keep their length)")
         _require(cfg.out_format == "tiff", "out_format", cfg.out_format,

@@ -134,6 +134,19 @@ class DDPM(Objective):
             return (x_t - s * out) / a, out
         return a * x_t - s * out, s * x_t + a * out
 
+    def predict_x0(self, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        return self.predict_x0_eps(out, x_t, t)[0]
+
+    def signal_scale(self, t: Tensor) -> Tensor:
+        return self.schedule.alpha_sigma(t)[0]
+
+    def shift_x0(self, out: Tensor, x_t: Tensor, t: Tensor, delta: Tensor) -> Tensor:
+        """``x0' = x0_hat + delta``, ``eps' = (x_t - alpha x0') / sigma``, returned as the eps or v prediction."""
+        a, s = (broadcast_time(u, x_t) for u in self.schedule.alpha_sigma(t.to(x_t.dtype)))
+        x0 = self.predict_x0_eps(out, x_t, t)[0] + delta
+        eps = (x_t - a * x0) / s
+        return eps if self.prediction == "eps" else a * eps - s * x0
+
     def noised(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """The VP state ``alpha_t x0 + sigma_t eps``."""
         a, s = (broadcast_time(u, x0) for u in self.schedule.alpha_sigma(t.to(x0.dtype)))

@@ -121,6 +121,19 @@ class FlowMatching(Objective):
             per_sample = per_sample * min_snr_weight(t)
         return per_sample.mean()
 
+    def predict_x0(self, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """``x0_hat = x_t - t v``."""
+        return x_t - broadcast_time(t.to(x_t.dtype), x_t) * out
+
+    def signal_scale(self, t: Tensor) -> Tensor:
+        """``alpha_t = 1 - t``."""
+        return 1 - t
+
+    def shift_x0(self, out: Tensor, x_t: Tensor, t: Tensor, delta: Tensor) -> Tensor:
+        """``v' = (x_t - x0_hat') / t = v - delta / t`` (no change where ``t = 0``: there ``x0_hat = x_t``)."""
+        tb = broadcast_time(t.to(out.dtype), out)
+        return out - torch.where(tb > 0, delta / tb.clamp_min(1e-12), torch.zeros_like(delta))
+
     def sample(self, model_fn: Callable[[Tensor, Tensor], Tensor], noise: Tensor, sampler: str | None = None,
                num_steps: int | None = None, generator: torch.Generator | None = None,
                grid: str | None = None) -> tuple[Tensor, int]:

@@ -241,3 +241,16 @@ class Objective(ABC):
     def sample(self, model_fn: VelocityFn, noise: Tensor, sampler: str | None = None, num_steps: int | None = None,
                generator: torch.Generator | None = None, grid: str | None = None) -> tuple[Tensor, int]:
         """Generate from ``noise`` (the t = 1 state) on time ``grid`` (None: the config's); returns ``(x0, nfe)``."""
+
+    @abstractmethod
+    def predict_x0(self, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The data estimate ``x0_hat`` of the network output ``out`` at ``(x_t, t [B])``."""
+
+    @abstractmethod
+    def signal_scale(self, t: Tensor) -> Tensor:
+        """``alpha_t`` of ``x_t = alpha_t x0 + sigma_t eps`` at times ``t [B]``."""
+
+    @abstractmethod
+    def shift_x0(self, out: Tensor, x_t: Tensor, t: Tensor, delta: Tensor) -> Tensor:
+        """The network output at ``(x_t, t [B])`` whose data estimate is ``predict_x0(out) + delta`` and whose noise
+        estimate is what ``x_t`` then implies (reconstruction guidance edits ``x0_hat`` this way)."""

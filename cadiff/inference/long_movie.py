@@ -2,8 +2,9 @@
 
 DiT: chunk 0 is a plain sample of the training length ``L`` (same noise draw as a normal sample of that seed);
 every next chunk keeps the last ``C`` latent frames it already generated as context and draws ``L - C`` new
-ones, the context imposed by replacement at every solver step (:meth:`LatentDiffusion.sample` ``context``). The
-last chunk takes more context so that every chunk has the training length. No retraining is needed.
+ones, the context imposed by replacement at every solver step (:meth:`LatentDiffusion.sample` ``context``), and
+with ``context_guidance`` > 0 the new frames pulled toward agreeing with it (reconstruction guidance). The last
+chunk takes more context so that every chunk has the training length. No retraining is needed.
 
 Decoder: each window decodes latent frames ``[new_start - D, new_stop)`` (``D`` = ``decode_context``) and keeps
 only the clip frames of the new latent frames; causality makes the kept frames depend only on the window.
@@ -74,11 +75,13 @@ def chunk_spans(num_latent: int, chunk: int, context: int) -> list[tuple[int, in
 
 def guidance(params: dict[str, Any], batch: int) -> dict[str, Any]:
     """``LatentDiffusion.sample`` keywords for the requested conditions of ``params`` (plain values, as sent to Ray
-    tasks): ``roi_mask`` on the latent grid repeated ``[B, H, W]``, ``flux`` ``[B]``, and ``guidance_scale``."""
+    tasks): ``roi_mask`` on the latent grid repeated ``[B, H, W]``, ``flux`` ``[B]``, ``guidance_scale`` and the
+    chunks' ``context_guidance``."""
     requested = params.get("conditions") or {}
     conditions = {name: torch.tensor(value, dtype=torch.float32).expand(batch, *np.shape(value)).clone()
                   for name, value in requested.items()}
-    return {"conditions": conditions, "guidance_scale": float(params.get("guidance_scale", 1.0))}
+    return {"conditions": conditions, "guidance_scale": float(params.get("guidance_scale", 1.0)),
+            "context_guidance": float(params.get("context_guidance", 0.0))}
 
 
 def rollout_latents(dit: Any, plan: LongMoviePlan, latent_bchw: tuple[int, int, int, int], sampler: str | None,

@@ -274,6 +274,7 @@ def generate_long(cfg: Any) -> tuple[str, str]:
     norm = ae_meta["data"]["normalization"]
     dtype = source_dtype(calib)
     params = sample_params(cfg, decoder)
+    params["context_guidance"] = float(cfg.context_guidance)
     args = {**params, "conditions": requested_conditions(cfg, dit, (h, w), s)}
     shape = (plan.num_frames, h * s, w * s)
     record = {"mode": "generate", "num_samples": int(cfg.num_samples), "shape": list(shape), "dtype": str(dtype),

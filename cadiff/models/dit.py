@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cadiff.diffusion.samplers import Objective, draw_rand, draw_randn
+from cadiff.diffusion.samplers import Objective, broadcast_time, draw_rand, draw_randn
 from cadiff.errors import ConfigError, ModelError
 from cadiff.models.layers import (
     Attention,
@@ -299,13 +299,17 @@ class LatentDiffusion(nn.Module):
     def sample(self, shape: tuple[int, ...] | list[int], sampler: str | None = None, num_steps: int | None = None,
                generator: torch.Generator | None = None, cond: Tensor | None = None,
                context: Tensor | None = None, conditions: dict[str, Tensor] | None = None,
-               guidance_scale: float = 1.0) -> Tensor:
+               guidance_scale: float = 1.0, context_guidance: float = 0.0) -> Tensor:
         """Draw latents of ``shape [B, C, T, H, W]`` from fresh noise (defaults from the diffusion config).
 
         ``context [B, C, T_c, H, W]``: the first ``T_c`` frames are given (a continuation). At every model
         evaluation they are imposed by replacement: the model sees ``noised(context, eps_c, t)`` there, with
         ``eps_c`` the same noise draw those positions start from, and the result returns ``context`` unchanged.
         Without context the noise draw and result are those of a plain sample.
+        ``context_guidance`` ``w > 0`` adds reconstruction guidance (Ho et al. 2022, "Video Diffusion Models",
+        arXiv:2204.03458, eq. 7): the new frames' data estimate moves by ``-(w alpha_t / 2) grad ||context -
+        x0_hat[context]||^2`` (gradient in ``x_t`` of the new frames, through the model), so they agree with the
+        context instead of merely sitting beside it; each model evaluation then also runs a backward pass.
         ``conditions``: ``roi_mask [B, H, W]`` and/or ``flux [B]`` (NaN: not given), guided by ``guidance_scale``
         (1: the conditional model, 0: the unconditional one).
         """
@@ -313,13 +317,15 @@ class LatentDiffusion(nn.Module):
             raise ModelError(f"sample shape {tuple(shape)}: expected [B, C, T, H, W]")
         if not (guidance_scale >= 0 and math.isfinite(guidance_scale)):
             raise ModelError(f"guidance_scale = {guidance_scale}: expected a finite number >= 0")
+        if not (context_guidance >= 0 and math.isfinite(context_guidance)):
+            raise ModelError(f"context_guidance = {context_guidance}: expected a finite number >= 0")
         self.dit.token_grid(tuple(shape[1:]))
         param = next(self.parameters())
         noise = draw_randn(tuple(shape), generator, param.device, param.dtype)
         conditions = {name: value.to(device=param.device, dtype=param.dtype) for name, value in (conditions or {}).items()}
         model_fn = self._guided(cond, conditions, float(guidance_scale))
         if context is not None:
-            model_fn = self._with_context(model_fn, context.to(noise), noise, tuple(shape))
+            model_fn = self._with_context(model_fn, context.to(noise), noise, tuple(shape), float(context_guidance))
         with torch.no_grad():
             z, self.last_nfe = self.objective.sample(model_fn, noise, sampler, num_steps, generator)
         if context is not None:
@@ -327,7 +333,7 @@ class LatentDiffusion(nn.Module):
         return z
 
     def _with_context(self, model_fn: Callable[[Tensor, Tensor], Tensor], context: Tensor, noise: Tensor,
-                      shape: tuple[int, ...]) -> Callable[[Tensor, Tensor], Tensor]:
+                      shape: tuple[int, ...], weight: float = 0.0) -> Callable[[Tensor, Tensor], Tensor]:
         n = context.shape[2]
         if context.shape[:2] != shape[:2] or context.shape[3:] != shape[3:] or not 0 < n < shape[2]:
             raise ModelError(f"context of shape {tuple(context.shape)}: expected [B, C, T_c, H, W] matching "
@@ -337,7 +343,17 @@ class LatentDiffusion(nn.Module):
         def imposed(x_t: Tensor, t: Tensor) -> Tensor:
             x_t = x_t.clone()
             x_t[:, :, :n] = self.objective.noised(context, eps_c, t)
-            return model_fn(x_t, t)
+            if weight == 0.0:
+                return model_fn(x_t, t)
+            with torch.enable_grad():
+                x_in = x_t.detach().requires_grad_(True)
+                out = model_fn(x_in, t)
+                error = (self.objective.predict_x0(out, x_in, t)[:, :, :n] - context).pow(2).sum()
+                (grad,) = torch.autograd.grad(error, x_in)
+            alpha = broadcast_time(self.objective.signal_scale(t).to(grad), grad)
+            delta = -(weight / 2) * alpha * grad
+            delta[:, :, :n] = 0  # the context's own estimate is not edited (it is replaced anyway)
+            return self.objective.shift_x0(out.detach(), x_t, t, delta)
 
         return imposed
 
