@@ -21,7 +21,9 @@ guidance for:
 A model can only follow a flux it has seen: the preset's own movies span a narrow flux band (two_photon: ~0.15-0.19
 photons per pixel per frame), so the conditioned DiT trains on movies of the same preset with their neuron and
 neuropil photon rates scaled by a per-movie factor drawn log-uniformly over :data:`BRIGHTNESS` (other seeds, encoded
-by the same stage-1 model and normalized with the unconditional latents' statistics). Stage 1 must carry that
+by the same stage-1 model and normalized with the unconditional latents' statistics); every
+:data:`CELL_FREE_EVERY`-th of them has no neurons, so an empty ROI map - the null test's request - is a condition the
+DiT has seen (in the preset's own movies ~1 tile in 60 shows no cell). Stage 1 must carry that
 brightness through its latent too: the generation benchmark trains it on these movies beside the preset's own
 (``GenConfig.ae_brightness``); trained on the preset's band alone, it decodes every flux to that band.
 """
@@ -59,6 +61,9 @@ COND_OVERRIDES = ("model.cond_mask=true", "model.cond_flux=true")
 GUIDANCE = 2.0  # the demo's mask sample uses the same
 BRIGHTNESS = (0.3, 3.0)  # per-movie photon-rate factor of the conditioned DiT's training movies (log-uniform)
 BRIGHTNESS_KEYS = ("neuron_photons", "background_photons")  # simulator preset keys the factor scales
+# every 8th brightness-varied movie is simulated without neurons: its tiles pair an empty ROI map with a cell-free
+# field (without them 1 training tile in ~60 has an empty map, and an empty-mask sample grew cells: 2 in 16)
+CELL_FREE_EVERY = 8
 FLUX_FACTORS = (0.5, 0.8, 1.25, 2.0)  # x the training tiles' median flux: a 4x range
 SAMPLES_PER_CONDITION = 4
 SAMPLER, STEPS = "euler", 20  # the headline sampler (generation.HEADLINE)
@@ -70,12 +75,15 @@ MIN_CEILING_F1 = 0.5
 
 
 def brightness_movies(preset: str, count: int, frames: int, side: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """``count`` photon movies of ``preset`` with their ROI unions, photon rates scaled per movie (:data:`BRIGHTNESS`)."""
+    """``count`` photon movies of ``preset`` with their ROI unions, photon rates scaled per movie (:data:`BRIGHTNESS`);
+    movies ``CELL_FREE_EVERY - 1``, ``2 * CELL_FREE_EVERY - 1``, ... have no neurons (an all-False ROI union)."""
     rng = np.random.default_rng(seed)
     movies, rois = [], []
     for i in range(count):
         factor = float(np.exp(rng.uniform(*np.log(BRIGHTNESS))))
         overrides = {k: PRESETS[preset][k] * factor for k in BRIGHTNESS_KEYS}
+        if i % CELL_FREE_EVERY == CELL_FREE_EVERY - 1:
+            overrides["num_neurons"] = 0
         movie, truth = simulate_movie(preset, frames, side, side, seed=seed + i, return_clean=False, **overrides)
         movies.append(to_photons(movie.data, movie.gain, movie.offset))
         rois.append(truth.rois.any(axis=0))
@@ -135,28 +143,35 @@ def roundtrip_flux(models: dict[str, Any], data: BenchData, clips: np.ndarray, f
     return {"input": float(np.mean(fluxes[nearest])), "decoded": float(np.mean(recon))}
 
 
+def first_frame_tiles(shape: Sequence[int], frames: int, side: int) -> list[tuple[int, int]]:
+    """Origins ``(y0, x0)`` of the non-overlapping ``[frames, side, side]`` tiles of a movie's first clip length."""
+    return [(y0, x0) for t0, y0, x0 in tile_origins(shape, frames, side) if t0 == 0]
+
+
 def held_out_tiles(data: BenchData, frames: int, side: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(real photon clip, requested ROIs [K, side, side]) of each first-frame tile of each held-out movie that has
     ROIs; ROIs cut below :data:`MIN_ROI_PIXELS` by the tile edge are dropped."""
     tiles = []
     for movie in data.held_out:
-        _, h, w = movie.photons.shape
-        for y0 in range(0, h - side + 1, side):
-            for x0 in range(0, w - side + 1, side):
-                rois = movie.truth.rois[:, y0:y0 + side, x0:x0 + side]
-                rois = rois[rois.sum(axis=(1, 2)) >= MIN_ROI_PIXELS]
-                if len(rois):
-                    tiles.append((movie.photons[:frames, y0:y0 + side, x0:x0 + side], rois))
+        for y0, x0 in first_frame_tiles(movie.photons.shape, frames, side):
+            rois = movie.truth.rois[:, y0:y0 + side, x0:x0 + side]
+            rois = rois[rois.sum(axis=(1, 2)) >= MIN_ROI_PIXELS]
+            if len(rois):
+                tiles.append((movie.photons[:frames, y0:y0 + side, x0:x0 + side], rois))
     return tiles
 
 
-def choose_detector(tiles: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[str, dict[str, dict[str, Any]]]:
+def choose_detector(tiles: Sequence[tuple[np.ndarray, np.ndarray]]
+                    ) -> tuple[str, dict[str, dict[str, Any]], list[np.ndarray]]:
     """The ROI detector samples are judged by: of :data:`cadiff.eval.rois.DETECTORS`, the one that finds the real
     tiles' own cells best (pooled F1 at IoU >= 0.5; ties go to the first). Chosen on real data only, never on the
-    samples it then scores. Returns it and every detector's pooled score on the real tiles (the ceilings)."""
-    ceilings = {m: pool_matches([match_rois(detect_rois(real, method=m), rois) for real, rois in tiles])
+    samples it then scores. Returns it, every detector's pooled score on the real tiles (the ceilings) and the
+    chosen detector's ROIs on each tile."""
+    found = {m: [detect_rois(real, method=m) for real, _ in tiles] for m in DETECTORS}
+    ceilings = {m: pool_matches([match_rois(pred, rois) for pred, (_, rois) in zip(found[m], tiles)])
                 for m in DETECTORS}
-    return max(DETECTORS, key=lambda m: ceilings[m]["f1"]), ceilings
+    method = max(DETECTORS, key=lambda m: ceilings[m]["f1"])
+    return method, ceilings, found[method]
 
 
 def cell_free_tiles(preset: str, count: int, frames: int, side: int, movie_side: int, seed: int) -> list[np.ndarray]:
@@ -168,8 +183,8 @@ def cell_free_tiles(preset: str, count: int, frames: int, side: int, movie_side:
         movie, _ = simulate_movie(preset, frames, movie_side, movie_side, seed=seed + i, num_neurons=0,
                                   return_clean=False)
         photons = to_photons(movie.data, movie.gain, movie.offset)
-        tiles += [photons[:, y0:y0 + side, x0:x0 + side] for y0 in range(0, movie_side - side + 1, side)
-                  for x0 in range(0, movie_side - side + 1, side)]
+        tiles += [photons[:frames, y0:y0 + side, x0:x0 + side]
+                  for y0, x0 in first_frame_tiles(photons.shape, frames, side)]
         i += 1
     return tiles[:count]
 
@@ -197,7 +212,7 @@ def conditioning_run(models: dict[str, Any], data: BenchData, bright: tuple[list
     start = time.perf_counter()
     k = SAMPLES_PER_CONDITION
     tiles = held_out_tiles(data, frames, side)
-    method, ceilings = choose_detector(tiles)
+    method, ceilings, _ = choose_detector(tiles)
     gen_scores, contrasts, real_contrasts, control_contrasts = [], [], [], []
     for i, (real, rois) in enumerate(tiles):
         union = rois.any(axis=0)

@@ -110,6 +110,9 @@ class GenConfig:
     samplers: list[str] = field(default_factory=lambda: ["euler", "heun"])
     nfe: list[int] = field(default_factory=lambda: [10, 20, 50])
     long_frames: int = 1025
+    # a second long movie with reconstruction guidance (sample context_frames / context_guidance): the tradeoff row
+    guided_context_frames: int = 4
+    guided_context_guidance: float = 4.0
     seed: int = 0
     threads: int = 2
 
@@ -222,8 +225,9 @@ def sampler_table(models: dict[str, Any], data: BenchData, ref: np.ndarray, ref_
 # long movie and activity
 
 
-def long_movie(stage2: Path, out: Path, num_frames: int, seed: int) -> dict[str, Any]:
-    """Run the sample job for one ``num_frames`` movie; its ADU movie, record, wall time and long-movie scores."""
+def long_movie(stage2: Path, out: Path, num_frames: int, seed: int, *extra: str) -> dict[str, Any]:
+    """Run the sample job for one ``num_frames`` movie (``extra``: more sample overrides); its ADU movie, record,
+    wall time and long-movie scores."""
     import json
 
     import tifffile
@@ -232,7 +236,7 @@ def long_movie(stage2: Path, out: Path, num_frames: int, seed: int) -> dict[str,
 
     start = time.perf_counter()
     run_sample(compose("sample", [f"stage2={stage2}", f"out={out}", "num_samples=1", f"num_frames={num_frames}",
-                                  f"seed={seed}", "overwrite=true"]))
+                                  f"seed={seed}", "overwrite=true", *extra]))
     wall = time.perf_counter() - start
     record = json.loads((out / "samples.json").read_text())
     movie = tifffile.imread(out / "sample_000.tif")
@@ -240,6 +244,20 @@ def long_movie(stage2: Path, out: Path, num_frames: int, seed: int) -> dict[str,
     return {"movie": movie, "record": record, "num_frames": num_frames, "wall_s": wall, "rollout_fps": num_frames / wall,
             "chunks": record["long_movie"]["chunks"], "seam_ratio": seam_ratio(movie, record), **drift,
             "gain_drift": abs(drift["last_over_first"] - 1.0), "files": sorted(p.name for p in out.iterdir())}
+
+
+def guided_long_movie(stage2: Path, out: Path, cfg: GenConfig, gain: float) -> dict[str, Any]:
+    """The same long movie rolled out with reconstruction guidance toward each chunk's context: its scores and cell
+    persistence, or the reason it failed."""
+    extra = (f"context_frames={cfg.guided_context_frames}", f"context_guidance={cfg.guided_context_guidance}")
+    try:
+        guided = long_movie(stage2, out, cfg.long_frames, cfg.seed, *extra)
+    except CadiffError as exc:
+        return {"reason": f"the guided sample job failed: {str(exc).splitlines()[0]}"}
+    photons = to_photons(guided.pop("movie"), gain, PRESETS[cfg.preset]["offset"])
+    guided.pop("record")
+    return {**guided, "context_frames": cfg.guided_context_frames, "context_guidance": cfg.guided_context_guidance,
+            "persistence": cell_persistence(photons)}
 
 
 def long_reference(preset: str, frames: int, side: int, count: int, seed: int) -> dict[str, list[Any]]:
@@ -266,8 +284,7 @@ def activity(data: BenchData, generated: np.ndarray | None, rate_hz: float) -> d
     if generated is None:
         out["not_measured"] = "no generated long movie (the sample job failed)"
         return out
-    method, ceilings = choose_detector([(m.photons, m.truth.rois) for m in data.held_out])
-    ref_rois = [detect_rois(m.photons, method=method) for m in data.held_out]
+    method, ceilings, ref_rois = choose_detector([(m.photons, m.truth.rois) for m in data.held_out])
     gen_rois = detect_rois(generated, method=method)
     gen = activity_stats(generated, gen_rois, rate_hz)
     ref_det = pool_stats([activity_stats(m.photons, r, rate_hz) for m, r in zip(data.held_out, ref_rois)])
@@ -336,8 +353,10 @@ def conditioning_metrics() -> dict[str, Any]:
 # run
 
 
-def train(cfg: GenConfig, timings: dict[str, float]) -> tuple[BenchData, dict[str, Any], dict[str, Any]]:
-    """Simulate, train stage 1 and stage 2; returns the data, the models and the training record."""
+def train(cfg: GenConfig, timings: dict[str, float]
+          ) -> tuple[BenchData, dict[str, Any], dict[str, Any], tuple[list[np.ndarray], list[np.ndarray]]]:
+    """Simulate, train stage 1 and stage 2; returns the data, the models, the training record and the
+    brightness-varied movies with their ROI unions (the conditioned DiT's training set)."""
     start = time.perf_counter()
     data = simulate_data(bench_config(cfg))
     # the conditioned DiT's brightness-varied training movies (other seeds); stage 1 trains on them too when
@@ -357,8 +376,8 @@ def train(cfg: GenConfig, timings: dict[str, float]) -> tuple[BenchData, dict[st
     record = {"ae": {k: ae_info[k] for k in ("steps", "seconds", "final_loss", "params")},
               "dit": {k: dit_info[k] for k in ("steps", "seconds", "final_loss")},
               "train_latents": len(z), "ae_loss": ae_info["loss"], "dit_loss": dit_info["loss"]}
-    models = {"ae": ae, "dit": dit, "stats": (mean, std), "latent": list(z.shape[1:]), "bright": bright}
-    return data, models, record
+    models = {"ae": ae, "dit": dit, "stats": (mean, std), "latent": list(z.shape[1:])}
+    return data, models, record, bright
 
 
 def run(cfg: GenConfig, work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -366,7 +385,7 @@ def run(cfg: GenConfig, work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     torch.set_num_threads(cfg.threads)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    data, models, train_record = train(cfg, timings)
+    data, models, train_record, bright = train(cfg, timings)
     evalset = held_out_clips(data, bench_config(cfg))
     ref_latents = (encode(models["ae"], evalset.inputs, data) - models["stats"][0].view(1, -1, 1, 1, 1)) \
         / models["stats"][1].view(1, -1, 1, 1, 1)
@@ -386,13 +405,14 @@ def run(cfg: GenConfig, work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if photons is not None:
         long["persistence"] = cell_persistence(photons)
         long.update(long_reference(cfg.preset, cfg.long_frames, cfg.clip_side, cfg.test_movies, cfg.seed * 1000 + 800))
+        long["guided"] = guided_long_movie(stage2, work / "long_movie_guided", cfg, gain)
     timings["long_movie_s"] = time.perf_counter() - start
     start = time.perf_counter()
     act = activity(data, photons, data.rate_hz)
     timings["activity_s"] = time.perf_counter() - start
     start = time.perf_counter()
     try:
-        conditioning = conditioning_run(models, data, models["bright"], cfg.preset, cfg.movie_side, cfg.clip_frames,
+        conditioning = conditioning_run(models, data, bright, cfg.preset, cfg.movie_side, cfg.clip_frames,
                                         cfg.clip_side, cfg.dit_steps, cfg.dit_batch, cfg.seed, headline_clips)
     except CadiffError as exc:  # the other measurements stand; the conditioning keys get the reason
         log.error("conditioned run failed: %s", exc)
@@ -496,15 +516,28 @@ def long_movie_lines(lm: dict[str, Any]) -> list[str]:
 
 
 def persistence_lines(lm: dict[str, Any]) -> list[str]:
-    """Cell persistence of the long movie beside the simulated movies of its size."""
-    rows = [("generated", lm["persistence"])] + [(f"simulated {i + 1}", p) for i, p in
-                                                   enumerate(lm.get("persistence_real", []))]
-    return ["Do the cells stay put? (`cadiff.bench.stage2.cell_persistence`: mean-image ROIs of consecutive "
-            f"{lm['persistence']['segment']}-frame pieces, each scored by its best IoU with the next piece's; a "
-            "real field of view keeps its cells)", "",
-            "| movie | persistence (IoU) | ROIs per piece | ROIs of the whole movie |", "|---|---:|---:|---:|",
-            *[f"| {name} | {_fmt(p['persistence'])} | {_fmt(p['rois_per_segment'])} | {p['whole_movie_rois']} |"
-              for name, p in rows], ""]
+    """Cell persistence of the long movie (and of its guided rollout) beside the simulated movies of its size."""
+    guided = lm.get("guided") or {}
+    rows = [("generated", lm["persistence"])]
+    if "persistence" in guided:
+        rows.append((f"generated, context_frames={guided['context_frames']} context_guidance="
+                     f"{guided['context_guidance']:g}", guided["persistence"]))
+    rows += [(f"simulated {i + 1}", p) for i, p in enumerate(lm.get("persistence_real", []))]
+    lines = ["Do the cells stay put? (`cadiff.bench.stage2.cell_persistence`: mean-image ROIs of consecutive "
+             f"{lm['persistence']['segment']}-frame pieces, each scored by its best IoU with the next piece's; the "
+             "correlation of consecutive pieces' mean images; a real field of view keeps its cells)", "",
+             "| movie | persistence (IoU) | ROIs per piece | ROIs of the whole movie | mean-image corr | "
+             "photons/px/frame |", "|---|---:|---:|---:|---:|---:|",
+             *[f"| {name} | {_fmt(p['persistence'])} | {_fmt(p['rois_per_segment'])} | {p['whole_movie_rois']} | "
+               f"{_fmt(p.get('mean_image_corr'))} | {_fmt(p.get('mean_flux'))} |" for name, p in rows], ""]
+    if "persistence" in guided:
+        lines += [f"The guided rollout (reconstruction guidance, `sample context_guidance=`): {guided['chunks']} "
+                  f"chunks, {guided['rollout_fps']:.1f} frames/s, seam ratio {_fmt(guided['seam_ratio'])}, gain "
+                  f"drift {_fmt(guided['gain_drift'])}. The summary keys are the default rollout's "
+                  "(context_guidance=0).", ""]
+    elif guided.get("reason"):
+        lines += [f"Guided rollout not measured: {guided['reason']}.", ""]
+    return lines
 
 
 def conditioning_lines(c: dict[str, Any], not_measured: dict[str, str]) -> list[str]:

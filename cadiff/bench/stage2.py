@@ -110,12 +110,17 @@ def cell_persistence(photons: np.ndarray, segment: int = 65) -> dict[str, float 
     ROI of a piece is scored by its best IoU with the next piece's ROIs. ``persistence``: the mean of those scores
     (1: the same cells throughout; a real field of view holds its cells, so its value is the detector's own
     repeatability); ``rois_per_segment``: the mean ROI count; ``whole_movie_rois``: ROIs of the whole movie's mean
-    image (cells that wander blur out of it)."""
+    image (cells that wander blur out of it); ``mean_image_corr``: the mean correlation of consecutive pieces' mean
+    images (the whole field's structure, cells or not, with no detector in between); ``mean_flux``: photons per
+    pixel per frame."""
     from cadiff.eval.rois import detect_rois, iou_matrix
 
     pieces = [photons[i:i + segment] for i in range(0, len(photons) - segment + 1, segment)]
     rois = [detect_rois(p, method="mean") for p in pieces]
     scores = [float(iou_matrix(a, b).max(axis=1).mean()) for a, b in zip(rois, rois[1:]) if len(a) and len(b)]
+    means = [p.mean(axis=0) for p in pieces]
+    corr = [float(np.corrcoef(a.ravel(), b.ravel())[0, 1]) for a, b in zip(means, means[1:])]
     return {"segment": segment, "persistence": float(np.mean(scores)) if scores else None,
+            "mean_image_corr": float(np.mean(corr)) if corr else None, "mean_flux": float(np.mean(photons)),
             "rois_per_segment": float(np.mean([len(r) for r in rois])) if rois else None,
             "whole_movie_rois": int(len(detect_rois(photons, method="mean")))}

@@ -19,10 +19,12 @@ def _held_out(side: int = 64) -> BenchData:
     return BenchData([], [HeldOut(movie.data.astype(np.float32), truth)], 0.0, 1.0, 10.0)
 
 
-def test_brightness_movies_span_the_factor_range_with_their_cells():
-    movies, rois = C.brightness_movies("two_photon", 6, 17, 32, seed=5)
+def test_brightness_movies_span_the_factor_range_with_their_cells_and_every_eighth_is_cell_free():
+    movies, rois = C.brightness_movies("two_photon", 9, 17, 32, seed=5)
     means = np.array([m.mean() for m in movies])
-    assert len(rois) == 6 and all(r.shape == (32, 32) and r.any() for r in rois)
+    assert len(rois) == 9 and all(r.shape == (32, 32) for r in rois)
+    empty = [i for i, r in enumerate(rois) if not r.any()]
+    assert empty == [C.CELL_FREE_EVERY - 1] == [7]  # the null test's empty mask is a condition the DiT sees
     assert means.max() / means.min() > 2.5  # factors over 0.3-3x: the preset alone spans ~1.2x
 
 
@@ -67,8 +69,10 @@ def test_the_detector_is_chosen_on_real_tiles_and_cell_free_tiles_span_movies():
     movie, truth = simulate_movie("two_photon", 65, 64, 64, seed=11, return_clean=False)
     photons = to_photons(movie.data, movie.gain, movie.offset)
     tiles = [(photons, truth.rois)]
-    method, ceilings = C.choose_detector(tiles)
+    method, ceilings, found = C.choose_detector(tiles)
     assert set(ceilings) == {"correlation", "mean"} and method == "mean"
+    assert len(found) == 1 and found[0].shape[1:] == (64, 64)
+    assert C.match_rois(found[0], truth.rois)["hits"] == ceilings["mean"]["hits"]  # the chosen detector's own ROIs
     assert ceilings["mean"]["f1"] > ceilings["correlation"]["f1"] and ceilings["mean"]["n_true"] == len(truth.rois)
     free = C.cell_free_tiles("two_photon", 5, 17, 32, 64, seed=3)
     assert len(free) == 5 and all(t.shape == (17, 32, 32) for t in free)

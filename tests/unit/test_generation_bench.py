@@ -58,13 +58,20 @@ def test_flips_keep_every_clip_and_add_three_mirrors():
     np.testing.assert_array_equal(out[6:8], clips[:, :, ::-1, ::-1])
 
 
+PERSISTENCE = {"segment": 65, "persistence": 0.5, "mean_image_corr": 0.7, "mean_flux": 0.15, "rois_per_segment": 2.0,
+               "whole_movie_rois": 1}
+
+
 def fake_result() -> dict:
     summary, reasons = g.summarize(HEADLINE, LONG, g.conditioning_metrics())
     row = {"sampler": "euler", "steps": 20, "nfe": 20, "dit_s_per_clip": 0.01, "decode_s_per_clip": 0.3,
            "latent_mmd2": 0.01, **HEADLINE, "temporal_psd_distance_db": 0.5}
     return {"summary": summary, "not_measured": reasons, "goals": g.goals(summary), "sampler_table": [row],
             "long_movie": {**LONG, "num_frames": 257, "chunks": 21, "wall_s": 85.0, "gain_first": 480.0,
-                           "gain_last": 520.0, "calibrated_gain": 500.0, "files": ["sample_000.tif"], "seams": [16]},
+                           "gain_last": 520.0, "calibrated_gain": 500.0, "files": ["sample_000.tif"], "seams": [16],
+                           "persistence": PERSISTENCE, "persistence_real": [PERSISTENCE],
+                           "guided": {"chunks": 85, "rollout_fps": 20.0, "seam_ratio": 1.1, "gain_drift": 0.05,
+                                      "context_frames": 4, "context_guidance": 4.0, "persistence": PERSISTENCE}},
             "activity": {"held_out_truth": {"event_rate_hz": [0.3, 0.5], "amplitude_dff": [0.4]}, "held_out_rois": 2,
                          "held_out_movies": 1, "not_measured": "no generated long movie (the sample job failed)"},
             "training": {"ae": {"steps": 3, "final_loss": 1.0}, "dit": {"steps": 3, "final_loss": 1.0},
@@ -84,6 +91,8 @@ def test_markdown_and_figures_render_from_a_result(tmp_path: Path):
     assert all((tmp_path / f).stat().st_size > 0 for f in figures)
     md = g.render_markdown(res, figures)
     assert "| `roi_f1` | - | " + g.conditioning_metrics()["reason"] in md and "**not met**" in md and "not measured" in md
+    assert "| generated, context_frames=4 context_guidance=4 | 0.500 | 2.000 | 1 | 0.700 | 0.150 |" in md
+    assert "85 chunks, 20.0 frames/s" in md
     json.dumps(res)  # the result is plain JSON
 
 
@@ -100,3 +109,5 @@ def test_cell_persistence_is_high_for_a_fixed_field_and_low_when_the_cells_move(
     moving = cell_persistence(np.concatenate([photons(801 + i, 65) for i in range(4)]))  # a new field per piece
     assert fixed["persistence"] > 0.6 and fixed["whole_movie_rois"] >= 1
     assert moving["persistence"] is not None and moving["persistence"] < 0.3
+    # no detector in between; different fields of one preset still share its illumination profile (~0.3)
+    assert fixed["mean_image_corr"] > 0.6 and moving["mean_image_corr"] < fixed["mean_image_corr"] - 0.3
