@@ -21,9 +21,7 @@ guidance for:
 A model can only follow a flux it has seen: the preset's own movies span a narrow flux band (two_photon: ~0.15-0.19
 photons per pixel per frame), so the conditioned DiT trains on movies of the same preset with their neuron and
 neuropil photon rates scaled by a per-movie factor drawn log-uniformly over :data:`BRIGHTNESS` (other seeds, encoded
-by the same stage-1 model and normalized with the unconditional latents' statistics); every
-:data:`CELL_FREE_EVERY`-th of them has no neurons, so an empty ROI map - the null test's request - is a condition the
-DiT has seen (in the preset's own movies ~1 tile in 60 shows no cell). Stage 1 must carry that
+by the same stage-1 model and normalized with the unconditional latents' statistics). Stage 1 must carry that
 brightness through its latent too: the generation benchmark trains it on these movies beside the preset's own
 (``GenConfig.ae_brightness``); trained on the preset's band alone, it decodes every flux to that band.
 """
@@ -61,9 +59,6 @@ COND_OVERRIDES = ("model.cond_mask=true", "model.cond_flux=true")
 GUIDANCE = 2.0  # the demo's mask sample uses the same
 BRIGHTNESS = (0.3, 3.0)  # per-movie photon-rate factor of the conditioned DiT's training movies (log-uniform)
 BRIGHTNESS_KEYS = ("neuron_photons", "background_photons")  # simulator preset keys the factor scales
-# every 8th brightness-varied movie is simulated without neurons: its tiles pair an empty ROI map with a cell-free
-# field (without them 1 training tile in ~60 has an empty map, and an empty-mask sample grew cells: 2 in 16)
-CELL_FREE_EVERY = 8
 FLUX_FACTORS = (0.5, 0.8, 1.25, 2.0)  # x the training tiles' median flux: a 4x range
 SAMPLES_PER_CONDITION = 4
 SAMPLER, STEPS = "euler", 20  # the headline sampler (generation.HEADLINE)
@@ -75,15 +70,12 @@ MIN_CEILING_F1 = 0.5
 
 
 def brightness_movies(preset: str, count: int, frames: int, side: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """``count`` photon movies of ``preset`` with their ROI unions, photon rates scaled per movie (:data:`BRIGHTNESS`);
-    movies ``CELL_FREE_EVERY - 1``, ``2 * CELL_FREE_EVERY - 1``, ... have no neurons (an all-False ROI union)."""
+    """``count`` photon movies of ``preset`` with their ROI unions, photon rates scaled per movie (:data:`BRIGHTNESS`)."""
     rng = np.random.default_rng(seed)
     movies, rois = [], []
     for i in range(count):
         factor = float(np.exp(rng.uniform(*np.log(BRIGHTNESS))))
         overrides = {k: PRESETS[preset][k] * factor for k in BRIGHTNESS_KEYS}
-        if i % CELL_FREE_EVERY == CELL_FREE_EVERY - 1:
-            overrides["num_neurons"] = 0
         movie, truth = simulate_movie(preset, frames, side, side, seed=seed + i, return_clean=False, **overrides)
         movies.append(to_photons(movie.data, movie.gain, movie.offset))
         rois.append(truth.rois.any(axis=0))

@@ -19,12 +19,10 @@ def _held_out(side: int = 64) -> BenchData:
     return BenchData([], [HeldOut(movie.data.astype(np.float32), truth)], 0.0, 1.0, 10.0)
 
 
-def test_brightness_movies_span_the_factor_range_with_their_cells_and_every_eighth_is_cell_free():
-    movies, rois = C.brightness_movies("two_photon", 9, 17, 32, seed=5)
+def test_brightness_movies_span_the_factor_range_with_their_cells():
+    movies, rois = C.brightness_movies("two_photon", 6, 17, 32, seed=5)
     means = np.array([m.mean() for m in movies])
-    assert len(rois) == 9 and all(r.shape == (32, 32) for r in rois)
-    empty = [i for i, r in enumerate(rois) if not r.any()]
-    assert empty == [C.CELL_FREE_EVERY - 1] == [7]  # the null test's empty mask is a condition the DiT sees
+    assert len(rois) == 6 and all(r.shape == (32, 32) and r.any() for r in rois)
     assert means.max() / means.min() > 2.5  # factors over 0.3-3x: the preset alone spans ~1.2x
 
 
