@@ -959,6 +959,8 @@ def _validate_long_movie(cfg: Any) -> None:
         _require(value is None or value >= 1, key, value, "a positive frame count, or null")
     _require(math.isfinite(cfg.context_guidance) and cfg.context_guidance >= 0, "context_guidance",
              cfg.context_guidance, "a finite number >= 0 (0: context by replacement only)")
+    _require(cfg.context_guidance == 0 or cfg.num_frames is not None, "context_guidance", cfg.context_guidance,
+             "0 without num_frames (only a long movie's chunks have a context to agree with)")
     if cfg.num_frames is not None:
         _require(cfg.mode == "generate", "num_frames", cfg.num_frames, "null for mode=reconstruct (clips keep their length)")
         _require(cfg.out_format == "tiff", "out_format", cfg.out_format,

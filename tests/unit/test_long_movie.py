@@ -145,6 +145,9 @@ def test_context_guidance_pulls_the_new_frames_toward_the_context() -> None:
         dit.sample((1, 4, CHUNK, 4, 4), context=context, context_guidance=-1.0)
     with pytest.raises(ConfigError, match=r"config key 'context_guidance' = -1.0: expected a finite number >= 0"):
         compose("sample", ["stage2=x", "context_guidance=-1"])
+    with pytest.raises(ConfigError, match=r"'context_guidance' = 2.0: expected 0 without num_frames"):
+        compose("sample", ["stage2=x", "context_guidance=2"])  # a short sample has no context: not silently ignored
+    assert compose("sample", ["stage2=x", "num_frames=49", "context_guidance=2"]).context_guidance == 2.0
 
 
 @pytest.fixture
