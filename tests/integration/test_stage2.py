@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-import torch
 
 from cadiff.config import compose
 from cadiff.data.shards import iter_shard, read_index
 from cadiff.errors import CadiffError, CheckpointError, ConfigError, DataError
 from cadiff.inference.encode import encode_latents
 from cadiff.inference.sample import run_sample
+from cadiff.testing import torch_threads
 from cadiff.testing.faults import assert_worker_restored, job_command, metric_steps, run_with_worker_kill
 from cadiff.train.launch import run_training
 
@@ -96,12 +96,8 @@ def test_sample_files_metadata_and_reproducibility(stage2_run, tmp_path):
 
 def test_sample_fans_out_over_ray_tasks_identically(ray_cluster, stage2_run, tmp_path):
     args = [f"stage2={stage2_run}", "num_samples=2", "batch_size=1", "seed=3", "latent_steps=2", "decoder_steps=2"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 1-CPU Ray task's thread count: bitwise equality needs the same reduction order
-    try:
+    with torch_threads(1):  # a 1-CPU Ray task's thread count: bitwise equality needs the same reduction order
         run_sample(compose("sample", [*args, f"out={tmp_path / 'local'}"]))
-    finally:
-        torch.set_num_threads(threads)
     run_sample(compose("sample", [*args, f"out={tmp_path / 'ray'}", "num_ray_tasks=2"]))
     for i in range(2):
         a = tifffile.imread(tmp_path / "local" / f"sample_{i:03d}.tif")

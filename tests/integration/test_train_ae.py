@@ -15,6 +15,7 @@ from cadiff.config import compose
 from cadiff.errors import ConfigError
 from cadiff.models.registry import build_model
 from cadiff.runtime.exports import load_export
+from cadiff.testing import torch_threads
 from cadiff.train.launch import run_training
 
 pytestmark = pytest.mark.ray
@@ -121,14 +122,10 @@ def test_loss_falls_and_export_has_the_model_kind(sim_data_root, tmp_path, model
     cfg = _cfg(sim_data_root, tmp_path, model, f"model={model}", *SINGLE,
                "trainer.max_steps=30", "trainer.log_every=5", "trainer.val_every=30", "trainer.ckpt_every=30",
                "trainer.lr=3e-3")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         _, path = run_training(cfg, "ae")
         # strategy=single trained in this process with trainer.threads_per_worker=2 and gave its setting back
         assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(threads)
     _, model_cfg, _ = load_export(Path(path) / "export" / "model.pt")
     assert model_cfg["kind"] == kind
     losses = [r["loss"] for r in _metrics(Path(path)) if "loss" in r]

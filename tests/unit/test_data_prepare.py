@@ -27,6 +27,7 @@ from cadiff.data.shards import iter_shard, read_index
 from cadiff.data.simulate import simulate_movie
 from cadiff.errors import ConfigError, DataError, NoPhotonSignature
 from cadiff.io import OUTPUT_MARKER
+from cadiff.testing import torch_threads
 from cadiff.testing.data import log_scaled_movie, prepare_sim
 from cadiff.testing.faults import disk_full_after, fail_on_call
 
@@ -510,12 +511,8 @@ def test_raw_unit_data_trains_with_a_homoscedastic_noise_model(raw_data_root, ca
     strategy.setup(TrainingModule(build_model(model_cfg)), torch.device("cpu"))
     batches = pipeline.deterministic_batches(raw_data_root, "train", cfg.data, rank=0, world_size=1, seed=0)
     generator = torch.Generator().manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two tiny steps: threads only add overhead on a shared machine
-    try:
+    with torch_threads(1):  # two tiny steps: threads only add overhead on a shared machine
         losses = [float(train_step(strategy, batches, step, generator=generator).loss) for step in range(2)]
-    finally:
-        torch.set_num_threads(threads)
     assert all(np.isfinite(losses)), losses
     # previews show the movie's own units: the first val clip, centre-cropped, exactly as stored
     preview = to_preview_units(pipeline.val_batch(raw_data_root, 1, cfg.data), info.normalization,

@@ -21,6 +21,7 @@ from cadiff.inference.long_movie import (
 )
 from cadiff.models.registry import build_model
 from cadiff.runtime.exports import export_model
+from cadiff.testing import torch_threads
 
 S_T = 4  # ae_tiny temporal_downsample
 CHUNK = 5  # latent frames the tiny DiT is "trained" on (sample_shape)
@@ -150,21 +151,11 @@ def test_context_guidance_pulls_the_new_frames_toward_the_context() -> None:
     assert compose("sample", ["stage2=x", "num_frames=49", "context_guidance=2"]).context_guidance == 2.0
 
 
-@pytest.fixture
-def one_thread():
-    """Bitwise comparisons across input lengths need one thread: with two, a conv's work split (and so its float
-    sum order) follows the input's length."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_streamed_decoding_equals_one_shot_and_windows_stay_bounded(one_thread) -> None:
+def test_streamed_decoding_equals_one_shot_and_windows_stay_bounded() -> None:
     ae = _ae()
     z = torch.randn(1, 4, 13, 4, 4, generator=torch.Generator().manual_seed(0))
     pieces = [z[:, :, :5], z[:, :, 5:8], z[:, :, 8:11], z[:, :, 11:]]
-    with torch.no_grad():
+    with torch.no_grad(), torch_threads(1):  # bitwise equality across window lengths
         whole = ae.denoise(z)
         streamed = torch.cat(list(decode_stream(lambda w, _: ae.denoise(w), iter(pieces), 13, S_T)), dim=2)
     assert torch.equal(streamed, whole)  # windows cover all history: causality keeps kept frames bitwise equal
