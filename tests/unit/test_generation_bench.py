@@ -33,7 +33,7 @@ def test_goals_check_each_half_separately():
     assert status[("sample quality", "gain ratio in [0.9, 1.1]")] == "met"
     assert status[("long movies", "seam ratio <= 1.5")] == "met"
     assert status[("long movies", "gain drift < 5%")] == "not met"
-    assert status[("ROI masks", "null test: 0 detected ROIs")] == "not measured"
+    assert status[("ROI masks", "null test: 0 detected ROIs (empty-mask movies)")] == "not measured"
 
 
 def test_config_validation_names_the_option():
@@ -41,6 +41,10 @@ def test_config_validation_names_the_option():
         g.validate(g.GenConfig(num_samples=10))
     with pytest.raises(ConfigError, match="long_frames = 100: expected 1 \\+ k\\*4"):
         g.validate(g.GenConfig(long_frames=100))
+    for frames in (255, 257, 13):  # not 1 + k*4; longer than the held-out movies; shorter than a clip
+        with pytest.raises(ConfigError, match=f"roi_frames = {frames}: expected 1 \\+ k\\*4 frames from clip_frames "
+                           "17 to the held-out movies' 255"):
+            g.validate(g.GenConfig(roi_frames=frames))
     assert g.validate(g.GenConfig(**g.QUICK)).num_samples == 64
 
 
@@ -111,3 +115,15 @@ def test_cell_persistence_is_high_for_a_fixed_field_and_low_when_the_cells_move(
     assert moving["persistence"] is not None and moving["persistence"] < 0.3
     # no detector in between; different fields of one preset still share its illumination profile (~0.3)
     assert fixed["mean_image_corr"] > 0.6 and moving["mean_image_corr"] < fixed["mean_image_corr"] - 0.3
+
+
+def test_movie_roi_lines_show_samples_beside_the_ceiling_and_the_null_test():
+    match = {"f1": 0.5, "precision": 0.75, "recall": 0.375, "n_pred": 4, "n_true": 8, "hits": 3}
+    movie = {"frames": 253, "tiles": 2, "samples_per_mask": 4, "detector": "mean",
+             "detector_ceilings": {"correlation": {**match, "f1": 0.1}, "mean": match}, "roi": match,
+             "roi_ceiling": {**match, "f1": 0.9}, "null_samples": 16, "null_rois": 1, "null_rois_real": 0}
+    text = "\n".join(g.movie_roi_lines(movie))
+    assert "| samples for the masks | 0.500 | 0.750 | 0.375 | 4 / 8 |" in text
+    assert "| the real tiles (ceiling) | 0.900 |" in text and "correlation F1 0.100, mean F1 0.500" in text
+    assert "1 ROIs detected in 16 samples for an empty mask; 0 in as many real cell-free movies" in text
+    assert g.movie_roi_lines(None) == []
