@@ -9,8 +9,9 @@ guidance for:
   at IoU >= 0.5, pooled over samples (``roi_f1``); the same detector on the real tiles is the ceiling. The
   local-correlation contrast inside/outside the requested ROIs (:func:`cadiff.eval.rois.roi_contrast`) is reported
   too, with unconditional samples as the control (same masks, no reason for their activity to sit there). The
-  same judgment runs on movies as long as the held-out ones (:func:`judge_movies`: chunked rollouts with the mask on
-  every chunk against the held-out movies' first frames), which give the summary's ``roi_f1`` and ``null_rois``:
+  same judgment (:func:`judge_masks`) runs on movies as long as the held-out ones (:func:`sample_movies`: chunked
+  rollouts with the mask on every chunk, against the held-out movies' first frames), which give the summary's
+  ``roi_f1`` and ``null_rois``:
   17 frames of photon-starved data hold too few photons for a detector to find even the real tiles' cells. When no
   detector finds the real movies' cells (ceiling F1 < :data:`MIN_CEILING_F1`), ``roi_f1`` and ``null_rois`` are
   reported as not measured;
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -111,6 +112,11 @@ def with_conditions(latents: torch.Tensor, masks: np.ndarray, fluxes: np.ndarray
     return torch.cat([latents, torch.from_numpy(channels)], dim=1)
 
 
+def mask_condition(mask: np.ndarray, latent_hw: tuple[int, int], n: int) -> torch.Tensor:
+    """ROI map ``mask [H, W]`` on the latent grid, repeated ``[n, h, w]``: the DiT's ``roi_mask`` condition."""
+    return torch.from_numpy(to_grid(mask, latent_hw)).expand(n, -1, -1).clone()
+
+
 @torch.no_grad()
 def sample(dit: Any, models: dict[str, Any], data: BenchData, n: int, seed: int, mask: np.ndarray | None = None,
            flux: float | None = None) -> np.ndarray:
@@ -118,7 +124,7 @@ def sample(dit: Any, models: dict[str, Any], data: BenchData, n: int, seed: int,
     latent = models["latent"]
     conditions = {}
     if mask is not None:
-        conditions[MASK_KEY] = torch.from_numpy(to_grid(mask, tuple(latent[2:]))).expand(n, -1, -1).clone()
+        conditions[MASK_KEY] = mask_condition(mask, tuple(latent[2:]), n)
     if flux is not None:
         conditions[FLUX_KEY] = torch.full((n,), flux_value(flux))
     generator = torch.Generator().manual_seed(seed)
@@ -135,8 +141,7 @@ def sample_movies(dit: Any, models: dict[str, Any], data: BenchData, n: int, fra
     through the stage-1 decoder."""
     ae, (c, t, h, w) = models["ae"], models["latent"]
     plan = plan_long_movie(frames, None, None, t, ae.temporal_downsample)
-    guide = {"conditions": {MASK_KEY: torch.from_numpy(to_grid(mask, (h, w))).expand(n, -1, -1).clone()},
-             "guidance_scale": GUIDANCE}
+    guide = {"conditions": {MASK_KEY: mask_condition(mask, (h, w), n)}, "guidance_scale": GUIDANCE}
     mean, std = (s.view(1, -1, 1, 1, 1) for s in models["stats"])
 
     def decode(z: torch.Tensor, window: int) -> torch.Tensor:
@@ -147,26 +152,29 @@ def sample_movies(dit: Any, models: dict[str, Any], data: BenchData, n: int, fra
     return data.to_photons(x[:, 0].double().numpy()).astype(np.float32)
 
 
-def judge_movies(dit: Any, models: dict[str, Any], data: BenchData, preset: str, movie_side: int, frames: int,
-                 side: int, seed: int) -> dict[str, Any]:
-    """ROI recovery and the null test on ``frames``-frame movies: the held-out movies' first ``frames`` frames cut
-    into tiles are the ceiling and the masks, as for clips. A mean image of a 17-frame clip at 0.15 photons per
-    pixel per frame holds ~2.5 photons per pixel, too few for a detector to find even the real tiles' cells (ceiling
-    F1 0.66 in the full run); a movie of the held-out length (253 frames, 8.4 s at 30 Hz) holds 15x more."""
+Draw = Callable[[int, int, np.ndarray], np.ndarray]  # (n, seed, ROI map [H, W]) -> n photon samples [n, T, H, W]
+
+
+def judge_masks(draw: Draw, tiles: Sequence[tuple[np.ndarray, np.ndarray]], preset: str, movie_side: int,
+                frames: int, side: int, seeds: tuple[int, int, int]) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """ROI recovery and the null test of ``draw``'s samples (clips or movies of ``frames`` frames).
+
+    :data:`SAMPLES_PER_CONDITION` samples for each held-out tile's own ROIs (:func:`held_out_tiles`; seed
+    ``seeds[0] + i``), matched to them with the detector that finds the real tiles' cells best (:func:`choose_detector`:
+    the ceiling); 4x as many for an empty mask (seed ``seeds[1]``) beside as many real cell-free tiles
+    (:func:`cell_free_tiles`, simulator seed ``seeds[2]``). Returns the scores and each tile's samples."""
     k = SAMPLES_PER_CONDITION
-    tiles = held_out_tiles(data, frames, side)
     method, ceilings, _ = choose_detector(tiles)
-    scores = []
+    scores, samples = [], []
     for i, (_, rois) in enumerate(tiles):
-        movies = sample_movies(dit, models, data, k, frames, seed + 300 + i, rois.any(axis=0))
-        scores += [match_rois(detect_rois(m, method=method), rois) for m in movies]
-    null_movies = sample_movies(dit, models, data, 4 * k, frames, seed + 8, np.zeros((side, side), bool))
-    null_real = cell_free_tiles(preset, len(null_movies), frames, side, movie_side, seed * 1000 + 950)
+        samples.append(draw(k, seeds[0] + i, rois.any(axis=0)))
+        scores += [match_rois(detect_rois(m, method=method), rois) for m in samples[-1]]
+    null = draw(4 * k, seeds[1], np.zeros((side, side), bool))
+    null_real = cell_free_tiles(preset, len(null), frames, side, movie_side, seeds[2])
     return {"frames": frames, "tiles": len(tiles), "samples_per_mask": k, "detector": method,
             "detector_ceilings": ceilings, "roi": pool_matches(scores), "roi_ceiling": ceilings[method],
-            "null_samples": len(null_movies),
-            "null_rois": int(sum(len(detect_rois(m, method=method)) for m in null_movies)),
-            "null_rois_real": int(sum(len(detect_rois(m, method=method)) for m in null_real))}
+            "null_samples": len(null), "null_rois": int(sum(len(detect_rois(m, method=method)) for m in null)),
+            "null_rois_real": int(sum(len(detect_rois(m, method=method)) for m in null_real))}, samples
 
 
 @torch.no_grad()
@@ -240,7 +248,9 @@ def conditioning_run(models: dict[str, Any], data: BenchData, bright: tuple[list
     """Train the conditioned DiT on the brightness-varied movies ``bright`` (:func:`brightness_movies`: photon
     movies and their ROI unions) and measure ROI recovery, the null test and flux following (module docstring).
     ``unconditional``: photon clips of the unconditional DiT (the control); ``movie_frames``: the length of the
-    mask-conditioned movies the summary's ROI keys judge (:func:`judge_movies`)."""
+    mask-conditioned movies the summary's ROI keys judge: a mean image of a 17-frame clip at 0.15 photons per pixel
+    per frame holds ~2.5 photons per pixel, too few for a detector to find even the real tiles' cells (ceiling F1
+    0.66 in the full run); a movie of the held-out length (253 frames, 8.4 s at 30 Hz) holds 15x more."""
     start = time.perf_counter()
     train_clips, masks, fluxes = training_conditions(*bright, frames, side)
     mean, std = (s.view(1, -1, 1, 1, 1) for s in models["stats"])
@@ -251,21 +261,15 @@ def conditioning_run(models: dict[str, Any], data: BenchData, bright: tuple[list
     start = time.perf_counter()
     k = SAMPLES_PER_CONDITION
     tiles = held_out_tiles(data, frames, side)
-    method, ceilings, _ = choose_detector(tiles)
-    gen_scores, contrasts, real_contrasts, control_contrasts = [], [], [], []
-    for i, (real, rois) in enumerate(tiles):
-        union = rois.any(axis=0)
-        clips = sample(dit, models, data, k, seed + 100 + i, mask=union)
-        gen_scores += [match_rois(detect_rois(c, method=method), rois) for c in clips]
+    clip, clip_samples = judge_masks(lambda n, s, m: sample(dit, models, data, n, s, mask=m), tiles, preset,
+                                     movie_side, frames, side, (seed + 100, seed + 7, seed * 1000 + 900))
+    contrasts, real_contrasts, control_contrasts = [], [], []
+    for i, ((real, rois), clips) in enumerate(zip(tiles, clip_samples)):
         for values, group in ((contrasts, clips), (real_contrasts, [real]),
                               (control_contrasts, unconditional[i * k:(i + 1) * k])):
             c = _contrast(group, rois)
             if c is not None:
                 values.append(c)
-    null_clips = sample(dit, models, data, 4 * k, seed + 7, mask=np.zeros((side, side), bool))
-    null_rois = int(sum(len(detect_rois(c, method=method)) for c in null_clips))
-    null_real = cell_free_tiles(preset, len(null_clips), frames, side, movie_side, seed * 1000 + 900)
-    null_rois_real = int(sum(len(detect_rois(c, method=method)) for c in null_real))
     median_flux = float(np.median(fluxes))
     flux_rows = []
     for j, factor in enumerate(FLUX_FACTORS):
@@ -274,20 +278,21 @@ def conditioning_run(models: dict[str, Any], data: BenchData, bright: tuple[list
         flux_rows.append({"factor": factor, "requested": requested, "measured": measured,
                           "rel_err": abs(measured / requested - 1.0),
                           "stage1_roundtrip": roundtrip_flux(models, data, train_clips, fluxes, requested, k, seed)})
-    gen, ceiling = pool_matches(gen_scores), ceilings[method]
-    movie = judge_movies(dit, models, data, preset, movie_side, movie_frames, side, seed)
+    movie, _ = judge_masks(lambda n, s, m: sample_movies(dit, models, data, n, movie_frames, s, m),
+                           held_out_tiles(data, movie_frames, side), preset, movie_side, movie_frames, side,
+                           (seed + 300, seed + 8, seed * 1000 + 950))
     measurable = movie["roi_ceiling"]["f1"] >= MIN_CEILING_F1
     result = {
         "roi_f1": movie["roi"]["f1"] if measurable else None,
         "null_rois": movie["null_rois"] if measurable else None,
         "gain_cond_max_err": max(r["rel_err"] for r in flux_rows), "movie": movie,
-        "roi_f1_measured": gen["f1"], "null_rois_measured": null_rois, "null_rois_real": null_rois_real,
-        "detector": method, "detector_ceilings": ceilings,
-        "roi": gen, "roi_ceiling": ceiling, "tiles": len(tiles), "samples_per_mask": k,
+        "roi_f1_measured": clip["roi"]["f1"], "null_rois_measured": clip["null_rois"],
+        **{key: clip[key] for key in ("null_rois_real", "detector", "detector_ceilings", "roi", "roi_ceiling", "tiles",
+                                      "samples_per_mask", "null_samples")},
         "contrast": float(np.mean(contrasts)) if contrasts else None,
         "contrast_real": float(np.mean(real_contrasts)) if real_contrasts else None,
         "contrast_unconditional": float(np.mean(control_contrasts)) if control_contrasts else None,
-        "null_samples": len(null_clips), "flux": flux_rows, "median_training_flux": median_flux,
+        "flux": flux_rows, "median_training_flux": median_flux,
         "training_flux_p5_p95": [float(v) for v in np.percentile(fluxes, [5, 95])],
         "guidance_scale": GUIDANCE, "dit": {"steps": info["steps"], "seconds": info["seconds"],
                                             "final_loss": info["final_loss"]},
@@ -301,7 +306,8 @@ def conditioning_run(models: dict[str, Any], data: BenchData, bright: tuple[list
     log.info("conditioned DiT: ROI F1 %.3f on %d-frame movies (ceiling %.3f), %.3f on %d-frame clips (%s-image "
              "detector, ceiling %.3f), contrast %s (real %s, unconditional %s), null ROIs %d movies / %d clips (real "
              "cell-free: %d / %d), flux max rel err %.3f", movie["roi"]["f1"], movie_frames, movie["roi_ceiling"]["f1"],
-             gen["f1"], frames, method, ceiling["f1"], result["contrast"], result["contrast_real"],
-             result["contrast_unconditional"], movie["null_rois"], null_rois, movie["null_rois_real"], null_rois_real,
+             clip["roi"]["f1"], frames, clip["detector"], clip["roi_ceiling"]["f1"], result["contrast"],
+             result["contrast_real"], result["contrast_unconditional"], movie["null_rois"], clip["null_rois"],
+             movie["null_rois_real"], clip["null_rois_real"],
              result["gain_cond_max_err"])
     return result

@@ -116,7 +116,7 @@ class GenConfig:
     # a second long movie with reconstruction guidance (sample context_frames / context_guidance): the tradeoff row
     guided_context_frames: int = 4
     guided_context_guidance: float = 4.0
-    # ROI masks are judged on mask-conditioned movies this long (cadiff.bench.conditioning.judge_movies): the
+    # ROI masks are judged on mask-conditioned movies this long (cadiff.bench.conditioning.judge_masks): the
     # held-out movies' length (255 frames: 253 is the longest 1 + k*4 in it); 17-frame clips are reported beside them
     roi_frames: int = 253
     seed: int = 0
@@ -590,7 +590,7 @@ def conditioning_lines(c: dict[str, Any], not_measured: dict[str, str]) -> list[
 
 
 def movie_roi_lines(movie: dict[str, Any] | None) -> list[str]:
-    """ROI recovery and the null test on mask-conditioned movies (``conditioning.judge_movies``): the summary's."""
+    """ROI recovery and the null test on mask-conditioned movies (``conditioning.judge_masks``): the summary's."""
     if not movie:
         return []
     rows = [("samples for the masks", movie["roi"]), ("the real tiles (ceiling)", movie["roi_ceiling"])]

@@ -105,3 +105,27 @@ def test_mask_conditioned_movies_roll_out_past_a_clip_reproducibly_and_follow_th
     assert movies.shape == (2, 33, 32, 32) and np.isfinite(movies).all()
     np.testing.assert_array_equal(movies, again)
     assert not np.allclose(movies, other)
+
+
+def test_judge_masks_scores_samples_against_the_real_tiles_ceiling_and_the_null_test():
+    # a "generator" that returns the real tile for its mask scores exactly the ceiling; an empty-mask draw of
+    # cell-free noise finds what the detector finds on real cell-free tiles of the same seed
+    movie, truth = simulate_movie("two_photon", 65, 64, 64, seed=11, return_clean=False)
+    data = BenchData([], [HeldOut(to_photons(movie.data, movie.gain, movie.offset), truth)], 0.0, 1.0, 30.0)
+    tiles = C.held_out_tiles(data, 65, 32)
+    calls = []
+
+    def draw(n: int, seed: int, mask: np.ndarray) -> np.ndarray:
+        calls.append((n, seed, bool(mask.any())))
+        if not mask.any():
+            return np.stack(C.cell_free_tiles("two_photon", n, 65, 32, 64, seed=7))
+        real = next(r for r, rois in tiles if np.array_equal(rois.any(axis=0), mask))
+        return np.stack([real] * n)
+
+    scores, samples = C.judge_masks(draw, tiles, "two_photon", 64, 65, 32, (100, 5, 7))
+    k = C.SAMPLES_PER_CONDITION
+    assert calls == [(k, 100 + i, True) for i in range(len(tiles))] + [(4 * k, 5, False)]
+    assert [len(s) for s in samples] == [k] * len(tiles) and scores["tiles"] == len(tiles)
+    ceiling = scores["roi_ceiling"]
+    assert scores["roi"]["hits"] == k * ceiling["hits"] and scores["roi"]["f1"] == ceiling["f1"] > 0.5
+    assert scores["null_samples"] == 4 * k and scores["null_rois"] == scores["null_rois_real"]
