@@ -56,7 +56,7 @@ from cadiff.data.movie import to_photons
 from cadiff.data.simulate import PRESETS, simulate_movie
 from cadiff.errors import DataError
 from cadiff.eval.rois import DETECTORS, detect_rois, match_rois, pool_matches, roi_contrast
-from cadiff.inference.long_movie import decode_stream, plan_long_movie, rollout_latents, window_generator
+from cadiff.inference.long_movie import plan_long_movie, stream_movie
 
 log = logging.getLogger(__name__)
 
@@ -142,13 +142,9 @@ def sample_movies(dit: Any, models: dict[str, Any], data: BenchData, n: int, fra
     ae, (c, t, h, w) = models["ae"], models["latent"]
     plan = plan_long_movie(frames, None, None, t, ae.temporal_downsample)
     guide = {"conditions": {MASK_KEY: mask_condition(mask, (h, w), n)}, "guidance_scale": GUIDANCE}
-    mean, std = (s.view(1, -1, 1, 1, 1) for s in models["stats"])
-
-    def decode(z: torch.Tensor, window: int) -> torch.Tensor:
-        return ae.decode(z * std + mean, generator=window_generator(seed, 0, window))
-
-    latents = rollout_latents(dit, plan, (n, c, h, w), SAMPLER, STEPS, torch.Generator().manual_seed(seed), guide)
-    x = torch.cat(list(decode_stream(decode, latents, plan.decode_context, plan.temporal_downsample)), dim=2)
+    chunks = stream_movie(dit, lambda z, gen: ae.decode(z, generator=gen), models["stats"], plan, (n, c, h, w),
+                          SAMPLER, STEPS, torch.Generator().manual_seed(seed), (seed, 0), guide)
+    x = torch.cat(list(chunks), dim=2)
     return data.to_photons(x[:, 0].double().numpy()).astype(np.float32)
 
 

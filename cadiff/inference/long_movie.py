@@ -123,21 +123,34 @@ def window_generator(seed: int, sample_index: int, window: int) -> torch.Generat
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+def stream_movie(dit: Any, decode: Callable[[Tensor, torch.Generator], Tensor], stats: tuple[Tensor, Tensor],
+                 plan: LongMoviePlan, latent_bchw: tuple[int, int, int, int], sampler: str | None,
+                 num_steps: int | None, generator: torch.Generator, window_seed: tuple[int, int],
+                 guide: dict[str, Any] | None = None) -> Iterator[Tensor]:
+    """Clip frames of a movie chunk after chunk: the DiT rollout (:func:`rollout_latents`) de-normalised by
+    ``stats`` (per-channel latent mean, std) and streamed through ``decode(latent window, generator)``
+    (:func:`decode_stream`), window ``k`` decoded with :func:`window_generator` ``(*window_seed, k)``."""
+    mean, std = (s.view(1, -1, 1, 1, 1) for s in stats)
+
+    def window(z: Tensor, index: int) -> Tensor:
+        return decode(z * std.to(z) + mean.to(z), window_generator(*window_seed, index))
+
+    latents = rollout_latents(dit, plan, latent_bchw, sampler, num_steps, generator, guide)
+    with torch.no_grad():
+        yield from decode_stream(window, latents, plan.decode_context, plan.temporal_downsample)
+
+
 def stream_sample(dit: Any, decoder: Any, data2: dict[str, Any], plan: LongMoviePlan, params: dict[str, Any],
                   index: int) -> Iterator[Tensor]:
     """Normalized clip frames ``[1, C, n, H, W]`` of generated sample ``index``, chunk after chunk."""
     seed = int(params["seed"])
     c, _, h, w = data2["sample_shape"]
     generator = torch.Generator().manual_seed(seed * 1_000_003 + index)  # a normal sample's draw (batch_size=1)
-    mean = torch.tensor(data2["channel_mean"], dtype=torch.float32).view(1, -1, 1, 1, 1)
-    std = torch.tensor(data2["channel_std"], dtype=torch.float32).view(1, -1, 1, 1, 1)
+    stats = tuple(torch.tensor(data2[key], dtype=torch.float32) for key in ("channel_mean", "channel_std"))
 
-    def decode(z: Tensor, window: int) -> Tensor:
-        return decoder.decode(z * std.to(z) + mean.to(z), sampler=params["decoder_sampler"],
-                              num_steps=params["decoder_steps"], generator=window_generator(seed, index, window),
-                              grid=params["decoder_grid"])
+    def decode(z: Tensor, window_gen: torch.Generator) -> Tensor:
+        return decoder.decode(z, sampler=params["decoder_sampler"], num_steps=params["decoder_steps"],
+                              generator=window_gen, grid=params["decoder_grid"])
 
-    latents = rollout_latents(dit, plan, (1, c, h, w), params["latent_sampler"], params["latent_steps"], generator,
-                              guidance(params, 1))
-    with torch.no_grad():
-        yield from decode_stream(decode, latents, plan.decode_context, plan.temporal_downsample)
+    yield from stream_movie(dit, decode, stats, plan, (1, c, h, w), params["latent_sampler"], params["latent_steps"],
+                            generator, (seed, index), guidance(params, 1))
