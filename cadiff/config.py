@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -859,17 +860,24 @@ def _validate_data(d: Any, prefix: str) -> None:
     _choice(f"{prefix}.corrupt_shards", d.corrupt_shards, ("fail", "skip"))
 
 
-def validate_train_ae(cfg: Any) -> None:
+def _validate_training(cfg: Any, data_key: str, validate_model: Callable[[Any], None]) -> None:
+    """The rules both training jobs share: output and data locations, the model, trainer, strategy (and compile
+    under it), EMA, logger, the data loader (``cfg.<data_key>``) and the sweep score."""
     validate_location("out_root", cfg.out_root)
-    validate_location("data.root", cfg.data.root)
-    validate_autoencoder(cfg.model)
+    data = getattr(cfg, data_key)
+    validate_location(f"{data_key}.root", data.root)
+    validate_model(cfg.model)
     validate_trainer(cfg.trainer)
     validate_strategy(cfg.strategy, cfg.trainer.num_workers)
     _check_compile_strategy(cfg)
     validate_ema(cfg.ema)
     validate_logger(cfg.logger)
-    _validate_data(cfg.data, "data")
-    _check_score(cfg, "data")
+    _validate_data(data, data_key)
+    _check_score(cfg, data_key)
+
+
+def validate_train_ae(cfg: Any) -> None:
+    _validate_training(cfg, "data", validate_autoencoder)
     d = cfg.data
     for k in ("crop_frames", "crop_height", "crop_width"):
         v = getattr(d, k)
@@ -907,16 +915,7 @@ def validate_dit(m: Any, prefix: str = "model") -> None:
 
 
 def validate_train_latent(cfg: Any) -> None:
-    validate_location("out_root", cfg.out_root)
-    validate_location("latents.root", cfg.latents.root)
-    validate_dit(cfg.model)
-    validate_trainer(cfg.trainer)
-    validate_strategy(cfg.strategy, cfg.trainer.num_workers)
-    _check_compile_strategy(cfg)
-    validate_ema(cfg.ema)
-    validate_logger(cfg.logger)
-    _validate_data(cfg.latents, "latents")
-    _check_score(cfg, "latents")
+    _validate_training(cfg, "latents", validate_dit)
 
 
 def validate_sample(cfg: Any) -> None:
