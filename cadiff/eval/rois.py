@@ -51,10 +51,10 @@ MEAN_BACKGROUND_ITERATIONS = 3
 MEAN_DETECT_PX = 2.0
 # Mean-image seeds and basins: the negative Laplacian of Gaussian of the excess at a cell's scale, a blob detector
 # (Lindeberg 1998, Int J Comput Vis 30:79) that gives two overlapping cells two peaks where the smoothed image has
-# one: two sigma-2.5 px cells 6 px apart get one ROI from the smoothed mean image and two from the LoG (unit
-# test; 4-5 px apart, one from either), and on two_photon
-# 32x32 tiles of 16 movies (230 ROIs) F1 rose 0.699 -> 0.734 at 253 frames and 0.598 -> 0.626 at 17 frames, with
-# the same false ROIs on 80 cell-free tiles (1 and 5). Sigma 1.5 found more ROIs, less precisely (F1 0.725).
+# one (two sigma-2.5 px cells 6 px apart: one ROI from the smoothed mean image, two from the LoG; 4-5 px apart,
+# one from either). two_photon 32x32 tiles of 16 movies (230 ROIs): F1 0.699 -> 0.734 at 253 frames, 0.598 ->
+# 0.626 at 17 frames; false ROIs on cell-free tiles 23 -> 24 in 300 at 253 frames, 18 -> 22 in 1000 at 17 frames
+# (within their Poisson spread). Sigma 1.5 found more ROIs, less precisely (F1 0.725 at 253 frames).
 MEAN_SEED_LOG_PX = 2.0
 # An ROI of the mean image is kept when its summed excess over the background stands this many null spreads
 # above zero: a cell adds light over its whole footprint, a shot-noise peak of a short, dim movie does not
@@ -211,7 +211,8 @@ def detect_rois(movie: np.ndarray, z: float = 4.0, min_size: int = 12, max_size:
     ``method="correlation"``: from the local correlation image (cells that are active, module docstring).
     ``method="mean"``: from the mean image (cells brighter than their surround at rest, as GCaMP cells are - the
     anatomical route of suite2p's ``anatomical_only`` and CaImAn's mean-image initialisation): the neuropil
-    background is removed (:func:`_mean_image_maps`), a seed stands ``z`` spreads above the median (robust, or
+    background is removed (:func:`_mean_image_maps`), seeds are maxima of the excess' negative Laplacian of
+    Gaussian at a cell's scale (overlapping cells get one each), a seed stands ``z`` spreads above the median (robust, or
     the shot-noise null of a ``T``-frame mean) and at least ``min_contrast`` x above the background under it
     (neuropil texture is not), and its ROI is the connected part of its watershed basin at >=
     ``footprint_fraction`` of the seed's contrast whose summed excess stands :data:`MEAN_ROI_Z` null spreads
