@@ -455,6 +455,19 @@ class ExportConfig:
 
 
 @dataclass
+class ChainConfig:
+    """Whole-chain trials of a stage-1 sweep (cadiff.tune.chain): each trial's autoencoder is scored through a
+    stage-2 model trained on its latents, by the MMD^2 of decoded samples against the held-out clips."""
+
+    enabled: bool = False
+    experiment: str = "dit_tiny"  # the stage-2 base experiment every trial trains on its own latents
+    max_steps: Optional[int] = None  # stage-2 training steps (null: the experiment's)
+    samples: int = 16  # clips each trial samples, decodes and compares with as many held-out clips
+    # further train_latent overrides, quoted on the command line: 'chain.overrides=["model.hidden=128"]'
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
 class SweepConfig:
     space: str = "noise_schedule"  # search_spaces/<space>.yaml
     stage: str = "ae"  # ae | latent
@@ -463,8 +476,9 @@ class SweepConfig:
     search: str = "random"  # random | grid | optuna
     scheduler: str = "asha"  # asha | none
     # score: the stage's quality score (cadiff.eval.score), comparable across objectives, time samplers and latent
-    # sizes; val_loss: each trial's own objective (comparable only between trials of one objective)
-    metric: str = "score"  # score | val_loss
+    # sizes; val_loss: each trial's own objective (comparable only between trials of one objective); chain_score
+    # (chain.enabled): the pixel MMD^2 of the whole chain's samples, the stage-1 score driving ASHA's rungs
+    metric: str = "score"  # score | val_loss | chain_score
     mode: str = "min"
     grace_period: int = 1  # ASHA: reports before a trial may be stopped
     report_every: int = 1  # trial steps between reports (validation runs at each report)
@@ -478,6 +492,7 @@ class SweepConfig:
     data: DataConfig = field(default_factory=DataConfig)
     latents: LatentsConfig = field(default_factory=LatentsConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    chain: ChainConfig = field(default_factory=ChainConfig)
     out_root: str = "outputs"
     ray: RayConfig = field(default_factory=RayConfig)
     verbose: bool = False
@@ -977,7 +992,7 @@ def validate_sweep(cfg: Any) -> None:
     _choice("stage", cfg.stage, ("ae", "latent"))
     _choice("search", cfg.search, ("random", "grid", "optuna"))
     _choice("scheduler", cfg.scheduler, ("asha", "none"))
-    _choice("metric", cfg.metric, ("score", "val_loss"))
+    _choice("metric", cfg.metric, ("score", "val_loss", "chain_score"))
     _choice("mode", cfg.mode, ("min", "max"))
     _require(cfg.num_samples >= 1, "num_samples", cfg.num_samples, ">= 1")
     _require(cfg.workers_per_trial >= 1, "workers_per_trial", cfg.workers_per_trial, ">= 1")
@@ -987,6 +1002,15 @@ def validate_sweep(cfg: Any) -> None:
     _require(cfg.status_every_s > 0, "status_every_s", cfg.status_every_s, "> 0 seconds")
     _validate_data(cfg.data, "data")  # forwarded to every trial: a bad value fails here, not per trial
     _validate_data(cfg.latents, "latents")
+    chain = cfg.chain
+    _require(cfg.metric != "chain_score" or chain.enabled, "metric", cfg.metric,
+             "score or val_loss, or chain.enabled=true for chain_score")
+    if chain.enabled:
+        _require(cfg.stage == "ae", "chain.enabled", True, "a stage=ae sweep (the chain starts from each trial's "
+                 "autoencoder)")
+        # MMD^2 needs 2 clips a side; its split-half reference needs 4 held-out clips
+        _require(chain.samples >= 4, "chain.samples", chain.samples, ">= 4")
+        _require(chain.max_steps is None or chain.max_steps >= 1, "chain.max_steps", chain.max_steps, ">= 1 or null")
 
 
 def validate_evaluate(cfg: Any) -> None:

@@ -9,6 +9,9 @@ ASHA and the final ranking use. Outputs in ``<out_root>/sweep/<name>/``: results
 report.html (:mod:`cadiff.tune.report`: table, plots, per-trial curves), best.yaml, and the best config as
 ``<out_root>/experiments/experiment/<name>_best.yaml`` which ``jobs/train_*.py experiment=<name>_best`` picks up
 (see ``cadiff.config.user_config_dirs``).
+
+``chain.enabled=true`` (stage ae) scores the whole chain per trial - encode, stage-2 training, sampled and
+decoded clips against held-out clips (:mod:`cadiff.tune.chain`) - and ``metric=chain_score`` ranks by it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from cadiff.runtime.preflight import check_cluster_paths, probe_cluster_paths, s
 from cadiff.runtime.ray import init_ray, require_train_v2
 from cadiff.train.launch import build_trainer, planned_run
 from cadiff.train.stage import get_stage
+from cadiff.tune.chain import CHAIN_KEYS, chain_settings, check_chain_data, check_stage2_config, run_chain
 from cadiff.tune.report import column_names, fmt_value, write_sweep_report
 from cadiff.tune.space import SearchSpace, apply_params, load_space, to_tune
 
@@ -41,7 +45,8 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 # wait on each other's data tasks forever: on nodes smaller than a whole trial (function + a worker + a data
 # task) each trial's worker takes a node the data tasks then cannot fit on.
 TRIAL_CPUS = 0.01
-# Per-trial metrics in the results table; either can rank the trials (sweep ``metric``).
+# Per-trial metrics in the results table; either can rank the trials (sweep ``metric``). Whole-chain sweeps
+# (``chain.enabled``) add CHAIN_KEYS, of which ``chain_score`` can rank.
 RESULT_METRICS = ("score", "val_loss")
 METRIC_MEANING = {
     "score": {"ae": "|1 - gain ratio| + latent_use of the val clips' reconstructions (cadiff.eval.score; lower is "
@@ -50,6 +55,9 @@ METRIC_MEANING = {
                         "objectives and DiT shapes trained on the same latents)"},
     "val_loss": {"ae": "each trial's own objective on the val clips (comparable only within one objective)",
                  "latent": "each trial's own objective on the val latents (comparable only within one objective)"},
+    "chain_score": {"ae": "MMD^2 of clip statistics between held-out clips and the clips of the whole chain - a "
+                          "stage-2 DiT trained on each trial's latents, sampled and decoded by the trial's decoder "
+                          "(cadiff.tune.chain; lower is better, comparable across latent sizes)"},
 }
 
 
@@ -85,7 +93,10 @@ def run_trial(config: dict[str, Any], space: SearchSpace, sweep: dict[str, Any])
     trial_name = f"trial_{tune.get_context().get_trial_id()}"
     cfg = trial_config(space, sampled, trial_name, sweep)
     with planned_run(cfg, space.stage) as plan:
-        build_trainer(plan, callbacks=[TuneReportCallback()]).fit()
+        result = build_trainer(plan, callbacks=[TuneReportCallback()]).fit()
+    if sweep.get("chain"):
+        # the last report: the stage-1 metrics again (the table reads one result per trial) and the chain's
+        tune.report({**(result.metrics or {}), **run_chain(cfg, plan.location, sweep, trial_name)})
 
 
 def _searcher(cfg: Any):
@@ -102,10 +113,11 @@ def _scheduler(cfg: Any, max_reports: int):
     from ray.tune.schedulers import ASHAScheduler
 
     # max_t past the last report: a trial that runs to the end finishes on its own (export written, workers
-    # released) instead of being stopped - killed - by the scheduler on its final report
+    # released) instead of being stopped - killed - by the scheduler on its final report (a chain trial reports
+    # once more, after its stage 2)
     return ASHAScheduler(
         time_attr="training_iteration",
-        max_t=max(max_reports, cfg.grace_period) + 1,
+        max_t=max(max_reports, cfg.grace_period) + 1 + int(cfg.chain.enabled),
         grace_period=cfg.grace_period,
         reduction_factor=2,
     )
@@ -123,8 +135,6 @@ def run_sweep(cfg: Any, argv: list[str]) -> tuple[str, str]:
     check_cluster_paths(cfg.ray, paths)  # before a relative root is resolved against this node's job working dir
     data_roots = absolute_data_roots(probe, space.stage)
     probe = compose(space.job, apply_params(space.trial_overrides({}), data_roots))
-    # Check (and prepare, for the default sim data) once here: before any trial, and not once per trial
-    get_stage(space.stage).resolve(probe)
     name = cfg.name or f"{space.name}_{cfg.stage}"
     sweep_dir = (Path(cfg.out_root) / "sweep" / name).resolve()
     every = max(1, int(cfg.report_every))
@@ -134,7 +144,14 @@ def run_sweep(cfg: Any, argv: list[str]) -> tuple[str, str]:
         "cpus_per_worker": cfg.cpus_per_worker,
         "report_every": every,
         "data_roots": data_roots,
+        "chain": chain_settings(cfg),
     }
+    if sweep["chain"]:
+        check_stage2_config(sweep["chain"], sweep)
+    # Check (and prepare, for the default sim data) once here: before any trial, and not once per trial
+    get_stage(space.stage).resolve(probe)
+    if sweep["chain"]:
+        check_chain_data(data_roots["data.root"])
     init_ray(cfg.ray, state_api=True)
     probe_cluster_paths(cfg.ray, paths)
     trainable = tune.with_resources(tune.with_parameters(run_trial, space=space, sweep=sweep), {"CPU": TRIAL_CPUS})
@@ -147,7 +164,7 @@ def run_sweep(cfg: Any, argv: list[str]) -> tuple[str, str]:
             trainable,
             param_space=to_tune(space, cfg.search),
             tune_config=tune.TuneConfig(
-                metric=cfg.metric,
+                metric=tune_metric(cfg),
                 mode=cfg.mode,
                 num_samples=cfg.num_samples,
                 search_alg=_searcher(cfg),
@@ -159,6 +176,17 @@ def run_sweep(cfg: Any, argv: list[str]) -> tuple[str, str]:
         )
     results = tuner.fit()
     return write_results(results, space, cfg, sweep_dir, probe.trainer.max_steps)
+
+
+def tune_metric(cfg: Any) -> str:
+    """The metric Tune's scheduler and searcher see on every report: ``chain_score`` exists only on a chain
+    trial's last report, so the stage-1 ``score`` stands in for it during the trial (the final ranking is ours)."""
+    return "score" if cfg.metric == "chain_score" else cfg.metric
+
+
+def result_metrics(cfg: Any) -> tuple[str, ...]:
+    """The per-trial metrics of the results table."""
+    return RESULT_METRICS + (CHAIN_KEYS if cfg.chain.enabled else ())
 
 
 def _trial_table(space: SearchSpace, cfg: Any) -> Any:
@@ -218,7 +246,7 @@ def result_rows(results: Any, space: SearchSpace, cfg: Any, sweep_dir: Path,
         metrics = r.metrics or {}
         row = {"trial": f"t{index:0{width}d}", "rank": None, "status": "error" if r.error else "ok"}
         row.update({k: (r.config or {}).get(k) for k in space.params})
-        row.update({k: metrics.get(k) for k in RESULT_METRICS})
+        row.update({k: metrics.get(k) for k in result_metrics(cfg)})
         row["steps"] = metrics.get("step")
         row["early_stopped"] = bool(metrics.get("step") is not None and metrics.get("step") < max_steps and not r.error)
         row["trial_id"] = metrics.get("trial_id")
@@ -250,6 +278,8 @@ def write_results(results: Any, space: SearchSpace, cfg: Any, sweep_dir: Path, m
     best = rows[0]
     sweep_dir.mkdir(parents=True, exist_ok=True)
     ranked_by = f"Trials ranked by `{cfg.metric}` ({cfg.mode}): {METRIC_MEANING[cfg.metric][space.stage]}."
+    if tune_metric(cfg) != cfg.metric and cfg.scheduler == "asha":
+        ranked_by += f" ASHA's rungs compared the trials' stage-1 `{tune_metric(cfg)}`."
     _write_table(rows, space, sweep_dir, ranked_by)
     best_params = {k: best[k] for k in space.params}
     experiment_name = f"{sweep_dir.name}_best"

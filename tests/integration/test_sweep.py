@@ -11,6 +11,8 @@ finished, i.e. after a better loss is recorded at ASHA's first rung, so it is st
 from __future__ import annotations
 
 import csv
+import json
+import math
 import os
 import re
 import subprocess
@@ -95,6 +97,35 @@ def test_space_for_another_stage_is_rejected(tmp_path):
         run_sweep(cfg, [])
 
 
+CHAIN_BAD = {
+    "metric_without_chain": (["metric=chain_score"], r"'metric' = 'chain_score': expected score or val_loss, or "
+                             r"chain.enabled=true"),
+    "chain_on_latent_stage": (["stage=latent", "chain.enabled=true"], r"'chain.enabled' = True: expected a stage=ae"),
+    "too_few_samples": (["chain.enabled=true", "chain.samples=3"], r"'chain.samples' = 3: expected >= 4"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CHAIN_BAD))
+def test_chain_config_is_checked_at_compose(case, tmp_path):
+    args, message = CHAIN_BAD[case]
+    with pytest.raises(ConfigError, match=message):
+        compose("sweep", ["space=latent_size", "stage=ae", f"out_root={tmp_path}", *args])
+
+
+def test_chain_stage2_override_fails_before_any_trial(tmp_path, monkeypatch):
+    """A typo in the trials' stage-2 overrides is caught on the driver, before Ray starts or a trial trains."""
+    from cadiff.tune.sweep import run_sweep
+
+    monkeypatch.chdir(tmp_path)
+    space = _write_space(tmp_path / "z.yaml", {"model.z_channels": {"choice": [2, 4]}})
+    out_root = tmp_path / "out"
+    cfg = compose("sweep", [f"space={space}", "stage=ae", f"out_root={out_root}", "chain.enabled=true",
+                            "metric=chain_score", 'chain.overrides=["model.not_a_key=1"]'])
+    with pytest.raises(ConfigError, match=r"train_latent: bad config or override: .*model.not_a_key"):
+        run_sweep(cfg, [])
+    assert not out_root.exists()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # driver-side planning (no trials)
 
@@ -170,7 +201,7 @@ def test_results_report_has_the_plot_and_each_trial_curves_from_its_run_folder(t
             f'{{"step": {s}, "loss": {1 / s + kl}, "val_loss": {1 / s + kl}, "score": {1 / s - kl}}}\n' for s in (1, 2, 3)))
         results.append(SimpleNamespace(metrics={"val_loss": 1 / 3 + kl, "score": 1 / 3 - kl, "step": 3, "trial_id": f"t{i}"},
                                        config={"model.kl_weight": kl}, path=str(tmp_path / f"run_trial_t{i}"), error=None))
-    cfg = SimpleNamespace(metric="val_loss", mode="min", out_root=str(tmp_path / "out"))
+    cfg = compose("sweep", ["metric=val_loss", "mode=min", f"out_root={tmp_path / 'out'}"])
     summary, path = write_results(results, space, cfg, sweep_dir, MAX_STEPS)
     report = (sweep_dir / "report.html").read_text()
     assert path == str(sweep_dir) and "best val_loss=0.3333" in summary
@@ -185,6 +216,18 @@ def test_results_report_has_the_plot_and_each_trial_curves_from_its_run_folder(t
     summary, _ = write_results(results, space, cfg, sweep_dir, MAX_STEPS)
     assert "best score=-3000 (t04)" in summary and "| t04 | 1 |" in (sweep_dir / "results.md").read_text()
     assert yaml.safe_load((sweep_dir / "best.yaml").read_text())["model"]["kl_weight"] == 3000.0
+    # a whole-chain sweep ranks by chain_score; a trial ASHA stopped during stage 1 has none and ranks last
+    for result, chain in zip(results, (0.5, 0.1, None, 0.3)):
+        if chain is not None:
+            result.metrics.update(chain_score=chain, chain_mmd2_split_half=0.01, chain_gain_ratio=1.0)
+    cfg = compose("sweep", ["metric=chain_score", "chain.enabled=true", f"out_root={tmp_path / 'out'}"])
+    summary, _ = write_results(results, space, cfg, sweep_dir, MAX_STEPS)
+    table = (sweep_dir / "results.md").read_text().splitlines()
+    assert "best chain_score=0.1 (t02)" in summary
+    assert table[0].startswith("Trials ranked by `chain_score` (min)") and "stage-1 `score`" in table[0]
+    assert "| chain_score | chain_mmd2_split_half | chain_gain_ratio |" in table[2]
+    assert [line.split(" | ")[:2] for line in table[4:]] == [["| t02", "1"], ["| t04", "2"], ["| t01", "3"], ["| t03", "-"]]
+    assert yaml.safe_load((sweep_dir / "best.yaml").read_text())["model"]["kl_weight"] == 30.0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -259,3 +302,47 @@ def test_sweep_asha_table_plot_best_experiment_trains_and_resumes(ray_cluster, t
     again = _final_line(resumed, "sweep")
     assert resumed.returncode == 0 and "4 trials" in again and "'model.kl_weight': 0.0" in again, again
     assert sorted(p.name for p in (sweep_dir / "trials" / "train_ae").iterdir()) == trial_dirs
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_chain_sweep_scores_every_latent_size_through_stage2_in_pixels(ray_cluster, sim_data_root, tmp_path,
+                                                                          monkeypatch):
+    """chain.enabled: every trial encodes the data with its own autoencoder, trains a DiT on those latents,
+    samples and decodes clips, and is ranked by their MMD^2 against held-out clips (chain_score)."""
+    monkeypatch.chdir(tmp_path)
+    z_grid = [2, 4]
+    space = _write_space(tmp_path / "z.yaml", {"model.z_channels": {"grid": z_grid}})
+    out_root = tmp_path / "sweeps"
+    args = [f"space={space}", "stage=ae", "search=grid", "num_samples=1", "name=chain", "max_concurrent_trials=2",
+            "scheduler=none", "metric=chain_score", "chain.enabled=true", "chain.max_steps=1", "chain.samples=4",
+            "workers_per_trial=1", "cpus_per_worker=0.5", "trainer.max_steps=1", f"data.root={sim_data_root}",
+            f"out_root={out_root}"]
+    proc = run_job_in_process("sweep", args)
+    final = _final_line(proc, "sweep")
+    assert proc.returncode == 0, final + proc.stdout[-3000:] + proc.stderr[-3000:]
+    sweep_dir = out_root / "sweep" / "chain"
+    with open(sweep_dir / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2 and all(r["status"] == "ok" for r in rows), rows
+    assert sorted(int(r["model.z_channels"]) for r in rows) == z_grid
+    scores = [float(r["chain_score"]) for r in rows]
+    assert all(math.isfinite(v) for v in scores) and scores == sorted(scores), rows  # ranked best first
+    assert [r["rank"] for r in rows] == ["1", "2"]
+    for row in rows:
+        assert float(row["chain_gain_ratio"]) > 0 and math.isfinite(float(row["chain_mmd2_split_half"])), row
+        assert math.isfinite(float(row["score"])) and int(row["steps"]) == 1, row  # stage 1's own report kept
+        trial = f"trial_{row['trial_id']}"
+        # the trial's latents come from its own encoder, its stage 2 trained on them and wrote the chain's keys
+        latent_index = json.loads((sweep_dir / "trials" / "latents" / trial / "index.json").read_text())
+        assert latent_index["latent_shape"][0] == int(row["model.z_channels"])
+        assert Path(latent_index["stage1"]).is_relative_to(sweep_dir / "trials" / "train_ae" / trial)
+        stage2 = sweep_dir / "trials" / "train_latent" / trial
+        assert (stage2 / "export" / "model.pt").is_file()
+        chain = json.loads((stage2 / "chain.json").read_text())
+        assert chain["chain_score"] == pytest.approx(float(row["chain_score"]), rel=1e-4) and chain["samples"] == 4
+    table = (sweep_dir / "results.md").read_text().splitlines()
+    assert table[0].startswith("Trials ranked by `chain_score` (min)") and "chain_score" in table[2]
+    best = yaml.safe_load((sweep_dir / "best.yaml").read_text())
+    assert best["model"]["z_channels"] == int(rows[0]["model.z_channels"])
+    assert "best chain_score=" in final

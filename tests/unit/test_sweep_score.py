@@ -98,7 +98,7 @@ def test_stage_scores_run_on_tiny_models():
 
 def test_sweep_metric_and_trainer_score_are_validated():
     assert compose("sweep", []).metric == "score"
-    with pytest.raises(ConfigError, match=r"'metric' = 'loss': expected one of \['score', 'val_loss'\]"):
+    with pytest.raises(ConfigError, match=r"'metric' = 'loss': expected one of \['score', 'val_loss', 'chain_score'\]"):
         compose("sweep", ["metric=loss"])
     with pytest.raises(ConfigError, match=r"'data.num_val_clips' = 1: expected >= 2 with trainer.score=true"):
         compose("train_ae", ["trainer.score=true", "data.num_val_clips=1"])
@@ -129,7 +129,7 @@ def _results() -> list[SimpleNamespace]:
 
 @pytest.mark.parametrize(("metric", "order"), [("score", ["t01", "t02", "t03"]), ("val_loss", ["t02", "t01", "t03"])])
 def test_trials_get_short_names_and_are_ranked_by_the_chosen_metric(tmp_path, metric, order):
-    cfg = SimpleNamespace(metric=metric, mode="min")
+    cfg = compose("sweep", [f"metric={metric}", "mode=min"])
     rows, trials = result_rows(_results(), _space(), cfg, tmp_path, max_steps=3)
     assert [r["trial"] for r in rows] == order and [r["rank"] for r in rows] == [1, 2, None]
     assert rows[0]["score"] is not None and rows[0]["val_loss"] is not None  # both columns, whichever ranks
