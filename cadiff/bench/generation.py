@@ -15,9 +15,10 @@ Measurements.
 - DiT sampler table: Euler and Heun at 10/20/50 NFE, each scored by the latent MMD^2 to the held-out latents
   (:func:`cadiff.eval.score.sample_mmd2`) and by the pixel metrics above; the headline row is the sample job's
   default (Euler, 20 steps).
-- Long movie: the exported pair run through ``jobs/sample.py num_frames=N`` (:mod:`cadiff.inference.long_movie`),
-  scored by the seam ratio, the photon-transfer gain drift (first vs last 10%), frames per second and whether its
-  cells stay put (:func:`cadiff.bench.stage2.cell_persistence`), with simulated movies of its size as reference.
+- Long movies: the exported pair run through ``jobs/sample.py num_frames=N`` (:mod:`cadiff.inference.long_movie`)
+  for ``long_movies`` seeds, scored by the seam ratio and the photon-transfer gain drift (|last / first 10% - 1|),
+  each a mean over the movies, frames per second, and whether the first movie's cells stay put
+  (:func:`cadiff.bench.stage2.cell_persistence`), with simulated movies of its size as reference.
 - Activity: event rate and dF/F amplitude distributions (:mod:`cadiff.eval.activity`) of ROI traces, with the
   ground-truth footprints on the held-out movies, and of the generated long movie with ROIs detected on it
   (``cadiff.eval.rois.detect_rois``, the detector that finds the held-out movies' cells best); without ROIs they
@@ -113,6 +114,9 @@ class GenConfig:
     samplers: list[str] = field(default_factory=lambda: ["euler", "heun"])
     nfe: list[int] = field(default_factory=lambda: [10, 20, 50])
     long_frames: int = 1025
+    # long movies rolled out (seeds seed, seed+1, ...): one movie's photon-transfer gain drift swings by a few
+    # percent from seed to seed (the estimate's own noise on 102 frames), so seam ratio and drift are means over them
+    long_movies: int = 8
     # a second long movie with reconstruction guidance (sample context_frames / context_guidance): the tradeoff row
     guided_context_frames: int = 4
     guided_context_guidance: float = 4.0
@@ -123,7 +127,7 @@ class GenConfig:
     threads: int = 2
 
 
-QUICK = {"train_movies": 16, "ae_steps": 250, "dit_steps": 1000, "num_samples": 64, "long_frames": 257}
+QUICK = {"train_movies": 16, "ae_steps": 250, "dit_steps": 1000, "num_samples": 64, "long_frames": 257, "long_movies": 2}
 
 
 def validate(cfg: GenConfig) -> GenConfig:
@@ -137,6 +141,7 @@ def validate(cfg: GenConfig) -> GenConfig:
         ("nfe", all(n >= 1 for n in cfg.nfe) and len(cfg.nfe) > 0, "positive integers"),
         ("samplers", set(cfg.samplers) <= {"euler", "heun"} and len(cfg.samplers) > 0, "a subset of {euler, heun}"),
         ("test_movies", cfg.test_movies >= 1, ">= 1"),
+        ("long_movies", cfg.long_movies >= 1, ">= 1"),
         ("roi_frames", cfg.clip_frames <= cfg.roi_frames <= cfg.test_clips_per_tile * cfg.clip_frames
          and (cfg.roi_frames - 1) % 4 == 0, f"1 + k*4 frames from clip_frames {cfg.clip_frames} to the held-out "
          f"movies' {cfg.test_clips_per_tile * cfg.clip_frames}"),
@@ -253,6 +258,25 @@ def long_movie(stage2: Path, out: Path, num_frames: int, seed: int, *extra: str)
     return {"movie": movie, "record": record, "num_frames": num_frames, "wall_s": wall, "rollout_fps": num_frames / wall,
             "chunks": record["long_movie"]["chunks"], "seam_ratio": seam_ratio(movie, record), **drift,
             "gain_drift": abs(drift["last_over_first"] - 1.0), "files": sorted(p.name for p in out.iterdir())}
+
+
+def long_movies(stage2: Path, work: Path, cfg: GenConfig) -> dict[str, Any]:
+    """:func:`long_movie` for seeds ``seed .. seed + long_movies - 1``: the first movie's record, files and arrays
+    (figures, persistence, activity), with ``seam_ratio`` and ``gain_drift`` the means over the movies (each movie's
+    in ``each``), the signed drift's mean and standard error (a drift the model makes has one sign in every movie;
+    the estimate's noise has none), and ``rollout_fps`` over all of their frames."""
+    first = long_movie(stage2, work / "long_movie", cfg.long_frames, cfg.seed)
+    rows = [first] + [long_movie(stage2, work / "long_movie_more", cfg.long_frames, cfg.seed + i)
+                      for i in range(1, cfg.long_movies)]
+    signed = np.array([r["last_over_first"] - 1.0 for r in rows])
+    each = [{"seed": cfg.seed + i, **{k: r[k] for k in ("wall_s", "seam_ratio", "gain_first", "gain_last", "gain_drift")}}
+            for i, r in enumerate(rows)]
+    return {**first, "movies": len(rows), "each": each,
+            "seam_ratio": float(np.mean([r["seam_ratio"] for r in rows])), "gain_drift": float(np.mean(np.abs(signed))),
+            "gain_drift_signed_mean": float(signed.mean()),
+            "gain_drift_signed_sem": float(signed.std(ddof=1) / np.sqrt(len(rows))) if len(rows) > 1 else None,
+            "wall_s": float(sum(r["wall_s"] for r in rows)),
+            "rollout_fps": cfg.long_frames * len(rows) / float(sum(r["wall_s"] for r in rows))}
 
 
 def guided_long_movie(stage2: Path, out: Path, cfg: GenConfig, gain: float) -> dict[str, Any]:
@@ -407,7 +431,7 @@ def run(cfg: GenConfig, work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     stage2, gain = export_pair(work / "models", models["ae"], data, models["dit"], *models["stats"], cfg.clip_frames,
                                cfg.clip_side, cfg.preset)
     try:
-        long = long_movie(stage2, work / "long_movie", cfg.long_frames, cfg.seed)
+        long = long_movies(stage2, work, cfg)
     except CadiffError as exc:  # the other measurements stand; the long-movie keys get the reason
         log.error("long movie of %d frames failed: %s", cfg.long_frames, exc)
         long = {"reason": f"the {cfg.long_frames}-frame sample job failed: {str(exc).splitlines()[0]}"}
@@ -514,15 +538,27 @@ def long_movie_lines(lm: dict[str, Any]) -> list[str]:
     """The long-movie section of generation.md."""
     if "reason" in lm:
         return ["## Long movie", "", f"Not measured: {lm['reason']}."]
+    each = lm.get("each") or [{"seed": "-", **{k: lm[k] for k in ("wall_s", "seam_ratio", "gain_first", "gain_last",
+                                                                   "gain_drift")}}]
+    rows = [f"| {e['seed']} | {e['wall_s']:.1f} | {_fmt(e['seam_ratio'])} | {_fmt(e['gain_first'], 1)} | "
+            f"{_fmt(e['gain_last'], 1)} | {_fmt(e['gain_drift'])} |" for e in each]
+    signed = ""
+    if lm.get("gain_drift_signed_sem") is not None:
+        signed = (f" Signed drift (last/first - 1) over the movies: {lm['gain_drift_signed_mean']:+.4f} +- "
+                  f"{lm['gain_drift_signed_sem']:.4f} (standard error): a drift of the model would have one sign in "
+                  "every movie, the estimate's noise has none.")
     return ["## Long movie (jobs/sample.py num_frames=N on the trained pair)", "",
-            "| frames | chunks | wall (s) | frames/s | seam ratio | gain first 10% | gain last 10% | gain drift | "
-            "calibrated gain |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-            f"| {lm['num_frames']} | {lm['chunks']} | {lm['wall_s']:.1f} | {lm['rollout_fps']:.2f} | "
-            f"{_fmt(lm['seam_ratio'])} | {_fmt(lm['gain_first'], 1)} | {_fmt(lm['gain_last'], 1)} | "
-            f"{_fmt(lm['gain_drift'])} | {lm['calibrated_gain']:.0f} |", "",
+            f"{len(each)} movies of {lm['num_frames']} frames in {lm['chunks']} chunks each, calibrated gain "
+            f"{lm['calibrated_gain']:.0f} ADU/photon; photon-transfer gain of the first and last 10% of the frames. "
+            f"The summary's `seam_ratio` and `gain_drift` are the means over the movies (rows below), `rollout_fps` "
+            f"all their frames over all their wall time ({lm['rollout_fps']:.2f}).", "",
+            "| seed | wall (s) | seam ratio | gain first 10% | gain last 10% | gain drift |",
+            "|---:|---:|---:|---:|---:|---:|", *rows,
+            f"| mean | {lm['wall_s'] / len(each):.1f} | {_fmt(lm['seam_ratio'])} | | | {_fmt(lm['gain_drift'])} |", "",
             *([f"Gain drift of {len(lm['gain_drift_real'])} simulated movies of the same size (no drift in them: the "
-               "photon-transfer estimate's own spread): " + ", ".join(_fmt(v) for v in lm["gain_drift_real"]) + ".",
-               ""] if lm.get("gain_drift_real") else []),
+               "photon-transfer estimate's own spread): " + ", ".join(_fmt(v) for v in lm["gain_drift_real"])
+               + f" (mean {_fmt(float(np.mean(lm['gain_drift_real'])))}).{signed}", ""]
+              if lm.get("gain_drift_real") else ([signed.strip(), ""] if signed else [])),
             *(persistence_lines(lm) if lm.get("persistence") else []),
             f"Files of the sample job: {', '.join(lm['files'])} (under `outputs/benchmarks/generation*/long_movie`)."]
 

@@ -98,6 +98,41 @@ def test_markdown_and_figures_render_from_a_result(tmp_path: Path):
     assert "| generated, context_frames=4 context_guidance=4 | 0.500 | 2.000 | 1 | 0.700 | 0.150 |" in md
     assert "85 chunks, 20.0 frames/s" in md
     json.dumps(res)  # the result is plain JSON
+    # several long movies: a row each and their mean, the signed drift beside the simulated movies' spread
+    res["long_movie"].update(movies=2, gain_drift_signed_mean=0.01, gain_drift_signed_sem=0.07, gain_drift_real=[0.02, 0.04],
+                             each=[{"seed": 0, "wall_s": 40.0, "seam_ratio": 1.1, "gain_first": 480.0, "gain_last": 520.0,
+                                    "gain_drift": 0.083},
+                                   {"seed": 1, "wall_s": 45.0, "seam_ratio": 1.3, "gain_first": 500.0, "gain_last": 470.0,
+                                    "gain_drift": 0.06}])
+    md = g.render_markdown(res, figures)
+    assert "2 movies of 257 frames in 21 chunks each" in md
+    assert "| 0 | 40.0 | 1.100 | 480.0 | 520.0 | 0.083 |" in md and "| 1 | 45.0 | 1.300 | 500.0 | 470.0 | 0.060 |" in md
+    assert "| mean | 42.5 | 1.200 | | | 0.080 |" in md
+    assert "0.020, 0.040 (mean 0.030). Signed drift (last/first - 1) over the movies: +0.0100 +- 0.0700" in md
+
+
+def test_long_movies_average_seam_and_drift_over_the_seeds(monkeypatch, tmp_path: Path):
+    """The summary's seam ratio and gain drift are means over the movies; a drift that flips sign averages out in
+    the signed mean but not in the mean |drift|; frames/s counts every movie's frames and wall time."""
+    made = []
+
+    def fake_long_movie(stage2, out, frames, seed, *extra):
+        made.append((out.name, seed))
+        ratio = {0: 1.06, 1: 0.96, 2: 1.02}[seed]
+        return {"movie": np.zeros((frames, 2, 2)), "record": {}, "num_frames": frames, "chunks": 3,
+                "wall_s": 10.0 + seed, "rollout_fps": frames / (10.0 + seed), "seam_ratio": 1.0 + seed / 10,
+                "gain_first": 500.0, "gain_last": 500.0 * ratio, "last_over_first": ratio, "gain_drift": abs(ratio - 1),
+                "files": []}
+
+    monkeypatch.setattr(g, "long_movie", fake_long_movie)
+    cfg = g.GenConfig(long_frames=33, long_movies=3)
+    out = g.long_movies(tmp_path / "models", tmp_path, cfg)
+    assert made == [("long_movie", 0), ("long_movie_more", 1), ("long_movie_more", 2)]
+    assert out["movies"] == 3 and [e["seed"] for e in out["each"]] == [0, 1, 2] and out["movie"].shape == (33, 2, 2)
+    assert out["seam_ratio"] == pytest.approx(1.1) and out["gain_drift"] == pytest.approx(0.04)
+    assert out["gain_drift_signed_mean"] == pytest.approx(0.04 / 3)
+    assert out["gain_drift_signed_sem"] == pytest.approx(np.std([0.06, -0.04, 0.02], ddof=1) / np.sqrt(3))
+    assert out["rollout_fps"] == pytest.approx(99 / 33.0) and out["wall_s"] == pytest.approx(33.0)
 
 
 def test_cell_persistence_is_high_for_a_fixed_field_and_low_when_the_cells_move():
