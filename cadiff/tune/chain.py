@@ -12,7 +12,8 @@ trial's own decoder and compares the clips with as many held-out clips, in photo
   lower is better, ~0 when the samples are distributed as the held-out clips, comparable across latent sizes
   because every trial is measured against the same clips in pixels;
 * ``chain_mmd2_split_half``: the same MMD^2 between halves of the held-out clips (the floor at this sample size);
-* ``chain_gain_ratio``: photon-transfer gain of the samples over that of the held-out clips.
+* ``chain_gain_ratio``: photon-transfer gain of the samples over that of the held-out clips (NaN, null in
+  ``chain.json``, when the samples have no photon-transfer fit, e.g. photon-starved clips of an undertrained chain).
 
 The stage-1 reports drive ASHA's rungs (the cheaper proxy); the trial's last report adds the chain keys, which
 ``metric=chain_score`` ranks by. The trial writes them to ``chain.json`` in its stage-2 run folder too.
@@ -32,7 +33,7 @@ from cadiff.config import compose
 from cadiff.data.shards import read_index
 from cadiff.errors import DataError
 from cadiff.eval.inputs import center_crop, load_set
-from cadiff.eval.metrics import evaluate_sets
+from cadiff.eval.metrics import evaluate_sets, to_jsonable
 from cadiff.inference.encode import encode_latents
 from cadiff.io import write_json_atomic
 from cadiff.runtime.exports import load_exported_model
@@ -95,8 +96,9 @@ def run_chain(stage1_cfg: Any, stage1_run: str, sweep: dict[str, Any], trial_nam
     with planned_run(cfg2, "latent") as plan:
         build_trainer(plan).fit()
     metrics = chain_metrics(plan.location, data_root, chain["samples"], int(stage1_cfg.seed))
-    write_json_atomic(Path(plan.location) / RESULT_FILE,
-                      {**metrics, "stage1": stage1_run, "latents": str(latents), "samples": chain["samples"]})
+    # strict JSON: a value the samples give no estimate of (no photon-transfer fit) is null
+    write_json_atomic(Path(plan.location) / RESULT_FILE, to_jsonable(
+        {**metrics, "stage1": stage1_run, "latents": str(latents), "samples": chain["samples"]}))
     log.info("chain %s: chain_score=%.4g (split-half %s) gain ratio %s", trial_name, metrics["chain_score"],
              metrics["chain_mmd2_split_half"], metrics["chain_gain_ratio"])
     return metrics

@@ -43,6 +43,10 @@ def _run(cmd: list[str], cwd: Path, timeout: float, env: dict | None = None) -> 
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def _no_nan(constant: str) -> None:
+    raise AssertionError(f"{constant} in a JSON file: expected strict JSON (null for a missing value)")
+
+
 def _final_line(proc: subprocess.CompletedProcess, job: str) -> str:
     lines = [line for line in proc.stdout.splitlines() if line.startswith(f"cadiff {job}:")]
     assert lines, f"no final line; rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -339,7 +343,7 @@ def test_chain_sweep_scores_every_latent_size_through_stage2_in_pixels(ray_clust
         assert Path(latent_index["stage1"]).is_relative_to(sweep_dir / "trials" / "train_ae" / trial)
         stage2 = sweep_dir / "trials" / "train_latent" / trial
         assert (stage2 / "export" / "model.pt").is_file()
-        chain = json.loads((stage2 / "chain.json").read_text())
+        chain = json.loads((stage2 / "chain.json").read_text(), parse_constant=_no_nan)  # strict JSON
         assert chain["chain_score"] == pytest.approx(float(row["chain_score"]), rel=1e-4) and chain["samples"] == 4
     table = (sweep_dir / "results.md").read_text().splitlines()
     assert table[0].startswith("Trials ranked by `chain_score` (min)") and "chain_score" in table[2]
