@@ -477,7 +477,7 @@ class SweepConfig:
     scheduler: str = "asha"  # asha | none
     # score: the stage's quality score (cadiff.eval.score), comparable across objectives, time samplers and latent
     # sizes; val_loss: each trial's own objective (comparable only between trials of one objective); chain_score
-    # (chain.enabled): the pixel MMD^2 of the whole chain's samples, the stage-1 score driving ASHA's rungs
+    # (chain.enabled): the clip-statistics MMD^2 of the whole chain's decoded samples (stage-1 score for ASHA's rungs)
     metric: str = "score"  # score | val_loss | chain_score
     mode: str = "min"
     grace_period: int = 1  # ASHA: reports before a trial may be stopped
