@@ -53,6 +53,7 @@ from cadiff.data.conditioning import (
     to_grid,
 )
 from cadiff.data.movie import to_photons
+from cadiff.data.pipeline import normalize_latents
 from cadiff.data.simulate import PRESETS, simulate_movie
 from cadiff.errors import DataError
 from cadiff.eval.rois import DETECTORS, detect_rois, match_rois, pool_matches, roi_contrast
@@ -249,8 +250,7 @@ def conditioning_run(models: dict[str, Any], data: BenchData, bright: tuple[list
     0.66 in the full run); a movie of the held-out length (253 frames, 8.4 s at 30 Hz) holds 15x more."""
     start = time.perf_counter()
     train_clips, masks, fluxes = training_conditions(*bright, frames, side)
-    mean, std = (s.view(1, -1, 1, 1, 1) for s in models["stats"])
-    latents = (encode(models["ae"], train_clips, data) - mean) / std
+    latents = normalize_latents(encode(models["ae"], train_clips, data), models["stats"])
     dit, info = train_dit(with_conditions(latents, masks, fluxes), steps, seed + 1, batch=batch,
                           overrides=COND_OVERRIDES, conditions=CONDITIONS)
     train_s = time.perf_counter() - start

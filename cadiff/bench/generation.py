@@ -73,6 +73,7 @@ from cadiff.bench.stage2 import (
 )
 from cadiff.config import compose
 from cadiff.data.movie import to_photons
+from cadiff.data.pipeline import normalize_latents
 from cadiff.data.simulate import PRESETS
 from cadiff.errors import CadiffError, ConfigError, DataError
 from cadiff.eval.activity import activity_stats, compare_activity, pool_stats
@@ -404,7 +405,7 @@ def train(cfg: GenConfig, timings: dict[str, float]
     z = training_latents(ae, data, cfg)
     mean, std = z.mean(dim=(0, 2, 3, 4)), z.std(dim=(0, 2, 3, 4)).clamp_min(1e-6)
     timings["encode_s"] = time.perf_counter() - start
-    dit, dit_info = train_dit((z - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1), cfg.dit_steps, cfg.seed,
+    dit, dit_info = train_dit(normalize_latents(z, (mean, std)), cfg.dit_steps, cfg.seed,
                               batch=cfg.dit_batch)
     timings["train_dit_s"] = dit_info["seconds"]
     record = {"ae": {k: ae_info[k] for k in ("steps", "seconds", "final_loss", "params")},
@@ -421,8 +422,7 @@ def run(cfg: GenConfig, work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     t0 = time.perf_counter()
     data, models, train_record, bright = train(cfg, timings)
     evalset = held_out_clips(data, bench_config(cfg))
-    ref_latents = (encode(models["ae"], evalset.inputs, data) - models["stats"][0].view(1, -1, 1, 1, 1)) \
-        / models["stats"][1].view(1, -1, 1, 1, 1)
+    ref_latents = normalize_latents(encode(models["ae"], evalset.inputs, data), models["stats"])
     start = time.perf_counter()
     table, headline_clips, stage1 = sampler_table(models, data, evalset.inputs, ref_latents, cfg)
     timings["sampler_table_s"] = time.perf_counter() - start

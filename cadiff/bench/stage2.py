@@ -16,6 +16,7 @@ import torch
 
 from cadiff.config import StrategyConfig, compose, to_dict
 from cadiff.data.noise import estimate_photon_transfer
+from cadiff.data.pipeline import denormalize_latents
 from cadiff.data.simulate import PRESETS
 from cadiff.inference.long_movie import chunk_spans
 from cadiff.models.registry import build_model
@@ -54,8 +55,7 @@ def decode_photons(ae: Any, z: torch.Tensor, stats: tuple[torch.Tensor, torch.Te
                    generator: torch.Generator) -> np.ndarray:
     """DiT latents ``z`` (normalized by the training latents' channel ``stats``: mean, std) -> photon clips
     ``[N, T, H, W]`` float32 through the stage-1 decoder."""
-    mean, std = (s.view(1, -1, 1, 1, 1) for s in stats)
-    x = ae.decode(z * std + mean, generator=generator)
+    x = ae.decode(denormalize_latents(z, stats), generator=generator)
     return data.to_photons(x[:, 0].double().numpy()).astype(np.float32)
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from cadiff import storage
 from cadiff.data.conditioning import condition_channels
@@ -134,6 +136,30 @@ class LatentTransform:
             return z
         where = f"latent of {_source_of(meta)} t0={meta.get('t0')} y0={meta.get('y0')} x0={meta.get('x0')}"
         return np.concatenate([z, condition_channels(meta, self.conditions, z.shape, where)])
+
+
+def latent_stats(index: dict) -> tuple[Tensor, Tensor]:
+    """The per-channel ``(mean, std)``, float32 ``[C]``, a latent index (or a stage-2 export's data info, which
+    copies it) normalizes its latents with: what :class:`LatentTransform` subtracts and divides by."""
+    return tuple(torch.tensor(index[key], dtype=torch.float32) for key in ("channel_mean", "channel_std"))
+
+
+def normalize_latents(z: Tensor, stats: tuple[Tensor, Tensor]) -> Tensor:
+    """Encoder latents ``[B, C, T, H, W]`` normalized per channel by ``stats`` (mean, std ``[C]``): the tensor
+    counterpart of :class:`LatentTransform`, on ``z``'s device and dtype."""
+    mean, std = _channel_view(stats, z)
+    return (z - mean) / std
+
+
+def denormalize_latents(z: Tensor, stats: tuple[Tensor, Tensor]) -> Tensor:
+    """A stage-2 model's latents ``[B, C, T, H, W]`` back in the stage-1 encoder's scale, the inverse of
+    :class:`LatentTransform`'s normalization by ``stats`` (:func:`latent_stats`), on ``z``'s device and dtype."""
+    mean, std = _channel_view(stats, z)
+    return z * std + mean
+
+
+def _channel_view(stats: tuple[Tensor, Tensor], z: Tensor) -> tuple[Tensor, Tensor]:
+    return tuple(s.to(z).view(1, -1, 1, 1, 1) for s in stats)
 
 
 def make_transform(index: dict, cfg: Any, train: bool) -> ClipTransform | LatentTransform:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cadiff.data.pipeline import denormalize_latents, latent_stats
 from cadiff.errors import ConfigError
 
 DecodeFn = Callable[[Tensor, int], Tensor]  # (latent window [B, z, T_w, H, W], window index) -> clip window
@@ -130,10 +131,8 @@ def stream_movie(dit: Any, decode: Callable[[Tensor, torch.Generator], Tensor], 
     """Clip frames of a movie chunk after chunk: the DiT rollout (:func:`rollout_latents`) de-normalised by
     ``stats`` (per-channel latent mean, std) and streamed through ``decode(latent window, generator)``
     (:func:`decode_stream`), window ``k`` decoded with :func:`window_generator` ``(*window_seed, k)``."""
-    mean, std = (s.view(1, -1, 1, 1, 1) for s in stats)
-
     def window(z: Tensor, index: int) -> Tensor:
-        return decode(z * std.to(z) + mean.to(z), window_generator(*window_seed, index))
+        return decode(denormalize_latents(z, stats), window_generator(*window_seed, index))
 
     latents = rollout_latents(dit, plan, latent_bchw, sampler, num_steps, generator, guide)
     with torch.no_grad():
@@ -146,7 +145,7 @@ def stream_sample(dit: Any, decoder: Any, data2: dict[str, Any], plan: LongMovie
     seed = int(params["seed"])
     c, _, h, w = data2["sample_shape"]
     generator = torch.Generator().manual_seed(seed * 1_000_003 + index)  # a normal sample's draw (batch_size=1)
-    stats = tuple(torch.tensor(data2[key], dtype=torch.float32) for key in ("channel_mean", "channel_std"))
+    stats = latent_stats(data2)
 
     def decode(z: Tensor, window_gen: torch.Generator) -> Tensor:
         return decoder.decode(z, sampler=params["decoder_sampler"], num_steps=params["decoder_steps"],

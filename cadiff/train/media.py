@@ -12,6 +12,7 @@ import torch
 
 from cadiff.data.movie import denormalize, to_source_units
 from cadiff.data.movie import to_photons as adu_to_photons
+from cadiff.data.pipeline import denormalize_latents
 from cadiff.report_html import image_grid, save_png
 from cadiff.runtime.exports import load_exported_model
 from cadiff.runtime.video import video_grid, write_video
@@ -57,16 +58,15 @@ def log_stage1(model, x, normalization: dict[str, Any], calib: dict[str, Any], m
                                 preview_unit(normalization))]
 
 
-def log_stage2(model, latent_shape: Sequence[int], channel_mean: Sequence[float], channel_std: Sequence[float],
-               stage1: str, media_dir: Path, step: int, logger_cfg, wandb_run=None) -> list[Path]:
-    """Sample two latents with the EMA DiT, decode them with the stage-1 export, write a grid video and still."""
+def log_stage2(model, latent_shape: Sequence[int], stats: tuple[torch.Tensor, torch.Tensor], stage1: str,
+               media_dir: Path, step: int, logger_cfg, wandb_run=None) -> list[Path]:
+    """Sample two latents with the EMA DiT, de-normalise them by the latents' channel ``stats``
+    (:func:`cadiff.data.pipeline.latent_stats`), decode them with the stage-1 export, write a grid video and still."""
     generator = torch.Generator(device="cpu").manual_seed(step)
     device = next(model.parameters()).device
     z = model.sample((2, *latent_shape), generator=generator).to(device)
-    mean = torch.tensor(list(channel_mean), device=device).view(1, -1, 1, 1, 1)
-    std = torch.tensor(list(channel_std), device=device).view(1, -1, 1, 1, 1)
     decoder, stage1_meta, _ = load_exported_model(stage1, "stage1", "ae")  # cached across steps
-    clips = decoder.to(device).decode(z * std + mean)
+    clips = decoder.to(device).decode(denormalize_latents(z, stats))
     data = stage1_meta["data"]
     movies = to_preview_units(clips, data["normalization"], next(iter(data["sources"].values())))
     grid = video_grid([[m for m in movies]])

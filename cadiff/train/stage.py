@@ -203,8 +203,8 @@ class LatentStage(Stage):
     # val_x holds the latent channels and then any condition channels: media and scores use the latents, sampled
     # unconditionally
     def log_media(self, model, val_x, info, media_dir, step, logger_cfg, wandb_run=None) -> list[Path]:
-        return log_stage2(model, tuple(info.sample_shape), info.channel_mean, info.channel_std, info.stage1, media_dir,
-                          step, logger_cfg, wandb_run)
+        return log_stage2(model, tuple(info.sample_shape), pipeline.latent_stats(info.to_dict()), info.stage1,
+                          media_dir, step, logger_cfg, wandb_run)
 
     def quality_score(self, model, val_x, info) -> dict[str, float]:
         latents = val_x[:, : info.sample_shape[0]]

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from cadiff.config import compose
+from cadiff.data.pipeline import denormalize_latents, latent_stats
 from cadiff.data.shards import read_index
 from cadiff.errors import DataError
 from cadiff.eval.inputs import center_crop, load_set
@@ -113,9 +114,7 @@ def sample_clips(stage2: str | Path, num: int, seed: int) -> np.ndarray:
     decoder, ae_meta, _ = load_exported_model(data["stage1"], "stage1", "ae")
     generator = torch.Generator().manual_seed(seed)
     z = dit.sample((num, *data["sample_shape"]), generator=generator)
-    mean = torch.tensor(data["channel_mean"], dtype=z.dtype).view(1, -1, 1, 1, 1)
-    std = torch.tensor(data["channel_std"], dtype=z.dtype).view(1, -1, 1, 1, 1)
-    clips = decoder.decode(z * std + mean, generator=generator)
+    clips = decoder.decode(denormalize_latents(z, latent_stats(data)), generator=generator)
     sources = ae_meta["data"]["sources"]
     return to_preview_units(clips, ae_meta["data"]["normalization"], sources[sorted(sources)[0]])
 

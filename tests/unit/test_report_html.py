@@ -253,7 +253,7 @@ def test_training_previews_write_videos_and_labelled_stills(tmp_path, monkeypatc
     assert iio.imread(paths[0]).shape[:3] == (5, 2 * (16 + 4) * 8, 4 * (16 + 4) * 8)  # 16 px panels (+ pad) x 8
     monkeypatch.setattr(media, "load_exported_model", lambda *a: (_StubDecoder(), {"data": {
         "normalization": PHOTON_NORM, "sources": {"sim": CALIB}}}, None))
-    paths = media.log_stage2(_StubDiT(), (4, 2, 2, 2), [0.0] * 4, [1.0] * 4, "stage1", tmp_path, 9, logger_cfg)
+    paths = media.log_stage2(_StubDiT(), (4, 2, 2, 2), (torch.zeros(4), torch.ones(4)), "stage1", tmp_path, 9, logger_cfg)
     assert [p.name for p in paths] == ["samples_step0000009.gif", "samples_step0000009.mp4", "samples_step0000009.png"]
     assert paths[2].read_bytes()[:8] == PNG_MAGIC
 
