@@ -184,12 +184,19 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+SHUTDOWN_GRACE_S = 30.0  # an interrupted driver's Ray processes leave within this after it exits
+ORPHAN_GRACE_S = 2.0  # a SIGKILLed driver's: its local Ray's own reaper may still act in this
+
+
 def interrupt_job(cmd: list[str], cwd: Path, run_dir: Path, sig: int, step_of_checkpoint: Callable[[Path], int],
                   timeout_s: float = 400, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, dict]:
     """Start a job, send ``sig`` to the driver alone between two checkpoints, wait for it to exit.
 
     Returns the finished process and what was seen when the signal went out. Processes of the job that
-    outlive it (a Ray cluster the driver failed to stop) are reported in ``seen["survivors"]`` and killed.
+    outlive it (a Ray cluster the driver failed to stop) are reported in ``seen["survivors"]`` and killed. A
+    catchable signal gives them :data:`SHUTDOWN_GRACE_S` to go; after SIGKILL no handler ran, so what is alive once
+    the driver is gone stays orphaned: :data:`ORPHAN_GRACE_S` only (the kill phase waited the full grace for
+    nothing).
     """
     proc = subprocess.Popen(cmd, cwd=cwd, env=env or job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, preexec_fn=_default_sigint)
@@ -205,7 +212,8 @@ def interrupt_job(cmd: list[str], cwd: Path, run_dir: Path, sig: int, step_of_ch
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-    gone, survivors = psutil.wait_procs(descendants, timeout=30)
+    grace = ORPHAN_GRACE_S if sig == signal.SIGKILL else SHUTDOWN_GRACE_S
+    gone, survivors = psutil.wait_procs(descendants, timeout=grace)
     seen["survivors"] = [p.pid for p in survivors]
     for p in survivors:
         p.kill()
