@@ -9,7 +9,8 @@ EXTRAS ?= dev,judge
 SUITE2P_SPEC ?= suite2p==0.14.6
 # TORCH_SPEC is split into words (a spec and pip options such as --index-url); the Dockerfile takes the same
 # TORCH_SPEC and EXTRAS build args with the same defaults (tests/unit/test_packaging.py)
-PYTEST_ARGS ?=
+# --durations=30: every run (CI too) lists its 30 slowest tests, the figures issue 12 tracks
+PYTEST_ARGS ?= --durations=30
 # TEST_WORKERS=2: two pytest-xdist workers, a test file at a time each (--dist loadfile). Off by default: on 2 cores
 # the Ray tests ran 2-3x slower side by side (716 tests took 1578 s, the last 10 min beside another job)
 TEST_WORKERS ?= 0
