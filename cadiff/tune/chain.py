@@ -38,7 +38,7 @@ from cadiff.eval.metrics import evaluate_sets, to_jsonable
 from cadiff.inference.encode import encode_latents
 from cadiff.io import write_json_atomic
 from cadiff.runtime.exports import load_exported_model
-from cadiff.train.launch import build_trainer, planned_run
+from cadiff.train.launch import run_training
 from cadiff.train.media import to_preview_units
 
 log = logging.getLogger(__name__)
@@ -94,11 +94,12 @@ def run_chain(stage1_cfg: Any, stage1_run: str, sweep: dict[str, Any], trial_nam
         f"cpus_per_actor={sweep['cpus_per_worker']}", "overwrite=true"]))
     log.info("chain %s: %s", trial_name, encoded)
     cfg2 = compose("train_latent", stage2_overrides(chain, latents, trial_name, sweep, int(stage1_cfg.seed)))
-    with planned_run(cfg2, "latent") as plan:
-        build_trainer(plan).fit()
-    metrics = chain_metrics(plan.location, data_root, chain["samples"], int(stage1_cfg.seed))
+    # what `jobs/train_latent.py` runs: a worker group on the trial's cluster, or in this trial's process for
+    # 'chain.overrides=[strategy=single]' (no worker group to start: the cheapest chain trial)
+    _, location = run_training(cfg2, "latent")
+    metrics = chain_metrics(location, data_root, chain["samples"], int(stage1_cfg.seed))
     # strict JSON: a value the samples give no estimate of (no photon-transfer fit) is null
-    write_json_atomic(Path(plan.location) / RESULT_FILE, to_jsonable(
+    write_json_atomic(Path(location) / RESULT_FILE, to_jsonable(
         {**metrics, "stage1": stage1_run, "latents": str(latents), "samples": chain["samples"]}))
     log.info("chain %s: chain_score=%.4g (split-half %s) gain ratio %s", trial_name, metrics["chain_score"],
              metrics["chain_mmd2_split_half"], metrics["chain_gain_ratio"])

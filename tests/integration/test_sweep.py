@@ -321,7 +321,7 @@ def test_chain_sweep_scores_every_latent_size_through_stage2_in_pixels(ray_clust
     args = [f"space={space}", "stage=ae", "search=grid", "num_samples=1", "name=chain", "max_concurrent_trials=2",
             "scheduler=none", "metric=chain_score", "chain.enabled=true", "chain.max_steps=1", "chain.samples=4",
             "workers_per_trial=1", "cpus_per_worker=0.5", "trainer.max_steps=1", f"data.root={sim_data_root}",
-            f"out_root={out_root}"]
+            f"out_root={out_root}", 'chain.overrides=["strategy=single"]']  # stage 2 in the trial's own process
     proc = run_job_in_process("sweep", args)
     final = _final_line(proc, "sweep")
     assert proc.returncode == 0, final + proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -343,6 +343,8 @@ def test_chain_sweep_scores_every_latent_size_through_stage2_in_pixels(ray_clust
         assert Path(latent_index["stage1"]).is_relative_to(sweep_dir / "trials" / "train_ae" / trial)
         stage2 = sweep_dir / "trials" / "train_latent" / trial
         assert (stage2 / "export" / "model.pt").is_file()
+        stage2_cfg = yaml.safe_load((stage2 / "config.yaml").read_text())  # chain.overrides reached stage 2
+        assert stage2_cfg["strategy"]["name"] == "single" and stage2_cfg["trainer"]["max_steps"] == 1
         chain = json.loads((stage2 / "chain.json").read_text(), parse_constant=_no_nan)  # strict JSON
         assert chain["chain_score"] == pytest.approx(float(row["chain_score"]), rel=1e-4) and chain["samples"] == 4
     table = (sweep_dir / "results.md").read_text().splitlines()
