@@ -89,6 +89,13 @@ class ClipSet:
     clips: list[np.ndarray] = field(default_factory=list)
     calibrations: list[Calibration | None] = field(default_factory=list)
 
+    @classmethod
+    def from_reservoir(cls, root: str | Path, kind: str, reservoir: _Reservoir) -> ClipSet:
+        """The set of the ``(name, clip, calibration)`` items a :class:`_Reservoir` kept, in their order."""
+        items = reservoir.ordered()
+        return cls(path=str(root), kind=kind, names=[n for n, _, _ in items], clips=[a for _, a, _ in items],
+                   calibrations=[c for _, _, c in items])
+
     def in_units(self) -> list[np.ndarray]:
         """Every clip in the set's units (:meth:`units`); all calibrations must be resolved."""
         out = []
@@ -214,14 +221,7 @@ def _load_shards(root: Path, split: str | None, max_clips: int, rng: np.random.G
             for key, array, meta in iter_shard(shard_path, kind="clips"):
                 cal = _index_calibration(root, sources, meta)
                 reservoir.offer(lambda a=array, k=f"{name}/{key}", c=cal: (k, np.asarray(a), c))
-    items = reservoir.ordered()
-    return ClipSet(
-        path=str(root),
-        kind="shards",
-        names=[n for n, _, _ in items],
-        clips=[a for _, a, _ in items],
-        calibrations=[c for _, _, c in items],
-    )
+    return ClipSet.from_reservoir(root, "shards", reservoir)
 
 
 def _index_calibration(root: Path, sources: dict, meta: dict) -> Calibration | None:
@@ -367,14 +367,7 @@ def _load_movies(
             reservoir.offer(
                 lambda p=path, m=movie, t=t, y=y, x=x, c=cal, i=i: (f"{p.name}#{i}", np.array(m.frames(t.start, t.stop)[:, y, x]), c)
             )
-    items = reservoir.ordered()
-    return ClipSet(
-        path=str(root),
-        kind="movies",
-        names=[n for n, _, _ in items],
-        clips=[a for _, a, _ in items],
-        calibrations=[c for _, _, c in items],
-    )
+    return ClipSet.from_reservoir(root, "movies", reservoir)
 
 
 def resolve_calibration(clip_set: ClipSet, fallback: Calibration | None) -> ClipSet:
