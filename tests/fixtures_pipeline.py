@@ -9,17 +9,21 @@ import pytest
 from cadiff.config import compose
 
 
-@pytest.fixture(scope="session")
-def stage1_run(sim_data_root, tmp_path_factory) -> Path:
-    """A 3-step ae_tiny run (strategy=single: no Ray needed) with its export."""
+def _tiny_single_run(job: str, stage: str, out: Path, *overrides: str) -> Path:
+    """A 3-step ``job`` run (strategy=single: no Ray needed) under ``out``; its run folder (with the export)."""
     from cadiff.train.launch import run_training
 
-    out = tmp_path_factory.mktemp("stage1")
-    cfg = compose("train_ae", ["experiment=ae_tiny", f"data.root={sim_data_root}", f"out_root={out}", "run_name=s1",
-                               "strategy=single", "trainer.num_workers=1", "trainer.max_steps=3",
-                               "trainer.log_every=1", "trainer.val_every=3", "trainer.ckpt_every=3"])
-    _, path = run_training(cfg, "ae")
+    cfg = compose(job, [*overrides, f"out_root={out}", "strategy=single", "trainer.num_workers=1",
+                        "trainer.max_steps=3", "trainer.log_every=1", "trainer.val_every=3", "trainer.ckpt_every=3"])
+    _, path = run_training(cfg, stage)
     return Path(path)
+
+
+@pytest.fixture(scope="session")
+def stage1_run(sim_data_root, tmp_path_factory) -> Path:
+    """A 3-step ae_tiny run with its export."""
+    return _tiny_single_run("train_ae", "ae", tmp_path_factory.mktemp("stage1"), "experiment=ae_tiny",
+                            f"data.root={sim_data_root}", "run_name=s1")
 
 
 @pytest.fixture(scope="session")
@@ -35,11 +39,6 @@ def latents_root(ray_cluster, stage1_run, sim_data_root, tmp_path_factory) -> Pa
 
 @pytest.fixture(scope="session")
 def stage2_run(latents_root, tmp_path_factory) -> Path:
-    from cadiff.train.launch import run_training
-
-    out = tmp_path_factory.mktemp("stage2")
-    cfg = compose("train_latent", ["experiment=dit_tiny", f"latents.root={latents_root}", f"out_root={out}", "run_name=d1",
-                                   "strategy=single", "trainer.num_workers=1", "trainer.max_steps=3",
-                                   "trainer.log_every=1", "trainer.val_every=3", "trainer.ckpt_every=3"])
-    _, path = run_training(cfg, "latent")
-    return Path(path)
+    """A 3-step dit_tiny run on those latents with its export."""
+    return _tiny_single_run("train_latent", "latent", tmp_path_factory.mktemp("stage2"), "experiment=dit_tiny",
+                            f"latents.root={latents_root}", "run_name=d1")

@@ -149,29 +149,32 @@ def test_unknown_space_and_stage_fail():
         load_space("latent_size", "vae")
 
 
-def test_key_of_the_other_stage_fails(tmp_path):
-    path = _write(tmp_path, "stage: latent\nparams:\n  model.z_channels: {choice: [4, 8]}\n")
-    with pytest.raises(ConfigError, match=r"params key 'model.z_channels' is not a config key of train_latent"):
-        load_space(path, "latent")
+# a space every value (or combination) of which is checked against the stage's schema before any trial
+REJECTED_SPACES = {
+    "key_of_the_other_stage": ("latent", "model.z_channels: {choice: [4, 8]}",
+                               r"params key 'model.z_channels' is not a config key of train_latent"),
+    "value_that_does_not_compose": ("ae", "model.temporal_downsample: {choice: [2, 3]}",
+                                    r"params.model.temporal_downsample value 3 is invalid.*power of 2"),
+    "value_of_the_wrong_type": ("ae", "model.z_channels: {choice: [4, many]}",
+                                r"params.model.z_channels value 'many' is invalid"),
+    # 18 frames is not 1 + k * temporal_downsample
+    "crop_incompatible_value": ("ae", "data.crop_frames: {choice: [17, 18]}",
+                                r"params.data.crop_frames value 18 .*1 \+ k\*4"),
+    # each value composes alone; temporal 8 with spatial 4 breaks spatial >= temporal
+    "jointly_impossible_combination": (
+        "ae", "model.temporal_downsample: {choice: [2, 8]}\n  model.spatial_downsample: {choice: [8, 4]}",
+        r"the combination .*'model.temporal_downsample': 8.*'model.spatial_downsample': 4"),
+    "hidden_not_divisible_by_heads": ("latent", "model.hidden_size: {choice: [36, 96]}\n  model.num_heads: {choice: [8]}",
+                                      r"combination .*divisible by num_heads=8"),
+}
 
 
-def test_value_that_does_not_compose_names_key_and_value(tmp_path):
-    path = _write(tmp_path, "stage: ae\nparams:\n  model.temporal_downsample: {choice: [2, 3]}\n")
-    with pytest.raises(ConfigError, match=r"params.model.temporal_downsample value 3 is invalid.*power of 2"):
-        load_space(path, "ae")
-
-
-def test_value_of_the_wrong_type_fails(tmp_path):
-    path = _write(tmp_path, "stage: ae\nparams:\n  model.z_channels: {choice: [4, many]}\n")
-    with pytest.raises(ConfigError, match=r"params.model.z_channels value 'many' is invalid"):
-        load_space(path, "ae")
-
-
-def test_crop_incompatible_value_fails(tmp_path):
-    """18 frames is not 1 + k * temporal_downsample: rejected before any trial."""
-    path = _write(tmp_path, "stage: ae\nparams:\n  data.crop_frames: {choice: [17, 18]}\n")
-    with pytest.raises(ConfigError, match=r"params.data.crop_frames value 18 .*1 \+ k\*4"):
-        load_space(path, "ae")
+@pytest.mark.parametrize("case", list(REJECTED_SPACES))
+def test_space_that_cannot_compose_fails_naming_key_and_value(tmp_path, case):
+    stage, params, message = REJECTED_SPACES[case]
+    path = _write(tmp_path, f"stage: {stage}\nparams:\n  {params}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_space(path, stage)
 
 
 def test_base_overrides_take_part_in_the_check():
@@ -184,22 +187,6 @@ def test_base_overrides_take_part_in_the_check():
 def test_bad_base_experiment_fails():
     with pytest.raises(ConfigError, match="base config train_ae"):
         load_space("latent_size", "ae", experiment="no_such_experiment")
-
-
-def test_jointly_impossible_combination_fails(tmp_path):
-    """Each value composes alone; temporal 8 with spatial 4 breaks spatial >= temporal."""
-    path = _write(
-        tmp_path,
-        "stage: ae\nparams:\n  model.temporal_downsample: {choice: [2, 8]}\n  model.spatial_downsample: {choice: [8, 4]}\n",
-    )
-    with pytest.raises(ConfigError, match=r"the combination .*'model.temporal_downsample': 8.*'model.spatial_downsample': 4"):
-        load_space(path, "ae")
-
-
-def test_hidden_not_divisible_by_heads_fails(tmp_path):
-    path = _write(tmp_path, "stage: latent\nparams:\n  model.hidden_size: {choice: [36, 96]}\n  model.num_heads: {choice: [8]}\n")
-    with pytest.raises(ConfigError, match=r"combination .*divisible by num_heads=8"):
-        load_space(path, "latent")
 
 
 def test_exponent_floats_and_explicit_paths(tmp_path, monkeypatch):
