@@ -15,7 +15,6 @@ page cache) and is excluded. Results: ``benchmarks/results/ingest.json`` and ``i
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -25,6 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cadiff.bench import write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -168,9 +169,7 @@ def main() -> None:
     result = {"num_clips": index["splits"]["train"]["num_clips"], "clip_shape": shape, "clip_mb": clip_mb,
               "batch_size": args.batch_size, "epochs": args.epochs, "cpus": os.cpu_count(), "host": platform.node(),
               "python": platform.python_version(), "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ingest.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "ingest.md").write_text(to_markdown(result))
+    write_results(args.out, "ingest", result, to_markdown(result))
     print(to_markdown(result))
 
 

@@ -34,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from cadiff.bench import write_results  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 CLIP_FRAMES, CLIP_SIDE = 17, 32  # ae_tiny: latent [4, 5, 4, 4]
 
@@ -143,9 +145,7 @@ def main() -> None:
             "torch": torch.__version__, "seconds": time.perf_counter() - start}
     meta["context"] = meta["chunk"] // 2
     result = {"meta": meta, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "long_movie.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "long_movie.md").write_text(to_markdown(result))
+    write_results(args.out, "long_movie", result, to_markdown(result))
     print(to_markdown(result))
 
 

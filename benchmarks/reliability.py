@@ -35,7 +35,6 @@ Each section is one matrix: input or fault | setup | observed one-line message |
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -50,6 +49,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cadiff.bench import write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TRAIN = ["experiment=ae_tiny", "trainer.num_workers=2", "trainer.cpus_per_worker=0.5", "trainer.log_every=1",
@@ -655,9 +656,7 @@ def main() -> None:
     result = {"host": platform.node(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
               "python": platform.python_version(), "ray": ray.__version__, "torch": torch.__version__,
               "faults": faults, "bad_inputs": bad_inputs}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "reliability.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    (args.out / "reliability.md").write_text(to_markdown(result))
+    write_results(args.out, "reliability", result, to_markdown(result))
     print(to_markdown(result))
 
 

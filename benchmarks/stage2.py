@@ -23,7 +23,6 @@ Results: ``benchmarks/results/stage2.json`` and ``stage2.md`` (``--out`` to chan
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -35,6 +34,8 @@ from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cadiff.bench import write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CLIP = (1, 17, 32, 32)  # ae_tiny's training crop: 4x temporal, 8x spatial -> latent [4, 5, 4, 4]
@@ -251,11 +252,8 @@ def main() -> None:
                 "latent tokens. Latent 4x5x8x8 is the ae_tiny latent of a 17x64x64 clip, 4x5x16x16 of a "
                 "17x128x128 clip.",
     }  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "stage2"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(to_markdown(result))
-    print(f"-> {args.out / stem}.json, .md")
+    path = write_results(args.out, "stage2", result, to_markdown(result))
+    print(f"-> {path}, .md")
 
 
 if __name__ == "__main__":

@@ -67,3 +67,18 @@ def test_output_folders_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+
+
+def test_benchmark_results_are_written_whole_json_and_markdown(tmp_path):
+    """The benchmark scripts' results: a folder created, both files complete, no temp file left, a value JSON
+    cannot hold (a path) written as text."""
+    import json
+    from pathlib import Path
+
+    from cadiff.bench import write_results
+
+    path = write_results(tmp_path / "results", "bench", {"summary": {"x": 1.5}, "where": Path("/data/x")}, "# t\n")
+    assert path == tmp_path / "results" / "bench.json"
+    assert json.loads(path.read_text()) == {"summary": {"x": 1.5}, "where": "/data/x"}
+    assert (tmp_path / "results" / "bench.md").read_text() == "# t\n"
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["bench.json", "bench.md"]
