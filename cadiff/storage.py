@@ -16,14 +16,20 @@ the same environment reach the same store. Local paths keep their plain ``pathli
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
+import json
 import os
+import secrets
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from cadiff.errors import CadiffError, ConfigError, StorageError
+from cadiff.io import LOCK_NAME, lock_is_stale, write_bytes_atomic
 
 SCHEMES = ("s3", "gs", "file")
 
@@ -144,7 +150,6 @@ def read_text(location: str | os.PathLike) -> str:
 
 def write_bytes(location: str | os.PathLike, data: bytes) -> None:
     """Write a whole file atomically: a temp file renamed into place, or one PUT to an object store."""
-    from cadiff.io import write_bytes_atomic
 
     if not is_remote(location):
         write_bytes_atomic(local_path(location), data)
@@ -179,13 +184,6 @@ def object_lock(location: str, what: str, settle_s: float = LOCK_SETTLE_S) -> It
     lands more than ``settle_s`` after the other's check found no lock (seconds apart, not a shared second).
     The lock is removed at the end if it is still this process's.
     """
-    import datetime as _dt
-    import json
-    import secrets
-    import socket
-    import time
-
-    from cadiff.io import LOCK_NAME, lock_is_stale
 
     lock = str(join(location, LOCK_NAME))
     me = {"host": socket.gethostname(), "pid": os.getpid(), "token": secrets.token_hex(8),

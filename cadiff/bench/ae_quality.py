@@ -52,10 +52,12 @@ and ``ae_quality_<preset>_*.png``.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import logging
 import math
+import multiprocessing
 import os
 import platform
 import time
@@ -69,14 +71,16 @@ import torch
 from torch import nn
 
 from cadiff.config import StrategyConfig, compose, to_dict
-from cadiff.data.anscombe import anscombe, inverse_anscombe, inverse_anscombe_unbiased
-from cadiff.data.movie import to_photons
+from cadiff.data.anscombe import anscombe, anscombe_moments, inverse_anscombe, inverse_anscombe_unbiased
+from cadiff.data.movie import read_frames, to_photons
 from cadiff.data.noise import PhotonTransfer, estimate_photon_transfer
 from cadiff.data.simulate import GroundTruth, simulate_movie
+from cadiff.data.sources import open_movie
 from cadiff.diffusion.samplers import parse_grid
 from cadiff.errors import ConfigError, DataError
 from cadiff.eval.metrics import evaluate_sets, local_correlation_image, photon_transfer, to_jsonable
 from cadiff.io import atomic_path, write_json_atomic, write_text_atomic
+from cadiff.models.autoencoder import PixelNoise
 from cadiff.models.registry import build_model
 from cadiff.train.ema import EMA
 from cadiff.train.loop import TrainingModule
@@ -505,12 +509,10 @@ def oracle_gaussian(clean: np.ndarray, data: BenchData, seed: int) -> np.ndarray
     The ceiling of any decoder that draws Gaussian noise around its signal estimate (``PixelNoise``): photon
     mean and variance exact, but no discrete photon counts - which photon-starved movies show.
     """
-    from cadiff.models.autoencoder import PixelNoise
 
     level = torch.from_numpy(np.maximum(clean, 0.0).astype(np.float64))
     rng = np.random.default_rng(seed)
     if data.normalization == "anscombe":
-        from cadiff.data.anscombe import anscombe_moments
 
         levels = np.concatenate([[0.0], np.geomspace(1e-3, 1e4, 400)])
         expected = np.interp(level.numpy(), levels, anscombe_moments(levels, data.read_noise_photons)[0])
@@ -810,8 +812,6 @@ REAL_TRAIN_FRACTION = 0.7  # first 70% of the frames train, the rest is held out
 
 def real_data(cfg: BenchConfig, name: str, root: Path = REAL_DIR) -> tuple[BenchData, dict[str, Any]]:
     """A real movie calibrated by photon transfer, split in time into training frames and held-out frames."""
-    from cadiff.data.movie import read_frames
-    from cadiff.data.sources import open_movie
 
     rel, key = REAL_MOVIES[name]
     movie = open_movie(root / rel, key=key)
@@ -875,8 +875,6 @@ def suite_jobs(cfg: BenchConfig, presets: Sequence[str], seeds: Sequence[int], r
 def run_suite(cfg: BenchConfig, presets: Sequence[str], seeds: Sequence[int], real: bool, workers: int
               ) -> dict[str, Any]:
     """All jobs on ``workers`` processes (one torch thread each); per-preset runs, real movies, summary, verdict."""
-    import concurrent.futures
-    import multiprocessing
 
     start = time.perf_counter()
     jobs = suite_jobs(cfg, presets, seeds, real)
@@ -1194,8 +1192,6 @@ def write_figures(res: dict[str, Any], prefix: Path) -> list[str]:
 
 
 def _cpu_count() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -1209,8 +1205,6 @@ ABLATION = {  # name -> DiffAE overrides; every row trains on the same batches w
 
 def run_ablation(cfg: BenchConfig, workers: int) -> dict[str, Any]:
     """Each :data:`ABLATION` variant on one preset and seed (no sampler table); rows of headline metrics."""
-    import concurrent.futures
-    import multiprocessing
 
     jobs = [("sim", name, dataclasses.replace(cfg, table_clips=0, model_overrides=[*cfg.model_overrides, *extra]))
             for name, extra in ABLATION.items()]

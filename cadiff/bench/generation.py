@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -74,12 +75,13 @@ from cadiff.bench.stage2 import (
 from cadiff.config import compose
 from cadiff.data.movie import to_photons
 from cadiff.data.pipeline import normalize_latents
-from cadiff.data.simulate import PRESETS
+from cadiff.data.simulate import PRESETS, simulate_movie
 from cadiff.errors import CadiffError, ConfigError, DataError
 from cadiff.eval.activity import activity_stats, compare_activity, pool_stats
 from cadiff.eval.metrics import SetSummary, compare_sets, summarize_set, to_jsonable
 from cadiff.eval.rois import detect_rois
 from cadiff.eval.score import sample_mmd2
+from cadiff.inference.sample import run_sample
 from cadiff.io import write_json_atomic, write_text_atomic
 
 log = logging.getLogger("generation")
@@ -243,11 +245,8 @@ def sampler_table(models: dict[str, Any], data: BenchData, ref: np.ndarray, ref_
 def long_movie(stage2: Path, out: Path, num_frames: int, seed: int, *extra: str) -> dict[str, Any]:
     """Run the sample job for one ``num_frames`` movie (``extra``: more sample overrides); its ADU movie, record,
     wall time and long-movie scores."""
-    import json
 
     import tifffile
-
-    from cadiff.inference.sample import run_sample
 
     start = time.perf_counter()
     run_sample(compose("sample", [f"stage2={stage2}", f"out={out}", "num_samples=1", f"num_frames={num_frames}",
@@ -298,7 +297,6 @@ def long_reference(preset: str, frames: int, side: int, count: int, seed: int) -
     """Gain drift (:func:`cadiff.bench.stage2.gain_drift`) and cell persistence (:func:`cell_persistence`) of
     ``count`` simulated photon movies of the long movie's size: what the two estimates give on real data with no
     drift and fixed cells, the scale a generated movie's values are read against."""
-    from cadiff.data.simulate import simulate_movie
 
     drifts, persistence = [], []
     for i in range(count):
@@ -723,7 +721,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def rerender(out: Path) -> int:
     """``--render``: goals and markdown again from a finished run's JSON (after a change to the goal checks)."""
-    import json
 
     path = out.with_suffix(".json")
     if not path.is_file():

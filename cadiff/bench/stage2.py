@@ -18,6 +18,7 @@ from cadiff.config import StrategyConfig, compose, to_dict
 from cadiff.data.noise import estimate_photon_transfer
 from cadiff.data.pipeline import denormalize_latents
 from cadiff.data.simulate import PRESETS
+from cadiff.eval.rois import detect_rois, iou_matrix
 from cadiff.inference.long_movie import chunk_spans
 from cadiff.models.registry import build_model
 from cadiff.runtime.exports import export_model
@@ -113,7 +114,6 @@ def cell_persistence(photons: np.ndarray, segment: int = 65) -> dict[str, float 
     image (cells that wander blur out of it); ``mean_image_corr``: the mean correlation of consecutive pieces' mean
     images (the whole field's structure, cells or not, with no detector in between); ``mean_flux``: photons per
     pixel per frame."""
-    from cadiff.eval.rois import detect_rois, iou_matrix
 
     pieces = [photons[i:i + segment] for i in range(0, len(photons) - segment + 1, segment)]
     rois = [detect_rois(p, method="mean") for p in pieces]

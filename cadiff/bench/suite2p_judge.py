@@ -34,6 +34,7 @@ import numpy as np
 from cadiff.config import Suite2pJudgeConfig
 from cadiff.data.simulate import simulate_movie
 from cadiff.errors import CadiffError, DataError
+from cadiff.eval.rois import detect_rois, match_rois, roi_contrast
 from cadiff.eval.suite2p_judge import (
     JudgeMovie,
     detect_set,
@@ -127,7 +128,6 @@ def run_demo_mask(samples: Path, source: Path, work: Path, tau: float, unconditi
     and on the simulated movie that defined the mask, each matched to the requested (ground-truth) ROIs; and the
     correlation contrast inside/outside the requested ROIs for both and for an unconditional sample (the control:
     no reason for its activity to sit in those cells)."""
-    from cadiff.eval.rois import detect_rois, match_rois, roi_contrast
 
     settings = Suite2pJudgeConfig(tau=tau)
     truth_movie = load_judge_movies(source, 1, settings.min_frames)[0]

@@ -13,6 +13,7 @@ import copy
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cadiff.errors import ConfigError
+from cadiff.io import write_text_atomic
 from cadiff.runtime.heartbeat import heartbeat
 
 log = logging.getLogger(__name__)
@@ -141,8 +143,6 @@ def ray_data_logging_config(level: str) -> Path:
     import yaml
     from ray.data._internal.logging import DEFAULT_CONFIG
 
-    from cadiff.io import write_text_atomic
-
     config = copy.deepcopy(DEFAULT_CONFIG)
     config["handlers"]["console"]["level"] = level
     text = yaml.safe_dump(config, sort_keys=True)
@@ -185,8 +185,6 @@ def quiet_train_reports(ray_cfg: Any) -> None:
 
 
 def _free_port(host: str) -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]

@@ -25,10 +25,18 @@ from pathlib import Path
 
 import numpy as np
 
+from cadiff.config import compose
+from cadiff.data.prepare import prepare_data
+from cadiff.data.shards import iter_shard, write_index, write_shards
+from cadiff.data.simulate import simulate_movie
 from cadiff.data.sources.download import record_download
 from cadiff.errors import CadiffError, CheckpointError, ConfigError, DataError, NoPhotonSignature
 from cadiff.jobs import JOBS
+from cadiff.models.registry import build_model
+from cadiff.runtime.exports import export_model
 from cadiff.testing import run_job_in_process
+from cadiff.testing.data import SIM_DATA_OVERRIDES, log_scaled_movie
+from cadiff.testing.faults import corrupt_checkpoint_file
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout: jobs/<job>.py are the command lines
 CLIP = ["clip.frames=17", "clip.height=32", "clip.width=32"]
@@ -61,8 +69,6 @@ class Case:
 
 
 def _movie(frames: int = 60) -> np.ndarray:
-    from cadiff.data.simulate import simulate_movie
-
     return simulate_movie(frames=frames, height=32, width=32, seed=0)[0].data
 
 
@@ -169,9 +175,6 @@ def case_crop_not_causal(tmp: Path, env: Env) -> Case:
 
 def case_stored_clip_not_causal(tmp: Path, env: Env) -> Case:
     """Shards of 16-frame clips (not 1 + k*4) and no crop."""
-    from cadiff.config import compose
-    from cadiff.data.prepare import prepare_data
-    from cadiff.testing.data import SIM_DATA_OVERRIDES
 
     # the shared fixture's tiny simulator settings, but 16-frame clips (not 1 + k*4)
     root = tmp / "data16"
@@ -183,9 +186,6 @@ def case_stored_clip_not_causal(tmp: Path, env: Env) -> Case:
 
 def case_noise_skip_on_photon_data(tmp: Path, env: Env) -> Case:
     """model.noise_skip=true for the flow-form decoder on photon-normalized shards (noise not homoscedastic)."""
-    from cadiff.config import compose
-    from cadiff.data.prepare import prepare_data
-    from cadiff.testing.data import SIM_DATA_OVERRIDES
 
     root = tmp / "photon"
     prepare_data(compose("prepare_data", [*SIM_DATA_OVERRIDES, "normalization.kind=photon", f"out={root}"]))
@@ -196,7 +196,6 @@ def case_noise_skip_on_photon_data(tmp: Path, env: Env) -> Case:
 
 def _rewrite_val_shard(tmp: Path, env: Env, convert: Callable[[np.ndarray], np.ndarray]) -> tuple[Path, Path]:
     """Copy the data root and rewrite its first val shard with converted arrays (read before the first step)."""
-    from cadiff.data.shards import iter_shard
 
     root = tmp / "data"
     shutil.copytree(env.data_root, root)
@@ -306,7 +305,6 @@ def case_resume_from_missing_step(tmp: Path, env: Env) -> Case:
 
 def case_resume_from_damaged_checkpoint(tmp: Path, env: Env) -> Case:
     """trainer.resume_from=3 after 4 KiB inside a tensor of its model.pt were zeroed (same size)."""
-    from cadiff.testing.faults import corrupt_checkpoint_file
 
     run, args = _resumed_run(tmp, env, "trainer.resume_from=3")
     corrupt_checkpoint_file(run / "checkpoints" / "step_00000003" / "model.pt", "tensor_data")
@@ -323,8 +321,6 @@ def case_missing_data_root(tmp: Path, env: Env) -> Case:
 
 
 def _latent_root(tmp: Path, stage1: Path) -> Path:
-    from cadiff.data.shards import write_index, write_shards
-
     root = tmp / "latents"
     rng = np.random.default_rng(0)
     samples = [(f"z{i:02d}", rng.standard_normal((4, 5, 4, 4)).astype(np.float32), {"source": "sim-000"}) for i in range(8)]
@@ -349,8 +345,6 @@ def case_stage2_training_missing_stage1(tmp: Path, env: Env) -> Case:
 
 def case_sample_missing_stage1(tmp: Path, env: Env) -> Case:
     """sample with a stage-2 export whose recorded stage-1 run was deleted."""
-    from cadiff.models.registry import build_model
-    from cadiff.runtime.exports import export_model
 
     gone = tmp / "deleted_run"
     dit = build_model({"kind": "dit", "size": "tiny", "in_channels": 4})
@@ -404,7 +398,6 @@ def case_prepare_out_is_a_foreign_folder(tmp: Path, env: Env) -> Case:
 
 def case_prepare_other_settings_without_overwrite(tmp: Path, env: Env) -> Case:
     """prepare_data into a complete preparation with clips_per_shard=8 instead of its 4."""
-    from cadiff.testing.data import SIM_DATA_OVERRIDES
 
     out = tmp / "data"
     shutil.copytree(env.data_root, out)
@@ -416,8 +409,6 @@ def case_prepare_other_settings_without_overwrite(tmp: Path, env: Env) -> Case:
 def case_prepare_overwrite_with_a_bad_input(tmp: Path, env: Env) -> Case:
     """overwrite=true over a complete preparation while the changed movie has a NaN in frame 30 (found while
     tiling, after shards were written): the earlier data must survive."""
-    from cadiff.config import compose
-    from cadiff.data.prepare import prepare_data
 
     path, out = tmp / "float.tif", tmp / "out"
     _tiff(path, _movie().astype(np.float32))
@@ -468,7 +459,6 @@ def case_prepare_hdf5_frames_larger_than_memory(tmp: Path, env: Env) -> Case:
 
 def case_processed_movie_photon_transfer(tmp: Path, env: Env) -> Case:
     """source.calibration=photon_transfer on a processed float movie (log-scaled: negative photon-transfer slope)."""
-    from cadiff.testing.data import log_scaled_movie
 
     path = _tiff(tmp / "processed.tif", log_scaled_movie(frames=60, size=32))
     out = tmp / "out"
@@ -524,7 +514,6 @@ CASES: dict[str, Callable[[Path, Env], Case]] = {
 
 def run_in_process(case: Case) -> CadiffError:
     """Compose and run the job in this process; return the error it raised (AssertionError if none)."""
-    from cadiff.config import compose
 
     try:
         JOBS[case.job](compose(case.job, case.args), case.args)

@@ -16,6 +16,7 @@ decoded clips against held-out clips (:mod:`cadiff.tune.chain`) - and ``metric=c
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import os
@@ -190,6 +191,7 @@ def result_metrics(cfg: Any) -> tuple[str, ...]:
 
 
 def _trial_table(space: SearchSpace, cfg: Any) -> Any:
+    # a ray.tune Callback: ray.tune is imported when a sweep runs, not with this module
     from cadiff.tune.status import TrialTable
 
     return TrialTable(list(space.params), cfg.metric, cfg.mode, cfg.status_every_s)
@@ -326,7 +328,6 @@ def yaml_value(text: str) -> Any:
 
 def _write_table(rows: list[dict[str, Any]], space: SearchSpace, sweep_dir: Path, ranked_by: str) -> None:
     """results.csv (full config keys) and results.md (``ranked_by``, then short column names)."""
-    import csv
 
     keys = list(rows[0])
     with atomic_path(sweep_dir / "results.csv", suffix=".csv") as tmp, open(tmp, "w", newline="") as fh:
