@@ -124,8 +124,9 @@ def generate_batch(stage2: str, stage1: str | None, start: int, stop: int, cfg: 
     shape = (stop - start, *data2["sample_shape"])
     z = dit.sample(shape, sampler=cfg["latent_sampler"], num_steps=cfg["latent_steps"], generator=generator,
                    **guidance(cfg, stop - start))
-    clips = decoder.decode(pipeline.denormalize_latents(z, pipeline.latent_stats(data2)), sampler=cfg["decoder_sampler"], num_steps=cfg["decoder_steps"],
-                           generator=generator, grid=cfg["decoder_grid"])
+    z = pipeline.denormalize_latents(z, pipeline.latent_stats(data2))
+    clips = decoder.decode(z, sampler=cfg["decoder_sampler"], num_steps=cfg["decoder_steps"], generator=generator,
+                           grid=cfg["decoder_grid"])
     _source, calib = _calibration(ae_meta["data"])
     return [to_source_units(denormalize(c[0], calib, ae_meta["data"]["normalization"]), calib) for c in clips]
 

@@ -195,8 +195,7 @@ def interrupt_job(cmd: list[str], cwd: Path, run_dir: Path, sig: int, step_of_ch
     Returns the finished process and what was seen when the signal went out. Processes of the job that
     outlive it (a Ray cluster the driver failed to stop) are reported in ``seen["survivors"]`` and killed. A
     catchable signal gives them :data:`SHUTDOWN_GRACE_S` to go; after SIGKILL no handler ran, so what is alive once
-    the driver is gone stays orphaned: :data:`ORPHAN_GRACE_S` only (the kill phase waited the full grace for
-    nothing).
+    the driver is gone stays orphaned: they get :data:`ORPHAN_GRACE_S` only.
     """
     proc = subprocess.Popen(cmd, cwd=cwd, env=env or job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, preexec_fn=_default_sigint)

@@ -95,7 +95,7 @@ def run_chain(stage1_cfg: Any, stage1_run: str, sweep: dict[str, Any], trial_nam
     log.info("chain %s: %s", trial_name, encoded)
     cfg2 = compose("train_latent", stage2_overrides(chain, latents, trial_name, sweep, int(stage1_cfg.seed)))
     # what `jobs/train_latent.py` runs: a worker group on the trial's cluster, or in this trial's process for
-    # 'chain.overrides=[strategy=single]' (no worker group to start: the cheapest chain trial)
+    # 'chain.overrides=["strategy=single"]' (no worker group to start: the cheapest chain trial)
     _, location = run_training(cfg2, "latent")
     metrics = chain_metrics(location, data_root, chain["samples"], int(stage1_cfg.seed))
     # strict JSON: a value the samples give no estimate of (no photon-transfer fit) is null
