@@ -140,6 +140,10 @@ class LatentsConfig:
     num_val_clips: int = 8
     prefetch_batches: int = 4
     cpus_per_task: float = 1.0  # as DataConfig.cpus_per_task
+    # the ROI-map condition per latent pixel as mask_subgrid x mask_subgrid sub-block fractions (mask_subgrid^2
+    # channels; cadiff.data.conditioning.mask_planes): a power of 2 dividing the stage-1 spatial downsample.
+    # 1: one fraction per latent pixel. The DiT's model.mask_subgrid follows it.
+    mask_subgrid: int = 1
 
 
 @dataclass
@@ -244,6 +248,8 @@ class DiTConfig:
     rope_theta: float = 10000.0
     cond_dim: int = 0
     cond_mask: bool = False  # condition on each clip's ROI map (sources with ROIs: sim, neurofinder, nwb)
+    # ROI-map planes per latent pixel side (mask_subgrid^2 mask channels); None: latents.mask_subgrid
+    mask_subgrid: Optional[int] = None
     cond_flux: bool = False  # condition on each clip's mean photon flux
     cond_dropout: float = 0.1  # per condition and sample: trained unconditionally this often (guidance needs it)
     conditions: Optional[list[str]] = None  # None: the condition channels recorded in the latent index
@@ -873,6 +879,9 @@ def _validate_data(d: Any, prefix: str) -> None:
     _require(d.prefetch_batches >= 1, f"{prefix}.prefetch_batches", d.prefetch_batches, ">= 1")
     _require(d.cpus_per_task > 0, f"{prefix}.cpus_per_task", d.cpus_per_task, "> 0 (CPUs per Ray Data task)")
     _choice(f"{prefix}.corrupt_shards", d.corrupt_shards, ("fail", "skip"))
+    if "mask_subgrid" in d:
+        _require(_is_pow2(d.mask_subgrid), f"{prefix}.mask_subgrid", d.mask_subgrid,
+                 "a power of 2 (1: one ROI fraction per latent pixel)")
 
 
 def _validate_training(cfg: Any, data_key: str, validate_model: Callable[[Any], None]) -> None:
@@ -923,6 +932,9 @@ def validate_dit(m: Any, prefix: str = "model") -> None:
     _require(hidden >= 1 and depth >= 1 and heads >= 1, f"{prefix}.hidden_size/depth/num_heads", (hidden, depth, heads), ">= 1")
     _require(hidden % heads == 0, f"{prefix}.hidden_size", hidden, f"divisible by num_heads={heads}")
     _require(0 <= m.cond_dropout < 1, f"{prefix}.cond_dropout", m.cond_dropout, "a probability in [0, 1)")
+    if m.mask_subgrid is not None:
+        _require(_is_pow2(m.mask_subgrid), f"{prefix}.mask_subgrid", m.mask_subgrid,
+                 "a power of 2 (1: one ROI fraction per latent pixel), or null for latents.mask_subgrid")
     if m.conditions is not None:
         _require(all(c in CONDITIONS for c in m.conditions), f"{prefix}.conditions", list(m.conditions),
                  f"names from {list(CONDITIONS)}")

@@ -49,7 +49,7 @@ def demo_steps(out: Path, ae_steps: int, dit_steps: int, num_samples: int, worke
                             "overwrite=true"]),
         ("train_latent", ["experiment=dit_tiny", f"latents.root={latents}", f"run_name={name}", f"out_root={runs}",
                           f"trainer.max_steps={dit_steps}", f"trainer.num_workers={workers}", "strategy=ddp",
-                          "model.cond_mask=true"]),
+                          "model.cond_mask=true", "latents.mask_subgrid=4"]),
         ("sample", [f"stage2={runs}/train_latent/{name}", f"num_samples={num_samples}", "seed=0", f"out={out / 'samples'}",
                     "overwrite=true"]),
         ("evaluate", [f"gen={out / 'samples'}", f"ref={data}", f"out={out / 'eval'}"]),

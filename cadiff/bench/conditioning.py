@@ -1,7 +1,7 @@
 """The conditioned half of the generation benchmark (issue 13 item 3): a second DiT trained on the same latents
-with each training tile's conditions - its ROI map (the union of the simulator's ground-truth ROIs, on the latent
-grid) and its mean photon flux, the channels ``encode_latents`` appends - then sampled with classifier-free
-guidance for:
+with each training tile's conditions - its ROI map (the union of the simulator's ground-truth ROIs, as
+:data:`MASK_SUBGRID`^2 sub-block planes on the latent grid) and its mean photon flux, the channels
+``encode_latents`` appends - then sampled with classifier-free guidance for:
 
 - **held-out ROI masks**: each held-out movie's first-frame tiles ask for their own ground-truth cells. An ROI
   detector (:func:`cadiff.eval.rois.detect_rois`: the correlation image or the mean image, whichever finds the
@@ -50,7 +50,7 @@ from cadiff.data.conditioning import (
     condition_channels,
     encode_mask,
     flux_value,
-    to_grid,
+    mask_planes,
 )
 from cadiff.data.movie import to_photons
 from cadiff.data.pipeline import normalize_latents
@@ -61,7 +61,8 @@ from cadiff.inference.long_movie import plan_long_movie, stream_movie
 
 log = logging.getLogger(__name__)
 
-COND_OVERRIDES = ("model.cond_mask=true", "model.cond_flux=true")
+MASK_SUBGRID = 4  # the ROI map as 4x4 sub-block fractions per latent pixel (2x2 px of ae_tiny's 8x8 px blocks)
+COND_OVERRIDES = ("model.cond_mask=true", "model.cond_flux=true", f"model.mask_subgrid={MASK_SUBGRID}")
 GUIDANCE = 2.0  # the demo's mask sample uses the same
 BRIGHTNESS = (0.3, 3.0)  # per-movie photon-rate factor of the conditioned DiT's training movies (log-uniform)
 BRIGHTNESS_KEYS = ("neuron_photons", "background_photons")  # simulator preset keys the factor scales
@@ -105,17 +106,19 @@ def training_conditions(movies: Sequence[np.ndarray], rois: Sequence[np.ndarray]
     return c, m, np.array([clip_flux(x) for x in c])
 
 
-def with_conditions(latents: torch.Tensor, masks: np.ndarray, fluxes: np.ndarray) -> torch.Tensor:
+def with_conditions(latents: torch.Tensor, masks: np.ndarray, fluxes: np.ndarray,
+                    mask_subgrid: int = MASK_SUBGRID) -> torch.Tensor:
     """``latents [N, C, t, h, w]`` with the condition channels appended, as the latent pipeline does."""
     shape = tuple(latents.shape[1:])
     channels = np.stack([condition_channels({MASK_KEY: encode_mask(m), FLUX_KEY: float(f)}, list(CONDITIONS), shape,
-                                            "benchmark tile") for m, f in zip(masks, fluxes)])
+                                            "benchmark tile", mask_subgrid) for m, f in zip(masks, fluxes)])
     return torch.cat([latents, torch.from_numpy(channels)], dim=1)
 
 
-def mask_condition(mask: np.ndarray, latent_hw: tuple[int, int], n: int) -> torch.Tensor:
-    """ROI map ``mask [H, W]`` on the latent grid, repeated ``[n, h, w]``: the DiT's ``roi_mask`` condition."""
-    return torch.from_numpy(to_grid(mask, latent_hw)).expand(n, -1, -1).clone()
+def mask_condition(mask: np.ndarray, latent_hw: tuple[int, int], n: int, subgrid: int) -> torch.Tensor:
+    """ROI map ``mask [H, W]`` as the DiT's ``roi_mask`` condition: its :func:`mask_planes` on the latent grid,
+    repeated ``[n, subgrid^2, h, w]``."""
+    return torch.from_numpy(mask_planes(mask, latent_hw, subgrid)).expand(n, -1, -1, -1).clone()
 
 
 @torch.no_grad()
@@ -125,7 +128,7 @@ def sample(dit: Any, models: dict[str, Any], data: BenchData, n: int, seed: int,
     latent = models["latent"]
     conditions = {}
     if mask is not None:
-        conditions[MASK_KEY] = mask_condition(mask, tuple(latent[2:]), n)
+        conditions[MASK_KEY] = mask_condition(mask, tuple(latent[2:]), n, dit.mask_subgrid)
     if flux is not None:
         conditions[FLUX_KEY] = torch.full((n,), flux_value(flux))
     generator = torch.Generator().manual_seed(seed)
@@ -142,7 +145,7 @@ def sample_movies(dit: Any, models: dict[str, Any], data: BenchData, n: int, fra
     through the stage-1 decoder."""
     ae, (c, t, h, w) = models["ae"], models["latent"]
     plan = plan_long_movie(frames, None, None, t, ae.temporal_downsample)
-    guide = {"conditions": {MASK_KEY: mask_condition(mask, (h, w), n)}, "guidance_scale": GUIDANCE}
+    guide = {"conditions": {MASK_KEY: mask_condition(mask, (h, w), n, dit.mask_subgrid)}, "guidance_scale": GUIDANCE}
     chunks = stream_movie(dit, lambda z, gen: ae.decode(z, generator=gen), models["stats"], plan, (n, c, h, w),
                           SAMPLER, STEPS, torch.Generator().manual_seed(seed), (seed, 0), guide)
     x = torch.cat(list(chunks), dim=2)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from cadiff.config import StrategyConfig, compose, to_dict
+from cadiff.data.conditioning import condition_width
 from cadiff.data.noise import estimate_photon_transfer
 from cadiff.data.pipeline import denormalize_latents
 from cadiff.data.simulate import PRESETS
@@ -33,11 +34,13 @@ def train_dit(latents: torch.Tensor, steps: int, seed: int, batch: int = 8,
     ``latents``; returns the model in eval mode and ``{steps, seconds, final_loss, loss}``. ``conditions``: the
     names of the condition channels ``latents`` ends with (``cadiff.data.conditioning.CONDITIONS`` order), as
     ``train_latent`` resolves them from a latent index."""
-    channels = latents.shape[1] - len(conditions)
-    job = compose("train_latent", ["experiment=dit_tiny", f"model.in_channels={channels}",
-                                   f"trainer.max_steps={steps}", "trainer.warmup_steps=5", *overrides])
+    job = compose("train_latent", ["experiment=dit_tiny", f"trainer.max_steps={steps}", "trainer.warmup_steps=5",
+                                   *overrides])
+    subgrid = job.model.mask_subgrid or 1
+    channels = latents.shape[1] - sum(condition_width(name, subgrid) for name in conditions)
     torch.manual_seed(seed)
-    model = build_model({**to_dict(job.model), "conditions": list(conditions)})
+    model = build_model({**to_dict(job.model), "in_channels": channels, "conditions": list(conditions),
+                         "mask_subgrid": subgrid})
     model.train()
     strategy = build_strategy(StrategyConfig(name="single"), job.trainer, micro_batch_size=batch)
     strategy.setup(TrainingModule(model), torch.device("cpu"))

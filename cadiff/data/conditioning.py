@@ -71,13 +71,24 @@ def crop_meta_mask(meta: dict[str, Any], y0: int, x0: int, height: int, width: i
     return {**meta, MASK_KEY: encode_mask(mask[y0: y0 + height, x0: x0 + width])}
 
 
-def to_grid(mask: np.ndarray, grid: tuple[int, int], where: str = "mask") -> np.ndarray:
-    """Map ``[H, W]`` -> ``[h, w]`` float32 ROI fraction of each ``H/h x W/w`` block (H, W multiples of h, w)."""
+def mask_planes(mask: np.ndarray, grid: tuple[int, int], subgrid: int = 1, where: str = "mask") -> np.ndarray:
+    """Map ``[H, W]`` -> ``[subgrid^2, h, w]`` float32: plane ``i * subgrid + j`` holds, for every latent pixel, the
+    ROI fraction of sub-block ``(i, j)`` of its ``H/h x W/w`` block: a space-to-depth of the map, so the DiT sees
+    where inside a latent pixel the cells lie (``subgrid=1``: the ROI fraction of each whole block, one plane).
+    ``H`` and ``W`` must be whole multiples of ``h * subgrid`` and ``w * subgrid``."""
     m = np.asarray(mask, dtype=np.float32)
     (height, width), (h, w) = m.shape, grid
-    if height % h or width % w:
-        raise DataError(f"{where}: shape {m.shape} is not a whole multiple of the latent grid {[h, w]}")
-    return m.reshape(h, height // h, w, width // w).mean(axis=(1, 3))
+    if height % (h * subgrid) or width % (w * subgrid):
+        raise DataError(f"{where}: shape {m.shape} is not a whole multiple of the latent grid {[h, w]} x "
+                        f"mask_subgrid {subgrid}")
+    bh, bw = height // (h * subgrid), width // (w * subgrid)
+    blocks = m.reshape(h, subgrid, bh, w, subgrid, bw).mean(axis=(2, 5))  # [h, i, w, j]
+    return np.ascontiguousarray(blocks.transpose(1, 3, 0, 2).reshape(subgrid * subgrid, h, w))
+
+
+def condition_width(name: str, mask_subgrid: int = 1) -> int:
+    """Channels condition ``name`` takes in a latent batch: ``mask_subgrid^2`` for the ROI map, 1 for the flux."""
+    return mask_subgrid * mask_subgrid if name == MASK_KEY else 1
 
 
 def flux_value(flux: float, where: str = "flux") -> float:
@@ -95,15 +106,21 @@ def clip_flux(photons: np.ndarray) -> float:
 
 
 def condition_channels(meta: dict[str, Any], names: list[str], latent_shape: tuple[int, ...],
-                       where: str) -> np.ndarray:
-    """Channels ``[len(names), T, h, w]`` float32 of the conditions ``names`` of one sample; NaN: not given."""
+                       where: str, mask_subgrid: int = 1) -> np.ndarray:
+    """Channels ``[K, T, h, w]`` float32 of the conditions ``names`` of one sample, each
+    :func:`condition_width` wide (the ROI map as :func:`mask_planes`); NaN: not given."""
     _, frames, h, w = latent_shape
-    out = np.full((len(names), frames, h, w), np.nan, dtype=np.float32)
-    for i, name in enumerate(names):
+    widths = [condition_width(name, mask_subgrid) for name in names]
+    out = np.full((sum(widths), frames, h, w), np.nan, dtype=np.float32)
+    start = 0
+    for name, width in zip(names, widths):
         if name == MASK_KEY and MASK_KEY in meta:
-            out[i] = to_grid(decode_mask(meta[MASK_KEY], f"{where} {MASK_KEY}"), (h, w), f"{where} {MASK_KEY}")[None]
+            planes = mask_planes(decode_mask(meta[MASK_KEY], f"{where} {MASK_KEY}"), (h, w), mask_subgrid,
+                                 f"{where} {MASK_KEY}")
+            out[start:start + width] = planes[:, None]
         elif name == FLUX_KEY and FLUX_KEY in meta:
-            out[i] = flux_value(float(meta[FLUX_KEY]), f"{where} {FLUX_KEY}")
+            out[start] = flux_value(float(meta[FLUX_KEY]), f"{where} {FLUX_KEY}")
+        start += width
     return out
 
 

@@ -123,19 +123,21 @@ class ClipTransform:
 
 class LatentTransform:
     """float16/32 latent ``[C, T, H, W]`` -> float32, normalized per channel, followed by the channels of the
-    conditions the latent index lists (``index["conditioning"]``, :func:`cadiff.data.conditioning.condition_channels`)."""
+    conditions the latent index lists (``index["conditioning"]``, :func:`cadiff.data.conditioning.condition_channels`;
+    the ROI map as ``mask_subgrid^2`` planes)."""
 
-    def __init__(self, index: dict) -> None:
+    def __init__(self, index: dict, mask_subgrid: int = 1) -> None:
         self.mean = np.asarray(index["channel_mean"], dtype=np.float32)[:, None, None, None]
         self.std = np.asarray(index["channel_std"], dtype=np.float32)[:, None, None, None]
         self.conditions = list(index.get("conditioning", []))
+        self.mask_subgrid = int(mask_subgrid)
 
     def __call__(self, latent: np.ndarray, meta: dict, rng: Any = None) -> np.ndarray:
         z = ((latent.astype(np.float32) - self.mean) / self.std).astype(np.float32)
         if not self.conditions:
             return z
         where = f"latent of {_source_of(meta)} t0={meta.get('t0')} y0={meta.get('y0')} x0={meta.get('x0')}"
-        return np.concatenate([z, condition_channels(meta, self.conditions, z.shape, where)])
+        return np.concatenate([z, condition_channels(meta, self.conditions, z.shape, where, self.mask_subgrid)])
 
 
 def latent_stats(index: dict) -> tuple[Tensor, Tensor]:
@@ -163,7 +165,10 @@ def _channel_view(stats: tuple[Tensor, Tensor], z: Tensor) -> tuple[Tensor, Tens
 
 
 def make_transform(index: dict, cfg: Any, train: bool) -> ClipTransform | LatentTransform:
-    return ClipTransform(index, cfg, train) if index["kind"] == "clips" else LatentTransform(index)
+    """The sample transform of an index's kind; latents take ``cfg.mask_subgrid`` (the ``latents`` config)."""
+    if index["kind"] == "clips":
+        return ClipTransform(index, cfg, train)
+    return LatentTransform(index, int(_opt(cfg, "mask_subgrid", 1)))
 
 
 def _source_of(meta: dict) -> str:

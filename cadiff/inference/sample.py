@@ -30,7 +30,7 @@ from tqdm import tqdm
 from cadiff import __version__
 from cadiff.config import DataConfig, from_dict
 from cadiff.data import pipeline
-from cadiff.data.conditioning import FLUX_KEY, MASK_KEY, flux_value, load_mask, to_grid
+from cadiff.data.conditioning import FLUX_KEY, MASK_KEY, flux_value, load_mask, mask_planes
 from cadiff.data.movie import denormalize, source_dtype, to_source_units
 from cadiff.data.shards import read_index
 from cadiff.data.sources.tiff import write_tiff, write_tiff_frames
@@ -171,7 +171,7 @@ def check_pair(dit: Any, decoder: Any, stage1_path: str) -> None:
 
 
 def requested_conditions(cfg: Any, dit: Any, latent_hw: tuple[int, int], spatial_downsample: int) -> dict[str, Any]:
-    """``mask``/``flux`` of a generate run as plain values (ROI map on the latent grid as nested lists, flux scaled
+    """``mask``/``flux`` of a generate run as plain values (ROI map planes on the latent grid as nested lists, flux scaled
     to ``[0, 1]``), checked against what the stage-2 model was trained with before any sampling."""
     conditions: dict[str, Any] = {}
     h, w = latent_hw
@@ -183,7 +183,9 @@ def requested_conditions(cfg: Any, dit: Any, latent_hw: tuple[int, int], spatial
                               f"model.{model_key}=true")
     if cfg.mask is not None:
         mask = load_mask(cfg.mask, (h * spatial_downsample, w * spatial_downsample))
-        conditions[MASK_KEY] = to_grid(mask, (h, w), f"mask file {cfg.mask}").tolist()
+        # the planes the model was trained on (latents.mask_subgrid): one map [h, w], or [subgrid^2, h, w]
+        planes = mask_planes(mask, (h, w), dit.mask_subgrid, f"mask file {cfg.mask}")
+        conditions[MASK_KEY] = (planes[0] if dit.mask_subgrid == 1 else planes).tolist()
         log.info("ROI mask %s: %d of %d pixels inside ROIs", cfg.mask, int(mask.sum()), mask.size)
     if cfg.flux is not None:
         conditions[FLUX_KEY] = flux_value(float(cfg.flux), "config key 'flux'")

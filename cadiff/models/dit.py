@@ -96,7 +96,7 @@ class DiT(nn.Module):
 
     def __init__(self, in_channels: int, hidden_size: int, depth: int, num_heads: int,
                  patch_size: tuple[int, int, int] = (1, 2, 2), mlp_ratio: float = 4.0, rope_theta: float = 10000.0,
-                 cond_dim: int = 0, cond_mask: bool = False, cond_flux: bool = False) -> None:
+                 cond_dim: int = 0, cond_mask: bool = False, cond_flux: bool = False, mask_channels: int = 1) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.hidden_size = hidden_size
@@ -104,7 +104,8 @@ class DiT(nn.Module):
         self.patch_size = tuple(int(p) for p in patch_size)
         self.rope_theta = rope_theta
         self.cond_dim = cond_dim
-        self.x_embedder = PatchEmbed3d(in_channels + int(cond_mask), hidden_size, self.patch_size)
+        self.mask_channels = int(mask_channels) if cond_mask else 0
+        self.x_embedder = PatchEmbed3d(in_channels + self.mask_channels, hidden_size, self.patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.cond_embedder = nn.Linear(cond_dim, hidden_size) if cond_dim > 0 else None
         self.mask_flag = nn.Embedding(2, hidden_size) if cond_mask else None  # row 0: no mask given, row 1: given
@@ -170,13 +171,18 @@ class DiT(nn.Module):
                 raise ModelError("DiT got an ROI mask but was built with cond_mask=false (an unconditional model)")
             return x, None
         b, _, frames, h, w = x.shape
+        k = self.mask_channels
         if roi_mask is None:
-            roi_mask = torch.full((b, h, w), math.nan, device=x.device, dtype=x.dtype)
-        if tuple(roi_mask.shape) != (b, h, w):
-            raise ModelError(f"ROI mask of shape {tuple(roi_mask.shape)}: expected [B, H, W] = {[b, h, w]} (the latent grid)")
+            roi_mask = torch.full((b, k, h, w), math.nan, device=x.device, dtype=x.dtype)
+        shape = tuple(roi_mask.shape)
+        if k == 1 and roi_mask.dim() == 3:
+            roi_mask = roi_mask[:, None]  # [B, H, W]: the one-plane map
+        if tuple(roi_mask.shape) != (b, k, h, w):
+            expected = f"[B, H, W] = {[b, h, w]}" if k == 1 else f"[B, mask_subgrid^2, H, W] = {[b, k, h, w]}"
+            raise ModelError(f"ROI mask of shape {shape}: expected {expected} (the latent grid)")
         given = ~torch.isnan(roi_mask).flatten(1).any(dim=1)
-        channel = torch.nan_to_num(roi_mask, nan=0.0).to(x.dtype)[:, None, None].expand(b, 1, frames, h, w)
-        return torch.cat([x, channel], dim=1), self.mask_flag(given.long())
+        channels = torch.nan_to_num(roi_mask, nan=0.0).to(x.dtype)[:, :, None].expand(b, k, frames, h, w)
+        return torch.cat([x, channels], dim=1), self.mask_flag(given.long())
 
     def _flux_embedding(self, flux: Tensor | None, batch: int) -> Tensor | None:
         """Embedding of the flux value ``[B]`` in ``[0, 1]`` (NaN: the learned null vector); None without cond_flux."""
@@ -223,10 +229,12 @@ class LatentDiffusion(nn.Module):
                               "(recorded in the latent index)")
         self.model_config = model_config
         self.size = tuple(size)
+        self.mask_subgrid = int(model_config.get("mask_subgrid") or 1)  # exports from before the key: one plane
         hidden, depth, heads = self.size
         self.dit = DiT(int(model_config["in_channels"]), hidden, depth, heads, tuple(model_config["patch_size"]),
                        float(model_config["mlp_ratio"]), float(model_config["rope_theta"]),
-                       int(model_config["cond_dim"]), bool(model_config["cond_mask"]), bool(model_config["cond_flux"]))
+                       int(model_config["cond_dim"]), bool(model_config["cond_mask"]), bool(model_config["cond_flux"]),
+                       self.mask_subgrid ** 2)
         self.cond_dropout = float(model_config["cond_dropout"])
         # condition channels appended after the latent channels in training batches (the latent index's order)
         self.condition_names = list(model_config["conditions"] or [])
@@ -248,15 +256,19 @@ class LatentDiffusion(nn.Module):
         if x.dim() != 5:
             raise ModelError(f"latent batch of shape {tuple(x.shape)}: expected [B, C, T, H, W]")
         c = self.dit.in_channels
-        if x.shape[1] != c + len(self.condition_names):
+        widths = [self.mask_subgrid ** 2 if name == "roi_mask" else 1 for name in self.condition_names]
+        if x.shape[1] != c + sum(widths):
             raise ModelError(f"latent batch of shape {tuple(x.shape)}: expected {c} latent channels followed by the "
-                             f"condition channels {self.condition_names}")
+                             f"condition channels {self.condition_names} ({sum(widths)} channels)")
         conditions: dict[str, Tensor] = {}
-        for i, name in enumerate(self.condition_names):
+        start = c
+        for name, width in zip(self.condition_names, widths):
             if name == "roi_mask" and self.dit.mask_flag is not None:
-                conditions["roi_mask"] = x[:, c + i, 0]
+                # [B, H, W] for the one-plane map, [B, mask_subgrid^2, H, W] for sub-block planes
+                conditions["roi_mask"] = x[:, start, 0] if width == 1 else x[:, start:start + width, 0]
             elif name == "flux" and self.dit.flux_embedder is not None:
-                conditions["flux"] = x[:, c + i, 0, 0, 0]
+                conditions["flux"] = x[:, start, 0, 0, 0]
+            start += width
         return x[:, :c], conditions
 
     def drop_conditions(self, conditions: dict[str, Tensor], generator: torch.Generator | None) -> dict[str, Tensor]:

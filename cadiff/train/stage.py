@@ -191,11 +191,13 @@ class LatentStage(Stage):
         if cfg.model.in_channels not in (None, channels):
             raise ConfigError(f"model.in_channels = {cfg.model.in_channels}: expected {channels} (the latent channels in {root})")
         conditions = check_conditions(cfg.model, index, root)
+        subgrid = check_mask_subgrid(cfg, int(stage1_cfg.get("spatial_downsample", 1)), conditions)
         info = DataInfo(root=storage.resolved(root), sample_shape=tuple(index["latent_shape"]),
                         num_train_clips=int(index["splits"]["train"]["num_clips"]),
                         normalization=index.get("normalization"), channel_mean=tuple(index["channel_mean"]),
                         channel_std=tuple(index["channel_std"]), stage1=str(Path(stage1).resolve()))
-        return info, resolve_model_config({**to_dict(cfg.model), "in_channels": channels, "conditions": conditions})
+        return info, resolve_model_config({**to_dict(cfg.model), "in_channels": channels, "conditions": conditions,
+                                           "mask_subgrid": subgrid})
 
     def train_dataset(self, cfg: Any) -> Any:
         return pipeline.latent_dataset(cfg.latents.root, "train", cfg.latents, seed=cfg.seed)
@@ -224,6 +226,20 @@ def check_conditions(model_cfg: Any, index: dict[str, Any], root: Path) -> list[
                               f"(index.json conditioning: {available}); expected latents from {hint} (data and latents "
                               "written before conditioning existed carry none: re-run both with overwrite=true)")
     return available
+
+
+def check_mask_subgrid(cfg: Any, block: int, conditions: list[str]) -> int:
+    """``latents.mask_subgrid``, the ROI map's planes per latent pixel side the DiT is built for: it must divide
+    the stage-1 spatial downsample ``block`` when the latents carry an ROI map, and ``model.mask_subgrid``, if
+    set, must agree with it."""
+    subgrid = int(cfg.latents.mask_subgrid)
+    if cfg.model.mask_subgrid not in (None, subgrid):
+        raise ConfigError(f"model.mask_subgrid = {cfg.model.mask_subgrid}: expected null or latents.mask_subgrid "
+                          f"({subgrid}), the ROI-map planes the latent pipeline builds")
+    if "roi_mask" in conditions and block % subgrid:
+        raise ConfigError(f"latents.mask_subgrid = {subgrid}: expected a divisor of the stage-1 spatial downsample "
+                          f"{block} (each latent pixel covers {block}x{block} pixels)")
+    return subgrid
 
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (ClipStage(), LatentStage())}

@@ -135,12 +135,13 @@ def test_cfg_scale_one_is_conditional_and_zero_unconditional():
         draw(conditions=conds, guidance_scale=-1.0)
 
 
-def fit_toy(condition: str, make_batch, steps: int = 200):
+def fit_toy(condition: str, make_batch, steps: int = 200, overrides: tuple[str, ...] = ()):
     """A 1-block, 64-wide DiT fitted to toy latents ``[16, 1, 3, 8, 8]`` by ``make_batch(generator) -> (z, channel)``."""
     torch.manual_seed(0)
     cfg = compose("train_latent", ["experiment=dit_tiny", "model.in_channels=1", "model.hidden_size=64",
                                    "model.depth=1", "model.num_heads=2", "model.cond_dropout=0.2",
-                                   f"model.cond_{'mask' if condition == 'roi_mask' else 'flux'}=true"]).model
+                                   f"model.cond_{'mask' if condition == 'roi_mask' else 'flux'}=true",
+                                   *overrides]).model
     cfg.conditions = [condition]
     net = build_model(cfg)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
@@ -181,6 +182,51 @@ def test_a_tiny_dit_learns_to_follow_the_mask():
     assert free_inside - free_outside < 0.5 * (inside - outside)
 
 
+def _half_blocks(top: torch.Tensor, subgrid: int) -> torch.Tensor:
+    """ROI maps ``[N, 16, 16]`` whose 2x2-pixel blocks have their top row inside an ROI where ``top [N, 8, 8]``,
+    else their bottom row (half of every block either way), as the DiT's ``mask_subgrid`` planes ``[N, s^2, 8, 8]``."""
+    rows = top.repeat_interleave(2, dim=2).float()
+    pixels = torch.stack([rows, 1 - rows], dim=2).reshape(len(top), 16, 16)  # row 2y: top half of block row y
+    return torch.from_numpy(np.stack([C.mask_planes(p.numpy(), (8, 8), subgrid) for p in pixels]))
+
+
+@pytest.mark.parametrize("subgrid", [1, 2])
+def test_mask_subgrid_planes_tell_the_dit_where_inside_a_latent_pixel_the_cells_lie(subgrid):
+    """The latent is +1 where a latent pixel's block has its top row inside an ROI and -1 where its bottom row is.
+    One ROI fraction per latent pixel (mask_subgrid=1) reads 0.5 everywhere and cannot tell them apart; the 2x2
+    sub-block planes of model.mask_subgrid=2 can."""
+    def halves(g):
+        top = torch.rand(16, 8, 8, generator=g) < 0.5
+        planes = _half_blocks(top, subgrid)
+        return ((2 * top.float() - 1)[:, None, None].expand(16, 1, 3, 8, 8),
+                planes[:, :, None].expand(16, subgrid * subgrid, 3, 8, 8))
+
+    net = fit_toy("roi_mask", halves, overrides=(f"model.mask_subgrid={subgrid}",))
+    assert net.dit.x_embedder.proj.in_channels == 1 + subgrid * subgrid
+    top = torch.rand(4, 8, 8, generator=torch.Generator().manual_seed(7)) < 0.5
+    out = toy_draw(net, roi_mask=_half_blocks(top, subgrid))
+    agreement = ((out > 0) == top[:, None]).float().mean().item()
+    if subgrid == 2:
+        assert agreement > 0.9, agreement
+    else:
+        assert agreement < 0.7, agreement  # chance: the map carries no sign
+
+
+def test_condition_channels_stack_the_mask_planes_then_the_flux():
+    mask = np.zeros((16, 16), bool)
+    mask[0, :2] = True  # the top-left pixel pair of latent pixel (0, 0): its top-left sub-block with subgrid 2
+    meta = {"roi_mask": C.encode_mask(mask), "flux": 10.0}
+    out = C.condition_channels(meta, ["roi_mask", "flux"], (4, 3, 4, 4), "clip k", mask_subgrid=2)
+    assert out.shape == (4 + 1, 3, 4, 4) and C.condition_width("roi_mask", 2) == 4 and C.condition_width("flux", 2) == 1
+    assert out[0, :, 0, 0].tolist() == [0.5] * 3 and out[1:4, :, 0, 0].sum() == 0 and out[:4, :, 1:, 1:].sum() == 0
+    assert (out[4] == np.float32(C.flux_value(10.0))).all()
+    np.testing.assert_allclose(out[:4].mean(axis=0), C.condition_channels(meta, ["roi_mask"], (4, 3, 4, 4), "k")[0])
+    absent = C.condition_channels({}, ["roi_mask", "flux"], (4, 3, 4, 4), "clip k", mask_subgrid=2)
+    assert absent.shape == (5, 3, 4, 4) and np.isnan(absent).all()
+    with pytest.raises(DataError, match="mask_subgrid 8"):
+        C.condition_channels(meta, ["roi_mask"], (4, 3, 4, 4), "clip k", mask_subgrid=8)
+
+
 def test_a_tiny_dit_learns_to_follow_the_flux():
     def levels(g):  # the latent level is 4 (f - 1/2) for the flux value f in [0, 1]
         f = torch.rand(16, generator=g)
@@ -214,10 +260,10 @@ def test_mask_record_round_trip_crop_and_grid():
     np.testing.assert_array_equal(C.decode_mask(record), mask)
     cropped = C.crop_meta_mask({"source": "s", "roi_mask": record}, 2, 4, 8, 8, "clip k")
     np.testing.assert_array_equal(C.decode_mask(cropped["roi_mask"]), mask[2:10, 4:12])
-    grid = C.to_grid(mask, (3, 4))  # 4x4 blocks: rows 2:6 cover half of block rows 0 and 1
-    np.testing.assert_array_equal(grid, [[0, 0.5, 0, 0], [0, 0.5, 0, 0], [0, 0, 0, 0]])
+    grid = C.mask_planes(mask, (3, 4))  # 4x4 blocks: rows 2:6 cover half of block rows 0 and 1
+    np.testing.assert_array_equal(grid, [[[0, 0.5, 0, 0], [0, 0.5, 0, 0], [0, 0, 0, 0]]])
     with pytest.raises(DataError, match="not a whole multiple of the latent grid"):
-        C.to_grid(mask, (5, 4))
+        C.mask_planes(mask, (5, 4))
     with pytest.raises(DataError, match="clip k roi_mask: expected"):
         C.decode_mask({"shape": [12, 16], "bits": "AAAA"}, "clip k roi_mask")
 
@@ -340,7 +386,7 @@ def test_latent_meta_crops_the_mask_and_measures_flux():
 
 
 def test_latent_transform_appends_condition_channels():
-    from cadiff.data.pipeline import LatentTransform
+    from cadiff.data.pipeline import LatentTransform, make_transform
 
     index = {"channel_mean": [1.0, 0.0], "channel_std": [2.0, 1.0], "conditioning": ["roi_mask", "flux"]}
     mask = np.zeros((8, 8), bool)
@@ -352,6 +398,12 @@ def test_latent_transform_appends_condition_channels():
     assert np.allclose(x[3], C.flux_value(10.0))
     assert np.isnan(LatentTransform(index)(latent, {"source": "s"})[2:]).all()
     assert LatentTransform({**index, "conditioning": []})(latent, {"source": "s"}).shape == (2, 3, 4, 4)
+    # latents.mask_subgrid=2: the map as 4 sub-block planes (each latent pixel covers 2x2 pixels here)
+    planes = LatentTransform(index, mask_subgrid=2)(latent, {"source": "s", "roi_mask": C.encode_mask(mask), "flux": 10.0})
+    assert planes.shape == (2 + 4 + 1, 3, 4, 4) and np.allclose(planes[6], C.flux_value(10.0))
+    np.testing.assert_array_equal(planes[2:6, 0], C.mask_planes(mask, (4, 4), 2))
+    cfg = compose("train_latent", ["latents.mask_subgrid=2"]).latents
+    assert make_transform({**index, "kind": "latents"}, cfg, train=True).mask_subgrid == 2
 
 
 def test_train_latent_refuses_a_condition_the_latents_lack(tmp_path):
@@ -363,6 +415,23 @@ def test_train_latent_refuses_a_condition_the_latents_lack(tmp_path):
         check_conditions(cfg, {}, tmp_path)
     with pytest.raises(ConfigError, match=r"'model.cond_flux' = true: .* no 'flux'"):
         check_conditions(cfg, {"conditioning": ["roi_mask"]}, tmp_path)
+
+
+def test_mask_subgrid_follows_the_latents_and_divides_the_stage1_block():
+    from cadiff.train.stage import check_mask_subgrid
+
+    cfg = compose("train_latent", ["model.cond_mask=true", "latents.mask_subgrid=4"])
+    assert check_mask_subgrid(cfg, 8, ["roi_mask"]) == 4  # the resolved model.mask_subgrid
+    with pytest.raises(ConfigError, match=r"latents.mask_subgrid = 4: expected a divisor of the stage-1 spatial "
+                                          r"downsample 2"):
+        check_mask_subgrid(cfg, 2, ["roi_mask"])
+    assert check_mask_subgrid(cfg, 2, ["flux"]) == 4  # latents without an ROI map: nothing to divide
+    mismatch = compose("train_latent", ["model.cond_mask=true", "latents.mask_subgrid=4", "model.mask_subgrid=2"])
+    with pytest.raises(ConfigError, match=r"model.mask_subgrid = 2: expected null or latents.mask_subgrid \(4\)"):
+        check_mask_subgrid(mismatch, 8, ["roi_mask"])
+    for override in ("latents.mask_subgrid=3", "model.mask_subgrid=6"):
+        with pytest.raises(ConfigError, match=r"mask_subgrid' = [36]: expected a power of 2"):
+            compose("train_latent", [override])
 
 
 def test_sample_checks_requested_conditions_against_the_model(tmp_path):
@@ -377,6 +446,12 @@ def test_sample_checks_requested_conditions_against_the_model(tmp_path):
     assert got["flux"] == 0.5 and np.asarray(got["roi_mask"]).shape == (4, 4) and got["roi_mask"][0][0] == 1.0
     with pytest.raises(DataError, match=r"m.npy: shape \(16, 16\), expected .* H, W = \(32, 32\)"):
         requested_conditions(cfg, conditioned, (8, 8), 4)
+    # a model trained on 2x2 sub-block planes gets the mask as those planes
+    mask_only = compose("sample", ["stage2=run", f"mask={tmp_path / 'm.npy'}"])
+    planes = np.asarray(requested_conditions(mask_only, model("model.cond_mask=true", "model.mask_subgrid=2"), (4, 4),
+                                             4)["roi_mask"])
+    np.testing.assert_array_equal(planes, C.mask_planes(mask, (4, 4), 2))
+    assert planes.shape == (4, 4, 4) and (planes[:, :2, :2] == 1).all() and planes[:, 2:, 2:].sum() == 0
     with pytest.raises(ConfigError, match=r"'mask' = .*m.npy'.*trained without this condition \(model.cond_mask=false\)"):
         requested_conditions(cfg, model(), (4, 4), 4)
     flux_only = compose("sample", ["stage2=run", "flux=1.0"])

@@ -9,7 +9,7 @@ import torch
 from cadiff.bench import conditioning as C
 from cadiff.bench.ae_quality import BenchData, HeldOut, cut_clips, tile_origins
 from cadiff.bench.generation import flips
-from cadiff.data.conditioning import clip_flux, flux_value, to_grid
+from cadiff.data.conditioning import clip_flux, flux_value, mask_planes
 from cadiff.data.movie import to_photons
 from cadiff.data.simulate import simulate_movie
 
@@ -46,10 +46,16 @@ def test_condition_channels_are_the_latent_pipelines():
     latents = torch.zeros(3, 4, 3, 4, 4)
     masks = np.zeros((3, 32, 32), bool)
     masks[1, :8, :8] = True
-    out = C.with_conditions(latents, masks, np.array([1.0, 10.0, 100.0]))
+    out = C.with_conditions(latents, masks, np.array([1.0, 10.0, 100.0]), mask_subgrid=1)
     assert out.shape == (3, 6, 3, 4, 4)
-    np.testing.assert_allclose(out[1, 4, 0].numpy(), to_grid(masks[1], (4, 4)))
+    np.testing.assert_allclose(out[1, 4, 0].numpy(), mask_planes(masks[1], (4, 4))[0])
     assert float(out[2, 5, 1, 2, 2]) == np.float32(flux_value(100.0))
+    # the benchmark's own setting: the mask as MASK_SUBGRID^2 sub-block planes, then the flux
+    planes = C.MASK_SUBGRID ** 2
+    out = C.with_conditions(latents, masks, np.array([1.0, 10.0, 100.0]))
+    assert out.shape == (3, 4 + planes + 1, 3, 4, 4)
+    np.testing.assert_allclose(out[1, 4:4 + planes, 0].numpy(), mask_planes(masks[1], (4, 4), C.MASK_SUBGRID))
+    assert float(out[2, 4 + planes, 1, 2, 2]) == np.float32(flux_value(100.0))
 
 
 def test_held_out_tiles_ask_only_for_cells_they_show_and_f1_pools_over_samples():
