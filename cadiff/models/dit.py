@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cadiff.data.conditioning import condition_width
 from cadiff.diffusion.samplers import Objective, broadcast_time, draw_rand, draw_randn
 from cadiff.errors import ConfigError, ModelError
 from cadiff.models.layers import (
@@ -234,7 +235,7 @@ class LatentDiffusion(nn.Module):
         self.dit = DiT(int(model_config["in_channels"]), hidden, depth, heads, tuple(model_config["patch_size"]),
                        float(model_config["mlp_ratio"]), float(model_config["rope_theta"]),
                        int(model_config["cond_dim"]), bool(model_config["cond_mask"]), bool(model_config["cond_flux"]),
-                       self.mask_subgrid ** 2)
+                       condition_width("roi_mask", self.mask_subgrid))
         self.cond_dropout = float(model_config["cond_dropout"])
         # condition channels appended after the latent channels in training batches (the latent index's order)
         self.condition_names = list(model_config["conditions"] or [])
@@ -256,7 +257,7 @@ class LatentDiffusion(nn.Module):
         if x.dim() != 5:
             raise ModelError(f"latent batch of shape {tuple(x.shape)}: expected [B, C, T, H, W]")
         c = self.dit.in_channels
-        widths = [self.mask_subgrid ** 2 if name == "roi_mask" else 1 for name in self.condition_names]
+        widths = [condition_width(name, self.mask_subgrid) for name in self.condition_names]
         if x.shape[1] != c + sum(widths):
             raise ModelError(f"latent batch of shape {tuple(x.shape)}: expected {c} latent channels followed by the "
                              f"condition channels {self.condition_names} ({sum(widths)} channels)")
