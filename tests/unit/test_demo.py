@@ -62,7 +62,8 @@ def test_demo_trains_a_mask_conditioned_dit_and_samples_the_cells_of_an_unseen_m
 
     steps = demo.demo_steps(tmp_path, 3, 3, 1, 2, run_name="r")
     jobs = [job for job, _ in steps]
-    assert compose("train_latent", dict(steps)["train_latent"]).model.cond_mask
+    stage2 = compose("train_latent", dict(steps)["train_latent"])
+    assert stage2.model.cond_mask and stage2.latents.mask_subgrid == 4  # the ROI map as 4x4 sub-block planes
     export = compose("export", dict(steps)["export"])
     assert export.source.seed >= compose("prepare_data", dict(steps)["prepare_data"]).source.num_movies  # unseen
     masked = [ov for job, ov in steps if job == "sample" and any(o.startswith("mask=") for o in ov)]
