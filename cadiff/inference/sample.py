@@ -171,8 +171,8 @@ def check_pair(dit: Any, decoder: Any, stage1_path: str) -> None:
 
 
 def requested_conditions(cfg: Any, dit: Any, latent_hw: tuple[int, int], spatial_downsample: int) -> dict[str, Any]:
-    """``mask``/``flux`` of a generate run as plain values (ROI map planes on the latent grid as nested lists, flux scaled
-    to ``[0, 1]``), checked against what the stage-2 model was trained with before any sampling."""
+    """``mask``/``flux`` of a generate run as plain values (the ROI map's planes on the latent grid as nested lists,
+    flux scaled to ``[0, 1]``), checked against what the stage-2 model was trained with before any sampling."""
     conditions: dict[str, Any] = {}
     h, w = latent_hw
     for key, takes, model_key in (("mask", dit.dit.mask_flag is not None, "cond_mask"),
