@@ -150,7 +150,6 @@ def read_text(location: str | os.PathLike) -> str:
 
 def write_bytes(location: str | os.PathLike, data: bytes) -> None:
     """Write a whole file atomically: a temp file renamed into place, or one PUT to an object store."""
-
     if not is_remote(location):
         write_bytes_atomic(local_path(location), data)
         return
@@ -184,7 +183,6 @@ def object_lock(location: str, what: str, settle_s: float = LOCK_SETTLE_S) -> It
     lands more than ``settle_s`` after the other's check found no lock (seconds apart, not a shared second).
     The lock is removed at the end if it is still this process's.
     """
-
     lock = str(join(location, LOCK_NAME))
     me = {"host": socket.gethostname(), "pid": os.getpid(), "token": secrets.token_hex(8),
           "started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}

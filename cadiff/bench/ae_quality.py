@@ -509,11 +509,9 @@ def oracle_gaussian(clean: np.ndarray, data: BenchData, seed: int) -> np.ndarray
     The ceiling of any decoder that draws Gaussian noise around its signal estimate (``PixelNoise``): photon
     mean and variance exact, but no discrete photon counts - which photon-starved movies show.
     """
-
     level = torch.from_numpy(np.maximum(clean, 0.0).astype(np.float64))
     rng = np.random.default_rng(seed)
     if data.normalization == "anscombe":
-
         levels = np.concatenate([[0.0], np.geomspace(1e-3, 1e4, 400)])
         expected = np.interp(level.numpy(), levels, anscombe_moments(levels, data.read_noise_photons)[0])
         mu = torch.from_numpy(((expected - data.center) / data.scale).astype(np.float32))
@@ -812,7 +810,6 @@ REAL_TRAIN_FRACTION = 0.7  # first 70% of the frames train, the rest is held out
 
 def real_data(cfg: BenchConfig, name: str, root: Path = REAL_DIR) -> tuple[BenchData, dict[str, Any]]:
     """A real movie calibrated by photon transfer, split in time into training frames and held-out frames."""
-
     rel, key = REAL_MOVIES[name]
     movie = open_movie(root / rel, key=key)
     adu = read_frames(movie.data, 0, movie.data.shape[0]).astype(np.float64)
@@ -875,7 +872,6 @@ def suite_jobs(cfg: BenchConfig, presets: Sequence[str], seeds: Sequence[int], r
 def run_suite(cfg: BenchConfig, presets: Sequence[str], seeds: Sequence[int], real: bool, workers: int
               ) -> dict[str, Any]:
     """All jobs on ``workers`` processes (one torch thread each); per-preset runs, real movies, summary, verdict."""
-
     start = time.perf_counter()
     jobs = suite_jobs(cfg, presets, seeds, real)
     runs: dict[str, list[dict[str, Any]]] = {p: [] for p in presets}
@@ -1205,7 +1201,6 @@ ABLATION = {  # name -> DiffAE overrides; every row trains on the same batches w
 
 def run_ablation(cfg: BenchConfig, workers: int) -> dict[str, Any]:
     """Each :data:`ABLATION` variant on one preset and seed (no sampler table); rows of headline metrics."""
-
     jobs = [("sim", name, dataclasses.replace(cfg, table_clips=0, model_overrides=[*cfg.model_overrides, *extra]))
             for name, extra in ABLATION.items()]
     if workers <= 1:

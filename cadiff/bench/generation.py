@@ -245,7 +245,6 @@ def sampler_table(models: dict[str, Any], data: BenchData, ref: np.ndarray, ref_
 def long_movie(stage2: Path, out: Path, num_frames: int, seed: int, *extra: str) -> dict[str, Any]:
     """Run the sample job for one ``num_frames`` movie (``extra``: more sample overrides); its ADU movie, record,
     wall time and long-movie scores."""
-
     import tifffile
 
     start = time.perf_counter()
@@ -297,7 +296,6 @@ def long_reference(preset: str, frames: int, side: int, count: int, seed: int) -
     """Gain drift (:func:`cadiff.bench.stage2.gain_drift`) and cell persistence (:func:`cell_persistence`) of
     ``count`` simulated photon movies of the long movie's size: what the two estimates give on real data with no
     drift and fixed cells, the scale a generated movie's values are read against."""
-
     drifts, persistence = [], []
     for i in range(count):
         movie, _ = simulate_movie(preset, frames, side, side, seed=seed + i, return_clean=False)
@@ -721,7 +719,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def rerender(out: Path) -> int:
     """``--render``: goals and markdown again from a finished run's JSON (after a change to the goal checks)."""
-
     path = out.with_suffix(".json")
     if not path.is_file():
         raise DataError(f"--render: {path} does not exist, expected the JSON of a finished run")

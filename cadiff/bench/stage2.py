@@ -117,7 +117,6 @@ def cell_persistence(photons: np.ndarray, segment: int = 65) -> dict[str, float 
     image (cells that wander blur out of it); ``mean_image_corr``: the mean correlation of consecutive pieces' mean
     images (the whole field's structure, cells or not, with no detector in between); ``mean_flux``: photons per
     pixel per frame."""
-
     pieces = [photons[i:i + segment] for i in range(0, len(photons) - segment + 1, segment)]
     rois = [detect_rois(p, method="mean") for p in pieces]
     scores = [float(iou_matrix(a, b).max(axis=1).mean()) for a, b in zip(rois, rois[1:]) if len(a) and len(b)]

@@ -128,7 +128,6 @@ def run_demo_mask(samples: Path, source: Path, work: Path, tau: float, unconditi
     and on the simulated movie that defined the mask, each matched to the requested (ground-truth) ROIs; and the
     correlation contrast inside/outside the requested ROIs for both and for an unconditional sample (the control:
     no reason for its activity to sit in those cells)."""
-
     settings = Suite2pJudgeConfig(tau=tau)
     truth_movie = load_judge_movies(source, 1, settings.min_frames)[0]
     if truth_movie.truth is None:

@@ -93,7 +93,6 @@ def probe_cluster_paths(ray_cfg: Any, paths: Sequence[SharedPath], timeout_s: fl
 def driver_witnesses(paths: Sequence[SharedPath]) -> Iterator[dict[str, tuple[str, str | None]]]:
     """path -> (file name, content) each node must find there: for outputs a marker the driver writes (and
     removes on exit, whatever happens), for inputs their ``index.json`` when the driver sees one."""
-
     witnesses: dict[str, tuple[str, str | None]] = {}
     try:
         for p in paths:

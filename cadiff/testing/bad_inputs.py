@@ -175,7 +175,6 @@ def case_crop_not_causal(tmp: Path, env: Env) -> Case:
 
 def case_stored_clip_not_causal(tmp: Path, env: Env) -> Case:
     """Shards of 16-frame clips (not 1 + k*4) and no crop."""
-
     # the shared fixture's tiny simulator settings, but 16-frame clips (not 1 + k*4)
     root = tmp / "data16"
     keep = [o for o in SIM_DATA_OVERRIDES if not o.startswith("clip.frames")]
@@ -186,7 +185,6 @@ def case_stored_clip_not_causal(tmp: Path, env: Env) -> Case:
 
 def case_noise_skip_on_photon_data(tmp: Path, env: Env) -> Case:
     """model.noise_skip=true for the flow-form decoder on photon-normalized shards (noise not homoscedastic)."""
-
     root = tmp / "photon"
     prepare_data(compose("prepare_data", [*SIM_DATA_OVERRIDES, "normalization.kind=photon", f"out={root}"]))
     return Case("train_ae", _train_args(tmp, env, "model.decoder_form=flow", "model.noise_skip=true", data_root=root),
@@ -196,7 +194,6 @@ def case_noise_skip_on_photon_data(tmp: Path, env: Env) -> Case:
 
 def _rewrite_val_shard(tmp: Path, env: Env, convert: Callable[[np.ndarray], np.ndarray]) -> tuple[Path, Path]:
     """Copy the data root and rewrite its first val shard with converted arrays (read before the first step)."""
-
     root = tmp / "data"
     shutil.copytree(env.data_root, root)
     shard = root / "val" / "clips-000000.tar"
@@ -305,7 +302,6 @@ def case_resume_from_missing_step(tmp: Path, env: Env) -> Case:
 
 def case_resume_from_damaged_checkpoint(tmp: Path, env: Env) -> Case:
     """trainer.resume_from=3 after 4 KiB inside a tensor of its model.pt were zeroed (same size)."""
-
     run, args = _resumed_run(tmp, env, "trainer.resume_from=3")
     corrupt_checkpoint_file(run / "checkpoints" / "step_00000003" / "model.pt", "tensor_data")
     return Case("train_ae", args, CheckpointError,
@@ -345,7 +341,6 @@ def case_stage2_training_missing_stage1(tmp: Path, env: Env) -> Case:
 
 def case_sample_missing_stage1(tmp: Path, env: Env) -> Case:
     """sample with a stage-2 export whose recorded stage-1 run was deleted."""
-
     gone = tmp / "deleted_run"
     dit = build_model({"kind": "dit", "size": "tiny", "in_channels": 4})
     stage2 = export_model(tmp / "stage2" / "export" / "model.pt", dit.state_dict(), dit.model_config,
@@ -398,7 +393,6 @@ def case_prepare_out_is_a_foreign_folder(tmp: Path, env: Env) -> Case:
 
 def case_prepare_other_settings_without_overwrite(tmp: Path, env: Env) -> Case:
     """prepare_data into a complete preparation with clips_per_shard=8 instead of its 4."""
-
     out = tmp / "data"
     shutil.copytree(env.data_root, out)
     return Case("prepare_data", [*SIM_DATA_OVERRIDES, "clips_per_shard=8", f"out={out}"], ConfigError,
@@ -409,7 +403,6 @@ def case_prepare_other_settings_without_overwrite(tmp: Path, env: Env) -> Case:
 def case_prepare_overwrite_with_a_bad_input(tmp: Path, env: Env) -> Case:
     """overwrite=true over a complete preparation while the changed movie has a NaN in frame 30 (found while
     tiling, after shards were written): the earlier data must survive."""
-
     path, out = tmp / "float.tif", tmp / "out"
     _tiff(path, _movie().astype(np.float32))
     prepare_data(compose("prepare_data", ["source=tiff", f"source.path={path}", *PREPARE, f"out={out}"]))
@@ -459,7 +452,6 @@ def case_prepare_hdf5_frames_larger_than_memory(tmp: Path, env: Env) -> Case:
 
 def case_processed_movie_photon_transfer(tmp: Path, env: Env) -> Case:
     """source.calibration=photon_transfer on a processed float movie (log-scaled: negative photon-transfer slope)."""
-
     path = _tiff(tmp / "processed.tif", log_scaled_movie(frames=60, size=32))
     out = tmp / "out"
     args = ["source=tiff", f"source.path={path}", "source.calibration=photon_transfer", *PREPARE, f"out={out}"]
@@ -514,7 +506,6 @@ CASES: dict[str, Callable[[Path, Env], Case]] = {
 
 def run_in_process(case: Case) -> CadiffError:
     """Compose and run the job in this process; return the error it raised (AssertionError if none)."""
-
     try:
         JOBS[case.job](compose(case.job, case.args), case.args)
     except CadiffError as exc:

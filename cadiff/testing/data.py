@@ -29,13 +29,11 @@ SIM_DATA_OVERRIDES = [
 
 def prepare_sim(out: Path, *extra: str) -> dict[str, Any]:
     """Run prepare_data on tiny simulated movies into ``out`` (4 recordings x 5 clips of 17x32x32)."""
-
     return prepare_data(compose("prepare_data", [*SIM_DATA_OVERRIDES, f"out={out}", *extra]))
 
 
 def log_scaled_movie(frames: int = 64, size: int = 48, seed: int = 0) -> Any:
     """A processed float32 movie ``[frames, size, size]`` without a photon signature: log-compressed photons of
     the default simulator, whose noise falls as the level rises (a negative photon-transfer slope)."""
-
     movie, truth = simulate_movie(frames=frames, height=size, width=size, seed=seed)
     return np.log1p(np.maximum(movie.data.astype(np.float32) - truth.offset, 0.0)).astype(np.float32)

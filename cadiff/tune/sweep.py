@@ -328,7 +328,6 @@ def yaml_value(text: str) -> Any:
 
 def _write_table(rows: list[dict[str, Any]], space: SearchSpace, sweep_dir: Path, ranked_by: str) -> None:
     """results.csv (full config keys) and results.md (``ranked_by``, then short column names)."""
-
     keys = list(rows[0])
     with atomic_path(sweep_dir / "results.csv", suffix=".csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=keys)
