@@ -9,7 +9,7 @@ import pytest
 from cadiff.data.movie import to_photons
 from cadiff.data.simulate import simulate_movie
 from cadiff.errors import DataError
-from cadiff.eval.rois import _flood, detect_rois, iou_matrix, match_rois
+from cadiff.eval.rois import _flood, detect_rois, iou_matrix, match_rois, pool_matches
 
 
 def disk(shape: tuple[int, int], centre: tuple[int, int], radius: float) -> np.ndarray:
@@ -128,3 +128,20 @@ def test_mean_image_detector_ignores_shot_noise_peaks_of_short_dim_clips():
         photons = to_photons(movie.data, movie.gain, movie.offset)
         false += sum(len(detect_rois(photons[:, y:y + 32, x:x + 32], method="mean")) for y in (0, 32) for x in (0, 32))
     assert false <= 4
+
+
+def test_mean_image_detector_finds_most_cells_of_two_photon_tiles():
+    # the judge of mask-conditioned samples (benchmarks/generation.py): 32x32 tiles of 253-frame two_photon movies,
+    # ground-truth ROIs cut by a tile edge to < 12 px not asked for. F1 0.837 (precision 0.968, recall 0.738);
+    # 0.761 (0.940, 0.639) with the 8 px background and z = 4 of before, which fails here
+    scores = []
+    for seed in range(600, 608):
+        movie, truth = simulate_movie("two_photon", frames=253, height=64, width=64, seed=seed, return_clean=False)
+        photons = to_photons(movie.data, movie.gain, movie.offset)
+        for y in (0, 32):
+            for x in (0, 32):
+                rois = truth.rois[:, y:y + 32, x:x + 32]
+                rois = rois[rois.sum(axis=(1, 2)) >= 12]
+                scores.append(match_rois(detect_rois(photons[:, y:y + 32, x:x + 32], method="mean"), rois))
+    score = pool_matches(scores)
+    assert score["f1"] >= 0.8 and score["precision"] >= 0.9, score
