@@ -68,6 +68,10 @@ BRIGHTNESS = (0.3, 3.0)  # per-movie photon-rate factor of the conditioned DiT's
 BRIGHTNESS_KEYS = ("neuron_photons", "background_photons")  # simulator preset keys the factor scales
 FLUX_FACTORS = (0.5, 0.8, 1.25, 2.0)  # x the training tiles' median flux: a 4x range
 SAMPLES_PER_CONDITION = 4
+# Samples per requested flux. A clip's flux scatters around the request (its cells, their activity), so the mean
+# of 16 clips carried a standard error of a few percent, the size of the goal's margin; 64 clips halve it
+# (17-frame clips: ~2 s per level on 2 CPUs). Each level's standard error is reported beside its error.
+FLUX_SAMPLES = 64
 SAMPLER, STEPS = "euler", 20  # the headline sampler (generation.HEADLINE)
 MIN_ROI_PIXELS = 12  # a ground-truth ROI cut by a tile edge to fewer pixels is not asked for (detect_rois min_size)
 # Below this F1 of the detector on the real tiles, ROI recovery and the null test measure the detector, not the
@@ -273,9 +277,11 @@ def conditioning_run(models: dict[str, Any], data: BenchData, bright: tuple[list
     flux_rows = []
     for j, factor in enumerate(FLUX_FACTORS):
         requested = factor * median_flux
-        measured = float(np.mean(sample(dit, models, data, 4 * k, seed + 200 + j, flux=requested)))
+        per_clip = sample(dit, models, data, FLUX_SAMPLES, seed + 200 + j, flux=requested).mean(axis=(1, 2, 3))
+        measured = float(np.mean(per_clip))
         flux_rows.append({"factor": factor, "requested": requested, "measured": measured,
-                          "rel_err": abs(measured / requested - 1.0),
+                          "rel_err": abs(measured / requested - 1.0), "samples": FLUX_SAMPLES,
+                          "rel_se": float(np.std(per_clip, ddof=1) / np.sqrt(FLUX_SAMPLES)) / requested,
                           "stage1_roundtrip": roundtrip_flux(models, data, train_clips, fluxes, requested, k, seed)})
     movie, _ = judge_masks(lambda n, s, m: sample_movies(dit, models, data, n, movie_frames, s, m),
                            held_out_tiles(data, movie_frames, side), preset, movie_side, movie_frames, side,

@@ -612,9 +612,11 @@ def conditioning_lines(c: dict[str, Any], not_measured: dict[str, str]) -> list[
         f"Flux (mean photons per pixel per frame; training tiles' median {_fmt(c['median_training_flux'], 4)}, "
         f"5th-95th percentile {_fmt(c['training_flux_p5_p95'][0], 4)}-{_fmt(c['training_flux_p5_p95'][1], 4)}: "
         "requests outside that span ask the model to extrapolate):", "",
-        "| factor | requested | measured | relative error | stage-1 round trip of training clips near it: in -> out |",
-        "|---:|---:|---:|---:|---|",
-        *[f"| {r['factor']} | {_fmt(r['requested'], 4)} | {_fmt(r['measured'], 4)} | {_fmt(r['rel_err'])} | "
+        "| factor | requested | measured (mean of clips) | relative error | its standard error | stage-1 round trip of "
+        "training clips near it: in -> out |",
+        "|---:|---:|---:|---:|---:|---|",
+        *[f"| {r['factor']} | {_fmt(r['requested'], 4)} | {_fmt(r['measured'], 4)} ({r.get('samples', 16)}) | "
+          f"{_fmt(r['rel_err'])} | {_fmt(r.get('rel_se'))} | "
           f"{_fmt(r['stage1_roundtrip']['input'], 4)} -> {_fmt(r['stage1_roundtrip']['decoded'], 4)} |"
           for r in c["flux"]],
     ]  # fmt: skip
