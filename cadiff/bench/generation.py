@@ -202,7 +202,7 @@ def pixel_metrics(gen: np.ndarray, ref: SetSummary, rate_hz: float, seed: int) -
             "gain_ratio": full["noise"]["gain_ratio"], "gain_gen": full["noise"]["gain_gen"],
             "gain_ref": full["noise"]["gain_ref"], "temporal_psd_distance_db": full["temporal"]["psd_distance_db"],
             "spatial_psd_distance_db": full["spatial"]["psd_distance_db"], "mean_gen": full["intensity"]["mean_gen"],
-            "mean_ref": full["intensity"]["mean_ref"]}
+            "mean_ref": full["intensity"]["mean_ref"], "feature_shift": mmd["feature_shift"]}
 
 
 def sampler_table(models: dict[str, Any], data: BenchData, ref: np.ndarray, ref_latents: torch.Tensor,
@@ -523,6 +523,7 @@ def render_markdown(res: dict[str, Any], figures: Sequence[str]) -> str:
                   f"{_fmt(s1['mmd2'], 4)} (split-half {_fmt(s1['mmd2_split_half'], 4)}), gain ratio "
                   f"{_fmt(s1['gain_ratio'])}, mean {_fmt(s1['mean_gen'], 4)} photons/px/frame (held-out "
                   f"{_fmt(s1['mean_ref'], 4)}); headline samples: mean {_fmt(res['headline'].get('mean_gen'), 4)}."]
+    lines += feature_shift_lines({"headline samples": res["headline"], "stage 1 alone": s1 or {}})
     lines += ["", *long_movie_lines(res["long_movie"]), "", *activity_lines(res["activity"]), "",
               *conditioning_lines(res.get("conditioning") or {}, res["not_measured"]), "",
               "## Timings (s)", "", " | ".join(f"{k} {v:.0f}" for k, v in t.items()), "",
@@ -621,6 +622,20 @@ def conditioning_lines(c: dict[str, Any], not_measured: dict[str, str]) -> list[
           for r in c["flux"]],
     ]  # fmt: skip
     return lines
+
+
+def feature_shift_lines(rows: dict[str, dict[str, Any]], top: int = 6) -> list[str]:
+    """The MMD features that moved most (``cadiff.eval.metrics.feature_shift``), per row that has them."""
+    lines = []
+    for name, row in rows.items():
+        shifts = {k: v for k, v in (row.get("feature_shift") or {}).items() if v is not None}
+        if shifts:
+            ranked = sorted(shifts.items(), key=lambda kv: -abs(kv[1]))[:top]
+            lines.append(f"- {name}: " + ", ".join(f"`{k}` {v:+.2f}" for k, v in ranked))
+    if not lines:
+        return []
+    return ["", "Where the MMD^2 comes from: the per-clip features whose mean moved most from the held-out clips', "
+            "in held-out standard deviations (`cadiff.eval.metrics.feature_shift`):", "", *lines]
 
 
 def movie_roi_lines(movie: dict[str, Any] | None) -> list[str]:

@@ -198,6 +198,17 @@ def test_mmd_unbiased_near_zero_for_one_distribution_and_large_for_two():
         M.mmd2_unbiased(x[:1], y, sigma)
 
 
+def test_feature_shift_names_the_feature_that_moved_in_reference_standard_deviations():
+    rng = np.random.default_rng(3)
+    ref = rng.normal(size=(400, 3))
+    gen = rng.normal(size=(400, 3)) + np.array([0.0, 2.0, 0.0])
+    gen[:10, 2] = np.nan  # failed fits are left out, not counted as 0
+    ref[:, 0] = 1.0  # a constant reference feature has no scale: None
+    shift = M.feature_shift(gen, ref, ["const", "moved", "still"])
+    assert shift["const"] is None
+    assert shift["moved"] == pytest.approx(2.0, abs=0.2) and abs(shift["still"]) < 0.2
+
+
 def test_mmd_of_same_simulator_config_below_different_config():
     # one clip per simulated field of view: clips of one movie share cells and neuropil, so are not independent
     def fovs(seeds, **overrides):
@@ -209,6 +220,11 @@ def test_mmd_of_same_simulator_config_below_different_config():
     other = fovs(range(16, 32), background_photons=8.0, neuron_photons=60.0, tau_decay_s=0.2)
     m_same = M.evaluate_sets(same, ref, seed=0)["mmd"]
     m_other = M.evaluate_sets(other, ref, seed=0)["mmd"]
+    # the feature that moved most is a temporal-spectrum band (brighter, faster cells: more power at every
+    # temporal frequency; measured +2.8 sd), and the shifts of the same config stay small
+    shift = {k: v for k, v in m_other["feature_shift"].items() if v is not None}
+    assert max(shift, key=lambda k: abs(shift[k])).startswith("log_tpsd_band") and max(map(abs, shift.values())) > 2
+    assert max(abs(v) for v in m_same["feature_shift"].values() if v is not None) < 1.5, m_same["feature_shift"]
     assert m_same["num_gen"] == m_same["num_ref"] == 16
     assert m_same["mmd2"] < m_other["mmd2"]
     # the baseline makes the number interpretable: the same config sits at the split-half noise level
