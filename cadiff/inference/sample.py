@@ -87,8 +87,6 @@ def source_rate_hz(calib: dict[str, Any]) -> float:
     return float(calib.get("rate_hz") or 10.0)
 
 
-
-
 def grid_rows(movies: list[np.ndarray], per_row: int = 4) -> list[list[np.ndarray]]:
     """Rows of ``per_row`` float panels; the last row is padded with blank panels."""
     panels = [m.astype(np.float32) for m in movies]
@@ -115,18 +113,13 @@ def _calibration(data_info: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def generate_batch(stage2: str, stage1: str | None, start: int, stop: int, cfg: dict[str, Any]) -> list[np.ndarray]:
     """Samples ``start..stop-1`` as movies [T,H,W] in source units (a pure function of its arguments, for Ray tasks too)."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    dit, dit_meta, _ = load_exported_model(stage2, "stage2", "latent")
-    data2 = dit_meta["data"]
-    stage1_path = stage1 or data2["stage1"]
-    decoder, ae_meta, _ = load_exported_model(stage1_path, "stage1", "ae")
-    check_pair(dit, decoder, stage1_path)
+    dit, dit_meta, _, decoder, ae_meta, _ = load_pair(stage2, stage1)
     generator = torch.Generator().manual_seed(int(cfg["seed"]) * 1_000_003 + start)
-    shape = (stop - start, *data2["sample_shape"])
-    z = dit.sample(shape, sampler=cfg["latent_sampler"], num_steps=cfg["latent_steps"], generator=generator,
-                   **guidance(cfg, stop - start))
-    z = pipeline.denormalize_latents(z, pipeline.latent_stats(data2))
-    clips = decoder.decode(z, sampler=cfg["decoder_sampler"], num_steps=cfg["decoder_steps"], generator=generator,
-                           grid=cfg["decoder_grid"])
+    clips = sample_decoded(dit, decoder, dit_meta["data"], stop - start, generator,
+                           {"sampler": cfg["latent_sampler"], "num_steps": cfg["latent_steps"],
+                            **guidance(cfg, stop - start)},
+                           {"sampler": cfg["decoder_sampler"], "num_steps": cfg["decoder_steps"],
+                            "grid": cfg["decoder_grid"]})
     _source, calib = _calibration(ae_meta["data"])
     return [to_source_units(denormalize(c[0], calib, ae_meta["data"]["normalization"]), calib) for c in clips]
 
@@ -192,13 +185,26 @@ def requested_conditions(cfg: Any, dit: Any, latent_hw: tuple[int, int], spatial
     return conditions
 
 
-def _load_pair(cfg: Any) -> tuple[Any, dict[str, Any], Path, Any, dict[str, Any], Path]:
-    """DiT and stage-1 models of a generate run, loaded up front so a bad stage1/stage2 fails before any work."""
-    dit, dit_meta, stage2_export = load_exported_model(cfg.stage2, "stage2", "latent")
-    stage1 = cfg.stage1 or dit_meta["data"]["stage1"]
+def load_pair(stage2: str | Path, stage1: str | Path | None = None
+              ) -> tuple[Any, dict[str, Any], Path, Any, dict[str, Any], Path]:
+    """The DiT of a stage-2 export and the stage-1 model that decodes it (``stage1``, else the one the stage-2 run
+    recorded), checked as a pair: each with its metadata and export folder."""
+    dit, dit_meta, stage2_export = load_exported_model(stage2, "stage2", "latent")
+    stage1 = stage1 or dit_meta["data"]["stage1"]
     decoder, ae_meta, stage1_export = load_exported_model(stage1, "stage1", "ae")
-    check_pair(dit, decoder, stage1)
+    check_pair(dit, decoder, str(stage1))
     return dit, dit_meta, stage2_export, decoder, ae_meta, stage1_export
+
+
+@torch.no_grad()
+def sample_decoded(dit: Any, decoder: Any, data_info: dict[str, Any], num: int, generator: torch.Generator,
+                   latent: dict[str, Any] | None = None, decode: dict[str, Any] | None = None) -> torch.Tensor:
+    """``num`` latents of the DiT (``latent``: its sample() options; none: its defaults) in the stage-2 run's
+    ``data_info`` shape, de-normalized with its latent statistics and decoded (``decode``: the decoder's options):
+    clips ``[N, 1, T, H, W]`` in the stage-1 model's input units."""
+    z = dit.sample((num, *data_info["sample_shape"]), generator=generator, **(latent or {}))
+    return decoder.decode(pipeline.denormalize_latents(z, pipeline.latent_stats(data_info)), generator=generator,
+                          **(decode or {}))
 
 
 def generate(cfg: Any) -> tuple[str, str]:
@@ -206,7 +212,8 @@ def generate(cfg: Any) -> tuple[str, str]:
     if cfg.num_frames is not None:
         return generate_long(cfg)
     out = Path(cfg.out)
-    dit, dit_meta, stage2_export, decoder, ae_meta, stage1_export = _load_pair(cfg)
+    # loaded up front: a bad stage1/stage2 fails before any work
+    dit, dit_meta, stage2_export, decoder, ae_meta, stage1_export = load_pair(cfg.stage2, cfg.stage1)
     source_id, calib = _calibration(ae_meta["data"])
     params = sample_params(cfg, decoder)
     args = {**params, "conditions": requested_conditions(cfg, dit, tuple(dit_meta["data"]["sample_shape"][2:]),
@@ -265,7 +272,8 @@ def generate_long(cfg: Any) -> tuple[str, str]:
     Samples are drawn one at a time (``batch_size`` does not apply); GIF/MP4 previews show the first
     :data:`PREVIEW_FRAMES` frames.
     """
-    dit, dit_meta, stage2_export, decoder, ae_meta, stage1_export = _load_pair(cfg)
+    # loaded up front: a bad stage1/stage2 fails before any work
+    dit, dit_meta, stage2_export, decoder, ae_meta, stage1_export = load_pair(cfg.stage2, cfg.stage1)
     data2 = dit_meta["data"]
     _, chunk, h, w = data2["sample_shape"]
     s = decoder.spatial_downsample

@@ -30,14 +30,13 @@ import numpy as np
 import torch
 
 from cadiff.config import compose
-from cadiff.data.pipeline import denormalize_latents, latent_stats
 from cadiff.data.shards import read_index
 from cadiff.errors import DataError
 from cadiff.eval.inputs import center_crop, load_set
 from cadiff.eval.metrics import evaluate_sets, to_jsonable
 from cadiff.inference.encode import encode_latents
+from cadiff.inference.sample import load_pair, sample_decoded
 from cadiff.io import write_json_atomic
-from cadiff.runtime.exports import load_exported_model
 from cadiff.train.launch import run_training
 from cadiff.train.media import to_preview_units
 
@@ -110,12 +109,8 @@ def run_chain(stage1_cfg: Any, stage1_run: str, sweep: dict[str, Any], trial_nam
 def sample_clips(stage2: str | Path, num: int, seed: int) -> np.ndarray:
     """``num`` unconditional samples of a stage-2 export decoded by its stage-1 decoder, in photon units
     ``[N, T, H, W]`` (the source's own units for raw-unit data), the models' default samplers."""
-    dit, meta, _ = load_exported_model(stage2, "stage2", "latent")
-    data = meta["data"]
-    decoder, ae_meta, _ = load_exported_model(data["stage1"], "stage1", "ae")
-    generator = torch.Generator().manual_seed(seed)
-    z = dit.sample((num, *data["sample_shape"]), generator=generator)
-    clips = decoder.decode(denormalize_latents(z, latent_stats(data)), generator=generator)
+    dit, meta, _, decoder, ae_meta, _ = load_pair(stage2)
+    clips = sample_decoded(dit, decoder, meta["data"], num, torch.Generator().manual_seed(seed))
     sources = ae_meta["data"]["sources"]
     return to_preview_units(clips, ae_meta["data"]["normalization"], sources[sorted(sources)[0]])
 
