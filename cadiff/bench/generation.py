@@ -92,6 +92,7 @@ WORK = REPO / "outputs" / "benchmarks" / "generation"
 SUMMARY_KEYS = ("mmd2", "mmd2_split_half", "gain_ratio", "seam_ratio", "gain_drift", "rollout_fps", "roi_f1",
                 "null_rois", "gain_cond_max_err")
 HEADLINE = ("euler", 20)  # jobs/sample.py's default latent sampler and steps (SampleConfig)
+GAIN_COND_GOAL = 0.1  # issue 13: the measured brightness within 10% of the requested one
 COND_REASON = "the conditioned run did not produce it"
 NOT_FINITE = "no finite value in this run (no photon-transfer fit, or a single decoder window): see the tables"
 
@@ -371,7 +372,7 @@ def goals(summary: dict[str, Any]) -> list[dict[str, Any]]:
             "ones)", s["roi_f1"], lambda v: v >= 0.8),
         row("ROI masks", "null test: 0 detected ROIs (empty-mask movies)", s["null_rois"], lambda v: v == 0),
         row("brightness", "measured flux within 10% of the requested one at 4 levels over 4x (the condition is the "
-            "mean photon flux)", s["gain_cond_max_err"], lambda v: v <= 0.1),
+            "mean photon flux)", s["gain_cond_max_err"], lambda v: v <= GAIN_COND_GOAL),
     ]
 
 
@@ -523,7 +524,7 @@ def render_markdown(res: dict[str, Any], figures: Sequence[str]) -> str:
                   f"{_fmt(s1['mmd2'], 4)} (split-half {_fmt(s1['mmd2_split_half'], 4)}), gain ratio "
                   f"{_fmt(s1['gain_ratio'])}, mean {_fmt(s1['mean_gen'], 4)} photons/px/frame (held-out "
                   f"{_fmt(s1['mean_ref'], 4)}); headline samples: mean {_fmt(res['headline'].get('mean_gen'), 4)}."]
-    lines += feature_shift_lines({"headline samples": res["headline"], "stage 1 alone": s1 or {}})
+    lines += feature_shift_lines({"headline samples": res.get("headline") or {}, "stage 1 alone": s1 or {}})
     lines += ["", *long_movie_lines(res["long_movie"]), "", *activity_lines(res["activity"]), "",
               *conditioning_lines(res.get("conditioning") or {}, res["not_measured"]), "",
               "## Timings (s)", "", " | ".join(f"{k} {v:.0f}" for k, v in t.items()), "",
@@ -620,8 +621,21 @@ def conditioning_lines(c: dict[str, Any], not_measured: dict[str, str]) -> list[
           f"{_fmt(r['rel_err'])} | {_fmt(r.get('rel_se'))} | "
           f"{_fmt(r['stage1_roundtrip']['input'], 4)} -> {_fmt(r['stage1_roundtrip']['decoded'], 4)} |"
           for r in c["flux"]],
+        *flux_margin_lines(c["flux"]),
     ]  # fmt: skip
     return lines
+
+
+def flux_margin_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The worst flux level against the 10% goal, in its own standard errors: a pass or a miss by less than two is
+    within the measurement's noise."""
+    worst = max(rows, key=lambda r: r["rel_err"]) if rows else None
+    if not worst or not worst.get("rel_se"):
+        return []
+    margin = (GAIN_COND_GOAL - worst["rel_err"]) / worst["rel_se"]
+    verdict = "inside the goal" if margin > 0 else "outside the goal"
+    return ["", f"Worst level x{worst['factor']}: error {_fmt(worst['rel_err'])}, {verdict} by {abs(margin):.1f} "
+            "standard errors" + (" (fewer than 2: within the measurement's noise)." if abs(margin) < 2 else ".")]
 
 
 def feature_shift_lines(rows: dict[str, dict[str, Any]], top: int = 6) -> list[str]:

@@ -109,6 +109,14 @@ def test_markdown_and_figures_render_from_a_result(tmp_path: Path):
     assert "| 0 | 40.0 | 1.100 | 480.0 | 520.0 | 0.083 |" in md and "| 1 | 45.0 | 1.300 | 500.0 | 470.0 | 0.060 |" in md
     assert "| mean | 42.5 | 1.200 | | | 0.080 |" in md
     assert "0.020, 0.040 (mean 0.030). Signed drift (last/first - 1) over the movies: +0.0100 +- 0.0700" in md
+    # the features behind the MMD^2, largest shift first; the worst flux level against the goal in standard errors
+    res["headline"] = {"feature_shift": {"log_mean": 0.1, "corr_median": -0.9, "offset": None, "acf_1": 0.5}}
+    flux = [{"factor": 0.5, "requested": 0.1, "measured": 0.095, "rel_err": 0.05, "rel_se": 0.01},
+            {"factor": 2.0, "requested": 0.4, "measured": 0.356, "rel_err": 0.11, "rel_se": 0.002}]
+    md = g.render_markdown(res, figures)
+    assert "- headline samples: `corr_median` -0.90, `acf_1` +0.50, `log_mean` +0.10" in md
+    assert g.flux_margin_lines(flux)[-1] == (
+        "Worst level x2.0: error 0.110, outside the goal by 5.0 standard errors.")
 
 
 def test_long_movies_average_seam_and_drift_over_the_seeds(monkeypatch, tmp_path: Path):
