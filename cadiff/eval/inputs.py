@@ -88,13 +88,15 @@ class ClipSet:
     names: list[str] = field(default_factory=list)
     clips: list[np.ndarray] = field(default_factory=list)
     calibrations: list[Calibration | None] = field(default_factory=list)
+    # the recording (movie file, shard source) each clip was cut from: the unit of the reference split-half
+    recordings: list[str] = field(default_factory=list)
 
     @classmethod
     def from_reservoir(cls, root: str | Path, kind: str, reservoir: _Reservoir) -> ClipSet:
-        """The set of the ``(name, clip, calibration)`` items a :class:`_Reservoir` kept, in their order."""
+        """The set of the ``(name, clip, calibration, recording)`` items a :class:`_Reservoir` kept, in order."""
         items = reservoir.ordered()
-        return cls(path=str(root), kind=kind, names=[n for n, _, _ in items], clips=[a for _, a, _ in items],
-                   calibrations=[c for _, _, c in items])
+        return cls(path=str(root), kind=kind, names=[n for n, _, _, _ in items], clips=[a for _, a, _, _ in items],
+                   calibrations=[c for _, _, c, _ in items], recordings=[r for _, _, _, r in items])
 
     def in_units(self) -> list[np.ndarray]:
         """Every clip in the set's units (:meth:`units`); all calibrations must be resolved."""
@@ -220,7 +222,8 @@ def _load_shards(root: Path, split: str | None, max_clips: int, rng: np.random.G
         for shard_path, _count in split_shards(root, index, name):
             for key, array, meta in iter_shard(shard_path, kind="clips"):
                 cal = _index_calibration(root, sources, meta)
-                reservoir.offer(lambda a=array, k=f"{name}/{key}", c=cal: (k, np.asarray(a), c))
+                recording = str(meta.get("recording", meta.get("source_id", meta.get("source"))))
+                reservoir.offer(lambda a=array, k=f"{name}/{key}", c=cal, r=recording: (k, np.asarray(a), c, r))
     return ClipSet.from_reservoir(root, "shards", reservoir)
 
 
@@ -360,12 +363,12 @@ def _load_movies(
         movie = read_movie(path, hdf5_key, folder_cal.rate_hz if folder_cal else None)
         cal = _movie_calibration(movie, path, folder_cal, estimate)
         if clip_shape is None:
-            reservoir.offer(lambda p=path, m=movie, c=cal: (p.name, m.frames(0, m.num_frames), c))
+            reservoir.offer(lambda p=path, m=movie, c=cal: (p.name, m.frames(0, m.num_frames), c, p.name))
             continue
         for i, (t, y, x) in enumerate(tile_slices(movie.shape, clip_shape)):
             # movie data may be lazy (memmap, HDF5, per-frame files): read only the kept tile's frames
             reservoir.offer(
-                lambda p=path, m=movie, t=t, y=y, x=x, c=cal, i=i: (f"{p.name}#{i}", np.array(m.frames(t.start, t.stop)[:, y, x]), c)
+                lambda p=path, m=movie, t=t, y=y, x=x, c=cal, i=i: (f"{p.name}#{i}", np.array(m.frames(t.start, t.stop)[:, y, x]), c, p.name)
             )
     return ClipSet.from_reservoir(root, "movies", reservoir)
 

@@ -83,7 +83,8 @@ def evaluate_folders(
                         "{\"calibration\": \"none\"} for movies in raw units)")
     units = ref_set.units()
     gen_summary = summarize_set(gen_set.in_units(), acf_lags, seed, name=str(gen), units=units)
-    ref_summary = summarize_set(ref_set.in_units(), acf_lags, seed + 1, name=str(ref), units=units)
+    ref_summary = summarize_set(ref_set.in_units(), acf_lags, seed + 1, name=str(ref), units=units,
+                                groups=ref_set.recordings)
     metrics = compare_sets(gen_summary, ref_summary, rate_hz=rate_hz, seed=seed)
     metrics.update(
         gen=gen_set.describe(),
@@ -312,7 +313,7 @@ def report_document(metrics: dict[str, Any], figures: dict[str, bytes]) -> Docum
         f"**photon-transfer gain ratio** (generated / reference): **{_fmt(metrics['noise']['gain_ratio'])}** - "
         f"{gain_verdict}.{gain_note}",
         f"**MMD^2** of per-clip features: **{_fmt(mmd['mmd2'], 4)}** vs reference split-half "
-        f"{_fmt(mmd['baseline_mmd2'], 4)} +- {_fmt(mmd['baseline_mmd2_std'], 4)} - {mmd_verdict}.",
+        f"{_fmt(mmd['baseline_mmd2'], 4)} +- {_fmt(mmd['baseline_mmd2_std'], 4)} ({_split_unit(mmd)}) - {mmd_verdict}.",
     ])
     doc.heading(f"Metrics ({UNIT_LABELS[metrics['units']]}; per-clip medians)")
     doc.table(["metric", "generated", "reference", "difference"], _metric_rows(metrics))
@@ -324,6 +325,13 @@ def report_document(metrics: dict[str, Any], figures: dict[str, bytes]) -> Docum
     for key, fname in metrics["figures"].items():
         doc.heading(FIGURE_CAPTIONS[key], 3).figure(figures[key], key, filename=fname)
     return doc
+
+
+def _split_unit(mmd: dict[str, Any]) -> str:
+    """How the reference split-half was split: by recording (how many) or by clip (one recording)."""
+    if mmd.get("baseline_unit") == "recording":
+        return f"halves of its {mmd['baseline_recordings']} recordings"
+    return "random halves of its clips: one recording, so it understates two real recordings' difference"
 
 
 def _suite2p_section(doc: Document, s2p: dict[str, Any]) -> None:

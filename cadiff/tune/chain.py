@@ -130,7 +130,8 @@ def chain_metrics(stage2: str | Path, data_root: str | Path, num: int, seed: int
                         "chain (prepare more data)")
     if not np.isfinite(generated).all():  # a diverged chain ranks last instead of failing the sweep
         return {"chain_score": math.inf, "chain_mmd2_split_half": math.nan, "chain_gain_ratio": math.nan}
-    report = evaluate_sets(list(generated), reference, rate_hz=held_out.rate_hz(), seed=seed, units=held_out.units())
+    report = evaluate_sets(list(generated), reference, rate_hz=held_out.rate_hz(), seed=seed, units=held_out.units(),
+                           ref_groups=held_out.recordings)
     mmd = report["mmd"]
     return {"chain_score": _number(mmd["mmd2"], math.inf),
             "chain_mmd2_split_half": _number(mmd["baseline_mmd2"], math.nan),

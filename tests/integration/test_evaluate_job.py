@@ -122,6 +122,23 @@ def test_generated_movies_borrow_the_reference_calibration_and_ref_is_tiled_to_t
     assert again["noise"] == metrics["noise"] and again["mmd"] == metrics["mmd"]
 
 
+def test_clip_sets_know_the_recording_of_every_clip(tmp_path, sim_data_root):
+    ref = tmp_path / "ref"
+    write_movies(ref, [0, 1], frames=34, size=32, calibration=True)
+    tiles = load_set(ref, max_clips=16, clip_shape=(17, 16, 16))
+    assert tiles.recordings == ["sample_000.tif"] * 8 + ["sample_001.tif"] * 8
+    assert load_set(ref, max_clips=16).recordings == ["sample_000.tif", "sample_001.tif"]  # whole movies
+    from cadiff.data.shards import read_index
+
+    shards = load_set(sim_data_root, split=None, max_clips=64)  # all 20 clips: 3 train + 1 val recording
+    assert len(shards.recordings) == len(shards.clips) == 20
+    assert set(shards.recordings) == set(read_index(sim_data_root)["sources"]) and len(set(shards.recordings)) == 4
+    # evaluate splits the reference by movie: 2 movies of 8 tiles each
+    metrics = evaluate_folders(ref, ref, tmp_path / "eval", max_clips=16, clip_shape=(17, 16, 16), acf_lags=3)
+    assert metrics["mmd"]["baseline_unit"] == "recording" and metrics["mmd"]["baseline_recordings"] == 2
+    assert "halves of its 2 recordings" in (tmp_path / "eval" / "report.md").read_text()
+
+
 def test_hdf5_movies_and_calibration_fallbacks(tmp_path):
     import h5py
 

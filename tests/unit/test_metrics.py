@@ -198,6 +198,53 @@ def test_mmd_unbiased_near_zero_for_one_distribution_and_large_for_two():
         M.mmd2_unbiased(x[:1], y, sigma)
 
 
+def test_split_half_by_recording_sees_what_a_split_of_clips_hides():
+    # 6 "recordings" of 20 clips each, every recording with its own offset: clips of one recording are alike
+    rng = np.random.default_rng(5)
+    offsets = rng.normal(scale=1.0, size=(6, 1, 3))
+    ref = (offsets + 0.3 * rng.normal(size=(6, 20, 3))).reshape(120, 3)
+    groups = np.repeat([f"movie{i}" for i in range(6)], 20)
+    sigma = M.median_bandwidth(ref)
+    by_clip = M.split_half_mmd2(ref, sigma, np.random.default_rng(0))
+    by_recording = M.split_half_mmd2(ref, sigma, np.random.default_rng(0), groups=groups)
+    assert abs(by_clip.mean()) < 0.02 and by_recording.mean() > 10 * max(abs(by_clip.mean()), 0.01)
+    assert len(by_recording) == 10  # every distinct 3-vs-3 split of 6 recordings (C(6, 3) / 2), none twice
+    # a new set of recordings scores at the recording split's level, far above the clip split's
+    new = (rng.normal(size=(6, 1, 3)) + 0.3 * rng.normal(size=(6, 20, 3))).reshape(120, 3)
+    report = M.mmd_report(new, ref, groups=groups)
+    assert report["baseline_unit"] == "recording" and report["baseline_recordings"] == 6
+    assert report["mmd2"] > 10 * abs(M.mmd_report(new, ref)["baseline_mmd2"])
+    assert M.mmd_report(new, ref)["baseline_unit"] == "clip"
+    with pytest.raises(DataError, match="at least 2 recordings"):
+        M.split_half_mmd2(ref, sigma, np.random.default_rng(0), groups=["one"] * 120)
+    with pytest.raises(DataError, match="one per clip"):
+        M.split_half_mmd2(ref, sigma, np.random.default_rng(0), groups=groups[:10])
+    # one recording: the clip split, said so
+    assert M.mmd_report(new, ref, groups=["one"] * 120)["baseline_unit"] == "clip"
+
+
+def test_group_halves_are_distinct_and_each_split_counted_once():
+    rng = np.random.default_rng(0)
+    halves = M._group_halves(8, 16, rng)  # C(8, 4) / 2 = 35 splits: 16 of them
+    assert len(halves) == len(set(halves)) == 16 and all(len(h) == 4 and 0 in h for h in halves)
+    assert M._group_halves(4, 16, rng) == [(0, 1), (0, 2), (0, 3)]
+    odd = M._group_halves(5, 16, rng)  # halves of 2 of 5: 10 distinct, no complement to fold
+    assert len(odd) == len(set(odd)) == 10
+    many = M._group_halves(40, 16, rng)
+    assert len(set(many)) == 16 and all(0 in h and len(h) == 20 for h in many)
+
+
+def test_compare_sets_splits_the_reference_by_recording_unless_told_clip():
+    ref = M.summarize_set(sim_clips([0, 1]), groups=["a"] * 4 + ["b"] * 4)
+    gen = M.summarize_set(sim_clips([2]))
+    assert M.compare_sets(gen, ref)["mmd"]["baseline_unit"] == "recording"
+    assert M.compare_sets(gen, ref, baseline="clip")["mmd"]["baseline_unit"] == "clip"
+    with pytest.raises(DataError, match="baseline 'movie'"):
+        M.compare_sets(gen, ref, baseline="movie")
+    with pytest.raises(DataError, match="recording labels for 8 clips"):
+        M.summarize_set(sim_clips([0, 1]), groups=["a"])
+
+
 def test_feature_shift_names_the_feature_that_moved_in_reference_standard_deviations():
     rng = np.random.default_rng(3)
     ref = rng.normal(size=(400, 3))
