@@ -27,7 +27,7 @@ def test_summary_has_exactly_the_issue_keys_and_a_reason_for_every_null():
 def test_goals_check_each_half_separately():
     summary, _ = g.summarize(HEADLINE, LONG, g.conditioning_metrics())
     status = {(r["goal"], r["condition"]): r["status"] for r in g.goals(summary)}
-    assert status[("sample quality", "MMD^2 <= 2 x split-half MMD^2 (= 0.040)")] == "not met"  # 2.5x
+    assert status[("sample quality", "MMD^2 <= 2 x split-half MMD^2 of the held-out movies (= 0.040)")] == "not met"  # 2.5x
     negative = {**summary, "mmd2": 0.1, "mmd2_split_half": -0.0004}  # the unbiased split-half can be < 0
     assert g.goals(negative)[0]["status"] == "not met" and g.goals({**negative, "mmd2": -0.001})[0]["status"] == "met"
     assert status[("sample quality", "gain ratio in [0.9, 1.1]")] == "met"
@@ -170,3 +170,17 @@ def test_movie_roi_lines_show_samples_beside_the_ceiling_and_the_null_test():
     assert "| the real tiles (ceiling) | 0.900 |" in text and "correlation F1 0.100, mean F1 0.500" in text
     assert "1 ROIs detected in 16 samples for an empty mask; 0 in as many real cell-free movies" in text
     assert g.movie_roi_lines(None) == []
+
+
+def test_real_floor_clips_are_one_per_new_movie_and_render_beside_the_samples():
+    cfg = g.GenConfig(clip_side=16, movie_side=32, test_clips_per_tile=2)
+    clips = g.fresh_real_clips(cfg, 3, 500)
+    assert clips.shape == (3, 17, 16, 16) and clips.dtype == np.float32
+    np.testing.assert_array_equal(clips, g.fresh_real_clips(cfg, 3, 500))  # seeded
+    assert not np.array_equal(clips[0], clips[1])  # other movies, not tiles of one
+    floor = {"num": 3, "mmd2": 0.02, "gain_ratio": 1.0, "mmd2_split_half": 0.05, "mmd2_split_half_std": 0.01,
+             "split_recordings": 8}
+    lines = g.real_floor_lines(floor, {"mmd2": 0.04})
+    assert "3 clips of new simulated movies" in lines[-1] and "MMD^2 0.020" in lines[-1]
+    assert "Headline samples: MMD^2 0.040" in lines[-1] and "splits of its 8 movies" in lines[-1]
+    assert g.real_floor_lines(None, {}) == []
