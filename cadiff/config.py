@@ -210,6 +210,11 @@ class AutoencoderConfig:
     # counts' statistics), else gaussian
     noise_draw: str = "auto"
     mean_loss_weight: float = 1.0  # mean_flow: weight of the mean head's L2 loss
+    # mean_flow: what the mean head learns. input: the clip itself (its latent then also carries block averages
+    # of the clip's own shot noise); photon_split: the encoder sees a random share of the photons (split_fraction)
+    # and the mean head learns the rest, whose noise the latent cannot know (Noise2Noise by binomial thinning)
+    mean_target: str = "input"
+    split_fraction: float = 0.8  # the encoder's share; 0.5 left the encoder's input too unlike a whole clip (+5% flux)
     # mean_flow: per-pixel noise level sigma(mu); the trainer fills it in from the data index (noise_skip rules)
     noise_model: NoiseModelConfig = field(default_factory=NoiseModelConfig)
     # diffae + flow: std of homoscedastic pixel noise in normalized units, transported by an analytic Gaussian
@@ -732,6 +737,11 @@ def validate_autoencoder(m: Any, prefix: str = "model") -> None:
         _choice(f"{prefix}.decoder_form", m.decoder_form, ("mean_flow", "flow"))
     _require(m.mean_loss_weight > 0, f"{prefix}.mean_loss_weight", m.mean_loss_weight, "> 0")
     _choice(f"{prefix}.noise_draw", m.noise_draw, ("auto", "gaussian", "poisson"))
+    _choice(f"{prefix}.mean_target", m.mean_target, ("input", "photon_split"))
+    _require(0.0 < m.split_fraction < 1.0, f"{prefix}.split_fraction", m.split_fraction, "in (0, 1)")
+    if m.mean_target == "photon_split" and m.kind == "diffae" and m.decoder_form == "flow":
+        raise ConfigError(f"{prefix}.mean_target='photon_split' trains the mean head: it needs "
+                          f"{prefix}.decoder_form=mean_flow (or null with the flow objective)")
     if m.noise_draw == "poisson" and m.residual_unet:
         raise ConfigError(f"{prefix}.noise_draw='poisson' draws counts directly, without the flow: it needs "
                           f"{prefix}.residual_unet=false")

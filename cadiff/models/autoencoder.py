@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cadiff.data.anscombe import anscombe, cached_anscombe_moments
+from cadiff.data.anscombe import anscombe, cached_anscombe_moments, inverse_anscombe
 from cadiff.diffusion.flow import gaussian_path_std, gaussian_velocity_coeff, path, velocity_target
 from cadiff.diffusion.samplers import Objective, draw_randn
 from cadiff.errors import ModelError
@@ -230,6 +230,10 @@ MIN_NOISE_STD = 1e-2  # normalized units: keeps k(t) finite as t -> 0 on noisele
 # below this typical level (photons per pixel per frame) noise_draw=auto draws photon counts: the Gaussian model's
 # photon-transfer gain ratio falls to ~0.5 at 0.1-0.3 photons (benchmarks/results/ae_quality.md, Gaussian oracle)
 STARVED_PHOTONS = 1.0
+# photon_split: up to this read noise (photons) the counts are recovered by rounding and thinned binomially;
+# above it, a Gaussian split with the same first two moments
+SPLIT_COUNT_READ_NOISE = 0.3
+MEAN_TARGETS = ("input", "photon_split")
 
 
 def _interp(x: Tensor, xs: Tensor, ys: Tensor) -> Tensor:
@@ -284,7 +288,11 @@ class PixelNoise(nn.Module):
 
     def photons(self, mu: Tensor) -> Tensor:
         """The photon level ``lambda`` each (normalized) signal estimate stands for (the unbiased inverse)."""
-        mu = mu.detach().float()
+        return self.level(mu.detach())
+
+    def level(self, mu: Tensor) -> Tensor:
+        """:meth:`photons` with the gradient kept (piecewise linear in ``mu``): the photon_split mean loss."""
+        mu = mu.float()
         if self.kind == "photon":
             return (mu * self.scale + self.center).clamp_min(0.0)
         if self.kind == "anscombe":
@@ -293,6 +301,45 @@ class PixelNoise(nn.Module):
             return torch.where(bright, ((mu * self.scale + self.center) / 2) ** 2 - 0.125 - self.read_noise_photons**2,
                                level)
         raise ModelError("a constant noise_std has no photon level: noise_draw='poisson' needs model.noise_model")
+
+    def to_photons(self, x: Tensor) -> Tensor:
+        """Photon values of normalized data ``x`` (the algebraic inverse of the normalization: counts + read noise)."""
+        if self.kind == "constant":
+            raise ModelError("a constant noise_std has no photon scale: mean_target='photon_split' needs "
+                             "model.noise_model")
+        y = x.float() * self.scale + self.center
+        return inverse_anscombe(y.clamp_min(0.0), self.read_noise_photons) if self.kind == "anscombe" else y
+
+    def from_photons(self, photons: Tensor) -> Tensor:
+        """Normalized data of photon values (the normalization itself)."""
+        y = anscombe(photons, self.read_noise_photons) if self.kind == "anscombe" else photons
+        return (y - self.center) / self.scale
+
+    def split(self, x: Tensor, fraction: float, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Two independent noisy copies of the clip ``x`` with one signal (Noise2Noise by photon thinning).
+
+        Each detected photon goes to copy A with probability ``fraction``, else to copy B (binomial thinning of
+        the counts: the copies are independent Poisson draws with rates ``fraction * lambda`` and
+        ``(1 - fraction) * lambda``); the read noise is shared out in the same proportions. Returns copy A scaled
+        back to the full level and normalized (what the encoder sees) and copy B in photons scaled to the full
+        level (an unbiased target of ``lambda`` whose noise copy A knows nothing of). Above
+        :data:`SPLIT_COUNT_READ_NOISE` photons of read noise the counts cannot be recovered by rounding, and the
+        split is Gaussian with the same means and variances.
+        """
+        n = self.to_photons(x)
+        where = generator.device if generator is not None else n.device  # a CPU generator: draw there
+        if self.read_noise_photons <= SPLIT_COUNT_READ_NOISE:
+            counts = n.clamp_min(0.0).round()
+            rest = n - counts
+            kept = torch.binomial(counts.to(where), torch.full_like(counts, fraction).to(where),
+                                  generator=generator).to(n.device)
+            a, b = kept + fraction * rest, counts - kept + (1.0 - fraction) * rest
+        else:
+            # the pixel's own value + r^2 estimates its variance lambda + r^2 without bias (clamped at 0)
+            spread = (fraction * (1.0 - fraction) * (n + self.read_noise_photons**2).clamp_min(0.0)).sqrt()
+            a = fraction * n + spread * draw_randn(n.shape, generator, n.device)
+            b = n - a
+        return self.from_photons(a / fraction).to(x.dtype), b / (1.0 - fraction)
 
     def draw_counts(self, mu: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Normalized clip with Poisson photon counts + Gaussian read noise around the level of ``mu``."""
@@ -380,6 +427,8 @@ class DiffusionAutoencoder(CausalAutoencoder):
         self.noise_std = float(model_config.get("noise_std") or 0.0)
         self.noise_highpass = bool(model_config.get("noise_highpass", False))
         self.mean_loss_weight = float(model_config.get("mean_loss_weight", 1.0))
+        self.mean_target = str(model_config.get("mean_target") or "input")
+        self.split_fraction = float(model_config.get("split_fraction", 0.5))
         self.pixel_noise = pixel_noise_from_config(model_config)
         # the analytic noise terms need the flow objective: a rule of the config schema (validate_autoencoder),
         # applied by the registry before any model is built
@@ -389,8 +438,14 @@ class DiffusionAutoencoder(CausalAutoencoder):
                                  "(filled in from the data index by the trainer) or model.noise_std")
             self.mean_decoder = self._build_unet(in_ch)
             self.noise_draw = resolved_noise_draw(model_config, self.pixel_noise)
+            if self.mean_target == "photon_split" and self.pixel_noise.kind == "constant":
+                raise ModelError("model.mean_target='photon_split' thins photon counts: it needs model.noise_model "
+                                 "(photon-calibrated data), not a constant noise_std")
         elif form != "flow":
             raise ModelError(f"model.decoder_form={form!r}: expected 'mean_flow' or 'flow'")
+        if self.mean_target not in MEAN_TARGETS or (self.mean_target != "input" and form != "mean_flow"):
+            raise ModelError(f"model.mean_target={self.mean_target!r}: expected one of {list(MEAN_TARGETS)}, "
+                             "'photon_split' with decoder_form='mean_flow' only")
 
     # the mean head ------------------------------------------------------------------------------------
 
@@ -458,10 +513,26 @@ class DiffusionAutoencoder(CausalAutoencoder):
     # training and validation ----------------------------------------------------------------------------
 
     def training_loss(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """Flow loss of the decoder given ``z ~ q(z|x)`` (+ ``mean_loss_weight`` * L2 of the mean head) + KL."""
-        z, kl = self._latent_and_kl(x, generator)
+        """Flow loss of the decoder given ``z ~ q(z|x)`` (+ ``mean_loss_weight`` * L2 of the mean head) + KL.
+
+        ``mean_target=photon_split``: the encoder sees copy A of a photon split of ``x`` (:meth:`PixelNoise.split`)
+        and the mean head learns copy B in photons (L2 over the photon variance at the data's typical level). The
+        latent then gains nothing by carrying the clip's own shot noise, which the mean head would otherwise
+        reproduce under the freshly drawn noise (spatially correlated excess variance at the latent block scale).
+        """
         metrics: dict[str, Tensor] = {}
-        if self.decoder_form == "mean_flow":
+        if self.decoder_form == "mean_flow" and self.mean_target == "photon_split":
+            seen, target = self.pixel_noise.split(x, self.split_fraction, generator)
+            z, kl = self._latent_and_kl(seen, generator)
+            mu = self.mean(z)
+            noise = self.pixel_noise(mu)
+            floor = max(self.pixel_noise.typical_photons, 1e-3) + self.pixel_noise.read_noise_photons**2
+            mean_loss = (self.pixel_noise.level(mu) - target).pow(2).mean() / floor
+            diffusion_loss = self.objective.loss(lambda x_t, t: self._mean_velocity(x_t, t, z, mu, noise), x, generator)
+            loss = diffusion_loss + self.mean_loss_weight * mean_loss + self.kl_weight * kl
+            metrics["loss_mean"] = mean_loss.detach()
+        elif self.decoder_form == "mean_flow":
+            z, kl = self._latent_and_kl(x, generator)
             mu = self.mean(z)
             noise = self.pixel_noise(mu)
             mean_loss = (mu.float() - x.float()).pow(2).mean()
@@ -469,6 +540,7 @@ class DiffusionAutoencoder(CausalAutoencoder):
             loss = diffusion_loss + self.mean_loss_weight * mean_loss + self.kl_weight * kl
             metrics["loss_mean"] = mean_loss.detach()
         else:
+            z, kl = self._latent_and_kl(x, generator)
             diffusion_loss = self.objective.loss(lambda x_t, t: self.velocity(x_t, t, z), x, generator)
             loss = diffusion_loss + self.kl_weight * kl
         metrics.update(loss=loss.detach(), loss_diffusion=diffusion_loss.detach(), kl=kl.detach(),

@@ -300,6 +300,9 @@ def _raw_noise(model: dict[str, Any], norm: dict[str, Any], root: str | Path, so
     if model.get("noise_draw") == "poisson":
         raise ConfigError(f"model.noise_draw='poisson' draws photon counts, but {root}/index.json is in raw units "
                           "(source.calibration=none: no gain); use model.noise_draw=auto or gaussian")
+    if model.get("mean_target") == "photon_split":
+        raise ConfigError(f"model.mean_target='photon_split' thins photon counts, but {root}/index.json is in raw "
+                          "units (source.calibration=none: no gain); use model.mean_target=input")
     if model.get("noise_std") is not None:
         return {}
     std = raw_noise_std(sources, norm, root)

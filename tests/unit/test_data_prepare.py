@@ -506,6 +506,10 @@ def test_raw_unit_data_trains_with_a_homoscedastic_noise_model(raw_data_root, ca
     assert model_cfg["noise_model"]["kind"] == "none"
     assert model_cfg["noise_std"] == pytest.approx(raw["noise_std"] / raw["scale"] / index["normalization"]["scale"])
     assert any("photon noise model is not applicable" in m for m in caplog.messages)
+    # the photon split needs photon counts: refused on the driver, before any worker, naming the index
+    split = compose("train_ae", ["experiment=ae_tiny", f"data.root={raw_data_root}", "model.mean_target=photon_split"])
+    with pytest.raises(ConfigError, match=r"photon_split' thins photon counts, but .*index.json is in raw units"):
+        ClipStage().resolve(split)
     torch.manual_seed(0)
     strategy = build_strategy(cfg.strategy, cfg.trainer)
     strategy.setup(TrainingModule(build_model(model_cfg)), torch.device("cpu"))

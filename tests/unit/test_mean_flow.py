@@ -152,3 +152,46 @@ def test_poisson_draw_has_the_counts_statistics() -> None:
     z = torch.randn(1, 4, 3, 2, 2, generator=torch.Generator().manual_seed(1))
     a = model.decode(z, generator=torch.Generator().manual_seed(2))
     assert torch.equal(a, model.decode(z, generator=torch.Generator().manual_seed(2))) and model.last_nfe == 0
+
+
+@pytest.mark.parametrize("kind, read_noise", [("anscombe", 0.02), ("photon", 0.02), ("photon", 1.0)])  # 1.0: Gaussian split
+def test_photon_split_gives_two_independent_copies_of_one_signal(kind: str, read_noise: float) -> None:
+    """Copy A (what the encoder sees, back at the full level) and copy B (the target, in photons) both average to
+    the photon level, and their noises are uncorrelated: the mean head cannot learn A's noise from B."""
+    noise = PixelNoise(kind, center=1.4, scale=0.4, read_noise_photons=read_noise)
+    gen = torch.Generator().manual_seed(0)
+    levels = torch.tensor([0.1, 0.5, 4.0])[:, None].expand(3, 200_000)
+    photons = torch.poisson(levels, generator=gen) + read_noise * torch.randn(levels.shape, generator=gen)
+    x = noise.from_photons(photons)
+    inside = photons > -0.375 - read_noise**2  # the Anscombe transform's domain (below it clamps)
+    torch.testing.assert_close(noise.to_photons(x)[inside], photons[inside], atol=1e-4, rtol=1e-5)
+    seen, target = noise.split(x, 0.5, gen)
+    a = noise.to_photons(seen)
+    for row in range(3):
+        level = float(levels[row, 0])
+        assert float(a[row].mean()) == pytest.approx(level, rel=0.03, abs=0.01)
+        assert float(target[row].mean()) == pytest.approx(level, rel=0.03, abs=0.01)
+        cov = float(torch.cov(torch.stack([a[row] - level, target[row] - level]))[0, 1])
+        # uncorrelated noises: within 5% of a copy's variance (the Gaussian split estimates the variance from the
+        # pixel itself, clamped at 0: measured -4% at 0.1 photons under 1 photon of read noise; counts: ~0)
+        assert abs(cov) < 0.05 * 2 * (level + read_noise**2) + 0.004, (level, cov)
+        # each copy holds half the photons, scaled back: twice the Poisson variance
+        assert float(target[row].var()) == pytest.approx(2 * (level + read_noise**2), rel=0.08)
+    with pytest.raises(ModelError, match="photon_split"):
+        PixelNoise("constant", constant_std=0.3).to_photons(x)
+
+
+def test_photon_split_training_step_is_finite_and_rules_are_checked() -> None:
+    model = _starved("model.mean_target=photon_split").train()
+    x = model.pixel_noise.from_photons(torch.poisson(torch.full((2, 1, 9, 16, 16), 0.2),
+                                                     generator=torch.Generator().manual_seed(0)))
+    loss, metrics = model.training_loss(x, torch.Generator().manual_seed(1))
+    loss.backward()
+    assert torch.isfinite(loss) and float(metrics["loss_mean"]) > 0
+    assert all(p.grad is not None for p in model.encoder.parameters())  # the encoder learns through the target
+    with pytest.raises(ConfigError, match="split_fraction"):
+        compose("train_ae", ["experiment=ae_tiny", "model.mean_target=photon_split", "model.split_fraction=1.0"])
+    with pytest.raises(ConfigError, match="mean_target"):
+        compose("train_ae", ["experiment=ae_tiny", "model.mean_target=clean"])
+    with pytest.raises(ConfigError, match="decoder_form=mean_flow"):
+        compose("train_ae", ["experiment=ae_tiny", "model.mean_target=photon_split", "model.decoder_form=flow"])
