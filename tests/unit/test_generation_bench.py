@@ -46,6 +46,9 @@ def test_config_validation_names_the_option():
                            "17 to the held-out movies' 255"):
             g.validate(g.GenConfig(roi_frames=frames))
     assert g.validate(g.GenConfig(**g.QUICK)).num_samples == 64
+    with pytest.raises(ConfigError, match=r"ae_overrides .*mean_target"):
+        g.validate(g.GenConfig(ae_overrides=["model.mean_target=clean"]))
+    assert g.validate(g.GenConfig(ae_overrides=["model.mean_target=photon_split"])).ae_overrides
 
 
 def test_cli_bad_option_is_one_line_and_runs_nothing(tmp_path: Path, capsys):
