@@ -329,9 +329,14 @@ def report_document(metrics: dict[str, Any], figures: dict[str, bytes]) -> Docum
 
 def _split_unit(mmd: dict[str, Any]) -> str:
     """How the reference split-half was split: by recording (how many) or by clip (one recording)."""
+    recordings = mmd.get("baseline_recordings")
     if mmd.get("baseline_unit") == "recording":
-        return f"halves of its {mmd['baseline_recordings']} recordings"
-    return "random halves of its clips: one recording, so it understates two real recordings' difference"
+        return f"halves of its {recordings} recordings"
+    if recordings == 1:
+        return "random halves of its clips: one recording, so it understates two real recordings' difference"
+    if recordings:
+        return f"random halves of its clips: its {recordings} recordings hold too few clips for a split by recording"
+    return "random halves of its clips"
 
 
 def _suite2p_section(doc: Document, s2p: dict[str, Any]) -> None:

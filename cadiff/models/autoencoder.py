@@ -428,7 +428,7 @@ class DiffusionAutoencoder(CausalAutoencoder):
         self.noise_highpass = bool(model_config.get("noise_highpass", False))
         self.mean_loss_weight = float(model_config.get("mean_loss_weight", 1.0))
         self.mean_target = str(model_config.get("mean_target") or "input")
-        self.split_fraction = float(model_config.get("split_fraction", 0.5))
+        self.split_fraction = float(model_config.get("split_fraction", 0.8))
         self.pixel_noise = pixel_noise_from_config(model_config)
         # the analytic noise terms need the flow objective: a rule of the config schema (validate_autoencoder),
         # applied by the registry before any model is built
@@ -521,21 +521,18 @@ class DiffusionAutoencoder(CausalAutoencoder):
         reproduce under the freshly drawn noise (spatially correlated excess variance at the latent block scale).
         """
         metrics: dict[str, Tensor] = {}
-        if self.decoder_form == "mean_flow" and self.mean_target == "photon_split":
-            seen, target = self.pixel_noise.split(x, self.split_fraction, generator)
-            z, kl = self._latent_and_kl(seen, generator)
-            mu = self.mean(z)
+        if self.decoder_form == "mean_flow":
+            if self.mean_target == "photon_split":
+                seen, target = self.pixel_noise.split(x, self.split_fraction, generator)
+                z, kl = self._latent_and_kl(seen, generator)
+                mu = self.mean(z)
+                floor = max(self.pixel_noise.typical_photons, 1e-3) + self.pixel_noise.read_noise_photons**2
+                mean_loss = (self.pixel_noise.level(mu) - target).pow(2).mean() / floor
+            else:
+                z, kl = self._latent_and_kl(x, generator)
+                mu = self.mean(z)
+                mean_loss = (mu.float() - x.float()).pow(2).mean()
             noise = self.pixel_noise(mu)
-            floor = max(self.pixel_noise.typical_photons, 1e-3) + self.pixel_noise.read_noise_photons**2
-            mean_loss = (self.pixel_noise.level(mu) - target).pow(2).mean() / floor
-            diffusion_loss = self.objective.loss(lambda x_t, t: self._mean_velocity(x_t, t, z, mu, noise), x, generator)
-            loss = diffusion_loss + self.mean_loss_weight * mean_loss + self.kl_weight * kl
-            metrics["loss_mean"] = mean_loss.detach()
-        elif self.decoder_form == "mean_flow":
-            z, kl = self._latent_and_kl(x, generator)
-            mu = self.mean(z)
-            noise = self.pixel_noise(mu)
-            mean_loss = (mu.float() - x.float()).pow(2).mean()
             diffusion_loss = self.objective.loss(lambda x_t, t: self._mean_velocity(x_t, t, z, mu, noise), x, generator)
             loss = diffusion_loss + self.mean_loss_weight * mean_loss + self.kl_weight * kl
             metrics["loss_mean"] = mean_loss.detach()
