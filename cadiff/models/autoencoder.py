@@ -233,7 +233,6 @@ STARVED_PHOTONS = 1.0
 # photon_split: up to this read noise (photons) the counts are recovered by rounding and thinned binomially;
 # above it, a Gaussian split with the same first two moments
 SPLIT_COUNT_READ_NOISE = 0.3
-MEAN_TARGETS = ("input", "photon_split")
 
 
 def _interp(x: Tensor, xs: Tensor, ys: Tensor) -> Tensor:
@@ -443,9 +442,6 @@ class DiffusionAutoencoder(CausalAutoencoder):
                                  "(photon-calibrated data), not a constant noise_std")
         elif form != "flow":
             raise ModelError(f"model.decoder_form={form!r}: expected 'mean_flow' or 'flow'")
-        if self.mean_target not in MEAN_TARGETS or (self.mean_target != "input" and form != "mean_flow"):
-            raise ModelError(f"model.mean_target={self.mean_target!r}: expected one of {list(MEAN_TARGETS)}, "
-                             "'photon_split' with decoder_form='mean_flow' only")
 
     # the mean head ------------------------------------------------------------------------------------
 
