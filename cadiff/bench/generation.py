@@ -235,8 +235,8 @@ def fresh_real_clips(cfg: GenConfig, count: int, seed: int) -> np.ndarray:
         movie, _ = simulate_movie(cfg.preset, f * cfg.test_clips_per_tile, cfg.movie_side, cfg.movie_side,
                                   seed=seed + i, return_clean=False)
         tiles = tile_origins(movie.shape, f, side)
-        t0, y0, x0 = tiles[int(rng.integers(len(tiles)))]
-        clips.append(to_photons(movie.data[t0:t0 + f, y0:y0 + side, x0:x0 + side], movie.gain, movie.offset))
+        tile = cut_clips(movie.data, [tiles[int(rng.integers(len(tiles)))]], f, side)[0]
+        clips.append(to_photons(tile, movie.gain, movie.offset))
     return np.stack(clips).astype(np.float32)
 
 

@@ -346,9 +346,7 @@ class PixelNoise(nn.Module):
         where = generator.device if generator is not None else level.device  # a CPU generator: draw there
         counts = torch.poisson(level.to(where), generator=generator).to(level.device)
         x = counts + self.read_noise_photons * draw_randn(level.shape, generator, level.device)
-        if self.kind == "anscombe":
-            x = anscombe(x, self.read_noise_photons)
-        return ((x - self.center) / self.scale).to(mu.dtype)
+        return self.from_photons(x).to(mu.dtype)
 
     def forward(self, mu: Tensor) -> tuple[Tensor, Tensor]:
         mu = mu.detach().float()
