@@ -119,7 +119,10 @@ class GenConfig:
     # stage-1 model overrides. model.mean_target=photon_split model.split_fraction=0.8 (measured, full run): the
     # round trip of the held-out clips MMD^2 0.036 -> 0.013 and the samples' 0.044 -> 0.028, but the decoded flux
     # of dim clips rose (+39% at 0.064 photons/px/frame against +13%), so the flux-conditioned DiT missed its
-    # requests by up to 33% (10% with the default) and ROI F1 fell 0.775 -> 0.696: not the default here
+    # requests by up to 33% (10% with the default) and ROI F1 fell 0.775 -> 0.696: not the default here.
+    # model.z_channels=8 (full run, generation_z8.md): ROI F1 0.774 -> 0.791 (a round trip of the real 253-frame
+    # tiles alone: 0.734 -> 0.775), but samples' MMD^2 0.044 -> 0.053 (bound 0.058) and dim clips again decode too
+    # bright (+18% at 0.064 photons/px/frame), so flux following misses by 11%: not the default either
     ae_overrides: list[str] = field(default_factory=list)
     ae_brightness: bool = True  # stage 1 also trains on the conditioned DiT's brightness-varied movies
     dit_steps: int = 4000
