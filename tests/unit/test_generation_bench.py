@@ -46,6 +46,8 @@ def test_config_validation_names_the_option():
                            "17 to the held-out movies' 255"):
             g.validate(g.GenConfig(roi_frames=frames))
     assert g.validate(g.GenConfig(**g.QUICK)).num_samples == 64
+    with pytest.raises(ConfigError, match="cond_dit_steps = 0: expected >= 1 training steps of the conditioned DiT"):
+        g.validate(g.GenConfig(cond_dit_steps=0))
     with pytest.raises(ConfigError, match=r"ae_overrides .*mean_target"):
         g.validate(g.GenConfig(ae_overrides=["model.mean_target=clean"]))
     assert g.validate(g.GenConfig(ae_overrides=["model.mean_target=photon_split"])).ae_overrides
