@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 from torch.utils.flop_counter import FlopCounterMode
 
 from cadiff.errors import ModelError
@@ -344,15 +344,18 @@ class ResBlock3d(nn.Module):
             h = modulate(h, shift, scale)
         return self.conv2.pad(F.silu(h))
 
-    def _segment(self, fn: Callable[..., Tensor], *args: Tensor | None) -> Tensor:
+    def _segment(self, fn: Callable[..., Tensor], conv: CausalConv3d, *args: Tensor | None) -> Tensor:
         # selective recomputation: norm/FiLM/SiLU/pad are cheap elementwise passes, so backward recomputes them
-        # from the conv output instead of keeping three extra full-size activations per conv alive
+        # from the segment's input; the conv is inside the checkpointed region but its output is kept
+        # (MUST_SAVE), so backward never reruns it, and the activation it reads is not held from forward to
+        # backward: only the block input and the conv outputs stay alive (about half the saved bytes)
         if self.recompute and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
-        return fn(*args)
+            return checkpoint(_act_conv, fn, conv, *args, use_reentrant=False, preserve_rng_state=False,
+                              context_fn=_keep_conv_outputs)
+        return conv.conv_padded(fn(*args))
 
     def forward(self, x: Tensor, temb: Tensor | None = None, cond: Tensor | None = None) -> Tensor:
-        h = self.conv1.conv_padded(self._segment(self._act1, x))
+        h = self._segment(self._act1, self.conv1, x)
         shift = scale = None
         if self.temb_proj is not None:
             shift, scale = self.temb_proj(F.silu(temb))[:, :, None, None, None].chunk(2, dim=1)
@@ -361,8 +364,23 @@ class ResBlock3d(nn.Module):
             shift_c, scale_c = self.cond_proj(cond).chunk(2, dim=1)
             shift = shift_c if shift is None else shift_c + shift
             scale = scale_c if scale is None else scale_c + scale
-        h = self.conv2.conv_padded(self._segment(self._act2, h, shift, scale))
+        h = self._segment(self._act2, self.conv2, h, shift, scale)
         return self.skip(x) + h
+
+
+_CONV_OPS = frozenset({torch.ops.aten.mkldnn_convolution.default, torch.ops.aten.convolution.default})
+
+
+def _conv_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _CONV_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _keep_conv_outputs() -> tuple[Any, Any]:
+    return create_selective_checkpoint_contexts(_conv_policy)
+
+
+def _act_conv(fn: Callable[..., Tensor], conv: CausalConv3d, *args: Tensor | None) -> Tensor:
+    return conv.conv_padded(fn(*args))
 
 
 class CausalAttentionBlock3d(nn.Module):

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cadiff.errors import ModelError
 from cadiff.models.layers import (
@@ -193,6 +194,51 @@ def test_elementwise_recompute_gives_identical_values_and_gradients() -> None:
     assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-6)
     for a, b in zip(grads[0][2], grads[1][2]):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of distinct storages autograd keeps from forward to backward while ``fn()`` runs."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_elementwise_recompute_keeps_conv_outputs_and_drops_their_inputs() -> None:
+    """Backward recomputes norm/FiLM/SiLU/pad but never a conv, and the conv inputs are not held from forward."""
+    torch.manual_seed(0)
+    x, temb, cond = torch.randn(1, 8, 9, 16, 16), torch.randn(1, 8), torch.randn(1, 5, 9, 4, 4)
+    saved = {}
+    for recompute in (False, True):
+        block = ResBlock3d(8, 8, temb_dim=8, cond_channels=5, recompute=recompute)
+        xi = x.clone().requires_grad_()
+        saved[recompute] = _saved_bytes(lambda: block(xi, temb, cond))  # noqa: B023
+        out = block(xi, temb, cond)
+        counter = _OpCounter()
+        with counter:
+            out.square().sum().backward()
+        convs = [op for op in counter.ops if op in ("mkldnn_convolution", "convolution", "_convolution")]
+        recomputed = {"native_group_norm", "silu"} & set(counter.ops)
+        assert convs == [], f"recompute={recompute}: backward reran {convs}"
+        assert bool(recomputed) == recompute, counter.ops
+    # without recompute: per conv its padded input plus norm/FiLM/SiLU intermediates; with it: the block input
+    # and the conv outputs (each a T-frame map), so well under half
+    assert saved[True] < 0.45 * saved[False], saved
 
 
 @pytest.mark.slow
