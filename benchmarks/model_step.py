@@ -3,7 +3,9 @@
 Cases: the default stage-1 DiffAE (``experiment=ae_default``) on one ``1x17x64x64`` and one ``1x65x64x64`` clip,
 and a small DiT (size S) on a batch of latents, each eager, ``torch.compile`` of the whole networks, and
 ``torch.compile`` per block (each of ``shard_units()``) - the seed's open question of where compile pays;
-``eager_store`` keeps the norm/FiLM/SiLU activations instead of recomputing them in backward. Every case runs
+``eager_store`` keeps the norm/FiLM/SiLU activations instead of recomputing them in backward;
+``eager_glibc_malloc`` leaves glibc's dynamic mmap threshold on (every other mode sets the trainer's
+``trainer.malloc_mmap_threshold_kb``, as training workers do: :mod:`cadiff.runtime.memory`). Every case runs
 in its own process (clean peak RSS) with ``--threads`` torch threads; the matmul FLOP/s is measured in that
 process right before the timed steps, so the ratio is robust to other load on the machine. FLOPs are counted by
 ``torch.utils.flop_counter`` (convs, matmuls, attention; forward and backward on meta tensors). Each DiffAE row is
@@ -36,7 +38,7 @@ from cadiff.errors import CadiffError  # noqa: E402
 from cadiff.io import write_json_atomic, write_text_atomic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODES = ("eager", "eager_store", "compile_model", "compile_blocks")
+MODES = ("eager", "eager_store", "eager_glibc_malloc", "compile_model", "compile_blocks")
 log = logging.getLogger("model_step")
 
 
@@ -52,6 +54,14 @@ def matmul_flops(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> flo
         a @ b
         best = min(best, time.perf_counter() - start)
     return 2.0 * n**3 / best
+
+
+def _trainer_mmap_threshold(case: str) -> int | None:
+    """The malloc setting a training worker of ``case``'s stage applies (``trainer.malloc_mmap_threshold_kb``)."""
+    from cadiff.config import compose
+
+    job, experiment = ("train_ae", "ae_default") if case == "diffae" else ("train_latent", "dit_s")
+    return compose(job, [f"experiment={experiment}"]).trainer.malloc_mmap_threshold_kb
 
 
 def _build(case: str, mode: str = "eager"):
@@ -93,12 +103,15 @@ def run_case(case: str, shape: tuple[int, ...], mode: str, threads: int, repeats
 
     import torch
 
+    from cadiff.runtime.memory import set_mmap_threshold
     from cadiff.train.loop import compile_model
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     bf16 = mode.endswith("_bf16")
     mode = mode.removesuffix("_bf16")
+    malloc_kb = None if mode == "eager_glibc_malloc" else _trainer_mmap_threshold(case)
+    malloc_set = set_mmap_threshold(malloc_kb)
     model = _build(case, mode)
     # the trainer's trainer.compile placements: each network whole, or each shard unit (block)
     compile_model(model, {"compile_model": "model", "compile_blocks": "blocks"}.get(mode, "none"))
@@ -137,6 +150,7 @@ def run_case(case: str, shape: tuple[int, ...], mode: str, threads: int, repeats
         "ratio_to_bf16_matmul": flops / step_s / mm_bf16 if mm_bf16 else None,
         "voxels_per_s": voxels / step_s,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,  # Linux: KiB
+        "malloc_mmap_threshold_kb": malloc_kb if malloc_set else None,
     }
 
 
@@ -246,6 +260,11 @@ def write_markdown(rows: list[dict], meta: dict, anchors: dict, path: Path) -> N
         "work of other processes during a timed step slows it without lowering the matmul measured before it, so a "
         "loaded run understates the speedup.",
         "",
+        "Every row except `eager_glibc_malloc` runs with glibc's mmap threshold fixed at "
+        "`trainer.malloc_mmap_threshold_kb` (what training workers set, `cadiff/runtime/memory.py`): tensors above "
+        "it are unmapped when freed instead of fragmenting the heap; `eager_glibc_malloc` keeps glibc's default "
+        "(a threshold that rises with every large free) for comparison.",
+        "",
         *goal_lines(rows, anchors),
         "",
     ]
@@ -281,8 +300,8 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, tuple[int, ...], str]]:
         return [("diffae", (1, 1, 17, 64, 64), m) for m in ("eager", "eager_bf16")] + [("dit", dit_shape, "eager")]
     plan = [("diffae", (1, 1, 17, 64, 64), m)
             for m in ("eager", "eager_bf16", "compile_model", "compile_blocks", "compile_blocks_bf16")]
-    plan += [("diffae", (1, 1, 65, 64, 64), m) for m in ("eager", "eager_store", "eager_bf16", "compile_blocks",
-                                                              "compile_blocks_bf16")]
+    plan += [("diffae", (1, 1, 65, 64, 64), m) for m in ("eager", "eager_store", "eager_glibc_malloc", "eager_bf16",
+                                                              "compile_blocks", "compile_blocks_bf16")]
     plan += [("dit", dit_shape, m) for m in ("eager", "eager_bf16", "compile_model", "compile_blocks")]
     if args.no_compile:
         plan = [p for p in plan if not p[2].startswith("compile")]

@@ -25,6 +25,7 @@ from cadiff.diffusion.flow import FlowMatching
 from cadiff.diffusion.samplers import GRID_FORMS, parse_grid
 from cadiff.errors import ConfigError
 from cadiff.runinfo import SECRET_MARKERS
+from cadiff.runtime.memory import MMAP_THRESHOLD_MAX_KB
 
 CONF_MODULE = "cadiff.conf"
 
@@ -312,6 +313,9 @@ class TrainerConfig:
     # (.superseded_step_<n>, kept) so training continues from it
     resume_from: Any = None
     threads_per_worker: Optional[int] = None  # torch threads; None: cpus_per_worker rounded up
+    # glibc malloc: tensors of at least this many KiB are mmapped and unmapped when freed, so a worker's RSS does
+    # not keep a fragmented heap's high-water mark (cadiff.runtime.memory); null: leave malloc's defaults
+    malloc_mmap_threshold_kb: Optional[int] = 1024
     peak_flops: Optional[float] = None  # FLOP/s for MFU; None: measured matmul FLOP/s (CPU) or table (GPU)
     # each validation also logs the stage's quality `score` on the val clips (cadiff.eval.score; sweeps set it)
     score: bool = False
@@ -779,6 +783,8 @@ def validate_trainer(t: Any, prefix: str = "trainer") -> None:
     _require(t.grad_clip >= 0, f"{prefix}.grad_clip", t.grad_clip, ">= 0 (0 disables)")
     _require(0 < t.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", t.min_lr_ratio, "in (0, 1]")
     _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), f"{prefix}.betas", list(t.betas), "[b1, b2] in [0, 1)")
+    _require(t.malloc_mmap_threshold_kb is None or 1 <= t.malloc_mmap_threshold_kb <= MMAP_THRESHOLD_MAX_KB,
+             f"{prefix}.malloc_mmap_threshold_kb", t.malloc_mmap_threshold_kb, f"1..{MMAP_THRESHOLD_MAX_KB} or null")
     _choice(f"{prefix}.precision", t.precision, ("fp32", "bf16", "auto"))
     _choice(f"{prefix}.compile", t.compile, ("none", "blocks", "model"))
     _choice(f"{prefix}.compile_backend", t.compile_backend, ("inductor", "aot_eager"))

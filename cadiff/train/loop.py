@@ -33,6 +33,7 @@ from cadiff.errors import ConfigError
 from cadiff.models.registry import build_model
 from cadiff.runinfo import record_workers, worker_location
 from cadiff.runtime.exports import export_model
+from cadiff.runtime.memory import set_mmap_threshold
 from cadiff.runtime.ray import quiet_train_reports
 from cadiff.train.checkpoint import CheckpointManager, resume, resume_candidates, write_manifest
 from cadiff.train.ema import EMA
@@ -315,6 +316,7 @@ def _train(config: dict[str, Any], sync: Callable[[], Any] | None) -> None:
     cfg, tcfg, run_dir = run.cfg, run.cfg.trainer, run.run_dir
     threads = tcfg.threads_per_worker or max(1, int(np.ceil(tcfg.cpus_per_worker)))
     torch.set_num_threads(threads)
+    set_mmap_threshold(tcfg.malloc_mmap_threshold_kb)
     device = worker_device(run.use_ray, tcfg.gpus_per_worker)
     use_deterministic_cuda(device, run.stage.data_cfg(cfg).deterministic)
     _seed_everything(cfg.seed + 1000 * rank)
