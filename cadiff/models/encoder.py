@@ -14,7 +14,14 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cadiff.models.layers import CausalConv3d, CausalDownsample3d, FrameGroupNorm, ResBlock3d, channels_last
+from cadiff.models.layers import (
+    CausalConv3d,
+    CausalDownsample3d,
+    FrameGroupNorm,
+    ResBlock3d,
+    act_conv,
+    channels_last,
+)
 
 
 class Encoder(nn.Module):
@@ -40,16 +47,20 @@ class Encoder(nn.Module):
                 prev = ch
             self.levels.append(blocks)
             if i < len(channels) - 1 and i < num_spatial:
-                self.downsamples.append(CausalDownsample3d(prev, prev, temporal=i < num_temporal))
+                self.downsamples.append(CausalDownsample3d(prev, prev, temporal=i < num_temporal, recompute=recompute))
             else:
                 self.downsamples.append(nn.Identity())
         self.mid = ResBlock3d(prev, prev, recompute=recompute)
         self.norm_out = FrameGroupNorm(prev)
         self.conv_out = CausalConv3d(prev, 2 * z_channels if double_z else z_channels, 3)
+        self.recompute = recompute
 
     def res_blocks(self) -> list[nn.Module]:
         """The repeated blocks (for FSDP2 wrapping and activation checkpointing)."""
         return [b for level in self.levels for b in level] + [self.mid]
+
+    def _out_act(self, h: Tensor) -> Tensor:
+        return self.conv_out.pad(F.silu(self.norm_out(h)))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         h = channels_last(self.conv_in(x))  # C=1 input has no channels-last layout of its own
@@ -57,7 +68,7 @@ class Encoder(nn.Module):
             for block in blocks:
                 h = block(h)
             h = down(h)
-        h = self.conv_out(F.silu(self.norm_out(self.mid(h))))
+        h = act_conv(self._out_act, self.conv_out, self.mid(h), recompute=self.recompute)
         if self.double_z:
             mean, logvar = h.chunk(2, dim=1)
             return mean, logvar

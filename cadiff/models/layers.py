@@ -61,14 +61,44 @@ def count_forward_flops(model_config: dict[str, Any], build: Callable[[dict], nn
 # causal convolutions and temporal resampling
 
 
+_CONV_OPS = frozenset({torch.ops.aten.mkldnn_convolution.default, torch.ops.aten.convolution.default})
+
+
+def _conv_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _CONV_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _keep_conv_outputs() -> tuple[Any, Any]:
+    return create_selective_checkpoint_contexts(_conv_policy)
+
+
+def _act_conv(fn: Callable[..., Tensor], conv: CausalConv3d, *args: Tensor | None) -> Tensor:
+    return conv.conv_padded(fn(*args))
+
+
+def act_conv(fn: Callable[..., Tensor], conv: CausalConv3d, *args: Tensor | None, recompute: bool) -> Tensor:
+    """``conv.conv_padded(fn(*args))`` where ``fn`` is cheap and elementwise (norm, FiLM, SiLU, the causal pad).
+
+    With ``recompute`` (and grad enabled) the pair runs as a selective checkpoint: the conv's output is kept
+    (MUST_SAVE, so backward never reruns the conv) and ``fn``'s output, the conv's input, is not held from
+    forward to backward but recomputed from ``args``, which are usually held anyway (a block's input, the
+    previous conv's output). Values and gradients are those of the plain composition.
+    """
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(_act_conv, fn, conv, *args, use_reentrant=False, preserve_rng_state=False,
+                          context_fn=_keep_conv_outputs)
+    return conv.conv_padded(fn(*args))
+
+
 class CausalConv3d(nn.Module):
     """Conv3d padded by ``k_t - 1`` zero frames on the left only, so output frame i sees input frames <= i."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int, int] = 3,
-                 stride: int | tuple[int, int, int] = 1, bias: bool = True) -> None:
+                 stride: int | tuple[int, int, int] = 1, bias: bool = True, recompute: bool = False) -> None:
         super().__init__()
         kt, kh, kw = _triple(kernel_size)
         self.time_pad = kt - 1
+        self.recompute = recompute  # backward re-pads the input instead of keeping the padded copy (act_conv)
         self.conv = nn.Conv3d(in_channels, out_channels, (kt, kh, kw), stride=_triple(stride),
                               padding=(0, kh // 2, kw // 2), bias=bias)
 
@@ -88,17 +118,18 @@ class CausalConv3d(nn.Module):
         return self.conv(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv_padded(self.pad(x))
+        return act_conv(self.pad, self, x, recompute=self.recompute and self.time_pad > 0)
 
 
 class CausalDownsample3d(nn.Module):
     """Stride-2 causal conv: ``T = 1 + 2k -> 1 + k`` (frame 0 alone, then pairs) when ``temporal``, H, W halved."""
 
-    def __init__(self, in_channels: int, out_channels: int, temporal: bool, spatial: bool = True) -> None:
+    def __init__(self, in_channels: int, out_channels: int, temporal: bool, spatial: bool = True,
+                 recompute: bool = False) -> None:
         super().__init__()
         # kernel 3 with 2 left pad frames: output frame i reads input frames 2i-2, 2i-1, 2i
         self.conv = CausalConv3d(in_channels, out_channels, 3, stride=(2 if temporal else 1, 2 if spatial else 1,
-                                                                        2 if spatial else 1))
+                                                                        2 if spatial else 1), recompute=recompute)
         self.temporal = temporal
 
     def forward(self, x: Tensor) -> Tensor:
@@ -128,9 +159,9 @@ class Upsample2x(nn.Module):
     finer level's (fewer) channels halves it again; the next residual block's convs smooth the nearest copy.
     """
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, recompute: bool = False) -> None:
         super().__init__()
-        self.conv = CausalConv3d(in_channels, out_channels, 3)
+        self.conv = CausalConv3d(in_channels, out_channels, 3, recompute=recompute)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.interpolate(self.conv(x), scale_factor=(1.0, 2.0, 2.0), mode="nearest")
@@ -345,14 +376,10 @@ class ResBlock3d(nn.Module):
         return self.conv2.pad(F.silu(h))
 
     def _segment(self, fn: Callable[..., Tensor], conv: CausalConv3d, *args: Tensor | None) -> Tensor:
-        # selective recomputation: norm/FiLM/SiLU/pad are cheap elementwise passes, so backward recomputes them
-        # from the segment's input; the conv is inside the checkpointed region but its output is kept
-        # (MUST_SAVE), so backward never reruns it, and the activation it reads is not held from forward to
-        # backward: only the block input and the conv outputs stay alive (about half the saved bytes)
-        if self.recompute and torch.is_grad_enabled():
-            return checkpoint(_act_conv, fn, conv, *args, use_reentrant=False, preserve_rng_state=False,
-                              context_fn=_keep_conv_outputs)
-        return conv.conv_padded(fn(*args))
+        # selective recomputation (act_conv): norm/FiLM/SiLU/pad are cheap elementwise passes, so backward
+        # recomputes them from the segment's input instead of keeping their outputs and the padded conv input;
+        # the conv output is kept, so no conv runs twice (about half the saved bytes of recompute=False)
+        return act_conv(fn, conv, *args, recompute=self.recompute)
 
     def forward(self, x: Tensor, temb: Tensor | None = None, cond: Tensor | None = None) -> Tensor:
         h = self._segment(self._act1, self.conv1, x)
@@ -365,22 +392,13 @@ class ResBlock3d(nn.Module):
             shift = shift_c if shift is None else shift_c + shift
             scale = scale_c if scale is None else scale_c + scale
         h = self._segment(self._act2, self.conv2, h, shift, scale)
-        return self.skip(x) + h
-
-
-_CONV_OPS = frozenset({torch.ops.aten.mkldnn_convolution.default, torch.ops.aten.convolution.default})
-
-
-def _conv_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in _CONV_OPS else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _keep_conv_outputs() -> tuple[Any, Any]:
-    return create_selective_checkpoint_contexts(_conv_policy)
-
-
-def _act_conv(fn: Callable[..., Tensor], conv: CausalConv3d, *args: Tensor | None) -> Tensor:
-    return conv.conv_padded(fn(*args))
+        skip = self.skip(x)
+        if self.recompute and torch.is_grad_enabled() and skip.dtype == h.dtype:
+            # in place into the conv output, which the selective checkpoint keeps anyway: the block output shares
+            # its storage instead of holding a second full-size map (under autocast a bf16 conv output plus an fp32
+            # skip promotes to fp32, so that case adds out of place)
+            return h.add_(skip)
+        return skip + h
 
 
 class CausalAttentionBlock3d(nn.Module):

@@ -23,6 +23,7 @@ from cadiff.models.layers import (
     ResBlock3d,
     TimestepEmbedder,
     Upsample2x,
+    act_conv,
     causal_upsample_time,
     channels_last,
 )
@@ -61,7 +62,7 @@ class UNet3D(nn.Module):
                 skip_channels.append(ch)
             self.down.append(blocks)
             if i < self.num_levels - 1:
-                self.downsamples.append(CausalConv3d(prev, prev, 3, stride=(1, 2, 2)))
+                self.downsamples.append(CausalConv3d(prev, prev, 3, stride=(1, 2, 2), recompute=recompute))
                 skip_channels.append(prev)
             else:
                 self.downsamples.append(nn.Identity())
@@ -77,7 +78,7 @@ class UNet3D(nn.Module):
                 prev = channels[i]
             self.up.append(blocks)
             if i > 0:
-                self.upsamples.append(Upsample2x(prev, channels[i - 1]))
+                self.upsamples.append(Upsample2x(prev, channels[i - 1], recompute=recompute))
                 prev = channels[i - 1]
             else:
                 self.upsamples.append(nn.Identity())
@@ -85,6 +86,7 @@ class UNet3D(nn.Module):
         self.conv_out = CausalConv3d(prev, out_channels or in_channels, 3)
         nn.init.zeros_(self.conv_out.conv.weight)  # velocity 0 at init (ADM/DiT practice)
         nn.init.zeros_(self.conv_out.conv.bias)
+        self.recompute = recompute
 
     def res_blocks(self) -> list[nn.Module]:
         """The repeated blocks (for FSDP2 wrapping and activation checkpointing)."""
@@ -128,4 +130,7 @@ class UNet3D(nn.Module):
             for blk in blocks:
                 h = blk(torch.cat([h, skips.pop()], dim=1), temb, cond[level])
             h = up(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return act_conv(self._out_act, self.conv_out, h, recompute=self.recompute)
+
+    def _out_act(self, h: Tensor) -> Tensor:
+        return self.conv_out.pad(F.silu(self.norm_out(h)))
