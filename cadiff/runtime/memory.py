@@ -4,8 +4,14 @@ glibc's malloc serves a request from ``mmap`` only above a threshold that starts
 rises to the size of every mmapped block freed (up to 32 MiB on 64-bit, ``mallopt(3)``). After the first
 training step every activation-sized tensor therefore comes from the heap, where a freed block below a live one
 cannot be returned: the process keeps a fragmented high-water mark. A fixed threshold keeps large tensors on
-mmap, unmapped when freed. Measured on the default stage-1 step at 1x1x65x64x64, fp32, 2 threads: peak RSS
-2.15 -> 1.72 GB, step time within run-to-run noise (``benchmarks/model_step.md``).
+mmap, unmapped when freed, at the price of fresh page faults each time one is allocated again.
+
+Measured on the default stage-1 training step (``experiment=ae_default``), fp32, 2 threads, 3 steps per process
+on a 2-core VM whose step times vary by ~15% between runs: at 1x1x65x64x64 the peak RSS is 2.06 GB with glibc's
+default, 1.89 GB with a 16 MiB threshold and 1.75 GB with 4 MiB; at 1x1x17x64x64 a 16 MiB threshold leaves the
+step time unchanged (3.8 s against 3.7-3.8 s), while 4 MiB (or 1 MiB) makes it ~50% slower: most 17-frame
+activations are 2-18 MB, and page-faulting them anew at every step costs more than the convolutions save.
+``trainer.malloc_mmap_threshold_kb`` therefore defaults to 16 MiB.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def test_a_fixed_threshold_keeps_large_blocks_on_their_own_mappings(setting: str
 
 
 def test_config_key_is_validated_at_load() -> None:
-    assert compose("train_ae", ["experiment=ae_tiny"]).trainer.malloc_mmap_threshold_kb == 1024
+    assert compose("train_ae", ["experiment=ae_tiny"]).trainer.malloc_mmap_threshold_kb == 16384
     assert compose("train_ae", ["experiment=ae_tiny", "trainer.malloc_mmap_threshold_kb=null"]
                    ).trainer.malloc_mmap_threshold_kb is None
     for bad in (0, -4, MMAP_THRESHOLD_MAX_KB + 1):
