@@ -167,6 +167,8 @@ def validate(cfg: GenConfig) -> GenConfig:
          and (cfg.roi_frames - 1) % 4 == 0, f"1 + k*4 frames from clip_frames {cfg.clip_frames} to the held-out "
          f"movies' {cfg.test_clips_per_tile * cfg.clip_frames}"),
         ("threads", cfg.threads >= 1, ">= 1 torch threads"),
+        ("ae_steps", cfg.ae_steps >= 1, ">= 1 training steps of stage 1"),
+        ("dit_steps", cfg.dit_steps >= 1, ">= 1 training steps of the DiT"),
         ("cond_dit_steps", cfg.cond_dit_steps >= 1, ">= 1 training steps of the conditioned DiT"),
     ]
     for key, ok, expected in checks:
@@ -810,6 +812,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="stage 1 on the preset's own movies only (not also the brightness-varied ones)")
     parser.add_argument("--ae-override", dest="ae_overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a stage-1 model override, e.g. model.mean_target=photon_split (repeatable)")
+    parser.add_argument("--ae-steps", type=int, default=None,
+                        help=f"stage-1 training steps (default {GenConfig.ae_steps}, --quick {QUICK['ae_steps']})")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--render", action="store_true",
@@ -839,8 +843,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if a.render:
             return rerender(a.out)
-        cfg = validate(GenConfig(**(QUICK if a.quick else {}), threads=a.threads, seed=a.seed,
-                                 ae_brightness=a.ae_brightness, ae_overrides=a.ae_overrides))
+        sizes = {**(QUICK if a.quick else {}), **({"ae_steps": a.ae_steps} if a.ae_steps is not None else {})}
+        cfg = validate(GenConfig(**sizes, threads=a.threads, seed=a.seed, ae_brightness=a.ae_brightness,
+                                 ae_overrides=a.ae_overrides))
         work = a.work or WORK.with_name(WORK.name + ("_quick" if a.quick else ""))
         res, arrays = run(cfg, work)
     except CadiffError as exc:

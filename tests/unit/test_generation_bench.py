@@ -56,6 +56,9 @@ def test_config_validation_names_the_option():
 def test_cli_bad_option_is_one_line_and_runs_nothing(tmp_path: Path, capsys):
     assert g.main(["--quick", "--threads", "0", "--out", str(tmp_path / "r"), "--work", str(tmp_path / "w")]) == 2
     assert capsys.readouterr().out == "generation: error: generation option threads = 0: expected >= 1 torch threads\n"
+    assert g.main(["--ae-steps", "0", "--out", str(tmp_path / "r"), "--work", str(tmp_path / "w")]) == 2
+    assert capsys.readouterr().out == ("generation: error: generation option ae_steps = 0: expected >= 1 training "
+                                       "steps of stage 1\n")
     assert not any(tmp_path.iterdir())
 
 
