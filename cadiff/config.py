@@ -195,7 +195,8 @@ class AutoencoderConfig:
     dec_channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4])
     dec_num_res_blocks: int = 1
     dec_attention: bool = False
-    # recompute norm/FiLM/SiLU in backward instead of storing them (no conv FLOPs redone; ~-25% activation memory)
+    # recompute norm/FiLM/SiLU and the causal pad in backward instead of storing them; conv outputs are kept, so no
+    # conv FLOPs are redone (a residual block holds 2 activations from forward to backward instead of 8.5)
     recompute_elementwise: bool = True
     regression_loss: str = "l2"  # l2 | l1
     # diffae: mean_flow = a mean head mu(z) trained with L2 plus a flow around it whose Gaussian noise part is
