@@ -378,7 +378,7 @@ class ResBlock3d(nn.Module):
     def _segment(self, fn: Callable[..., Tensor], conv: CausalConv3d, *args: Tensor | None) -> Tensor:
         # selective recomputation (act_conv): norm/FiLM/SiLU/pad are cheap elementwise passes, so backward
         # recomputes them from the segment's input instead of keeping their outputs and the padded conv input;
-        # the conv output is kept, so no conv runs twice (about half the saved bytes of recompute=False)
+        # the conv output is kept, so no conv runs twice (a block holds 2 activations to backward, 8.5 without)
         return act_conv(fn, conv, *args, recompute=self.recompute)
 
     def forward(self, x: Tensor, temb: Tensor | None = None, cond: Tensor | None = None) -> Tensor:
