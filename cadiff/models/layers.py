@@ -87,7 +87,7 @@ def act_conv(fn: Callable[..., Tensor], conv: CausalConv3d, *args: Tensor | None
     if recompute and torch.is_grad_enabled():
         return checkpoint(_act_conv, fn, conv, *args, use_reentrant=False, preserve_rng_state=False,
                           context_fn=_keep_conv_outputs)
-    return conv.conv_padded(fn(*args))
+    return _act_conv(fn, conv, *args)
 
 
 class CausalConv3d(nn.Module):
@@ -375,14 +375,10 @@ class ResBlock3d(nn.Module):
             h = modulate(h, shift, scale)
         return self.conv2.pad(F.silu(h))
 
-    def _segment(self, fn: Callable[..., Tensor], conv: CausalConv3d, *args: Tensor | None) -> Tensor:
-        # selective recomputation (act_conv): norm/FiLM/SiLU/pad are cheap elementwise passes, so backward
-        # recomputes them from the segment's input instead of keeping their outputs and the padded conv input;
-        # the conv output is kept, so no conv runs twice (a block holds 2 activations to backward, 8.5 without)
-        return act_conv(fn, conv, *args, recompute=self.recompute)
-
     def forward(self, x: Tensor, temb: Tensor | None = None, cond: Tensor | None = None) -> Tensor:
-        h = self._segment(self._act1, self.conv1, x)
+        # selective recomputation (act_conv): backward recomputes norm/FiLM/SiLU/pad from each segment's input
+        # instead of keeping their outputs and the padded conv input; conv outputs are kept, so no conv runs twice
+        h = act_conv(self._act1, self.conv1, x, recompute=self.recompute)
         shift = scale = None
         if self.temb_proj is not None:
             shift, scale = self.temb_proj(F.silu(temb))[:, :, None, None, None].chunk(2, dim=1)
@@ -391,7 +387,7 @@ class ResBlock3d(nn.Module):
             shift_c, scale_c = self.cond_proj(cond).chunk(2, dim=1)
             shift = shift_c if shift is None else shift_c + shift
             scale = scale_c if scale is None else scale_c + scale
-        h = self._segment(self._act2, self.conv2, h, shift, scale)
+        h = act_conv(self._act2, self.conv2, h, shift, scale, recompute=self.recompute)
         skip = self.skip(x)
         if self.recompute and torch.is_grad_enabled() and skip.dtype == h.dtype:
             # in place into the conv output, which the selective checkpoint keeps anyway: the block output shares
