@@ -316,6 +316,7 @@ def _train(config: dict[str, Any], sync: Callable[[], Any] | None) -> None:
     cfg, tcfg, run_dir = run.cfg, run.cfg.trainer, run.run_dir
     threads = tcfg.threads_per_worker or max(1, int(np.ceil(tcfg.cpus_per_worker)))
     torch.set_num_threads(threads)
+    # process-wide and not undone: with strategy=single it stays set in the caller's process after training
     set_mmap_threshold(tcfg.malloc_mmap_threshold_kb)
     device = worker_device(run.use_ray, tcfg.gpus_per_worker)
     use_deterministic_cuda(device, run.stage.data_cfg(cfg).deterministic)
