@@ -131,6 +131,7 @@ def encode_latents(cfg: Any) -> tuple[str, str]:
     total_sq = np.zeros(latent_shape[0], np.float64)
     count = 0
     conditions: set[str] = set()  # stage-2 conditions carried by any train clip
+    fluxes: list[float] = []  # train clips' mean photon flux: the median is the brightness a mask sample holds
     with atomic_dir(out, "encode_latents", cfg.overwrite) as tmp:
         for split, info in index["splits"].items():
             paths = [str(data_root / s["path"]) for s in info["shards"]]
@@ -163,6 +164,8 @@ def encode_latents(cfg: Any) -> tuple[str, str]:
                         total_sq[:] += (z.astype(np.float64).reshape(z.shape[0], -1) ** 2).sum(axis=1)
                         count += z[0].size
                         conditions.update(name for name in CONDITIONS if name in meta)
+                        if FLUX_KEY in meta:
+                            fluxes.append(float(meta[FLUX_KEY]))
                     yield row["key"], z, meta
 
             shards = write_shards(samples(), tmp, split, prefix=f"latents-{split}", clips_per_shard=cfg.clips_per_shard)
@@ -186,6 +189,7 @@ def encode_latents(cfg: Any) -> tuple[str, str]:
             "sources": index["sources"],
             "normalization": index["normalization"],
             "conditioning": [name for name in CONDITIONS if name in conditions],
+            "flux_median": float(np.median(fluxes)) if fluxes else None,
         })
     n = sum(s["num_clips"] for s in splits.values())
     return f"{n} latents {latent_shape} std={np.round(std, 3).tolist()}", str(out)

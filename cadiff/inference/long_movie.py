@@ -76,13 +76,14 @@ def chunk_spans(num_latent: int, chunk: int, context: int) -> list[tuple[int, in
 
 def guidance(params: dict[str, Any], batch: int) -> dict[str, Any]:
     """``LatentDiffusion.sample`` keywords for the requested conditions of ``params`` (plain values, as sent to Ray
-    tasks): ``roi_mask`` on the latent grid repeated ``[B, H, W]``, ``flux`` ``[B]``, ``guidance_scale`` and the
+    tasks): ``roi_mask`` on the latent grid repeated ``[B, H, W]``, ``flux`` ``[B]``, ``guidance_scale``, the
+    conditions it applies to (``guided``, None: all; ``cadiff.inference.sample.requested_conditions``) and the
     chunks' ``context_guidance``."""
     requested = params.get("conditions") or {}
     conditions = {name: torch.tensor(value, dtype=torch.float32).expand(batch, *np.shape(value)).clone()
                   for name, value in requested.items()}
     return {"conditions": conditions, "guidance_scale": float(params.get("guidance_scale", 1.0)),
-            "context_guidance": float(params.get("context_guidance", 0.0))}
+            "context_guidance": float(params.get("context_guidance", 0.0)), "guided": params.get("guided")}
 
 
 def rollout_latents(dit: Any, plan: LongMoviePlan, latent_bchw: tuple[int, int, int, int], sampler: str | None,

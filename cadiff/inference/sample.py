@@ -163,9 +163,17 @@ def check_pair(dit: Any, decoder: Any, stage1_path: str) -> None:
         )
 
 
-def requested_conditions(cfg: Any, dit: Any, latent_hw: tuple[int, int], spatial_downsample: int) -> dict[str, Any]:
+def requested_conditions(cfg: Any, dit: Any, latent_hw: tuple[int, int], spatial_downsample: int,
+                         flux_median: float | None = None) -> dict[str, Any]:
     """``mask``/``flux`` of a generate run as plain values (the ROI map's planes on the latent grid as nested lists,
-    flux scaled to ``[0, 1]``), checked against what the stage-2 model was trained with before any sampling."""
+    flux scaled to ``[0, 1]``), checked against what the stage-2 model was trained with before any sampling.
+
+    A mask is guided at a held brightness when the model also takes a flux: ``guidance_scale`` then applies to the
+    mask alone and the flux - the requested one, else ``flux_median`` (the training latents', recorded by
+    encode_latents) - is given to both guidance branches. Guiding both, the mask's pull also extrapolates the
+    brightness that the cell count correlates with: empty masks came out a third darker than cell-free tiles,
+    with a bright edge the ROI detector took for cells (README "Conditioning on ROIs and brightness").
+    Returns ``{"conditions": ..., "guided": names or None (all), "flux_held": photons or None}``."""
     conditions: dict[str, Any] = {}
     h, w = latent_hw
     for key, takes, model_key in (("mask", dit.dit.mask_flag is not None, "cond_mask"),
@@ -180,9 +188,21 @@ def requested_conditions(cfg: Any, dit: Any, latent_hw: tuple[int, int], spatial
         planes = mask_planes(mask, (h, w), dit.mask_subgrid, f"mask file {cfg.mask}")
         conditions[MASK_KEY] = (planes[0] if dit.mask_subgrid == 1 else planes).tolist()
         log.info("ROI mask %s: %d of %d pixels inside ROIs", cfg.mask, int(mask.sum()), mask.size)
-    if cfg.flux is not None:
-        conditions[FLUX_KEY] = flux_value(float(cfg.flux), "config key 'flux'")
-    return conditions
+    held = float(cfg.flux) if cfg.flux is not None else None
+    guided = None
+    if cfg.mask is not None and dit.dit.flux_embedder is not None:
+        if held is None and flux_median is not None:
+            held = float(flux_median)
+            log.info("ROI mask guided at the training latents' median flux %.4g photons/px/frame (set flux= for "
+                     "another brightness)", held)
+        if held is not None:
+            guided = [MASK_KEY]
+        else:
+            log.warning("stage2 '%s' records no training flux (latents encoded before encode_latents recorded "
+                        "flux_median): the mask is guided with the brightness free; pass flux= to hold it", cfg.stage2)
+    if held is not None:
+        conditions[FLUX_KEY] = flux_value(held, "config key 'flux'" if cfg.flux is not None else "flux_median")
+    return {"conditions": conditions, "guided": guided, "flux_held": held if guided else None}
 
 
 def load_pair(stage2: str | Path, stage1: str | Path | None = None
@@ -215,9 +235,10 @@ def generate(cfg: Any) -> tuple[str, str]:
     # loaded up front: a bad stage1/stage2 fails before any work
     dit, dit_meta, stage2_export, decoder, ae_meta, stage1_export = load_pair(cfg.stage2, cfg.stage1)
     source_id, calib = _calibration(ae_meta["data"])
-    params = sample_params(cfg, decoder)
-    args = {**params, "conditions": requested_conditions(cfg, dit, tuple(dit_meta["data"]["sample_shape"][2:]),
-                                                         decoder.spatial_downsample)}
+    requested = requested_conditions(cfg, dit, tuple(dit_meta["data"]["sample_shape"][2:]),
+                                     decoder.spatial_downsample, dit_meta["data"].get("flux_median"))
+    params = {**sample_params(cfg, decoder), "guided": requested["guided"], "flux_held": requested["flux_held"]}
+    args = {**params, "conditions": requested["conditions"]}
     slices = batch_slices(cfg.num_samples, cfg.batch_size)
     movies: list[np.ndarray] = []
     if cfg.num_ray_tasks > 0:
@@ -282,9 +303,10 @@ def generate_long(cfg: Any) -> tuple[str, str]:
     source_id, calib = _calibration(ae_meta["data"])
     norm = ae_meta["data"]["normalization"]
     dtype = source_dtype(calib)
-    params = sample_params(cfg, decoder)
-    params["context_guidance"] = float(cfg.context_guidance)
-    args = {**params, "conditions": requested_conditions(cfg, dit, (h, w), s)}
+    requested = requested_conditions(cfg, dit, (h, w), s, data2.get("flux_median"))
+    params = {**sample_params(cfg, decoder), "context_guidance": float(cfg.context_guidance),
+              "guided": requested["guided"], "flux_held": requested["flux_held"]}
+    args = {**params, "conditions": requested["conditions"]}
     shape = (plan.num_frames, h * s, w * s)
     record = {"mode": "generate", "num_samples": int(cfg.num_samples), "shape": list(shape), "dtype": str(dtype),
               "calibration": calibration_record(source_id, calib), "stage1": str(stage1_export),

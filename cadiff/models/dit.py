@@ -12,13 +12,14 @@ input channel (repeated over time) plus a learned given/null flag added to the t
 flux (mapped to ``[0, 1]``) is embedded like the time step, or replaced by a learned null vector. NaN marks a
 condition as not given for that sample. Training drops each condition with probability ``cond_dropout`` so the
 same network is also the unconditional model, and sampling mixes the two by classifier-free guidance
-(Ho & Salimans 2022, arXiv:2207.12598): ``v = v_null + s (v_cond - v_null)``, ``s = guidance_scale``.
+(Ho & Salimans 2022, arXiv:2207.12598): ``v = v_null + s (v_cond - v_null)``, ``s = guidance_scale``. The null
+branch drops the guided conditions only: a condition held (``sample(guided=...)``) is given to both branches.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -291,28 +292,32 @@ class LatentDiffusion(nn.Module):
         loss = self.objective.loss(lambda x_t, t: self.dit(x_t, t, cond, **conditions), z, generator)
         return loss, {"loss": loss.detach()}
 
-    def _guided(self, cond: Tensor | None, conditions: dict[str, Tensor], guidance_scale: float
-                ) -> Callable[[Tensor, Tensor], Tensor]:
-        """Velocity function: conditional, or classifier-free guided ``v_null + s (v_cond - v_null)``."""
-        if not conditions or guidance_scale == 1.0:
+    def _guided(self, cond: Tensor | None, conditions: dict[str, Tensor], guidance_scale: float,
+                guided: Collection[str] | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+        """Velocity function: conditional, or classifier-free guided ``v_null + s (v_cond - v_null)``, where the
+        null branch drops the ``guided`` conditions (None: all given) and keeps the others (held in both)."""
+        names = set(conditions) if guided is None else set(guided) & set(conditions)
+        if not names or guidance_scale == 1.0:
             return lambda x_t, t: self.dit(x_t, t, cond, **conditions)
+        null = {name: torch.full_like(value, math.nan) if name in names else value
+                for name, value in conditions.items()}
         if guidance_scale == 0.0:
-            return lambda x_t, t: self.dit(x_t, t, cond)
-        null = {name: torch.full_like(value, math.nan) for name, value in conditions.items()}
+            return lambda x_t, t: self.dit(x_t, t, cond, **null)
         both = {name: torch.cat([conditions[name], null[name]]) for name in conditions}
         cond2 = None if cond is None else torch.cat([cond, cond])
 
-        def guided(x_t: Tensor, t: Tensor) -> Tensor:
+        def guided_fn(x_t: Tensor, t: Tensor) -> Tensor:
             t2 = torch.cat([t, t]) if t.dim() else t
             v_cond, v_null = self.dit(torch.cat([x_t, x_t]), t2, cond2, **both).chunk(2)
             return v_null + guidance_scale * (v_cond - v_null)
 
-        return guided
+        return guided_fn
 
     def sample(self, shape: tuple[int, ...] | list[int], sampler: str | None = None, num_steps: int | None = None,
                generator: torch.Generator | None = None, cond: Tensor | None = None,
                context: Tensor | None = None, conditions: dict[str, Tensor] | None = None,
-               guidance_scale: float = 1.0, context_guidance: float = 0.0) -> Tensor:
+               guidance_scale: float = 1.0, context_guidance: float = 0.0,
+               guided: Collection[str] | None = None) -> Tensor:
         """Draw latents of ``shape [B, C, T, H, W]`` from fresh noise (defaults from the diffusion config).
 
         ``context [B, C, T_c, H, W]``: the first ``T_c`` frames are given (a continuation). At every model
@@ -324,7 +329,9 @@ class LatentDiffusion(nn.Module):
         x0_hat[context]||^2`` (gradient in ``x_t`` of the new frames, through the model), so they agree with the
         context instead of merely sitting beside it; each model evaluation then also runs a backward pass.
         ``conditions``: ``roi_mask [B, H, W]`` and/or ``flux [B]`` (NaN: not given), guided by ``guidance_scale``
-        (1: the conditional model, 0: the unconditional one).
+        (1: the conditional model, 0: the unconditional one). ``guided``: the conditions the guidance applies to
+        (None: every given one); the others are held, given to both the conditional and the null branch - a mask
+        guided at a held flux moves where the cells are without moving the brightness the mask correlates with.
         """
         if len(shape) != 5:
             raise ModelError(f"sample shape {tuple(shape)}: expected [B, C, T, H, W]")
@@ -336,7 +343,7 @@ class LatentDiffusion(nn.Module):
         param = next(self.parameters())
         noise = draw_randn(tuple(shape), generator, param.device, param.dtype)
         conditions = {name: value.to(device=param.device, dtype=param.dtype) for name, value in (conditions or {}).items()}
-        model_fn = self._guided(cond, conditions, float(guidance_scale))
+        model_fn = self._guided(cond, conditions, float(guidance_scale), guided)
         if context is not None:
             model_fn = self._with_context(model_fn, context.to(noise), noise, tuple(shape), float(context_guidance))
         with torch.no_grad():

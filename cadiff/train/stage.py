@@ -52,6 +52,8 @@ class DataInfo:
     channel_mean: tuple[float, ...] | None = None  # latents: per-channel normalization
     channel_std: tuple[float, ...] | None = None
     stage1: str | None = None  # latents: the stage-1 export they were encoded with
+    # latents: the train clips' median photon flux (encode_latents), the brightness a mask sample is guided at
+    flux_median: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -195,7 +197,8 @@ class LatentStage(Stage):
         info = DataInfo(root=storage.resolved(root), sample_shape=tuple(index["latent_shape"]),
                         num_train_clips=int(index["splits"]["train"]["num_clips"]),
                         normalization=index.get("normalization"), channel_mean=tuple(index["channel_mean"]),
-                        channel_std=tuple(index["channel_std"]), stage1=str(Path(stage1).resolve()))
+                        channel_std=tuple(index["channel_std"]), stage1=str(Path(stage1).resolve()),
+                        flux_median=index.get("flux_median"))
         return info, resolve_model_config({**to_dict(cfg.model), "in_channels": channels, "conditions": conditions,
                                            "mask_subgrid": subgrid})
 

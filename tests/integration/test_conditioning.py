@@ -25,6 +25,8 @@ def test_conditioned_dit_trains_and_samples_with_a_mask(latents_root, tmp_path):
     shard = latents_root / index["splits"]["train"]["shards"][0]["path"]
     _key, _z, meta = next(iter_shard(shard))
     assert decode_mask(meta["roi_mask"]).shape == (32, 32) and meta["flux"] > 0
+    fluxes = [m["flux"] for s in index["splits"]["train"]["shards"] for _k, _z, m in iter_shard(latents_root / s["path"])]
+    assert index["flux_median"] == pytest.approx(float(np.median(fluxes)))  # what a mask sample is held at
 
     cfg = compose("train_latent", ["experiment=dit_tiny", f"latents.root={latents_root}", f"out_root={tmp_path}",
                                    "run_name=c1", "strategy=single", "trainer.num_workers=1", "trainer.max_steps=3",
@@ -43,7 +45,14 @@ def test_conditioned_dit_trains_and_samples_with_a_mask(latents_root, tmp_path):
                                   "decoder_steps=2", f"mask={tmp_path / 'rois.npy'}", "flux=20", "guidance_scale=2"]))
     record = json.loads((out / "samples.json").read_text())
     assert record["mask"] == str(tmp_path / "rois.npy") and record["flux"] == 20 and record["guidance_scale"] == 2
+    assert record["guided"] == ["roi_mask"] and record["flux_held"] == 20  # the mask guided at the requested flux
     assert tifffile.imread(out / "sample_001.tif").shape == (17, 32, 32)
+    # a mask alone is guided at the training latents' median flux, recorded with the samples
+    run_sample(compose("sample", [f"stage2={run}", "num_samples=1", f"out={tmp_path / 'held'}", "latent_steps=2",
+                                  "decoder_steps=2", f"mask={tmp_path / 'rois.npy'}", "guidance_scale=2"]))
+    held = json.loads((tmp_path / "held" / "samples.json").read_text())
+    assert held["flux"] is None and held["guided"] == ["roi_mask"]
+    assert held["flux_held"] == pytest.approx(index["flux_median"])
 
     np.save(tmp_path / "small.npy", mask[:16, :16])
     with pytest.raises(DataError, match=r"small.npy: shape \(16, 16\), expected .*\(32, 32\)"):

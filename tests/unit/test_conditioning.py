@@ -115,13 +115,13 @@ def test_cfg_scale_one_is_conditional_and_zero_unconditional():
     def draw(**kw):
         return net.sample(shape, sampler="euler", num_steps=3, generator=torch.Generator().manual_seed(5), **kw)
 
-    def by_hand(scale: float) -> torch.Tensor:  # the guided Euler loop written out
+    def by_hand(scale: float, null: dict | None = None) -> torch.Tensor:  # the guided Euler loop written out
         x = torch.randn(shape, generator=torch.Generator().manual_seed(5))
         grid = torch.linspace(1, 0, 4)
         for t0, t1 in zip(grid[:-1], grid[1:]):
             t = torch.full((2,), float(t0))
             with torch.no_grad():
-                v_c, v_u = net.dit(x, t, **conds), net.dit(x, t)
+                v_c, v_u = net.dit(x, t, **conds), net.dit(x, t, **(null or {}))
             x = x + (t1 - t0) * (v_u + scale * (v_c - v_u))
         return x
 
@@ -131,6 +131,12 @@ def test_cfg_scale_one_is_conditional_and_zero_unconditional():
     torch.testing.assert_close(conditional, by_hand(1.0), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(draw(conditions=conds, guidance_scale=2.5), by_hand(2.5), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(conditional, draw())
+    # the mask guided at a held flux: the null branch keeps the flux, drops the mask only
+    held = by_hand(2.5, {"flux": conds["flux"]})
+    torch.testing.assert_close(draw(conditions=conds, guidance_scale=2.5, guided=["roi_mask"]), held, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(held, by_hand(2.5), atol=1e-4)
+    torch.testing.assert_close(draw(conditions=conds, guidance_scale=0.0, guided=["roi_mask"]),
+                               draw(conditions={"flux": conds["flux"]}))
     with pytest.raises(ModelError, match="guidance_scale = -1"):
         draw(conditions=conds, guidance_scale=-1.0)
 
@@ -442,14 +448,17 @@ def test_sample_checks_requested_conditions_against_the_model(tmp_path):
     np.save(tmp_path / "m.npy", mask)
     cfg = compose("sample", ["stage2=run", f"mask={tmp_path / 'm.npy'}", "flux=1.0"])
     conditioned = model("model.cond_mask=true", "model.cond_flux=true")
-    got = requested_conditions(cfg, conditioned, (4, 4), 4)
+    requested = requested_conditions(cfg, conditioned, (4, 4), 4)
+    got = requested["conditions"]
     assert got["flux"] == 0.5 and np.asarray(got["roi_mask"]).shape == (4, 4) and got["roi_mask"][0][0] == 1.0
+    # mask and flux: the guidance pulls toward the mask at the requested flux, held in both branches
+    assert requested["guided"] == ["roi_mask"] and requested["flux_held"] == 1.0
     with pytest.raises(DataError, match=r"m.npy: shape \(16, 16\), expected .* H, W = \(32, 32\)"):
         requested_conditions(cfg, conditioned, (8, 8), 4)
     # a model trained on 2x2 sub-block planes gets the mask as those planes
     mask_only = compose("sample", ["stage2=run", f"mask={tmp_path / 'm.npy'}"])
     planes = np.asarray(requested_conditions(mask_only, model("model.cond_mask=true", "model.mask_subgrid=2"), (4, 4),
-                                             4)["roi_mask"])
+                                             4)["conditions"]["roi_mask"])
     np.testing.assert_array_equal(planes, C.mask_planes(mask, (4, 4), 2))
     assert planes.shape == (4, 4, 4) and (planes[:, :2, :2] == 1).all() and planes[:, 2:, 2:].sum() == 0
     with pytest.raises(ConfigError, match=r"'mask' = .*m.npy'.*trained without this condition \(model.cond_mask=false\)"):
@@ -457,3 +466,13 @@ def test_sample_checks_requested_conditions_against_the_model(tmp_path):
     flux_only = compose("sample", ["stage2=run", "flux=1.0"])
     with pytest.raises(ConfigError, match=r"'flux' = 1.0: .*\(model.cond_flux=false\)"):
         requested_conditions(flux_only, model("model.cond_mask=true"), (4, 4), 4)
+    # a flux alone is guided itself; a mask alone is held at the training latents' median flux when it is recorded
+    alone = requested_conditions(flux_only, conditioned, (4, 4), 4)
+    assert alone == {"conditions": {"flux": 0.5}, "guided": None, "flux_held": None}
+    held = requested_conditions(mask_only, conditioned, (4, 4), 4, flux_median=0.1)
+    assert held["guided"] == ["roi_mask"] and held["flux_held"] == 0.1
+    assert held["conditions"]["flux"] == pytest.approx(C.flux_value(0.1))
+    free = requested_conditions(mask_only, conditioned, (4, 4), 4)  # latents from before flux_median: as before
+    assert free["guided"] is None and free["flux_held"] is None and "flux" not in free["conditions"]
+    # a model without a flux input guides its mask alone
+    assert requested_conditions(mask_only, model("model.cond_mask=true"), (4, 4), 4, flux_median=0.1)["guided"] is None
