@@ -64,8 +64,14 @@ log = logging.getLogger(__name__)
 MASK_SUBGRID = 4  # the ROI map as 4x4 sub-block fractions per latent pixel (2x2 px of ae_tiny's 8x8 px blocks)
 COND_OVERRIDES = ("model.cond_mask=true", "model.cond_flux=true", f"model.mask_subgrid={MASK_SUBGRID}")
 # the demo's mask sample uses the same. Measured on one stage 1 and one conditioned DiT (8000 steps), 253-frame
-# movies: guidance 2 -> ROI F1 0.774, null 0, mean flux 0.142 photons/px/frame; 3 -> 0.787, null 3, 0.160; 4.5 ->
-# 0.791, null 9, 0.188: a stronger pull finds more cells but puts some into empty masks and brightens the movie
+# movies, the flux guided with the mask (before mask_guide): guidance 2 -> ROI F1 0.774, null 0, mean flux 0.142
+# photons/px/frame; 3 -> 0.787, null 3, 0.160; 4.5 -> 0.791, null 9, 0.188. The empty-mask movies' false cells sat
+# at one place, a bright top edge (row 0 at 1.20x the median of the mean image, 1.02 unguided), and the movies were
+# a third darker than cell-free tiles (0.076 against 0.107): guiding the mask with the flux free extrapolates the
+# brightness the cell count correlates with. Held at the median flux (mask_guide), the 2250-step stage 1's empty
+# masks gave 0 false ROIs in 32 movies at guidance 2 and 3 (3 in 32 guided free), row 0 at 1.02-1.04, flux 0.122;
+# ROI F1 0.803 -> 0.810 (1500 steps: 0.774 -> 0.764). Also tried, flux free: Heun 10 steps (19 NFE) F1 0.776;
+# guidance 4 at t >= 0.5 only, 1 below (a guidance interval) 0.784; CFG rescale 0.7 still 1 null ROI in 32
 GUIDANCE = 2.0
 BRIGHTNESS = (0.3, 3.0)  # per-movie photon-rate factor of the conditioned DiT's training movies (log-uniform)
 BRIGHTNESS_KEYS = ("neuron_photons", "background_photons")  # simulator preset keys the factor scales
@@ -131,31 +137,42 @@ def mask_condition(mask: np.ndarray, latent_hw: tuple[int, int], n: int, subgrid
     return torch.from_numpy(mask_planes(mask, latent_hw, subgrid)).expand(n, -1, -1, -1).clone()
 
 
+def mask_guide(dit: Any, mask: np.ndarray, latent_hw: tuple[int, int], n: int, held_flux: float | None
+               ) -> dict[str, Any]:
+    """``LatentDiffusion.sample`` keywords for ROI map ``mask`` as the sample job gives them
+    (:func:`cadiff.inference.sample.requested_conditions`): the mask guided by :data:`GUIDANCE`, at ``held_flux``
+    (the training tiles' median) given to both guidance branches when the DiT takes a flux."""
+    guide = {"conditions": {MASK_KEY: mask_condition(mask, latent_hw, n, dit.mask_subgrid)}, "guidance_scale": GUIDANCE}
+    if held_flux is not None and dit.dit.flux_embedder is not None:
+        guide["conditions"][FLUX_KEY] = torch.full((n,), flux_value(held_flux))
+        guide["guided"] = [MASK_KEY]
+    return guide
+
+
 @torch.no_grad()
 def sample(dit: Any, models: dict[str, Any], data: BenchData, n: int, seed: int, mask: np.ndarray | None = None,
            flux: float | None = None) -> np.ndarray:
-    """``n`` photon clips for the given conditions (None: not given) with guidance :data:`GUIDANCE`."""
+    """``n`` photon clips with guidance :data:`GUIDANCE`: for ROI map ``mask`` held at ``flux`` (:func:`mask_guide`),
+    or for ``flux`` alone (guided itself)."""
     latent = models["latent"]
-    conditions = {}
     if mask is not None:
-        conditions[MASK_KEY] = mask_condition(mask, tuple(latent[2:]), n, dit.mask_subgrid)
-    if flux is not None:
-        conditions[FLUX_KEY] = torch.full((n,), flux_value(flux))
+        guide = mask_guide(dit, mask, tuple(latent[2:]), n, flux)
+    else:
+        guide = {"conditions": {FLUX_KEY: torch.full((n,), flux_value(flux))}, "guidance_scale": GUIDANCE}
     generator = torch.Generator().manual_seed(seed)
-    z = dit.sample((n, *latent), sampler=SAMPLER, num_steps=STEPS, generator=generator, conditions=conditions,
-                   guidance_scale=GUIDANCE if conditions else 1.0)
+    z = dit.sample((n, *latent), sampler=SAMPLER, num_steps=STEPS, generator=generator, **guide)
     return decode_photons(models["ae"], z, models["stats"], data, generator)
 
 
 @torch.no_grad()
 def sample_movies(dit: Any, models: dict[str, Any], data: BenchData, n: int, frames: int, seed: int,
-                  mask: np.ndarray) -> np.ndarray:
+                  mask: np.ndarray, held_flux: float | None = None) -> np.ndarray:
     """``n`` photon movies ``[n, frames, H, W]`` for ROI map ``mask``: the sample job's chunked rollout
-    (:mod:`cadiff.inference.long_movie`, default context) with the mask and :data:`GUIDANCE` on every chunk, streamed
-    through the stage-1 decoder."""
+    (:mod:`cadiff.inference.long_movie`, default context) with the mask guided at ``held_flux`` (:func:`mask_guide`)
+    on every chunk, streamed through the stage-1 decoder."""
     ae, (c, t, h, w) = models["ae"], models["latent"]
     plan = plan_long_movie(frames, None, None, t, ae.temporal_downsample)
-    guide = {"conditions": {MASK_KEY: mask_condition(mask, (h, w), n, dit.mask_subgrid)}, "guidance_scale": GUIDANCE}
+    guide = mask_guide(dit, mask, (h, w), n, held_flux)
     chunks = stream_movie(dit, lambda z, gen: ae.decode(z, generator=gen), models["stats"], plan, (n, c, h, w),
                           SAMPLER, STEPS, torch.Generator().manual_seed(seed), (seed, 0), guide)
     x = torch.cat(list(chunks), dim=2)
@@ -269,9 +286,10 @@ def conditioning_run(models: dict[str, Any], data: BenchData, bright: tuple[list
     train_s = time.perf_counter() - start
     start = time.perf_counter()
     k = SAMPLES_PER_CONDITION
+    median_flux = float(np.median(fluxes))  # what encode_latents records as flux_median: masks are held at it
     tiles = held_out_tiles(data, frames, side)
-    clip, clip_samples = judge_masks(lambda n, s, m: sample(dit, models, data, n, s, mask=m), tiles, preset,
-                                     movie_side, frames, side, (seed + 100, seed + 7, seed * 1000 + 900))
+    clip, clip_samples = judge_masks(lambda n, s, m: sample(dit, models, data, n, s, mask=m, flux=median_flux),
+                                     tiles, preset, movie_side, frames, side, (seed + 100, seed + 7, seed * 1000 + 900))
     contrasts, real_contrasts, control_contrasts = [], [], []
     for i, ((real, rois), clips) in enumerate(zip(tiles, clip_samples)):
         for values, group in ((contrasts, clips), (real_contrasts, [real]),
@@ -279,7 +297,6 @@ def conditioning_run(models: dict[str, Any], data: BenchData, bright: tuple[list
             c = _contrast(group, rois)
             if c is not None:
                 values.append(c)
-    median_flux = float(np.median(fluxes))
     flux_rows = []
     for j, factor in enumerate(FLUX_FACTORS):
         requested = factor * median_flux
@@ -289,7 +306,7 @@ def conditioning_run(models: dict[str, Any], data: BenchData, bright: tuple[list
                           "rel_err": abs(measured / requested - 1.0), "samples": FLUX_SAMPLES,
                           "rel_se": float(np.std(per_clip, ddof=1) / np.sqrt(FLUX_SAMPLES)) / requested,
                           "stage1_roundtrip": roundtrip_flux(models, data, train_clips, fluxes, requested, k, seed)})
-    movie, _ = judge_masks(lambda n, s, m: sample_movies(dit, models, data, n, movie_frames, s, m),
+    movie, _ = judge_masks(lambda n, s, m: sample_movies(dit, models, data, n, movie_frames, s, m, median_flux),
                            held_out_tiles(data, movie_frames, side), preset, movie_side, movie_frames, side,
                            (seed + 300, seed + 8, seed * 1000 + 950))
     measurable = movie["roi_ceiling"]["f1"] >= MIN_CEILING_F1

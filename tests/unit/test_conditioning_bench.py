@@ -135,3 +135,22 @@ def test_judge_masks_scores_samples_against_the_real_tiles_ceiling_and_the_null_
     ceiling = scores["roi_ceiling"]
     assert scores["roi"]["hits"] == k * ceiling["hits"] and scores["roi"]["f1"] == ceiling["f1"] > 0.5
     assert scores["null_samples"] == 4 * k and scores["null_rois"] == scores["null_rois_real"]
+
+
+def test_mask_guide_holds_the_flux_when_the_dit_takes_one():
+    # the benchmark samples masks as the sample job does: guided alone, at the held flux given to both branches
+    from cadiff.data.conditioning import flux_value
+    from cadiff.models.registry import build_model
+
+    mask = np.zeros((32, 32), bool)
+    mask[8:16, 8:16] = True
+    both = build_model({"kind": "dit", "size": "tiny", "in_channels": 4, "cond_mask": True, "cond_flux": True,
+                        "conditions": ["roi_mask", "flux"]})
+    guide = C.mask_guide(both, mask, (4, 4), 3, 0.12)
+    assert guide["guided"] == ["roi_mask"] and guide["guidance_scale"] == C.GUIDANCE
+    torch.testing.assert_close(guide["conditions"]["flux"], torch.full((3,), flux_value(0.12)))
+    assert guide["conditions"]["roi_mask"].shape[0] == 3
+    assert "guided" not in C.mask_guide(both, mask, (4, 4), 3, None)  # no flux to hold: the mask alone, as before
+    mask_only = build_model({"kind": "dit", "size": "tiny", "in_channels": 4, "cond_mask": True,
+                             "conditions": ["roi_mask"]})
+    assert set(C.mask_guide(mask_only, mask, (4, 4), 3, 0.12)["conditions"]) == {"roi_mask"}
