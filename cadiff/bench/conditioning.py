@@ -320,7 +320,7 @@ def conditioning_run(models: dict[str, Any], data: BenchData, bright: tuple[list
         "contrast": float(np.mean(contrasts)) if contrasts else None,
         "contrast_real": float(np.mean(real_contrasts)) if real_contrasts else None,
         "contrast_unconditional": float(np.mean(control_contrasts)) if control_contrasts else None,
-        "flux": flux_rows, "median_training_flux": median_flux,
+        "flux": flux_rows, "median_training_flux": median_flux, "mask_flux_held": median_flux,
         "training_flux_p5_p95": [float(v) for v in np.percentile(fluxes, [5, 95])],
         "guidance_scale": GUIDANCE, "dit": {"steps": info["steps"], "seconds": info["seconds"],
                                             "final_loss": info["final_loss"]},

@@ -680,6 +680,10 @@ def conditioning_lines(c: dict[str, Any], not_measured: dict[str, str]) -> list[
         f"| the real tiles (ceiling) | {_fmt(ceil['f1'])} | {_fmt(ceil['precision'])} | {_fmt(ceil['recall'])} | "
         f"{ceil['n_pred']} / {ceil['n_true']} |", "",
         *movie_roi_lines(c.get("movie")),
+        *([f"Masks are sampled as the sample job does: the mask guided at the training tiles' median flux "
+           f"({_fmt(c['mask_flux_held'], 4)}), held in both guidance branches.", ""]
+          if c.get("mask_flux_held") is not None else
+          ["Masks were sampled with the flux free (guided with the mask: before the held flux).", ""]),
         "Local-correlation contrast inside - outside the requested ROIs (mean over clips): samples for the masks "
         f"{_fmt(c['contrast'])}, real tiles {_fmt(c['contrast_real'])}, unconditional samples (control) "
         f"{_fmt(c['contrast_unconditional'])}.", "",
@@ -834,7 +838,8 @@ def rerender(out: Path) -> int:
         raise DataError(f"--render: {path} does not exist, expected the JSON of a finished run")
     res = json.loads(path.read_text())
     res["goals"] = to_jsonable(goals(res["summary"]))
-    figures = sorted(p.name for p in out.parent.glob(out.name + "_*.png"))
+    figures = [name for name in (f"{out.name}_samples.png", f"{out.name}_kymograph.png")  # write_figures' names
+               if (out.parent / name).is_file()]  # not another run's generation_<tag>_*.png
     write_json_atomic(path, res)
     write_text_atomic(out.with_suffix(".md"), render_markdown(res, figures))
     print(f"generation: goals rechecked -> {out.with_suffix('.md')}")
