@@ -183,13 +183,15 @@ Draw = Callable[[int, int, np.ndarray], np.ndarray]  # (n, seed, ROI map [H, W])
 
 
 def judge_masks(draw: Draw, tiles: Sequence[tuple[np.ndarray, np.ndarray]], preset: str, movie_side: int,
-                frames: int, side: int, seeds: tuple[int, int, int]) -> tuple[dict[str, Any], list[np.ndarray]]:
+                frames: int, side: int, seeds: tuple[int, int, int]
+                ) -> tuple[dict[str, Any], list[np.ndarray], np.ndarray]:
     """ROI recovery and the null test of ``draw``'s samples (clips or movies of ``frames`` frames).
 
     :data:`SAMPLES_PER_CONDITION` samples for each held-out tile's own ROIs (:func:`held_out_tiles`; seed
     ``seeds[0] + i``), matched to them with the detector that finds the real tiles' cells best (:func:`choose_detector`:
     the ceiling); 4x as many for an empty mask (seed ``seeds[1]``) beside as many real cell-free tiles
-    (:func:`cell_free_tiles`, simulator seed ``seeds[2]``). Returns the scores and each tile's samples."""
+    (:func:`cell_free_tiles`, simulator seed ``seeds[2]``). Returns the scores, each tile's samples and the
+    empty-mask samples."""
     k = SAMPLES_PER_CONDITION
     method, ceilings, _ = choose_detector(tiles)
     scores, samples = [], []
@@ -201,7 +203,25 @@ def judge_masks(draw: Draw, tiles: Sequence[tuple[np.ndarray, np.ndarray]], pres
     return {"frames": frames, "tiles": len(tiles), "samples_per_mask": k, "detector": method,
             "detector_ceilings": ceilings, "roi": pool_matches(scores), "roi_ceiling": ceilings[method],
             "null_samples": len(null), "null_rois": int(sum(len(detect_rois(m, method=method)) for m in null)),
-            "null_rois_real": int(sum(len(detect_rois(m, method=method)) for m in null_real))}, samples
+            "null_rois_real": int(sum(len(detect_rois(m, method=method)) for m in null_real))}, samples, null
+
+
+FIGURE_TILES = 4  # held-out tiles drawn in the requested-against-detected figure (generation_masks.png)
+
+
+def figure_arrays(tiles: Sequence[tuple[np.ndarray, np.ndarray]], samples: Sequence[np.ndarray], null: np.ndarray,
+                  detector: str) -> dict[str, Any]:
+    """What the requested-against-detected figure draws (``generation.write_figures``): the first
+    :data:`FIGURE_TILES` tiles' mean images (real and the first sample for their mask), their requested ROIs and
+    what ``detector`` finds on each, and the first empty-mask sample with its detections."""
+    def found(movie: np.ndarray) -> np.ndarray:
+        return detect_rois(movie, method=detector).any(axis=0)
+
+    picks = range(min(FIGURE_TILES, len(tiles)))
+    return {"detector": detector, "frames": int(null.shape[1]),
+            "tiles": [{"requested": tiles[i][1].any(axis=0), "real": tiles[i][0].mean(axis=0), "real_found": found(tiles[i][0]),
+                       "sample": samples[i][0].mean(axis=0), "sample_found": found(samples[i][0])} for i in picks],
+            "null": null[0].mean(axis=0), "null_found": found(null[0])}
 
 
 @torch.no_grad()
@@ -288,7 +308,7 @@ def conditioning_run(models: dict[str, Any], data: BenchData, bright: tuple[list
     k = SAMPLES_PER_CONDITION
     median_flux = float(np.median(fluxes))  # what encode_latents records as flux_median: masks are held at it
     tiles = held_out_tiles(data, frames, side)
-    clip, clip_samples = judge_masks(lambda n, s, m: sample(dit, models, data, n, s, mask=m, flux=median_flux),
+    clip, clip_samples, _ = judge_masks(lambda n, s, m: sample(dit, models, data, n, s, mask=m, flux=median_flux),
                                      tiles, preset, movie_side, frames, side, (seed + 100, seed + 7, seed * 1000 + 900))
     contrasts, real_contrasts, control_contrasts = [], [], []
     for i, ((real, rois), clips) in enumerate(zip(tiles, clip_samples)):
@@ -306,9 +326,10 @@ def conditioning_run(models: dict[str, Any], data: BenchData, bright: tuple[list
                           "rel_err": abs(measured / requested - 1.0), "samples": FLUX_SAMPLES,
                           "rel_se": float(np.std(per_clip, ddof=1) / np.sqrt(FLUX_SAMPLES)) / requested,
                           "stage1_roundtrip": roundtrip_flux(models, data, train_clips, fluxes, requested, k, seed)})
-    movie, _ = judge_masks(lambda n, s, m: sample_movies(dit, models, data, n, movie_frames, s, m, median_flux),
-                           held_out_tiles(data, movie_frames, side), preset, movie_side, movie_frames, side,
-                           (seed + 300, seed + 8, seed * 1000 + 950))
+    movie_tiles = held_out_tiles(data, movie_frames, side)
+    movie, movie_samples, movie_null = judge_masks(
+        lambda n, s, m: sample_movies(dit, models, data, n, movie_frames, s, m, median_flux), movie_tiles, preset,
+        movie_side, movie_frames, side, (seed + 300, seed + 8, seed * 1000 + 950))
     measurable = movie["roi_ceiling"]["f1"] >= MIN_CEILING_F1
     result = {
         "roi_f1": movie["roi"]["f1"] if measurable else None,
@@ -325,6 +346,7 @@ def conditioning_run(models: dict[str, Any], data: BenchData, bright: tuple[list
         "guidance_scale": GUIDANCE, "dit": {"steps": info["steps"], "seconds": info["seconds"],
                                             "final_loss": info["final_loss"]},
         "train_s": train_s, "sample_s": time.perf_counter() - start,
+        "figure": figure_arrays(movie_tiles, movie_samples, movie_null, movie["detector"]),  # arrays: not in the JSON
     }
     if not measurable:
         result["reason"] = (f"not measurable here: no detector finds the cells of the real held-out {movie_frames}-frame"

@@ -506,6 +506,7 @@ def run(cfg: GenConfig, work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         log.error("conditioned run failed: %s", exc)
         conditioning = {**conditioning_metrics(), "reason": f"the conditioned run failed: {str(exc).splitlines()[0]}"}
     timings["conditioning_s"] = time.perf_counter() - start
+    mask_figure = conditioning.pop("figure", None)
     long_json = {k: v for k, v in long.items() if k not in ("movie", "record")}
     summary, reasons = summarize(headline, long_json, conditioning)
     seams = seam_frames(long["record"]) if "record" in long else []
@@ -518,7 +519,7 @@ def run(cfg: GenConfig, work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
               "held_out_clips": len(evalset.inputs),
               "meta": {"host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
                        "threads": cfg.threads, "load_end": " ".join(f"{v:.1f}" for v in os.getloadavg())}}
-    arrays = {"gen": headline_clips, "ref": evalset.inputs, "long": photons, "seams": seams}
+    arrays = {"gen": headline_clips, "ref": evalset.inputs, "long": photons, "seams": seams, "masks": mask_figure}
     return to_jsonable(result), arrays
 
 
@@ -774,7 +775,8 @@ def activity_lines(act: dict[str, Any]) -> list[str]:
 
 
 def write_figures(arrays: dict[str, Any], prefix: Path) -> list[str]:
-    """Sample grid (generated vs held-out clips) and the long movie's kymograph with its seams marked."""
+    """Sample grid (generated vs held-out clips), the long movie's kymograph with its seams marked and requested
+    against detected ROIs (:func:`mask_figure`, when the conditioned run gave its arrays)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -809,7 +811,40 @@ def write_figures(arrays: dict[str, Any], prefix: Path) -> list[str]:
     fig.suptitle(f"generated long movie, {len(movie)} frames; red: decoder-window seams")
     _save(fig, prefix.with_name(prefix.name + "_kymograph.png"))
     plt.close(fig)
-    return [*names, prefix.name + "_kymograph.png"]
+    names.append(prefix.name + "_kymograph.png")
+    if arrays.get("masks"):
+        names.append(mask_figure(arrays["masks"], prefix))
+    return names
+
+
+def mask_figure(masks: dict[str, Any], prefix: Path) -> str:
+    """Requested ROIs against detected ones (``cadiff.bench.conditioning.figure_arrays``): mean images of
+    mask-conditioned movies (top) and of the real tiles whose cells they ask for (bottom), the requested ROIs in
+    green and what the detector finds in red; last column: a movie for an empty mask."""
+    import matplotlib.pyplot as plt
+
+    tiles = masks["tiles"]
+    fig, axes = plt.subplots(2, len(tiles) + 1, figsize=(3 * (len(tiles) + 1), 6.4), squeeze=False)
+    panels = [(0, i, t["sample"], t["requested"], t["sample_found"]) for i, t in enumerate(tiles)]
+    panels += [(1, i, t["real"], t["requested"], t["real_found"]) for i, t in enumerate(tiles)]
+    panels.append((0, len(tiles), masks["null"], None, masks["null_found"]))
+    for row, col, image, requested, found in panels:
+        ax = axes[row, col]
+        ax.imshow(image, cmap="gray", vmin=0, vmax=float(np.percentile(image, 99.5)))
+        for mask, color in ((requested, "lime"), (found, "red")):
+            if mask is not None and mask.any():
+                ax.contour(mask.astype(float), levels=[0.5], colors=color, linewidths=1.0)
+        ax.set_xticks([]), ax.set_yticks([])
+    axes[0, 0].set_ylabel("generated for the mask")
+    axes[1, 0].set_ylabel("real tile")
+    axes[0, -1].set_title("empty mask", fontsize=9)
+    axes[1, -1].axis("off")
+    fig.suptitle(f"mean images of {masks['frames']}-frame movies; green: requested ROIs, red: detected "
+                 f"({masks['detector']}-image detector)")
+    name = prefix.name + "_masks.png"
+    _save(fig, prefix.with_name(name))
+    plt.close(fig)
+    return name
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -838,8 +873,8 @@ def rerender(out: Path) -> int:
         raise DataError(f"--render: {path} does not exist, expected the JSON of a finished run")
     res = json.loads(path.read_text())
     res["goals"] = to_jsonable(goals(res["summary"]))
-    figures = [name for name in (f"{out.name}_samples.png", f"{out.name}_kymograph.png")  # write_figures' names
-               if (out.parent / name).is_file()]  # not another run's generation_<tag>_*.png
+    figures = [name for name in (f"{out.name}_samples.png", f"{out.name}_kymograph.png", f"{out.name}_masks.png")
+               if (out.parent / name).is_file()]  # write_figures' names, not another run's generation_<tag>_*.png
     write_json_atomic(path, res)
     write_text_atomic(out.with_suffix(".md"), render_markdown(res, figures))
     print(f"generation: goals rechecked -> {out.with_suffix('.md')}")

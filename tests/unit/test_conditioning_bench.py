@@ -128,13 +128,20 @@ def test_judge_masks_scores_samples_against_the_real_tiles_ceiling_and_the_null_
         real = next(r for r, rois in tiles if np.array_equal(rois.any(axis=0), mask))
         return np.stack([real] * n)
 
-    scores, samples = C.judge_masks(draw, tiles, "two_photon", 64, 65, 32, (100, 5, 7))
+    scores, samples, null = C.judge_masks(draw, tiles, "two_photon", 64, 65, 32, (100, 5, 7))
     k = C.SAMPLES_PER_CONDITION
     assert calls == [(k, 100 + i, True) for i in range(len(tiles))] + [(4 * k, 5, False)]
     assert [len(s) for s in samples] == [k] * len(tiles) and scores["tiles"] == len(tiles)
     ceiling = scores["roi_ceiling"]
     assert scores["roi"]["hits"] == k * ceiling["hits"] and scores["roi"]["f1"] == ceiling["f1"] > 0.5
     assert scores["null_samples"] == 4 * k and scores["null_rois"] == scores["null_rois_real"]
+    # the figure's arrays: a sample that is the real tile finds what the real tile finds
+    fig = C.figure_arrays(tiles, samples, null, scores["detector"])
+    assert len(fig["tiles"]) == min(C.FIGURE_TILES, len(tiles)) and fig["frames"] == 65
+    first = fig["tiles"][0]
+    np.testing.assert_array_equal(first["sample_found"], first["real_found"])
+    np.testing.assert_array_equal(first["requested"], tiles[0][1].any(axis=0))
+    assert first["real_found"].any() and fig["null"].shape == (32, 32) and fig["null_found"].dtype == bool
 
 
 def test_mask_guide_holds_the_flux_when_the_dit_takes_one():

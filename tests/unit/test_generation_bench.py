@@ -100,6 +100,14 @@ def test_markdown_and_figures_render_from_a_result(tmp_path: Path):
               "long": rng.poisson(1.0, (33, 8, 8)).astype(np.float32), "seams": [16]}
     figures = g.write_figures(arrays, tmp_path / "generation")
     assert figures == ["generation_samples.png", "generation_kymograph.png"]
+    square = np.zeros((8, 8), bool)
+    square[2:5, 2:5] = True
+    tile = {"requested": square, "real": arrays["gen"][0].mean(axis=0), "real_found": square,
+            "sample": arrays["ref"][0].mean(axis=0), "sample_found": np.zeros((8, 8), bool)}
+    arrays["masks"] = {"detector": "mean", "frames": 17, "tiles": [tile, tile], "null": tile["real"],
+                       "null_found": square}
+    assert g.write_figures(arrays, tmp_path / "generation")[2] == "generation_masks.png"
+    assert (tmp_path / "generation_masks.png").stat().st_size > 0
     assert all((tmp_path / f).stat().st_size > 0 for f in figures)
     md = g.render_markdown(res, figures)
     assert "| `roi_f1` | - | " + g.conditioning_metrics()["reason"] in md and "**not met**" in md and "not measured" in md
