@@ -168,8 +168,8 @@ def requested_conditions(cfg: Any, dit: Any, latent_hw: tuple[int, int], spatial
     """``mask``/``flux`` of a generate run as plain values (the ROI map's planes on the latent grid as nested lists,
     flux scaled to ``[0, 1]``), checked against what the stage-2 model was trained with before any sampling.
 
-    A mask is guided at a held brightness when the model also takes a flux: ``guidance_scale`` then applies to the
-    mask alone and the flux - the requested one, else ``flux_median`` (the training latents', recorded by
+    A mask is guided (``guidance_scale`` != 1) at a held brightness when the model also takes a flux: the guidance
+    then applies to the mask alone and the flux - the requested one, else ``flux_median`` (the training latents', recorded by
     encode_latents) - is given to both guidance branches. Guiding both, the mask's pull also extrapolates the
     brightness that the cell count correlates with: empty masks came out a third darker than cell-free tiles,
     with a bright edge the ROI detector took for cells (README "Conditioning on ROIs and brightness").
@@ -190,7 +190,7 @@ def requested_conditions(cfg: Any, dit: Any, latent_hw: tuple[int, int], spatial
         log.info("ROI mask %s: %d of %d pixels inside ROIs", cfg.mask, int(mask.sum()), mask.size)
     held = float(cfg.flux) if cfg.flux is not None else None
     guided = None
-    if cfg.mask is not None and dit.dit.flux_embedder is not None:
+    if cfg.mask is not None and dit.dit.flux_embedder is not None and cfg.guidance_scale != 1.0:
         if held is None and flux_median is not None:
             held = float(flux_median)
             log.info("ROI mask guided at the training latents' median flux %.4g photons/px/frame (set flux= for "

@@ -446,7 +446,7 @@ def test_sample_checks_requested_conditions_against_the_model(tmp_path):
     mask = np.zeros((16, 16), bool)
     mask[:8, :8] = True
     np.save(tmp_path / "m.npy", mask)
-    cfg = compose("sample", ["stage2=run", f"mask={tmp_path / 'm.npy'}", "flux=1.0"])
+    cfg = compose("sample", ["stage2=run", f"mask={tmp_path / 'm.npy'}", "flux=1.0", "guidance_scale=2"])
     conditioned = model("model.cond_mask=true", "model.cond_flux=true")
     requested = requested_conditions(cfg, conditioned, (4, 4), 4)
     got = requested["conditions"]
@@ -469,10 +469,13 @@ def test_sample_checks_requested_conditions_against_the_model(tmp_path):
     # a flux alone is guided itself; a mask alone is held at the training latents' median flux when it is recorded
     alone = requested_conditions(flux_only, conditioned, (4, 4), 4)
     assert alone == {"conditions": {"flux": 0.5}, "guided": None, "flux_held": None}
-    held = requested_conditions(mask_only, conditioned, (4, 4), 4, flux_median=0.1)
+    guided_mask = compose("sample", ["stage2=run", f"mask={tmp_path / 'm.npy'}", "guidance_scale=2"])
+    held = requested_conditions(guided_mask, conditioned, (4, 4), 4, flux_median=0.1)
     assert held["guided"] == ["roi_mask"] and held["flux_held"] == 0.1
     assert held["conditions"]["flux"] == pytest.approx(C.flux_value(0.1))
-    free = requested_conditions(mask_only, conditioned, (4, 4), 4)  # latents from before flux_median: as before
+    free = requested_conditions(guided_mask, conditioned, (4, 4), 4)  # latents from before flux_median: as before
     assert free["guided"] is None and free["flux_held"] is None and "flux" not in free["conditions"]
-    # a model without a flux input guides its mask alone
-    assert requested_conditions(mask_only, model("model.cond_mask=true"), (4, 4), 4, flux_median=0.1)["guided"] is None
+    # unguided (scale 1) the brightness is not pinned; a model without a flux input guides its mask alone
+    unguided = requested_conditions(mask_only, conditioned, (4, 4), 4, flux_median=0.1)
+    assert unguided["guided"] is None and "flux" not in unguided["conditions"]
+    assert requested_conditions(guided_mask, model("model.cond_mask=true"), (4, 4), 4, flux_median=0.1)["guided"] is None
