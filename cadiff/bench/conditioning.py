@@ -58,6 +58,7 @@ from cadiff.data.simulate import PRESETS, simulate_movie
 from cadiff.errors import DataError
 from cadiff.eval.rois import DETECTORS, detect_rois, match_rois, pool_matches, roi_contrast
 from cadiff.inference.long_movie import plan_long_movie, stream_movie
+from cadiff.inference.sample import mask_guidance
 
 log = logging.getLogger(__name__)
 
@@ -140,12 +141,13 @@ def mask_condition(mask: np.ndarray, latent_hw: tuple[int, int], n: int, subgrid
 def mask_guide(dit: Any, mask: np.ndarray, latent_hw: tuple[int, int], n: int, held_flux: float | None
                ) -> dict[str, Any]:
     """``LatentDiffusion.sample`` keywords for ROI map ``mask`` as the sample job gives them
-    (:func:`cadiff.inference.sample.requested_conditions`): the mask guided by :data:`GUIDANCE`, at ``held_flux``
-    (the training tiles' median) given to both guidance branches when the DiT takes a flux."""
+    (:func:`cadiff.inference.sample.mask_guidance`): the mask guided by :data:`GUIDANCE`, at ``held_flux`` (the
+    training tiles' median) given to both guidance branches when the DiT takes a flux."""
     guide = {"conditions": {MASK_KEY: mask_condition(mask, latent_hw, n, dit.mask_subgrid)}, "guidance_scale": GUIDANCE}
-    if held_flux is not None and dit.dit.flux_embedder is not None:
-        guide["conditions"][FLUX_KEY] = torch.full((n,), flux_value(held_flux))
-        guide["guided"] = [MASK_KEY]
+    held, guided = mask_guidance(True, dit, GUIDANCE, None, held_flux)
+    if guided:
+        guide["conditions"][FLUX_KEY] = torch.full((n,), flux_value(held))
+        guide["guided"] = guided
     return guide
 
 
