@@ -155,12 +155,14 @@ def mask_guide(dit: Any, mask: np.ndarray, latent_hw: tuple[int, int], n: int, h
 def sample(dit: Any, models: dict[str, Any], data: BenchData, n: int, seed: int, mask: np.ndarray | None = None,
            flux: float | None = None) -> np.ndarray:
     """``n`` photon clips with guidance :data:`GUIDANCE`: for ROI map ``mask`` held at ``flux`` (:func:`mask_guide`),
-    or for ``flux`` alone (guided itself)."""
+    for ``flux`` alone (guided itself), or, with neither, unconditional."""
     latent = models["latent"]
     if mask is not None:
         guide = mask_guide(dit, mask, tuple(latent[2:]), n, flux)
-    else:
+    elif flux is not None:
         guide = {"conditions": {FLUX_KEY: torch.full((n,), flux_value(flux))}, "guidance_scale": GUIDANCE}
+    else:
+        guide = {}
     generator = torch.Generator().manual_seed(seed)
     z = dit.sample((n, *latent), sampler=SAMPLER, num_steps=STEPS, generator=generator, **guide)
     return decode_photons(models["ae"], z, models["stats"], data, generator)

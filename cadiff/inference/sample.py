@@ -163,16 +163,21 @@ def check_pair(dit: Any, decoder: Any, stage1_path: str) -> None:
         )
 
 
-def mask_guidance(has_mask: bool, dit: Any, guidance_scale: float, flux: float | None, flux_median: float | None
-                  ) -> tuple[float | None, list[str] | None]:
+def mask_guidance(has_mask: bool, dit: Any, guidance_scale: float, flux: float | None, flux_median: float | None,
+                  source: str = "the stage-2 model") -> tuple[float | None, list[str] | None]:
     """``(flux, guided)`` of a sample: a guided mask (``guidance_scale`` != 1) for a DiT that also takes a flux is
     held at ``flux``, else at ``flux_median``, with the guidance on the mask alone (``guided = ["roi_mask"]``);
     otherwise ``flux`` as given and the guidance on every given condition (``None``). The sample job and the
-    generation benchmark both decide by it (:func:`requested_conditions`)."""
+    generation benchmark both decide by it (:func:`requested_conditions`).
+
+    With neither ``flux`` nor ``flux_median`` (latents encoded before encode_latents recorded the median) a guided
+    mask has no brightness to hold: it is guided as before, brightness free, with a warning naming ``source``."""
     if has_mask and dit.dit.flux_embedder is not None and guidance_scale != 1.0:
         held = float(flux) if flux is not None else (float(flux_median) if flux_median is not None else None)
         if held is not None:
             return held, [MASK_KEY]
+        log.warning("%s records no training flux (latents encoded before encode_latents recorded flux_median): the "
+                    "mask is guided with the brightness free; pass flux= to hold it", source)
     return (float(flux) if flux is not None else None), None
 
 
@@ -201,13 +206,11 @@ def requested_conditions(cfg: Any, dit: Any, latent_hw: tuple[int, int], spatial
         planes = mask_planes(mask, (h, w), dit.mask_subgrid, f"mask file {cfg.mask}")
         conditions[MASK_KEY] = (planes[0] if dit.mask_subgrid == 1 else planes).tolist()
         log.info("ROI mask %s: %d of %d pixels inside ROIs", cfg.mask, int(mask.sum()), mask.size)
-    held, guided = mask_guidance(cfg.mask is not None, dit, cfg.guidance_scale, cfg.flux, flux_median)
+    held, guided = mask_guidance(cfg.mask is not None, dit, cfg.guidance_scale, cfg.flux, flux_median,
+                                 source=f"stage2 '{cfg.stage2}'")
     if guided and cfg.flux is None:
         log.info("ROI mask guided at the training latents' median flux %.4g photons/px/frame (set flux= for "
                  "another brightness)", held)
-    elif cfg.mask is not None and held is None and dit.dit.flux_embedder is not None and cfg.guidance_scale != 1.0:
-        log.warning("stage2 '%s' records no training flux (latents encoded before encode_latents recorded "
-                    "flux_median): the mask is guided with the brightness free; pass flux= to hold it", cfg.stage2)
     if held is not None:
         conditions[FLUX_KEY] = flux_value(held, "config key 'flux'" if cfg.flux is not None else "flux_median")
     return {"conditions": conditions, "guided": guided, "flux_held": held if guided else None}

@@ -4,6 +4,7 @@ condition channels of latent batches, config rules and user mask files."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -440,7 +441,7 @@ def test_mask_subgrid_follows_the_latents_and_divides_the_stage1_block():
             compose("train_latent", [override])
 
 
-def test_sample_checks_requested_conditions_against_the_model(tmp_path):
+def test_sample_checks_requested_conditions_against_the_model(tmp_path, caplog):
     from cadiff.inference.sample import requested_conditions
 
     mask = np.zeros((16, 16), bool)
@@ -473,8 +474,11 @@ def test_sample_checks_requested_conditions_against_the_model(tmp_path):
     held = requested_conditions(guided_mask, conditioned, (4, 4), 4, flux_median=0.1)
     assert held["guided"] == ["roi_mask"] and held["flux_held"] == 0.1
     assert held["conditions"]["flux"] == pytest.approx(C.flux_value(0.1))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     free = requested_conditions(guided_mask, conditioned, (4, 4), 4)  # latents from before flux_median: as before
     assert free["guided"] is None and free["flux_held"] is None and "flux" not in free["conditions"]
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and warned[0].startswith("stage2 'run' records no training flux") and "flux=" in warned[0]
     # unguided (scale 1) the brightness is not pinned; a model without a flux input guides its mask alone
     unguided = requested_conditions(mask_only, conditioned, (4, 4), 4, flux_median=0.1)
     assert unguided["guided"] is None and "flux" not in unguided["conditions"]

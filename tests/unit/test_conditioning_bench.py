@@ -83,9 +83,8 @@ def test_the_detector_is_chosen_on_real_tiles_and_cell_free_tiles_span_movies():
     assert not np.array_equal(free[0], free[4])  # the fifth tile comes from a second movie
 
 
-def test_mask_conditioned_movies_roll_out_past_a_clip_reproducibly_and_follow_the_mask():
-    # an untrained pair with non-zero output weights: the movie has the requested length (two rollout chunks past
-    # the 17-frame clip), the seed fixes it, and the mask reaches the DiT (another mask, another movie)
+def _untrained_pair() -> tuple[dict, BenchData]:
+    """A mask-conditioned tiny DiT and a tiny stage 1, untrained, with non-zero output weights."""
     from cadiff.config import compose
     from cadiff.models.registry import build_model
 
@@ -101,7 +100,14 @@ def test_mask_conditioned_movies_roll_out_past_a_clip_reproducibly_and_follow_th
     ae = build_model(compose("train_ae", ["experiment=ae_tiny", *noise]).model).eval()
     torch.nn.init.normal_(ae.mean_decoder.conv_out.conv.weight, std=0.1)  # zero-initialized: would ignore z
     models = {"ae": ae, "dit": dit, "latent": [4, 5, 4, 4], "stats": (torch.zeros(4), torch.ones(4))}
-    data = BenchData([], [], 0.0, 1.0, 10.0)
+    return models, BenchData([], [], 0.0, 1.0, 10.0)
+
+
+def test_mask_conditioned_movies_roll_out_past_a_clip_reproducibly_and_follow_the_mask():
+    # an untrained pair with non-zero output weights: the movie has the requested length (two rollout chunks past
+    # the 17-frame clip), the seed fixes it, and the mask reaches the DiT (another mask, another movie)
+    models, data = _untrained_pair()
+    dit = models["dit"]
     mask = np.zeros((32, 32), bool)
     mask[8:16, 8:16] = True
     with torch.no_grad():
@@ -161,3 +167,16 @@ def test_mask_guide_holds_the_flux_when_the_dit_takes_one():
     mask_only = build_model({"kind": "dit", "size": "tiny", "in_channels": 4, "cond_mask": True,
                              "conditions": ["roi_mask"]})
     assert set(C.mask_guide(mask_only, mask, (4, 4), 3, 0.12)["conditions"]) == {"roi_mask"}
+
+
+def test_sample_without_mask_or_flux_is_unconditional():
+    # neither condition given: an unconditional draw (the model's null condition), reproducible by its seed, not
+    # the masked one
+    models, data = _untrained_pair()
+    mask = np.zeros((32, 32), bool)
+    mask[8:16, 8:16] = True
+    free = C.sample(models["dit"], models, data, 2, seed=3)
+    np.testing.assert_array_equal(free, C.sample(models["dit"], models, data, 2, seed=3))
+    masked = C.sample(models["dit"], models, data, 2, seed=3, mask=mask)
+    assert free.shape == masked.shape and free.shape[0] == 2 and np.isfinite(free).all()
+    assert not np.allclose(free, masked)
