@@ -15,8 +15,10 @@ side's own matmul rate (:mod:`cadiff.bench.anchors`).
     python benchmarks/model_step.py --quick     # eager 17-frame DiffAE + DiT, < 2 min on 2 cores
     python benchmarks/model_step.py             # all cases (~30 min on 2 shared cores: compilation dominates)
     python benchmarks/model_step.py --case diffae:65:eager --case diffae:65:compile_blocks_bf16   # rerun some rows
+    python benchmarks/model_step.py --profile 17   # where one eager fp32 17-frame DiffAE step spends its time
 
-Results: ``benchmarks/results/model_step.json`` and ``model_step.md``.
+Results: ``benchmarks/results/model_step.json`` and ``model_step.md``; ``--profile``: ``model_step_profile.json``
+and ``model_step_profile.md`` (:mod:`cadiff.bench.step_profile`).
 """
 
 from __future__ import annotations
@@ -152,6 +154,66 @@ def run_case(case: str, shape: tuple[int, ...], mode: str, threads: int, repeats
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,  # Linux: KiB
         "malloc_mmap_threshold_kb": malloc_kb if malloc_set else None,
     }
+
+
+def profile_step(frames: int, threads: int) -> dict:
+    """One eager fp32 step of the default DiffAE on ``1x1xframes x64x64`` under ``torch.profiler`` (after a warm-up
+    step), its self CPU time by category and the costliest convolutions by shape."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from cadiff.bench import step_profile
+    from cadiff.runtime.memory import set_mmap_threshold
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    set_mmap_threshold(_trainer_mmap_threshold("diffae"))
+    model = _build("diffae")
+    x = torch.randn(1, 1, frames, 64, 64)
+    gen = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        loss, _ = model.training_loss(x, gen)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    step()  # warm-up: oneDNN primitive creation
+    start = time.perf_counter()
+    step()
+    plain_s = time.perf_counter() - start
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    ops = step_profile.from_profiler(prof.key_averages())
+    by_shape = step_profile.from_profiler(prof.key_averages(group_by_input_shape=True))
+    return {"frames": frames, "threads": threads, "step_s": plain_s, "matmul_gflops": matmul_flops() / 1e9,
+            "categories": step_profile.breakdown(ops), "convs": step_profile.conv_shapes(by_shape)}
+
+
+def write_profile(result: dict, meta: dict, out: Path) -> None:
+    """``model_step_profile.json`` and ``.md``: the breakdown tables of :func:`profile_step`."""
+    write_json_atomic(out / "model_step_profile.json", {"meta": meta, **result})
+    conv = sum(r["share"] for r in result["categories"] if r["category"].startswith("conv"))
+    lines = [
+        "# Where a stage-1 training step spends its time", "",
+        f"Default DiffAE (`experiment=ae_default`), one eager fp32 step on 1x1x{result['frames']}x64x64, "
+        f"{result['threads']} threads, host `{meta['host']}` with {meta['cpus']} CPUs, torch {meta['torch']}: "
+        f"{result['step_s']:.2f} s without the profiler (fp32 matmul {result['matmul_gflops']:.0f} GFLOP/s in the "
+        f"same process). Self CPU time of each op under `torch.profiler` (which adds its own overhead), grouped "
+        f"by `cadiff.bench.step_profile.CATEGORIES`. Produced by `python benchmarks/model_step.py --profile "
+        f"{result['frames']}`.", "",
+        f"**Convolutions take {conv:.0%} of the step.**", "",
+        "| category | ms | share | profiler records |", "|---|---:|---:|---:|",
+        *[f"| {r['category']} | {r['ms']:.0f} | {r['share']:.1%} | {r['records']} |" for r in result["categories"]],
+        "", "Costliest convolutions by input shapes (backward: output gradient / input / weight):", "",
+        "| op | input shapes | profiler records | ms |", "|---|---|---:|---:|",
+        *[f"| {r['op']} | {r['shapes']} | {r['records']} | {r['ms']:.0f} |" for r in result["convs"]],
+        "",
+        "Records are the profiler's: a forward convolution inside a selective-recompute checkpoint "
+        "(`model.recompute_elementwise`) is recorded again by the checkpoint's dispatch mode and where backward "
+        "fetches its kept output, so the counts exceed the layers; self times are not counted twice.",
+        "",
+    ]
+    write_text_atomic(out / "model_step_profile.md", "\n".join(lines))
 
 
 def _spawn(case: str, shape: tuple[int, ...], mode: str, threads: int, repeats: int, timeout_s: float) -> dict:
@@ -329,8 +391,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per case (default 2 quick, 3 full)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--anchors", type=Path, default=DEFAULT_ANCHORS, help="the seed's measurements (*.json)")
+    parser.add_argument("--profile", type=int, metavar="FRAMES", default=None,
+                        help="profile one eager fp32 DiffAE step on FRAMES frames (1 + 4k) instead of timing cases")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.profile is not None:
+        if args.profile < 1 or (args.profile - 1) % 4:
+            sys.exit(f"model_step: error: --profile {args.profile}: expected a clip length 1 + 4k (e.g. 17, 65)")
+        import torch
+
+        meta = {"host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                "load_start": " ".join(f"{v:.1f}" for v in os.getloadavg())}
+        write_profile(profile_step(args.profile, args.threads), meta, args.out)
+        log.info("wrote %s and %s", args.out / "model_step_profile.json", args.out / "model_step_profile.md")
+        return
     if args.child:
         case, shape, mode, threads, repeats = args.child
         row = run_case(case, tuple(int(v) for v in shape.split(",")), mode, int(threads), int(repeats))
