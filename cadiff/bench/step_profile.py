@@ -32,7 +32,8 @@ CONV_OPS = frozenset(CATEGORIES["conv backward"] + CATEGORIES["conv forward"])
 
 @dataclass(frozen=True)
 class OpTime:
-    """One profiled op (or op and input shapes): its name, self CPU time in microseconds, call count, shapes."""
+    """One profiled op (or op and input shapes): its name, self CPU time in microseconds, the profiler's record
+    count (see :func:`breakdown`), input shapes."""
 
     name: str
     self_us: float
