@@ -313,7 +313,7 @@ def conditioning_run(models: dict[str, Any], data: BenchData, bright: tuple[list
     median_flux = float(np.median(fluxes))  # what encode_latents records as flux_median: masks are held at it
     tiles = held_out_tiles(data, frames, side)
     clip, clip_samples, _ = judge_masks(lambda n, s, m: sample(dit, models, data, n, s, mask=m, flux=median_flux),
-                                     tiles, preset, movie_side, frames, side, (seed + 100, seed + 7, seed * 1000 + 900))
+                                        tiles, preset, movie_side, frames, side, (seed + 100, seed + 7, seed * 1000 + 900))
     contrasts, real_contrasts, control_contrasts = [], [], []
     for i, ((real, rois), clips) in enumerate(zip(tiles, clip_samples)):
         for values, group in ((contrasts, clips), (real_contrasts, [real]),
