@@ -11,10 +11,24 @@ SUITE2P_SPEC ?= suite2p==0.14.6
 # TORCH_SPEC and EXTRAS build args with the same defaults (tests/unit/test_packaging.py)
 # --durations=30: every run (CI too) lists its 30 slowest tests, the figures issue 12 tracks
 PYTEST_ARGS ?= --durations=30
-# TEST_WORKERS=2: two pytest-xdist workers, a test file at a time each (--dist loadfile). Off by default: on 2 cores
-# the Ray tests ran 2-3x slower side by side (716 tests took 1578 s, the last 10 min beside another job)
-TEST_WORKERS ?= 0
+# `make test` runs the suite in two parts. The tests that start no Ray run on TEST_WORKERS pytest-xdist workers, a
+# test file at a time each (--dist loadfile), with one torch thread per worker (tests/conftest.py): run one at a
+# time they kept one of the two cores idle (tests/unit and tests/test_bad_inputs.py: 420 s serial, 256 s on 2
+# workers). Then the Ray integration tests, one at a time: their Ray clusters, Train workers and job subprocesses
+# already keep both cores ~80% busy, and side by side they ran 2-3x slower. TEST_WORKERS=0: the first part serial
+# too. Every test file is in exactly one part (tests/unit/test_packaging.py).
+TEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadfile)
+RAY_FREE_INTEGRATION := tests/integration/test_evaluate_job.py tests/integration/test_suite2p_judge.py
+IN_PROCESS_TESTS := tests/unit tests/test_bad_inputs.py $(RAY_FREE_INTEGRATION)
+RAY_TESTS := tests/integration $(addprefix --ignore=,$(RAY_FREE_INTEGRATION))
+# both parts always run; the recipe fails if either failed (or collected no test: pytest's exit code 5)
+define run_tests
+	@status=0; \
+	$(PY) -m pytest -q $(XDIST) $(1) $(PYTEST_ARGS) $(IN_PROCESS_TESTS) || status=$$?; \
+	$(PY) -m pytest -q -p no:xdist $(1) $(PYTEST_ARGS) $(RAY_TESTS) || status=$$?; \
+	exit $$status
+endef
 
 .PHONY: setup browser demo test test-fast bench lint clean
 
@@ -36,10 +50,10 @@ demo: setup
 	$(PY) -m cadiff.demo
 
 test: setup
-	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
+	$(call run_tests,)
 
 test-fast: setup
-	$(PY) -m pytest -q $(XDIST) -m "not slow" $(PYTEST_ARGS)
+	$(call run_tests,-m "not slow")
 
 bench: setup
 	$(PY) benchmarks/model_step.py

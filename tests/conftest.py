@@ -35,4 +35,4 @@ def pytest_collection_finish(session):
     module's import changes it for the others."""
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)

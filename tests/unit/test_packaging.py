@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -136,3 +137,38 @@ def test_cluster_readme_builds_the_image_with_the_dockerfile():
 def test_tensorboard_is_a_dependency():
     dependencies = re.search(r"^dependencies = \[(.*?)^\]", (REPO / "pyproject.toml").read_text(), re.M | re.S)
     assert re.search(r'^\s*"tensorboard[>=<~]', dependencies.group(1), re.M), dependencies.group(1)
+
+
+def make_test_parts(target: str) -> list[list[str]]:
+    """The pytest command lines a ``make`` target runs, as words (``make -n``: printed, not run)."""
+    proc = subprocess.run(["make", "-n", "--no-print-directory", target], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    commands = [c for line in proc.stdout.splitlines() for c in re.split(r"\|\||;", line) if " -m pytest " in c]
+    return [shlex.split(c.split(" -m pytest ", 1)[1]) for c in commands]
+
+
+def selected_test_files(words: list[str]) -> set[str]:
+    """Test files a pytest command line collects: its path arguments, less its ``--ignore=`` paths."""
+    paths = [w for w in words if not w.startswith("-") and (REPO / w).exists()]
+    ignored = {(REPO / w.split("=", 1)[1]).resolve() for w in words if w.startswith("--ignore=")}
+    found = set()
+    for path in map(REPO.joinpath, paths):
+        for file in ([path] if path.is_file() else path.rglob("test_*.py")):
+            if file.resolve() not in ignored:
+                found.add(str(file.relative_to(REPO)))
+    return found
+
+
+@pytest.mark.parametrize("target", ["test", "test-fast"])
+def test_make_test_runs_every_test_file_exactly_once(target):
+    """`make test` runs the suite in parts (the Ray-free tests on xdist workers, then the Ray tests one at a time):
+    together they must hold every test file, none twice, and only the first part may spread over workers."""
+    parts = make_test_parts(target)
+    assert len(parts) == 2, parts
+    files = [selected_test_files(words) for words in parts]
+    everything = {str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("test_*.py")}
+    assert files[0] and files[1] and not files[0] & files[1], files
+    assert files[0] | files[1] == everything, sorted(everything - files[0] - files[1])
+    assert "tests/integration/test_train_ae.py" in files[1] and "tests/unit/test_packaging.py" in files[0]
+    assert "no:xdist" in parts[1] and "-n" not in parts[1]
