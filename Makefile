@@ -11,24 +11,13 @@ SUITE2P_SPEC ?= suite2p==0.14.6
 # TORCH_SPEC and EXTRAS build args with the same defaults (tests/unit/test_packaging.py)
 # --durations=30: every run (CI too) lists its 30 slowest tests, the figures issue 12 tracks
 PYTEST_ARGS ?= --durations=30
-# `make test` runs the suite in two parts. The tests that start no Ray run on TEST_WORKERS pytest-xdist workers, a
-# test file at a time each (--dist loadfile), with one torch thread per worker (tests/conftest.py): run one at a
-# time they kept one of the two cores idle (tests/unit and tests/test_bad_inputs.py: 420 s serial, 256 s on 2
-# workers). Then the Ray integration tests, one at a time: their Ray clusters, Train workers and job subprocesses
-# already keep both cores ~80% busy, and side by side they ran 2-3x slower. TEST_WORKERS=0: the first part serial
-# too. Every test file is in exactly one part (tests/unit/test_packaging.py).
+# `make test` runs on TEST_WORKERS pytest-xdist workers, a test file at a time each (--dist loadfile), except that
+# the Ray integration tests are one unit (tests/conftest.py): one worker runs them one at a time - side by side they
+# ran 2-3x slower - while the other runs the tests that start no Ray; one torch thread per worker. Run serially the
+# suite left CPU idle: the in-process tests ran on one core (~470 s), the Ray tests left 23% of it idle.
+# TEST_WORKERS=0: all serial.
 TEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadfile)
-RAY_FREE_INTEGRATION := tests/integration/test_evaluate_job.py tests/integration/test_suite2p_judge.py
-IN_PROCESS_TESTS := tests/unit tests/test_bad_inputs.py $(RAY_FREE_INTEGRATION)
-RAY_TESTS := tests/integration $(addprefix --ignore=,$(RAY_FREE_INTEGRATION))
-# both parts always run; the recipe fails if either failed (or collected no test: pytest's exit code 5)
-define run_tests
-	@status=0; \
-	$(PY) -m pytest -q $(XDIST) $(1) $(PYTEST_ARGS) $(IN_PROCESS_TESTS) || status=$$?; \
-	$(PY) -m pytest -q -p no:xdist $(1) $(PYTEST_ARGS) $(RAY_TESTS) || status=$$?; \
-	exit $$status
-endef
 
 .PHONY: setup browser demo test test-fast bench lint clean
 
@@ -50,10 +39,10 @@ demo: setup
 	$(PY) -m cadiff.demo
 
 test: setup
-	$(call run_tests,)
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 test-fast: setup
-	$(call run_tests,-m "not slow")
+	$(PY) -m pytest -q $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) benchmarks/model_step.py

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -139,36 +138,20 @@ def test_tensorboard_is_a_dependency():
     assert re.search(r'^\s*"tensorboard[>=<~]', dependencies.group(1), re.M), dependencies.group(1)
 
 
-def make_test_parts(target: str) -> list[list[str]]:
-    """The pytest command lines a ``make`` target runs, as words (``make -n``: printed, not run)."""
-    proc = subprocess.run(["make", "-n", "--no-print-directory", target], cwd=REPO, capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    commands = [c for line in proc.stdout.splitlines() for c in re.split(r"\|\||;", line) if " -m pytest " in c]
-    return [shlex.split(c.split(" -m pytest ", 1)[1]) for c in commands]
 
+def test_make_test_keeps_the_ray_tests_on_one_worker(makefile):
+    """`make test` spreads the suite over xdist workers a file at a time, except that every Ray integration test
+    file is in one unit (one worker runs them one at a time); the files left out of it start no Ray."""
+    from tests.conftest import RAY_FREE_INTEGRATION, RAY_UNIT, xdist_unit_of
 
-def selected_test_files(words: list[str]) -> set[str]:
-    """Test files a pytest command line collects: its path arguments, less its ``--ignore=`` paths."""
-    paths = [w for w in words if not w.startswith("-") and (REPO / w).exists()]
-    ignored = {(REPO / w.split("=", 1)[1]).resolve() for w in words if w.startswith("--ignore=")}
-    found = set()
-    for path in map(REPO.joinpath, paths):
-        for file in ([path] if path.is_file() else path.rglob("test_*.py")):
-            if file.resolve() not in ignored:
-                found.add(str(file.relative_to(REPO)))
-    return found
-
-
-@pytest.mark.parametrize("target", ["test", "test-fast"])
-def test_make_test_runs_every_test_file_exactly_once(target):
-    """`make test` runs the suite in parts (the Ray-free tests on xdist workers, then the Ray tests one at a time):
-    together they must hold every test file, none twice, and only the first part may spread over workers."""
-    parts = make_test_parts(target)
-    assert len(parts) == 2, parts
-    files = [selected_test_files(words) for words in parts]
-    everything = {str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("test_*.py")}
-    assert files[0] and files[1] and not files[0] & files[1], files
-    assert files[0] | files[1] == everything, sorted(everything - files[0] - files[1])
-    assert "tests/integration/test_train_ae.py" in files[1] and "tests/unit/test_packaging.py" in files[0]
-    assert "no:xdist" in parts[1] and "-n" not in parts[1]
+    assert re.search(r"^XDIST := .*-n \$\(TEST_WORKERS\) --dist loadfile\)", makefile, re.M), "the hook needs loadfile"
+    files = {p.relative_to(REPO).as_posix() for p in (REPO / "tests").rglob("test_*.py")}
+    units = {f: xdist_unit_of(f"{f}::test_x") for f in files}
+    integration = {f for f in files if f.startswith("tests/integration/")}
+    assert {f for f, u in units.items() if u == RAY_UNIT} == {
+        f for f in integration if f.rsplit("/", 1)[1] not in RAY_FREE_INTEGRATION}
+    assert all(u == f for f, u in units.items() if u != RAY_UNIT)  # every other file its own unit
+    assert units["tests/integration/test_train_ae.py"] == RAY_UNIT and units["tests/unit/test_cli.py"] != RAY_UNIT
+    for name in RAY_FREE_INTEGRATION:
+        text = (REPO / "tests" / "integration" / name).read_text()
+        assert not re.search(r"ray_cluster|import ray|init_ray|job_command|RAY_ADDRESS", text), name
