@@ -12,9 +12,9 @@ SUITE2P_SPEC ?= suite2p==0.14.6
 # --durations=30: every run (CI too) lists its 30 slowest tests, the figures issue 12 tracks
 PYTEST_ARGS ?= --durations=30
 # `make test` runs on TEST_WORKERS pytest-xdist workers, a test file at a time each (--dist loadfile), except that
-# the Ray integration tests are one unit (tests/conftest.py): one worker runs them one at a time - side by side they
-# ran 2-3x slower - while the other runs the tests that start no Ray; one torch thread per worker. Run serially the
-# suite left CPU idle: the in-process tests ran on one core (~470 s), the Ray tests left 23% of it idle.
+# the Ray integration tests are one unit (tests/conftest.py): one worker runs them one at a time while the other
+# runs the tests that start no Ray; one torch thread per worker. Measured on 2 cores: serially 1486 s (the
+# in-process tests kept one core idle, the Ray tests ~23% of the CPU); the Ray tests alone 904 s; this way 1074 s.
 # TEST_WORKERS=0: all serial.
 TEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadfile)

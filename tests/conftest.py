@@ -25,7 +25,8 @@ RAY_UNIT = "ray integration tests"
 
 def xdist_unit_of(nodeid: str) -> str:
     """The pytest-xdist work unit of a test under ``make test`` (``--dist loadfile``): its file, except that every
-    Ray integration test is in one unit, run one at a time by one worker (side by side they ran 2-3x slower)."""
+    Ray integration test is in one unit, run one at a time by one worker: each starts Ray clusters, Train workers
+    or job subprocesses that keep the two cores ~77% busy on their own."""
     path = TESTS.parent / nodeid.split("::", 1)[0]
     if path.parent == TESTS / "integration" and path.name not in RAY_FREE_INTEGRATION:
         return RAY_UNIT
@@ -63,8 +64,9 @@ def ray_cluster():
 
 
 def pytest_collection_finish(session):
-    """In-process tests use both cores (the suite runs one test at a time); set after collection, so no test
-    module's import changes it for the others."""
+    """In-process torch work: both cores when one test runs at a time, one per pytest-xdist worker (two threads
+    in each of two workers made some tests 4-14x slower: 3.4 -> 49.8 s, 13.9 -> 49.2 s); set after collection,
+    so no test module's import changes it for the others."""
     import torch
 
     torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)

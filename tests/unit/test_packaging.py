@@ -138,7 +138,6 @@ def test_tensorboard_is_a_dependency():
     assert re.search(r'^\s*"tensorboard[>=<~]', dependencies.group(1), re.M), dependencies.group(1)
 
 
-
 def test_make_test_keeps_the_ray_tests_on_one_worker(makefile):
     """`make test` spreads the suite over xdist workers a file at a time, except that every Ray integration test
     file is in one unit (one worker runs them one at a time); the files left out of it start no Ray."""
