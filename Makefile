@@ -14,7 +14,7 @@ PYTEST_ARGS ?= --durations=30
 # `make test` runs on TEST_WORKERS pytest-xdist workers, a test file at a time each (--dist loadfile), except that
 # the Ray integration tests are one unit (tests/conftest.py): one worker runs them one at a time while the other
 # runs the tests that start no Ray; one torch thread per worker. Measured on 2 cores: serially 1486 s (the
-# in-process tests kept one core idle, the Ray tests ~23% of the CPU); the Ray tests alone 904 s; this way 1074 s.
+# in-process tests kept one core idle, the Ray tests ~23% of the CPU); the Ray tests alone 904 s; this way 1016-1074 s.
 # TEST_WORKERS=0: all serial.
 TEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadfile)

@@ -65,7 +65,7 @@ def ray_cluster():
 
 def pytest_collection_finish(session):
     """In-process torch work: both cores when one test runs at a time, one per pytest-xdist worker (two threads
-    in each of two workers made some tests 4-14x slower: 3.4 -> 49.8 s, 13.9 -> 49.2 s); set after collection,
+    in each of two workers made some tests 3.5-15x slower: 13.9 -> 49.2 s, 3.4 -> 49.8 s); set after collection,
     so no test module's import changes it for the others."""
     import torch
 
