@@ -24,6 +24,7 @@ and ``model_step_profile.md`` (:mod:`cadiff.bench.step_profile`).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -99,6 +100,17 @@ def count_fwd_bwd_flops(case: str, shape: tuple[int, ...]) -> float:
     return float(counter.get_total_flops())
 
 
+def _train_step(model, x, gen, bf16: bool = False) -> None:
+    """One forward+backward of ``model.training_loss``, gradients dropped; bf16 autocast as the trainer applies it
+    (trainer.precision=bf16): fp32 weights, bf16 convs/matmuls."""
+    import torch
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss, _ = model.training_loss(x, gen)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
 def run_case(case: str, shape: tuple[int, ...], mode: str, threads: int, repeats: int) -> dict:
     """One case in this process: build, compile if asked, warm up, time ``repeats`` fwd+bwd steps."""
     import resource
@@ -120,13 +132,7 @@ def run_case(case: str, shape: tuple[int, ...], mode: str, threads: int, repeats
     x = torch.randn(shape)
     gen = torch.Generator().manual_seed(0)
 
-    def step() -> None:
-        # bf16 autocast as the trainer applies it (trainer.precision=bf16): fp32 weights, bf16 convs/matmuls
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss, _ = model.training_loss(x, gen)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
+    step = functools.partial(_train_step, model, x, gen, bf16)
     start = time.perf_counter()
     step()  # warm-up: oneDNN primitive creation, compilation
     warmup_s = time.perf_counter() - start
@@ -172,11 +178,7 @@ def profile_step(frames: int, threads: int) -> dict:
     x = torch.randn(1, 1, frames, 64, 64)
     gen = torch.Generator().manual_seed(0)
 
-    def step() -> None:
-        loss, _ = model.training_loss(x, gen)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
+    step = functools.partial(_train_step, model, x, gen)
     step()  # warm-up: oneDNN primitive creation
     start = time.perf_counter()
     step()
