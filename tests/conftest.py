@@ -27,10 +27,11 @@ def xdist_unit_of(nodeid: str) -> str:
     """The pytest-xdist work unit of a test under ``make test`` (``--dist loadfile``): its file, except that every
     Ray integration test is in one unit, run one at a time by one worker: each starts Ray clusters, Train workers
     or job subprocesses that keep the two cores ~77% busy on their own."""
-    path = TESTS.parent / nodeid.split("::", 1)[0]
+    file = nodeid.split("::", 1)[0]
+    path = TESTS.parent / file
     if path.parent == TESTS / "integration" and path.name not in RAY_FREE_INTEGRATION:
         return RAY_UNIT
-    return nodeid.split("::", 1)[0]
+    return file
 
 
 @pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: absent under -p no:xdist
