@@ -12,10 +12,11 @@ SUITE2P_SPEC ?= suite2p==0.14.6
 # --durations=30: every run (CI too) lists its 30 slowest tests, the figures issue 12 tracks
 PYTEST_ARGS ?= --durations=30
 # `make test` runs on TEST_WORKERS pytest-xdist workers, a test file at a time each (--dist loadfile), except that
-# the Ray integration tests are one unit (tests/conftest.py): one worker runs them one at a time while the other
-# runs the tests that start no Ray; one torch thread per worker. Measured on 2 cores: serially 1486 s (the
-# in-process tests kept one core idle, the Ray tests ~23% of the CPU); the Ray tests alone 904 s; this way 1016-1074 s.
-# TEST_WORKERS=0: all serial.
+# every test that starts Ray is in one unit, handed out first (tests/conftest.py): one worker runs the Ray tests one
+# at a time while the other runs the rest; one torch thread per worker. Measured on 2 cores: serially 1486 s (the
+# in-process tests kept one core idle, the Ray tests ~23% of the CPU); the Ray tests alone 904 s; one Ray unit of
+# whole files 1016-1074 s; the Ray tests in two units (two at once) 1116 s; one unit of only the tests that start
+# Ray (the Ray-free tests of integration files beside it) 993 s. TEST_WORKERS=0: all serial.
 TEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadfile)
 

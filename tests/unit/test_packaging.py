@@ -139,18 +139,72 @@ def test_tensorboard_is_a_dependency():
 
 
 def test_make_test_keeps_the_ray_tests_on_one_worker(makefile):
-    """`make test` spreads the suite over xdist workers a file at a time, except that every Ray integration test
-    file is in one unit (one worker runs them one at a time); the files left out of it start no Ray."""
-    from tests.conftest import RAY_FREE_INTEGRATION, RAY_UNIT, xdist_unit_of
+    """`make test` spreads the suite over xdist workers a file at a time, except that every test that starts Ray is
+    in one unit (one worker runs them one at a time); the integration tests left out of it start no Ray."""
+    import ast
+
+    from tests.conftest import RAY_FIXTURES, RAY_FREE_INTEGRATION, RAY_FREE_TESTS, RAY_UNIT, xdist_unit_of
 
     assert re.search(r"^XDIST := .*-n \$\(TEST_WORKERS\) --dist loadfile\)", makefile, re.M), "the hook needs loadfile"
     files = {p.relative_to(REPO).as_posix() for p in (REPO / "tests").rglob("test_*.py")}
-    units = {f: xdist_unit_of(f"{f}::test_x") for f in files}
     integration = {f for f in files if f.startswith("tests/integration/")}
-    assert {f for f, u in units.items() if u == RAY_UNIT} == {
-        f for f in integration if f.rsplit("/", 1)[1] not in RAY_FREE_INTEGRATION}
-    assert all(u == f for f, u in units.items() if u != RAY_UNIT)  # every other file its own unit
-    assert units["tests/integration/test_train_ae.py"] == RAY_UNIT and units["tests/unit/test_cli.py"] != RAY_UNIT
+    for file in files:
+        tree = ast.parse((REPO / file).read_text())
+        tests = {n.name: [a.arg for a in n.args.args] for n in tree.body
+                 if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")}
+        name = file.rsplit("/", 1)[1]
+        assert set(RAY_FREE_TESTS.get(name, ())) <= set(tests), f"{file}: a Ray-free test that does not exist"
+        for test, args in tests.items():
+            unit = xdist_unit_of(f"{file}::{test}[p0]")
+            if file not in integration:
+                assert unit == file  # every file outside tests/integration its own unit
+            elif name in RAY_FREE_INTEGRATION or test in RAY_FREE_TESTS.get(name, ()):
+                assert unit == f"{file} (no Ray)" and not set(args) & set(RAY_FIXTURES), (file, test)
+            else:
+                assert unit == RAY_UNIT, (file, test)
+    assert xdist_unit_of("tests/integration/test_train_ae.py::test_ddp_trains_exports_media_and_resumes_exactly") == RAY_UNIT
+    assert xdist_unit_of("tests/integration/test_train_ae.py::test_exact_resume_single_process") != RAY_UNIT
     for name in RAY_FREE_INTEGRATION:
         text = (REPO / "tests" / "integration" / name).read_text()
         assert not re.search(r"ray_cluster|import ray|init_ray|job_command|RAY_ADDRESS", text), name
+
+
+def test_the_scheduler_hands_out_the_ray_unit_first():
+    """Whatever the order pytest-xdist queued the units in (by test count), the Ray unit starts first: it is the
+    longest, and the other units fill in around it."""
+    from collections import OrderedDict
+
+    xdist = pytest.importorskip("xdist.scheduler")
+    from tests import conftest
+
+    class Option:
+        dist, loadscopereorder = "loadfile", True
+
+    class Config:
+        option = Option()
+
+        def getoption(self, name):
+            return getattr(self.option, name)
+
+        def getvalue(self, name):  # `-n 2` as pytest-xdist passes it on
+            return {"tx": ["2*popen"]}[name]
+
+    class Node:
+        def send_runtest_some(self, indexes):
+            pass
+
+    scheduler = conftest.pytest_xdist_make_scheduler(Config(), None)
+    assert isinstance(scheduler, xdist.LoadFileScheduling) and not scheduler.workqueue
+    collection = ["tests/unit/test_cli.py::test_a", "tests/unit/test_cli.py::test_b",
+                  "tests/integration/test_train_ae.py::test_exact_resume_single_process",
+                  "tests/integration/test_job_submit.py::test_ray_job_submit_trains_on_local_head"]
+    scheduler.workqueue = OrderedDict()
+    for nodeid in collection:  # queued in collection order: the Ray unit last
+        scheduler.workqueue.setdefault(scheduler._split_scope(nodeid), {})[nodeid] = False
+    assert list(scheduler.workqueue) == ["tests/unit/test_cli.py", "tests/integration/test_train_ae.py (no Ray)",
+                                         conftest.RAY_UNIT]
+    nodes = [Node(), Node()]
+    for node in nodes:
+        scheduler.registered_collections[node] = collection
+        scheduler._assign_work_unit(node)
+    assert [list(scheduler.assigned_work[n]) for n in nodes] == [[conftest.RAY_UNIT], ["tests/unit/test_cli.py"]]
