@@ -261,11 +261,19 @@ def _best_mode(rows: list[dict], frames: int, anchors: dict) -> str:
     return max(cand, key=lambda r: _speedup(r, anchors))["mode"] if cand else "-"
 
 
-def _goal(name: str, value: float | None, target: float, fmt: str, at_most: bool = False) -> str:
+def unmeasured_modes(rows: list[dict], frames: int) -> list[str]:
+    """DiffAE modes of the full plan at ``frames`` frames with no measured row: a "fastest mode" is only the
+    fastest of those measured."""
+    full = _plan(argparse.Namespace(case=None, quick=False, no_compile=False))
+    measured = {r["mode"] for r in _diffae_rows(rows, frames)}
+    return [m for case, shape, m in full if case == "diffae" and shape[2] == frames and m not in measured]
+
+
+def _goal(name: str, value: float | None, target: float, fmt: str, at_most: bool = False, note: str = "") -> str:
     if value is None:
         return f"- {name}: not measured in this run"
     met = value <= target if at_most else value >= target
-    return f"- {name}: {fmt.format(value)} ({'met' if met else 'not met'})"
+    return f"- {name}: {fmt.format(value)} ({'met' if met else 'not met'}{note})"
 
 
 def goal_lines(rows: list[dict], anchors: dict) -> list[str]:
@@ -275,8 +283,10 @@ def goal_lines(rows: list[dict], anchors: dict) -> list[str]:
     for frames in (17, 65):
         lines.append(_goal(f"normalised speedup >= 2.0x, eager fp32, {frames} frames", s[f"speedup_fp32_T{frames}"],
                            2.0, "{:.2f}x"))
+        missing = unmeasured_modes(rows, frames)
         lines.append(_goal(f"normalised speedup >= 3.0x, fastest mode ({_best_mode(rows, frames, anchors)}), "
-                           f"{frames} frames", s[f"speedup_best_T{frames}"], 3.0, "{:.2f}x"))
+                           f"{frames} frames", s[f"speedup_best_T{frames}"], 3.0, "{:.2f}x",
+                           note=f"; not measured: {', '.join(missing)}" if missing else ""))
     lines.append(_goal("peak RSS at 1x1x65x64x64 eager fp32 <= 2.0 GB", s["peak_rss_gb_fp32_T65"], 2.0, "{:.2f} GB",
                        at_most=True))
     return lines
