@@ -98,8 +98,8 @@ def pytest_xdist_make_scheduler(config, log):
 
 @pytest.fixture(autouse=True)
 def _ray_free_tests_start_no_ray(request):
-    """A test in :data:`RAY_FREE_TESTS` runs beside the Ray tests, so it must neither need a Ray fixture nor start
-    Ray in this process."""
+    """A Ray-free integration test (in a :data:`RAY_FREE_INTEGRATION` file or named in :data:`RAY_FREE_TESTS`) runs
+    beside the Ray tests, so it must neither need a Ray fixture nor start Ray in this process."""
     if request.node.nodeid.split("::", 1)[0].startswith("tests/integration/") and ray_free(request.node.nodeid):
         needs = sorted(set(RAY_FIXTURES) & set(request.fixturenames))
         assert not needs, f"{request.node.nodeid} is listed as Ray-free but needs {needs}"
