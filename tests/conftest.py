@@ -54,14 +54,20 @@ RAY_UNIT = "ray integration tests"
 RAY_FIXTURES = ("ray_cluster", "ray_head", "latents_root", "stage2_run")  # fixtures that start or need Ray
 
 
+def integration_file(nodeid: str) -> str | None:
+    """The file name of a test directly in tests/integration, else None."""
+    file = nodeid.split("::", 1)[0]
+    path = TESTS.parent / file
+    return path.name if path.parent == TESTS / "integration" else None
+
+
 def ray_free(nodeid: str) -> bool:
     """Whether the test starts no Ray: a test outside tests/integration, in a Ray-free integration file, or named
     in :data:`RAY_FREE_TESTS` (parametrised ids included)."""
-    file, _, name = nodeid.partition("::")
-    path = TESTS.parent / file
-    if path.parent != TESTS / "integration" or path.name in RAY_FREE_INTEGRATION:
+    name = integration_file(nodeid)
+    if name is None or name in RAY_FREE_INTEGRATION:
         return True
-    return name.split("[", 1)[0] in RAY_FREE_TESTS.get(path.name, ())
+    return nodeid.split("::", 1)[1].split("[", 1)[0] in RAY_FREE_TESTS.get(name, ())
 
 
 def xdist_unit_of(nodeid: str) -> str:
@@ -72,7 +78,7 @@ def xdist_unit_of(nodeid: str) -> str:
     file = nodeid.split("::", 1)[0]
     if not ray_free(nodeid):
         return RAY_UNIT
-    return file if (TESTS.parent / file).parent != TESTS / "integration" else f"{file} (no Ray)"
+    return file if integration_file(nodeid) is None else f"{file} (no Ray)"
 
 
 @pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: absent under -p no:xdist
@@ -100,7 +106,7 @@ def pytest_xdist_make_scheduler(config, log):
 def _ray_free_tests_start_no_ray(request):
     """A Ray-free integration test (in a :data:`RAY_FREE_INTEGRATION` file or named in :data:`RAY_FREE_TESTS`) runs
     beside the Ray tests, so it must neither need a Ray fixture nor start Ray in this process."""
-    if request.node.nodeid.split("::", 1)[0].startswith("tests/integration/") and ray_free(request.node.nodeid):
+    if integration_file(request.node.nodeid) and ray_free(request.node.nodeid):
         needs = sorted(set(RAY_FIXTURES) & set(request.fixturenames))
         assert not needs, f"{request.node.nodeid} is listed as Ray-free but needs {needs}"
         ray = sys.modules.get("ray")
