@@ -16,7 +16,7 @@ PYTEST_ARGS ?= --durations=30
 # at a time while the other runs the rest; one torch thread per worker. Measured on 2 cores: serially 1486 s (the
 # in-process tests kept one core idle, the Ray tests ~23% of the CPU); the Ray tests alone 904 s; one Ray unit of
 # whole files 1016-1074 s; the Ray tests in two units (two at once) 1116 s; one unit of only the tests that start
-# Ray (the Ray-free tests of integration files beside it) 993 and 1049 s. TEST_WORKERS=0: all serial.
+# Ray (the Ray-free tests of integration files beside it) 993, 1049 and 1061 s. TEST_WORKERS=0: all serial.
 TEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadfile)
 
