@@ -195,6 +195,11 @@ class AutoencoderConfig:
     dec_channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4])
     dec_num_res_blocks: int = 1
     dec_attention: bool = False
+    # the deterministic z -> clip decoder (the mean_flow mean head, the regression decoder): unet = the decoder UNet
+    # on a blank input (down path, skips); upsampler = a decoder that only upsamples from the latent, its coarse
+    # levels at the latent frame rate (unet3d.LatentUpsampler): ae_default's step 2.4x faster (model_step.md), ROI
+    # traces and PSNR a little lower per step (ae_quality_ablation.md), hence not the default
+    mean_head: str = "unet"  # unet | upsampler
     # recompute norm/FiLM/SiLU and the causal pad in backward instead of storing them; conv outputs are kept, so no
     # conv FLOPs are redone (a residual block holds 2 activations from forward to backward instead of 8.5)
     recompute_elementwise: bool = True
@@ -742,6 +747,16 @@ def validate_autoencoder(m: Any, prefix: str = "model") -> None:
     if m.decoder_form is not None:
         _choice(f"{prefix}.decoder_form", m.decoder_form, ("mean_flow", "flow"))
     _require(m.mean_loss_weight > 0, f"{prefix}.mean_loss_weight", m.mean_loss_weight, "> 0")
+    _choice(f"{prefix}.mean_head", m.mean_head, ("unet", "upsampler"))
+    if m.mean_head == "upsampler":
+        flow_form = m.decoder_form == "flow" or (m.decoder_form is None and m.diffusion.objective != "flow")
+        if m.kind == "diffae" and flow_form:
+            raise ConfigError(f"{prefix}.mean_head='upsampler' is the network of the mean head, which "
+                              f"{prefix}.decoder_form='flow' does not have: use decoder_form=mean_flow")
+        deep = len(m.dec_channel_mult) - 1
+        _require(2**deep <= m.spatial_downsample, f"{prefix}.dec_channel_mult", list(m.dec_channel_mult),
+                 f"at most 1 + log2(spatial_downsample) = {1 + int(math.log2(m.spatial_downsample))} levels for "
+                 f"{prefix}.mean_head=upsampler (its coarsest level may not be coarser than the latent grid)")
     _choice(f"{prefix}.noise_draw", m.noise_draw, ("auto", "gaussian", "poisson"))
     _choice(f"{prefix}.mean_target", m.mean_target, ("input", "photon_split"))
     _require(0.0 < m.split_fraction < 1.0, f"{prefix}.split_fraction", m.split_fraction, "in (0, 1)")

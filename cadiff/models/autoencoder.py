@@ -32,7 +32,7 @@ from cadiff.diffusion.samplers import Objective, draw_randn
 from cadiff.errors import ModelError
 from cadiff.models.encoder import Encoder
 from cadiff.models.layers import count_forward_flops, map_frames
-from cadiff.models.unet3d import UNet3D
+from cadiff.models.unet3d import LatentUpsampler, UNet3D
 
 LOGVAR_RANGE = (-30.0, 20.0)  # clamp of the posterior log-variance, as in the LDM autoencoder
 
@@ -67,8 +67,21 @@ class CausalAutoencoder(nn.Module, ABC):
                       attention=bool(cfg["dec_attention"]), recompute=bool(cfg["recompute_elementwise"]),
                       out_channels=self.in_channels)
 
-    def _blank_decode(self, net: UNet3D, z: Tensor) -> Tensor:
-        """``net`` run on the latent alone: input ``x_t = 0`` at ``t = 0`` (a deterministic z -> clip map)."""
+    def _build_head(self) -> UNet3D | LatentUpsampler:
+        """The deterministic ``z -> clip`` decoder (``model.mean_head``): a blank-input UNet or an upsampler."""
+        cfg = self.model_config
+        if cfg.get("mean_head", "unet") == "upsampler":
+            return LatentUpsampler(self.z_channels, self.in_channels, cfg["dec_base_channels"],
+                                   list(cfg["dec_channel_mult"]), cfg["dec_num_res_blocks"], self.temporal_downsample,
+                                   self.spatial_downsample, attention=bool(cfg["dec_attention"]),
+                                   recompute=bool(cfg["recompute_elementwise"]))
+        return self._build_unet(self.in_channels)
+
+    def _blank_decode(self, net: UNet3D | LatentUpsampler, z: Tensor) -> Tensor:
+        """``net`` run on the latent alone (a deterministic z -> clip map): an upsampler reads ``z`` only, a UNet
+        gets the input ``x_t = 0`` at ``t = 0``."""
+        if isinstance(net, LatentUpsampler):
+            return net(z)
         b, _, t, h, w = z.shape
         s_t, s = self.temporal_downsample, self.spatial_downsample
         blank = z.new_zeros((b, net.conv_in.conv.in_channels, 1 + (t - 1) * s_t, h * s, w * s))
@@ -433,7 +446,7 @@ class DiffusionAutoencoder(CausalAutoencoder):
             if self.pixel_noise is None:
                 raise ModelError("model.decoder_form='mean_flow' needs the pixel noise level: model.noise_model "
                                  "(filled in from the data index by the trainer) or model.noise_std")
-            self.mean_decoder = self._build_unet(in_ch)
+            self.mean_decoder = self._build_head()
             self.noise_draw = resolved_noise_draw(model_config, self.pixel_noise)
             if self.mean_target == "photon_split" and self.pixel_noise.kind == "constant":
                 raise ModelError("model.mean_target='photon_split' thins photon counts: it needs model.noise_model "
@@ -579,10 +592,12 @@ class DiffusionAutoencoder(CausalAutoencoder):
 
 
 class RegressionAutoencoder(CausalAutoencoder):
-    """Baseline: same encoder and UNet, decoder input fixed to ``x_t = 0, t = 0``, trained with L2 or L1."""
+    """Baseline: same encoder and deterministic head (``model.mean_head``: the UNet on ``x_t = 0, t = 0``, or the
+    upsampler), trained with L2 or L1."""
 
     def __init__(self, model_config: dict[str, Any]) -> None:
-        super().__init__(model_config)
+        super().__init__(model_config, decoder_inputs=None)
+        self.decoder = self._build_head()
         self.regression_loss = model_config["regression_loss"]
 
     def _decode(self, z: Tensor) -> Tensor:

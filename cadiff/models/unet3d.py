@@ -11,6 +11,8 @@ sees latent frames ``<= ceil(m / s_t)``: the full autoencoder is causal at chunk
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -130,6 +132,93 @@ class UNet3D(nn.Module):
             for blk in blocks:
                 h = blk(torch.cat([h, skips.pop()], dim=1), temb, cond[level])
             h = up(h)
+        return act_conv(self._out_act, self.conv_out, h, recompute=self.recompute)
+
+    def _out_act(self, h: Tensor) -> Tensor:
+        return self.conv_out.pad(F.silu(self.norm_out(h)))
+
+
+class LatentUpsampler(nn.Module):
+    """Causal decoder ``z -> clip`` that only upsamples (a VAE-style decoder): a cheaper deterministic head.
+
+    The UNet above, serving as the mean head ``mu(z)`` (or the regression decoder), runs its down path and skip
+    concatenations on a blank input (``x_t = 0, t = 0``); this decoder starts from the latent instead. Level ``l``
+    (``dec_channel_mult``) has ``base_channels * channel_mult[l]`` channels on the grid ``H/2^l``; the coarsest
+    level starts from the embedded latent (nearest-upsampled in H, W where the latent grid is coarser), each level
+    runs ``num_res_blocks + 1`` residual blocks (one more, ``mid``, at the coarsest), and ``Upsample2x`` links the
+    levels. Time is doubled causally at the transitions nearest full resolution (mirroring the encoder, which
+    halves it at its first levels): level ``l`` runs at ``1 + k * (s_t >> min(l, log2 s_t))`` frames, so the
+    coarse levels work at the latent's frame rate. Every block is FiLM-modulated by the embedded latent on its
+    own frame grid. Frame ``m`` of a finer level reads frame ``ceil(m / 2)`` of the coarser one, so output frame
+    ``m`` sees latent frames ``<= ceil(m / s_t)``: the same chunk causality as the UNet's.
+    """
+
+    def __init__(self, z_channels: int, out_channels: int, base_channels: int, channel_mult: list[int],
+                 num_res_blocks: int, temporal_downsample: int, spatial_downsample: int, attention: bool = False,
+                 head_channels: int = 32, recompute: bool = True) -> None:
+        super().__init__()
+        channels = [base_channels * m for m in channel_mult]
+        self.num_levels = len(channels)
+        deep = self.num_levels - 1
+        if 2**deep > spatial_downsample:
+            raise ModelError(f"an upsampling decoder with {self.num_levels} levels needs spatial_downsample >= "
+                             f"{2**deep}, got {spatial_downsample}")
+        self.temporal_downsample = temporal_downsample
+        self.spatial_downsample = spatial_downsample
+        self.time_doublings = min(deep, int(math.log2(temporal_downsample)))
+        cond_dim = channels[-1]
+        self.z_embed = nn.Sequential(CausalConv3d(z_channels, cond_dim, 3), nn.SiLU(), CausalConv3d(cond_dim, cond_dim, 3))
+        self.conv_in = CausalConv3d(cond_dim, channels[-1], 3)
+
+        def block(cin: int, cout: int) -> ResBlock3d:
+            """A residual block conditioned on the latent."""
+            return ResBlock3d(cin, cout, cond_channels=cond_dim, recompute=recompute)
+
+        self.mid = block(channels[-1], channels[-1])
+        self.mid_attn = CausalAttentionBlock3d(channels[-1], max(1, channels[-1] // head_channels)) if attention else None
+        self.levels = nn.ModuleList()
+        self.upsamples = nn.ModuleList()
+        prev = channels[-1]
+        for level in reversed(range(self.num_levels)):
+            self.levels.append(nn.ModuleList(block(prev if i == 0 else channels[level], channels[level])
+                                             for i in range(num_res_blocks + 1)))
+            prev = channels[level]
+            if level > 0:
+                self.upsamples.append(Upsample2x(prev, channels[level - 1], recompute=recompute))
+                prev = channels[level - 1]
+        self.norm_out = FrameGroupNorm(prev)
+        self.conv_out = CausalConv3d(prev, out_channels, 3)
+        nn.init.zeros_(self.conv_out.conv.weight)  # the same zero start as the UNet head
+        nn.init.zeros_(self.conv_out.conv.bias)
+        self.recompute = recompute
+
+    def frame_factor(self, level: int) -> int:
+        """Output frames per latent frame at ``level`` (``s_t`` at full resolution)."""
+        return self.temporal_downsample >> min(level, self.time_doublings)
+
+    def res_blocks(self) -> list[nn.Module]:
+        """The repeated blocks (for FSDP2 wrapping and activation checkpointing)."""
+        mid = [self.mid] + ([self.mid_attn] if self.mid_attn is not None else [])
+        return mid + [b for lv in self.levels for b in lv]
+
+    def forward(self, z: Tensor) -> Tensor:
+        feats = self.z_embed(channels_last(z))
+        deep = self.num_levels - 1
+        h = self.conv_in(causal_upsample_time(feats, self.frame_factor(deep)))
+        grow = self.spatial_downsample // 2**deep  # latent grid -> the coarsest level's grid
+        if grow > 1:
+            h = F.interpolate(h, scale_factor=(1.0, float(grow), float(grow)), mode="nearest")
+        cond = [causal_upsample_time(feats, self.frame_factor(level)) for level in range(self.num_levels)]
+        h = self.mid(h, cond=cond[deep])
+        if self.mid_attn is not None:
+            h = self.mid_attn(h)
+        for j, blocks in enumerate(self.levels):
+            level = deep - j
+            for blk in blocks:
+                h = blk(h, cond=cond[level])
+            if level > 0:
+                h = self.upsamples[j](h)
+                h = causal_upsample_time(h, self.frame_factor(level - 1) // self.frame_factor(level))
         return act_conv(self._out_act, self.conv_out, h, recompute=self.recompute)
 
     def _out_act(self, h: Tensor) -> Tensor:

@@ -70,9 +70,11 @@ NOISE_SKIP = ("model.decoder_form=flow", "model.noise_std=0.25", "model.noise_hi
 NOISE_SKIP_HP = ("model.decoder_form=flow", "model.noise_std=0.25", "model.noise_highpass=true")
 RESIDUAL = (*MEAN_FLOW, "model.residual_unet=true")
 PLAIN_FLOW = ("model.decoder_form=flow",)
+UPSAMPLER = (*MEAN_FLOW, "model.mean_head=upsampler")
 
 
 @pytest.mark.parametrize("attention, extra", [(False, MEAN_FLOW), (True, RESIDUAL), (False, RESIDUAL),
+                                              (False, UPSAMPLER), (True, UPSAMPLER),
                                               (False, PLAIN_FLOW), (False, NOISE_SKIP), (False, NOISE_SKIP_HP)])
 @torch.no_grad()
 def test_decoder_velocity_is_causal_in_x_t_and_chunk_causal_in_z(attention: bool, extra: tuple[str, ...]) -> None:
@@ -93,7 +95,8 @@ def test_decoder_velocity_is_causal_in_x_t_and_chunk_causal_in_z(attention: bool
 
 
 @pytest.mark.parametrize("kind, extra", [("diffae", MEAN_FLOW), ("diffae", RESIDUAL), ("regression", ()),
-                                         ("diffae", NOISE_SKIP_HP)])
+                                         ("diffae", NOISE_SKIP_HP), ("diffae", UPSAMPLER),
+                                         ("regression", ("model.mean_head=upsampler",))])
 @torch.no_grad()
 def test_full_autoencoder_is_causal_at_chunk_granularity(kind: str, extra: tuple[str, ...], clip) -> None:
     model = _model(kind, extra=extra)
@@ -152,6 +155,8 @@ def test_other_bad_shapes_raise_model_error(diffae) -> None:
     ["model.decoder_form=flow", "model.noise_std=0.3", "model.noise_highpass=true"],
     ["model.residual_unet=true", "model.noise_std=0.3"],
     ["model.noise_model.kind=photon", "model.noise_model.center=20", "model.noise_model.scale=5"],
+    ["model.mean_head=upsampler", "model.dec_attention=true", *MEAN_FLOW],
+    ["model=regression_ae", "model.mean_head=upsampler"],
 ])
 def test_model_variants_train_decode_and_rebuild(overrides: list[str]) -> None:
     torch.manual_seed(0)
@@ -217,3 +222,32 @@ def test_noise_skip_needs_the_flow_objective() -> None:
         build_model(compose("train_ae", ["experiment=ae_tiny"]).model)
     with pytest.raises(ConfigError, match="noise_std"):
         compose("train_ae", ["experiment=ae_tiny", "model.noise_std=-1"])
+
+
+@pytest.mark.parametrize("s_t, frames", [(1, 5), (2, 9), (4, 17), (8, 17)])
+@torch.no_grad()
+def test_upsampling_mean_head_runs_coarse_levels_at_the_latent_rate_and_stays_chunk_causal(s_t: int, frames: int) -> None:
+    """Time is doubled at the levels nearest full resolution; any s_t (fewer, equal or more doublings than levels)."""
+    overrides = ["experiment=ae_tiny", "model.mean_head=upsampler", f"model.temporal_downsample={s_t}", *MEAN_FLOW]
+    torch.manual_seed(0)
+    model = build_model(compose("train_ae", overrides).model).eval()
+    head = model.mean_decoder
+    torch.nn.init.normal_(head.conv_out.conv.weight, std=0.1)
+    assert [head.frame_factor(level) for level in range(3)] == [s_t, max(1, s_t // 2), max(1, s_t // 4)]
+    z = torch.randn(1, 4, 1 + (frames - 1) // s_t, 2, 2, generator=torch.Generator().manual_seed(3))
+    mu = model.mean(z)
+    assert mu.shape == (1, 1, frames, 16, 16)
+    for i in range(z.shape[2]):
+        changed = _changed(mu, model.mean(_perturbed(z, i)))
+        assert changed == [math.ceil(m / s_t) >= i for m in range(frames)], f"z frame {i}: changed {changed}"
+
+
+def test_upsampling_mean_head_refuses_levels_coarser_than_the_latent_and_the_flow_form() -> None:
+    with pytest.raises(ConfigError, match=r"model.dec_channel_mult.*mean_head=upsampler"):
+        compose("train_ae", ["experiment=ae_tiny", "model.mean_head=upsampler", "model.spatial_downsample=2",
+                             "model.temporal_downsample=2"])
+    for form in (["model.decoder_form=flow"], ["model.diffusion.objective=ddpm"]):
+        with pytest.raises(ConfigError, match="mean_head='upsampler'.*decoder_form='flow' does not have"):
+            compose("train_ae", ["experiment=ae_tiny", "model.mean_head=upsampler", *form])
+    compose("train_ae", ["experiment=ae_tiny", "model=regression_ae", "model.mean_head=upsampler",
+                         "model.diffusion.objective=ddpm"])  # the regression AE has no flow: its head is the decoder
