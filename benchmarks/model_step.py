@@ -1,7 +1,8 @@
 """Model step benchmark: forward+backward time, FLOPs, FLOP/s vs. this machine's fp32 matmul, peak memory.
 
 Cases: the default stage-1 DiffAE (``experiment=ae_default``) on one ``1x17x64x64`` and one ``1x65x64x64`` clip,
-and a small DiT (size S) on a batch of latents, each eager, ``torch.compile`` of the whole networks, and
+``diffae_upsampler`` the same with ``model.mean_head=upsampler`` (not the default: it loses ROI-trace fidelity,
+``ae_quality_ablation.md``), and a small DiT (size S) on a batch of latents, each eager, ``torch.compile`` of the whole networks, and
 ``torch.compile`` per block (each of ``shard_units()``) - the seed's open question of where compile pays;
 ``eager_store`` keeps the norm/FiLM/SiLU activations instead of recomputing them in backward;
 ``eager_glibc_malloc`` leaves glibc's dynamic mmap threshold on (every other mode sets the trainer's
@@ -42,6 +43,8 @@ from cadiff.io import write_json_atomic, write_text_atomic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("eager", "eager_store", "eager_glibc_malloc", "compile_model", "compile_blocks")
+# stage-1 cases: the default DiffAE, and the same with the upsampling mean head (a speed/quality trade, not the default)
+STAGE1_CASES = {"diffae": [], "diffae_upsampler": ["model.mean_head=upsampler"]}
 log = logging.getLogger("model_step")
 
 
@@ -63,7 +66,7 @@ def _trainer_mmap_threshold(case: str) -> int | None:
     """The malloc setting a training worker of ``case``'s stage applies (``trainer.malloc_mmap_threshold_kb``)."""
     from cadiff.config import compose
 
-    job, experiment = ("train_ae", "ae_default") if case == "diffae" else ("train_latent", "dit_s")
+    job, experiment = ("train_ae", "ae_default") if case in STAGE1_CASES else ("train_latent", "dit_s")
     return compose(job, [f"experiment={experiment}"]).trainer.malloc_mmap_threshold_kb
 
 
@@ -71,10 +74,11 @@ def _build(case: str, mode: str = "eager"):
     from cadiff.config import compose
     from cadiff.models.registry import build_model
 
-    if case == "diffae":
+    if case in STAGE1_CASES:
         store = ["model.recompute_elementwise=false"] if mode == "eager_store" else []
         # the pixel noise level only scales an analytic term: any value measures the same step cost
-        return build_model(compose("train_ae", ["experiment=ae_default", "model.noise_std=0.25", *store]).model)
+        overrides = ["experiment=ae_default", "model.noise_std=0.25", *STAGE1_CASES[case], *store]
+        return build_model(compose("train_ae", overrides).model)
     cfg = compose("train_latent", ["experiment=dit_s", "model.in_channels=8"]).model
     return build_model(cfg)
 
@@ -233,7 +237,7 @@ def _spawn(case: str, shape: tuple[int, ...], mode: str, threads: int, repeats: 
 
 
 def _speedup(row: dict, anchors: dict) -> float | None:
-    anchor = anchors.get(row["shape"][2]) if row["case"] == "diffae" and "error" not in row else None
+    anchor = anchors.get(row["shape"][2]) if row["case"] in STAGE1_CASES and "error" not in row else None
     if anchor is None:
         return None
     return normalised_speedup(row["voxels_per_s"], row["matmul_gflops"] * 1e9, anchor)
@@ -318,7 +322,7 @@ def write_markdown(rows: list[dict], meta: dict, anchors: dict, path: Path) -> N
             lines.append(f"| {r['case']} | {shape} | {r['mode']} | error: {r['error']} ||||||||||||")
             continue
         speed = _speedup(r, anchors)
-        anchor = anchors.get(r["shape"][2]) if r["case"] == "diffae" else None
+        anchor = anchors.get(r["shape"][2]) if r["case"] in STAGE1_CASES else None
         seed_rss = f"{anchor.peak_rss_gb:.1f}" if anchor and anchor.peak_rss_gb else ""
         bf16_ratio = f"{r['ratio_to_bf16_matmul']:.2f}" if r.get("ratio_to_bf16_matmul") else ""
         lines.append(
@@ -339,6 +343,10 @@ def write_markdown(rows: list[dict], meta: dict, anchors: dict, path: Path) -> N
         "it are unmapped when freed instead of fragmenting the heap; `eager_glibc_malloc` keeps glibc's default "
         "(a threshold that rises with every large free) for comparison.",
         "",
+        "`diffae_upsampler` rows are the default model with `model.mean_head=upsampler` (a decoder that only upsamples "
+        "from the latent, `cadiff.models.unet3d.LatentUpsampler`): a speed/quality trade, not the default, since it "
+        "reconstructs ROI traces less faithfully (`ae_quality_ablation.md`); the goals below use `diffae` rows only.",
+        "",
         *goal_lines(rows, anchors),
         "",
     ]
@@ -357,11 +365,11 @@ def _parse_case(text: str) -> tuple[str, tuple[int, ...], str]:
     """``diffae:65:eager`` / ``dit:17:eager_bf16`` -> a plan entry."""
     try:
         case, frames, mode = text.split(":")
-        shape = (1, 1, int(frames), 64, 64) if case == "diffae" else (8, 8, int(frames), 8, 8)
+        shape = (1, 1, int(frames), 64, 64) if case in STAGE1_CASES else (8, 8, int(frames), 8, 8)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--case {text!r}: expected CASE:FRAMES:MODE, e.g. diffae:65:eager") from None
-    if case not in ("diffae", "dit") or mode.removesuffix("_bf16") not in MODES:
-        raise argparse.ArgumentTypeError(f"--case {text!r}: case diffae|dit, mode one of {', '.join(MODES)} "
+    if case not in (*STAGE1_CASES, "dit") or mode.removesuffix("_bf16") not in MODES:
+        raise argparse.ArgumentTypeError(f"--case {text!r}: case {'|'.join(STAGE1_CASES)}|dit, mode one of {', '.join(MODES)} "
                                          "(+ _bf16)")
     return case, shape, mode
 
@@ -376,6 +384,7 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, tuple[int, ...], str]]:
             for m in ("eager", "eager_bf16", "compile_model", "compile_blocks", "compile_blocks_bf16")]
     plan += [("diffae", (1, 1, 65, 64, 64), m) for m in ("eager", "eager_store", "eager_glibc_malloc", "eager_bf16",
                                                               "compile_blocks", "compile_blocks_bf16")]
+    plan += [("diffae_upsampler", (1, 1, f, 64, 64), "eager") for f in (17, 65)]
     plan += [("dit", dit_shape, m) for m in ("eager", "eager_bf16", "compile_model", "compile_blocks")]
     if args.no_compile:
         plan = [p for p in plan if not p[2].startswith("compile")]
