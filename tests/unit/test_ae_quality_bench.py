@@ -204,3 +204,17 @@ def test_table_grids_are_checked_before_any_training(aq, capsys):
     with pytest.raises(SystemExit):
         aq.parse_args(["--table-grids", "rho:x"])
     assert "time grid 'rho:x': expected 'uniform', 'shift:S' (S > 0) or 'rho:R' (R > 0)" in capsys.readouterr().err
+
+
+def test_ablation_trains_each_variant_for_its_steps_and_tabulates_them(aq, monkeypatch):
+    """A variant of ABLATION_STEPS trains for its multiple of the steps (the equal-time row of the upsampling head)."""
+    assert set(aq.ABLATION_STEPS) <= set(aq.ABLATION)
+    name = next(iter(aq.ABLATION_STEPS))
+    monkeypatch.setattr(aq, "ABLATION", {"default": [], name: aq.ABLATION[name]})
+    monkeypatch.setattr(aq, "ABLATION_STEPS", {name: 2.0})
+    cfg = aq.BenchConfig(**MICRO)
+    rows = aq.run_ablation(cfg, workers=1)
+    assert rows["default"]["steps"] == cfg.steps and rows[name]["steps"] == 2 * cfg.steps
+    assert rows[name]["params"] < rows["default"]["params"]  # the upsampling head is the smaller network
+    md = aq.render_ablation(rows, cfg)
+    assert "| steps |" in md and f"| {name} |" in md
