@@ -1,13 +1,13 @@
 """Model step benchmark: forward+backward time, FLOPs, FLOP/s vs. this machine's fp32 matmul, peak memory.
 
 Cases: the default stage-1 DiffAE (``experiment=ae_default``) on one ``1x17x64x64`` and one ``1x65x64x64`` clip,
-``diffae_upsampler`` the same with ``model.mean_head=upsampler`` (not the default: it loses ROI-trace fidelity,
-``ae_quality_ablation.md``), and a small DiT (size S) on a batch of latents, each eager, ``torch.compile`` of the whole networks, and
-``torch.compile`` per block (each of ``shard_units()``) - the seed's open question of where compile pays;
-``eager_store`` keeps the norm/FiLM/SiLU activations instead of recomputing them in backward;
-``eager_glibc_malloc`` leaves glibc's dynamic mmap threshold on (every other mode sets the trainer's
-``trainer.malloc_mmap_threshold_kb``, as training workers do: :mod:`cadiff.runtime.memory`). Every case runs
-in its own process (clean peak RSS) with ``--threads`` torch threads; the matmul FLOP/s is measured in that
+``diffae_upsampler`` the same with ``model.mean_head=upsampler`` (not the default: per training step it reconstructs
+ROI traces a little less faithfully, ``ae_quality_ablation.md``), and a small DiT (size S) on a batch of latents, each
+eager, ``torch.compile`` of the whole networks, and ``torch.compile`` per block (each of ``shard_units()``) - the
+seed's open question of where compile pays; ``eager_store`` keeps the norm/FiLM/SiLU activations instead of
+recomputing them in backward; ``eager_glibc_malloc`` leaves glibc's dynamic mmap threshold on (every other mode sets
+the trainer's ``trainer.malloc_mmap_threshold_kb``, as training workers do: :mod:`cadiff.runtime.memory`). Every case
+runs in its own process (clean peak RSS) with ``--threads`` torch threads; the matmul FLOP/s is measured in that
 process right before the timed steps, so the ratio is robust to other load on the machine. FLOPs are counted by
 ``torch.utils.flop_counter`` (convs, matmuls, attention; forward and backward on meta tensors). Each DiffAE row is
 compared with the seed's step measured on the same machine kind (``<repo>/../shared/anchors``), normalised by each
@@ -369,8 +369,8 @@ def _parse_case(text: str) -> tuple[str, tuple[int, ...], str]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"--case {text!r}: expected CASE:FRAMES:MODE, e.g. diffae:65:eager") from None
     if case not in (*STAGE1_CASES, "dit") or mode.removesuffix("_bf16") not in MODES:
-        raise argparse.ArgumentTypeError(f"--case {text!r}: case {'|'.join(STAGE1_CASES)}|dit, mode one of {', '.join(MODES)} "
-                                         "(+ _bf16)")
+        raise argparse.ArgumentTypeError(f"--case {text!r}: case {'|'.join(STAGE1_CASES)}|dit, mode one of "
+                                         f"{', '.join(MODES)} (+ _bf16)")
     return case, shape, mode
 
 
