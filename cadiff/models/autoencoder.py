@@ -77,7 +77,7 @@ class CausalAutoencoder(nn.Module, ABC):
                                    recompute=bool(cfg["recompute_elementwise"]))
         return self._build_unet(self.in_channels)
 
-    def _blank_decode(self, net: UNet3D | LatentUpsampler, z: Tensor) -> Tensor:
+    def _head_decode(self, net: UNet3D | LatentUpsampler, z: Tensor) -> Tensor:
         """``net`` run on the latent alone (a deterministic z -> clip map): an upsampler reads ``z`` only, a UNet
         gets the input ``x_t = 0`` at ``t = 0``."""
         if isinstance(net, LatentUpsampler):
@@ -458,7 +458,7 @@ class DiffusionAutoencoder(CausalAutoencoder):
 
     def mean(self, z: Tensor) -> Tensor:
         """Signal estimate ``mu(z) = E[x | z]`` from the latent alone (mean_flow only)."""
-        return self._blank_decode(self.mean_decoder, z)
+        return self._head_decode(self.mean_decoder, z)
 
     def denoise(self, z: Tensor) -> Tensor:
         """The decoder's noise-free signal estimate of latent ``z`` (same units as the clip)."""
@@ -601,7 +601,7 @@ class RegressionAutoencoder(CausalAutoencoder):
         self.regression_loss = model_config["regression_loss"]
 
     def _decode(self, z: Tensor) -> Tensor:
-        return self._blank_decode(self.decoder, z)
+        return self._head_decode(self.decoder, z)
 
     def probe_losses(self, x: Tensor, z: Tensor, eps: Tensor) -> dict[float | None, Tensor]:
         """The regression loss (one entry: the decoder has no flow time)."""

@@ -31,6 +31,11 @@ from cadiff.models.layers import (
 )
 
 
+def latent_embedder(z_channels: int, channels: int) -> nn.Sequential:
+    """The small causal conv stack that embeds the latent on its own grid (the decoders' FiLM source)."""
+    return nn.Sequential(CausalConv3d(z_channels, channels, 3), nn.SiLU(), CausalConv3d(channels, channels, 3))
+
+
 class UNet3D(nn.Module):
     """Velocity model ``v(x_t, t, z)`` with causal convs, per-frame norms and latent FiLM at every level."""
 
@@ -45,7 +50,7 @@ class UNet3D(nn.Module):
         temb_dim = 4 * base_channels
         cond_dim = channels[-1]
         self.time_embed = TimestepEmbedder(temb_dim, frequency_size=max(base_channels, 32))
-        self.z_embed = nn.Sequential(CausalConv3d(z_channels, cond_dim, 3), nn.SiLU(), CausalConv3d(cond_dim, cond_dim, 3))
+        self.z_embed = latent_embedder(z_channels, cond_dim)
         self.conv_in = CausalConv3d(in_channels, channels[0], 3)
 
         def block(cin: int, cout: int) -> ResBlock3d:
@@ -167,7 +172,7 @@ class LatentUpsampler(nn.Module):
         self.spatial_downsample = spatial_downsample
         self.time_doublings = min(deep, int(math.log2(temporal_downsample)))
         cond_dim = channels[-1]
-        self.z_embed = nn.Sequential(CausalConv3d(z_channels, cond_dim, 3), nn.SiLU(), CausalConv3d(cond_dim, cond_dim, 3))
+        self.z_embed = latent_embedder(z_channels, cond_dim)
         self.conv_in = CausalConv3d(cond_dim, channels[-1], 3)
 
         def block(cin: int, cout: int) -> ResBlock3d:
