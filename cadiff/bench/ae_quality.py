@@ -41,6 +41,8 @@ of the default decoder's noise metrics.
 
     python benchmarks/ae_quality.py              # the suite: <= 45 min on 2 cores
     python benchmarks/ae_quality.py --ablation   # decoder variants, default preset, seed 0
+    python benchmarks/ae_quality.py --override model.mean_head=upsampler --steps 2520 \
+        --out benchmarks/results/ae_quality_upsampler   # the upsampling mean head in the UNet head's training time
     python benchmarks/ae_quality.py --quick      # ~1 min smoke run, written to outputs/benchmarks/ae_quality_quick/
     python benchmarks/ae_quality.py --presets default --seeds 0 --no-real --override model.decoder_form=flow \
         --table-samplers euler heun --table-nfe 4 6 8 10 --table-grids uniform shift:0.5 rho:2   # grids vs NFE
@@ -1013,7 +1015,7 @@ def render_suite_markdown(suite: dict[str, Any], name: str = "ae_quality") -> st
         f"{' '.join(cfg['model_overrides'])}) and evaluates them on held-out movies. DiffAE decodes with "
         f"`{cfg['recon_sampler']}` x {cfg['recon_steps']} steps. Total {suite['total_s'] / 60:.1f} min on "
         f"{suite['host']['workers']} worker processes ({suite['host']['cpus']} CPUs). Real movies: "
-        "`ae_quality_real.md`.",
+        f"`{name}_real.md`.",
         "",
         "## Summary (mean over seeds, spread = max - min)",
         "",
@@ -1070,7 +1072,9 @@ def write_suite_results(suite: dict[str, Any], prefix: Path) -> dict[str, Any]:
     public = {k: v for k, v in suite.items() if k != "runs"}
     public["runs"] = {p: [{k: v for k, v in r.items() if not k.startswith("_")} for r in rs]
                       for p, rs in suite["runs"].items()}
-    public["figures"] = [Path(f).name for f in figures] or suite.get("figures", [])
+    # re-rendered from a stored JSON (no figures drawn): the figures beside it under this prefix
+    public["figures"] = [Path(f).name for f in figures] or sorted(
+        p.name for preset in suite["presets"] for p in prefix.parent.glob(f"{prefix.name}_{preset}_*.png"))
     real_md = prefix.with_name(prefix.name + "_real.md")
     write_text_atomic(prefix.with_suffix(".md"), render_suite_markdown(public, prefix.name))
     write_text_atomic(real_md, render_real_markdown(public))

@@ -164,6 +164,13 @@ def test_run_microscopic_suite_end_to_end(aq, tmp_path):
     assert "skipped" in Path(paths["real_md"]).read_text()
     for figure in paths["figures"]:
         assert Path(figure).stat().st_size > 1000
+    # re-rendered from the stored JSON (--from-json) under another prefix: its own real-movie file and figures
+    for figure in paths["figures"]:
+        Path(figure).rename(tmp_path / Path(figure).name.replace("ae_quality_", "variant_"))
+    again = aq.write_suite_results(aq.suite_verdict(saved), tmp_path / "variant")
+    assert again["figures"] == [] and "Real movies: `variant_real.md`." in Path(again["md"]).read_text()
+    assert json.loads(Path(again["json"]).read_text())["figures"] == sorted(
+        Path(f).name.replace("ae_quality_", "variant_") for f in paths["figures"])
 
 
 def test_real_movie_run(aq):
