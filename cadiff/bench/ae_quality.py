@@ -1065,16 +1065,17 @@ def render_real_markdown(suite: dict[str, Any]) -> str:
 def write_suite_results(suite: dict[str, Any], prefix: Path) -> dict[str, Any]:
     """``<prefix>.json`` (with the top-level ``summary``), ``<prefix>.md``, ``<prefix>_real.md`` and figures."""
     prefix.parent.mkdir(parents=True, exist_ok=True)
+    figure_prefixes = {preset: prefix.with_name(f"{prefix.name}_{preset}") for preset in suite["presets"]}
     figures = []
-    for preset in suite["presets"]:
+    for preset, figure_prefix in figure_prefixes.items():
         if "_figures" in suite["runs"][preset][0]:  # absent when re-rendered from a stored JSON (--from-json)
-            figures += write_figures(suite["runs"][preset][0], prefix.with_name(f"{prefix.name}_{preset}"))
+            figures += write_figures(suite["runs"][preset][0], figure_prefix)
     public = {k: v for k, v in suite.items() if k != "runs"}
     public["runs"] = {p: [{k: v for k, v in r.items() if not k.startswith("_")} for r in rs]
                       for p, rs in suite["runs"].items()}
     # re-rendered from a stored JSON (no figures drawn): the figures beside it under this prefix
     public["figures"] = [Path(f).name for f in figures] or sorted(
-        p.name for preset in suite["presets"] for p in prefix.parent.glob(f"{prefix.name}_{preset}_*.png"))
+        p.name for f in figure_prefixes.values() for p in f.parent.glob(f"{f.name}_*.png"))
     real_md = prefix.with_name(prefix.name + "_real.md")
     write_text_atomic(prefix.with_suffix(".md"), render_suite_markdown(public, prefix.name))
     write_text_atomic(real_md, render_real_markdown(public))
