@@ -31,6 +31,7 @@ def _triple(value: int | tuple[int, int, int] | list[int]) -> tuple[int, int, in
 
 
 _MKLDNN = torch.backends.mkldnn.is_available()
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def channels_last(x: Tensor) -> Tensor:
@@ -189,7 +190,19 @@ class FrameGroupNorm(nn.Module):
             raise ModelError(f"FrameGroupNorm: {channels} channels are not divisible into {self.num_groups} groups")
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and x.dtype in _LOW_PRECISION:
+            return map_frames(self._norm_nchw, x)
         return map_frames(lambda frames: F.group_norm(frames, self.num_groups, self.weight, self.bias, self.eps), x)
+
+    def _norm_nchw(self, frames: Tensor) -> Tensor:
+        """Group norm of bf16/fp16 CPU frames computed on an NCHW copy, returned channels-last.
+
+        PyTorch's CPU group-norm backward in bf16 is 5-25x slower on channels-last frames than on NCHW ones
+        (32-256 channels, 8-64 px: 54 against 2 ms for 17x32x64x64), ~15% of a bf16 ``ae_default`` step; the
+        two layout copies cost far less. In fp32 the copies cost more than they save, so fp32 stays as it is.
+        """
+        y = F.group_norm(frames.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
+        return y.contiguous(memory_format=torch.channels_last)
 
 
 def map_frames(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:

@@ -100,6 +100,32 @@ def test_frame_group_norm_does_not_mix_time() -> None:
     assert _changed_frames(ref(x), ref(x2))[0]
 
 
+def test_frame_group_norm_in_bf16_on_cpu_matches_fp32_and_keeps_channels_last() -> None:
+    """bf16 CPU frames take the NCHW path (FrameGroupNorm._norm_nchw): the values and gradients of the fp32 norm to
+    bf16 precision, the output in the channels-last layout the next convolution reads."""
+    torch.manual_seed(0)
+    norm = FrameGroupNorm(32)  # one channel per group: the slowest case of the channels-last bf16 kernel
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 32, 3, 8, 8).contiguous(memory_format=torch.channels_last_3d)
+    g = torch.randn(2, 32, 3, 8, 8)
+    ref_x = x.clone().requires_grad_(True)
+    ref = norm(ref_x)
+    ref.backward(g)
+    ref_grads = (ref_x.grad, norm.weight.grad.clone(), norm.bias.grad.clone())
+    norm.zero_grad()
+    low_x = x.to(torch.bfloat16).requires_grad_(True)
+    low = norm(low_x)
+    assert low.dtype == torch.bfloat16 and low.is_contiguous(memory_format=torch.channels_last_3d)
+    low.backward(g.to(torch.bfloat16))
+    assert torch.allclose(low.float(), ref, atol=0.05, rtol=0.02)
+    assert torch.allclose(low_x.grad.float(), ref_grads[0], atol=0.1, rtol=0.05)
+    assert torch.allclose(norm.weight.grad, ref_grads[1], atol=0.5, rtol=0.05)
+    assert torch.allclose(norm.bias.grad, ref_grads[2], atol=0.5, rtol=0.05)
+    assert not torch.allclose(low_x.grad.float(), torch.zeros_like(ref_grads[0]))
+
+
 def test_modulate_upsampled_equals_explicit_nearest_upsampling() -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 4, 8, 8)
