@@ -382,9 +382,11 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, tuple[int, ...], str]]:
     if args.quick:
         return [("diffae", (1, 1, 17, 64, 64), m) for m in ("eager", "eager_bf16")] + [("dit", dit_shape, "eager")]
     plan = [("diffae", (1, 1, 17, 64, 64), m)
-            for m in ("eager", "eager_bf16", "compile_model", "compile_blocks", "compile_blocks_bf16")]
+            for m in ("eager", "eager_bf16", "compile_model", "compile_blocks", "compile_model_bf16",
+                      "compile_blocks_bf16")]
     plan += [("diffae", (1, 1, 65, 64, 64), m) for m in ("eager", "eager_store", "eager_glibc_malloc", "eager_bf16",
-                                                              "compile_blocks", "compile_blocks_bf16")]
+                                                              "compile_blocks", "compile_model_bf16",
+                                                              "compile_blocks_bf16")]
     plan += [("diffae_upsampler", (1, 1, f, 64, 64), "eager") for f in (17, 65)]
     plan += [("dit", dit_shape, m) for m in ("eager", "eager_bf16", "compile_model", "compile_blocks")]
     if args.no_compile:
