@@ -2,16 +2,16 @@
 
 Cases: the default stage-1 DiffAE (``experiment=ae_default``) on one ``1x17x64x64`` and one ``1x65x64x64`` clip,
 ``diffae_upsampler`` the same with ``model.mean_head=upsampler`` (not the default: its stage-1 quality holds per
-training time, but generated long movies show larger seams, ``docs/design.md``), and a small DiT (size S) on a batch of latents, each
-eager, ``torch.compile`` of the whole networks, and ``torch.compile`` per block (each of ``shard_units()``) - the
-seed's open question of where compile pays; ``eager_store`` keeps the norm/FiLM/SiLU activations instead of
-recomputing them in backward; ``eager_glibc_malloc`` leaves glibc's dynamic mmap threshold on (every other mode sets
-the trainer's ``trainer.malloc_mmap_threshold_kb``, as training workers do: :mod:`cadiff.runtime.memory`). Every case
-runs in its own process (clean peak RSS) with ``--threads`` torch threads; the matmul FLOP/s is measured in that
-process right before the timed steps, so the ratio is robust to other load on the machine. FLOPs are counted by
-``torch.utils.flop_counter`` (convs, matmuls, attention; forward and backward on meta tensors). Each DiffAE row is
-compared with the seed's step measured on the same machine kind (``<repo>/../shared/anchors``), normalised by each
-side's own matmul rate (:mod:`cadiff.bench.anchors`).
+training time, but generated long movies show larger seams, ``docs/design.md``), and a small DiT (size S) on a batch
+of latents, each eager, ``torch.compile`` of the whole networks, and ``torch.compile`` per block (each of
+``shard_units()``) - the seed's open question of where compile pays; ``eager_store`` keeps the norm/FiLM/SiLU
+activations instead of recomputing them in backward; ``eager_glibc_malloc`` leaves glibc's dynamic mmap threshold on
+(every other mode sets the trainer's ``trainer.malloc_mmap_threshold_kb``, as training workers do:
+:mod:`cadiff.runtime.memory`). Every case runs in its own process (clean peak RSS) with ``--threads`` torch threads;
+the matmul FLOP/s is measured in that process right before the timed steps, so the ratio is robust to other load on
+the machine. FLOPs are counted by ``torch.utils.flop_counter`` (convs, matmuls, attention; forward and backward on
+meta tensors). Each DiffAE row is compared with the seed's step measured on the same machine kind
+(``<repo>/../shared/anchors``), normalised by each side's own matmul rate (:mod:`cadiff.bench.anchors`).
 
     python benchmarks/model_step.py --quick     # eager 17-frame DiffAE + DiT, < 2 min on 2 cores
     python benchmarks/model_step.py             # all cases (~30 min on 2 shared cores: compilation dominates)
@@ -387,7 +387,7 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, tuple[int, ...], str]]:
     plan += [("diffae", (1, 1, 65, 64, 64), m) for m in ("eager", "eager_store", "eager_glibc_malloc", "eager_bf16",
                                                               "compile_blocks", "compile_model_bf16",
                                                               "compile_blocks_bf16")]
-    plan += [("diffae_upsampler", (1, 1, f, 64, 64), "eager") for f in (17, 65)]
+    plan += [("diffae_upsampler", (1, 1, f, 64, 64), m) for f in (17, 65) for m in ("eager", "eager_bf16")]
     plan += [("dit", dit_shape, m) for m in ("eager", "eager_bf16", "compile_model", "compile_blocks")]
     if args.no_compile:
         plan = [p for p in plan if not p[2].startswith("compile")]
