@@ -417,7 +417,9 @@ class SampleConfig:
     # export), rolled out in DiT chunks of the training length and streamed through the causal decoder
     num_frames: Optional[int] = None
     context_frames: Optional[int] = None  # latent frames each DiT chunk continues from; None: half the chunk
-    decode_context_frames: Optional[int] = None  # latent frames of left context per decoder window; None: context_frames
+    # latent frames of left context per decoder window; None: one more than the stage-1 decoder's measured reach
+    # (CausalAutoencoder.latent_reach; at least context_frames), so windows join without a seam
+    decode_context_frames: Optional[int] = None
     # reconstruction guidance weight pulling each chunk's new latent frames toward agreeing with its context (0: the
     # context is only imposed by replacement); each DiT evaluation then adds a backward pass
     context_guidance: float = 0.0

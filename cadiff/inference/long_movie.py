@@ -7,7 +7,10 @@ with ``context_guidance`` > 0 the new frames pulled toward agreeing with it (rec
 chunk takes more context so that every chunk has the training length. No retraining is needed.
 
 Decoder: each window decodes latent frames ``[new_start - D, new_stop)`` (``D`` = ``decode_context``) and keeps
-only the clip frames of the new latent frames; causality makes the kept frames depend only on the window.
+only the clip frames of the new latent frames; causality makes the kept frames depend only on the window. By
+default ``D`` is one more than the decoder's measured reach (``CausalAutoencoder.latent_reach``), so the kept
+frames are what a decode of the whole movie would give them: with fewer, a window's start (its first latent frame
+read as a lone first frame, zero padding before it) shows in the kept frames as a step at every seam.
 Its noise comes from a generator seeded by ``(seed, sample, window)``, so movies are reproducible. At any time
 one DiT chunk and one decoder window are in memory, whatever the number of frames.
 """
@@ -38,6 +41,7 @@ class LongMoviePlan:
     context: int
     decode_context: int
     temporal_downsample: int
+    decoder_reach: int | None = None  # CausalAutoencoder.latent_reach of the decoder (None: not measured/unbounded)
 
 
 def latent_frames_for(num_frames: int, temporal_downsample: int) -> int:
@@ -51,15 +55,22 @@ def latent_frames_for(num_frames: int, temporal_downsample: int) -> int:
 
 
 def plan_long_movie(num_frames: int, context_frames: int | None, decode_context_frames: int | None, chunk: int,
-                    temporal_downsample: int) -> LongMoviePlan:
-    """Check ``num_frames`` and the context sizes against the exports (DiT chunk length, s_t) and plan the rollout."""
+                    temporal_downsample: int, decoder_reach: int | None = None) -> LongMoviePlan:
+    """Check ``num_frames`` and the context sizes against the exports (DiT chunk length, s_t) and plan the rollout.
+
+    ``decode_context_frames`` None: ``decoder_reach + 1`` latent frames (at least the DiT's context), or the DiT's
+    context where the reach is unknown or unbounded."""
     num_latent = latent_frames_for(num_frames, temporal_downsample)
     context = chunk // 2 if context_frames is None else int(context_frames)
     if num_latent > chunk and not 1 <= context < chunk:
         raise ConfigError(f"config key 'context_frames' = {context}: expected 1 .. {chunk - 1} (the stage-2 DiT "
                           f"was trained on {chunk} latent frames; each chunk must add new ones)")
-    decode_context = context if decode_context_frames is None else int(decode_context_frames)
-    return LongMoviePlan(num_frames, num_latent, chunk, max(context, 1), max(decode_context, 1), temporal_downsample)
+    if decode_context_frames is not None:
+        decode_context = int(decode_context_frames)
+    else:
+        decode_context = context if decoder_reach is None else max(context, decoder_reach + 1)
+    return LongMoviePlan(num_frames, num_latent, chunk, max(context, 1), max(decode_context, 1), temporal_downsample,
+                         decoder_reach)
 
 
 def chunk_spans(num_latent: int, chunk: int, context: int) -> list[tuple[int, int, int]]:

@@ -310,7 +310,7 @@ def generate_long(cfg: Any) -> tuple[str, str]:
     _, chunk, h, w = data2["sample_shape"]
     s = decoder.spatial_downsample
     plan = plan_long_movie(cfg.num_frames, cfg.context_frames, cfg.decode_context_frames, chunk,
-                           decoder.temporal_downsample)
+                           decoder.temporal_downsample, decoder.latent_reach())
     source_id, calib = _calibration(ae_meta["data"])
     norm = ae_meta["data"]["normalization"]
     dtype = source_dtype(calib)

@@ -35,6 +35,10 @@ from cadiff.models.layers import count_forward_flops, map_frames
 from cadiff.models.unet3d import LatentUpsampler, UNet3D
 
 LOGVAR_RANGE = (-30.0, 20.0)  # clamp of the posterior log-variance, as in the LDM autoencoder
+# :meth:`CausalAutoencoder.latent_reach`: latent frames probed, and the share of the largest window-start effect that
+# still counts (ae_tiny heads trained by the generation benchmark: UNet 7, upsampler 18 latent frames)
+REACH_LIMIT = 48
+REACH_TOL = 1e-2
 
 
 class CausalAutoencoder(nn.Module, ABC):
@@ -173,6 +177,46 @@ class CausalAutoencoder(nn.Module, ABC):
     @abstractmethod
     def flop_forward(self, x: Tensor) -> Tensor:
         """The forward pass whose FLOPs define the per-sample cost: encoder + one decoder evaluation."""
+
+    @abstractmethod
+    def _decoder_outputs(self, z: Tensor, x_t: Tensor) -> list[Tensor]:
+        """The decoder's networks evaluated once on latent ``z`` (and ``x_t`` at flow time 1/2 where one reads it),
+        each output on the clip grid: what :meth:`latent_reach` probes, network by network."""
+
+    @torch.no_grad()
+    def latent_reach(self, limit: int = REACH_LIMIT, rel_tol: float = REACH_TOL, side: int = 4) -> int | None:
+        """How far a decoding window's start shows in what it decodes: the last latent frame ``r`` of a window (its
+        latent frame 0 read as a lone first frame, nothing before it) whose clip frames differ from a decode of
+        the whole movie by more than ``rel_tol`` of the largest such difference; None where that reaches
+        ``limit`` frames. A long-movie window that decodes ``r + 1`` latent frames before the ones it keeps gives
+        them as the whole movie's decode would, to that tolerance (:mod:`cadiff.inference.long_movie`).
+
+        Measured on the current weights, not derived from the layer list (a causal conv stack's dependence decays
+        geometrically long before its nominal receptive field ends; causal attention's never ends but falls
+        below 1e-2 within the probe: ae_tiny at random weights reaches 13 latent frames with ``dec_attention``,
+        12 without): a probe latent of ``limit + 2`` frames on a ``side`` x ``side`` grid and its ``x_t`` go
+        through one decoder evaluation whole and from latent frame 1 on. Each network of the decoder is judged
+        against its own largest difference (the mean head's and the residual UNet's); a network whose output
+        ignores its inputs (zero-initialized output layer) reaches 0."""
+        param = next(self.parameters())
+        gen = torch.Generator().manual_seed(0)
+        s_t = self.temporal_downsample
+        z = torch.randn(1, self.z_channels, limit + 2, side, side, generator=gen).to(param)  # windows: limit + 1
+        x_t = torch.randn(1, *self.clip_shape_for(tuple(z.shape[1:])), generator=gen).to(param)
+        was_training = self.training
+        self.eval()
+        try:
+            # window latent frame j >= 1 is whole-movie latent frame j + 1: clip frame m >= 1 is whole frame m + s_t
+            pairs = zip(self._decoder_outputs(z, x_t), self._decoder_outputs(z[:, :, 1:], x_t[:, :, s_t:]))
+        finally:
+            self.train(was_training)
+        last = 0
+        for whole, window in pairs:
+            change = (window[:, :, 1:] - whole[:, :, 1 + s_t:]).float().abs().amax(dim=(0, 1, 3, 4)).cpu()
+            if change.max() > 0:
+                last = max(last, 1 + int((change > rel_tol * float(change.max())).nonzero().max()))
+        reach = -(-last // s_t)  # window clip frame m belongs to its latent frame ceil(m / s_t)
+        return None if reach >= limit else reach
 
     def flops_per_sample(self, input_shape: tuple[int, ...]) -> float:
         """Forward FLOPs of one training sample ``[C, T, H, W]`` (encoder + one decoder evaluation)."""
@@ -508,6 +552,13 @@ class DiffusionAutoencoder(CausalAutoencoder):
         noise = self.pixel_noise(mu)
         return lambda x_t, t: self._mean_velocity(x_t, t, z, mu, noise)
 
+    def _decoder_outputs(self, z: Tensor, x_t: Tensor) -> list[Tensor]:
+        t = x_t.new_full((x_t.shape[0],), 0.5)
+        if self.decoder_form != "mean_flow":
+            return [self.velocity(x_t, t, z)]
+        mu = self.mean(z)  # the structure, and the residual UNet apart from the analytic noise terms
+        return [mu] + ([] if self.decoder is None else [self.decoder(torch.cat([x_t, mu], dim=1), t, z)])
+
     def flop_forward(self, x: Tensor) -> Tensor:
         mean, _ = self.encoder(x)
         if self.decoder_form == "mean_flow":
@@ -611,6 +662,9 @@ class RegressionAutoencoder(CausalAutoencoder):
     def denoise(self, z: Tensor) -> Tensor:
         """The deterministic reconstruction is the regression AE's signal estimate."""
         return self.decode(z)
+
+    def _decoder_outputs(self, z: Tensor, x_t: Tensor) -> list[Tensor]:
+        return [self._decode(z)]
 
     def flop_forward(self, x: Tensor) -> Tensor:
         mean, _ = self.encoder(x)

@@ -19,6 +19,7 @@ from cadiff.inference.long_movie import (
     rollout_latents,
     window_generator,
 )
+from cadiff.models.autoencoder import REACH_LIMIT, REACH_TOL
 from cadiff.models.registry import build_model
 from cadiff.runtime.exports import export_model
 from cadiff.testing import torch_threads
@@ -162,6 +163,38 @@ def test_streamed_decoding_equals_one_shot_and_windows_stay_bounded() -> None:
     seen = []
     frames = list(decode_stream(lambda w, _: seen.append(w.shape[2]) or ae.denoise(w), iter(pieces), 2, S_T))
     assert seen == [5, 5, 5, 4] and sum(f.shape[2] for f in frames) == 1 + 12 * S_T
+
+
+def test_windows_of_the_measured_reach_decode_like_the_whole_movie_and_shorter_ones_do_not() -> None:
+    """``latent_reach``: a window with ``reach + 1`` latent frames before its kept ones gives the whole movie's
+    signal estimate (to the reach's tolerance); half that context leaves the window start visible. The sample
+    job's default decode context is ``reach + 1``. One thread: the blank-input UNet head normalises a constant
+    field first, which turns the rounding differences of multi-threaded kernels on different frame counts into
+    output differences of this random-weight model (~10%), whatever the window."""
+    ae = _ae()
+    with torch.no_grad(), torch_threads(1):
+        reach = ae.latent_reach()
+        assert reach is not None and 2 <= reach < REACH_LIMIT  # a trained-like head (weights on its output layer)
+        z = torch.randn(1, 4, 1 + 4 * reach, 4, 4, generator=torch.Generator().manual_seed(0))
+        pieces = [z[:, :, :CHUNK]] + list(torch.split(z[:, :, CHUNK:], 3, dim=2))
+        whole = ae.denoise(z)
+        errors = {d: (torch.cat(list(decode_stream(lambda w, _: ae.denoise(w), iter(pieces), d, S_T)), dim=2)
+                      - whole).abs().max().item() for d in (reach + 1, max(1, reach // 2))}
+        start_effect = (ae.denoise(z[:, :, 1:])[:, :, 1:] - whole[:, :, 1 + S_T:]).abs().max().item()  # a window start
+    assert errors[reach + 1] <= 2 * REACH_TOL * start_effect, (errors, start_effect)
+    assert errors[max(1, reach // 2)] > 10 * errors[reach + 1], errors
+    assert plan_long_movie(49, None, None, CHUNK, S_T, reach).decode_context == reach + 1
+    assert plan_long_movie(49, None, 3, CHUNK, S_T, reach).decode_context == 3  # the key still overrides
+    assert plan_long_movie(49, None, None, CHUNK, S_T, None).decode_context == CHUNK // 2  # unknown: the DiT's context
+
+
+def test_latent_reach_of_an_untrained_decoder_and_past_the_probe() -> None:
+    """Zero-initialized output layers ignore their inputs (reach 0); a start effect that lasts as long as the probe
+    has no bound (None)."""
+    torch.manual_seed(0)
+    assert build_model(compose("train_ae", ["experiment=ae_tiny", *MEAN_FLOW]).model).latent_reach() == 0
+    with torch_threads(1):
+        assert _ae().latent_reach(limit=3) is None  # it reaches 12 (test above)
 
 
 def test_window_generators_are_pure_and_distinct() -> None:
