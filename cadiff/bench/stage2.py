@@ -93,8 +93,11 @@ def seam_frames(record: dict[str, Any]) -> list[int]:
 def seam_ratio(movie: np.ndarray, record: dict[str, Any]) -> float | None:
     """Mean |d frame-mean| across decoder-window seams over the same inside windows (None: one window)."""
     seams = seam_frames(record)
-    if not seams:
-        return None
+    return frame_mean_seam_ratio(movie, seams) if seams else None
+
+
+def frame_mean_seam_ratio(movie: np.ndarray, seams: list[int]) -> float:
+    """Mean |d frame-mean| across the frame steps ``seams`` (``i -> i + 1``) over the same at every other step."""
     steps = np.abs(np.diff(movie.reshape(len(movie), -1).mean(axis=1, dtype=np.float64)))
     inside = np.ones(len(steps), dtype=bool)
     inside[seams] = False
