@@ -37,6 +37,7 @@ from cadiff.data.sources.tiff import write_tiff, write_tiff_frames
 from cadiff.errors import CheckpointError, ConfigError, DataError
 from cadiff.inference.long_movie import chunk_spans, guidance, plan_long_movie, stream_sample
 from cadiff.io import atomic_dir, check_output_dir, write_json_atomic
+from cadiff.models.autoencoder import REACH_LIMIT
 from cadiff.runtime.exports import load_exported_model
 from cadiff.runtime.preflight import SharedPath, probe_cluster_paths
 from cadiff.runtime.ray import init_ray
@@ -309,8 +310,16 @@ def generate_long(cfg: Any) -> tuple[str, str]:
     data2 = dit_meta["data"]
     _, chunk, h, w = data2["sample_shape"]
     s = decoder.spatial_downsample
+    reach = decoder.latent_reach()
     plan = plan_long_movie(cfg.num_frames, cfg.context_frames, cfg.decode_context_frames, chunk,
-                           decoder.temporal_downsample, decoder.latent_reach())
+                           decoder.temporal_downsample, reach)
+    if reach is None and cfg.decode_context_frames is None:
+        log.warning("the stage-1 decoder's window-start effect lasts %d latent frames or more; its windows take "
+                    "the DiT's %d context frames, so seams may show (set decode_context_frames= higher)",
+                    REACH_LIMIT, plan.decode_context)
+    else:
+        log.info("decoder windows: %d latent frames of left context (the decoder's reach: %s)", plan.decode_context,
+                 reach)
     source_id, calib = _calibration(ae_meta["data"])
     norm = ae_meta["data"]["normalization"]
     dtype = source_dtype(calib)

@@ -216,6 +216,8 @@ def test_sample_num_frames_writes_exact_length_reproducibly(exports: Path, tmp_p
     assert movie.shape == (n, 32, 32) and movie.dtype.name == "uint16"
     record = json.loads((tmp_path / "a" / "samples.json").read_text())
     assert record["long_movie"]["chunks"] == 1 + 16 // 3 + 1 and f"{n}x32x32" in summary
+    plan = record["long_movie"]  # the default decoder windows: one frame past the measured reach
+    assert plan["decoder_reach"] is not None and plan["decode_context"] == max(2, plan["decoder_reach"] + 1), plan
     _sample(exports, tmp_path / "b", f"num_frames={n}", "context_frames=2")
     assert (movie == tifffile.imread(tmp_path / "b" / "sample_000.tif")).all()
     short = tmp_path / "short"
