@@ -5,16 +5,17 @@ latent frames before the ones it keeps. For every given trained pair (a stage-2 
 records, e.g. the generation benchmark's ``--work`` models) and every decode context (explicit frame counts, and
 ``default``: the job's default, one more than the stage-1 decoder's measured ``latent_reach``):
 
-- **seam ratio** and **gain drift** of ``--movies`` sample-job movies (seeds ``--seed`` on), as the generation
-  benchmark scores them (:func:`cadiff.bench.generation.long_movie`), their mean and standard error, and the
-  job's wall time;
+- **seam ratio** and **gain drift** of ``--movies`` sample-job movies (seeds from the pair's own seed on: the
+  generation benchmark's long movies of that seed at ``decode_context_frames=2``, its earlier default), as the
+  generation benchmark scores them (:func:`cadiff.bench.generation.long_movie`), their mean and standard error,
+  and the job's wall time;
 - **signal error**: the mechanism. One DiT rollout's latents decoded to the noise-free signal estimate
   (``denoise``) window by window and in one piece; the mean |difference| in units of the whole-movie estimate's
   mean |frame-to-frame change| (0: the windows join as if there were none), and the windowed estimate's own seam
   ratio beside the whole one's (the DiT's chunk seams alone).
 
-    python benchmarks/decode_context.py --pair unet=outputs/benchmarks/generation/models/s2/export/model.pt \\
-        --pair upsampler=outputs/benchmarks/generation_upsampler3000/models/s2/export/model.pt --contexts 2 default
+    python benchmarks/decode_context.py --pair unet 0 outputs/benchmarks/generation/models/s2/export/model.pt \\
+        --pair upsampler 0 outputs/benchmarks/generation_upsampler3000/models/s2/export/model.pt
 
 Results: ``benchmarks/results/decode_context.json`` and ``decode_context.md`` (``--out``/``--name`` to change).
 """
@@ -92,23 +93,23 @@ def movies(stage2: Path, work: Path, frames: int, context: int | None, seeds: ra
 def to_markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
     lines = ["# Long movies: decoder windows' left context", "",
-             f"{meta['movies']} movies of {meta['frames']} frames per pair and context (seeds {meta['seed']} on), "
+             f"{meta['movies']} movies of {meta['frames']} frames per pair and context (seeds from the pair's seed on), "
              f"{meta['threads']} torch threads, {meta['seconds'] / 60:.1f} min in all. `default`: one more than the "
              "stage-1 decoder's measured reach (`CausalAutoencoder.latent_reach`). Seam ratio: mean |change of the "
              "frame mean| across decoder-window seams over inside windows (goal <= 1.5; 1: no seam). Signal error: "
              "one rollout's noise-free estimate decoded window by window against in one piece, mean |difference| "
              "over the whole estimate's mean |frame-to-frame change|; its seam ratio beside the whole estimate's "
              "(the DiT's chunk seams alone). `python benchmarks/decode_context.py` (see its docstring).", "",
-             "| pair | context | latent frames | reach | seam ratio (SE) | gain drift | wall (s) | frames/s | "
+             "| pair | seed | context | latent frames | reach | seam ratio (SE) | gain drift | wall (s) | frames/s | "
              "signal error | signal seam ratio (whole) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for pair in result["pairs"]:
         sig = pair["signal"]
         for name, row in pair["contexts"].items():
             s = sig["rows"].get(name)
             signal = (f"{s['error']:.3f} | {s['seam_ratio']:.2f} ({sig['whole_seam_ratio']:.2f})" if s
                       else f"- | - ({sig.get('reason', '')})")
-            lines.append(f"| {pair['name']} | {name} | {row['decode_context']} | {row['decoder_reach']} | "
+            lines.append(f"| {pair['name']} | {pair['seed']} | {name} | {row['decode_context']} | {row['decoder_reach']} | "
                          f"{row['seam_ratio']:.3f} ({row['seam_ratio_sem']:.3f}) | {row['gain_drift']:.3f} | "
                          f"{row['wall_s']:.1f} | {row['frames_per_s']:.1f} | {signal} |")
     lines += ["", "Pairs:", *[f"- `{p['name']}`: `{p['stage2']}`" for p in result["pairs"]]]
@@ -117,11 +118,11 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pair", action="append", required=True, metavar="NAME=STAGE2_EXPORT")
+    parser.add_argument("--pair", action="append", required=True, nargs=3, metavar=("NAME", "SEED", "STAGE2_EXPORT"),
+                        help="a trained pair: its name, the seed its long movies start at, its stage-2 model.pt")
     parser.add_argument("--contexts", nargs="+", default=["2", "default"], help="frame counts and/or 'default'")
     parser.add_argument("--movies", type=int, default=8)
     parser.add_argument("--frames", type=int, default=1025)
-    parser.add_argument("--seed", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("outputs/benchmarks/decode_context"))
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -130,20 +131,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     contexts = [None if c == "default" else int(c) for c in args.contexts]
     pairs = []
-    for spec in args.pair:
-        name, sep, path = spec.partition("=")
-        if not sep or not Path(path).is_file():
-            parser.error(f"--pair {spec!r}: expected NAME=PATH to an existing stage-2 export (model.pt)")
-        pairs.append((name, Path(path)))
+    for name, seed, path in args.pair:
+        if not seed.isdigit() or not Path(path).is_file():
+            parser.error(f"--pair {name} {seed} {path}: expected a seed >= 0 and an existing stage-2 export (model.pt)")
+        pairs.append((name, int(seed), Path(path)))
     start = time.perf_counter()
-    seeds = range(args.seed, args.seed + args.movies)
     result: dict[str, Any] = {"pairs": []}
-    for name, stage2 in pairs:
+    for name, seed, stage2 in pairs:
+        seeds = range(seed, seed + args.movies)
         result["pairs"].append({
-            "name": name, "stage2": str(stage2),
+            "name": name, "seed": seed, "stage2": str(stage2),
             "contexts": {_name(c): movies(stage2, args.work / name, args.frames, c, seeds) for c in contexts},
-            "signal": signal_error(stage2, args.frames, contexts, args.seed)})
-    result["meta"] = {"movies": args.movies, "frames": args.frames, "seed": args.seed, "threads": args.threads,
+            "signal": signal_error(stage2, args.frames, contexts, seed)})
+    result["meta"] = {"movies": args.movies, "frames": args.frames, "threads": args.threads,
                       "cpus": os.cpu_count(), "host": platform.node(), "torch": torch.__version__,
                       "seconds": time.perf_counter() - start}
     result["summary"] = {p["name"]: {c: row["seam_ratio"] for c, row in p["contexts"].items()} for p in result["pairs"]}
