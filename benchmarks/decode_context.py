@@ -112,7 +112,7 @@ def to_markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {pair['name']} | {pair['seed']} | {name} | {row['decode_context']} | {row['decoder_reach']} | "
                          f"{row['seam_ratio']:.3f} ({row['seam_ratio_sem']:.3f}) | {row['gain_drift']:.3f} | "
                          f"{row['wall_s']:.1f} | {row['frames_per_s']:.1f} | {signal} |")
-    lines += ["", "Pairs:", *[f"- `{p['name']}`: `{p['stage2']}`" for p in result["pairs"]]]
+    lines += ["", "Pairs (stage-2 exports):", *[f"- `{p['name']}` seed {p['seed']}: `{p['stage2']}`" for p in result["pairs"]]]
     return "\n".join(lines) + "\n"
 
 
