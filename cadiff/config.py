@@ -199,8 +199,8 @@ class AutoencoderConfig:
     # on a blank input (down path, skips); upsampler = a decoder that only upsamples from the latent, its coarse
     # levels at the latent frame rate (unet3d.LatentUpsampler): ae_default's step 2.2x faster (model_step.md), ROI
     # traces and PSNR a little lower per step (ae_quality_ablation.md); its generated long movies' larger seams were
-    # decoder windows too short for its reach (decode_context.md); not the default until the generation benchmark
-    # compares the heads again with reach-based windows (docs/design.md)
+    # decoder windows too short for its reach (decode_context.md); with reach-based windows both heads meet 16 of 21
+    # generation goal halves over three seeds (docs/design.md): the switch to it is pending
     mean_head: str = "unet"  # unet | upsampler
     # recompute norm/FiLM/SiLU and the causal pad in backward instead of storing them; conv outputs are kept, so no
     # conv FLOPs are redone (a residual block holds 2 activations from forward to backward instead of 8.5)
