@@ -195,13 +195,12 @@ class AutoencoderConfig:
     dec_channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4])
     dec_num_res_blocks: int = 1
     dec_attention: bool = False
-    # the deterministic z -> clip decoder (the mean_flow mean head, the regression decoder): unet = the decoder UNet
-    # on a blank input (down path, skips); upsampler = a decoder that only upsamples from the latent, its coarse
-    # levels at the latent frame rate (unet3d.LatentUpsampler): ae_default's step 2.2x faster (model_step.md), ROI
-    # traces and PSNR a little lower per step (ae_quality_ablation.md); its generated long movies' larger seams were
-    # decoder windows too short for its reach (decode_context.md); with reach-based windows both heads meet 16 of 21
-    # generation goal halves over three seeds (docs/design.md): the switch to it is pending
-    mean_head: str = "unet"  # unet | upsampler
+    # the deterministic z -> clip decoder (the mean_flow mean head, the regression decoder): upsampler = a decoder
+    # that only upsamples from the latent, its coarse levels at the latent frame rate (unet3d.LatentUpsampler);
+    # unet = the decoder UNet on a blank input (down path, skips). null = upsampler (the default since the upsampler
+    # matched the UNet head in stage-1 quality at equal training time and in generation over three seeds at 2.2x
+    # less step cost: docs/design.md). Resolved by mean_head_of(); the flow form (decoder_form=flow) has no mean head
+    mean_head: Optional[str] = None  # unet | upsampler | null
     # recompute norm/FiLM/SiLU and the causal pad in backward instead of storing them; conv outputs are kept, so no
     # conv FLOPs are redone (a residual block holds 2 activations from forward to backward instead of 8.5)
     recompute_elementwise: bool = True
@@ -732,6 +731,15 @@ def validate_diffusion(d: Any, prefix: str) -> None:
     _time_grid(f"{prefix}.grid", d.grid)
 
 
+def mean_head_of(m: Any) -> Optional[str]:
+    """The network of a stage-1 model's deterministic head: ``model.mean_head``, ``upsampler`` where it is null,
+    None for the flow form (``decoder_form=flow``, or null with the DDPM objective), which has no mean head."""
+    flow_form = m.decoder_form == "flow" or (m.decoder_form is None and m.diffusion.objective != "flow")
+    if m.kind == "diffae" and flow_form:
+        return None
+    return m.mean_head or "upsampler"
+
+
 def validate_autoencoder(m: Any, prefix: str = "model") -> None:
     _choice(f"{prefix}.kind", m.kind, ("diffae", "regression"))
     _require(_is_pow2(m.temporal_downsample), f"{prefix}.temporal_downsample", m.temporal_downsample, "a power of 2")
@@ -751,16 +759,17 @@ def validate_autoencoder(m: Any, prefix: str = "model") -> None:
     if m.decoder_form is not None:
         _choice(f"{prefix}.decoder_form", m.decoder_form, ("mean_flow", "flow"))
     _require(m.mean_loss_weight > 0, f"{prefix}.mean_loss_weight", m.mean_loss_weight, "> 0")
-    _choice(f"{prefix}.mean_head", m.mean_head, ("unet", "upsampler"))
-    if m.mean_head == "upsampler":
-        flow_form = m.decoder_form == "flow" or (m.decoder_form is None and m.diffusion.objective != "flow")
-        if m.kind == "diffae" and flow_form:
-            raise ConfigError(f"{prefix}.mean_head='upsampler' is the network of the mean head, which "
-                              f"{prefix}.decoder_form='flow' does not have: use decoder_form=mean_flow")
+    if m.mean_head is not None:
+        _choice(f"{prefix}.mean_head", m.mean_head, ("unet", "upsampler"))
+    if m.mean_head == "upsampler" and mean_head_of(m) is None:
+        raise ConfigError(f"{prefix}.mean_head='upsampler' is the network of the mean head, which "
+                          f"{prefix}.decoder_form='flow' does not have: use decoder_form=mean_flow")
+    if mean_head_of(m) == "upsampler":
         deep = len(m.dec_channel_mult) - 1
         _require(2**deep <= m.spatial_downsample, f"{prefix}.dec_channel_mult", list(m.dec_channel_mult),
                  f"at most 1 + log2(spatial_downsample) = {1 + int(math.log2(m.spatial_downsample))} levels for "
-                 f"{prefix}.mean_head=upsampler (its coarsest level may not be coarser than the latent grid)")
+                 f"{prefix}.mean_head=upsampler{'' if m.mean_head else ' (the default)'}: its coarsest level may not "
+                 f"be coarser than the latent grid (or set {prefix}.mean_head=unet)")
     _choice(f"{prefix}.noise_draw", m.noise_draw, ("auto", "gaussian", "poisson"))
     _choice(f"{prefix}.mean_target", m.mean_target, ("input", "photon_split"))
     _require(0.0 < m.split_fraction < 1.0, f"{prefix}.split_fraction", m.split_fraction, "in (0, 1)")

@@ -74,6 +74,9 @@ class CausalAutoencoder(nn.Module, ABC):
     def _build_head(self) -> UNet3D | LatentUpsampler:
         """The deterministic ``z -> clip`` decoder (``model.mean_head``): a blank-input UNet or an upsampler."""
         cfg = self.model_config
+        if cfg.get("mean_head") not in ("unet", "upsampler"):
+            raise ModelError(f"model.mean_head={cfg.get('mean_head')!r}: expected 'unet' or 'upsampler' (model "
+                             "configs resolved by cadiff.models.registry name it)")
         if cfg["mean_head"] == "upsampler":
             return LatentUpsampler(self.z_channels, self.in_channels, cfg["dec_base_channels"],
                                    list(cfg["dec_channel_mult"]), cfg["dec_num_res_blocks"], self.temporal_downsample,

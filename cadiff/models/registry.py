@@ -18,6 +18,7 @@ from cadiff.config import (
     DiffusionConfig,
     DiTConfig,
     dit_size,
+    mean_head_of,
     to_dict,
     to_structured,
     validate_autoencoder,
@@ -49,6 +50,8 @@ def resolve_model_config(model_cfg: DictConfig | dict[str, Any]) -> dict[str, An
     if kind in AUTOENCODER_KINDS:
         cfg = to_structured(raw, AutoencoderConfig)
         validate_autoencoder(cfg)
+        # the head's network written out (null = the default), so an export names the network it holds
+        return {**to_dict(cfg), "mean_head": mean_head_of(cfg)}
     elif kind == "dit":
         cfg = to_structured(raw, DiTConfig)
         validate_dit(cfg)

@@ -124,6 +124,9 @@ def load_export(path: str | os.PathLike, expected_config: Mapping | None = None)
         raise CheckpointError(f"export '{file}' has version {obj.get('version')!r}; this cadiff reads version "
                               f"{EXPORT_VERSION}{hint}")
     model_config = obj["model_config"]
+    if model_config.get("kind") in ("diffae", "regression") and "mean_head" not in model_config:
+        # written before model.mean_head existed (ed3f43e), when the UNet on a blank input was the only head
+        model_config = {**model_config, "mean_head": "unet"}
     if expected_config is not None:
         diffs = _config_diff(model_config, _plain(dict(expected_config), "expected_config"))
         if diffs:

@@ -126,7 +126,8 @@ def test_architectures_must_match(aq, small):
 
 
 MICRO = dict(clip_frames=9, clip_side=16, movie_side=16, train_movies=1, train_frames=20, test_movies=2,
-             test_clips_per_tile=2, model_overrides=[*TINY_MODEL, "model.residual_unet=true"], steps=2, batch_size=1,
+             test_clips_per_tile=2, model_overrides=[*TINY_MODEL, "model.residual_unet=true", "model.mean_head=unet"],
+             steps=2, batch_size=1,
              warmup_steps=1,
              recon_steps=2, table_samplers=["euler", "heun"], table_nfe=[1, 2], table_grids=["uniform", "rho:2"],
              table_clips=2)

@@ -51,9 +51,9 @@ def test_model_step_summary_and_goals_use_the_normalised_speedup(tmp_path):
         return {"case": case, "shape": [1, 1, frames, 64, 64], "mode": mode, "step_s": step_s,
                 "voxels_per_s": frames * 64 * 64 / step_s, "matmul_gflops": 400.0, "peak_rss_gb": rss}
 
-    # a faster variant of the model (the upsampling mean head) is compared with the seed but is not the default:
+    # a variant of the model (the UNet mean head) is compared with the seed but is not the default:
     # it never enters the goals
-    variant = [row(17, "eager", 0.1, case="diffae_upsampler"), row(65, "eager", 0.4, 0.5, case="diffae_upsampler")]
+    variant = [row(17, "eager", 0.1, case="diffae_unet_head"), row(65, "eager", 0.4, 0.5, case="diffae_unet_head")]
     rows = [row(17, "eager", 0.85), row(17, "compile_blocks_bf16", 0.5), row(65, "eager", 4.25, rss=2.4),
             {"case": "diffae", "shape": [1, 1, 65, 64, 64], "mode": "eager_bf16", "error": "timed out"}, *variant]
     assert model_step._speedup(variant[0], anchors) == pytest.approx(17.0)

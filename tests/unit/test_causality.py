@@ -71,9 +71,10 @@ NOISE_SKIP_HP = ("model.decoder_form=flow", "model.noise_std=0.25", "model.noise
 RESIDUAL = (*MEAN_FLOW, "model.residual_unet=true")
 PLAIN_FLOW = ("model.decoder_form=flow",)
 UPSAMPLER = (*MEAN_FLOW, "model.mean_head=upsampler")
+UNET_HEAD = (*MEAN_FLOW, "model.mean_head=unet")  # the mean head's other network (the default is the upsampler)
 
 
-@pytest.mark.parametrize("attention, extra", [(False, MEAN_FLOW), (True, RESIDUAL), (False, RESIDUAL),
+@pytest.mark.parametrize("attention, extra", [(False, MEAN_FLOW), (False, UNET_HEAD), (True, RESIDUAL), (False, RESIDUAL),
                                               (False, UPSAMPLER), (True, UPSAMPLER),
                                               (False, PLAIN_FLOW), (False, NOISE_SKIP), (False, NOISE_SKIP_HP)])
 @torch.no_grad()
@@ -94,9 +95,9 @@ def test_decoder_velocity_is_causal_in_x_t_and_chunk_causal_in_z(attention: bool
         assert changed == expected, f"z frame {i}: changed {changed}, expected {expected}"
 
 
-@pytest.mark.parametrize("kind, extra", [("diffae", MEAN_FLOW), ("diffae", RESIDUAL), ("regression", ()),
+@pytest.mark.parametrize("kind, extra", [("diffae", MEAN_FLOW), ("diffae", UNET_HEAD), ("diffae", RESIDUAL), ("regression", ()),
                                          ("diffae", NOISE_SKIP_HP), ("diffae", UPSAMPLER),
-                                         ("regression", ("model.mean_head=upsampler",))])
+                                         ("regression", ("model.mean_head=unet",))])
 @torch.no_grad()
 def test_full_autoencoder_is_causal_at_chunk_granularity(kind: str, extra: tuple[str, ...], clip) -> None:
     model = _model(kind, extra=extra)
@@ -156,7 +157,8 @@ def test_other_bad_shapes_raise_model_error(diffae) -> None:
     ["model.residual_unet=true", "model.noise_std=0.3"],
     ["model.noise_model.kind=photon", "model.noise_model.center=20", "model.noise_model.scale=5"],
     ["model.mean_head=upsampler", "model.dec_attention=true", *MEAN_FLOW],
-    ["model=regression_ae", "model.mean_head=upsampler"],
+    ["model.mean_head=unet", "model.dec_attention=true", *MEAN_FLOW],
+    ["model=regression_ae", "model.mean_head=unet"],
 ])
 def test_model_variants_train_decode_and_rebuild(overrides: list[str]) -> None:
     torch.manual_seed(0)
@@ -251,3 +253,24 @@ def test_upsampling_mean_head_refuses_levels_coarser_than_the_latent_and_the_flo
             compose("train_ae", ["experiment=ae_tiny", "model.mean_head=upsampler", *form])
     compose("train_ae", ["experiment=ae_tiny", "model=regression_ae", "model.mean_head=upsampler",
                          "model.diffusion.objective=ddpm"])  # the regression AE has no flow: its head is the decoder
+    # the default (null) is the upsampler where there is a mean head: the same level rule, naming the way out
+    with pytest.raises(ConfigError, match=r"mean_head=upsampler \(the default\).*or set model.mean_head=unet"):
+        compose("train_ae", ["experiment=ae_tiny", "model.spatial_downsample=2", "model.temporal_downsample=2"])
+    compose("train_ae", ["experiment=ae_tiny", "model.spatial_downsample=2", "model.temporal_downsample=2",
+                         "model.mean_head=unet"])
+
+
+@pytest.mark.parametrize("overrides, head, network", [
+    ([], "upsampler", "LatentUpsampler"),
+    (["model.mean_head=unet"], "unet", "UNet3D"),
+    (["model=regression_ae"], "upsampler", "LatentUpsampler"),
+    (["model.decoder_form=flow"], None, None),
+    (["model.diffusion.objective=ddpm", "model.noise_std=null", "model.noise_skip=false"], None, None),
+])
+def test_the_default_mean_head_is_the_upsampler_and_exports_name_it(overrides, head, network, tmp_path) -> None:
+    """model.mean_head=null resolves to the upsampler where there is a mean head (None for the flow form, which has
+    none); the resolved model config names it, so an export rebuilds it whatever a later default is."""
+    model = build_model(compose("train_ae", ["experiment=ae_tiny", "model.noise_std=0.3", *overrides]).model)
+    assert model.model_config["mean_head"] == head
+    held = getattr(model, "mean_decoder", None) if model.model_config["kind"] == "diffae" else model.decoder
+    assert (type(held).__name__ if held is not None else None) == network

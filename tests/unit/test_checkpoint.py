@@ -15,8 +15,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from cadiff.config import compose
 from cadiff.errors import CheckpointError, ConfigError
-from cadiff.runtime.exports import export_model, load_export, safe_load
+from cadiff.models.registry import build_model
+from cadiff.models.unet3d import UNet3D
+from cadiff.runtime.exports import export_model, load_export, load_exported_model, safe_load
 from cadiff.testing.faults import CORRUPTIONS, corrupt_checkpoint_file
 from cadiff.train import checkpoint as ckpt
 from cadiff.train.checkpoint import CheckpointManager, read_manifest
@@ -485,3 +488,19 @@ def test_resume_from_with_ray_drops_superseded_checkpoints_from_ray_record(tmp_p
     assert [e["checkpoint_dir_name"] for e in record["checkpoint_results"]] == ["step_00000003", "step_00000006"]
     assert record["latest_checkpoint_result"]["checkpoint_dir_name"] == "step_00000006"
     assert (root / ".superseded_step_00000009").is_dir()
+
+
+def test_exports_written_before_mean_head_existed_load_their_unet_head(tmp_path):
+    """A stage-1 export whose model config has no ``mean_head`` (written before the key existed, when the UNet on a
+    blank input was the only head) rebuilds that head, not today's default, and its weights load."""
+    overrides = ["experiment=ae_tiny", "model.mean_head=unet", "model.noise_std=0.3"]
+    model = build_model(compose("train_ae", overrides).model)
+    old_config = {k: v for k, v in model.model_config.items() if k != "mean_head"}
+    export_model(tmp_path / "old.pt", model.state_dict(), old_config, {"stage": "ae"})
+    loaded, _, _ = load_exported_model(tmp_path / "old.pt", "stage1", "ae")
+    assert loaded.model_config["mean_head"] == "unet" and isinstance(loaded.mean_decoder, UNet3D)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    # today's exports name the head they hold
+    new = build_model(compose("train_ae", ["experiment=ae_tiny", "model.noise_std=0.3"]).model)
+    export_model(tmp_path / "new.pt", new.state_dict(), new.model_config, {"stage": "ae"})
+    assert load_export(tmp_path / "new.pt")[1]["mean_head"] == "upsampler"
