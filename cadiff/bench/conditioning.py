@@ -175,7 +175,8 @@ def sample_movies(dit: Any, models: dict[str, Any], data: BenchData, n: int, fra
     (:mod:`cadiff.inference.long_movie`, default context) with the mask guided at ``held_flux`` (:func:`mask_guide`)
     on every chunk, streamed through the stage-1 decoder."""
     ae, (c, t, h, w) = models["ae"], models["latent"]
-    plan = plan_long_movie(frames, None, None, t, ae.temporal_downsample, ae.latent_reach())
+    reach = models["reach"] if "reach" in models else ae.latent_reach()  # the trained pair's, measured once
+    plan = plan_long_movie(frames, None, None, t, ae.temporal_downsample, reach)
     guide = mask_guide(dit, mask, (h, w), n, held_flux)
     chunks = stream_movie(dit, lambda z, gen: ae.decode(z, generator=gen), models["stats"], plan, (n, c, h, w),
                           SAMPLER, STEPS, torch.Generator().manual_seed(seed), (seed, 0), guide)

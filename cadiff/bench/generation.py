@@ -467,7 +467,10 @@ def train(cfg: GenConfig, timings: dict[str, float]
     record = {"ae": {k: ae_info[k] for k in ("steps", "seconds", "final_loss", "params")},
               "dit": {k: dit_info[k] for k in ("steps", "seconds", "final_loss")},
               "train_latents": len(z), "ae_loss": ae_info["loss"], "dit_loss": dit_info["loss"]}
-    models = {"ae": ae, "dit": dit, "stats": (mean, std), "latent": list(z.shape[1:])}
+    # measured once: every long movie of the conditioning benchmark plans its decoder windows from it
+    reach = ae.latent_reach()
+    record["decoder_reach"] = reach
+    models = {"ae": ae, "dit": dit, "stats": (mean, std), "latent": list(z.shape[1:]), "reach": reach}
     return data, models, record, bright
 
 
@@ -549,7 +552,7 @@ def render_markdown(res: dict[str, Any], figures: Sequence[str]) -> str:
         f"{cfg['movie_side']} and {cfg['test_movies']} held-out movies of "
         f"{cfg['clip_frames'] * cfg['test_clips_per_tile']} frames (other seeds, {res['held_out_clips']} clips "
         f"{cfg['clip_frames']}x{cfg['clip_side']}x{cfg['clip_side']}). Stage 1: `ae_tiny` DiffAE "
-        f"({' '.join(cfg.get('ae_overrides') or []) or 'defaults'}), {tr['ae']['steps']} "
+        f"(`{' '.join([*BenchConfig().model_overrides, *(cfg.get('ae_overrides') or [])])}`), {tr['ae']['steps']} "
         f"steps x batch {cfg['ae_batch']} (final loss {tr['ae']['final_loss']:.4f}) on the training movies"
         + (f" and {cfg['train_movies']} brightness-varied ones (the conditioned DiT's, photon rates x0.3-3)"
            if cfg.get("ae_brightness") else "") + ". Stage 2: `dit_tiny` on "

@@ -119,6 +119,22 @@ def test_mask_conditioned_movies_roll_out_past_a_clip_reproducibly_and_follow_th
     assert not np.allclose(movies, other)
 
 
+def test_movies_plan_their_windows_from_the_pairs_measured_reach(monkeypatch):
+    # the generation benchmark measures the decoder's reach once per trained pair; movies do not probe it again
+    models, data = _untrained_pair()
+    reach = models["ae"].latent_reach()
+    models["reach"] = reach
+
+    def probe_again(*args, **kwargs):
+        raise AssertionError("sample_movies probed the decoder's reach again")
+
+    monkeypatch.setattr(type(models["ae"]), "latent_reach", probe_again)
+    mask = np.zeros((32, 32), bool)
+    with torch.no_grad():
+        movies = C.sample_movies(models["dit"], models, data, 1, 33, seed=4, mask=mask)
+    assert movies.shape == (1, 33, 32, 32)
+
+
 def test_judge_masks_scores_samples_against_the_real_tiles_ceiling_and_the_null_test():
     # a "generator" that returns the real tile for its mask scores exactly the ceiling; an empty-mask draw of
     # cell-free noise finds what the detector finds on real cell-free tiles of the same seed
