@@ -198,7 +198,7 @@ class AutoencoderConfig:
     # the deterministic z -> clip decoder (the mean_flow mean head, the regression decoder): upsampler = a decoder
     # that only upsamples from the latent, its coarse levels at the latent frame rate (unet3d.LatentUpsampler);
     # unet = the decoder UNet on a blank input (down path, skips). null = upsampler (the default since the upsampler
-    # matched the UNet head in stage-1 quality at equal training time and in generation over three seeds at 2.2x
+    # matched the UNet head in stage-1 quality at equal training time and in generation over three seeds at 2.1-2.4x
     # less step cost: docs/design.md). Resolved by mean_head_of(); the flow form (decoder_form=flow) has no mean head
     mean_head: Optional[str] = None  # unet | upsampler | null
     # recompute norm/FiLM/SiLU and the causal pad in backward instead of storing them; conv outputs are kept, so no

@@ -267,7 +267,7 @@ def test_upsampling_mean_head_refuses_levels_coarser_than_the_latent_and_the_flo
     (["model.decoder_form=flow"], None, None),
     (["model.diffusion.objective=ddpm", "model.noise_std=null", "model.noise_skip=false"], None, None),
 ])
-def test_the_default_mean_head_is_the_upsampler_and_exports_name_it(overrides, head, network, tmp_path) -> None:
+def test_the_default_mean_head_is_the_upsampler_and_exports_name_it(overrides, head, network) -> None:
     """model.mean_head=null resolves to the upsampler where there is a mean head (None for the flow form, which has
     none); the resolved model config names it, so an export rebuilds it whatever a later default is."""
     model = build_model(compose("train_ae", ["experiment=ae_tiny", "model.noise_std=0.3", *overrides]).model)

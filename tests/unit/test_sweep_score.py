@@ -69,7 +69,8 @@ def test_sample_mmd2_is_small_for_the_held_out_distribution_and_grows_with_a_shi
 
 
 def test_stage_scores_run_on_tiny_models():
-    """Each stage's quality_score on an untrained tiny model: finite, with the documented parts."""
+    """Each stage's quality_score on an untrained tiny model: the documented parts (stage 1: inf where the blank
+    decoder's gain is undefined, the ranking's last place)."""
     from cadiff.data.simulate import simulate_movie
     from cadiff.models.registry import build_model
     from cadiff.train.stage import DataInfo, get_stage
