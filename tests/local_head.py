@@ -23,10 +23,12 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def free_ports(n: int) -> list[int]:
+    """``n`` ports free on every address: a port free on 127.0.0.1 alone can be held on the host's own address by
+    a process of another test (a Ray worker of the shared cluster), and the dashboard test then sees two listeners."""
     socks = [socket.socket() for _ in range(n)]
     try:
         for s in socks:
-            s.bind(("127.0.0.1", 0))
+            s.bind(("", 0))
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:
