@@ -2,7 +2,9 @@
 
 Cases: the default stage-1 DiffAE (``experiment=ae_default``, its mean head the upsampler) on one ``1x17x64x64``
 and one ``1x65x64x64`` clip, ``diffae_unet_head`` the same with ``model.mean_head=unet`` (the default until the
-upsampler matched it in stage-1 and generation goals, ``docs/design.md``), and a small DiT (size S) on a batch
+upsampler matched it in stage-1 and generation goals, ``docs/design.md``), ``diffae_lean`` the default with one
+residual block per level in encoder and mean head (a candidate for the eager fp32 goal, not validated in quality
+yet: ``ae_quality_lean.md``), and a small DiT (size S) on a batch
 of latents, each eager, ``torch.compile`` of the whole networks, and ``torch.compile`` per block (each of
 ``shard_units()``) - the seed's open question of where compile pays; ``eager_store`` keeps the norm/FiLM/SiLU
 activations instead of recomputing them in backward; ``eager_glibc_malloc`` leaves glibc's dynamic mmap threshold on
@@ -43,8 +45,10 @@ from cadiff.io import write_json_atomic, write_text_atomic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("eager", "eager_store", "eager_glibc_malloc", "compile_model", "compile_blocks")
-# stage-1 cases: the default DiffAE (upsampling mean head), and the same with the UNet mean head (the earlier default)
-STAGE1_CASES = {"diffae": [], "diffae_unet_head": ["model.mean_head=unet"]}
+# stage-1 cases: the default DiffAE (upsampling mean head), the same with the UNet mean head (the earlier default),
+# and a leaner candidate (one block per level in the encoder and the mean head; its quality: ae_quality_lean.md)
+STAGE1_CASES = {"diffae": [], "diffae_unet_head": ["model.mean_head=unet"],
+                "diffae_lean": ["model.num_res_blocks=0", "model.dec_num_res_blocks=0"]}
 log = logging.getLogger("model_step")
 
 
@@ -346,7 +350,9 @@ def write_markdown(rows: list[dict], meta: dict, anchors: dict, path: Path) -> N
         "`diffae` rows are the default model, whose mean head is the upsampler (a decoder that only upsamples from the "
         "latent, `cadiff.models.unet3d.LatentUpsampler`); `diffae_unet_head` rows are the same with "
         "`model.mean_head=unet`, the default until the upsampler met as many stage-1 and generation goals over three "
-        "seeds (`docs/design.md`). The goals below use `diffae` rows only.",
+        "seeds (`docs/design.md`); `diffae_lean` rows are the default with one residual block per level in the "
+        "encoder and the mean head (`model.num_res_blocks=0 model.dec_num_res_blocks=0`), a candidate not yet "
+        "validated in quality (`ae_quality_lean.md`). The goals below use `diffae` rows only.",
         "",
         *goal_lines(rows, anchors),
         "",
@@ -387,7 +393,8 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, tuple[int, ...], str]]:
     plan += [("diffae", (1, 1, 65, 64, 64), m) for m in ("eager", "eager_store", "eager_glibc_malloc", "eager_bf16",
                                                               "compile_blocks", "compile_model_bf16",
                                                               "compile_blocks_bf16")]
-    plan += [("diffae_unet_head", (1, 1, f, 64, 64), m) for f in (17, 65) for m in ("eager", "eager_bf16")]
+    plan += [(case, (1, 1, f, 64, 64), m) for case in ("diffae_unet_head", "diffae_lean") for f in (17, 65)
+             for m in ("eager", "eager_bf16")]
     plan += [("dit", dit_shape, m) for m in ("eager", "eager_bf16", "compile_model", "compile_blocks")]
     if args.no_compile:
         plan = [p for p in plan if not p[2].startswith("compile")]
