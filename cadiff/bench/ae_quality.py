@@ -43,6 +43,8 @@ of the default decoder's noise metrics.
     python benchmarks/ae_quality.py --ablation   # decoder variants, default preset, seed 0
     python benchmarks/ae_quality.py --override model.mean_head=upsampler --steps 2520 \
         --out benchmarks/results/ae_quality_upsampler   # the upsampling mean head in the UNet head's training time
+    python benchmarks/ae_quality.py --override model.mean_head=upsampler --override model.num_res_blocks=0 \
+        --override model.dec_num_res_blocks=0 --steps 2520 --out benchmarks/results/ae_quality_lean   # a leaner one
     python benchmarks/ae_quality.py --quick      # ~1 min smoke run, written to outputs/benchmarks/ae_quality_quick/
     python benchmarks/ae_quality.py --presets default --seeds 0 --no-real --override model.decoder_form=flow \
         --table-samplers euler heun --table-nfe 4 6 8 10 --table-grids uniform shift:0.5 rho:2   # grids vs NFE
