@@ -1,10 +1,10 @@
 """Model step benchmark: forward+backward time, FLOPs, FLOP/s vs. this machine's fp32 matmul, peak memory.
 
-Cases: the default stage-1 DiffAE (``experiment=ae_default``, its mean head the upsampler) on one ``1x17x64x64``
-and one ``1x65x64x64`` clip, ``diffae_unet_head`` the same with ``model.mean_head=unet`` (the default until the
-upsampler matched it in stage-1 and generation goals, ``docs/design.md``), ``diffae_lean`` the default with one
-residual block per level in encoder and mean head (a candidate for the eager fp32 goal, not validated in quality
-yet: ``ae_quality_lean.md``), and a small DiT (size S) on a batch
+Cases: the default stage-1 DiffAE (``experiment=ae_default``: a constant-width encoder without blocks per level,
+the upsampler mean head with one block per level) on one ``1x17x64x64`` and one ``1x65x64x64`` clip,
+``diffae_blocks`` the default before it (one residual block per level in a widening encoder, two per level in the
+upsampler), ``diffae_unet_head`` the default before that (the same blocks, ``model.mean_head=unet``; both replaced
+at equal quality for equal training time, ``docs/design.md``), and a small DiT (size S) on a batch
 of latents, each eager, ``torch.compile`` of the whole networks, and ``torch.compile`` per block (each of
 ``shard_units()``) - the seed's open question of where compile pays; ``eager_store`` keeps the norm/FiLM/SiLU
 activations instead of recomputing them in backward; ``eager_glibc_malloc`` leaves glibc's dynamic mmap threshold on
@@ -47,8 +47,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("eager", "eager_store", "eager_glibc_malloc", "compile_model", "compile_blocks")
 # stage-1 cases: the default DiffAE (upsampling mean head), the same with the UNet mean head (the earlier default),
 # and a leaner candidate (one block per level in the encoder and the mean head; its quality: ae_quality_lean.md)
-STAGE1_CASES = {"diffae": [], "diffae_unet_head": ["model.mean_head=unet"],
-                "diffae_lean": ["model.num_res_blocks=0", "model.dec_num_res_blocks=0"]}
+_BLOCKS = ["model.num_res_blocks=1", "model.channel_mult=[1,2,4,4]", "model.dec_num_res_blocks=1"]
+STAGE1_CASES = {"diffae": [], "diffae_blocks": _BLOCKS, "diffae_unet_head": [*_BLOCKS, "model.mean_head=unet"]}
 log = logging.getLogger("model_step")
 
 
@@ -347,12 +347,13 @@ def write_markdown(rows: list[dict], meta: dict, anchors: dict, path: Path) -> N
         "it are unmapped when freed instead of fragmenting the heap; `eager_glibc_malloc` keeps glibc's default "
         "(a threshold that rises with every large free) for comparison.",
         "",
-        "`diffae` rows are the default model, whose mean head is the upsampler (a decoder that only upsamples from the "
-        "latent, `cadiff.models.unet3d.LatentUpsampler`); `diffae_unet_head` rows are the same with "
-        "`model.mean_head=unet`, the default until the upsampler met as many stage-1 and generation goals over three "
-        "seeds (`docs/design.md`); `diffae_lean` rows are the default with one residual block per level in the "
-        "encoder and the mean head (`model.num_res_blocks=0 model.dec_num_res_blocks=0`), a candidate not yet "
-        "validated in quality (`ae_quality_lean.md`). The goals below use `diffae` rows only.",
+        "`diffae` rows are the default model: an encoder of constant width without residual blocks per level (its "
+        "strided convs and one mid block) and a mean head that only upsamples from the latent "
+        "(`cadiff.models.unet3d.LatentUpsampler`, one block per level). `diffae_blocks` rows are the default before it "
+        "(one block per level in a widening encoder, `channel_mult=[1,2,4,4]`, and two per level in the upsampler), "
+        "`diffae_unet_head` rows the default before that (the same blocks, `model.mean_head=unet`); each was replaced "
+        "by a model that met as many stage-1 and generation goals for equal training time (`docs/design.md`, "
+        "\"Stage-1 size\"). The goals below use `diffae` rows only.",
         "",
         *goal_lines(rows, anchors),
         "",
@@ -393,7 +394,7 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, tuple[int, ...], str]]:
     plan += [("diffae", (1, 1, 65, 64, 64), m) for m in ("eager", "eager_store", "eager_glibc_malloc", "eager_bf16",
                                                               "compile_blocks", "compile_model_bf16",
                                                               "compile_blocks_bf16")]
-    plan += [(case, (1, 1, f, 64, 64), m) for case in ("diffae_unet_head", "diffae_lean") for f in (17, 65)
+    plan += [(case, (1, 1, f, 64, 64), m) for case in ("diffae_blocks", "diffae_unet_head") for f in (17, 65)
              for m in ("eager", "eager_bf16")]
     plan += [("dit", dit_shape, m) for m in ("eager", "eager_bf16", "compile_model", "compile_blocks")]
     if args.no_compile:

@@ -184,16 +184,24 @@ class AutoencoderConfig:
     z_channels: int = 8
     temporal_downsample: int = 4  # clip frames must be 1 + k * temporal_downsample
     spatial_downsample: int = 8
-    # encoder
+    # encoder: conv_in, then per level num_res_blocks residual blocks (where the width changes to base_channels *
+    # channel_mult[i]) and a strided causal conv, then one mid block. The default, no blocks per level at a constant
+    # width (only the strided convs and the mid block), is a fifth of the cost of one block per level with
+    # channel_mult [1, 2, 4, 4] (the default until the change in docs/design.md "Stage-1 size") at equal
+    # reconstruction quality for equal training time. With num_res_blocks=0 channel_mult must be constant: no
+    # layer would change the width
     base_channels: int = 32
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
-    num_res_blocks: int = 1
+    channel_mult: list[int] = field(default_factory=lambda: [1, 1, 1, 1])
+    num_res_blocks: int = 0
     latent_reg: str = "kl"  # kl | none
     kl_weight: float = 1e-6
     # decoder (flow UNet for diffae, mirrored conv decoder for regression)
     dec_base_channels: int = 32
     dec_channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4])
-    dec_num_res_blocks: int = 1
+    # residual blocks of the decoder networks: the UNet runs this many per level on the way down and one more on the
+    # way up, the upsampler this plus one per level. null: 0 where the upsampler is the model's only decoder network
+    # (the default mean_flow DiffAE, the regression AE), else 1; resolved by dec_num_res_blocks_of()
+    dec_num_res_blocks: Optional[int] = None
     dec_attention: bool = False
     # the deterministic z -> clip decoder (the mean_flow mean head, the regression decoder): upsampler = a decoder
     # that only upsamples from the latent, its coarse levels at the latent frame rate (unet3d.LatentUpsampler);
@@ -740,6 +748,16 @@ def mean_head_of(m: Any) -> Optional[str]:
     return m.mean_head or "upsampler"
 
 
+def dec_num_res_blocks_of(m: Any) -> int:
+    """``model.dec_num_res_blocks``, or where it is null 0 for a model whose only decoder network is the upsampler
+    (a decoder UNet exists in the flow form and with ``residual_unet``) and 1 otherwise."""
+    if m.dec_num_res_blocks is not None:
+        return int(m.dec_num_res_blocks)
+    flow_form = m.decoder_form == "flow" or (m.decoder_form is None and m.diffusion.objective != "flow")
+    has_unet = m.kind == "diffae" and (flow_form or m.residual_unet)
+    return 0 if mean_head_of(m) == "upsampler" and not has_unet else 1
+
+
 def validate_autoencoder(m: Any, prefix: str = "model") -> None:
     _choice(f"{prefix}.kind", m.kind, ("diffae", "regression"))
     _require(_is_pow2(m.temporal_downsample), f"{prefix}.temporal_downsample", m.temporal_downsample, "a power of 2")
@@ -752,6 +770,12 @@ def validate_autoencoder(m: Any, prefix: str = "model") -> None:
         f"<= 2**(len(channel_mult)-1) = {2**levels} and >= temporal_downsample ({m.temporal_downsample})",
     )
     _require(m.z_channels >= 1, f"{prefix}.z_channels", m.z_channels, ">= 1")
+    _require(m.num_res_blocks >= 0, f"{prefix}.num_res_blocks", m.num_res_blocks, ">= 0")
+    _require(m.dec_num_res_blocks is None or m.dec_num_res_blocks >= 0, f"{prefix}.dec_num_res_blocks",
+             m.dec_num_res_blocks, ">= 0 or null")
+    _require(m.num_res_blocks > 0 or len(set(m.channel_mult)) == 1, f"{prefix}.channel_mult", list(m.channel_mult),
+             f"one value repeated with {prefix}.num_res_blocks=0: only residual blocks change the encoder's width "
+             f"(set {prefix}.num_res_blocks >= 1 for a widening encoder)")
     _choice(f"{prefix}.latent_reg", m.latent_reg, ("kl", "none"))
     _choice(f"{prefix}.regression_loss", m.regression_loss, ("l2", "l1"))
     validate_diffusion(m.diffusion, f"{prefix}.diffusion")

@@ -44,7 +44,8 @@ of the default decoder's noise metrics.
     python benchmarks/ae_quality.py --override model.mean_head=upsampler --steps 2520 \
         --out benchmarks/results/ae_quality_upsampler   # the upsampling mean head in the UNet head's training time
     python benchmarks/ae_quality.py --override model.mean_head=upsampler --override model.num_res_blocks=0 \
-        --override model.dec_num_res_blocks=0 --steps 2520 --out benchmarks/results/ae_quality_lean   # a leaner one
+        --override model.channel_mult=[1,1,1,1] --override model.dec_num_res_blocks=0 --steps 6000 \
+        --out benchmarks/results/ae_quality_lean6000   # the model's default (at --steps 2520: ae_quality_lean)
     python benchmarks/ae_quality.py --quick      # ~1 min smoke run, written to outputs/benchmarks/ae_quality_quick/
     python benchmarks/ae_quality.py --presets default --seeds 0 --no-real --override model.decoder_form=flow \
         --table-samplers euler heun --table-nfe 4 6 8 10 --table-grids uniform shift:0.5 rho:2   # grids vs NFE
@@ -124,11 +125,14 @@ class BenchConfig:
     test_movies: int = 2
     test_clips_per_tile: int = 3  # consecutive clips per spatial tile: held-out movies have 3 * 17 frames
     experiment: str = "ae_tiny"
-    # the UNet mean head: the head ae_quality.md measured at 1400 steps (the model's default is now the upsampler,
-    # measured with `--override model.mean_head=upsampler --steps 2520`: ae_quality_upsampler.md); a later
-    # --override of model.mean_head wins
-    model_overrides: list[str] = field(default_factory=lambda: ["model.recompute_elementwise=false",
-                                                                "model.mean_head=unet"])
+    # the stage-1 model ae_quality.md measured at 1400 steps: the UNet mean head, one residual block per level in a
+    # widening encoder and in the decoder networks. The model's default since then: the upsampler head
+    # (`--override model.mean_head=upsampler --steps 2520`: ae_quality_upsampler.md), then also no blocks per level
+    # in a constant-width encoder and one per level in the upsampler (6000 steps: ae_quality_lean6000.md; the
+    # module docstring has both commands). Later --overrides win
+    model_overrides: list[str] = field(default_factory=lambda: [
+        "model.recompute_elementwise=false", "model.mean_head=unet", "model.num_res_blocks=1",
+        "model.channel_mult=[1,2,2,2]", "model.dec_num_res_blocks=1"])
     steps: int = 1400  # the whole suite (2 presets x 3 seeds + 2 real movies) within 45 min on 2 cores
     batch_size: int = 4
     warmup_steps: int = 10

@@ -129,9 +129,11 @@ class GenConfig:
     # model.z_channels=8 (full run, generation_z8.md): ROI F1 0.774 -> 0.791 (a round trip of the real 253-frame
     # tiles alone: 0.734 -> 0.775), but samples' MMD^2 0.044 -> 0.053 (bound 0.058) and dim clips again decode too
     # bright (+18% at 0.064 photons/px/frame), so flux following misses by 11%: not the default either.
-    # Stage 1 starts from the quality benchmark's overrides, which pin the UNet mean head (what generation.md and
-    # its seeds measured at 2250 steps); the model's default head, the upsampler, was measured with
-    # --ae-override model.mean_head=upsampler --ae-steps 3000 (generation_upsampler3000_reach*.md)
+    # Stage 1 starts from the quality benchmark's overrides, which pin the model generation.md and its seeds
+    # measured at 2250 steps (UNet mean head, one block per level); the upsampler head was measured with
+    # --ae-override model.mean_head=upsampler --ae-steps 3000 (generation_upsampler3000_reach*.md), the model's
+    # default with --ae-override model.mean_head=upsampler --ae-override model.num_res_blocks=0 --ae-override
+    # model.channel_mult=[1,1,1,1] --ae-override model.dec_num_res_blocks=0 --ae-steps 7000 (generation_lean7000*.md)
     ae_overrides: list[str] = field(default_factory=list)
     ae_brightness: bool = True  # stage 1 also trains on the conditioned DiT's brightness-varied movies
     dit_steps: int = 4000

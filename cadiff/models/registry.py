@@ -17,6 +17,7 @@ from cadiff.config import (
     AutoencoderConfig,
     DiffusionConfig,
     DiTConfig,
+    dec_num_res_blocks_of,
     dit_size,
     mean_head_of,
     to_dict,
@@ -50,8 +51,9 @@ def resolve_model_config(model_cfg: DictConfig | dict[str, Any]) -> dict[str, An
     if kind in AUTOENCODER_KINDS:
         cfg = to_structured(raw, AutoencoderConfig)
         validate_autoencoder(cfg)
-        # the head's network written out (null = the default), so an export names the network it holds
-        return {**to_dict(cfg), "mean_head": mean_head_of(cfg)}
+        # the head's network and the decoders' depth written out (null = the default), so an export names the
+        # networks it holds
+        return {**to_dict(cfg), "mean_head": mean_head_of(cfg), "dec_num_res_blocks": dec_num_res_blocks_of(cfg)}
     elif kind == "dit":
         cfg = to_structured(raw, DiTConfig)
         validate_dit(cfg)

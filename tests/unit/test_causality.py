@@ -274,3 +274,44 @@ def test_the_default_mean_head_is_the_upsampler_and_exports_name_it(overrides, h
     assert model.model_config["mean_head"] == head
     held = getattr(model, "mean_decoder", None) if model.model_config["kind"] == "diffae" else model.decoder
     assert (type(held).__name__ if held is not None else None) == network
+
+
+def _blocks_per_level(net) -> list[int]:
+    """Residual blocks per level: the encoder's and the upsampler's levels, the UNet's down path."""
+    return [len(level) for level in (net.down if hasattr(net, "down") else net.levels)]
+
+
+@pytest.mark.parametrize("overrides, dec_blocks, head_blocks", [
+    ([], 0, [1, 1, 1]),  # the default: the upsampler is the only decoder network, one block per level
+    (["model=regression_ae"], 0, [1, 1, 1]),
+    (["model.dec_num_res_blocks=1"], 1, [2, 2, 2]),
+    (["model.mean_head=unet"], 1, [1, 1, 1]),  # a UNet head's down path: dec_num_res_blocks per level
+    (["model.residual_unet=true"], 1, [2, 2, 2]),  # a decoder UNet beside the head keeps the depth it had
+    (["model.decoder_form=flow"], 1, None),
+])
+def test_decoder_depth_defaults_to_one_block_per_level_for_a_lone_upsampler(overrides, dec_blocks, head_blocks) -> None:
+    """model.dec_num_res_blocks=null: 0 (one block per upsampler level) where the upsampler is the model's only
+    decoder network, else 1; the resolved value is what the model config (and so an export) records."""
+    model = build_model(compose("train_ae", ["experiment=ae_tiny", "model.noise_std=0.3", *overrides]).model)
+    assert model.model_config["dec_num_res_blocks"] == dec_blocks
+    head = model.decoder if model.model_config["kind"] == "regression" else getattr(model, "mean_decoder", None)
+    assert (_blocks_per_level(head) if head is not None else None) == head_blocks
+    if model.model_config["kind"] == "diffae" and model.decoder is not None:  # the decoder UNet's down path
+        assert _blocks_per_level(model.decoder)[0] == dec_blocks
+
+
+def test_the_default_encoder_has_constant_width_and_refuses_a_width_it_cannot_build() -> None:
+    """num_res_blocks=0 (the default): strided convs and a mid block at base_channels; a channel_mult that asks for
+    other widths is refused (only residual blocks change the width), a widening encoder needs blocks."""
+    model = build_model(compose("train_ae", ["model.noise_std=0.3"]).model)
+    enc = model.encoder
+    assert model.model_config["num_res_blocks"] == 0 and _blocks_per_level(enc) == [0, 0, 0, 0]
+    widths = {m.out_channels for m in enc.modules() if isinstance(m, torch.nn.Conv3d)} - {2 * model.z_channels}
+    assert widths == {model.model_config["base_channels"]}
+    with pytest.raises(ConfigError, match=r"model.channel_mult.*\[1, 2, 4, 4\].*num_res_blocks=0"):
+        compose("train_ae", ["model.channel_mult=[1,2,4,4]"])
+    with pytest.raises(ConfigError, match=r"model.num_res_blocks.*-1.*>= 0"):
+        compose("train_ae", ["model.num_res_blocks=-1"])
+    wide = build_model(compose("train_ae", ["model.noise_std=0.3", "model.num_res_blocks=1",
+                                            "model.channel_mult=[1,2,4,4]"]).model).encoder
+    assert _blocks_per_level(wide) == [1, 1, 1, 1] and wide.mid.conv1.conv.out_channels == 128
