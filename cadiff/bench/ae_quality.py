@@ -75,7 +75,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cadiff.config import StrategyConfig, compose, to_dict
+from cadiff.config import StrategyConfig, compose, dec_num_res_blocks_of, to_dict
 from cadiff.data.anscombe import anscombe, anscombe_moments, inverse_anscombe, inverse_anscombe_unbiased
 from cadiff.data.movie import read_frames, to_photons
 from cadiff.data.noise import PhotonTransfer, estimate_photon_transfer
@@ -296,6 +296,12 @@ def model_config(kind: str, cfg: BenchConfig, data: BenchData) -> tuple[Any, dic
         overrides.append(f"trainer.lr={cfg.lr}")
     if not cfg.noise_skip:
         overrides.append("model.noise_skip=false")
+    if kind == "regression":
+        # the baseline's head as deep as the DiffAE's: a null model.dec_num_res_blocks resolves by whether the model
+        # has a decoder UNet besides its head (config.dec_num_res_blocks_of), which the regression AE never has
+        diffae = compose("train_ae", [f"experiment={cfg.experiment}", f"model={MODELS['diffae']}",
+                                      *cfg.model_overrides]).model
+        overrides.append(f"model.dec_num_res_blocks={dec_num_res_blocks_of(diffae)}")
     job = compose("train_ae", overrides)
     # the trainer's noise model from the data index (train.stage): here the benchmark's own normalization
     norm = {"kind": cfg.normalization, "center": data.center, "scale": data.scale}
