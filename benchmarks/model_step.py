@@ -352,8 +352,8 @@ def write_markdown(rows: list[dict], meta: dict, anchors: dict, path: Path) -> N
         "(`cadiff.models.unet3d.LatentUpsampler`, one block per level). `diffae_blocks` rows are the default before it "
         "(one block per level in a widening encoder, `channel_mult=[1,2,4,4]`, and two per level in the upsampler), "
         "`diffae_unet_head` rows the default before that (the same blocks, `model.mean_head=unet`); each was replaced "
-        "by a model that met as many stage-1 and generation goals for equal training time (`docs/design.md`, "
-        "\"Stage-1 size\"). The goals below use `diffae` rows only.",
+        "by a model of equal or better quality for about equal training time (`docs/design.md`, \"Stage-1 size\", "
+        "with the goal counts). The goals below use `diffae` rows only.",
         "",
         *goal_lines(rows, anchors),
         "",
