@@ -3,8 +3,8 @@
 Cases: the default stage-1 DiffAE (``experiment=ae_default``: a constant-width encoder without blocks per level,
 the upsampler mean head with one block per level) on one ``1x17x64x64`` and one ``1x65x64x64`` clip,
 ``diffae_blocks`` the default before it (one residual block per level in a widening encoder, two per level in the
-upsampler), ``diffae_unet_head`` the default before that (the same blocks, ``model.mean_head=unet``; both replaced
-at equal quality for equal training time, ``docs/design.md``), and a small DiT (size S) on a batch
+upsampler), ``diffae_unet_head`` the default before that (the same blocks, ``model.mean_head=unet``; each replaced
+by a model as good for about equal training time, ``docs/design.md``), and a small DiT (size S) on a batch
 of latents, each eager, ``torch.compile`` of the whole networks, and ``torch.compile`` per block (each of
 ``shard_units()``) - the seed's open question of where compile pays; ``eager_store`` keeps the norm/FiLM/SiLU
 activations instead of recomputing them in backward; ``eager_glibc_malloc`` leaves glibc's dynamic mmap threshold on
@@ -45,8 +45,8 @@ from cadiff.io import write_json_atomic, write_text_atomic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("eager", "eager_store", "eager_glibc_malloc", "compile_model", "compile_blocks")
-# stage-1 cases: the default DiffAE (upsampling mean head), the same with the UNet mean head (the earlier default),
-# and a leaner candidate (one block per level in the encoder and the mean head; its quality: ae_quality_lean.md)
+# stage-1 cases: the default DiffAE, the default before it (blocks in a widening encoder, two per upsampler level)
+# and the one before that (the same blocks, the UNet mean head)
 _BLOCKS = ["model.num_res_blocks=1", "model.channel_mult=[1,2,4,4]", "model.dec_num_res_blocks=1"]
 STAGE1_CASES = {"diffae": [], "diffae_blocks": _BLOCKS, "diffae_unet_head": [*_BLOCKS, "model.mean_head=unet"]}
 log = logging.getLogger("model_step")

@@ -195,7 +195,7 @@ class AutoencoderConfig:
     num_res_blocks: int = 0
     latent_reg: str = "kl"  # kl | none
     kl_weight: float = 1e-6
-    # decoder (flow UNet for diffae, mirrored conv decoder for regression)
+    # decoder networks: the DiffAE's flow UNet (flow form, residual_unet) and the mean head, the regression decoder
     dec_base_channels: int = 32
     dec_channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4])
     # residual blocks of the decoder networks: the UNet runs this many per level on the way down and one more on the
