@@ -753,9 +753,9 @@ def dec_num_res_blocks_of(m: Any) -> int:
     (a decoder UNet exists in the flow form and with ``residual_unet``) and 1 otherwise."""
     if m.dec_num_res_blocks is not None:
         return int(m.dec_num_res_blocks)
-    flow_form = m.decoder_form == "flow" or (m.decoder_form is None and m.diffusion.objective != "flow")
-    has_unet = m.kind == "diffae" and (flow_form or m.residual_unet)
-    return 0 if mean_head_of(m) == "upsampler" and not has_unet else 1
+    # the flow form has no mean head (mean_head_of is None there); residual_unet adds a UNet beside the head
+    lone_upsampler = mean_head_of(m) == "upsampler" and not (m.kind == "diffae" and m.residual_unet)
+    return 0 if lone_upsampler else 1
 
 
 def validate_autoencoder(m: Any, prefix: str = "model") -> None:
